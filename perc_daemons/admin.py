@@ -1,0 +1,103 @@
+"""The admin HTTP listener every daemon runs: ``/healthz`` and ``/metrics``.
+
+It binds to loopback by default (``[admin] bind``); operators scrape it
+locally or through their own proxy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from perc_daemons import __version__
+from perc_daemons.metrics import CONTENT_TYPE, Metrics
+
+
+class HealthResource(resource.Resource):
+    """``GET /healthz``: 200 with a JSON status while the daemon is serving."""
+
+    isLeaf = True
+
+    def __init__(self, daemon: str, is_healthy: Callable[[], bool]) -> None:
+        super().__init__()
+        self._daemon = daemon
+        self._is_healthy = is_healthy
+
+    def render_GET(self, request: server.Request) -> bytes:
+        healthy = self._is_healthy()
+        request.setResponseCode(200 if healthy else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        body = {"status": "ok" if healthy else "unavailable", "daemon": self._daemon,
+                "version": __version__}
+        return json.dumps(body).encode() + b"\n"
+
+
+class MetricsResource(resource.Resource):
+    """``GET /metrics``: the Prometheus text exposition of the daemon's registry."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        return self._metrics.exposition()
+
+
+def admin_site(daemon: str, metrics: Metrics, is_healthy: Callable[[], bool]) -> server.Site:
+    root = resource.Resource()
+    root.putChild(b"healthz", HealthResource(daemon, is_healthy))
+    root.putChild(b"metrics", MetricsResource(metrics))
+    site = server.Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+class AdminService(Service):
+    """Listens for admin HTTP on ``bind:port`` and logs the address it got."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorTCP, daemon: str, bind: str, port: int,
+                 metrics: Metrics, is_healthy: Callable[[], bool] = lambda: True) -> None:
+        self._reactor = reactor
+        self._daemon = daemon
+        self._bind = bind
+        self._port_number = port
+        self._site = admin_site(daemon, metrics, is_healthy)
+        self.port: IListeningPort | None = None
+        self.setName("admin")
+
+    def startService(self) -> defer.Deferred:  # type: ignore[override]
+        super().startService()
+        endpoint_class = TCP6ServerEndpoint if ":" in self._bind else TCP4ServerEndpoint
+        endpoint = endpoint_class(self._reactor, self._port_number, interface=self._bind)
+        d = endpoint.listen(self._site)
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            address = port.getHost()
+            self.log.info(
+                "{daemon} admin HTTP listening on http://{host}:{port}/ (/healthz, /metrics)",
+                daemon=self._daemon, host=address.host, port=address.port,
+            )
+
+        return d.addCallback(listening)
+
+    def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None

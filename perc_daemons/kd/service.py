@@ -1,0 +1,20 @@
+"""twistd plugin module for perc-kd: Key Distributor (trusted: terminates tunnelled DTLS-SRTP, issues EKT and HBH keys, RFC 8871/9185).
+
+Today the service runs the admin listener (/healthz, /metrics); the daemon's
+own protocol work is added by later milestones (see README).
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+
+from perc_daemons.daemon import DaemonOptions, base_service
+
+
+class Options(DaemonOptions):
+    daemon = "kd"
+    synopsis = "[--config /etc/perc/kd.toml]"
+
+
+def makeService(options: Options) -> MultiService:
+    return base_service("kd", options.loaded)

@@ -1,0 +1,20 @@
+"""twistd plugin module for perc-md: Media Distributor (semi-trusted SFU: hop-by-hop SRTP only, RFC 8871 section 3).
+
+Today the service runs the admin listener (/healthz, /metrics); the daemon's
+own protocol work is added by later milestones (see README).
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+
+from perc_daemons.daemon import DaemonOptions, base_service
+
+
+class Options(DaemonOptions):
+    daemon = "md"
+    synopsis = "[--config /etc/perc/md.toml]"
+
+
+def makeService(options: Options) -> MultiService:
+    return base_service("md", options.loaded)
