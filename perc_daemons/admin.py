@@ -11,13 +11,12 @@ from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.logger import Logger
 from twisted.web import resource, server
 
 from perc_daemons import __version__
-from perc_daemons.metrics import CONTENT_TYPE, Metrics
+from perc_daemons.metrics import Metrics
 
 
 class HealthResource(resource.Resource):
@@ -50,8 +49,10 @@ class MetricsResource(resource.Resource):
         self._metrics = metrics
 
     def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE.encode())
-        return self._metrics.exposition()
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        body, content_type = self._metrics.exposition(accept)
+        request.setHeader(b"content-type", content_type.encode())
+        return body
 
 
 def admin_site(daemon: str, metrics: Metrics, is_healthy: Callable[[], bool]) -> server.Site:
@@ -79,21 +80,27 @@ class AdminService(Service):
         self.port: IListeningPort | None = None
         self.setName("admin")
 
-    def startService(self) -> defer.Deferred:  # type: ignore[override]
+    def startService(self) -> None:
+        """Listen, raising :class:`~twisted.internet.error.CannotListenError` if we can't.
+
+        twistd calls ``startService`` synchronously and ignores its result; a
+        failure left in a Deferred (as ``endpoint.listen`` returns) would let the
+        daemon run on with no admin listener, so listen directly and let the
+        error stop start-up, as ``strports.service`` does.
+        """
         super().startService()
-        endpoint_class = TCP6ServerEndpoint if ":" in self._bind else TCP4ServerEndpoint
-        endpoint = endpoint_class(self._reactor, self._port_number, interface=self._bind)
-        d = endpoint.listen(self._site)
-
-        def listening(port: IListeningPort) -> None:
-            self.port = port
-            address = port.getHost()
-            self.log.info(
-                "{daemon} admin HTTP listening on http://{host}:{port}/ (/healthz, /metrics)",
-                daemon=self._daemon, host=address.host, port=address.port,
-            )
-
-        return d.addCallback(listening)
+        try:
+            # listenTCP handles IPv6 interfaces too (as TCP6ServerEndpoint does).
+            self.port = self._reactor.listenTCP(self._port_number, self._site,
+                                                interface=self._bind)
+        except BaseException:
+            self.running = 0
+            raise
+        address = self.port.getHost()
+        self.log.info(
+            "{daemon} admin HTTP listening on http://{host}:{port}/ (/healthz, /metrics)",
+            daemon=self._daemon, host=address.host, port=address.port,
+        )
 
     def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
         super().stopService()

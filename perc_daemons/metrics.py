@@ -14,13 +14,10 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 
 from perc_daemons import __version__
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
@@ -40,6 +37,11 @@ class Metrics:
             registry=self.registry,
         )
 
-    def exposition(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
-        return generate_latest(self.registry)
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry as ``(body, content_type)`` in the format ``accept`` asks for.
+
+        Plain text format 0.0.4 unless the scraper's Accept header asks for
+        OpenMetrics (as prometheus_client's own server negotiates).
+        """
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

@@ -1,1 +1,5 @@
-"""perc-kd: Key Distributor (trusted: terminates tunnelled DTLS-SRTP, issues EKT and HBH keys, RFC 8871/9185)."""
+"""perc-kd: the Key Distributor.
+
+Trusted: terminates the endpoints' tunnelled DTLS-SRTP handshakes, gives
+endpoints the EKT key and the MD only hop-by-hop keys (RFC 8871, RFC 9185).
+"""

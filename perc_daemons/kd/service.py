@@ -1,4 +1,4 @@
-"""twistd plugin module for perc-kd: Key Distributor (trusted: terminates tunnelled DTLS-SRTP, issues EKT and HBH keys, RFC 8871/9185).
+"""twistd plugin module for perc-kd (see the package docstring for its role).
 
 Today the service runs the admin listener (/healthz, /metrics); the daemon's
 own protocol work is added by later milestones (see README).

@@ -1,1 +1,5 @@
-"""perc-kmf: IdP/KMF (trusted: identity provider, OAuth 2.0 server, conference database, key service)."""
+"""perc-kmf: the IdP/KMF.
+
+Trusted: identity provider, OAuth 2.0 authorization server, conference
+database and key service.
+"""

@@ -1,4 +1,4 @@
-"""twistd plugin module for perc-kmf: IdP/KMF (trusted: identity provider, OAuth 2.0 server, conference database, key service).
+"""twistd plugin module for perc-kmf (see the package docstring for its role).
 
 Today the service runs the admin listener (/healthz, /metrics); the daemon's
 own protocol work is added by later milestones (see README).

@@ -1,1 +1,5 @@
-"""perc-md: Media Distributor (semi-trusted SFU: hop-by-hop SRTP only, RFC 8871 section 3)."""
+"""perc-md: the Media Distributor.
+
+Semi-trusted SFU: removes and re-applies only the hop-by-hop SRTP layer
+(RFC 8723 section 5.2, RFC 8871 section 3).
+"""

@@ -1,4 +1,4 @@
-"""twistd plugin module for perc-md: Media Distributor (semi-trusted SFU: hop-by-hop SRTP only, RFC 8871 section 3).
+"""twistd plugin module for perc-md (see the package docstring for its role).
 
 Today the service runs the admin listener (/healthz, /metrics); the daemon's
 own protocol work is added by later milestones (see README).

@@ -1,0 +1,193 @@
+"""The three daemons as real twistd processes: start, /healthz, SIGTERM; bad configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+import treq
+from twisted.internet import defer, error, reactor, task
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TWISTD = "from twisted.scripts.twistd import run; run()"
+START_TIMEOUT = 20.0
+EXIT_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_error(failure):
+    """gatherResults fails with FirstError: report the failure inside it."""
+    failure.trap(defer.FirstError)
+    return failure.value.subFailure
+
+
+class Daemon(ProcessProtocol):
+    """Collects a child's output; ``ended`` fires with (exit code, signal)."""
+
+    def __init__(self) -> None:
+        self.stdout = b""
+        self.stderr = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.running = True
+
+    def outReceived(self, data: bytes) -> None:
+        self.stdout += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def processEnded(self, reason) -> None:
+        self.running = False
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    def output(self) -> str:
+        return (self.stdout + self.stderr).decode(errors="replace")
+
+
+class DaemonTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    def write_config(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp()) + ".toml"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def spawn(self, plugin: str, config_path: str) -> Daemon:
+        proto = Daemon()
+        env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+        rundir = os.path.abspath(self.mktemp())
+        os.mkdir(rundir)
+        transport = reactor.spawnProcess(
+            proto, sys.executable,
+            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", plugin,
+             "--config", config_path],
+            env=env, path=rundir,
+        )
+        self.addCleanup(self.kill, proto, transport)
+        return proto
+
+    @defer.inlineCallbacks
+    def kill(self, proto: Daemon, transport):
+        if proto.running:
+            try:
+                transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+            yield proto.ended
+
+    def wait_exit(self, proto: Daemon) -> defer.Deferred:
+        d = defer.Deferred()
+        proto.ended.addCallback(lambda result: d.callback(result) if not d.called else None)
+        return d.addTimeout(EXIT_TIMEOUT, reactor)
+
+    @defer.inlineCallbacks
+    def get(self, url: str):
+        response = yield treq.get(url, pool=self.pool, timeout=2)
+        body = yield treq.content(response)
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def wait_healthy(self, proto: Daemon, port: int):
+        url = f"http://127.0.0.1:{port}/healthz"
+        deadline = reactor.seconds() + START_TIMEOUT
+        while True:
+            if not proto.running:
+                self.fail(f"daemon exited before serving /healthz:\n{proto.output()}")
+            try:
+                code, body = yield self.get(url)
+            except (error.ConnectError, error.TimeoutError, defer.CancelledError):
+                code = None
+            if code == 200:
+                return body
+            if reactor.seconds() > deadline:
+                self.fail(f"/healthz not 200 within {START_TIMEOUT}s (last {code}):\n"
+                          f"{proto.output()}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+    @defer.inlineCallbacks
+    def lifecycle(self, daemon: str):
+        plugin = f"perc-{daemon}"
+        port = free_port()
+        path = self.write_config(f'[admin]\nbind = "127.0.0.1"\nport = {port}\n')
+        proto = self.spawn(plugin, path)
+        body = yield self.wait_healthy(proto, port)
+        self.assertEqual(
+            body, b'{"status": "ok", "daemon": "%s", "version": "0.1.0"}\n' % plugin.encode())
+        code, metrics = yield self.get(f"http://127.0.0.1:{port}/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn(b'perc_build_info{daemon="%s",version="0.1.0"} 1.0\n' % plugin.encode(),
+                      metrics)
+        os.kill(proto.transport.pid, signal.SIGTERM)
+        exit_code, sig = yield self.wait_exit(proto)
+        output = proto.output()
+        # After a clean shutdown twistd re-raises the signal that stopped it
+        # (twisted.application.app._exitWithSignal), so the status is "killed
+        # by SIGTERM", which systemd counts as a clean stop; never a crash code.
+        self.assertEqual((exit_code, sig), (None, signal.SIGTERM), output)
+        self.assertIn(
+            f"{plugin} admin HTTP listening on http://127.0.0.1:{port}/ (/healthz, /metrics)",
+            output)
+        self.assertIn("Received SIGTERM, shutting down.", output)
+        self.assertIn("Server Shut Down", output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(proto.stderr, b"")
+
+    def test_lifecycle_all_daemons(self):
+        """perc-md, perc-kd and perc-kmf, started concurrently."""
+        return defer.gatherResults(
+            [self.lifecycle(d) for d in ("md", "kd", "kmf")], consumeErrors=True,
+        ).addErrback(first_error)
+
+    @defer.inlineCallbacks
+    def config_error(self, plugin: str, path: str, expected_line: str):
+        proto = self.spawn(plugin, path)
+        exit_code, sig = yield self.wait_exit(proto)
+        self.assertEqual((exit_code, sig), (2, None), proto.output())
+        self.assertEqual(proto.stderr.decode(), expected_line + "\n")
+        self.assertNotIn("Traceback", proto.output())
+        self.assertEqual(proto.stdout, b"")
+
+    def test_config_errors(self):
+        """Bad type, unknown key and missing file: one line on stderr, exit status 2."""
+        bad_type = self.write_config('[admin]\nport = "x"\n')
+        unknown = self.write_config("[admin]\nport = 0\nprot = 1\n")
+        missing = os.path.abspath(self.mktemp()) + ".toml"
+        return defer.gatherResults([
+            self.config_error(
+                "perc-md", bad_type,
+                f"perc-md: configuration error: {bad_type}: admin.port: "
+                "must be an integer, not str"),
+            self.config_error(
+                "perc-kd", unknown,
+                f"perc-kd: configuration error: {unknown}: admin.prot: "
+                "unknown key (known: bind, port)"),
+            self.config_error(
+                "perc-kmf", missing,
+                f"perc-kmf: configuration error: {missing}: file not found"),
+        ], consumeErrors=True).addErrback(first_error)
+
+    @defer.inlineCallbacks
+    def test_admin_port_in_use(self):
+        """A taken admin port stops start-up instead of running without /healthz."""
+        taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        proto = self.spawn("perc-md", self.write_config(f"[admin]\nport = {port}\n"))
+        exit_code, sig = yield self.wait_exit(proto)
+        self.assertEqual((exit_code, sig), (1, None), proto.output())
+        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", proto.output())

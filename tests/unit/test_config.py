@@ -1,0 +1,220 @@
+"""perc_daemons.config: the shipped etc/perc/*.toml files and every kind of bad file."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+
+from twisted.trial import unittest
+
+from perc_daemons import config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DAEMONS = ("md", "kd", "kmf")
+
+#: A commented-out setting in a shipped file: ``# key = value``.
+COMMENTED_KEY = re.compile(r"^#\s?([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(.+)$")
+SECTION = re.compile(r"^\[([A-Za-z_][A-Za-z0-9_.-]*)\]\s*$")
+
+
+def shipped_path(daemon: str) -> str:
+    return os.path.join(REPO, "etc", "perc", f"{daemon}.toml")
+
+
+def defaults(daemon: str) -> dict[str, dict[str, object]]:
+    return {
+        section: {key: setting.default for key, setting in settings.items()}
+        for section, settings in config.SCHEMAS[daemon].items()
+    }
+
+
+def as_dict(cfg: config.Config) -> dict[str, dict[str, object]]:
+    return {name: dict(section) for name, section in cfg.items()}
+
+
+class ShippedFilesTests(unittest.TestCase):
+    """etc/perc/<daemon>.toml documents exactly the schema, with its defaults."""
+
+    def documented(self, daemon: str) -> tuple[str, list[tuple[str, str]]]:
+        """The file with its ``# key = value`` lines uncommented, and (section, key) pairs.
+
+        Also checks each documented key is preceded by a prose comment.
+        """
+        with open(shipped_path(daemon), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        out: list[str] = []
+        keys: list[tuple[str, str]] = []
+        section = ""
+        for number, line in enumerate(lines, 1):
+            match = SECTION.match(line)
+            if match:
+                section = match.group(1)
+            match = COMMENTED_KEY.match(line)
+            if match:
+                self.assertTrue(section, f"{daemon}.toml:{number}: key outside a [section]")
+                before = lines[number - 2] if number >= 2 else ""
+                self.assertTrue(
+                    before.startswith("#") and not COMMENTED_KEY.match(before),
+                    f"{daemon}.toml:{number}: {match.group(1)} has no description above it",
+                )
+                keys.append((section, match.group(1)))
+                line = f"{match.group(1)} = {match.group(2)}"
+            out.append(line)
+        return "\n".join(out) + "\n", keys
+
+    def test_commented_values_are_the_defaults(self) -> None:
+        for daemon in DAEMONS:
+            text, _ = self.documented(daemon)
+            self.assertEqual(tomllib.loads(text), defaults(daemon), daemon)
+            # ... and they validate.
+            cfg = config.validate(daemon, shipped_path(daemon), tomllib.loads(text))
+            self.assertEqual(as_dict(cfg), defaults(daemon), daemon)
+
+    def test_documented_keys_are_the_schema_keys(self) -> None:
+        for daemon in DAEMONS:
+            _, keys = self.documented(daemon)
+            schema_keys = sorted(
+                (section, key)
+                for section, settings in config.SCHEMAS[daemon].items()
+                for key in settings
+            )
+            self.assertEqual(sorted(keys), schema_keys, daemon)
+            self.assertEqual(len(keys), len(set(keys)), f"{daemon}: a key documented twice")
+
+    def test_shipped_file_loads_to_defaults(self) -> None:
+        for daemon in DAEMONS:
+            cfg = config.load(daemon, shipped_path(daemon))
+            self.assertEqual(cfg.path, shipped_path(daemon))
+            self.assertEqual(as_dict(cfg), defaults(daemon), daemon)
+
+    def test_default_admin_ports(self) -> None:
+        ports = {d: config.load(d, shipped_path(d)).admin.port for d in DAEMONS}
+        self.assertEqual(ports, {"md": 9461, "kd": 9462, "kmf": 9463})
+        for daemon in DAEMONS:
+            self.assertEqual(config.load(daemon, shipped_path(daemon)).admin.bind, "127.0.0.1")
+
+
+class LoadTests(unittest.TestCase):
+    def write(self, content: str | bytes) -> str:
+        path = self.mktemp()
+        data = content.encode() if isinstance(content, str) else content
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def assertConfigError(self, path: str, key: str, reason: str,
+                          daemon: str = "md") -> config.ConfigError:
+        error = self.assertRaises(config.ConfigError, config.load, daemon, path)
+        self.assertEqual((error.path, error.key, error.reason), (path, key, reason))
+        where = f"{path}: {key}: " if key else f"{path}: "
+        self.assertEqual(str(error), where + reason)
+        return error
+
+    def test_values_given(self) -> None:
+        path = self.write('[admin]\nbind = "::1"\nport = 1234\n')
+        cfg = config.load("kd", path)
+        self.assertEqual(cfg.admin.port, 1234)
+        self.assertEqual(cfg["admin"]["bind"], "::1")
+        self.assertEqual(as_dict(cfg), {"admin": {"bind": "::1", "port": 1234}})
+
+    def test_partial_section_fills_defaults(self) -> None:
+        cfg = config.load("kmf", self.write("[admin]\nport = 0\n"))
+        self.assertEqual(as_dict(cfg), {"admin": {"bind": "127.0.0.1", "port": 0}})
+
+    def test_empty_file_is_defaults(self) -> None:
+        cfg = config.load("md", self.write(""))
+        self.assertEqual(as_dict(cfg), {"admin": {"bind": "127.0.0.1", "port": 9461}})
+
+    def test_missing_attribute(self) -> None:
+        cfg = config.load("md", self.write(""))
+        self.assertRaises(AttributeError, getattr, cfg, "nosuchsection")
+        self.assertRaises(AttributeError, getattr, cfg.admin, "nosuchkey")
+
+    def test_port_range_edges_accepted(self) -> None:
+        for port in (0, 1, 65535):
+            cfg = config.load("md", self.write(f"[admin]\nport = {port}\n"))
+            self.assertEqual(cfg.admin.port, port)
+
+    def test_missing_file(self) -> None:
+        path = os.path.join(self.mktemp(), "md.toml")
+        self.assertConfigError(path, "", "file not found")
+
+    def test_directory(self) -> None:
+        path = self.mktemp()
+        os.mkdir(path)
+        self.assertConfigError(path, "", "is a directory, not a file")
+
+    def test_invalid_toml(self) -> None:
+        path = self.write("[admin\nport = 1\n")
+        error = self.assertRaises(config.ConfigError, config.load, "md", path)
+        self.assertEqual((error.path, error.key), (path, ""))
+        self.assertTrue(error.reason.startswith("invalid TOML: "), error.reason)
+        self.assertIn("line 1", error.reason)
+
+    def test_duplicate_key_is_invalid_toml(self) -> None:
+        path = self.write("[admin]\nport = 1\nport = 2\n")
+        error = self.assertRaises(config.ConfigError, config.load, "md", path)
+        self.assertEqual((error.path, error.key), (path, ""))
+        self.assertTrue(error.reason.startswith("invalid TOML: "), error.reason)
+
+    def test_not_utf8(self) -> None:
+        path = self.write(b'[admin]\n# caf\xe9\nbind = "127.0.0.1"\n')
+        self.assertConfigError(path, "", "not UTF-8 text")
+
+    def test_unknown_section(self) -> None:
+        path = self.write("[nope]\nx = 1\n")
+        self.assertConfigError(path, "nope", "unknown section (known: admin)")
+
+    def test_top_level_key_is_unknown_section(self) -> None:
+        path = self.write("port = 1\n")
+        self.assertConfigError(path, "port", "unknown section (known: admin)")
+
+    def test_section_not_a_table(self) -> None:
+        path = self.write("admin = 1\n")
+        self.assertConfigError(path, "admin", "must be a table ([section])")
+
+    def test_unknown_key_lists_known_keys(self) -> None:
+        path = self.write("[admin]\nprot = 9461\n")
+        self.assertConfigError(path, "admin.prot", "unknown key (known: bind, port)",
+                               daemon="kd")
+
+    def test_port_string(self) -> None:
+        path = self.write('[admin]\nport = "9461"\n')
+        self.assertConfigError(path, "admin.port", "must be an integer, not str")
+
+    def test_port_bool_refused(self) -> None:
+        path = self.write("[admin]\nport = true\n")
+        self.assertConfigError(path, "admin.port", "must be an integer, not bool")
+
+    def test_port_float(self) -> None:
+        path = self.write("[admin]\nport = 9461.0\n")
+        self.assertConfigError(path, "admin.port", "must be an integer, not float")
+
+    def test_bind_not_string(self) -> None:
+        path = self.write("[admin]\nbind = 127\n")
+        self.assertConfigError(path, "admin.bind", "must be a string, not int")
+
+    def test_port_out_of_range(self) -> None:
+        path = self.write("[admin]\nport = 65536\n")
+        self.assertConfigError(path, "admin.port",
+                               "must be a TCP/UDP port number, 0-65535 (got 65536)")
+        path = self.write("[admin]\nport = -1\n")
+        self.assertConfigError(path, "admin.port",
+                               "must be a TCP/UDP port number, 0-65535 (got -1)")
+
+    def test_bad_bind_address(self) -> None:
+        path = self.write('[admin]\nbind = "localhost"\n')
+        self.assertConfigError(path, "admin.bind",
+                               "must be an IPv4 or IPv6 address (got 'localhost')")
+        path = self.write('[admin]\nbind = "127.0.0.256"\n')
+        self.assertConfigError(path, "admin.bind",
+                               "must be an IPv4 or IPv6 address (got '127.0.0.256')")
+
+    def test_permission_denied(self) -> None:
+        if os.geteuid() == 0:
+            raise unittest.SkipTest("running as root: root can read a mode 000 file")
+        path = self.write("[admin]\n")
+        os.chmod(path, 0)
+        self.addCleanup(os.chmod, path, 0o600)
+        self.assertConfigError(path, "", "permission denied")
