@@ -1,0 +1,455 @@
+"""The SRTP double transform of RFC 8723 (DOUBLE_AEAD_AES_128/256_GCM).
+
+Three parties use it, each with only the keys it may hold:
+
+* the sending endpoint (:class:`DoubleSender`): inner (end-to-end) AES-GCM over
+  a synthetic packet without header extensions, then the original header back
+  with an empty OHB, then outer (hop-by-hop) AES-GCM, then the EKTField
+  (RFC 8723 section 5.1, RFC 8870 section 4.3.1);
+* a Media Distributor (:func:`relay_open`, :func:`edit_header`,
+  :func:`relay_seal`): outer layer off with the sender's HBH key, optional
+  edits of PT, SEQ and marker recorded in the OHB and of RFC 8285 header
+  extensions, outer layer on with each receiver's (or cascade link's) HBH
+  key; the EKTField is carried through untouched (RFC 8723 section 5.2);
+* the receiving endpoint (:class:`DoubleReceiver`): EKTField off and
+  processed, outer off, OHB back into the header, inner off with the
+  sender's key learnt from EKT (RFC 8723 section 5.3, RFC 8870 section 4.3.2).
+
+RTCP is hop-by-hop only (RFC 8723 section 6): plain
+:meth:`SrtpContext.protect_rtcp` with the outer key.
+
+The keys: a double master key or salt is the inner half followed by the outer
+half (RFC 8723 section 5); :func:`split_keying_material` splits the DTLS-SRTP
+exporter output (RFC 5764 section 4.2) accordingly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from perc_daemons.protocol.ekt import EktReceiver, EktSender, ekt_field_length
+from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.rtp import build_extension_block, header_length
+from perc_daemons.protocol.srtp import (
+    LAYER_KEY_LENGTH,
+    SALT_LENGTH,
+    TAG_LENGTH,
+    AuthenticationFailed,
+    MalformedSrtp,
+    Profile,
+    ReplayError,
+    SrtpContext,
+)
+
+
+class DoubleError(ProtocolError):
+    """A packet the double transform cannot process."""
+
+    reason = "double_error"
+
+
+class MalformedOhb(DoubleError):
+    """The Original Header Block is malformed (RFC 8723 section 4)."""
+
+    reason = "ohb_malformed"
+
+
+class UnknownSender(DoubleError):
+    """No end-to-end key is known (yet) for the packet's SSRC."""
+
+    reason = "e2e_key_unknown"
+
+
+class InnerAuthenticationFailed(DoubleError):
+    """The end-to-end (inner) tag did not verify: altered beyond what the OHB allows."""
+
+    reason = "e2e_auth"
+
+
+DOUBLE_PROFILES = (Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
+                   Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM)
+
+# OHB Config octet, RFC 8723 section 4: R R R R B M P Q
+OHB_SEQ = 0x01
+OHB_PT = 0x02
+OHB_MARKER = 0x04
+OHB_MARKER_VALUE = 0x08
+OHB_RESERVED = 0xF0
+EMPTY_OHB = b"\x00"
+
+_SEQ = struct.Struct("!H")
+_FIRST_FOUR = struct.Struct("!BBH")
+_BYTE = [bytes((i,)) for i in range(256)]
+_FIXED = struct.Struct("!BBHII")  # b0, b1, seq, timestamp, ssrc
+
+
+# -- keys ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, repr=False)
+class LayerKeys:
+    """One layer's master key and salt for one direction."""
+
+    key: bytes
+    salt: bytes
+
+    def context(self, replay_window: int = 128) -> SrtpContext:
+        return SrtpContext(self.key, self.salt, replay_window=replay_window)
+
+    def __repr__(self) -> str:  # never show key material
+        return f"<LayerKeys {len(self.key) * 8}-bit>"
+
+
+@dataclass(frozen=True, slots=True)
+class DoubleKeys:
+    """The four half-keys of a DTLS-SRTP association with a DOUBLE profile.
+
+    "client" is the endpoint (DTLS client), "server" the KD speaking for the
+    MD.  The MD receives only the two ``*_outer`` entries (RFC 8871 section
+    6.2, RFC 9185 MediaKeys).
+    """
+
+    profile: Profile
+    client_inner: LayerKeys
+    client_outer: LayerKeys
+    server_inner: LayerKeys
+    server_outer: LayerKeys
+
+
+def exporter_length(profile: Profile) -> int:
+    """Bytes to export with "EXTRACTOR-dtls_srtp" (RFC 5764 section 4.2)."""
+    key_length = LAYER_KEY_LENGTH[profile]
+    layers = 2 if profile in DOUBLE_PROFILES else 1
+    return 2 * layers * (key_length + SALT_LENGTH)
+
+
+def split_keying_material(profile: Profile, material: bytes) -> DoubleKeys:
+    """Split exporter output for a DOUBLE profile (RFC 5764 s4.2, RFC 8723 s5).
+
+    Layout: client_write_key | server_write_key | client_write_salt |
+    server_write_salt, each double key/salt being inner half then outer half.
+    """
+    if profile not in DOUBLE_PROFILES:
+        raise ValueError(f"{profile!r} is not a DOUBLE profile")
+    if len(material) != exporter_length(profile):
+        raise ValueError(f"keying material must be {exporter_length(profile)} bytes")
+    k = LAYER_KEY_LENGTH[profile]
+    s = SALT_LENGTH
+    client_key, server_key = material[:2 * k], material[2 * k:4 * k]
+    client_salt, server_salt = material[4 * k:4 * k + 2 * s], material[4 * k + 2 * s:]
+    return DoubleKeys(
+        profile,
+        client_inner=LayerKeys(client_key[:k], client_salt[:s]),
+        client_outer=LayerKeys(client_key[k:], client_salt[s:]),
+        server_inner=LayerKeys(server_key[:k], server_salt[:s]),
+        server_outer=LayerKeys(server_key[k:], server_salt[s:]),
+    )
+
+
+# -- the Original Header Block (RFC 8723 section 4) ------------------------------------
+
+def parse_ohb(payload: bytes | memoryview) -> tuple[int, int | None, int | None, int | None]:
+    """Read the OHB backwards from the end of an outer plaintext.
+
+    Returns ``(length, original_pt, original_seq, original_marker)``; fields
+    the OHB does not record are ``None``.  The payload must also hold the
+    16-byte inner tag before the OHB.
+    """
+    if not payload:
+        raise MalformedOhb("no OHB: empty outer plaintext")
+    config = payload[-1]
+    if config & OHB_RESERVED:
+        raise MalformedOhb(f"reserved OHB bits set (config 0x{config:02x})")
+    if config & (OHB_MARKER | OHB_MARKER_VALUE) == OHB_MARKER_VALUE:
+        raise MalformedOhb("OHB marker value set without the marker-present bit")
+    length = 1
+    seq = pt = marker = None
+    if config & OHB_SEQ:
+        length += 2
+    if config & OHB_PT:
+        length += 1
+    if len(payload) < length + TAG_LENGTH:
+        raise MalformedOhb("outer plaintext too short for the OHB and the inner tag")
+    if config & OHB_SEQ:
+        (seq,) = _SEQ.unpack_from(payload, len(payload) - 3)
+    if config & OHB_PT:
+        pt = payload[len(payload) - length]
+        if pt > 0x7F:
+            raise MalformedOhb(f"OHB payload type {pt} out of range")
+    if config & OHB_MARKER:
+        marker = 1 if config & OHB_MARKER_VALUE else 0
+    return length, pt, seq, marker
+
+
+def build_ohb(pt: int | None = None, seq: int | None = None, marker: int | None = None) -> bytes:
+    """Encode an OHB recording the given original values (RFC 8723 section 4)."""
+    config = 0
+    out = b""
+    if pt is not None:
+        config |= OHB_PT
+        out += bytes((pt,))
+    if seq is not None:
+        config |= OHB_SEQ
+        out += _SEQ.pack(seq)
+    if marker is not None:
+        config |= OHB_MARKER | (OHB_MARKER_VALUE if marker else 0)
+    return out + bytes((config,))
+
+
+# -- sending endpoint (RFC 8723 section 5.1) -------------------------------------------
+
+def protect(packet: bytes, inner: SrtpContext, outer: SrtpContext, ekt_field: bytes) -> bytes:
+    """Double-protect one RTP packet and append ``ekt_field`` (RFC 8723 s5.1).
+
+    Inner AES-GCM over the synthetic packet (X bit cleared, extensions
+    removed), header restored, empty OHB appended, outer AES-GCM over that
+    with the full header as AAD.
+    """
+    h = header_length(packet)
+    b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
+    base = 12 + 4 * (b0 & 0x0F)
+    view = memoryview(packet)
+    synthetic_header = bytes((b0 & 0xEF,)) + packet[1:base]
+    inner_sealed = inner.seal(ssrc, seq, synthetic_header, view[h:])
+    outer_sealed = outer.seal(ssrc, seq, view[:h], inner_sealed + EMPTY_OHB)
+    return packet[:h] + outer_sealed + ekt_field
+
+
+class DoubleSender:
+    """An endpoint's send side for one SSRC: EKT schedule, inner and outer layers.
+
+    ``outer`` is the endpoint's client_write outer context (from DTLS-SRTP
+    with the KD); the inner key is the endpoint's own, chosen and announced
+    by the :class:`EktSender` (RFC 8871 section 4.5.2).
+    """
+
+    def __init__(self, outer: SrtpContext, ekt: EktSender, *, replay_window: int = 128) -> None:
+        self.outer = outer
+        self.ekt = ekt
+        self._replay_window = replay_window
+        self._inner: dict[bytes, SrtpContext] = {}
+
+    def protect(self, packet: bytes, now: float, *, keyframe: bool = False) -> bytes:
+        header_length(packet)  # a well-formed RTP packet, or RtpError
+        _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
+        if ssrc != self.ekt.ssrc:
+            raise ValueError(f"packet SSRC 0x{ssrc:08x} is not this sender's")
+        current = next(iter(self._inner.values()), None)
+        roc = current.estimate_roc(ssrc, seq) if current is not None else 0
+        key, field = self.ekt.next_packet(now, roc, keyframe)
+        inner = self._inner.get(key)
+        if inner is None:
+            inner = SrtpContext(key, self.ekt.master_salt, replay_window=self._replay_window)
+            inner.set_roc(ssrc, roc)
+            for old in self._inner.values():
+                old.close()
+            self._inner = {key: inner}
+        return protect(packet, inner, self.outer, field)
+
+
+# -- Media Distributor (RFC 8723 section 5.2) ------------------------------------------
+
+def relay_open(packet: bytes, inbound: SrtpContext) -> tuple[bytes, bytes, bytes]:
+    """Remove the outer layer with the sending hop's key.
+
+    Returns ``(header, outer_plaintext, ekt_field)``: the RTP header with
+    extensions, the inner ciphertext || inner tag || OHB, and the EKTField as
+    received.  Raises :class:`~perc_daemons.protocol.srtp.SrtpError` (outer
+    authentication, replay) or an EKT error; the caller drops the packet.
+    """
+    n = ekt_field_length(packet)
+    end = len(packet) - n
+    h = header_length(packet)
+    if end - h < TAG_LENGTH * 2 + 1:
+        raise MalformedSrtp("too short for a double-protected payload")
+    _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
+    view = memoryview(packet)
+    plaintext = inbound.open(ssrc, seq, view[:h], view[h:end])
+    return packet[:h], plaintext, packet[end:]
+
+
+def relay_seal(header: bytes, plaintext: bytes, ekt_field: bytes, outbound: SrtpContext) -> bytes:
+    """Apply the outer layer with the receiving hop's key and re-append the EKTField."""
+    _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(header)
+    return header + outbound.seal(ssrc, seq, header, plaintext) + ekt_field
+
+
+def edit_header(header: bytes, plaintext: bytes, *, pt: int | None = None,
+                seq: int | None = None, marker: int | None = None,
+                extensions: Sequence[tuple[int, bytes]] | None = None,
+                ) -> tuple[bytes, bytes]:
+    """Change PT, SEQ, marker and/or header extensions as an MD may.
+
+    PT/SEQ/marker changes are reflected in the OHB at the end of ``plaintext``
+    as RFC 8723 section 5.2 step 3 says: a field changed for the first time
+    has its original (current) value added; a field already in the OHB keeps
+    the first recorded original (cascaded MDs), and its entry is dropped when
+    the new value equals that original.  ``extensions`` replaces the RFC 8285
+    extension elements (``[]`` removes them); they are never in the OHB since
+    the inner layer does not cover them.  Returns ``(header, plaintext)``.
+
+    This runs per relayed packet, so it is written with plain integers
+    (-1 standing for "not recorded") rather than with :func:`parse_ohb`.
+    """
+    b1 = header[1]
+    cur_pt = b1 & 0x7F
+    cur_marker = b1 >> 7
+    cur_seq = (header[2] << 8) | header[3]
+    n = len(plaintext)
+    if n < TAG_LENGTH + 1:
+        raise MalformedOhb("outer plaintext too short for the OHB and the inner tag")
+    config = plaintext[n - 1]
+    if config & OHB_RESERVED or config & 0x0C == OHB_MARKER_VALUE:
+        raise MalformedOhb(f"invalid OHB config octet 0x{config:02x}")
+    ohb_len = 1 + ((config & OHB_SEQ) << 1) + ((config & OHB_PT) >> 1)
+    if n < ohb_len + TAG_LENGTH:
+        raise MalformedOhb("outer plaintext too short for the OHB and the inner tag")
+    o_seq = ((plaintext[n - 3] << 8) | plaintext[n - 2]) if config & OHB_SEQ else -1
+    o_pt = plaintext[n - ohb_len] if config & OHB_PT else -1
+    o_marker = ((config >> 3) & 1) if config & OHB_MARKER else -1
+    if seq is not None and seq != cur_seq:
+        if not 0 <= seq <= 0xFFFF:
+            raise ValueError("sequence number must be 0-65535")
+        if o_seq < 0:
+            o_seq = cur_seq
+        elif seq == o_seq:
+            o_seq = -1
+        cur_seq = seq
+    if pt is not None and pt != cur_pt:
+        if not 0 <= pt <= 0x7F:
+            raise ValueError("payload type must be 0-127")
+        if o_pt < 0:
+            o_pt = cur_pt
+        elif pt == o_pt:
+            o_pt = -1
+        cur_pt = pt
+    if marker is not None and (1 if marker else 0) != cur_marker:
+        if o_marker < 0:
+            o_marker = cur_marker
+        else:
+            o_marker = -1  # a one-bit field changed back is its original again
+        cur_marker ^= 1
+    config = 0
+    ohb = b""
+    if o_pt >= 0:
+        config = OHB_PT
+        ohb = _BYTE[o_pt]
+    if o_seq >= 0:
+        config |= OHB_SEQ
+        ohb += _SEQ.pack(o_seq)
+    if o_marker >= 0:
+        config |= OHB_MARKER | (o_marker << 3)
+    plaintext = plaintext[:n - ohb_len] + ohb + _BYTE[config]
+    if extensions is None:
+        rest = header[4:]
+        b0 = header[0]
+    else:
+        b0 = header[0]
+        block = build_extension_block(list(extensions))
+        b0 = (b0 | 0x10) if block else (b0 & 0xEF)
+        rest = header[4:12 + 4 * (b0 & 0x0F)] + block
+    header = _FIRST_FOUR.pack(b0, (cur_marker << 7) | cur_pt, cur_seq) + rest
+    return header, plaintext
+
+
+# -- receiving endpoint (RFC 8723 section 5.3) -----------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ReceivedPacket:
+    """A double-decrypted packet.
+
+    ``packet`` is the sender's original RTP packet (original PT, SEQ and
+    marker restored from the OHB, followed by the payload), with the header
+    extensions as received (not end-to-end protected).  ``outer_pt`` and
+    ``outer_seq`` are what the MD delivered: use them for codec matching and
+    playout order (RFC 8723 section 5.3).
+    """
+
+    packet: bytes
+    ssrc: int
+    outer_pt: int
+    outer_seq: int
+    outer_marker: int
+    header_length: int
+
+    @property
+    def payload(self) -> bytes:
+        return self.packet[self.header_length:]
+
+
+class DoubleReceiver:
+    """An endpoint's receive side: outer layer, EKT key learning, inner layer.
+
+    ``outer`` is the endpoint's server_write outer context (what the MD
+    protects toward it).  For each sender SSRC it keeps the current and the
+    previous end-to-end key, so packets sent under the old key during a rekey
+    (RFC 8870 section 4.3.1: 250 ms) still decrypt (trial decryption, s4.3.2).
+    """
+
+    def __init__(self, outer: SrtpContext, ekt: EktReceiver, *, replay_window: int = 128) -> None:
+        self.outer = outer
+        self.ekt = ekt
+        self._replay_window = replay_window
+        self._inner: dict[int, list[SrtpContext]] = {}
+
+    def forget(self, ssrc: int) -> None:
+        """Drop the end-to-end keys learnt for ``ssrc`` (e.g. the sender left)."""
+        for context in self._inner.pop(ssrc, ()):
+            context.close()
+
+    def close(self) -> None:
+        for ssrc in list(self._inner):
+            self.forget(ssrc)
+        self.outer.close()
+
+    def unprotect(self, packet: bytes, now: float) -> ReceivedPacket:
+        n = ekt_field_length(packet)
+        end = len(packet) - n
+        h = header_length(packet)
+        if end - h < TAG_LENGTH * 2 + 1:
+            raise MalformedSrtp("too short for a double-protected payload")
+        b0, b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
+        view = memoryview(packet)
+        # 1. outer layer with our own hop-by-hop key
+        plaintext = self.outer.open(ssrc, seq, view[:h], view[h:end])
+        # 2. EKT (the field is not covered by either tag; see RFC 8870 s4.3.2)
+        if n > 1:
+            learned = self.ekt.process(ssrc, view[end:], now)
+            if learned is not None:
+                context = SrtpContext(learned.master_key, learned.master_salt,
+                                      replay_window=self._replay_window)
+                context.set_roc(ssrc, learned.roc)
+                contexts = self._inner.setdefault(ssrc, [])
+                contexts.insert(0, context)
+                for old in contexts[2:]:
+                    old.close()
+                del contexts[2:]
+        contexts = self._inner.get(ssrc)
+        if not contexts:
+            raise UnknownSender(f"no end-to-end key for SSRC 0x{ssrc:08x} yet")
+        # 3. OHB back into a synthetic header (X cleared, extensions removed)
+        ohb_len, o_pt, o_seq, o_marker = parse_ohb(plaintext)
+        orig_seq = seq if o_seq is None else o_seq
+        orig_b1 = (((b1 >> 7) if o_marker is None else o_marker) << 7) | (
+            (b1 & 0x7F) if o_pt is None else o_pt)
+        base = 12 + 4 * (b0 & 0x0F)
+        fixed_rest = packet[4:base]
+        synthetic_header = bytes((b0 & 0xEF, orig_b1)) + _SEQ.pack(orig_seq) + fixed_rest
+        inner = memoryview(plaintext)[:len(plaintext) - ohb_len]
+        # 4. inner layer with the sender's end-to-end key (current, then previous)
+        replayed: ReplayError | None = None
+        for context in contexts:
+            try:
+                payload = context.open(ssrc, orig_seq, synthetic_header, inner)
+                break
+            except AuthenticationFailed:
+                continue
+            except ReplayError as e:
+                replayed = e
+        else:
+            if replayed is not None:
+                raise replayed
+            raise InnerAuthenticationFailed("end-to-end authentication failed")
+        original = (bytes((b0, orig_b1)) + _SEQ.pack(orig_seq) + packet[4:h] + payload)
+        return ReceivedPacket(original, ssrc, b1 & 0x7F, seq, b1 >> 7, h)
