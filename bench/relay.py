@@ -3,9 +3,10 @@
 For 1200-byte RTP payloads from one sender (pinned seed), it measures:
 
 * relay: what the MD does per packet (RFC 8723 section 5.2): find and keep the
-  EKTField, outer layer off with the sender's HBH key (replay-checked), an OHB
-  edit (SEQ rewritten, original recorded), outer layer on with each
-  receiver's HBH key, EKTField re-appended;
+  EKTField, outer layer off with the sender's HBH key (replay-checked),
+  optionally an OHB edit (SEQ rewritten, original recorded), outer layer on
+  with each receiver's HBH key, EKTField re-appended; once forwarding only
+  (the common case) and once with an edit on every packet;
 * baseline: pylibsrtp (C libsrtp) unprotect with the sender's key and protect
   with each receiver's key of single-layer SRTP packets of the same size.
 
@@ -35,7 +36,7 @@ from pylibsrtp import Policy, Session
 
 from perc_daemons.protocol import double
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, EktSender
-from perc_daemons.protocol.srtp import SrtpContext
+from perc_daemons.protocol.srtp import SrtpContext, libsrtp_session
 
 SEED = 8723
 PAYLOAD = 1200
@@ -66,18 +67,19 @@ def make_inputs(count: int, receivers: int):
     return sender_outer, receiver_keys, protected, baseline_in
 
 
-def run_relay(sender_outer, receiver_keys, packets) -> float:
-    inbound = SrtpContext(*sender_outer)
-    outbound = [SrtpContext(*k) for k in receiver_keys]
-    relay_open, relay_seal, edit_header = double.relay_open, double.relay_seal, double.edit_header
+def run_relay(sender_outer, receiver_keys, packets, edit: bool) -> float:
+    inbound = libsrtp_session(*sender_outer, inbound=True)
+    outbound = [libsrtp_session(*k, inbound=False) for k in receiver_keys]
+    relay = double.Relay()
     sent = 0
     start = time.process_time()
     for packet in packets:
-        header, plaintext, ekt = relay_open(packet, inbound)
-        # The MD renumbers SEQ (e.g. after dropping a layer): original goes to the OHB.
-        header, plaintext = edit_header(header, plaintext, seq=(sent + 7) & 0xFFFF)
+        relay.open(packet, inbound)
+        if edit:
+            # The MD renumbers SEQ (e.g. after dropping a layer): original goes to the OHB.
+            relay.edit(seq=(sent + 7) & 0xFFFF)
         for context in outbound:
-            relay_seal(header, plaintext, ekt, context)
+            relay.seal(context)
         sent += 1
     return time.process_time() - start
 
@@ -109,17 +111,19 @@ def main() -> None:
         gc.collect()
         gc.disable()
         try:
-            ours = min(run_relay(sender_outer, receiver_keys, protected)
-                       for _ in range(args.rounds))
             base = min(run_baseline(sender_outer, receiver_keys, baseline_in)
                        for _ in range(args.rounds))
+            for edit in (False, True):
+                ours = min(run_relay(sender_outer, receiver_keys, protected, edit)
+                           for _ in range(args.rounds))
+                n = args.packets
+                label = "forward + OHB edit" if edit else "forward          "
+                print(f"receivers={receivers:2d}  {label}: {n / ours:8.0f} packets/s in "
+                      f"({n * receivers / ours:8.0f} out/s, {ours / n * 1e6:5.2f} us/packet)"
+                      f"   libsrtp baseline {base / n * 1e6:5.2f} us/packet"
+                      f"   ratio {ours / base:.2f}")
         finally:
             gc.enable()
-        n = args.packets
-        print(f"receivers={receivers:2d}  relay: {n / ours:9.0f} packets/s in "
-              f"({n * receivers / ours:9.0f} out/s, {ours / n * 1e6:6.2f} us/packet)   "
-              f"libsrtp baseline: {n / base:9.0f} packets/s ({base / n * 1e6:6.2f} us/packet)   "
-              f"ratio {ours / base:.2f}")
 
 
 if __name__ == "__main__":

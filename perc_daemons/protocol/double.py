@@ -6,8 +6,7 @@ Three parties use it, each with only the keys it may hold:
   a synthetic packet without header extensions, then the original header back
   with an empty OHB, then outer (hop-by-hop) AES-GCM, then the EKTField
   (RFC 8723 section 5.1, RFC 8870 section 4.3.1);
-* a Media Distributor (:func:`relay_open`, :func:`edit_header`,
-  :func:`relay_seal`): outer layer off with the sender's HBH key, optional
+* a Media Distributor (:class:`Relay`): outer layer off with the sender's HBH key, optional
   edits of PT, SEQ and marker recorded in the OHB and of RFC 8285 header
   extensions, outer layer on with each receiver's (or cascade link's) HBH
   key; the EKTField is carried through untouched (RFC 8723 section 5.2);
@@ -31,16 +30,24 @@ from dataclasses import dataclass
 
 from perc_daemons.protocol.ekt import EktReceiver, EktSender, ekt_field_length
 from perc_daemons.protocol.errors import ProtocolError
-from perc_daemons.protocol.rtp import build_extension_block, header_length
+from perc_daemons.protocol.rtp import (
+    RTP_HEADER_LENGTH,
+    build_extension_block,
+    header_length,
+)
 from perc_daemons.protocol.srtp import (
     LAYER_KEY_LENGTH,
     SALT_LENGTH,
     TAG_LENGTH,
     AuthenticationFailed,
+    LibSrtpError,
     MalformedSrtp,
     Profile,
     ReplayError,
+    Session,
     SrtpContext,
+    libsrtp_error,
+    libsrtp_session,
 )
 
 
@@ -81,6 +88,8 @@ EMPTY_OHB = b"\x00"
 
 _SEQ = struct.Struct("!H")
 _FIRST_FOUR = struct.Struct("!BBH")
+_SEQ_SSRC = struct.Struct("!2xH4xI")
+_MIN_DOUBLE_PAYLOAD = 2 * TAG_LENGTH + 1  # inner tag + OHB + outer tag
 _BYTE = [bytes((i,)) for i in range(256)]
 _FIXED = struct.Struct("!BBHII")  # b0, b1, seq, timestamp, ssrc
 
@@ -95,7 +104,13 @@ class LayerKeys:
     salt: bytes
 
     def context(self, replay_window: int = 128) -> SrtpContext:
+        """Our SRTP layer keyed with these (endpoints, inner layer)."""
         return SrtpContext(self.key, self.salt, replay_window=replay_window)
+
+    def session(self, *, inbound: bool, replay_window: int = 128) -> Session:
+        """A libsrtp session keyed with these (the MD's hop-by-hop legs)."""
+        return libsrtp_session(self.key, self.salt, inbound=inbound,
+                               replay_window=replay_window)
 
     def __repr__(self) -> str:  # never show key material
         return f"<LayerKeys {len(self.key) * 8}-bit>"
@@ -250,64 +265,110 @@ class DoubleSender:
 
 # -- Media Distributor (RFC 8723 section 5.2) ------------------------------------------
 
-def relay_open(packet: bytes, inbound: SrtpContext) -> tuple[bytes, bytes, bytes]:
-    """Remove the outer layer with the sending hop's key.
+class Relay:
+    """The Media Distributor's per-packet work (RFC 8723 section 5.2).
 
-    Returns ``(header, outer_plaintext, ekt_field)``: the RTP header with
-    extensions, the inner ciphertext || inner tag || OHB, and the EKTField as
-    received.  Raises :class:`~perc_daemons.protocol.srtp.SrtpError` (outer
-    authentication, replay) or an EKT error; the caller drops the packet.
+    Per received packet: :meth:`open` with the sending hop's inbound session,
+    optionally :meth:`edit`, then :meth:`seal` once per receiver (endpoint leg
+    or cascade link) with that hop's outbound session.  The hop sessions are
+    libsrtp sessions (:func:`~perc_daemons.protocol.srtp.libsrtp_session`): the
+    outer layer is plain RFC 7714 SRTP, done in C.
+
+    The MD holds only outer (hop-by-hop) keys: the inner ciphertext, inner
+    tag, OHB originals and EKTField pass through without it being able to
+    read or forge them.
     """
-    n = ekt_field_length(packet)
-    end = len(packet) - n
-    h = header_length(packet)
-    if end - h < TAG_LENGTH * 2 + 1:
-        raise MalformedSrtp("too short for a double-protected payload")
-    _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
-    view = memoryview(packet)
-    plaintext = inbound.open(ssrc, seq, view[:h], view[h:end])
-    return packet[:h], plaintext, packet[end:]
+
+    __slots__ = ("ekt_field", "packet")
+
+    def __init__(self) -> None:
+        #: The current packet with the outer layer removed: RTP header,
+        #: inner ciphertext || inner tag || OHB; and its EKTField.
+        self.packet = b""
+        self.ekt_field = b""
+
+    @property
+    def header(self) -> bytes:
+        return self.packet[:header_length(self.packet)]
+
+    @property
+    def plaintext(self) -> bytes:
+        """The outer plaintext: inner ciphertext || inner tag || OHB."""
+        return self.packet[header_length(self.packet):]
+
+    def open(self, packet: bytes, inbound: Session) -> None:
+        """Strip and keep the EKTField, remove the outer layer with ``inbound``.
+
+        Raises a :class:`~perc_daemons.protocol.errors.ProtocolError`
+        (malformed, outer authentication, replay, EKT framing): drop the packet.
+        """
+        end = len(packet) - ekt_field_length(packet)
+        try:
+            plain = inbound.unprotect(packet[:end])
+        except LibSrtpError as e:
+            raise libsrtp_error(e) from None
+        if len(plain) < RTP_HEADER_LENGTH + TAG_LENGTH + 1:
+            raise MalformedSrtp("too short for a double-protected payload")
+        self.packet = plain
+        self.ekt_field = packet[end:]
+
+    def edit(self, pt: int | None = None, seq: int | None = None, marker: int | None = None,
+             extensions: Sequence[tuple[int, bytes]] | None = None) -> None:
+        """Change PT, SEQ, marker and/or header extensions, keeping the OHB right.
+
+        See :func:`edit_ohb`.
+        """
+        packet = self.packet
+        h = header_length(packet)
+        n = len(packet)
+        header, old_length, ohb = edit_ohb(packet[:h], packet[n - 4:], n - h, pt, seq, marker,
+                                           extensions)
+        self.packet = header + packet[h:n - old_length] + ohb
+
+    def seal(self, outbound: Session) -> bytes:
+        """The packet for one receiving hop: outer layer on, EKTField re-appended.
+
+        ``outbound`` must never be keyed like the inbound session: RFC 8723
+        section 5.2 forbids re-encrypting with the sender's key.
+        """
+        try:
+            return outbound.protect(self.packet) + self.ekt_field
+        except LibSrtpError as e:
+            raise libsrtp_error(e) from None
 
 
-def relay_seal(header: bytes, plaintext: bytes, ekt_field: bytes, outbound: SrtpContext) -> bytes:
-    """Apply the outer layer with the receiving hop's key and re-append the EKTField."""
-    _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(header)
-    return header + outbound.seal(ssrc, seq, header, plaintext) + ekt_field
+def edit_ohb(header: bytes, tail: bytes | memoryview, length: int, pt: int | None = None,
+             seq: int | None = None, marker: int | None = None,
+             extensions: Sequence[tuple[int, bytes]] | None = None,
+             ) -> tuple[bytes, int, bytes]:
+    """Apply an MD's header changes and work out the new OHB (RFC 8723 s4, s5.2).
 
+    ``tail`` is the end of the outer plaintext (its last 4 bytes, or all of it
+    if shorter) and ``length`` the plaintext's length.  PT/SEQ/marker changes
+    are reflected in the OHB as section 5.2 step 3 says: a field changed for
+    the first time has its original (current) value added; a field already
+    in the OHB keeps the first recorded original (cascaded MDs), and its
+    entry is dropped when the new value equals that original.  ``extensions``
+    replaces the RFC 8285 extension elements (``[]`` removes them); they are
+    never in the OHB since the inner layer does not cover them.
 
-def edit_header(header: bytes, plaintext: bytes, *, pt: int | None = None,
-                seq: int | None = None, marker: int | None = None,
-                extensions: Sequence[tuple[int, bytes]] | None = None,
-                ) -> tuple[bytes, bytes]:
-    """Change PT, SEQ, marker and/or header extensions as an MD may.
-
-    PT/SEQ/marker changes are reflected in the OHB at the end of ``plaintext``
-    as RFC 8723 section 5.2 step 3 says: a field changed for the first time
-    has its original (current) value added; a field already in the OHB keeps
-    the first recorded original (cascaded MDs), and its entry is dropped when
-    the new value equals that original.  ``extensions`` replaces the RFC 8285
-    extension elements (``[]`` removes them); they are never in the OHB since
-    the inner layer does not cover them.  Returns ``(header, plaintext)``.
-
-    This runs per relayed packet, so it is written with plain integers
-    (-1 standing for "not recorded") rather than with :func:`parse_ohb`.
+    Returns ``(new_header, old_ohb_length, new_ohb)``.  It runs per relayed
+    packet, so it is plain integer code (-1 meaning "not recorded").
     """
-    b1 = header[1]
-    cur_pt = b1 & 0x7F
-    cur_marker = b1 >> 7
-    cur_seq = (header[2] << 8) | header[3]
-    n = len(plaintext)
-    if n < TAG_LENGTH + 1:
+    t = len(tail)
+    if length < TAG_LENGTH + 1 or t < 1:
         raise MalformedOhb("outer plaintext too short for the OHB and the inner tag")
-    config = plaintext[n - 1]
+    config = tail[t - 1]
     if config & OHB_RESERVED or config & 0x0C == OHB_MARKER_VALUE:
         raise MalformedOhb(f"invalid OHB config octet 0x{config:02x}")
     ohb_len = 1 + ((config & OHB_SEQ) << 1) + ((config & OHB_PT) >> 1)
-    if n < ohb_len + TAG_LENGTH:
+    if length < ohb_len + TAG_LENGTH:
         raise MalformedOhb("outer plaintext too short for the OHB and the inner tag")
-    o_seq = ((plaintext[n - 3] << 8) | plaintext[n - 2]) if config & OHB_SEQ else -1
-    o_pt = plaintext[n - ohb_len] if config & OHB_PT else -1
+    o_seq = ((tail[t - 3] << 8) | tail[t - 2]) if config & OHB_SEQ else -1
+    o_pt = tail[t - ohb_len] if config & OHB_PT else -1
     o_marker = ((config >> 3) & 1) if config & OHB_MARKER else -1
+    b1 = header[1]
+    cur_seq = (header[2] << 8) | header[3]
     if seq is not None and seq != cur_seq:
         if not 0 <= seq <= 0xFFFF:
             raise ValueError("sequence number must be 0-65535")
@@ -316,41 +377,40 @@ def edit_header(header: bytes, plaintext: bytes, *, pt: int | None = None,
         elif seq == o_seq:
             o_seq = -1
         cur_seq = seq
-    if pt is not None and pt != cur_pt:
+    if pt is not None and pt != b1 & 0x7F:
         if not 0 <= pt <= 0x7F:
             raise ValueError("payload type must be 0-127")
         if o_pt < 0:
-            o_pt = cur_pt
+            o_pt = b1 & 0x7F
         elif pt == o_pt:
             o_pt = -1
-        cur_pt = pt
-    if marker is not None and (1 if marker else 0) != cur_marker:
-        if o_marker < 0:
-            o_marker = cur_marker
-        else:
-            o_marker = -1  # a one-bit field changed back is its original again
-        cur_marker ^= 1
-    config = 0
-    ohb = b""
-    if o_pt >= 0:
-        config = OHB_PT
-        ohb = _BYTE[o_pt]
-    if o_seq >= 0:
-        config |= OHB_SEQ
-        ohb += _SEQ.pack(o_seq)
-    if o_marker >= 0:
-        config |= OHB_MARKER | (o_marker << 3)
-    plaintext = plaintext[:n - ohb_len] + ohb + _BYTE[config]
-    if extensions is None:
-        rest = header[4:]
-        b0 = header[0]
+        b1 = (b1 & 0x80) | pt
+    if marker is not None and (1 if marker else 0) != b1 >> 7:
+        # A one-bit field changed back is its original again.
+        o_marker = (b1 >> 7) if o_marker < 0 else -1
+        b1 ^= 0x80
+    if o_pt < 0 and o_seq < 0 and o_marker < 0:
+        ohb = EMPTY_OHB
     else:
-        b0 = header[0]
-        block = build_extension_block(list(extensions))
-        b0 = (b0 | 0x10) if block else (b0 & 0xEF)
-        rest = header[4:12 + 4 * (b0 & 0x0F)] + block
-    header = _FIRST_FOUR.pack(b0, (cur_marker << 7) | cur_pt, cur_seq) + rest
-    return header, plaintext
+        config = 0
+        ohb = b""
+        if o_pt >= 0:
+            config = OHB_PT
+            ohb = _BYTE[o_pt]
+        if o_seq >= 0:
+            config |= OHB_SEQ
+            ohb += _SEQ.pack(o_seq)
+        if o_marker >= 0:
+            config |= OHB_MARKER | (o_marker << 3)
+        ohb += _BYTE[config]
+    if extensions is None:
+        return _FIRST_FOUR.pack(header[0], b1, cur_seq) + header[4:], ohb_len, ohb
+    b0 = header[0]
+    block = build_extension_block(list(extensions))
+    b0 = (b0 | 0x10) if block else (b0 & 0xEF)
+    rest = header[4:12 + 4 * (b0 & 0x0F)] + block
+    return _FIRST_FOUR.pack(b0, b1, cur_seq) + rest, ohb_len, ohb
+
 
 
 # -- receiving endpoint (RFC 8723 section 5.3) -----------------------------------------
@@ -407,7 +467,7 @@ class DoubleReceiver:
         n = ekt_field_length(packet)
         end = len(packet) - n
         h = header_length(packet)
-        if end - h < TAG_LENGTH * 2 + 1:
+        if end - h < _MIN_DOUBLE_PAYLOAD:
             raise MalformedSrtp("too short for a double-protected payload")
         b0, b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
         view = memoryview(packet)

@@ -114,6 +114,7 @@ _MAX_CSRCS = 15
 _MAX_EXTENSION_WORDS = 0xFFFF
 
 _FIXED = struct.Struct("!BBHII")  # RFC 3550 §5.1 fixed header
+_SEQ_SSRC = struct.Struct("!2xH4xI")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _EXT_HEADER = struct.Struct("!HH")  # RFC 3550 §5.3.1: profile, length in words
@@ -153,6 +154,17 @@ def header_length(packet: Buffer) -> int:
     if length > size:
         raise RtpError(f"RTP header of {length} bytes runs past the {size}-byte packet")
     return length
+
+
+def header_info(packet: Buffer) -> tuple[int, int, int]:
+    """Return ``(header_length, sequence_number, ssrc)`` in one pass.
+
+    The same checks as :func:`header_length`; this is the SRTP layer's and
+    the media relay's per-packet parse (RFC 3550 section 5.1).
+    """
+    length = header_length(packet)
+    seq, ssrc = _SEQ_SSRC.unpack_from(packet)
+    return length, seq, ssrc
 
 
 def parse_fixed_header(packet: Buffer) -> tuple[int, int, int, int, int]:

@@ -39,9 +39,11 @@ from enum import IntEnum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pylibsrtp import Error as LibSrtpError
+from pylibsrtp import Policy, Session
 
 from perc_daemons.protocol.errors import ProtocolError
-from perc_daemons.protocol.rtp import header_length
+from perc_daemons.protocol.rtp import header_info
 
 
 class SrtpError(ProtocolError):
@@ -124,7 +126,6 @@ LABEL_RTCP_SALT = 0x05
 _MAX_INDEX = (1 << 48) - 1
 _MAX_SRTCP_INDEX = (1 << 31) - 1
 _RTCP_SSRC = struct.Struct("!I")
-_RTP_SEQ_SSRC = struct.Struct("!2xH4xI")
 
 
 def derive_key(master_key: bytes | bytearray, master_salt: bytes | bytearray, label: int,
@@ -312,6 +313,7 @@ class SrtpContext:
         return index
 
     def _commit(self, stream: _Stream, index: int) -> None:
+        """Record an authenticated index (RFC 3711 section 3.3.2)."""
         if stream.pending_roc is not None:
             stream.pending_roc = None
             stream.max_index = index
@@ -371,17 +373,15 @@ class SrtpContext:
 
     def protect(self, packet: bytes) -> bytes:
         """RTP packet → SRTP packet (header in the clear, payload encrypted)."""
-        h = header_length(packet)
-        seq, ssrc = _RTP_SEQ_SSRC.unpack_from(packet)
-        view = memoryview(packet)
-        return packet[:h] + self.seal(ssrc, seq, view[:h], view[h:])
+        h, seq, ssrc = header_info(packet)
+        header = packet[:h]
+        return header + self.seal(ssrc, seq, header, packet[h:])
 
     def unprotect(self, packet: bytes) -> bytes:
         """SRTP packet → RTP packet; raises an :class:`SrtpError` subclass."""
-        h = header_length(packet)
-        seq, ssrc = _RTP_SEQ_SSRC.unpack_from(packet)
-        view = memoryview(packet)
-        return packet[:h] + self.open(ssrc, seq, view[:h], view[h:])
+        h, seq, ssrc = header_info(packet)
+        header = packet[:h]
+        return header + self.open(ssrc, seq, header, packet[h:])
 
     # -- SRTCP (RFC 7714 section 9, RFC 3711 section 3.4) ----------------------------
 
@@ -454,3 +454,38 @@ class SrtpContext:
         else:
             stream.window |= 1 << delta
         return out
+
+
+# -- libsrtp, for hops where a single GCM layer suffices --------------------------------
+
+_LIBSRTP_PROFILES = {16: Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
+                     32: Policy.SRTP_PROFILE_AEAD_AES_256_GCM}
+
+
+def libsrtp_session(master_key: bytes, master_salt: bytes, *, inbound: bool,
+                    replay_window: int = DEFAULT_REPLAY_WINDOW) -> Session:
+    """A libsrtp (pylibsrtp) session for one direction of one hop, any SSRC.
+
+    The media relay uses these for the outer layer (RFC 8723 section 5.2),
+    which is plain RFC 7714 SRTP: libsrtp does it in C, in place.  Tests check
+    that libsrtp and :class:`SrtpContext` produce and accept the same bytes.
+    """
+    if len(master_key) not in _LIBSRTP_PROFILES or len(master_salt) != SALT_LENGTH:
+        raise ValueError("SRTP master key must be 16 or 32 bytes and the salt 12 bytes")
+    if replay_window < MIN_REPLAY_WINDOW:
+        raise ValueError(f"replay window must be at least {MIN_REPLAY_WINDOW}")
+    policy = Policy(key=bytes(master_key) + bytes(master_salt),
+                    ssrc_type=Policy.SSRC_ANY_INBOUND if inbound else Policy.SSRC_ANY_OUTBOUND,
+                    srtp_profile=_LIBSRTP_PROFILES[len(master_key)])
+    policy.window_size = replay_window
+    return Session(policy)
+
+
+def libsrtp_error(error: LibSrtpError) -> SrtpError:
+    """The typed error for a libsrtp failure (its only detail is the message)."""
+    message = str(error)
+    if message.startswith("authentication"):
+        return AuthenticationFailed(f"SRTP authentication failed (libsrtp: {message})")
+    if message.startswith("replay"):
+        return ReplayError(f"SRTP replay (libsrtp: {message})")
+    return MalformedSrtp(f"libsrtp refused the packet: {message}")

@@ -16,12 +16,11 @@ from perc_daemons.protocol.double import (
     DoubleSender,
     InnerAuthenticationFailed,
     MalformedOhb,
+    Relay,
     UnknownSender,
     build_ohb,
-    edit_header,
+    edit_ohb,
     parse_ohb,
-    relay_open,
-    relay_seal,
     split_keying_material,
 )
 from perc_daemons.protocol.ekt import (
@@ -34,7 +33,13 @@ from perc_daemons.protocol.ekt import (
 )
 from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.rtp import RtpPacket
-from perc_daemons.protocol.srtp import AuthenticationFailed, Profile, ReplayError, SrtpContext
+from perc_daemons.protocol.srtp import (
+    AuthenticationFailed,
+    Profile,
+    ReplayError,
+    SrtpContext,
+    libsrtp_session,
+)
 
 P128 = Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM
 P256 = Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM
@@ -106,6 +111,24 @@ class OhbTests(unittest.TestCase):
         self.assertEqual(data[len(data) - length:], build_ohb(pt, seq, marker))
 
 
+def opened(packet: bytes, inbound) -> tuple[bytes, bytes, bytes]:
+    """What an MD sees after the outer layer: (header, outer plaintext, EKTField)."""
+    relay = Relay()
+    relay.open(packet, inbound)
+    return relay.header, relay.plaintext, relay.ekt_field
+
+
+def forge(header: bytes, plaintext: bytes, ekt: bytes, outbound: SrtpContext) -> bytes:
+    """A (malicious) MD sealing bytes of its choosing with raw SRTP primitives."""
+    seq, ssrc = struct.unpack_from("!2xH4xI", header)
+    return header + outbound.seal(ssrc, seq, header, plaintext) + ekt
+
+
+def edited(header: bytes, plaintext: bytes, **changes) -> tuple[bytes, bytes]:
+    new_header, old_length, ohb = edit_ohb(header, plaintext[-4:], len(plaintext), **changes)
+    return new_header, plaintext[:len(plaintext) - old_length] + ohb
+
+
 class Party:
     """Keys of one endpoint's association (as the KD would derive and hand out)."""
 
@@ -130,13 +153,16 @@ class Conference:
         self.ekt_a = EktSender(self.ssrc, n, self.params, 0.0, random_bytes=rng.randbytes)
         self.sender = DoubleSender(a.keys.client_outer.context(), self.ekt_a)
         # MD1 holds only outer halves: A's client_write outer (in), B's server_write outer (out).
-        self.md1_from_a = a.keys.client_outer.context()
-        self.md1_to_b = b.keys.server_outer.context()
+        self.md1_from_a = a.keys.client_outer.session(inbound=True)
+        self.md1_to_b = b.keys.server_outer.session(inbound=False)
         # The MD1↔MD2 cascade link: a single-GCM DTLS-SRTP association between the MDs.
         link_key, link_salt = rng.randbytes(n), rng.randbytes(12)
-        self.md1_to_md2 = SrtpContext(link_key, link_salt)
-        self.md2_from_md1 = SrtpContext(link_key, link_salt)
-        self.md2_to_c = c.keys.server_outer.context()
+        self.md1_to_md2 = libsrtp_session(link_key, link_salt, inbound=False)
+        self.md2_from_md1 = libsrtp_session(link_key, link_salt, inbound=True)
+        self.md2_to_c = c.keys.server_outer.session(inbound=False)
+        # What a malicious MD1 could use to seal bytes of its own choosing toward B / back to A.
+        self.forge_to_b = b.keys.server_outer.context()
+        self.forge_with_a_key = a.keys.client_outer.context()
         self.receivers = {}
         for name, party in (("b", b), ("c", c)):
             ekt = EktReceiver(n)
@@ -162,18 +188,20 @@ class EndToEndTests(unittest.TestCase):
                                    extensions=[(1, b"\x30")], csrcs=(5, 6))
             wire = conf.sender.protect(original, i * 0.02)
             # MD1: outer off, SEQ rewritten, PT remapped, marker cleared, extension changed.
-            header, plain, ekt = relay_open(wire, conf.md1_from_a)
-            self.assertNotIn(original[-1200:], plain)  # the MD sees only inner ciphertext
-            to_b = relay_seal(header, plain, ekt, conf.md1_to_b)
-            h1, p1 = edit_header(header, plain, seq=5000 + i, pt=100, marker=0,
-                                 extensions=[(2, b"\x01\x02")])
-            to_md2 = relay_seal(h1, p1, ekt, conf.md1_to_md2)
+            md1 = Relay()
+            md1.open(wire, conf.md1_from_a)
+            self.assertNotIn(original[-1200:], md1.plaintext)  # MD sees only inner ciphertext
+            to_b = md1.seal(conf.md1_to_b)
+            md1.edit(seq=5000 + i, pt=100, marker=0, extensions=[(2, b"\x01\x02")])
+            to_md2 = md1.seal(conf.md1_to_md2)
             # MD2 (cascade): SEQ changed again, PT restored to the original.
-            h2, p2, ekt2 = relay_open(to_md2, conf.md2_from_md1)
-            self.assertEqual(ekt2, ekt)  # EKTField passed through untouched
-            h2, p2 = edit_header(h2, p2, seq=9000 + i, pt=111, extensions=[])
-            self.assertEqual(parse_ohb(p2)[1:], (None, 100 + i, i % 2 if i % 2 else None))
-            to_c = relay_seal(h2, p2, ekt2, conf.md2_to_c)
+            md2 = Relay()
+            md2.open(to_md2, conf.md2_from_md1)
+            self.assertEqual(md2.ekt_field, md1.ekt_field)  # EKTField passed through untouched
+            md2.edit(seq=9000 + i, pt=111, extensions=[])
+            self.assertEqual(parse_ohb(md2.plaintext)[1:],
+                             (None, 100 + i, i % 2 if i % 2 else None))
+            to_c = md2.seal(conf.md2_to_c)
 
             got_b = conf.receivers["b"].unprotect(to_b, i * 0.02)
             self.assertEqual(got_b.packet, original)
@@ -195,13 +223,16 @@ class EndToEndTests(unittest.TestCase):
     def test_restoring_a_field_removes_its_ohb_entry(self) -> None:
         conf = Conference(P128)
         wire = conf.sender.protect(conf.packet(1, b"x" * 40, marker=1), 0.0)
-        header, plain, _ = relay_open(wire, conf.md1_from_a)
-        h1, p1 = edit_header(header, plain, marker=0, seq=77)
-        self.assertEqual(p1[-1:], b"\x0d")  # SEQ + marker recorded (M=1, B=1)
-        h2, p2 = edit_header(h1, p1, marker=1)
-        self.assertEqual(p2[-3:], b"\x00\x01\x01")  # only SEQ left
-        h3, p3 = edit_header(h2, p2, seq=1)
-        self.assertEqual((h3, p3), (header, plain))  # back to the original packet
+        relay = Relay()
+        relay.open(wire, conf.md1_from_a)
+        header, plain = relay.header, relay.plaintext
+        relay.edit(marker=0, seq=77)
+        self.assertEqual(relay.plaintext[-1:], b"\x0d")  # SEQ + marker recorded (M=1, B=1)
+        relay.edit(marker=1)
+        self.assertEqual(relay.plaintext[-3:], b"\x00\x01\x01")  # only SEQ left
+        relay.edit(seq=1)
+        self.assertEqual((relay.header, relay.plaintext), (header, plain))  # original again
+        self.assertEqual(edited(header, plain, seq=77, marker=0)[1][-3:], b"\x00\x01\x0d")
 
     def test_layers_agree_with_libsrtp(self) -> None:
         """Each layer is plain RFC 7714 SRTP over the packet RFC 8723 specifies."""
@@ -236,11 +267,11 @@ class TamperTests(unittest.TestCase):
         self.conf = Conference(P128, seed=3)
         self.original = self.conf.packet(10, b"secret media " * 20)
         self.wire = self.conf.sender.protect(self.original, 0.0)
-        self.header, self.plain, self.ekt = relay_open(self.wire, Conference(P128, 3).md1_from_a)
+        self.header, self.plain, self.ekt = opened(self.wire, Conference(P128, 3).md1_from_a)
 
     def deliver(self, header: bytes, plain: bytes, ekt: bytes):
         return self.conf.receivers["b"].unprotect(
-            relay_seal(header, plain, ekt, self.conf.md1_to_b), 0.0)
+            forge(header, plain, ekt, self.conf.forge_to_b), 0.0)
 
     def test_untampered_delivers(self) -> None:
         self.assertEqual(self.deliver(self.header, self.plain, self.ekt).packet, self.original)
@@ -248,7 +279,8 @@ class TamperTests(unittest.TestCase):
     def test_outer_tamper_caught_by_md(self) -> None:
         tampered = bytearray(self.wire)
         tampered[30] ^= 0x80
-        self.assertRaises(AuthenticationFailed, relay_open, bytes(tampered), self.conf.md1_from_a)
+        self.assertRaises(AuthenticationFailed, Relay().open, bytes(tampered),
+                          self.conf.md1_from_a)
 
     def test_md_altering_inner_payload_caught_end_to_end(self) -> None:
         plain = bytearray(self.plain)
@@ -263,7 +295,7 @@ class TamperTests(unittest.TestCase):
                           self.ekt)
 
     def test_md_forging_ohb_caught_end_to_end(self) -> None:
-        h1, p1 = edit_header(self.header, self.plain, seq=500)
+        h1, p1 = edited(self.header, self.plain, seq=500)
         forged = p1[:-3] + struct.pack("!H", 11) + p1[-1:]  # claims original SEQ 11
         self.assertRaises(InnerAuthenticationFailed, self.deliver, h1, forged, self.ekt)
 
@@ -277,14 +309,14 @@ class TamperTests(unittest.TestCase):
         self.assertRaises(UnknownSender, self.deliver, self.header, self.plain, b"\x00")
 
     def test_md_reencrypting_with_the_senders_key_is_refused(self) -> None:
-        wrong = relay_seal(self.header, self.plain, self.ekt, self.conf.md1_from_a)
+        wrong = forge(self.header, self.plain, self.ekt, self.conf.forge_with_a_key)
         self.assertRaises(AuthenticationFailed, self.conf.receivers["b"].unprotect, wrong, 0.0)
 
     def test_replay_rejected_at_md_and_receiver(self) -> None:
-        md = self.conf.md1_from_a
-        relay_open(self.wire, md)
-        self.assertRaises(ReplayError, relay_open, self.wire, md)
-        delivered = relay_seal(self.header, self.plain, self.ekt, self.conf.md1_to_b)
+        md, relay = self.conf.md1_from_a, Relay()
+        relay.open(self.wire, md)
+        self.assertRaises(ReplayError, relay.open, self.wire, md)
+        delivered = relay.seal(self.conf.md1_to_b)
         receiver = self.conf.receivers["b"]
         receiver.unprotect(delivered, 0.0)
         self.assertRaises(ReplayError, receiver.unprotect, delivered, 0.0)
@@ -294,7 +326,7 @@ class TamperTests(unittest.TestCase):
         other.add_parameter_set(EktParameterSet(key=bytes(16), cipher=EktCipher.AESKW_128,
                                                 master_salt=bytes(12), spi=7, ttl=60), 0.0)
         receiver = DoubleReceiver(self.conf.receivers["b"].outer, other)
-        delivered = relay_seal(self.header, self.plain, self.ekt, self.conf.md1_to_b)
+        delivered = forge(self.header, self.plain, self.ekt, self.conf.forge_to_b)
         self.assertRaises(EktUnwrapFailed, receiver.unprotect, delivered, 0.0)
 
 
@@ -312,8 +344,9 @@ class RekeyTests(unittest.TestCase):
             if i == 10:
                 conf.ekt_a.rekey(new_params, now)
             wire = conf.sender.protect(conf.packet(i, b"m%d" % i), now)
-            header, plain, ekt = relay_open(wire, conf.md1_from_a)
-            got = receiver.unprotect(relay_seal(header, plain, ekt, conf.md1_to_b), now)
+            relay = Relay()
+            relay.open(wire, conf.md1_from_a)
+            got = receiver.unprotect(relay.seal(conf.md1_to_b), now)
             delivered.append(got.payload)
         self.assertEqual(delivered, [b"m%d" % i for i in range(40)])
         self.assertNotEqual(conf.ekt_a.current_key, first_key)
@@ -331,11 +364,12 @@ class RekeyTests(unittest.TestCase):
         for i in range(30):
             now = 0.3 + i * 0.02  # past the 250 ms hold: new key in use
             wire = conf.sender.protect(conf.packet(i, b"after"), now)
-            header, plain, ekt = relay_open(wire, conf.md1_from_a)
-            self.assertEqual(stayed.unprotect(relay_seal(header, plain, ekt, conf.md1_to_b),
-                                              now).payload, b"after")
+            relay = Relay()
+            relay.open(wire, conf.md1_from_a)
+            self.assertEqual(stayed.unprotect(relay.seal(conf.md1_to_b), now).payload,
+                             b"after")
             try:
-                departed.unprotect(relay_seal(header, plain, ekt, conf.md2_to_c), now)
+                departed.unprotect(relay.seal(conf.md2_to_c), now)
             except EktError:
                 failures += 1
             except UnknownSender:
@@ -348,7 +382,7 @@ class MalformedPacketTests(unittest.TestCase):
     @given(st.binary(max_size=120))
     def test_random_bytes_everywhere(self, data: bytes) -> None:
         conf = Conference(P128, seed=11)
-        for operation in (lambda: relay_open(data, conf.md1_from_a),
+        for operation in (lambda: Relay().open(data, conf.md1_from_a),
                           lambda: conf.receivers["b"].unprotect(data, 0.0)):
             try:
                 operation()
@@ -360,8 +394,9 @@ class MalformedPacketTests(unittest.TestCase):
     def test_any_bit_flip_is_detected(self, position: int, bit: int) -> None:
         conf = Conference(P128, seed=12)
         wire = conf.sender.protect(conf.packet(3, b"p" * 60), 0.0)
-        header, plain, ekt = relay_open(wire, conf.md1_from_a)
-        delivered = bytearray(relay_seal(header, plain, ekt, conf.md1_to_b))
+        relay = Relay()
+        relay.open(wire, conf.md1_from_a)
+        delivered = bytearray(relay.seal(conf.md1_to_b))
         position %= len(delivered)
         delivered[position] ^= 1 << bit
         if position in (len(delivered) - 5, len(delivered) - 4):
