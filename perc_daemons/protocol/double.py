@@ -28,7 +28,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from perc_daemons.protocol.ekt import EktReceiver, EktSender, ekt_field_length
+from perc_daemons.protocol.ekt import FULL_EKT_TYPE, EktReceiver, EktSender, ekt_field_length
 from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.rtp import (
     RTP_HEADER_LENGTH,
@@ -473,8 +473,9 @@ class DoubleReceiver:
         view = memoryview(packet)
         # 1. outer layer with our own hop-by-hop key
         plaintext = self.outer.open(ssrc, seq, view[:h], view[h:end])
-        # 2. EKT (the field is not covered by either tag; see RFC 8870 s4.3.2)
-        if n > 1:
+        # 2. EKT (the field is not covered by either tag; see RFC 8870 s4.3.2).
+        # Extension types (3-254) are framed by their length and skipped (s4.1).
+        if packet[-1] == FULL_EKT_TYPE:
             learned = self.ekt.process(ssrc, view[end:], now)
             if learned is not None:
                 context = SrtpContext(learned.master_key, learned.master_salt,

@@ -321,6 +321,15 @@ class TamperTests(unittest.TestCase):
         receiver.unprotect(delivered, 0.0)
         self.assertRaises(ReplayError, receiver.unprotect, delivered, 0.0)
 
+    def test_extension_ekt_field_is_skipped(self) -> None:
+        """An unknown extension-type tag (RFC 8870 s4.1) is discarded, the packet kept."""
+        self.deliver(self.header, self.plain, self.ekt)  # learn A's key from the Full tag
+        wire = self.conf.sender.protect(self.conf.packet(11, b"next"), 0.0)
+        header, plain, _ = opened(wire, Conference(P128, 3).md1_from_a)
+        extension_tag = b"\xab\xcd" + struct.pack("!H", 5) + b"\x04"
+        got = self.deliver(header, plain, extension_tag)
+        self.assertEqual(got.payload, b"next")
+
     def test_wrong_ekt_key_at_receiver(self) -> None:
         other = EktReceiver(16)
         other.add_parameter_set(EktParameterSet(key=bytes(16), cipher=EktCipher.AESKW_128,
