@@ -1,0 +1,1 @@
+"""Runnable demonstrations of the PERC protocol pieces (no network, no daemons)."""
