@@ -88,7 +88,6 @@ EMPTY_OHB = b"\x00"
 
 _SEQ = struct.Struct("!H")
 _FIRST_FOUR = struct.Struct("!BBH")
-_SEQ_SSRC = struct.Struct("!2xH4xI")
 _MIN_DOUBLE_PAYLOAD = 2 * TAG_LENGTH + 1  # inner tag + OHB + outer tag
 _BYTE = [bytes((i,)) for i in range(256)]
 _FIXED = struct.Struct("!BBHII")  # b0, b1, seq, timestamp, ssrc
