@@ -9,7 +9,14 @@ export PYTHONPATH := $(CURDIR)
 
 all: check
 
+# A fresh Debian has python3 but not its venv module: install it when we are
+# root, otherwise say what to run.
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && \
+	    apt-get install -y -q python3-venv python3-dev build-essential; \
+	  else echo "perc-daemons needs python3-venv: sudo apt-get install python3-venv" >&2; \
+	    exit 1; fi; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -30,6 +37,18 @@ bench: venv
 
 demo: venv
 	$(PY) -m perc_daemons.demo.protocol
+
+# The .deb: dh-virtualenv venv under /opt/venvs/perc-daemons (see debian/rules).
+# dpkg-buildpackage writes its products to ..; they are moved into dist/, and
+# -tc cleans debian/ afterwards so the work tree stays as it was.
+DEB_VERSION = $(shell dpkg-parsechangelog -SVersion)
+deb:
+	env -u PYTHONPATH dpkg-buildpackage -us -uc -b -tc
+	mkdir -p dist
+	rm -f dist/perc-daemons_*
+	mv ../perc-daemons_$(DEB_VERSION)_*.deb ../perc-daemons_$(DEB_VERSION)_*.buildinfo \
+	    ../perc-daemons_$(DEB_VERSION)_*.changes dist/
+	ls -l dist/*.deb
 
 clean:
 	rm -rf _trial_temp* build dist *.egg-info
