@@ -7,9 +7,11 @@ subclass of :class:`DaemonOptions` and ``makeService`` building on
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from perc_daemons import config as config_module
@@ -48,6 +50,58 @@ class DaemonOptions(usage.Options):
             raise SystemExit(EXIT_CONFIG) from None
 
 
+class ConfigReloader(Service):
+    """Handles SIGHUP (``systemctl reload``): re-reads and checks the configuration.
+
+    Without a handler SIGHUP would end the daemon.  Nothing in the daemons can
+    be changed live yet, so a reload validates the file and reports: a broken
+    file is logged (the running configuration is kept); changed keys are
+    logged as taking effect at the next restart.
+    """
+
+    log = Logger()
+
+    def __init__(self, daemon: str, cfg: config_module.Config, reactor) -> None:
+        self._daemon = daemon
+        self._running_config = cfg
+        self._reactor = reactor
+        self._previous_handler = None
+        self.setName("config-reloader")
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> list[str]:
+        """Check the configuration file again; returns the changed dotted keys."""
+        path = self._running_config.path
+        try:
+            new = config_module.load(self._daemon, path)
+        except config_module.ConfigError as e:
+            self.log.error("perc-{daemon}: reload refused, keeping the running "
+                           "configuration: {error}", daemon=self._daemon, error=str(e))
+            return []
+        changed = [f"{section}.{key}" for section in new for key in new[section]
+                   if new[section][key] != self._running_config[section][key]]
+        if changed:
+            self.log.warn("perc-{daemon}: {path} changed {keys}; these take effect when the "
+                          "daemon is restarted", daemon=self._daemon, path=path,
+                          keys=", ".join(changed))
+        else:
+            self.log.info("perc-{daemon}: reload: {path} is valid and unchanged",
+                          daemon=self._daemon, path=path)
+        return changed
+
+
 def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiService:
     """The MultiService every daemon starts from: metrics and the admin listener.
 
@@ -61,4 +115,5 @@ def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiS
     top.metrics = Metrics(f"perc-{daemon}")  # type: ignore[attr-defined]
     AdminService(reactor, f"perc-{daemon}", cfg.admin.bind, cfg.admin.port,
                  top.metrics).setServiceParent(top)  # type: ignore[attr-defined]
+    ConfigReloader(daemon, cfg, reactor).setServiceParent(top)
     return top

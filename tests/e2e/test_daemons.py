@@ -1,4 +1,4 @@
-"""The three daemons as real twistd processes: start, /healthz, SIGTERM; bad configs."""
+"""The three daemons as real twistd processes: start, /healthz, SIGHUP, SIGTERM; bad configs."""
 
 from __future__ import annotations
 
@@ -132,6 +132,7 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(code, 200)
         self.assertIn(b'perc_build_info{daemon="%s",version="0.1.0"} 1.0\n' % plugin.encode(),
                       metrics)
+        yield self.reloads(proto, path, port)
         os.kill(proto.transport.pid, signal.SIGTERM)
         exit_code, sig = yield self.wait_exit(proto)
         output = proto.output()
@@ -146,6 +147,32 @@ class DaemonTests(unittest.TestCase):
         self.assertIn("Server Shut Down", output)
         self.assertNotIn("Traceback", output)
         self.assertEqual(proto.stderr, b"")
+
+    @defer.inlineCallbacks
+    def wait_output(self, proto: Daemon, text: str):
+        deadline = reactor.seconds() + EXIT_TIMEOUT
+        while text not in proto.output():
+            if not proto.running or reactor.seconds() > deadline:
+                self.fail(f"{text!r} not logged:\n{proto.output()}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def reloads(self, proto: Daemon, path: str, port: int):
+        """SIGHUP (systemctl reload) re-checks the file and never stops the daemon."""
+        os.kill(proto.transport.pid, signal.SIGHUP)
+        yield self.wait_output(proto, f"reload: {path} is valid and unchanged")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[admin]\nport = 'x'\n")
+        os.kill(proto.transport.pid, signal.SIGHUP)
+        yield self.wait_output(
+            proto, f"reload refused, keeping the running configuration: {path}: admin.port: "
+            "must be an integer, not str")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"[admin]\nport = {port + 1 if port < 65535 else port - 1}\n")
+        os.kill(proto.transport.pid, signal.SIGHUP)
+        yield self.wait_output(proto, f"{path} changed admin.port; these take effect when the "
+                               "daemon is restarted")
+        yield self.wait_healthy(proto, port)  # still serving on the running port
 
     def test_lifecycle_all_daemons(self):
         """perc-md, perc-kd and perc-kmf, started concurrently."""
