@@ -95,27 +95,12 @@ class Section(Mapping[str, Any]):
         return len(self._values)
 
 
-class Config(Mapping[str, Section]):
-    """A daemon's validated configuration: ``config.admin.port``."""
+class Config(Section):
+    """A daemon's validated configuration: ``config.admin.port``, and its ``path``."""
 
     def __init__(self, path: str, sections: dict[str, Section]) -> None:
+        super().__init__(sections)
         self.path = path
-        self._sections = sections
-
-    def __getitem__(self, key: str) -> Section:
-        return self._sections[key]
-
-    def __getattr__(self, key: str) -> Section:
-        try:
-            return self._sections[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __iter__(self):
-        return iter(self._sections)
-
-    def __len__(self) -> int:
-        return len(self._sections)
 
 
 def _type_name(kind: type) -> str:
