@@ -89,6 +89,9 @@ EMPTY_OHB = b"\x00"
 _SEQ = struct.Struct("!H")
 _FIRST_FOUR = struct.Struct("!BBH")
 _MIN_DOUBLE_PAYLOAD = 2 * TAG_LENGTH + 1  # inner tag + OHB + outer tag
+# Config octets the SEQ-only fast path of Relay.edit leaves to edit_ohb: SEQ
+# already recorded, reserved bits, or B without M (malformed).
+_SEQ_FAST_PATH_EXCLUDED = OHB_RESERVED | OHB_SEQ | OHB_MARKER_VALUE
 _BYTE = [bytes((i,)) for i in range(256)]
 _FIXED = struct.Struct("!BBHII")  # b0, b1, seq, timestamp, ssrc
 
@@ -320,6 +323,17 @@ class Relay:
         packet = self.packet
         h = header_length(packet)
         n = len(packet)
+        config = packet[n - 1]
+        if (pt is None and marker is None and extensions is None and seq is not None
+                and not config & _SEQ_FAST_PATH_EXCLUDED and n - h >= TAG_LENGTH + 3):
+            # The common edit: SEQ renumbered, no SEQ recorded yet.  The current SEQ
+            # goes into the OHB just before its Config octet (after any PT octet).
+            if not 0 <= seq <= 0xFFFF:
+                raise ValueError("sequence number must be 0-65535")
+            if seq != (packet[2] << 8) | packet[3]:
+                self.packet = b"".join((packet[:2], _SEQ.pack(seq), memoryview(packet)[4:n - 1],
+                                        packet[2:4], _BYTE[config | OHB_SEQ]))
+            return
         header, old_length, ohb = edit_ohb(packet[:h], packet[n - 4:], n - h, pt, seq, marker,
                                            extensions)
         self.packet = header + packet[h:n - old_length] + ohb

@@ -234,6 +234,25 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual((relay.header, relay.plaintext), (header, plain))  # original again
         self.assertEqual(edited(header, plain, seq=77, marker=0)[1][-3:], b"\x00\x01\x0d")
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 0xFFFF), st.sampled_from([None, 0, 1]), st.sampled_from([None, 96]),
+           st.integers(0, 0xFFFF))
+    def test_seq_only_edit_matches_the_general_edit(self, first_seq, first_marker, first_pt,
+                                                    seq) -> None:
+        """Relay.edit's SEQ-only fast path gives what edit_ohb gives, from any OHB state."""
+        conf = Conference(P128, seed=8)
+        wire = conf.sender.protect(conf.packet(first_seq, b"z" * 30, marker=1), 0.0)
+        relay = Relay()
+        relay.open(wire, conf.md1_from_a)
+        relay.edit(marker=first_marker, pt=first_pt)  # a first MD's edits, if any
+        header, plain = relay.header, relay.plaintext
+        relay.edit(seq=seq)
+        self.assertEqual((relay.header, relay.plaintext), edited(header, plain, seq=seq))
+        got = conf.receivers["b"].unprotect(relay.seal(conf.md1_to_b), 0.0)
+        self.assertEqual(got.outer_seq, seq)
+        self.assertEqual(got.payload, b"z" * 30)
+        self.assertEqual(got.packet[2:4], struct.pack("!H", first_seq))
+
     def test_layers_agree_with_libsrtp(self) -> None:
         """Each layer is plain RFC 7714 SRTP over the packet RFC 8723 specifies."""
         rng = random.Random(9)
