@@ -1,0 +1,1 @@
+"""Sans-I/O DTLS 1.2 (RFC 6347) with DTLS-SRTP (RFC 5764) and EKT (RFC 8870)."""

@@ -1,0 +1,104 @@
+"""DTLS/TLS alerts and the errors that end a DTLS association (RFC 5246 s7.2).
+
+Every error raised while processing a peer's handshake carries the alert that
+is sent before the association is closed, in the style of aioquic's tls.py.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from perc_daemons.protocol.errors import ProtocolError
+
+
+class AlertLevel(IntEnum):
+    WARNING = 1
+    FATAL = 2
+
+
+class AlertDescription(IntEnum):
+    """RFC 5246 section 7.2 (and RFC 5746, RFC 7301 numbering)."""
+
+    CLOSE_NOTIFY = 0
+    UNEXPECTED_MESSAGE = 10
+    BAD_RECORD_MAC = 20
+    RECORD_OVERFLOW = 22
+    HANDSHAKE_FAILURE = 40
+    BAD_CERTIFICATE = 42
+    UNSUPPORTED_CERTIFICATE = 43
+    CERTIFICATE_EXPIRED = 45
+    CERTIFICATE_UNKNOWN = 46
+    ILLEGAL_PARAMETER = 47
+    DECODE_ERROR = 50
+    DECRYPT_ERROR = 51
+    PROTOCOL_VERSION = 70
+    INSUFFICIENT_SECURITY = 71
+    INTERNAL_ERROR = 80
+    USER_CANCELED = 90
+    NO_RENEGOTIATION = 100
+    UNSUPPORTED_EXTENSION = 110
+
+
+class DtlsError(ProtocolError):
+    """A DTLS failure; ``alert`` is what we tell the peer (fatal)."""
+
+    reason = "dtls_error"
+    alert = AlertDescription.INTERNAL_ERROR
+
+
+class DecodeError(DtlsError):
+    """A malformed record, handshake message or extension."""
+
+    reason = "dtls_decode"
+    alert = AlertDescription.DECODE_ERROR
+
+
+class IllegalParameter(DtlsError):
+    reason = "dtls_illegal_parameter"
+    alert = AlertDescription.ILLEGAL_PARAMETER
+
+
+class UnexpectedMessage(DtlsError):
+    reason = "dtls_unexpected_message"
+    alert = AlertDescription.UNEXPECTED_MESSAGE
+
+
+class HandshakeFailure(DtlsError):
+    """No acceptable parameters (cipher suite, group, SRTP profile, EKT cipher)."""
+
+    reason = "dtls_handshake_failure"
+    alert = AlertDescription.HANDSHAKE_FAILURE
+
+
+class BadCertificate(DtlsError):
+    """The peer's certificate is malformed or does not match the expected fingerprint."""
+
+    reason = "dtls_bad_certificate"
+    alert = AlertDescription.BAD_CERTIFICATE
+
+
+class DecryptError(DtlsError):
+    """A signature or Finished verify_data did not verify."""
+
+    reason = "dtls_decrypt_error"
+    alert = AlertDescription.DECRYPT_ERROR
+
+
+class InsufficientSecurity(DtlsError):
+    reason = "dtls_insufficient_security"
+    alert = AlertDescription.INSUFFICIENT_SECURITY
+
+
+class ProtocolVersionError(DtlsError):
+    reason = "dtls_protocol_version"
+    alert = AlertDescription.PROTOCOL_VERSION
+
+
+class NoRenegotiation(DtlsError):
+    reason = "dtls_no_renegotiation"
+    alert = AlertDescription.NO_RENEGOTIATION
+
+
+class RecordOverflow(DtlsError):
+    reason = "dtls_record_overflow"
+    alert = AlertDescription.RECORD_OVERFLOW
