@@ -104,6 +104,7 @@ SRTP_KEYING_MATERIAL_LENGTH = {
 _COOKIE_LENGTH = 32
 _MAX_EARLY_RECORDS = 16
 _MAX_RETRANSMISSIONS = 10
+_MAX_ACKED_RECORDS = 32
 
 
 class Role(Enum):
@@ -331,7 +332,9 @@ class DtlsConnection:
         message = _OutMessage(ContentType.HANDSHAKE, 1, HandshakeType.EKT_KEY,
                               self._next_send_seq, encode_ekt_key(params))
         self._next_send_seq += 1
-        self._flight = [message]
+        # An EKTKey not yet acknowledged stays in the flight: the client delivers
+        # handshake messages in order, so the new one needs it.
+        self._flight = [*self._flight, message] if self._ekt_pending is not None else [message]
         self._ekt_pending = (params.spi, [])
         self._start_timer(now)
         self._send_flight()
@@ -455,7 +458,9 @@ class DtlsConnection:
         for fragment in fragments:
             if (fragment.msg_type == HandshakeType.EKT_KEY and self.role is Role.CLIENT
                     and record.epoch == 1):
-                self._ekt_records.append((record.epoch, record.sequence_number))
+                # Record numbers to acknowledge (RFC 9147 s7); the latest few suffice.
+                self._ekt_records = [*self._ekt_records[-(_MAX_ACKED_RECORDS - 1):],
+                                     (record.epoch, record.sequence_number)]
             self._reassembler.add(fragment)
         while True:
             message = self._reassembler.pop()
