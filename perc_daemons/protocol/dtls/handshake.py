@@ -28,6 +28,7 @@ Nothing here imports Twisted, reads a clock, touches a socket or logs.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Self
@@ -378,26 +379,34 @@ class _PartialMessage:
         return self.ranges == [(0, self.length)] or self.length == 0
 
     def add(self, offset: int, data: bytes, message_seq: int) -> None:
+        """Store ``data`` at ``offset``; bytes already held must agree with it.
+
+        The ranges touching ``offset..end`` are found by bisection, so a peer
+        sending many tiny fragments costs O(log n) per fragment to locate.
+        """
         end = offset + len(data)
         if offset == end:
             return
-        for start, stop in self.ranges:
+        ranges = self.ranges
+        first = bisect_left(ranges, offset, key=_range_stop)
+        last = first
+        new_start, new_end = offset, end
+        while last < len(ranges) and ranges[last][0] <= end:
+            start, stop = ranges[last]
             low, high = max(start, offset), min(stop, end)
             if low < high and self.buffer[low:high] != data[low - offset : high - offset]:
                 raise IllegalParameter(
                     f"handshake message {message_seq}: overlapping fragments disagree "
                     f"on bytes {low}..{high}"
                 )
+            new_start, new_end = min(start, new_start), max(stop, new_end)
+            last += 1
         self.buffer[offset:end] = data
-        merged = []
-        for start, stop in self.ranges:
-            if stop < offset or start > end:
-                merged.append((start, stop))
-            else:
-                offset, end = min(start, offset), max(stop, end)
-        merged.append((offset, end))
-        merged.sort()
-        self.ranges = merged
+        ranges[first:last] = [(new_start, new_end)]
+
+
+def _range_stop(item: tuple[int, int]) -> int:
+    return item[1]
 
 
 class Reassembler:
