@@ -201,13 +201,14 @@ class _Reader:
         return len(self._data) - self._pos
 
     def take(self, count: int, field: str) -> bytes:
-        if count > self.remaining:
+        start = self._pos
+        end = start + count
+        if end > len(self._data):
             raise DecodeError(
                 f"{self._what}: {field} needs {count} bytes, {self.remaining} remain"
             )
-        start = self._pos
-        self._pos += count
-        return self._data[start : self._pos]
+        self._pos = end
+        return self._data[start:end]
 
     def uint(self, size: int, field: str) -> int:
         return int.from_bytes(self.take(size, field), "big")
@@ -233,7 +234,11 @@ def _check_uint(value: int, maximum: int, field: str) -> int:
 
 
 def _uint(value: int, size: int, field: str) -> bytes:
-    return _check_uint(value, (1 << (8 * size)) - 1, field).to_bytes(size, "big")
+    try:
+        return value.to_bytes(size, "big")  # OverflowError for negative or too large
+    except (OverflowError, AttributeError):
+        _check_uint(value, (1 << (8 * size)) - 1, field)
+        raise
 
 
 def _vector(data: bytes, length_size: int, minimum: int, maximum: int, field: str) -> bytes:
@@ -268,6 +273,10 @@ def _check_random(random: bytes) -> bytes:
 # ---------------------------------------------------------------------------
 # Handshake framing (RFC 6347 §4.2.2, §4.2.3)
 
+_UINT24 = (1 << 24) - 1
+# msg_type|length (4), message_seq (2), fragment_offset|fragment_length (6)
+_HEADER = struct.Struct("!IHHI")
+
 @dataclass(frozen=True, slots=True)
 class HandshakeFragment:
     """One DTLS handshake header and the fragment of the body it carries.
@@ -284,14 +293,17 @@ class HandshakeFragment:
 
     def encode(self) -> bytes:
         """The 12-byte handshake header followed by the fragment bytes."""
-        return (
-            _uint(self.msg_type, 1, "msg_type")
-            + _uint(self.length, 3, "length")
-            + _uint(self.message_seq, 2, "message_seq")
-            + _uint(self.fragment_offset, 3, "fragment_offset")
-            + _uint(len(self.body), 3, "fragment_length")
-            + bytes(self.body)
-        )
+        msg_type, length, offset, size = (self.msg_type, self.length, self.fragment_offset,
+                                          len(self.body))
+        if not (0 <= msg_type <= 0xFF and 0 <= length <= _UINT24 and 0 <= offset <= _UINT24
+                and size <= _UINT24 and 0 <= self.message_seq <= 0xFFFF):
+            _uint(msg_type, 1, "msg_type")
+            _uint(length, 3, "length")
+            _uint(self.message_seq, 2, "message_seq")
+            _uint(offset, 3, "fragment_offset")
+            _uint(size, 3, "fragment_length")
+        return _HEADER.pack((msg_type << 24) | length, self.message_seq, offset >> 8,
+                            ((offset & 0xFF) << 24) | size) + bytes(self.body)
 
 
 def _check_fragment(fragment: HandshakeFragment) -> None:
