@@ -390,7 +390,8 @@ class DtlsConnection:
             payload = self._read_protection.open(record)  # type: ignore[union-attr]
             if payload is None:
                 return  # bad record MAC: discard silently (RFC 6347 s4.1.2.7)
-        window.add(record.sequence_number)
+        if self._state is not _State.SERVER_WAIT_HELLO:  # stateless until the cookie checks
+            window.add(record.sequence_number)
         content_type = record.content_type
         if content_type == ContentType.HANDSHAKE:
             self._receive_handshake(payload, record, now)
@@ -410,9 +411,10 @@ class DtlsConnection:
         if payload != b"\x01":
             raise DecodeError("malformed ChangeCipherSpec")
         if self._pending_read is None:
-            if self._read_epoch == 1:
-                return  # retransmitted CCS
-            raise UnexpectedMessage("ChangeCipherSpec before the key exchange")
+            # A retransmitted CCS, or one that overtook the key exchange (whose
+            # datagram was lost): ignore it; the peer's retransmitted flight brings
+            # it again in order (RFC 6347 s4.2.4).
+            return
         self._read_protection, self._pending_read = self._pending_read, None
         self._read_epoch = 1
         early, self._early_records = self._early_records, []
@@ -690,6 +692,7 @@ class DtlsConnection:
         # Continue from the ClientHello's record number: the stateless
         # HelloVerifyRequest reused an earlier one (RFC 6347 s4.2.1).
         self._write_seq[0] = record.sequence_number
+        self._replay[0].add(record.sequence_number)
         self._server_client_hello(hello, hs.full_message(HandshakeType.CLIENT_HELLO,
                                                          hello_fragment.message_seq,
                                                          hello_fragment.body), now)
@@ -950,7 +953,8 @@ class DtlsConnection:
         protection = self._write_protection
         assert protection is not None
         self._write_epoch = 1
-        if content_type == ContentType.HANDSHAKE and self._ekt_pending is not None:
+        if (content_type == ContentType.HANDSHAKE and self._ekt_pending is not None
+                and payload[0] == HandshakeType.EKT_KEY):  # not a resent final flight
             self._ekt_pending[1][-1].add((1, seq))
         return encode_record(content_type, DTLS_1_2, 1, seq,
                              protection.seal(content_type, DTLS_1_2, 1, seq, payload))

@@ -1,0 +1,1 @@
+"""Interop tests: our DTLS engine against OpenSSL (pyOpenSSL and the openssl binary)."""
