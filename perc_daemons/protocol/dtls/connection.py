@@ -105,6 +105,7 @@ _COOKIE_LENGTH = 32
 _MAX_EARLY_RECORDS = 16
 _MAX_RETRANSMISSIONS = 10
 _MAX_ACKED_RECORDS = 32
+_MAX_HELLO_VERIFY_REQUESTS = 3
 
 
 class Role(Enum):
@@ -264,6 +265,7 @@ class DtlsConnection:
         self._client_random = b""
         self._server_random = b""
         self._client_hello: hs.ClientHello | None = None
+        self._hello_verify_requests = 0
         self._suite: SuiteParameters | None = None
         self._cipher_suite = 0
         self._key_share: KeyShare | None = None
@@ -373,6 +375,15 @@ class DtlsConnection:
         epoch = record.epoch
         if epoch > 1:
             return  # we never renegotiate: no epoch 2
+        if self._state is _State.SERVER_WAIT_HELLO:
+            # Stateless until a ClientHello with a valid cookie (RFC 6347 s4.2.1):
+            # nothing else is looked at, nothing is kept, nothing malformed answered.
+            if epoch == 0 and record.content_type == ContentType.HANDSHAKE:
+                self._server_receive_initial(record, now)
+            return
+        if epoch == 0 and self._read_epoch == 1:
+            self._receive_old_epoch(record)
+            return
         if epoch > self._read_epoch:
             # Epoch 1 before the ChangeCipherSpec (reordered or CCS lost): keep it.
             if len(self._early_records) < _MAX_EARLY_RECORDS:
@@ -382,16 +393,12 @@ class DtlsConnection:
         if window.seen(record.sequence_number):
             return
         if epoch == 0:
-            if self._read_epoch == 1 and record.content_type not in (
-                    ContentType.HANDSHAKE, ContentType.CHANGE_CIPHER_SPEC, ContentType.ALERT):
-                return  # after the switch, epoch 0 carries only retransmissions
             payload = record.fragment
         else:
             payload = self._read_protection.open(record)  # type: ignore[union-attr]
             if payload is None:
                 return  # bad record MAC: discard silently (RFC 6347 s4.1.2.7)
-        if self._state is not _State.SERVER_WAIT_HELLO:  # stateless until the cookie checks
-            window.add(record.sequence_number)
+        window.add(record.sequence_number)
         content_type = record.content_type
         if content_type == ContentType.HANDSHAKE:
             self._receive_handshake(payload, record, now)
@@ -406,6 +413,19 @@ class DtlsConnection:
             if epoch == 1:
                 self._receive_ack(payload)
         # other content types: ignored (RFC 5246 s6)
+
+    def _receive_old_epoch(self, record: Record) -> None:
+        """Epoch 0 after the switch: unauthenticated, so it can only tell us that
+        the peer is retransmitting its previous flight (ours was lost, s4.2.4).
+        A forged or malformed record here can never end the association."""
+        if record.content_type != ContentType.HANDSHAKE:
+            return
+        try:
+            fragments = hs.parse_handshake_fragments(record.fragment)
+        except DtlsError:
+            return
+        if any(f.message_seq < self._reassembler.next_seq for f in fragments):
+            self._reassembler.saw_retransmission = True
 
     def _receive_change_cipher_spec(self, payload: bytes, now: float) -> None:
         if payload != b"\x01":
@@ -454,9 +474,6 @@ class DtlsConnection:
 
     def _receive_handshake(self, payload: bytes, record: Record, now: float) -> None:
         fragments = hs.parse_handshake_fragments(payload)
-        if self._state is _State.SERVER_WAIT_HELLO:
-            self._server_receive_initial(fragments, record, now)
-            return
         for fragment in fragments:
             if (fragment.msg_type == HandshakeType.EKT_KEY and self.role is Role.CLIENT
                     and record.epoch == 1):
@@ -543,6 +560,9 @@ class DtlsConnection:
 
     def _client_hello_verify(self, body: bytes, full: bytes, now: float) -> None:
         request = hs.HelloVerifyRequest.decode(body)
+        self._hello_verify_requests += 1
+        if self._hello_verify_requests > _MAX_HELLO_VERIFY_REQUESTS:
+            raise HandshakeFailure("too many HelloVerifyRequests (cookie never accepted)")
         if request.version not in (DTLS_1_0, DTLS_1_2):
             raise ProtocolVersionError("HelloVerifyRequest for an unsupported version")
         if not request.cookie:
@@ -665,16 +685,22 @@ class DtlsConnection:
 
     # server side
 
-    def _server_receive_initial(self, fragments: list[hs.HandshakeFragment], record: Record,
-                                now: float) -> None:
-        """ClientHello processing that keeps no state until the cookie checks (s4.2.1)."""
-        hello_fragment = next((f for f in fragments
-                               if f.msg_type == HandshakeType.CLIENT_HELLO), None)
-        if hello_fragment is None:
+    def _server_receive_initial(self, record: Record, now: float) -> None:
+        """ClientHello processing that keeps no state until the cookie checks (s4.2.1).
+
+        Anything malformed before that point is dropped without an answer: it
+        may be spoofed, and answering would let anyone close this association.
+        """
+        try:
+            fragments = hs.parse_handshake_fragments(record.fragment)
+            hello_fragment = next((f for f in fragments
+                                   if f.msg_type == HandshakeType.CLIENT_HELLO), None)
+            if (hello_fragment is None or hello_fragment.fragment_offset != 0
+                    or len(hello_fragment.body) != hello_fragment.length):
+                return  # a fragmented first ClientHello is not accepted (no state yet)
+            hello = hs.ClientHello.decode(hello_fragment.body)
+        except DtlsError:
             return
-        if hello_fragment.fragment_offset != 0 or len(hello_fragment.body) != hello_fragment.length:
-            return  # a fragmented first ClientHello is not accepted (no state before cookie)
-        hello = hs.ClientHello.decode(hello_fragment.body)
         secret = self.config.cookie_secret
         if secret is not None:
             expected = self._cookie(secret, hello)
@@ -687,18 +713,19 @@ class DtlsConnection:
                 self._out.append(encode_record(ContentType.HANDSHAKE, DTLS_1_0, 0,
                                                record.sequence_number, fragment.encode()))
                 return
+        # Accepted: from here on the association has state.
+        self._replay[0].add(record.sequence_number)
         self._reassembler.next_seq = hello_fragment.message_seq + 1
         self._next_send_seq = hello_fragment.message_seq
         # Continue from the ClientHello's record number: the stateless
         # HelloVerifyRequest reused an earlier one (RFC 6347 s4.2.1).
         self._write_seq[0] = record.sequence_number
-        self._replay[0].add(record.sequence_number)
         self._server_client_hello(hello, hs.full_message(HandshakeType.CLIENT_HELLO,
                                                          hello_fragment.message_seq,
                                                          hello_fragment.body), now)
-        rest = [f for f in fragments if f is not hello_fragment]
-        for fragment in rest:
-            self._reassembler.add(fragment)
+        for fragment in fragments:
+            if fragment is not hello_fragment:
+                self._reassembler.add(fragment)
 
     def _cookie(self, secret: bytes, hello: hs.ClientHello) -> bytes:
         material = self.config.peer_id + replace(hello, cookie=b"").encode()
