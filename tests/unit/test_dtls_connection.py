@@ -38,7 +38,8 @@ from perc_daemons.protocol.dtls import (
     generate_certificate,
 )
 from perc_daemons.protocol.dtls import connection as connection_module
-from perc_daemons.protocol.dtls.alerts import AlertDescription, AlertLevel
+from perc_daemons.protocol.dtls.alerts import AlertDescription, AlertLevel, BadCertificate
+from perc_daemons.protocol.dtls.crypto import peer_public_key
 from perc_daemons.protocol.dtls.handshake import (
     DTLS_1_0,
     DTLS_1_2,
@@ -1054,3 +1055,19 @@ class UnauthenticatedInputTests(DtlsTestCase):
         self.assertEqual((closed.alert, closed.by_peer),
                          (AlertDescription.HANDSHAKE_FAILURE, False))
         self.assertIn("HelloVerifyRequests", closed.reason)
+
+
+class PeerCertificateParsingTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, len(CLIENT_CERT) - 1), st.integers(1, 255), st.integers(0, 40))
+    def test_mutated_certificates_are_bad_certificates(self, position: int, xor: int,
+                                                       cut: int) -> None:
+        """Whatever the DER holds, the answer is a key or BadCertificate (never a crash)."""
+        der = bytearray(CLIENT_CERT)
+        der[position] ^= xor
+        der = bytes(der[:len(der) - cut])
+        try:
+            key = peer_public_key(der)
+        except BadCertificate:
+            return
+        self.assertEqual(key.curve.name, "secp256r1")
