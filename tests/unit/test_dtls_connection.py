@@ -1071,3 +1071,34 @@ class PeerCertificateParsingTests(unittest.TestCase):
         except BadCertificate:
             return
         self.assertEqual(key.curve.name, "secp256r1")
+
+
+class FinishedTests(DtlsTestCase):
+    def test_tampered_finished_is_a_decrypt_error(self) -> None:
+        """A Finished whose verify_data is wrong (resealed with the record keys, so only
+        the Finished check can notice) ends the handshake with decrypt_error (51)."""
+        tampered = []
+
+        def flip_verify_data(src: DtlsConnection, datagram: bytes) -> list[bytes]:
+            if src.role is not Role.CLIENT or tampered:
+                return [datagram]
+            out = b""
+            for record in records(datagram):
+                if record.epoch == 1 and record.content_type == ContentType.HANDSHAKE:
+                    protection = src._write_protection
+                    plain = bytearray(protection.open(record))
+                    self.assertEqual(plain[0], HandshakeType.FINISHED)
+                    plain[-1] ^= 0x01
+                    tampered.append(record.sequence_number)
+                    fragment = protection.seal(record.content_type, record.version, 1,
+                                               record.sequence_number, bytes(plain))
+                    out += encode_record(record.content_type, record.version, 1,
+                                         record.sequence_number, fragment)
+                else:
+                    out += encode_record(record.content_type, record.version, record.epoch,
+                                         record.sequence_number, record.fragment)
+            return [out]
+
+        net = pair(tamper=flip_verify_data).run()
+        self.assertEqual(len(tampered), 1)
+        self.assertFailed(net, net.server, AlertDescription.DECRYPT_ERROR)
