@@ -34,6 +34,7 @@ check: lint test
 
 bench: venv
 	$(PY) bench/relay.py
+	$(PY) bench/dtls_handshake.py
 
 demo: venv
 	$(PY) -m perc_daemons.demo.protocol
