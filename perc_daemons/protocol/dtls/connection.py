@@ -925,8 +925,6 @@ class DtlsConnection:
 
     def _new_flight(self, flight: list[_OutMessage], now: float) -> None:
         self._flight = flight
-        self._timeout = self.config.initial_retransmit
-        self._retransmissions = 0
         self._start_timer(now)
         self._send_flight()
 
