@@ -1,0 +1,103 @@
+"""zope.interface contracts between the parts of perc-daemons (see DESIGN.md).
+
+Each has one real implementation (a second only where users need it), and
+tests check implementations with ``verifyObject``.  Methods that may touch
+the network or a disk return Deferreds.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IConferenceStore(Interface):
+    """The KMF's conference session database (seed draft-westerlund sections 4.5-4.9).
+
+    Conferences, invitations, EKT key epochs (wrapped: never in clear), the
+    audit trail and the signed roster.  Implementations: SQLite (embedded,
+    one host) and Redis (several KMF/KD hosts).  Every method returns a
+    Deferred; failures are the typed errors of :mod:`perc_daemons.store`.
+    """
+
+    def create(conference):
+        """Store a new :class:`~perc_daemons.store.Conference`.
+
+        Fails with ConferenceExists if the id is taken.
+        """
+
+    def get(conference_id):
+        """The Conference, or fail with ConferenceNotFound."""
+
+    def list(state=None):
+        """All conferences (optionally only those in ``state``), ordered by id."""
+
+    def set_state(conference_id, state, now):
+        """Move SCHEDULED -> RUNNING -> ENDED (ENDED is final); returns the Conference.
+
+        Ending a conference wipes its keys as :meth:`end` does.
+        """
+
+    def invite(conference_id, identity, now):
+        """Add ``identity`` ("user@domain") to the invited set (idempotent)."""
+
+    def uninvite(conference_id, identity, now):
+        """Remove ``identity`` from the invited set (idempotent)."""
+
+    def add_epoch(conference_id, spi, wrapped_key, now):
+        """Atomically append the next EKT key epoch; returns its EpochKey.
+
+        ``wrapped_key`` is the EKT key wrapped with the key-encryption key.
+        Fails with ConferenceEnded once the conference has ended.
+        """
+
+    def current_epoch(conference_id):
+        """The newest EpochKey, or None before the first epoch."""
+
+    def epochs(conference_id):
+        """Every stored EpochKey, oldest first."""
+
+    def record_admission(conference_id, identity, ssrcs, epoch, now):
+        """Audit an endpoint admitted under ``epoch`` with its SSRCs."""
+
+    def audit(conference_id):
+        """The conference's AuditEvents, oldest first."""
+
+    def set_roster(conference_id, epoch, signed_roster):
+        """Keep the signed roster (a JWS string) of ``epoch``."""
+
+    def roster(conference_id):
+        """``(epoch, signed_roster)`` of the newest roster, or None."""
+
+    def end(conference_id, now):
+        """End the conference: state ENDED and every epoch key deleted."""
+
+    def close():
+        """Release connections; returns a Deferred."""
+
+
+class IAuthenticator(Interface):
+    """An enterprise authentication back-end of the IdP (issue 5: file, LDAP, OIDC)."""
+
+    name = Attribute("Short name used in configuration and logs, e.g. 'file'.")
+
+    def authenticate(credentials):
+        """Check ``credentials``; returns a Deferred firing with the identity "user@domain".
+
+        Fails with ``UnsupportedCredentials`` when this back-end does not
+        handle that kind of credentials (the chain then asks the next one),
+        and with ``AuthenticationFailed`` otherwise; the failure never says
+        whether the user exists.
+        """
+
+
+class IIdentityVerifier(Interface):
+    """Checks an RFC 8827 identity assertion (used by the KD)."""
+
+    def verify(assertion, audience, fingerprint, now):
+        """Return the asserted identity if ``assertion`` is valid for ``audience``.
+
+        ``fingerprint`` is the SHA-256 digest of the DTLS certificate actually
+        used, which must be among the asserted fingerprints.  Raises a typed
+        ``IdentityError`` (bad signature, expired, wrong audience, fingerprint
+        not covered, foreign domain) otherwise.
+        """
