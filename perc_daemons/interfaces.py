@@ -7,7 +7,7 @@ the network or a disk return Deferreds.
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, classImplements
 
 
 class IConferenceStore(Interface):
@@ -101,3 +101,10 @@ class IIdentityVerifier(Interface):
         ``IdentityError`` (bad signature, expired, wrong audience, fingerprint
         not covered, foreign domain) otherwise.
         """
+
+
+# protocol/ imports nothing above it (DESIGN.md), so its implementations are
+# declared here rather than with @implementer.
+from perc_daemons.protocol.identity import JwksIdentityVerifier  # noqa: E402
+
+classImplements(JwksIdentityVerifier, IIdentityVerifier)
