@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import NameOID
@@ -226,8 +226,10 @@ def peer_public_key(certificate_der: bytes) -> ec.EllipticCurvePublicKey:
     try:
         certificate = x509.load_der_x509_certificate(certificate_der)
         key = certificate.public_key()
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-        raise BadCertificate(f"unreadable certificate: {e}") from None
+    except Exception as e:
+        # Peer DER: cryptography raises ValueError, InvalidVersion,
+        # UnsupportedAlgorithm, ...: all mean "not a usable certificate".
+        raise BadCertificate(f"unreadable certificate: {type(e).__name__}: {e}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise BadCertificate("only ECDSA certificates are accepted")
     return key
