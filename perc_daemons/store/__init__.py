@@ -1,0 +1,285 @@
+"""The KMF's conference session database: model, rules and typed errors.
+
+Two implementations of :class:`~perc_daemons.interfaces.IConferenceStore`
+share what is here: :mod:`perc_daemons.store.sqlite` (embedded default, one
+host) and :mod:`perc_daemons.store.redis` (several KMF/KD hosts).
+
+Rules both follow:
+
+- Conference states move SCHEDULED -> RUNNING -> ENDED, or SCHEDULED -> ENDED
+  (cancelled before it started).  Asking for the state a conference is
+  already in changes nothing; any other move is an :class:`InvalidTransition`.
+  ENDED is final.
+- Epochs are numbered from 1, one more than the last one ever given out.
+- Ending a conference (``end()``, or ``set_state(..., ENDED)``) deletes every
+  stored epoch key and the roster, keeps the conference (state ended), its
+  invitations and the audit trail, and adds one "ended" audit event.  Ending
+  it again changes nothing.  After that, anything that would add to it
+  (``invite``, ``uninvite``, ``add_epoch``, ``record_admission``,
+  ``set_roster``) fails with :class:`ConferenceEnded`.
+- ``set_roster`` keeps the roster of the newest epoch only: a roster of an
+  older epoch than the one stored is ignored.
+- Invitations are idempotent: an audit event is added only when the invited
+  set actually changes.
+- Only keys wrapped with the key-encryption key
+  (:mod:`perc_daemons.kmf.kek`) are stored, and audit details never carry key
+  material.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "AUDIT_KINDS",
+    "TRANSITIONS",
+    "AuditEvent",
+    "Conference",
+    "ConferenceEnded",
+    "ConferenceExists",
+    "ConferenceNotFound",
+    "ConferenceState",
+    "EpochKey",
+    "InvalidTransition",
+    "StoreError",
+    "StoreUnavailable",
+    "check_conference_id",
+    "check_identity",
+]
+
+
+class ConferenceState(StrEnum):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+#: Which states each state may move to (staying put is always a no-op).
+TRANSITIONS: dict[ConferenceState, frozenset[ConferenceState]] = {
+    ConferenceState.SCHEDULED: frozenset({ConferenceState.RUNNING, ConferenceState.ENDED}),
+    ConferenceState.RUNNING: frozenset({ConferenceState.ENDED}),
+    ConferenceState.ENDED: frozenset(),
+}
+
+#: The kinds of :class:`AuditEvent`.
+AUDIT_KINDS = frozenset({"created", "invited", "uninvited", "state", "epoch", "admitted", "ended"})
+
+CONFERENCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+IDENTITY = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+MAX_TITLE = 200
+MAX_IDENTITY = 254
+MAX_GROUP = 512
+
+
+class StoreError(Exception):
+    """Base class of the conference store's errors."""
+
+
+class ConferenceExists(StoreError):
+    """A conference with that id already exists."""
+
+
+class ConferenceNotFound(StoreError):
+    """No conference has that id."""
+
+
+class ConferenceEnded(StoreError):
+    """The conference has ended: nothing can be added to it any more."""
+
+
+class InvalidTransition(StoreError):
+    """A state change the rules forbid (see :data:`TRANSITIONS`)."""
+
+    def __init__(self, conference_id: str, current: str, requested: str) -> None:
+        self.conference_id = conference_id
+        self.current = current
+        self.requested = requested
+        super().__init__(f"conference {conference_id!r}: cannot go from {current} to {requested}")
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or used (connection, authentication, disk...).
+
+    ``cause`` is the underlying exception (also chained as ``__cause__``).
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        self.cause = cause
+        super().__init__(message if cause is None else f"{message}: {cause}")
+        self.__cause__ = cause
+
+
+def check_conference_id(conference_id: object) -> str:
+    """Return ``conference_id`` if it is a valid id, raise ValueError otherwise."""
+    if not isinstance(conference_id, str) or not CONFERENCE_ID.fullmatch(conference_id):
+        raise ValueError(
+            f"conference id must be 1-64 characters of A-Z a-z 0-9 . _ -: {conference_id!r}"
+        )
+    return conference_id
+
+
+def check_identity(identity: object) -> str:
+    """Return ``identity`` if it looks like "user@domain", raise ValueError otherwise."""
+    if (
+        not isinstance(identity, str)
+        or len(identity) > MAX_IDENTITY
+        or not IDENTITY.fullmatch(identity)
+    ):
+        raise ValueError(f"identity must look like user@domain: {identity!r}")
+    return identity
+
+
+def _check_group(group: object) -> str:
+    if (
+        not isinstance(group, str)
+        or not group
+        or len(group) > MAX_GROUP
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in group)
+    ):
+        raise ValueError(f"LDAP group must be a non-empty printable string: {group!r}")
+    return group
+
+
+def _check_time(name: str, value: object, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds: {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Conference:
+    """A conference as the KMF knows it.
+
+    ``invited`` holds identities ("user@domain"), ``invited_groups`` LDAP
+    groups whose members are invited too.  ``late_joiners_get_earlier_epochs``
+    is the policy of whether an endpoint admitted late may be given the keys
+    of epochs before its admission (default: no).
+    """
+
+    conference_id: str
+    title: str
+    initiator: str
+    state: ConferenceState = ConferenceState.SCHEDULED
+    invited: frozenset[str] = frozenset()
+    invited_groups: frozenset[str] = frozenset()
+    starts_at: float | None = None
+    ends_at: float | None = None
+    late_joiners_get_earlier_epochs: bool = False
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_conference_id(self.conference_id)
+        if not isinstance(self.title, str) or len(self.title) > MAX_TITLE:
+            raise ValueError(f"title must be a string of at most {MAX_TITLE} characters")
+        check_identity(self.initiator)
+        object.__setattr__(self, "state", ConferenceState(self.state))
+        if isinstance(self.invited, str) or isinstance(self.invited_groups, str):
+            raise ValueError("invited and invited_groups must be collections, not strings")
+        object.__setattr__(self, "invited", frozenset(map(check_identity, self.invited)))
+        object.__setattr__(
+            self, "invited_groups", frozenset(map(_check_group, self.invited_groups))
+        )
+        starts = _check_time("starts_at", self.starts_at, optional=True)
+        ends = _check_time("ends_at", self.ends_at, optional=True)
+        if starts is not None and ends is not None and ends < starts:
+            raise ValueError("ends_at is before starts_at")
+        object.__setattr__(self, "starts_at", starts)
+        object.__setattr__(self, "ends_at", ends)
+        if not isinstance(self.late_joiners_get_earlier_epochs, bool):
+            raise ValueError("late_joiners_get_earlier_epochs must be a bool")
+        object.__setattr__(self, "created_at", _check_time("created_at", self.created_at))
+
+
+@dataclass(frozen=True)
+class EpochKey:
+    """One EKT key epoch of a conference; ``wrapped_key`` is wrapped with the KEK."""
+
+    conference_id: str
+    epoch: int
+    spi: int
+    wrapped_key: bytes
+    created_at: float
+
+    def __repr__(self) -> str:
+        return (
+            f"EpochKey(conference_id={self.conference_id!r}, epoch={self.epoch}, "
+            f"spi={self.spi}, wrapped_key=<{len(self.wrapped_key)} bytes>, "
+            f"created_at={self.created_at!r})"
+        )
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One entry of a conference's audit trail.
+
+    ``kind`` is one of :data:`AUDIT_KINDS`; ``detail`` is JSON data such as
+    ``{"epoch": 3, "spi": 7}`` or ``{"ssrcs": [...], "epoch": 2}``, never key
+    material.
+    """
+
+    conference_id: str
+    time: float
+    kind: str
+    identity: str | None
+    detail: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+def check_epoch_args(spi: object, wrapped_key: object, now: object) -> tuple[int, bytes, float]:
+    """Validate :meth:`IConferenceStore.add_epoch` arguments (shared by the stores)."""
+    if isinstance(spi, bool) or not isinstance(spi, int) or not 0 <= spi <= 0xFFFF:
+        raise ValueError(f"spi must be an integer 0-65535: {spi!r}")
+    if not isinstance(wrapped_key, bytes | bytearray) or not wrapped_key:
+        raise ValueError("wrapped_key must be non-empty bytes")
+    return spi, bytes(wrapped_key), _check_time("now", now)  # type: ignore[return-value]
+
+
+def check_admission_args(
+    identity: object, ssrcs: object, epoch: object, now: object
+) -> tuple[str, list[int], int, float]:
+    """Validate :meth:`IConferenceStore.record_admission` arguments."""
+    check_identity(identity)
+    if isinstance(ssrcs, str | bytes) or not hasattr(ssrcs, "__iter__"):
+        raise ValueError("ssrcs must be a collection of integers")
+    out = []
+    for s in ssrcs:  # type: ignore[attr-defined]
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= 0xFFFFFFFF:
+            raise ValueError(f"SSRC must be a 32-bit unsigned integer: {s!r}")
+        out.append(s)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative integer: {epoch!r}")
+    return identity, out, epoch, _check_time("now", now)  # type: ignore[return-value]
+
+
+def check_roster_args(epoch: object, signed_roster: object) -> tuple[int, str]:
+    """Validate :meth:`IConferenceStore.set_roster` arguments."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative integer: {epoch!r}")
+    if not isinstance(signed_roster, str) or not signed_roster:
+        raise ValueError("signed_roster must be a non-empty string (a compact JWS)")
+    return epoch, signed_roster
+
+
+def check_now(now: object) -> float:
+    return _check_time("now", now)  # type: ignore[return-value]
+
+
+def created_detail(c: Conference) -> dict[str, Any]:
+    """The detail of a conference's "created" audit event."""
+    return {
+        "title": c.title,
+        "state": str(c.state),
+        "invited": sorted(c.invited),
+        "invited_groups": sorted(c.invited_groups),
+        "starts_at": c.starts_at,
+        "ends_at": c.ends_at,
+        "late_joiners_get_earlier_epochs": c.late_joiners_get_earlier_epochs,
+    }

@@ -1,0 +1,651 @@
+"""The shared conference store: Redis through txredisapi (several KMF/KD hosts).
+
+Keys, all under a namespace (default ``perc``; conference ids cannot contain
+``:``)::
+
+    {ns}:conferences           sorted set (score 0) of conference ids
+    {ns}:conf:{id}             hash: title initiator state starts_at ends_at
+                               late created_at last_epoch
+    {ns}:conf:{id}:invited     set of identities
+    {ns}:conf:{id}:groups      set of LDAP groups
+    {ns}:conf:{id}:epochs      hash epoch -> {"spi", "key" (base64 of the
+                               KEK-wrapped key), "created_at"}
+    {ns}:conf:{id}:audit       list of {"t", "k", "i", "d"} JSON entries
+    {ns}:conf:{id}:roster      hash: epoch, jws
+
+Every change is one Lua script (EVALSHA, falling back to EVAL), so each is
+atomic against every other client of the server: create refuses a taken id,
+add_epoch increments ``last_epoch``, stores the key and appends the audit
+entry in one step and refuses an ended conference, end wipes the epochs and
+the roster and appends the audit entry in one step.  Reads that need several
+keys are scripts too, so they see one consistent state.
+
+Connections: a txredisapi pool that reconnects by itself (exponential
+back-off); ``convertNumbers=False`` so that strings stay strings; AUTH with
+``password`` (and ``username`` for ACL users); TLS with any
+``IOpenSSLClientConnectionCreator`` such as
+``twisted.internet.ssl.optionsForClientTLS(hostname, trustRoot=..., clientCertificate=...)``,
+which txredisapi hands to ``TLSMemoryBIOFactory`` (see
+:meth:`RedisConferenceStore.__init__`).  Failing to connect, authenticate or
+get an answer within the timeouts is :class:`~perc_daemons.store.StoreUnavailable`.
+
+Durability is the server's business: run it with ``appendonly yes``
+(``appendfsync everysec`` loses at most a second of changes on a power cut,
+``always`` nothing).  Deleted epoch keys stay in the append-only file until
+Redis rewrites it; they are wrapped with the KEK, never in clear.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer, error, reactor, task
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from perc_daemons.interfaces import IConferenceStore
+from perc_daemons.store import (
+    TRANSITIONS,
+    AuditEvent,
+    Conference,
+    ConferenceEnded,
+    ConferenceExists,
+    ConferenceNotFound,
+    ConferenceState,
+    EpochKey,
+    InvalidTransition,
+    StoreError,
+    StoreUnavailable,
+    check_admission_args,
+    check_conference_id,
+    check_epoch_args,
+    check_identity,
+    check_now,
+    check_roster_args,
+    created_detail,
+)
+
+NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_REFUSAL = re.compile(r"(?:ERR )?PERC_([A-Z]+)(?: (\w+))?$")
+
+# KEYS of every per-conference script, in this order.
+_K = ("conf", "invited", "groups", "epochs", "audit", "roster", "index")
+
+_PRELUDE = """
+local function audit(t, kind, ident, detail)
+  redis.call('RPUSH', KEYS[5],
+    '{"t":' .. t .. ',"k":"' .. kind .. '","i":' .. ident .. ',"d":' .. detail .. '}')
+end
+local function conference()
+  return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2]),
+          redis.call('SMEMBERS', KEYS[3])}
+end
+local function finish(t)
+  local n = redis.call('HLEN', KEYS[4])
+  redis.call('DEL', KEYS[4], KEYS[6])
+  redis.call('HSET', KEYS[1], 'state', 'ended')
+  audit(t, 'ended', 'null', '{"epochs_wiped":' .. n .. '}')
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+"""
+
+_NOT_FOUND = "if not state then return redis.error_reply('PERC_NOTFOUND') end\n"
+_OPEN = _NOT_FOUND + "if state == 'ended' then return redis.error_reply('PERC_ENDED') end\n"
+
+# ARGV: id, audit entry, 2n, n hash field/value pairs, m, m identities, groups...
+_CREATE = _PRELUDE + """
+if state then return redis.error_reply('PERC_EXISTS') end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+local n = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
+local i = 4 + n
+local m = tonumber(ARGV[i])
+for j = i + 1, i + m do redis.call('SADD', KEYS[2], ARGV[j]) end
+for j = i + m + 1, #ARGV do redis.call('SADD', KEYS[3], ARGV[j]) end
+redis.call('ZADD', KEYS[7], 0, ARGV[1])
+redis.call('RPUSH', KEYS[5], ARGV[2])
+return 1
+"""
+
+_GET = _PRELUDE + _NOT_FOUND + "return conference()\n"
+
+# ARGV: target state, time, states it may be reached from...
+_SET_STATE = _PRELUDE + _NOT_FOUND + """
+if state ~= ARGV[1] then
+  local allowed = false
+  for j = 3, #ARGV do if ARGV[j] == state then allowed = true end end
+  if not allowed then return redis.error_reply('PERC_INVALID ' .. state) end
+  if ARGV[1] == 'ended' then
+    finish(ARGV[2])
+  else
+    redis.call('HSET', KEYS[1], 'state', ARGV[1])
+    audit(ARGV[2], 'state', 'null', '{"state":"' .. ARGV[1] .. '"}')
+  end
+end
+return conference()
+"""
+
+# ARGV: identity, audit entry, "1" to add or "0" to remove
+_INVITATION = _PRELUDE + _OPEN + """
+local changed
+if ARGV[3] == '1' then
+  changed = redis.call('SADD', KEYS[2], ARGV[1])
+else
+  changed = redis.call('SREM', KEYS[2], ARGV[1])
+end
+if changed == 1 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
+return changed
+"""
+
+# ARGV: spi, base64 wrapped key, time (JSON number)
+_ADD_EPOCH = _PRELUDE + _OPEN + """
+local e = redis.call('HINCRBY', KEYS[1], 'last_epoch', 1)
+redis.call('HSET', KEYS[4], e,
+  '{"spi":' .. ARGV[1] .. ',"key":"' .. ARGV[2] .. '","created_at":' .. ARGV[3] .. '}')
+audit(ARGV[3], 'epoch', 'null', '{"epoch":' .. e .. ',"spi":' .. ARGV[1] .. '}')
+return e
+"""
+
+_CURRENT_EPOCH = _PRELUDE + _NOT_FOUND + """
+local e = redis.call('HGET', KEYS[1], 'last_epoch')
+local v = redis.call('HGET', KEYS[4], e)
+if not v then return {} end
+return {e, v}
+"""
+
+_EPOCHS = _PRELUDE + _NOT_FOUND + "return redis.call('HGETALL', KEYS[4])\n"
+
+# ARGV: audit entry
+_APPEND_AUDIT = _PRELUDE + _OPEN + "redis.call('RPUSH', KEYS[5], ARGV[1])\nreturn 1\n"
+
+_AUDIT = _PRELUDE + _NOT_FOUND + "return redis.call('LRANGE', KEYS[5], 0, -1)\n"
+
+# ARGV: epoch, jws
+_SET_ROSTER = _PRELUDE + _OPEN + """
+local cur = redis.call('HGET', KEYS[6], 'epoch')
+if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[6], 'epoch', ARGV[1], 'jws', ARGV[2])
+return 1
+"""
+
+_ROSTER = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'jws')\n"
+
+# ARGV: time
+_END = _PRELUDE + _NOT_FOUND + """
+if state == 'ended' then return 0 end
+finish(ARGV[1])
+return 1
+"""
+
+
+def _json_number(value: float) -> str:
+    return json.dumps(float(value))
+
+
+def _audit_entry(now: float, kind: str, identity: str | None, detail: dict[str, Any]) -> str:
+    return json.dumps(
+        {"t": float(now), "k": kind, "i": identity, "d": detail}, separators=(",", ":")
+    )
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _opt_float(value: str | None) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+class _RecordingFactory:
+    """Passes everything to txredisapi's factory; records why connections are lost."""
+
+    def __init__(self, wrapped: Any, endpoint: _RecordingEndpoint) -> None:
+        self._wrapped = wrapped
+        self._endpoint = endpoint
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self._wrapped.buildProtocol(addr)
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Failure) -> Any:
+            # recorded first: txredisapi reports a failed AUTH from in there
+            self._endpoint.last_error = reason.value
+            return lost(reason)
+
+        protocol.connectionLost = connection_lost
+        return protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    """Remembers why the last connection failed or was lost (a TLS error, say).
+
+    txredisapi only says "Lost connection" or nothing at all.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint) -> None:
+        self.wrapped = wrapped
+        self.last_error: BaseException | None = None
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        def failed(f: Failure) -> Failure:
+            self.last_error = f.value
+            return f
+
+        return self.wrapped.connect(_RecordingFactory(factory, self)).addErrback(failed)
+
+    def why(self) -> str:
+        last = self.last_error
+        if last is None or isinstance(last, error.ConnectionDone):
+            return ""
+        return f" (last connection: {last})"
+
+
+@implementer(IConferenceStore)
+class RedisConferenceStore:
+    """:class:`~perc_daemons.interfaces.IConferenceStore` in a Redis server.
+
+    Create it, then ``yield store.connect()`` (or use :meth:`open`).
+    """
+
+    #: First and longest delay between reconnection attempts, in seconds.
+    reconnect_delays = (0.2, 5.0)
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        *,
+        password: str | None = None,
+        username: str | None = None,
+        db: int = 0,
+        namespace: str = "perc",
+        tls: Any = None,
+        connect_timeout: float = 5.0,
+        timeout: float = 10.0,
+        poolsize: int = 2,
+    ) -> None:
+        """Configure, without connecting.
+
+        ``tls``: None for plain TCP; True to verify the server against the
+        system's CAs for the name ``host``; or an
+        ``IOpenSSLClientConnectionCreator`` (``optionsForClientTLS(...)``,
+        with ``trustRoot`` for a private CA and ``clientCertificate`` when
+        the server demands one).  ``connect_timeout`` bounds :meth:`connect`,
+        ``timeout`` every operation (waiting for a connection included).
+        """
+        if not NAMESPACE.fullmatch(namespace):
+            raise ValueError(f"Redis namespace must match {NAMESPACE.pattern}: {namespace!r}")
+        if isinstance(db, bool) or not isinstance(db, int) or db < 0:
+            raise ValueError(f"Redis db must be a non-negative integer: {db!r}")
+        self.host = host
+        self.port = port
+        self.db = db
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._password = password
+        self._username = username
+        self._tls = optionsForClientTLS(host) if tls is True else tls
+        self._poolsize = poolsize
+        self._factory: txredisapi.RedisFactory | None = None
+        self._redis: Any = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, *args: Any, **kwargs: Any) -> defer.Deferred[RedisConferenceStore]:
+        """``RedisConferenceStore(*args, **kwargs).connect()``."""
+        return cls(*args, **kwargs).connect()
+
+    def __repr__(self) -> str:
+        tls = " tls" if self._tls is not None else ""
+        return f"<RedisConferenceStore {self.host}:{self.port}/{self.db}{tls} ns={self.namespace}>"
+
+    @property
+    def _where(self) -> str:
+        return f"Redis at {self.host}:{self.port}"
+
+    # -- connection
+
+    def connect(self) -> defer.Deferred[RedisConferenceStore]:
+        """Open the connection pool; fires with the store once it can be used.
+
+        Fails with StoreUnavailable when the server cannot be reached within
+        ``connect_timeout`` or refuses the password.
+        """
+        if self._factory is not None or self._closed:
+            return defer.fail(StoreError("connect() may be called once, before close()"))
+        endpoint: Any = HostnameEndpoint(reactor, self.host, self.port,
+                                         timeout=self.connect_timeout)
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        recording = _RecordingEndpoint(endpoint)
+        tls = " (TLS)" if self._tls is not None else ""
+        factory = txredisapi.RedisFactory(
+            f"{self.host}:{self.port}",
+            self.db or None,  # no SELECT for the default database
+            self._poolsize,
+            isLazy=False,
+            charset="utf-8",
+            password=self._password,
+            username=self._username,
+            convertNumbers=False,
+        )
+        factory.reconnect = True
+        factory.initialDelay, factory.maxDelay = self.reconnect_delays
+        self._factory = factory
+
+        result: defer.Deferred[RedisConferenceStore] = defer.Deferred()
+        ready = factory.deferred
+
+        def connected(handler: Any) -> None:
+            if result.called:
+                return
+            # a server that wants a password we did not give accepts the
+            # connection and refuses every command: find out now
+            ping = handler.ping()
+
+            def answered(reply: object) -> None:
+                if not result.called:
+                    self._redis = handler
+                    result.callback(self)
+
+            def refused(f: Failure) -> None:
+                if not result.called:
+                    result.errback(StoreUnavailable(f"{self._where} refused PING", f.value))
+
+            ping.addCallbacks(answered, refused)
+
+        def refused(f: Failure) -> None:
+            if not result.called:
+                result.errback(StoreUnavailable(
+                    f"{self._where}{tls} refused the connection{recording.why()}", f.value))
+
+        ready.addCallbacks(connected, refused)
+
+        def failed(f: Failure) -> defer.Deferred[None]:
+            if f.check(defer.TimeoutError):
+                f = Failure(StoreUnavailable(
+                    f"no usable connection to {self._where}{tls} within "
+                    f"{self.connect_timeout} s{recording.why()}"))
+            self._factory = None
+            # this may run inside a connection state transition of
+            # txredisapi's ClientService, which cannot be stopped reentrantly
+            d = task.deferLater(reactor, 0, factory.disconnect)
+            return d.addBoth(lambda _: f)
+
+        result.addTimeout(self.connect_timeout, reactor)
+        result.addErrback(failed)
+        factory.startConnecting(recording)
+        return result
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every connection and stop reconnecting (idempotent)."""
+        self._closed = True
+        factory, self._factory, self._redis = self._factory, None, None
+        if factory is None:
+            return defer.succeed(None)
+        return factory.disconnect().addCallback(lambda _: None)
+
+    # -- plumbing
+
+    def _keys(self, conference_id: str) -> list[str]:
+        base = f"{self.namespace}:conf:{conference_id}"
+        return [base, f"{base}:invited", f"{base}:groups", f"{base}:epochs", f"{base}:audit",
+                f"{base}:roster", f"{self.namespace}:conferences"]
+
+    def _map(self, f: Failure, conference_id: str | None = None,
+             target: str | None = None) -> Failure:
+        if f.check(StoreError, ValueError, TypeError):
+            return f
+        if f.check(txredisapi.ResponseError):
+            # our scripts' refusals; Redis puts "ERR " before a one-word error
+            m = _REFUSAL.match(str(f.value))
+            code = m.group(1) if m else None
+            if code == "NOTFOUND":
+                return Failure(ConferenceNotFound(conference_id))
+            if code == "ENDED":
+                return Failure(ConferenceEnded(conference_id))
+            if code == "EXISTS":
+                return Failure(ConferenceExists(conference_id))
+            if code == "INVALID" and m is not None:
+                return Failure(InvalidTransition(conference_id or "", m.group(2), target or ""))
+            return Failure(StoreUnavailable(f"{self._where} answered with an error", f.value))
+        if f.check(defer.TimeoutError):
+            return Failure(StoreUnavailable(f"{self._where} did not answer within "
+                                            f"{self.timeout} s", f.value))
+        if f.check(txredisapi.RedisError, error.ConnectError, error.ConnectionLost,
+                   error.ConnectionDone, OSError):
+            return Failure(StoreUnavailable(f"{self._where} cannot be used", f.value))
+        return f
+
+    def _call(self, run: Callable[[Any], defer.Deferred[Any]],
+              conference_id: str | None = None, target: str | None = None
+              ) -> defer.Deferred[Any]:
+        if self._redis is None:
+            state = "closed" if self._closed else "not connected (call connect() first)"
+            return defer.fail(StoreUnavailable(f"{self._where}: store {state}"))
+        d = defer.maybeDeferred(run, self._redis)
+        d.addTimeout(self.timeout, reactor)
+        return d.addErrback(self._map, conference_id, target)
+
+    def _script(self, script: str, conference_id: str, args: Sequence[Any] = (),
+                target: str | None = None) -> defer.Deferred[Any]:
+        keys = self._keys(conference_id)
+        return self._call(lambda r: r.eval(script, keys, [str(a) for a in args]),
+                          conference_id, target)
+
+    @staticmethod
+    def _validated(check: Callable[[], Any], run: Callable[[Any], defer.Deferred[Any]]
+                   ) -> defer.Deferred[Any]:
+        try:
+            args = check()
+        except ValueError:
+            return defer.fail()
+        return run(args)
+
+    def _conference(self, conference_id: str, reply: list[Any]) -> Conference:
+        fields = _pairs(reply[0])
+        return Conference(
+            conference_id=conference_id,
+            title=fields["title"],
+            initiator=fields["initiator"],
+            state=ConferenceState(fields["state"]),
+            invited=frozenset(reply[1]),
+            invited_groups=frozenset(reply[2]),
+            starts_at=_opt_float(fields.get("starts_at")),
+            ends_at=_opt_float(fields.get("ends_at")),
+            late_joiners_get_earlier_epochs=fields.get("late") == "1",
+            created_at=float(fields["created_at"]),
+        )
+
+    def _epoch(self, conference_id: str, epoch: str, value: str) -> EpochKey:
+        data = json.loads(value)
+        try:
+            blob = base64.b64decode(data["key"], validate=True)
+        except binascii.Error as e:
+            raise StoreError(f"{conference_id} epoch {epoch}: corrupt stored key") from e
+        return EpochKey(conference_id, int(epoch), int(data["spi"]), blob,
+                        float(data["created_at"]))
+
+    # -- IConferenceStore
+
+    def create(self, conference: Conference) -> defer.Deferred[Conference]:
+        if not isinstance(conference, Conference):
+            return defer.fail(TypeError("create() takes a Conference"))
+        c = conference
+        fields = [
+            "title", c.title,
+            "initiator", c.initiator,
+            "state", str(c.state),
+            "starts_at", "" if c.starts_at is None else repr(c.starts_at),
+            "ends_at", "" if c.ends_at is None else repr(c.ends_at),
+            "late", "1" if c.late_joiners_get_earlier_epochs else "0",
+            "created_at", repr(c.created_at),
+            "last_epoch", "0",
+        ]
+        invited = sorted(c.invited)
+        args = [
+            c.conference_id,
+            _audit_entry(c.created_at, "created", c.initiator, created_detail(c)),
+            len(fields), *fields,
+            len(invited), *invited,
+            *sorted(c.invited_groups),
+        ]
+        d = self._script(_CREATE, c.conference_id, args)
+        return d.addCallback(lambda _: c)
+
+    def get(self, conference_id: str) -> defer.Deferred[Conference]:
+        def run(cid: str) -> defer.Deferred[Conference]:
+            return self._script(_GET, cid).addCallback(lambda r: self._conference(cid, r))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def list(self, state: ConferenceState | str | None = None) -> defer.Deferred[list[Conference]]:
+        try:
+            wanted = None if state is None else ConferenceState(state)
+        except ValueError:
+            return defer.fail()
+
+        @defer.inlineCallbacks
+        def run(redis: Any) -> Any:
+            ids = yield redis.zrange(f"{self.namespace}:conferences", 0, -1)
+            try:
+                replies = yield defer.gatherResults(
+                    [redis.eval(_GET, self._keys(cid)) for cid in ids], consumeErrors=True
+                )
+            except defer.FirstError as e:
+                e.subFailure.raiseException()
+            found = [self._conference(cid, r) for cid, r in zip(ids, replies, strict=True)]
+            return sorted((c for c in found if wanted is None or c.state is wanted),
+                          key=lambda c: c.conference_id)
+
+        return self._call(run)
+
+    def set_state(self, conference_id: str, state: ConferenceState | str,
+                  now: float) -> defer.Deferred[Conference]:
+        def check() -> tuple[str, ConferenceState, float]:
+            return check_conference_id(conference_id), ConferenceState(state), check_now(now)
+
+        def run(args: tuple[str, ConferenceState, float]) -> defer.Deferred[Conference]:
+            cid, target, when = args
+            sources = [str(s) for s, targets in TRANSITIONS.items() if target in targets]
+            d = self._script(_SET_STATE, cid, [target, _json_number(when), *sources], target)
+            return d.addCallback(lambda r: self._conference(cid, r))
+
+        return self._validated(check, run)
+
+    def _invitation(self, conference_id: str, identity: str, now: float,
+                    add: bool) -> defer.Deferred[None]:
+        def check() -> tuple[str, str, float]:
+            return check_conference_id(conference_id), check_identity(identity), check_now(now)
+
+        def run(args: tuple[str, str, float]) -> defer.Deferred[None]:
+            cid, who, when = args
+            entry = _audit_entry(when, "invited" if add else "uninvited", who, {})
+            d = self._script(_INVITATION, cid, [who, entry, "1" if add else "0"])
+            return d.addCallback(lambda _: None)
+
+        return self._validated(check, run)
+
+    def invite(self, conference_id: str, identity: str, now: float) -> defer.Deferred[None]:
+        return self._invitation(conference_id, identity, now, True)
+
+    def uninvite(self, conference_id: str, identity: str, now: float) -> defer.Deferred[None]:
+        return self._invitation(conference_id, identity, now, False)
+
+    def add_epoch(self, conference_id: str, spi: int, wrapped_key: bytes,
+                  now: float) -> defer.Deferred[EpochKey]:
+        def check() -> tuple[str, int, bytes, float]:
+            return (check_conference_id(conference_id), *check_epoch_args(spi, wrapped_key, now))
+
+        def run(args: tuple[str, int, bytes, float]) -> defer.Deferred[EpochKey]:
+            cid, spi_, blob, when = args
+            b64 = base64.b64encode(blob).decode("ascii")
+            d = self._script(_ADD_EPOCH, cid, [spi_, b64, _json_number(when)])
+            return d.addCallback(lambda e: EpochKey(cid, int(e), spi_, blob, when))
+
+        return self._validated(check, run)
+
+    def current_epoch(self, conference_id: str) -> defer.Deferred[EpochKey | None]:
+        def run(cid: str) -> defer.Deferred[EpochKey | None]:
+            d = self._script(_CURRENT_EPOCH, cid)
+            return d.addCallback(lambda r: self._epoch(cid, r[0], r[1]) if r else None)
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def epochs(self, conference_id: str) -> defer.Deferred[list[EpochKey]]:
+        def parse(cid: str, reply: list[str]) -> list[EpochKey]:
+            keys = [self._epoch(cid, e, v) for e, v in _pairs(reply).items()]
+            return sorted(keys, key=lambda k: k.epoch)
+
+        def run(cid: str) -> defer.Deferred[list[EpochKey]]:
+            return self._script(_EPOCHS, cid).addCallback(lambda r: parse(cid, r))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def record_admission(self, conference_id: str, identity: str, ssrcs: Any, epoch: int,
+                         now: float) -> defer.Deferred[None]:
+        def check() -> tuple[str, str, list[int], int, float]:
+            return (check_conference_id(conference_id),
+                    *check_admission_args(identity, ssrcs, epoch, now))
+
+        def run(args: tuple[str, str, list[int], int, float]) -> defer.Deferred[None]:
+            cid, who, ssrc_list, ep, when = args
+            entry = _audit_entry(when, "admitted", who, {"ssrcs": ssrc_list, "epoch": ep})
+            return self._script(_APPEND_AUDIT, cid, [entry]).addCallback(lambda _: None)
+
+        return self._validated(check, run)
+
+    def audit(self, conference_id: str) -> defer.Deferred[list[AuditEvent]]:
+        def parse(cid: str, entries: list[str]) -> list[AuditEvent]:
+            events = []
+            for raw in entries:
+                e = json.loads(raw)
+                events.append(AuditEvent(cid, float(e["t"]), e["k"], e["i"], e["d"]))
+            return events
+
+        def run(cid: str) -> defer.Deferred[list[AuditEvent]]:
+            return self._script(_AUDIT, cid).addCallback(lambda r: parse(cid, r))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def set_roster(self, conference_id: str, epoch: int,
+                   signed_roster: str) -> defer.Deferred[None]:
+        def check() -> tuple[str, int, str]:
+            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster))
+
+        def run(args: tuple[str, int, str]) -> defer.Deferred[None]:
+            cid, ep, jws = args
+            return self._script(_SET_ROSTER, cid, [ep, jws]).addCallback(lambda _: None)
+
+        return self._validated(check, run)
+
+    def roster(self, conference_id: str) -> defer.Deferred[tuple[int, str] | None]:
+        def run(cid: str) -> defer.Deferred[tuple[int, str] | None]:
+            d = self._script(_ROSTER, cid)
+            return d.addCallback(lambda r: None if r[0] is None else (int(r[0]), r[1]))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def end(self, conference_id: str, now: float) -> defer.Deferred[None]:
+        def check() -> tuple[str, float]:
+            return check_conference_id(conference_id), check_now(now)
+
+        def run(args: tuple[str, float]) -> defer.Deferred[None]:
+            cid, when = args
+            return self._script(_END, cid, [_json_number(when)]).addCallback(lambda _: None)
+
+        return self._validated(check, run)

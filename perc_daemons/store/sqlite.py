@@ -1,0 +1,535 @@
+"""The embedded conference store: one SQLite file (default ``/var/lib/perc/kmf.sqlite3``).
+
+Used when no Redis is configured.  Queries run in Twisted's adbapi thread
+pool with a single connection (one writer, so no "database is locked" races
+inside the daemon); every operation is one transaction (``BEGIN IMMEDIATE``
+for writes, so another process writing the same file waits instead of
+interleaving).  WAL journal, ``synchronous=FULL`` (a committed epoch
+survives a power cut), foreign keys on.  The schema is created on open and
+versioned with ``PRAGMA user_version``.
+
+Use :meth:`SqliteConferenceStore.open`, which also creates the directory
+(0700) and the file (0600) when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from perc_daemons.interfaces import IConferenceStore
+from perc_daemons.store import (
+    TRANSITIONS,
+    AuditEvent,
+    Conference,
+    ConferenceEnded,
+    ConferenceExists,
+    ConferenceNotFound,
+    ConferenceState,
+    EpochKey,
+    InvalidTransition,
+    StoreError,
+    StoreUnavailable,
+    check_admission_args,
+    check_conference_id,
+    check_epoch_args,
+    check_identity,
+    check_now,
+    check_roster_args,
+    created_detail,
+)
+
+DEFAULT_PATH = "/var/lib/perc/kmf.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE conference (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    initiator TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('scheduled', 'running', 'ended')),
+    starts_at REAL,
+    ends_at REAL,
+    late_joiners_get_earlier_epochs INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    last_epoch INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE invited (
+    conference_id TEXT NOT NULL REFERENCES conference (id) ON DELETE CASCADE,
+    identity TEXT NOT NULL,
+    PRIMARY KEY (conference_id, identity)
+) WITHOUT ROWID;
+CREATE TABLE invited_group (
+    conference_id TEXT NOT NULL REFERENCES conference (id) ON DELETE CASCADE,
+    grp TEXT NOT NULL,
+    PRIMARY KEY (conference_id, grp)
+) WITHOUT ROWID;
+CREATE TABLE epoch (
+    conference_id TEXT NOT NULL REFERENCES conference (id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    spi INTEGER NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (conference_id, epoch)
+) WITHOUT ROWID;
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    conference_id TEXT NOT NULL REFERENCES conference (id) ON DELETE CASCADE,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    identity TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_by_conference ON audit (conference_id, seq);
+CREATE TABLE roster (
+    conference_id TEXT PRIMARY KEY REFERENCES conference (id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    signed_roster TEXT NOT NULL
+);
+"""
+
+_CONFERENCE_COLUMNS = (
+    "id, title, initiator, state, starts_at, ends_at, late_joiners_get_earlier_epochs, created_at"
+)
+
+
+def prepare_path(path: str) -> None:
+    """Create ``path``'s directory (0700) and an empty ``path`` (0600) if missing.
+
+    An existing directory or file is left as it is.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+    finally:
+        os.close(fd)
+
+
+def _on_connect(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    # deleted epoch keys are overwritten with zeros, not left in free pages
+    conn.execute("PRAGMA secure_delete = ON")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() not in ("wal", "memory"):
+        raise sqlite3.OperationalError(f"cannot switch to WAL journal (got {mode})")
+    conn.execute("PRAGMA synchronous = FULL")
+
+
+def _migrate(txn: Any, path: str) -> None:
+    txn.execute("BEGIN IMMEDIATE")
+    version = txn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {version} is newer than this program's ({SCHEMA_VERSION})"
+        )
+    if version == 0:
+        for statement in _SCHEMA_V1.split(";"):
+            if statement.strip():
+                txn.execute(statement)
+    txn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _audit(txn: Any, conference_id: str, now: float, kind: str, identity: str | None,
+           detail: dict[str, Any]) -> None:
+    txn.execute(
+        "INSERT INTO audit (conference_id, time, kind, identity, detail) VALUES (?, ?, ?, ?, ?)",
+        (conference_id, now, kind, identity, json.dumps(detail, separators=(",", ":"))),
+    )
+
+
+def _state(txn: Any, conference_id: str) -> ConferenceState:
+    row = txn.execute("SELECT state FROM conference WHERE id = ?", (conference_id,)).fetchone()
+    if row is None:
+        raise ConferenceNotFound(conference_id)
+    return ConferenceState(row[0])
+
+
+def _open_state(txn: Any, conference_id: str) -> None:
+    if _state(txn, conference_id) is ConferenceState.ENDED:
+        raise ConferenceEnded(conference_id)
+
+
+def _conference(txn: Any, row: tuple[Any, ...]) -> Conference:
+    cid = row[0]
+    invited = txn.execute("SELECT identity FROM invited WHERE conference_id = ?", (cid,))
+    invited = frozenset(r[0] for r in invited.fetchall())
+    groups = txn.execute("SELECT grp FROM invited_group WHERE conference_id = ?", (cid,))
+    groups = frozenset(r[0] for r in groups.fetchall())
+    return Conference(
+        conference_id=cid,
+        title=row[1],
+        initiator=row[2],
+        state=ConferenceState(row[3]),
+        invited=invited,
+        invited_groups=groups,
+        starts_at=row[4],
+        ends_at=row[5],
+        late_joiners_get_earlier_epochs=bool(row[6]),
+        created_at=row[7],
+    )
+
+
+def _get(txn: Any, conference_id: str) -> Conference:
+    row = txn.execute(
+        f"SELECT {_CONFERENCE_COLUMNS} FROM conference WHERE id = ?", (conference_id,)
+    ).fetchone()
+    if row is None:
+        raise ConferenceNotFound(conference_id)
+    return _conference(txn, row)
+
+
+def _end(txn: Any, conference_id: str, now: float) -> None:
+    if _state(txn, conference_id) is ConferenceState.ENDED:
+        return
+    wiped = txn.execute(
+        "SELECT count(*) FROM epoch WHERE conference_id = ?", (conference_id,)
+    ).fetchone()[0]
+    txn.execute("DELETE FROM epoch WHERE conference_id = ?", (conference_id,))
+    txn.execute("DELETE FROM roster WHERE conference_id = ?", (conference_id,))
+    txn.execute("UPDATE conference SET state = 'ended' WHERE id = ?", (conference_id,))
+    _audit(txn, conference_id, now, "ended", None, {"epochs_wiped": wiped})
+
+
+def _epoch(conference_id: str, row: tuple[Any, ...]) -> EpochKey:
+    return EpochKey(conference_id, row[0], row[1], bytes(row[2]), row[3])
+
+
+@implementer(IConferenceStore)
+class SqliteConferenceStore:
+    """:class:`~perc_daemons.interfaces.IConferenceStore` in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            check_same_thread=False,
+            isolation_level=None,  # transactions are begun explicitly
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_on_connect,
+        )
+        self._closed = False
+        self._ready: Failure | bool = False
+        self._waiting: list[defer.Deferred[None]] = []
+        self._pool.runInteraction(_migrate, path).addBoth(self._opened)
+
+    @classmethod
+    def open(cls, path: str = DEFAULT_PATH) -> defer.Deferred[SqliteConferenceStore]:
+        """Prepare ``path`` (see :func:`prepare_path`) and open it once the schema is ready."""
+        try:
+            prepare_path(path)
+        except OSError as e:
+            return defer.fail(StoreUnavailable(f"cannot create {path}", e))
+        store = cls(path)
+
+        def failed(f: Failure) -> Failure:
+            store._pool.close()
+            return f
+
+        return store._when_ready().addCallbacks(lambda _: store, failed)
+
+    def __repr__(self) -> str:
+        return f"<SqliteConferenceStore {self.path}>"
+
+    # -- plumbing
+
+    def _opened(self, result: object) -> None:
+        if isinstance(result, Failure):
+            self._ready = self._map(result)
+        else:
+            self._ready = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if self._ready is True:
+                d.callback(None)
+            else:
+                d.errback(self._ready)
+
+    def _when_ready(self) -> defer.Deferred[None]:
+        if self._ready is True:
+            return defer.succeed(None)
+        if isinstance(self._ready, Failure):
+            return defer.fail(self._ready)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _map(self, f: Failure) -> Failure:
+        if f.check(StoreError, ValueError):
+            return f
+        if f.check(sqlite3.Error):
+            return Failure(StoreUnavailable(f"SQLite database {self.path}", f.value))
+        return f
+
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if self._closed:
+            return defer.fail(StoreUnavailable(f"SQLite database {self.path} is closed"))
+        d = self._when_ready()
+        d.addCallback(lambda _: self._pool.runInteraction(interaction, *args))
+        return d.addErrback(self._map)
+
+    @staticmethod
+    def _checked(check: Callable[[], Any], run: Callable[[Any], defer.Deferred[Any]]
+                 ) -> defer.Deferred[Any]:
+        try:
+            args = check()
+        except ValueError:
+            return defer.fail()
+        return run(args)
+
+    # -- IConferenceStore
+
+    def create(self, conference: Conference) -> defer.Deferred[Conference]:
+        if not isinstance(conference, Conference):
+            return defer.fail(TypeError("create() takes a Conference"))
+
+        def txn_create(txn: Any) -> Conference:
+            txn.execute("BEGIN IMMEDIATE")
+            c = conference
+            if txn.execute("SELECT 1 FROM conference WHERE id = ?", (c.conference_id,)).fetchone():
+                raise ConferenceExists(c.conference_id)
+            txn.execute(
+                f"INSERT INTO conference ({_CONFERENCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (c.conference_id, c.title, c.initiator, str(c.state), c.starts_at, c.ends_at,
+                 int(c.late_joiners_get_earlier_epochs), c.created_at),
+            )
+            txn.executemany(
+                "INSERT INTO invited (conference_id, identity) VALUES (?, ?)",
+                [(c.conference_id, i) for i in sorted(c.invited)],
+            )
+            txn.executemany(
+                "INSERT INTO invited_group (conference_id, grp) VALUES (?, ?)",
+                [(c.conference_id, g) for g in sorted(c.invited_groups)],
+            )
+            _audit(txn, c.conference_id, c.created_at, "created", c.initiator, created_detail(c))
+            return c
+
+        return self._run(txn_create)
+
+    def get(self, conference_id: str) -> defer.Deferred[Conference]:
+        def txn_get(txn: Any, cid: str) -> Conference:
+            txn.execute("BEGIN")
+            return _get(txn, cid)
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_get, cid))
+
+    def list(self, state: ConferenceState | str | None = None) -> defer.Deferred[list[Conference]]:
+        try:
+            wanted = None if state is None else ConferenceState(state)
+        except ValueError:
+            return defer.fail()
+
+        def txn_list(txn: Any) -> list[Conference]:
+            txn.execute("BEGIN")
+            if wanted is None:
+                rows = txn.execute(f"SELECT {_CONFERENCE_COLUMNS} FROM conference ORDER BY id")
+            else:
+                rows = txn.execute(
+                    f"SELECT {_CONFERENCE_COLUMNS} FROM conference WHERE state = ? ORDER BY id",
+                    (str(wanted),),
+                )
+            return [_conference(txn, row) for row in rows.fetchall()]
+
+        return self._run(txn_list)
+
+    def set_state(self, conference_id: str, state: ConferenceState | str,
+                  now: float) -> defer.Deferred[Conference]:
+        def check() -> tuple[str, ConferenceState, float]:
+            return check_conference_id(conference_id), ConferenceState(state), check_now(now)
+
+        def txn_set_state(txn: Any, args: tuple[str, ConferenceState, float]) -> Conference:
+            cid, target, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            current = _state(txn, cid)
+            if current is not target:
+                if target not in TRANSITIONS[current]:
+                    raise InvalidTransition(cid, current, target)
+                if target is ConferenceState.ENDED:
+                    _end(txn, cid, when)
+                else:
+                    txn.execute("UPDATE conference SET state = ? WHERE id = ?", (str(target), cid))
+                    _audit(txn, cid, when, "state", None, {"state": str(target)})
+            return _get(txn, cid)
+
+        return self._checked(check, lambda args: self._run(txn_set_state, args))
+
+    def _invitation(self, conference_id: str, identity: str, now: float,
+                    add: bool) -> defer.Deferred[None]:
+        def check() -> tuple[str, str, float]:
+            return check_conference_id(conference_id), check_identity(identity), check_now(now)
+
+        def txn_invitation(txn: Any, args: tuple[str, str, float]) -> None:
+            cid, who, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            _open_state(txn, cid)
+            if add:
+                cur = txn.execute(
+                    "INSERT OR IGNORE INTO invited (conference_id, identity) VALUES (?, ?)",
+                    (cid, who),
+                )
+            else:
+                cur = txn.execute(
+                    "DELETE FROM invited WHERE conference_id = ? AND identity = ?", (cid, who)
+                )
+            if cur.rowcount:
+                _audit(txn, cid, when, "invited" if add else "uninvited", who, {})
+
+        return self._checked(check, lambda args: self._run(txn_invitation, args))
+
+    def invite(self, conference_id: str, identity: str, now: float) -> defer.Deferred[None]:
+        return self._invitation(conference_id, identity, now, True)
+
+    def uninvite(self, conference_id: str, identity: str, now: float) -> defer.Deferred[None]:
+        return self._invitation(conference_id, identity, now, False)
+
+    def add_epoch(self, conference_id: str, spi: int, wrapped_key: bytes,
+                  now: float) -> defer.Deferred[EpochKey]:
+        def check() -> tuple[str, int, bytes, float]:
+            return (check_conference_id(conference_id), *check_epoch_args(spi, wrapped_key, now))
+
+        def txn_add_epoch(txn: Any, args: tuple[str, int, bytes, float]) -> EpochKey:
+            cid, spi_, blob, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            _open_state(txn, cid)
+            txn.execute("UPDATE conference SET last_epoch = last_epoch + 1 WHERE id = ?", (cid,))
+            epoch = txn.execute(
+                "SELECT last_epoch FROM conference WHERE id = ?", (cid,)
+            ).fetchone()[0]
+            txn.execute(
+                "INSERT INTO epoch (conference_id, epoch, spi, wrapped_key, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (cid, epoch, spi_, blob, when),
+            )
+            _audit(txn, cid, when, "epoch", None, {"epoch": epoch, "spi": spi_})
+            return EpochKey(cid, epoch, spi_, blob, when)
+
+        return self._checked(check, lambda args: self._run(txn_add_epoch, args))
+
+    def current_epoch(self, conference_id: str) -> defer.Deferred[EpochKey | None]:
+        def txn_current(txn: Any, cid: str) -> EpochKey | None:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            row = txn.execute(
+                "SELECT epoch, spi, wrapped_key, created_at FROM epoch"
+                " WHERE conference_id = ? ORDER BY epoch DESC LIMIT 1",
+                (cid,),
+            ).fetchone()
+            return None if row is None else _epoch(cid, row)
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_current, cid))
+
+    def epochs(self, conference_id: str) -> defer.Deferred[list[EpochKey]]:
+        def txn_epochs(txn: Any, cid: str) -> list[EpochKey]:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            rows = txn.execute(
+                "SELECT epoch, spi, wrapped_key, created_at FROM epoch"
+                " WHERE conference_id = ? ORDER BY epoch",
+                (cid,),
+            ).fetchall()
+            return [_epoch(cid, row) for row in rows]
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_epochs, cid))
+
+    def record_admission(self, conference_id: str, identity: str, ssrcs: Any, epoch: int,
+                         now: float) -> defer.Deferred[None]:
+        def check() -> tuple[str, str, list[int], int, float]:
+            return (check_conference_id(conference_id),
+                    *check_admission_args(identity, ssrcs, epoch, now))
+
+        def txn_admission(txn: Any, args: tuple[str, str, list[int], int, float]) -> None:
+            cid, who, ssrc_list, ep, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            _open_state(txn, cid)
+            _audit(txn, cid, when, "admitted", who, {"ssrcs": ssrc_list, "epoch": ep})
+
+        return self._checked(check, lambda args: self._run(txn_admission, args))
+
+    def audit(self, conference_id: str) -> defer.Deferred[list[AuditEvent]]:
+        def txn_audit(txn: Any, cid: str) -> list[AuditEvent]:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            rows = txn.execute(
+                "SELECT time, kind, identity, detail FROM audit WHERE conference_id = ?"
+                " ORDER BY seq",
+                (cid,),
+            ).fetchall()
+            return [AuditEvent(cid, r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_audit, cid))
+
+    def set_roster(self, conference_id: str, epoch: int,
+                   signed_roster: str) -> defer.Deferred[None]:
+        def check() -> tuple[str, int, str]:
+            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster))
+
+        def txn_set_roster(txn: Any, args: tuple[str, int, str]) -> None:
+            cid, ep, jws = args
+            txn.execute("BEGIN IMMEDIATE")
+            _open_state(txn, cid)
+            txn.execute(
+                "INSERT INTO roster (conference_id, epoch, signed_roster) VALUES (?, ?, ?)"
+                " ON CONFLICT (conference_id) DO UPDATE"
+                " SET epoch = excluded.epoch, signed_roster = excluded.signed_roster"
+                " WHERE excluded.epoch >= roster.epoch",
+                (cid, ep, jws),
+            )
+
+        return self._checked(check, lambda args: self._run(txn_set_roster, args))
+
+    def roster(self, conference_id: str) -> defer.Deferred[tuple[int, str] | None]:
+        def txn_roster(txn: Any, cid: str) -> tuple[int, str] | None:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            row = txn.execute(
+                "SELECT epoch, signed_roster FROM roster WHERE conference_id = ?", (cid,)
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_roster, cid))
+
+    def end(self, conference_id: str, now: float) -> defer.Deferred[None]:
+        def check() -> tuple[str, float]:
+            return check_conference_id(conference_id), check_now(now)
+
+        def txn_end(txn: Any, args: tuple[str, float]) -> None:
+            txn.execute("BEGIN IMMEDIATE")
+            _end(txn, *args)
+
+        return self._checked(check, lambda args: self._run(txn_end, args))
+
+    def close(self) -> defer.Deferred[None]:
+        """Wait for the schema work to finish, then close the connection (idempotent)."""
+        if self._closed:
+            return defer.succeed(None)
+        self._closed = True
+        d = self._when_ready()
+        d.addErrback(lambda _: None)
+        d.addCallback(lambda _: self._pool.close())
+        return d
+
