@@ -103,6 +103,37 @@ class IIdentityVerifier(Interface):
         """
 
 
+class IGrantStore(Interface):
+    """The OAuth 2.0 server's persistent grants: authorization codes, refresh tokens.
+
+    Only SHA-256 hashes of codes and tokens are stored (a leaked store cannot be
+    replayed).  Every method returns a Deferred; implementations: SQLite and
+    Redis, beside the conference stores.
+    """
+
+    def save_code(code_hash, grant, expires_at):
+        """Keep an authorization code's grant (a JSON-serialisable dict) until it expires."""
+
+    def take_code(code_hash, now):
+        """Atomically consume a code: its grant once, then None forever (RFC 6749 s4.1.2)."""
+
+    def save_refresh_token(token_hash, grant, expires_at):
+        """Keep a new refresh token (grant includes its ``family`` id)."""
+
+    def rotate_refresh_token(old_hash, new_hash, new_grant, expires_at, now):
+        """Atomically retire ``old_hash`` and store its successor; returns the old grant.
+
+        Presenting an already-rotated token revokes its whole family and fails
+        with RefreshTokenReused (RFC 6819 s5.2.2.3, OAuth 2.0 Security BCP).
+        """
+
+    def revoke_refresh_token(token_hash):
+        """Revoke one refresh token and its family (RFC 7009); idempotent."""
+
+    def refresh_token(token_hash, now):
+        """The live grant of a refresh token, or None (unknown, expired, revoked)."""
+
+
 # protocol/ imports nothing above it (DESIGN.md), so its implementations are
 # declared here rather than with @implementer.
 from perc_daemons.protocol.identity import JwksIdentityVerifier  # noqa: E402
