@@ -9,6 +9,7 @@ daemons turn it into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -65,11 +66,92 @@ def _admin_section(port: int) -> dict[str, Setting]:
     }
 
 
+def _absolute_path(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path"
+
+
+def _optional_absolute_path(value: str) -> str | None:
+    return None if value == "" else _absolute_path(value)
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else "must be one of " + ", ".join(
+            repr(c) for c in choices)
+    return check
+
+
+def _domain(value: str) -> str | None:
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if len(value) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*", value):
+        return None
+    return "must be a DNS domain name"
+
+
+def _issuer(value: str) -> str | None:
+    if value == "" or (value.startswith("https://") and len(value) > 8
+                       and not any(c in value for c in " \t\r\n?#")):
+        return None
+    return 'must be "" (https://<idp.domain>) or an https:// URL without query or fragment'
+
+
+def _positive(value: int) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+_KMF_SCHEMA: dict[str, dict[str, Setting]] = {
+    "admin": _admin_section(9463),
+    "https": {
+        "bind": Setting(str, "0.0.0.0", "Address of the HTTPS API listener.", _ip_address),
+        "port": Setting(int, 8443, "TCP port of the HTTPS API listener (0 picks a free port).",
+                        _port),
+        "certificate": Setting(str, "/etc/perc/tls/kmf.crt",
+                               "PEM certificate chain of the HTTPS listener (server first).",
+                               _absolute_path),
+        "private_key": Setting(str, "/etc/perc/tls/kmf.key",
+                               "PEM private key of the certificate; mode 0600 or 0640.",
+                               _absolute_path),
+        "dev_self_signed": Setting(
+            bool, False,
+            "Development only: create a self-signed certificate and key at the paths above "
+            "when both are missing.", None),
+        "max_body": Setting(int, 65536, "Largest accepted request body, in bytes (413 beyond).",
+                            _positive),
+    },
+    "idp": {
+        "domain": Setting(str, "localhost", "Identity domain of the IdP (user@domain).",
+                          _domain),
+        "issuer": Setting(str, "", "Issuer and audience of access tokens.", _issuer),
+    },
+    "store": {
+        "backend": Setting(str, "sqlite", "Conference store: sqlite or redis.",
+                           _one_of("sqlite", "redis")),
+        "sqlite_path": Setting(str, "/var/lib/perc/kmf.sqlite3", "SQLite database file.",
+                               _absolute_path),
+        "redis_host": Setting(str, "127.0.0.1", "Redis server host name or address."),
+        "redis_port": Setting(int, 6379, "Redis server port.", _port),
+        "redis_password_file": Setting(str, "", "File holding the Redis password.",
+                                       _optional_absolute_path),
+        "redis_tls": Setting(bool, False, "Connect to Redis over TLS (system CAs)."),
+        "redis_namespace": Setting(str, "perc", "Prefix of every Redis key."),
+    },
+    "keys": {
+        "kek_file": Setting(str, "/var/lib/perc/kmf.kek",
+                            "Key-encryption key file (created on first start).",
+                            _absolute_path),
+        "signing_dir": Setting(str, "/var/lib/perc/signing",
+                               "Directory of the ES256 signing keys (created on first start).",
+                               _absolute_path),
+        "ekt_cipher": Setting(str, "AESKW_256", "EKT cipher of new epoch keys.",
+                              _one_of("AESKW_128", "AESKW_256")),
+    },
+}
+
 #: Per daemon: section -> key -> Setting.  Later features add their sections here.
 SCHEMAS: dict[str, dict[str, dict[str, Setting]]] = {
     "md": {"admin": _admin_section(9461)},
     "kd": {"admin": _admin_section(9462)},
-    "kmf": {"admin": _admin_section(9463)},
+    "kmf": _KMF_SCHEMA,
 }
 
 

@@ -1,14 +1,44 @@
 """twistd plugin module for perc-kmf (see the package docstring for its role).
 
-Today the service runs the admin listener (/healthz, /metrics); the daemon's
-own protocol work is added by later milestones (see README).
+The service runs the admin listener (/healthz, /metrics) and the HTTPS API of
+:mod:`perc_daemons.kmf.api` over the conference store of ``[store]``.
+
+Start-up (in ``makeService``, before anything listens) checks and prepares
+the files of the configuration; any problem is one line naming the file, key
+and reason, exit status 2:
+
+- ``[keys] kek_file`` is created (32 random bytes, mode 0600) when missing,
+  and its directory (0700) with it; an existing one must be mode 0600/0640.
+- ``[keys] signing_dir``: its first ES256 key is created when the directory
+  is missing or holds no ``index.json``; otherwise the keys are loaded.
+- ``[https] certificate`` and ``private_key`` must exist (the key mode
+  0600/0640), unless ``dev_self_signed = true`` and both are missing: then a
+  self-signed development certificate is written there.  A production KMF
+  never silently invents a certificate its clients would not trust.
+- ``[store]``: the SQLite file (and its 0700 directory) is created; Redis is
+  connected at start and the daemon stops if that fails.
 """
 
 from __future__ import annotations
 
-from twisted.application.service import MultiService
+import os
+import sys
 
-from perc_daemons.daemon import DaemonOptions, base_service
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+
+from perc_daemons import config as config_module
+from perc_daemons import tls
+from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
+from perc_daemons.kmf.api import KmfApi, kmf_site
+from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
+from perc_daemons.kmf.signing import INDEX_NAME, SigningKeyError, SigningKeys
+from perc_daemons.protocol.ekt import EktCipher
+from perc_daemons.store.sqlite import SqliteConferenceStore, prepare_path
 
 
 class Options(DaemonOptions):
@@ -16,5 +46,187 @@ class Options(DaemonOptions):
     synopsis = "[--config /etc/perc/kmf.toml]"
 
 
+def _error(cfg: config_module.Config, key: str, reason: str) -> config_module.ConfigError:
+    return config_module.ConfigError(cfg.path, key, reason)
+
+
+def load_kek(cfg: config_module.Config) -> KeyEncryptionKey:
+    path = cfg["keys"].kek_file
+    try:
+        if not os.path.lexists(path):
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            return KeyEncryptionKey.generate(path)
+        return KeyEncryptionKey.load(path)
+    except KeyFileError as e:
+        raise _error(cfg, "keys.kek_file", str(e)) from None
+    except OSError as e:
+        raise _error(cfg, "keys.kek_file", f"{path}: {e.strerror or e}") from None
+
+
+def load_signing_keys(cfg: config_module.Config, now: float) -> SigningKeys:
+    directory = cfg["keys"].signing_dir
+    try:
+        if not os.path.exists(os.path.join(directory, INDEX_NAME)):
+            parent = os.path.dirname(directory)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            return SigningKeys.create(directory, now)
+        return SigningKeys.load(directory)
+    except SigningKeyError as e:
+        raise _error(cfg, "keys.signing_dir", str(e)) from None
+    except OSError as e:
+        raise _error(cfg, "keys.signing_dir", f"{directory}: {e.strerror or e}") from None
+
+
+def tls_context(cfg: config_module.Config) -> tls.ServerContextFactory:
+    https = cfg.https
+    cert, key = https.certificate, https.private_key
+    if https.dev_self_signed and not os.path.lexists(cert) and not os.path.lexists(key):
+        try:
+            tls.generate_self_signed(cert, key)
+        except OSError as e:
+            raise _error(cfg, "https.certificate",
+                         f"{cert}: cannot create a development certificate: "
+                         f"{e.strerror or e}") from None
+    if not os.path.exists(cert):
+        raise _error(cfg, "https.certificate", f"{cert}: file not found")
+    try:
+        tls.check_private_key_file(key)
+    except tls.TlsFileError as e:
+        raise _error(cfg, "https.private_key", f"{key}: {e}") from None
+    try:
+        return tls.server_context_factory(cert, key, request_client_certificate=True)
+    except tls.TlsFileError as e:
+        name = "https.private_key" if str(e).startswith("private key") else "https.certificate"
+        raise _error(cfg, name, str(e)) from None
+
+
+def open_store(cfg: config_module.Config):
+    """The configured store (not yet checked to be usable) and its readiness probe."""
+    store_cfg = cfg.store
+    if store_cfg.backend == "sqlite":
+        path = store_cfg.sqlite_path
+        try:
+            prepare_path(path)
+        except OSError as e:
+            raise _error(cfg, "store.sqlite_path", f"{path}: {e.strerror or e}") from None
+        store = SqliteConferenceStore(path)
+        return store, lambda: store.list().addCallback(lambda _: store)
+    from perc_daemons.store.redis import RedisConferenceStore
+
+    password = None
+    if store_cfg.redis_password_file:
+        pw_path = store_cfg.redis_password_file
+        try:
+            tls.check_private_key_file(pw_path)
+            with open(pw_path, encoding="utf-8") as f:
+                password = f.read().strip()
+        except (tls.TlsFileError, OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise _error(cfg, "store.redis_password_file", f"{pw_path}: {reason}") from None
+    try:
+        store = RedisConferenceStore(store_cfg.redis_host, store_cfg.redis_port,
+                                     password=password, namespace=store_cfg.redis_namespace,
+                                     tls=True if store_cfg.redis_tls else None)
+    except ValueError as e:
+        raise _error(cfg, "store.redis_namespace", str(e)) from None
+    return store, store.connect
+
+
+class StoreService(Service):
+    """Checks the store at start (stopping the daemon if unusable); closes it at stop."""
+
+    log = Logger()
+
+    def __init__(self, reactor, store, probe) -> None:
+        self._reactor = reactor
+        self.store = store
+        self._probe = probe
+        self.setName("store")
+
+    def startService(self) -> None:
+        super().startService()
+
+        def ready(_: object) -> None:
+            self.log.info("perc-kmf conference store ready: {store!r}", store=self.store)
+
+        def failed(f: Failure) -> None:
+            self.log.critical("perc-kmf conference store unusable, stopping: {error}",
+                              error=f.getErrorMessage())
+            if self._reactor.running:
+                self._reactor.stop()
+
+        defer.maybeDeferred(self._probe).addCallbacks(ready, failed)
+
+    def stopService(self) -> defer.Deferred:  # type: ignore[override]
+        super().stopService()
+        return defer.maybeDeferred(self.store.close)
+
+
+class HttpsService(Service):
+    """Listens for HTTPS on ``bind:port`` (like AdminService, synchronously) and logs it."""
+
+    log = Logger()
+
+    def __init__(self, reactor, bind: str, port: int, site: server.Site,
+                 context_factory: tls.ServerContextFactory) -> None:
+        self._reactor = reactor
+        self._bind = bind
+        self._port_number = port
+        self.site = site
+        self._context_factory = context_factory
+        self.port: IListeningPort | None = None
+        self.setName("https")
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.port = self._reactor.listenSSL(self._port_number, self.site,
+                                                self._context_factory, interface=self._bind)
+        except BaseException:
+            self.running = 0
+            raise
+        address = self.port.getHost()
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        self.log.info("perc-kmf HTTPS API listening on https://{host}:{port}/",
+                      host=host, port=address.port)
+
+    def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
+    """The whole daemon; raises ConfigError for unusable files."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    context = tls_context(cfg)
+    kek = load_kek(cfg)
+    keys = load_signing_keys(cfg, reactor.seconds())
+    store, probe = open_store(cfg)
+    top = base_service("kmf", cfg, reactor)
+    # stopped in reverse order: the listener first, then the store
+    StoreService(reactor, store, probe).setServiceParent(top)
+    issuer = cfg.idp.issuer or f"https://{cfg.idp.domain}"
+    api = KmfApi(store=store, kek=kek, keys=keys, idp_domain=cfg.idp.domain, issuer=issuer,
+                 clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher])
+    top.api = api  # type: ignore[attr-defined]
+    HttpsService(reactor, cfg.https.bind, cfg.https.port,
+                 kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)
+    return top
+
+
 def makeService(options: Options) -> MultiService:
-    return base_service("kmf", options.loaded)
+    try:
+        return kmf_service(options.loaded)
+    except config_module.ConfigError as e:
+        sys.stderr.write(f"perc-kmf: configuration error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_CONFIG) from None

@@ -119,11 +119,23 @@ class DaemonTests(unittest.TestCase):
                           f"{proto.output()}")
             yield task.deferLater(reactor, 0.1, lambda: None)
 
+    def extra_config(self, daemon: str) -> str:
+        """What a daemon needs beyond [admin] to start in a test (state in a temp dir)."""
+        if daemon != "kmf":
+            return ""
+        state = os.path.abspath(self.mktemp())
+        return (f'\n[https]\nbind = "127.0.0.1"\nport = {free_port()}\n'
+                f'certificate = "{state}/tls/kmf.crt"\nprivate_key = "{state}/tls/kmf.key"\n'
+                f'dev_self_signed = true\n'
+                f'[store]\nsqlite_path = "{state}/kmf.sqlite3"\n'
+                f'[keys]\nkek_file = "{state}/kmf.kek"\nsigning_dir = "{state}/signing"\n')
+
     @defer.inlineCallbacks
     def lifecycle(self, daemon: str):
         plugin = f"perc-{daemon}"
         port = free_port()
-        path = self.write_config(f'[admin]\nbind = "127.0.0.1"\nport = {port}\n')
+        extra = self.extra_config(daemon)
+        path = self.write_config(f'[admin]\nbind = "127.0.0.1"\nport = {port}\n' + extra)
         proto = self.spawn(plugin, path)
         body = yield self.wait_healthy(proto, port)
         self.assertEqual(
@@ -132,7 +144,11 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(code, 200)
         self.assertIn(b'perc_build_info{daemon="%s",version="0.1.0"} 1.0\n' % plugin.encode(),
                       metrics)
-        yield self.reloads(proto, path, port)
+        if daemon == "kmf":
+            https_port = int(extra.split("port = ")[1].split("\n")[0])
+            yield self.wait_output(
+                proto, f"perc-kmf HTTPS API listening on https://127.0.0.1:{https_port}/")
+        yield self.reloads(proto, path, port, extra)
         os.kill(proto.transport.pid, signal.SIGTERM)
         exit_code, sig = yield self.wait_exit(proto)
         output = proto.output()
@@ -157,18 +173,18 @@ class DaemonTests(unittest.TestCase):
             yield task.deferLater(reactor, 0.05, lambda: None)
 
     @defer.inlineCallbacks
-    def reloads(self, proto: Daemon, path: str, port: int):
+    def reloads(self, proto: Daemon, path: str, port: int, extra: str = ""):
         """SIGHUP (systemctl reload) re-checks the file and never stops the daemon."""
         os.kill(proto.transport.pid, signal.SIGHUP)
         yield self.wait_output(proto, f"reload: {path} is valid and unchanged")
         with open(path, "w", encoding="utf-8") as f:
-            f.write("[admin]\nport = 'x'\n")
+            f.write("[admin]\nport = 'x'\n" + extra)
         os.kill(proto.transport.pid, signal.SIGHUP)
         yield self.wait_output(
             proto, f"reload refused, keeping the running configuration: {path}: admin.port: "
             "must be an integer, not str")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(f"[admin]\nport = {port + 1 if port < 65535 else port - 1}\n")
+            f.write(f"[admin]\nport = {port + 1 if port < 65535 else port - 1}\n" + extra)
         os.kill(proto.transport.pid, signal.SIGHUP)
         yield self.wait_output(proto, f"{path} changed admin.port; these take effect when the "
                                "daemon is restarted")
@@ -206,6 +222,32 @@ class DaemonTests(unittest.TestCase):
             self.config_error(
                 "perc-kmf", missing,
                 f"perc-kmf: configuration error: {missing}: file not found"),
+        ], consumeErrors=True).addErrback(first_error)
+
+    def test_kmf_file_errors(self):
+        """perc-kmf: a missing certificate (no dev_self_signed) or an open key stops it."""
+        state = os.path.abspath(self.mktemp())
+        os.makedirs(state)
+        cert, key = f"{state}/kmf.crt", f"{state}/kmf.key"
+        missing = self.write_config(f'[https]\ncertificate = "{cert}"\nprivate_key = "{key}"\n')
+        from perc_daemons.tls import generate_self_signed
+
+        open_state = os.path.abspath(self.mktemp())
+        generate_self_signed(f"{open_state}/kmf.crt", f"{open_state}/kmf.key")
+        os.chmod(f"{open_state}/kmf.key", 0o644)
+        too_open = self.write_config(
+            f'[https]\ncertificate = "{open_state}/kmf.crt"\n'
+            f'private_key = "{open_state}/kmf.key"\n')
+        return defer.gatherResults([
+            self.config_error(
+                "perc-kmf", missing,
+                f"perc-kmf: configuration error: {missing}: https.certificate: "
+                f"{cert}: file not found"),
+            self.config_error(
+                "perc-kmf", too_open,
+                f"perc-kmf: configuration error: {too_open}: https.private_key: "
+                f"{open_state}/kmf.key: mode 0644 is too open: it must be 0600 or 0640 "
+                f"(chmod 0600 {open_state}/kmf.key)"),
         ], consumeErrors=True).addErrback(first_error)
 
     @defer.inlineCallbacks

@@ -120,7 +120,9 @@ class LoadTests(unittest.TestCase):
 
     def test_partial_section_fills_defaults(self) -> None:
         cfg = config.load("kmf", self.write("[admin]\nport = 0\n"))
-        self.assertEqual(as_dict(cfg), {"admin": {"bind": "127.0.0.1", "port": 0}})
+        self.assertEqual(dict(cfg.admin), {"bind": "127.0.0.1", "port": 0})
+        self.assertEqual(as_dict(cfg), {**defaults("kmf"),
+                                        "admin": {"bind": "127.0.0.1", "port": 0}})
 
     def test_empty_file_is_defaults(self) -> None:
         cfg = config.load("md", self.write(""))

@@ -1,0 +1,582 @@
+"""The KMF's HTTPS API (Twisted Web): identity assertions, key service, roster, conferences.
+
+Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.kmf.problems`):
+
+==========================================================  =====================
+``GET    /.well-known/jwks.json``                            public
+``POST   /v1/identity/assertions``                           ``identity``, bound
+``GET    /v1/conferences`` (``?state=``)                     ``admin``
+``POST   /v1/conferences``                                   ``admin``
+``GET    /v1/conferences/{id}``                              ``admin``
+``POST   /v1/conferences/{id}/invitations``                  ``admin``
+``DELETE /v1/conferences/{id}/invitations/{identity}``       ``admin``
+``POST   /v1/conferences/{id}/start``                        ``admin``
+``POST   /v1/conferences/{id}/end``                          ``admin``
+``POST   /v1/conferences/{id}/epochs``                       ``kd`` or ``admin``
+``POST   /v1/conferences/{id}/keys``                         ``keys`` bound, or ``kd``
+``GET    /v1/conferences/{id}/roster``                       ``keys`` (invited), ``kd``, ``admin``
+``PUT    /v1/conferences/{id}/roster``                       ``kd``
+``GET    /v1/events``  (text/event-stream)                   ``kd``
+==========================================================  =====================
+
+"bound" means the access token must carry ``cnf`` (RFC 8705) matching the TLS
+client certificate of the request; any token with ``cnf`` is refused from
+another certificate.  Access tokens are checked with the KMF's own signing
+keys; issuer and audience are both ``[idp] issuer``.
+
+The key service answers 200 with an empty body and::
+
+    Encryption-Key: keyid="<conference>/<epoch>"; aesgcm128=<base64url EKT key>; usage="EKT"
+
+(draft-thomson-http-encryption-02 section 4 ``parameter`` syntax: ``keyid``
+is a quoted-string as it contains ``/``; base64url is a token).  The
+response also carries ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
+from perc_daemons.kmf.problems import LimitedRequest, Problem, read_json, write_problem
+from perc_daemons.kmf.signing import SigningKeys
+from perc_daemons.kmf.tokens import (
+    AccessToken,
+    CertificateMismatch,
+    InsufficientScope,
+    TokenError,
+    verify_access_token,
+)
+from perc_daemons.protocol.ekt import EktCipher
+from perc_daemons.protocol.identity import create_assertion, parse_fingerprint
+from perc_daemons.protocol.jose import b64url_encode
+from perc_daemons.protocol.roster import DuplicateSsrc, sign_roster
+from perc_daemons.store import (
+    Conference,
+    ConferenceEnded,
+    ConferenceExists,
+    ConferenceNotFound,
+    ConferenceState,
+    EpochKey,
+    InvalidTransition,
+    StoreUnavailable,
+    check_conference_id,
+    check_identity,
+)
+from perc_daemons.tls import peer_certificate_der
+
+__all__ = ["EventBus", "KmfApi", "kmf_site"]
+
+MAX_FINGERPRINTS = 16
+MAX_MEMBERS = 10_000
+ASSERTION_LIFETIME = 120
+_EPOCH_ATTEMPTS = 3
+
+
+class EventBus:
+    """In-process publish/subscribe of conference events for ``GET /v1/events``."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[int, str, dict[str, Any]], None]] = []
+        self._next_id = 1
+
+    def subscribe(self, callback: Callable[[int, str, dict[str, Any]], None]
+                  ) -> Callable[[], None]:
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        event_id, self._next_id = self._next_id, self._next_id + 1
+        for callback in list(self._subscribers):
+            callback(event_id, kind, data)
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = None  # JSON-serialisable, or None for an empty body
+    headers: dict[bytes, bytes] | None = None
+
+
+def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
+    challenge = f'Bearer realm="perc-kmf", error="{error}"'.encode()
+    if error == "":
+        challenge = b'Bearer realm="perc-kmf"'
+    return Problem(401, "unauthorized", "Authentication required", detail,
+                   headers={b"www-authenticate": challenge})
+
+
+def _forbidden(slug: str, title: str, detail: str) -> Problem:
+    return Problem(403, slug, title, detail)
+
+
+def _bad_request(detail: str) -> Problem:
+    return Problem(400, "invalid-request", "Invalid request", detail)
+
+
+def conference_json(c: Conference) -> dict[str, Any]:
+    return {
+        "id": c.conference_id,
+        "title": c.title,
+        "initiator": c.initiator,
+        "state": str(c.state),
+        "invited": sorted(c.invited),
+        "invited_groups": sorted(c.invited_groups),
+        "starts_at": c.starts_at,
+        "ends_at": c.ends_at,
+        "late_joiners_get_earlier_epochs": c.late_joiners_get_earlier_epochs,
+        "created_at": c.created_at,
+    }
+
+
+def _path_conference_id(value: str) -> str:
+    try:
+        return check_conference_id(value)
+    except ValueError:
+        raise Problem(404, "not-found", "Not found", "no such conference") from None
+
+
+class KmfApi(resource.Resource):
+    """The routes above, as one leaf resource dispatching on method and path."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, *, store: Any, kek: KeyEncryptionKey, keys: SigningKeys,
+                 idp_domain: str, issuer: str, clock: IReactorTime,
+                 ekt_cipher: EktCipher = EktCipher.AESKW_256,
+                 events: EventBus | None = None, keepalive: float = 15.0) -> None:
+        super().__init__()
+        self.store = store
+        self.kek = kek
+        self.keys = keys
+        self.idp_domain = idp_domain
+        self.issuer = issuer
+        self.clock = clock
+        self.ekt_cipher = ekt_cipher
+        self.events = events if events is not None else EventBus()
+        self.keepalive = keepalive
+        self._epoch_locks: dict[str, defer.DeferredLock] = {}
+        conf = r"/v1/conferences/(?P<cid>[^/]+)"
+        self._routes: list[tuple[re.Pattern[str], dict[bytes, Callable[..., Awaitable[Any]]]]] = [
+            (re.compile(r"/\.well-known/jwks\.json"), {b"GET": self.jwks}),
+            (re.compile(r"/v1/identity/assertions"), {b"POST": self.identity_assertion}),
+            (re.compile(r"/v1/conferences"), {b"GET": self.list_conferences,
+                                               b"POST": self.create_conference}),
+            (re.compile(conf), {b"GET": self.show_conference}),
+            (re.compile(conf + r"/invitations"), {b"POST": self.invite}),
+            (re.compile(conf + r"/invitations/(?P<identity>[^/]+)"), {b"DELETE": self.uninvite}),
+            (re.compile(conf + r"/start"), {b"POST": self.start}),
+            (re.compile(conf + r"/end"), {b"POST": self.end}),
+            (re.compile(conf + r"/epochs"), {b"POST": self.new_epoch}),
+            (re.compile(conf + r"/keys"), {b"POST": self.conference_key}),
+            (re.compile(conf + r"/roster"), {b"GET": self.get_roster, b"PUT": self.put_roster}),
+            (re.compile(r"/v1/events"), {b"GET": self.event_stream}),
+        ]
+
+    # --- plumbing -----------------------------------------------------------
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def render(self, request: server.Request) -> int:
+        path = request.path.decode("latin-1")
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        for pattern, methods in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            method = request.method
+            if method == b"HEAD" and b"GET" in methods:
+                method = b"GET"
+            handler = methods.get(method)
+            if handler is None:
+                allow = b", ".join(sorted(methods))
+                write_problem(request, Problem(
+                    405, "method-not-allowed", "Method not allowed",
+                    f"{request.method.decode('latin-1')} is not allowed here",
+                    headers={b"allow": allow}))
+                return server.NOT_DONE_YET
+            args = {k: unquote(v) for k, v in match.groupdict().items()}
+            d = defer.ensureDeferred(handler(request, **args))
+            d.addCallbacks(lambda response: self._respond(request, response),
+                           lambda f: self._fail(request, f))
+            return server.NOT_DONE_YET
+        write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
+        return server.NOT_DONE_YET
+
+    def _respond(self, request: server.Request, response: Response | None) -> None:
+        if response is None or request.finished or getattr(request, "_disconnected", False):
+            return  # streamed, or the client went away
+        request.setResponseCode(response.status)
+        request.setHeader(b"cache-control", b"no-store")
+        for name, value in (response.headers or {}).items():
+            request.setHeader(name, value)
+        if response.body is not None:
+            if not request.responseHeaders.hasHeader(b"content-type"):
+                request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(response.body).encode() + b"\n")
+        request.finish()
+
+    def _fail(self, request: server.Request, failure: Failure) -> None:
+        if getattr(request, "_disconnected", False) or request.finished:
+            return
+        error = failure.value
+        if isinstance(error, Problem):
+            problem = error
+        elif isinstance(error, ConferenceNotFound):
+            problem = Problem(404, "not-found", "Not found", "no such conference")
+        elif isinstance(error, ConferenceEnded):
+            problem = Problem(410, "conference-ended", "Conference ended",
+                              "the conference has ended")
+        elif isinstance(error, ConferenceExists):
+            problem = Problem(409, "conference-exists", "Conference exists",
+                              "a conference with that id exists")
+        elif isinstance(error, InvalidTransition):
+            problem = Problem(409, "invalid-transition", "Invalid state change", str(error))
+        elif isinstance(error, StoreUnavailable):
+            self.log.failure("conference store unavailable", failure)
+            problem = Problem(503, "store-unavailable", "Service unavailable",
+                              "the conference store cannot be reached")
+        else:
+            self.log.failure("{method} {path} failed", failure,
+                             method=request.method.decode("latin-1"),
+                             path=request.path.decode("latin-1"))
+            problem = Problem(500, "internal-error", "Internal server error")
+        write_problem(request, problem)
+
+    def authorize(self, request: server.Request, scopes: tuple[str, ...], *,
+                  bound: bool = False) -> AccessToken:
+        """The request's verified token, holding at least one of ``scopes``."""
+        header = request.getHeader(b"authorization")
+        if header is None:
+            raise _unauthorized("a bearer access token is required", error="")
+        kind, _, token = header.decode("latin-1").partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise _unauthorized("the Authorization header must be 'Bearer <token>'",
+                                error="invalid_request")
+        try:
+            verified = verify_access_token(
+                token.strip(), self.keys, issuer=self.issuer, audience=self.issuer,
+                now=self.now(), presented_certificate=peer_certificate_der(request.transport),
+                require_certificate_binding=bound)
+        except InsufficientScope as e:  # not raised without required_scopes; kept for safety
+            raise Problem(403, "insufficient-scope", "Insufficient scope", str(e)) from None
+        except CertificateMismatch as e:
+            raise _unauthorized(f"certificate binding: {e}") from None
+        except TokenError as e:
+            raise _unauthorized(str(e)) from None
+        if not verified.scopes.intersection(scopes):
+            raise Problem(403, "insufficient-scope", "Insufficient scope",
+                          "the token needs scope " + " or ".join(scopes),
+                          headers={b"www-authenticate": (
+                              f'Bearer realm="perc-kmf", error="insufficient_scope", '
+                              f'scope="{" ".join(scopes)}"').encode()})
+        return verified
+
+    # --- public ---------------------------------------------------------------
+
+    async def jwks(self, request: server.Request) -> Response:
+        return Response(200, self.keys.jwks(self.now()),
+                        {b"content-type": b"application/jwk-set+json"})
+
+    # --- identity assertions --------------------------------------------------
+
+    async def identity_assertion(self, request: server.Request) -> Response:
+        token = self.authorize(request, ("identity",), bound=True)
+        body = read_json(request)
+        fingerprints = body.get("fingerprints")
+        if (not isinstance(fingerprints, list) or not fingerprints
+                or len(fingerprints) > MAX_FINGERPRINTS):
+            raise _bad_request(f"fingerprints must be a list of 1-{MAX_FINGERPRINTS} "
+                               "sha-256 fingerprints (AA:BB:...)")
+        digests = []
+        for text in fingerprints:
+            try:
+                digest = parse_fingerprint(text)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise _bad_request(f"not a sha-256 fingerprint: {text!r}")
+            digests.append(digest)
+        audience = body.get("audience")
+        if audience != "kd":
+            try:
+                check_conference_id(audience)
+            except ValueError:
+                raise _bad_request('audience must be "kd" or a conference id') from None
+        # the token is bound: this is the presented certificate's digest
+        if token.thumbprint not in digests:
+            raise _forbidden("fingerprint-not-presented", "Fingerprint not presented",
+                             "the TLS client certificate is not among the fingerprints")
+        try:
+            assertion = create_assertion(self.keys, idp_domain=self.idp_domain,
+                                         identity=token.subject, fingerprints=digests,
+                                         audience=audience, now=self.now(),
+                                         lifetime=ASSERTION_LIFETIME)
+        except ValueError as e:
+            raise _forbidden("foreign-identity", "Identity not asserted", str(e)) from None
+        return Response(201, json.loads(assertion))
+
+    # --- conferences (admin) -------------------------------------------------
+
+    async def list_conferences(self, request: server.Request) -> Response:
+        self.authorize(request, ("admin",))
+        state = request.args.get(b"state", [None])[0]
+        if state is not None:
+            try:
+                state = ConferenceState(state.decode("latin-1"))
+            except ValueError:
+                raise _bad_request("state must be scheduled, running or ended") from None
+        conferences = await self.store.list(state)
+        return Response(200, {"conferences": [conference_json(c) for c in conferences]})
+
+    async def create_conference(self, request: server.Request) -> Response:
+        token = self.authorize(request, ("admin",))
+        body = read_json(request)
+        allowed = {"id", "title", "initiator", "invited", "invited_groups", "starts_at",
+                   "ends_at", "late_joiners_get_earlier_epochs"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise _bad_request("unknown member(s): " + ", ".join(sorted(unknown)))
+        for name in ("invited", "invited_groups"):
+            if not isinstance(body.get(name, []), list):
+                raise _bad_request(f"{name} must be a list")
+        try:
+            conference = Conference(
+                conference_id=body.get("id"),
+                title=body.get("title", ""),
+                initiator=body.get("initiator", token.subject),
+                invited=frozenset(body.get("invited", [])),
+                invited_groups=frozenset(body.get("invited_groups", [])),
+                starts_at=body.get("starts_at"),
+                ends_at=body.get("ends_at"),
+                late_joiners_get_earlier_epochs=body.get("late_joiners_get_earlier_epochs",
+                                                         False),
+                created_at=self.now(),
+            )
+        except (ValueError, TypeError) as e:
+            raise _bad_request(str(e)) from None
+        created = await self.store.create(conference)
+        location = f"/v1/conferences/{created.conference_id}".encode()
+        return Response(201, conference_json(created), {b"location": location})
+
+    async def show_conference(self, request: server.Request, cid: str) -> Response:
+        self.authorize(request, ("admin",))
+        conference = await self.store.get(_path_conference_id(cid))
+        body = conference_json(conference)
+        current = await self.store.current_epoch(conference.conference_id)
+        body["epoch"] = current.epoch if current is not None else None
+        return Response(200, body)
+
+    async def invite(self, request: server.Request, cid: str) -> Response:
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        body = read_json(request)
+        try:
+            identity = check_identity(body.get("identity"))
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
+        await self.store.invite(cid, identity, self.now())
+        return Response(200, conference_json(await self.store.get(cid)))
+
+    async def uninvite(self, request: server.Request, cid: str, identity: str) -> Response:
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        try:
+            check_identity(identity)
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
+        await self.store.uninvite(cid, identity, self.now())
+        return Response(200, conference_json(await self.store.get(cid)))
+
+    async def start(self, request: server.Request, cid: str) -> Response:
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        conference = await self.store.set_state(cid, ConferenceState.RUNNING, self.now())
+        epoch = await self.store.current_epoch(cid)
+        if epoch is None:
+            epoch = await self._add_epoch(cid)
+        body = conference_json(conference)
+        body["epoch"] = epoch.epoch
+        return Response(200, body)
+
+    async def end(self, request: server.Request, cid: str) -> Response:
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        before = await self.store.get(cid)
+        await self.store.end(cid, self.now())
+        if before.state is not ConferenceState.ENDED:
+            self.events.publish("conference-ended", {"conference": cid})
+        return Response(200, conference_json(await self.store.get(cid)))
+
+    # --- epochs and keys ------------------------------------------------------
+
+    async def _running(self, cid: str) -> Conference:
+        conference = await self.store.get(cid)
+        if conference.state is ConferenceState.ENDED:
+            raise ConferenceEnded(cid)
+        if conference.state is not ConferenceState.RUNNING:
+            raise Problem(409, "conference-not-running", "Conference not running",
+                          f"the conference is {conference.state}")
+        return conference
+
+    async def _add_epoch(self, cid: str) -> EpochKey:
+        """A new epoch with a fresh random EKT key, wrapped for its epoch number.
+
+        Serialised per conference in this process; should another KMF sharing
+        the store take the expected number first, the (unusable) epoch is
+        superseded by trying again.
+        """
+        lock = self._epoch_locks.setdefault(cid, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            for _ in range(_EPOCH_ATTEMPTS):
+                current = await self.store.current_epoch(cid)
+                number = current.epoch + 1 if current is not None else 1
+                spi = ((current.spi + 1) & 0xFFFF if current is not None
+                       else secrets.randbelow(0x10000))
+                key = secrets.token_bytes(self.ekt_cipher.key_length)
+                wrapped = self.kek.wrap(key, conference_id=cid, epoch=number)
+                added = await self.store.add_epoch(cid, spi, wrapped, self.now())
+                if added.epoch == number:
+                    self.events.publish("epoch", {"conference": cid, "epoch": number,
+                                                  "spi": spi})
+                    return added
+            raise StoreUnavailable(f"conference {cid!r}: epochs taken concurrently")
+        finally:
+            lock.release()
+            if not lock.waiting:
+                self._epoch_locks.pop(cid, None)
+
+    async def new_epoch(self, request: server.Request, cid: str) -> Response:
+        self.authorize(request, ("kd", "admin"))
+        cid = _path_conference_id(cid)
+        await self._running(cid)
+        epoch = await self._add_epoch(cid)
+        return Response(201, {"conference": cid, "epoch": epoch.epoch, "spi": epoch.spi,
+                              "ekt_cipher": self.ekt_cipher.name})
+
+    async def conference_key(self, request: server.Request, cid: str) -> Response:
+        token = self.authorize(request, ("keys", "kd"))
+        cid = _path_conference_id(cid)
+        conference = await self._running(cid)
+        if "kd" not in token.scopes:
+            if token.thumbprint is None:
+                raise _unauthorized("certificate binding: a certificate-bound token is required")
+            if token.subject not in conference.invited:
+                raise _forbidden("not-invited", "Not invited",
+                                 "this identity is not invited to the conference")
+        current = await self.store.current_epoch(cid)
+        if current is None:
+            raise Problem(409, "no-epoch", "No key yet", "the conference has no key epoch")
+        try:
+            key = self.kek.unwrap(current.wrapped_key, conference_id=cid, epoch=current.epoch)
+        except KeyUnwrapError:
+            raise Problem(500, "internal-error", "Internal server error",
+                          "the stored key cannot be unwrapped") from None
+        header = (f'keyid="{cid}/{current.epoch}"; aesgcm128={b64url_encode(key)}; '
+                  f'usage="EKT"').encode()
+        return Response(200, {"conference": cid, "epoch": current.epoch, "spi": current.spi,
+                              "ekt_cipher": EktCipher.AESKW_256.name if len(key) == 32
+                              else EktCipher.AESKW_128.name},
+                        {b"encryption-key": header})
+
+    # --- roster ---------------------------------------------------------------
+
+    async def get_roster(self, request: server.Request, cid: str) -> Response:
+        token = self.authorize(request, ("keys", "kd", "admin"))
+        cid = _path_conference_id(cid)
+        conference = await self.store.get(cid)
+        if not token.scopes.intersection(("kd", "admin")) and (
+                token.subject not in conference.invited):
+            raise _forbidden("not-invited", "Not invited",
+                             "this identity is not invited to the conference")
+        roster = await self.store.roster(cid)
+        if roster is None:
+            raise Problem(404, "no-roster", "No roster", "no roster has been reported yet")
+        return Response(200, {"conference": cid, "epoch": roster[0], "roster": roster[1]})
+
+    async def put_roster(self, request: server.Request, cid: str) -> Response:
+        self.authorize(request, ("kd",))
+        cid = _path_conference_id(cid)
+        body = read_json(request)
+        epoch = body.get("epoch")
+        members = body.get("members")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+            raise _bad_request("epoch must be a positive integer")
+        if not isinstance(members, list) or len(members) > MAX_MEMBERS:
+            raise _bad_request(f"members must be a list of at most {MAX_MEMBERS}")
+        pairs = []
+        for member in members:
+            if not isinstance(member, dict) or set(member) != {"identity", "ssrcs"}:
+                raise _bad_request('each member is {"identity": ..., "ssrcs": [...]}')
+            pairs.append((member["identity"], member["ssrcs"]))
+        await self._running(cid)
+        current = await self.store.current_epoch(cid)
+        if current is None or epoch > current.epoch:
+            raise Problem(409, "unknown-epoch", "Unknown epoch",
+                          f"epoch {epoch} has not been started")
+        try:
+            signed = sign_roster(self.keys, issuer=self.issuer, conference_id=cid, epoch=epoch,
+                                 members=pairs, now=self.now())
+        except (ValueError, DuplicateSsrc) as e:
+            raise _bad_request(str(e)) from None
+        await self.store.set_roster(cid, epoch, signed)
+        return Response(200, {"conference": cid, "epoch": epoch, "roster": signed})
+
+    # --- events -----------------------------------------------------------------
+
+    async def event_stream(self, request: server.Request) -> None:
+        self.authorize(request, ("kd",))
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+
+        def send(event_id: int, kind: str, data: dict[str, Any]) -> None:
+            request.write(f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+                          .encode())
+
+        request.write(b": perc-kmf events\n\n")
+        unsubscribe = self.events.subscribe(send)
+        keepalive = task.LoopingCall(lambda: request.write(b": keep-alive\n\n"))
+        keepalive.clock = self.clock
+        keepalive.start(self.keepalive, now=False)
+
+        def gone(_: object) -> None:
+            unsubscribe()
+            if keepalive.running:
+                keepalive.stop()
+
+        request.notifyFinish().addBoth(gone)
+        return None
+
+
+def kmf_site(api: KmfApi, *, max_body: int = 65536) -> server.Site:
+    site = server.Site(api, requestFactory=LimitedRequest)
+    site.max_body = max_body  # type: ignore[attr-defined]
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
