@@ -99,6 +99,28 @@ def _positive(value: int) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def _url_or_empty(value: str) -> str | None:
+    if value == "" or (value.startswith("https://") and len(value) > 8
+                       and not any(c in value for c in " \t\r\n?#")):
+        return None
+    return 'must be "" or an https:// URL without query or fragment'
+
+
+def _auth_backends(value: list) -> str | None:
+    if not value:
+        return "must name at least one back-end"
+    for name in value:
+        if not isinstance(name, str):
+            return "must be a list of strings"
+        if name in ("ldap", "oidc"):
+            return f"back-end {name!r} is not configurable yet (known: 'file')"
+        if name != "file":
+            return f"unknown back-end {name!r} (known: 'file')"
+    if len(set(value)) != len(value):
+        return "must not name a back-end twice"
+    return None
+
+
 _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9463),
     "https": {
@@ -144,6 +166,27 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
                                _absolute_path),
         "ekt_cipher": Setting(str, "AESKW_256", "EKT cipher of new epoch keys.",
                               _one_of("AESKW_128", "AESKW_256")),
+    },
+    "oauth": {
+        "clients_file": Setting(str, "/etc/perc/kmf-clients.toml",
+                                "OAuth client registry (missing: no clients).", _absolute_path),
+        "public_url": Setting(str, "", "Base URL of the OAuth endpoints (\"\" = the issuer).",
+                              _url_or_empty),
+        "access_token_lifetime": Setting(int, 300, "Access token lifetime, seconds.",
+                                         _positive),
+        "refresh_token_lifetime": Setting(int, 86400, "Refresh token lifetime, seconds.",
+                                          _positive),
+        "code_lifetime": Setting(int, 60, "Authorization code lifetime, seconds.", _positive),
+        "form_lifetime": Setting(int, 600, "Validity of a login form, seconds.", _positive),
+    },
+    "auth": {
+        "backends": Setting(list, ["file"], "User authentication back-ends, in order.",
+                            _auth_backends),
+        "users_file": Setting(str, "/var/lib/perc/users.jsonl", "Local user file.",
+                              _absolute_path),
+        "user_limit": Setting(int, 5, "Failed logins per user per window.", _positive),
+        "address_limit": Setting(int, 20, "Failed logins per address per window.", _positive),
+        "window": Setting(int, 900, "Failed-login window, seconds.", _positive),
     },
 }
 

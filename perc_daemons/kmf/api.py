@@ -17,7 +17,28 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.kmf.problems`
 ``GET    /v1/conferences/{id}/roster``                       ``keys`` (invited), ``kd``, ``admin``
 ``PUT    /v1/conferences/{id}/roster``                       ``kd``
 ``GET    /v1/events``  (text/event-stream)                   ``kd``
+``GET    /.well-known/oauth-authorization-server``           public (RFC 8414)
+``GET    /oauth/authorize``  (HTML login form)               public
+``POST   /oauth/authorize``  (form submission)               public, CSRF token
+``POST   /oauth/token``                                      client auth (RFC 6749)
+``POST   /oauth/revoke``                                     client auth (RFC 7009)
+``POST   /oauth/introspect``                                 confidential client (RFC 7662)
 ==========================================================  =====================
+
+The ``/oauth/*`` routes exist when an
+:class:`~perc_daemons.kmf.oauth.AuthorizationServer` is given.  They answer
+in OAuth's formats, not RFC 9457: ``/oauth/token``, ``/revoke`` and
+``/introspect`` take ``application/x-www-form-urlencoded`` bodies, answer
+JSON (``Cache-Control: no-store``, ``Pragma: no-cache``) and fail with RFC
+6749 s5.2 ``{"error", "error_description"}`` (401 with ``WWW-Authenticate:
+Basic`` for ``invalid_client``).  Clients authenticate with HTTP Basic
+(``client_secret_basic``, percent-decoded id and secret, RFC 6749 s2.3.1) or,
+public clients, with ``client_id`` in the body; ``client_secret`` in the body
+is refused.  ``/oauth/authorize`` serves a self-contained HTML login form
+(CSP ``default-src 'none'``, no framing) whose hidden fields carry the
+request, signed with an HMAC over the parameters and the time the form was
+made (``form_lifetime`` seconds) under a per-process secret; a POST without a
+valid signature is refused (403) before any credential is checked.
 
 "bound" means the access token must carry ``cnf`` (RFC 8705) matching the TLS
 client certificate of the request; any token with ``cnf`` is refused from
@@ -35,9 +56,16 @@ response also carries ``Cache-Control: no-store``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import html
 import json
+import math
 import re
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +78,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
+from perc_daemons.kmf.oauth import LoginFailed, LoginRateLimited, OAuthError
 from perc_daemons.kmf.problems import LimitedRequest, Problem, read_json, write_problem
 from perc_daemons.kmf.signing import SigningKeys
 from perc_daemons.kmf.tokens import (
@@ -79,6 +108,13 @@ from perc_daemons.tls import peer_certificate_der
 
 __all__ = ["EventBus", "KmfApi", "kmf_site"]
 
+#: The request parameters of /oauth/authorize carried by the login form.
+AUTHORIZE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state",
+                    "code_challenge", "code_challenge_method")
+#: The scopes the routes above understand (RFC 8414 ``scopes_supported``).
+API_SCOPES = ("admin", "identity", "kd", "keys")
+_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+_CSP_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
 MAX_FINGERPRINTS = 16
 MAX_MEMBERS = 10_000
 ASSERTION_LIFETIME = 120
@@ -114,7 +150,7 @@ class EventBus:
 @dataclass
 class Response:
     status: int = 200
-    body: Any = None  # JSON-serialisable, or None for an empty body
+    body: Any = None  # JSON-serialisable, bytes written as they are, or None for no body
     headers: dict[bytes, bytes] | None = None
 
 
@@ -165,7 +201,9 @@ class KmfApi(resource.Resource):
     def __init__(self, *, store: Any, kek: KeyEncryptionKey, keys: SigningKeys,
                  idp_domain: str, issuer: str, clock: IReactorTime,
                  ekt_cipher: EktCipher = EktCipher.AESKW_256,
-                 events: EventBus | None = None, keepalive: float = 15.0) -> None:
+                 events: EventBus | None = None, keepalive: float = 15.0,
+                 oauth: Any = None, public_url: str | None = None,
+                 form_secret: bytes | None = None, form_lifetime: int = 600) -> None:
         super().__init__()
         self.store = store
         self.kek = kek
@@ -193,6 +231,20 @@ class KmfApi(resource.Resource):
             (re.compile(conf + r"/roster"), {b"GET": self.get_roster, b"PUT": self.put_roster}),
             (re.compile(r"/v1/events"), {b"GET": self.event_stream}),
         ]
+        self.oauth = oauth
+        self.public_url = (public_url or issuer).rstrip("/")
+        self.form_secret = form_secret if form_secret is not None else secrets.token_bytes(32)
+        self.form_lifetime = form_lifetime
+        if oauth is not None:
+            self._routes += [
+                (re.compile(r"/\.well-known/oauth-authorization-server"),
+                 {b"GET": self.oauth_metadata}),
+                (re.compile(r"/oauth/authorize"), {b"GET": self.authorize_form,
+                                                   b"POST": self.authorize_login}),
+                (re.compile(r"/oauth/token"), {b"POST": self.oauth_token}),
+                (re.compile(r"/oauth/revoke"), {b"POST": self.oauth_revoke}),
+                (re.compile(r"/oauth/introspect"), {b"POST": self.oauth_introspect}),
+            ]
 
     # --- plumbing -----------------------------------------------------------
 
@@ -233,7 +285,9 @@ class KmfApi(resource.Resource):
         request.setHeader(b"cache-control", b"no-store")
         for name, value in (response.headers or {}).items():
             request.setHeader(name, value)
-        if response.body is not None:
+        if isinstance(response.body, bytes):
+            request.write(response.body)
+        elif response.body is not None:
             if not request.responseHeaders.hasHeader(b"content-type"):
                 request.setHeader(b"content-type", b"application/json")
             request.write(json.dumps(response.body).encode() + b"\n")
@@ -572,6 +626,258 @@ class KmfApi(resource.Resource):
 
         request.notifyFinish().addBoth(gone)
         return None
+
+    # --- OAuth 2.0 (RFC 6749, 7009, 7636, 7662, 8414, 8705) -----------------------
+
+    def oauth_error(self, error: OAuthError) -> Response:
+        """RFC 6749 s5.2 JSON error response."""
+        status = error.status if 400 <= error.status < 500 else 400
+        headers = {b"content-type": b"application/json", b"pragma": b"no-cache"}
+        if error.error == "invalid_client":
+            status = 401
+            headers[b"www-authenticate"] = b'Basic realm="perc-kmf", charset="UTF-8"'
+        return Response(status, error.response(), headers)
+
+    @staticmethod
+    def _single(pairs: list[tuple[str, str]]) -> dict[str, str]:
+        params: dict[str, str] = {}
+        for name, value in pairs:
+            if name in params:  # RFC 6749 s3.1: no parameter more than once
+                raise OAuthError("invalid_request", f"{name} given more than once")
+            params[name] = value
+        return params
+
+    def _query(self, request: server.Request) -> dict[str, str]:
+        query = request.uri.partition(b"?")[2]
+        try:
+            text = query.decode("ascii")
+            pairs = urllib.parse.parse_qsl(text, keep_blank_values=True,
+                                           errors="strict", max_num_fields=64)
+        except (UnicodeDecodeError, ValueError):
+            raise OAuthError("invalid_request", "malformed query") from None
+        return self._single(pairs)
+
+    def _form(self, request: server.Request) -> dict[str, str]:
+        """The ``application/x-www-form-urlencoded`` body, or OAuthError invalid_request."""
+        if getattr(request, "body_too_large", False):
+            raise Problem(413, "body-too-large", "Request body too large",
+                          f"the body may be at most {request.channel.site.max_body} bytes")
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        if content_type.split(";", 1)[0].strip().lower() != _FORM_CONTENT_TYPE:
+            raise OAuthError("invalid_request", f"the body must be {_FORM_CONTENT_TYPE}")
+        request.content.seek(0)
+        raw = request.content.read()
+        try:
+            text = raw.decode("ascii")
+            pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                           encoding="utf-8", errors="strict",
+                                           max_num_fields=64)
+        except (UnicodeDecodeError, ValueError):
+            raise OAuthError("invalid_request", "malformed form body") from None
+        return self._single(pairs)
+
+    def _client_auth(self, request: server.Request,
+                     params: dict[str, str]) -> tuple[str, str] | None:
+        """HTTP Basic client credentials (RFC 6749 s2.3.1), or None for a public client."""
+        if "client_secret" in params:
+            raise OAuthError("invalid_request", "send client credentials with HTTP Basic")
+        header = request.getHeader(b"authorization")
+        if header is None:
+            return None
+        kind, _, value = header.decode("latin-1").partition(" ")
+        if kind.lower() != "basic":
+            raise OAuthError("invalid_client", "use HTTP Basic client authentication", 401)
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
+        client_id, sep, secret = decoded.partition(":")
+        if not sep:
+            raise OAuthError("invalid_client", "malformed Basic credentials", 401)
+        try:
+            return (urllib.parse.unquote_plus(client_id, errors="strict"),
+                    urllib.parse.unquote_plus(secret, errors="strict"))
+        except UnicodeDecodeError:
+            raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
+
+    async def oauth_metadata(self, request: server.Request) -> Response:
+        base = self.public_url
+        return Response(200, {
+            "issuer": self.issuer,
+            "authorization_endpoint": base + "/oauth/authorize",
+            "token_endpoint": base + "/oauth/token",
+            "revocation_endpoint": base + "/oauth/revoke",
+            "introspection_endpoint": base + "/oauth/introspect",
+            "jwks_uri": base + "/.well-known/jwks.json",
+            "scopes_supported": list(API_SCOPES),
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "client_credentials",
+                                      "refresh_token"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
+            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
+            "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
+            "tls_client_certificate_bound_access_tokens": True,
+            "authorization_response_iss_parameter_supported": True,
+        })
+
+    async def oauth_token(self, request: server.Request) -> Response:
+        try:
+            params = self._form(request)
+            client_auth = self._client_auth(request, params)
+            grant_type = params.pop("grant_type", "")
+            if not grant_type:
+                raise OAuthError("invalid_request", "missing grant_type")
+            body = await self.oauth.token(grant_type, params, client_auth,
+                                          peer_certificate_der(request.transport), self.now())
+        except OAuthError as e:
+            return self.oauth_error(e)
+        return Response(200, body, {b"pragma": b"no-cache"})
+
+    async def oauth_revoke(self, request: server.Request) -> Response:
+        try:
+            params = self._form(request)
+            client_auth = self._client_auth(request, params)
+            await self.oauth.revoke(params.get("token"), params.get("token_type_hint"),
+                                    client_auth, self.now(), client_id=params.get("client_id"))
+        except OAuthError as e:
+            return self.oauth_error(e)
+        return Response(200, None, {b"pragma": b"no-cache"})
+
+    async def oauth_introspect(self, request: server.Request) -> Response:
+        try:
+            params = self._form(request)
+            client_auth = self._client_auth(request, params)
+            body = await self.oauth.introspect(params.get("token"), client_auth, self.now())
+        except OAuthError as e:
+            return self.oauth_error(e)
+        return Response(200, body, {b"pragma": b"no-cache"})
+
+    # login form
+
+    def _form_token(self, params: dict[str, str], issued: int) -> str:
+        message = json.dumps([issued] + [params.get(n, "") for n in AUTHORIZE_PARAMS])
+        mac = hmac.new(self.form_secret, b"perc-kmf login form\0" + message.encode(),
+                       hashlib.sha256).digest()
+        return f"{issued}.{b64url_encode(mac)}"
+
+    def _form_token_valid(self, params: dict[str, str], token: str | None) -> bool:
+        if not token or len(token) > 128:
+            return False
+        issued_text, _, _ = token.partition(".")
+        if not issued_text.isdigit():
+            return False
+        issued = int(issued_text)
+        age = self.now() - issued
+        if age < -5 or age > self.form_lifetime:
+            return False
+        return hmac.compare_digest(token.encode(), self._form_token(params, issued).encode())
+
+    def _html(self, status: int, title: str, body: str, *, form_origin: str | None = None,
+              headers: dict[bytes, bytes] | None = None) -> Response:
+        # form-action also governs the redirect after the POST (CSP 3): allow the client's origin
+        form_action = "'self'" + (f" {form_origin}" if form_origin else "")
+        page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<title>{html.escape(title)}</title></head>\n<body>\n"
+                f"<h1>{html.escape(title)}</h1>\n{body}</body></html>\n")
+        all_headers = {
+            b"content-type": b"text/html; charset=utf-8",
+            b"content-security-policy": (
+                f"default-src 'none'; form-action {form_action}; frame-ancestors 'none'; "
+                "base-uri 'none'").encode(),
+            b"x-frame-options": b"DENY",
+            b"x-content-type-options": b"nosniff",
+            b"referrer-policy": b"no-referrer",
+            b"pragma": b"no-cache",
+        }
+        all_headers.update(headers or {})
+        return Response(status, page.encode("utf-8"), all_headers)
+
+    def _error_page(self, status: int, message: str) -> Response:
+        return self._html(status, "Sign-in error", f"<p>{html.escape(message)}</p>\n")
+
+    @staticmethod
+    def _origin(uri: str) -> str | None:
+        parts = urllib.parse.urlsplit(uri)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        return origin if _CSP_ORIGIN.fullmatch(origin) else None
+
+    def _login_page(self, params: dict[str, str], *, status: int = 200, message: str = "",
+                    headers: dict[bytes, bytes] | None = None) -> Response:
+        e = html.escape
+        fields = "".join(
+            f'<input type="hidden" name="{n}" value="{e(params[n])}">\n'
+            for n in AUTHORIZE_PARAMS if n in params)
+        token = self._form_token(params, int(self.now()))
+        notice = f'<p role="alert">{e(message)}</p>\n' if message else ""
+        body = (f"<p>Sign in to {e(self.idp_domain)} for <b>{e(params.get('client_id', ''))}</b>"
+                f" (scope: {e(params.get('scope', '') or 'default')}).</p>\n{notice}"
+                '<form method="post" action="/oauth/authorize">\n'
+                f"{fields}"
+                f'<input type="hidden" name="csrf_token" value="{e(token)}">\n'
+                '<p><label>Username <input name="username" autocomplete="username" '
+                'required autofocus></label></p>\n'
+                '<p><label>Password <input type="password" name="password" '
+                'autocomplete="current-password" required></label></p>\n'
+                '<p><button type="submit">Sign in</button></p>\n</form>\n')
+        return self._html(status, "Sign in", body,
+                          form_origin=self._origin(params.get("redirect_uri", "")),
+                          headers=headers)
+
+    async def _checked_authorize(self, params: dict[str, str], username: str | None,
+                                 password: str | None, address: str | None) -> str:
+        return await self.oauth.authorize(
+            params.get("client_id"), params.get("redirect_uri"), params.get("response_type"),
+            params.get("scope"), params.get("state"), params.get("code_challenge"),
+            params.get("code_challenge_method"), username, password, address, self.now())
+
+    def _authorize_refused(self, error: OAuthError) -> Response:
+        url = error.redirect_url()
+        if url is None:  # unknown client or redirect URI: never redirect (RFC 6749 s4.1.2.1)
+            return self._error_page(400, f"The request is invalid: {error.description}.")
+        return Response(302, None, {b"location": url.encode("utf-8")})
+
+    async def authorize_form(self, request: server.Request) -> Response:
+        try:
+            params = self._query(request)
+        except OAuthError as e:
+            return self._error_page(400, f"The request is invalid: {e.description}.")
+        params = {k: v for k, v in params.items() if k in AUTHORIZE_PARAMS}
+        try:
+            # No credentials: the server validates the whole request, then refuses the
+            # (absent) login with LoginFailed, which here means "valid: show the form".
+            await self._checked_authorize(params, None, None, None)
+        except LoginFailed:
+            return self._login_page(params)
+        except OAuthError as e:
+            return self._authorize_refused(e)
+        raise AssertionError("authorize succeeded without credentials")  # pragma: no cover
+
+    async def authorize_login(self, request: server.Request) -> Response:
+        try:
+            form = self._form(request)
+        except OAuthError as e:
+            return self._error_page(400, f"The request is invalid: {e.description}.")
+        params = {k: v for k, v in form.items() if k in AUTHORIZE_PARAMS}
+        if not self._form_token_valid(params, form.get("csrf_token")):
+            return self._error_page(403, "This sign-in form is invalid or has expired; "
+                                         "go back to the application and start again.")
+        address = request.getClientAddress()
+        try:
+            url = await self._checked_authorize(params, form.get("username"),
+                                                form.get("password"),
+                                                getattr(address, "host", None))
+        except LoginRateLimited as e:
+            wait = str(max(1, math.ceil(e.retry_after))).encode()
+            return self._login_page(params, status=429,
+                                    message="Too many failed sign-ins; try again later.",
+                                    headers={b"retry-after": wait})
+        except LoginFailed:
+            return self._login_page(params, message="Invalid username or password.")
+        except OAuthError as e:
+            return self._authorize_refused(e)
+        return Response(302, None, {b"location": url.encode("utf-8")})
 
 
 def kmf_site(api: KmfApi, *, max_body: int = 65536) -> server.Site:

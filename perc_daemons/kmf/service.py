@@ -16,13 +16,21 @@ and reason, exit status 2:
   self-signed development certificate is written there.  A production KMF
   never silently invents a certificate its clients would not trust.
 - ``[store]``: the SQLite file (and its 0700 directory) is created; Redis is
-  connected at start and the daemon stops if that fails.
+  connected at start and the daemon stops if that fails.  The OAuth grant
+  store (codes, refresh tokens) uses the same back-end: tables in the same
+  SQLite file, or keys under the same Redis namespace.
+- ``[oauth] clients_file`` is loaded (a missing file means no clients: every
+  OAuth request is then refused as ``invalid_client``; a bad file is a
+  configuration error).  ``[auth]`` builds the login back-ends (the local
+  user file) and the failed-login rate limiter.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -35,9 +43,15 @@ from perc_daemons import config as config_module
 from perc_daemons import tls
 from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
 from perc_daemons.kmf.api import KmfApi, kmf_site
+from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
+from perc_daemons.kmf.auth.file import FileAuthenticator
+from perc_daemons.kmf.clients import ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
+from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import INDEX_NAME, SigningKeyError, SigningKeys
 from perc_daemons.protocol.ekt import EktCipher
+from perc_daemons.store import StoreUnavailable
+from perc_daemons.store.grants_sqlite import SqliteGrantStore
 from perc_daemons.store.sqlite import SqliteConferenceStore, prepare_path
 
 
@@ -103,8 +117,41 @@ def tls_context(cfg: config_module.Config) -> tls.ServerContextFactory:
         raise _error(cfg, name, str(e)) from None
 
 
-def open_store(cfg: config_module.Config):
-    """The configured store (not yet checked to be usable) and its readiness probe."""
+class PendingGrantStore:
+    """Stands for the grant store until it is open: every operation fails (503)."""
+
+    def __getattr__(self, name: str) -> Any:
+        def unavailable(*args: Any, **kwargs: Any) -> defer.Deferred:
+            return defer.fail(StoreUnavailable("the grant store is not open yet"))
+        return unavailable
+
+    def close(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+
+class GrantStoreHolder:
+    """The grant store, once its probe has opened it; closed at stop."""
+
+    def __init__(self, server: AuthorizationServer | None = None) -> None:
+        self.server = server
+        self.store: Any = PendingGrantStore()
+
+    def opened(self, store: Any) -> Any:
+        self.store = store
+        if self.server is not None:
+            self.server.grants = store
+        return store
+
+    def close(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.store.close)
+
+
+def open_store(cfg: config_module.Config, grants: GrantStoreHolder | None = None):
+    """The configured store (not yet checked to be usable) and its readiness probe.
+
+    The probe also opens the OAuth grant store on the same back-end into
+    ``grants`` when given.
+    """
     store_cfg = cfg.store
     if store_cfg.backend == "sqlite":
         path = store_cfg.sqlite_path
@@ -113,7 +160,15 @@ def open_store(cfg: config_module.Config):
         except OSError as e:
             raise _error(cfg, "store.sqlite_path", f"{path}: {e.strerror or e}") from None
         store = SqliteConferenceStore(path)
-        return store, lambda: store.list().addCallback(lambda _: store)
+
+        def probe() -> defer.Deferred:
+            d = store.list()
+            if grants is not None:
+                d.addCallback(lambda _: SqliteGrantStore.open(path)).addCallback(grants.opened)
+            return d.addCallback(lambda _: store)
+
+        return store, probe
+    from perc_daemons.store.grants_redis import RedisGrantStore
     from perc_daemons.store.redis import RedisConferenceStore
 
     password = None
@@ -126,13 +181,52 @@ def open_store(cfg: config_module.Config):
         except (tls.TlsFileError, OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise _error(cfg, "store.redis_password_file", f"{pw_path}: {reason}") from None
+    kwargs = {"password": password, "namespace": store_cfg.redis_namespace,
+              "tls": True if store_cfg.redis_tls else None}
     try:
-        store = RedisConferenceStore(store_cfg.redis_host, store_cfg.redis_port,
-                                     password=password, namespace=store_cfg.redis_namespace,
-                                     tls=True if store_cfg.redis_tls else None)
+        store = RedisConferenceStore(store_cfg.redis_host, store_cfg.redis_port, **kwargs)
+        grant_store = RedisGrantStore(store_cfg.redis_host, store_cfg.redis_port, **kwargs)
     except ValueError as e:
         raise _error(cfg, "store.redis_namespace", str(e)) from None
-    return store, store.connect
+    if grants is None:
+        return store, store.connect
+
+    def probe() -> defer.Deferred:
+        d = store.connect()
+        d.addCallback(lambda _: grant_store.connect()).addCallback(grants.opened)
+        return d.addCallback(lambda _: store)
+
+    return store, probe
+
+
+def authorization_server(cfg: config_module.Config, keys: SigningKeys, issuer: str,
+                         reactor: Any) -> AuthorizationServer:
+    """The OAuth server of ``[oauth]`` and ``[auth]`` (grants attached when the store opens)."""
+    oauth, auth = cfg.oauth, cfg.auth
+    path = oauth.clients_file
+    try:
+        clients = ClientRegistry.load(path, reactor=reactor)
+    except ClientFileError as e:
+        if e.key != "" or e.reason != "file not found":
+            raise
+        Logger().warn("perc-kmf: no OAuth client file {path}: no clients configured",
+                      path=path)
+        clients = ClientRegistry([], reactor=reactor)
+    backends = []
+    for name in auth.backends:
+        if name == "file":
+            backends.append(FileAuthenticator(auth.users_file, cfg.idp.domain, reactor=reactor))
+    limiter = LoginRateLimiter(user_limit=auth.user_limit, address_limit=auth.address_limit,
+                               window=float(auth.window))
+    try:
+        return AuthorizationServer(
+            clients, PendingGrantStore(), keys, AuthenticatorChain(backends, clock=reactor),
+            limiter, issuer=issuer, audience=issuer,
+            access_token_lifetime=oauth.access_token_lifetime,
+            refresh_token_lifetime=oauth.refresh_token_lifetime,
+            code_lifetime=oauth.code_lifetime)
+    except ValueError as e:
+        raise _error(cfg, "oauth.access_token_lifetime", str(e)) from None
 
 
 class StoreService(Service):
@@ -140,10 +234,11 @@ class StoreService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, store, probe) -> None:
+    def __init__(self, reactor, store, probe, grants: GrantStoreHolder | None = None) -> None:
         self._reactor = reactor
         self.store = store
         self._probe = probe
+        self.grants = grants
         self.setName("store")
 
     def startService(self) -> None:
@@ -162,7 +257,11 @@ class StoreService(Service):
 
     def stopService(self) -> defer.Deferred:  # type: ignore[override]
         super().stopService()
-        return defer.maybeDeferred(self.store.close)
+        d = defer.maybeDeferred(self.store.close)
+        if self.grants is not None:
+            grants = self.grants
+            d.addBoth(lambda _: grants.close())
+        return d
 
 
 class HttpsService(Service):
@@ -210,13 +309,17 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     context = tls_context(cfg)
     kek = load_kek(cfg)
     keys = load_signing_keys(cfg, reactor.seconds())
-    store, probe = open_store(cfg)
+    issuer = cfg.idp.issuer or f"https://{cfg.idp.domain}"
+    oauth = authorization_server(cfg, keys, issuer, reactor)
+    grants = GrantStoreHolder(oauth)
+    store, probe = open_store(cfg, grants)
     top = base_service("kmf", cfg, reactor)
     # stopped in reverse order: the listener first, then the store
-    StoreService(reactor, store, probe).setServiceParent(top)
-    issuer = cfg.idp.issuer or f"https://{cfg.idp.domain}"
+    StoreService(reactor, store, probe, grants).setServiceParent(top)
     api = KmfApi(store=store, kek=kek, keys=keys, idp_domain=cfg.idp.domain, issuer=issuer,
-                 clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher])
+                 clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher], oauth=oauth,
+                 public_url=cfg.oauth.public_url or None,
+                 form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime)
     top.api = api  # type: ignore[attr-defined]
     HttpsService(reactor, cfg.https.bind, cfg.https.port,
                  kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)

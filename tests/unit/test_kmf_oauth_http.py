@@ -1,0 +1,449 @@
+"""The OAuth endpoints of perc-kmf over real HTTPS: browser login with PKCE, tokens, errors.
+
+Same TLS set-up as :mod:`tests.unit.test_kmf_api` (generated server
+certificate, self-signed client "DTLS" certificates), a real SQLite grant
+store, a local user file and an in-memory client registry (argon2 made cheap).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import os
+import re
+import urllib.parse
+
+import treq
+from argon2 import PasswordHasher
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from perc_daemons import config, tls
+from perc_daemons.kmf import service
+from perc_daemons.kmf.api import KmfApi, kmf_site
+from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
+from perc_daemons.kmf.auth.file import FileAuthenticator, add_user
+from perc_daemons.kmf.clients import Client, ClientRegistry
+from perc_daemons.kmf.kek import KeyEncryptionKey
+from perc_daemons.kmf.oauth import AuthorizationServer
+from perc_daemons.kmf.signing import SigningKeys
+from perc_daemons.store.grants_sqlite import SqliteGrantStore
+from perc_daemons.store.sqlite import SqliteConferenceStore
+from tests.unit.test_kmf_api import Cert, Policy
+
+FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+DOMAIN = "example.com"
+ISSUER = "https://example.com"
+REDIRECT = "https://app.example.org/cb"
+PASSWORD = "correct horse battery"
+ADMIN_ID = "perc:admin"  # ':' must be percent-encoded in HTTP Basic (RFC 6749 s2.3.1)
+ADMIN_SECRET = "s3cr:et%/+ é"
+STATE = "st<\"&'>ate"
+VERIFIER = "v" * 20 + "-._~" + "A1b2C3d4e5F6g7H8i9J0k"
+CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()
+                                     ).rstrip(b"=").decode()
+HIDDEN = re.compile(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">')
+FORM = "application/x-www-form-urlencoded"
+
+
+def basic(client_id: str, secret: str) -> str:
+    quote = urllib.parse.quote_plus
+    pair = f"{quote(client_id)}:{quote(secret)}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
+
+
+class OAuthHttpTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.server_cert = Cert(self.dir, "server")
+        self.alice_cert = Cert(self.dir, "alice-dtls")
+        self.other_cert = Cert(self.dir, "other-dtls")
+        now = reactor.seconds()
+        self.keys = SigningKeys.create(os.path.join(self.dir, "signing"), now)
+        kek = KeyEncryptionKey.generate(os.path.join(self.dir, "kek"))
+        db = os.path.join(self.dir, "kmf.sqlite3")
+        self.store = yield SqliteConferenceStore.open(db)
+        self.addCleanup(self.store.close)
+        self.grants = yield SqliteGrantStore.open(db)  # the same file, as in the daemon
+        self.addCleanup(self.grants.close)
+        users = os.path.join(self.dir, "users.jsonl")
+        add_user(users, "alice", PASSWORD, hasher=FAST)
+        clients = ClientRegistry([
+            Client("webapp", "public", frozenset({"authorization_code", "refresh_token"}),
+                   (REDIRECT,), frozenset({"identity", "keys"})),
+            Client(ADMIN_ID, "confidential", frozenset({"client_credentials"}), (),
+                   frozenset({"admin"}), FAST.hash(ADMIN_SECRET)),
+        ], hasher=FAST)
+        authenticator = AuthenticatorChain(
+            [FileAuthenticator(users, DOMAIN, hasher=FAST, reactor=reactor)], clock=reactor)
+        self.limiter = LoginRateLimiter(user_limit=3, address_limit=50, window=60)
+        self.oauth = AuthorizationServer(clients, self.grants, self.keys, authenticator,
+                                         self.limiter, issuer=ISSUER, audience=ISSUER)
+        self.api = KmfApi(store=self.store, kek=kek, keys=self.keys, idp_domain=DOMAIN,
+                          issuer=ISSUER, clock=reactor, oauth=self.oauth,
+                          public_url="https://kmf.example.com:8443")
+        context = tls.server_context_factory(self.server_cert.cert_path,
+                                             self.server_cert.key_path,
+                                             request_client_certificate=True)
+        self.port = reactor.listenSSL(0, kmf_site(self.api), context, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.base = f"https://127.0.0.1:{self.port.getHost().port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    # --- helpers ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def call(self, method, path, *, form=None, raw=None, content_type=FORM, headers=None,
+             cert="alice"):
+        client_cert = self.alice_cert if cert == "alice" else cert
+        agent = Agent(reactor, contextFactory=Policy(self.server_cert, client_cert),
+                      pool=self.pool)
+        headers = dict(headers or {})
+        data = raw
+        if form is not None:
+            data = urllib.parse.urlencode(form).encode()
+        if data is not None:
+            headers["Content-Type"] = content_type
+        response = yield treq.request(method, self.base + path, headers=headers, data=data,
+                                      agent=agent, allow_redirects=False)
+        content = yield treq.content(response)
+        return response, content
+
+    def header(self, response, name):
+        values = response.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def authorize_query(self, **overrides):
+        params = {"response_type": "code", "client_id": "webapp", "redirect_uri": REDIRECT,
+                  "scope": "identity keys", "state": STATE, "code_challenge": CHALLENGE,
+                  "code_challenge_method": "S256"}
+        params.update(overrides)
+        return "/oauth/authorize?" + urllib.parse.urlencode(
+            {k: v for k, v in params.items() if v is not None})
+
+    @defer.inlineCallbacks
+    def login_form(self, **overrides):
+        response, content = yield self.call("GET", self.authorize_query(**overrides))
+        self.assertEqual(response.code, 200, content)
+        page = content.decode("utf-8")
+        fields = {name: html.unescape(value) for name, value in HIDDEN.findall(page)}
+        return response, page, fields
+
+    @defer.inlineCallbacks
+    def submit(self, fields, username="alice", password=PASSWORD):
+        form = dict(fields, username=username, password=password)
+        return (yield self.call("POST", "/oauth/authorize", form=form))
+
+    @defer.inlineCallbacks
+    def code(self):
+        _, _, fields = yield self.login_form()
+        response, content = yield self.submit(fields)
+        self.assertEqual(response.code, 302, content)
+        location = self.header(response, "location")
+        self.assertTrue(location.startswith(REDIRECT + "?"), location)
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+        return query
+
+    @defer.inlineCallbacks
+    def token(self, form, *, status=200, headers=None, cert="alice", raw=None,
+              content_type=FORM):
+        response, content = yield self.call("POST", "/oauth/token", form=form, raw=raw,
+                                            headers=headers, cert=cert,
+                                            content_type=content_type)
+        self.assertEqual(response.code, status, content)
+        self.assertEqual(self.header(response, "content-type"), "application/json")
+        self.assertEqual(self.header(response, "cache-control"), "no-store")
+        self.assertEqual(self.header(response, "pragma"), "no-cache")
+        return response, json.loads(content)
+
+    @defer.inlineCallbacks
+    def user_tokens(self):
+        query = yield self.code()
+        _, body = yield self.token({"grant_type": "authorization_code", "client_id": "webapp",
+                                    "code": query["code"], "redirect_uri": REDIRECT,
+                                    "code_verifier": VERIFIER})
+        return body
+
+    def refresh(self, refresh_token, status=200):
+        return self.token({"grant_type": "refresh_token", "client_id": "webapp",
+                           "refresh_token": refresh_token}, status=status)
+
+    def assertError(self, body, error):
+        self.assertEqual(body["error"], error, body)
+        self.assertEqual(set(body) - {"error", "error_description"}, set())
+
+    # --- the browser flow -----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_browser_pkce_flow(self):
+        response, page, fields = yield self.login_form()
+        self.assertEqual(self.header(response, "content-type"), "text/html; charset=utf-8")
+        csp = self.header(response, "content-security-policy")
+        self.assertIn("default-src 'none'", csp)
+        self.assertIn("form-action 'self'", csp)
+        self.assertEqual(self.header(response, "x-frame-options"), "DENY")
+        self.assertEqual(self.header(response, "cache-control"), "no-store")
+        for external in ("<script", "<link", "src=", "<style"):
+            self.assertNotIn(external, page)
+        self.assertNotIn(STATE, page)  # escaped
+        self.assertIn(html.escape(STATE, quote=True), page)
+        self.assertEqual(fields["state"], STATE)
+        self.assertEqual(fields["code_challenge"], CHALLENGE)
+        self.assertIn("csrf_token", fields)
+        self.assertIn('name="username"', page)
+        self.assertIn('type="password" name="password"', page)
+        response, content = yield self.submit(fields)
+        self.assertEqual(response.code, 302, content)
+        location = urllib.parse.urlsplit(self.header(response, "location"))
+        self.assertEqual(f"{location.scheme}://{location.netloc}{location.path}", REDIRECT)
+        query = dict(urllib.parse.parse_qsl(location.query))
+        self.assertEqual((query["state"], query["iss"]), (STATE, ISSUER))
+        # the code, exchanged with the verifier from alice's certificate
+        _, tokens = yield self.token({"grant_type": "authorization_code", "client_id": "webapp",
+                                      "code": query["code"], "redirect_uri": REDIRECT,
+                                      "code_verifier": VERIFIER})
+        self.assertEqual((tokens["token_type"], tokens["scope"]), ("Bearer", "identity keys"))
+        self.assertIn("refresh_token", tokens)
+        # the access token is bound to that certificate and names alice
+        path = "/v1/identity/assertions"
+        body = json.dumps({"fingerprints": [self.alice_cert.fingerprint],
+                           "audience": "kd"}).encode()
+        auth = {"Authorization": "Bearer " + tokens["access_token"]}
+        response, content = yield self.call("POST", path, raw=body, headers=auth,
+                                            content_type="application/json")
+        self.assertEqual(response.code, 201, content)
+        response, content = yield self.call("POST", path, raw=body, headers=auth,
+                                            content_type="application/json",
+                                            cert=self.other_cert)
+        self.assertEqual(response.code, 401, content)
+        # a code works once
+        _, body = yield self.token({"grant_type": "authorization_code", "client_id": "webapp",
+                                    "code": query["code"], "redirect_uri": REDIRECT,
+                                    "code_verifier": VERIFIER}, status=400)
+        self.assertError(body, "invalid_grant")
+
+    @defer.inlineCallbacks
+    def test_wrong_verifier_refused(self):
+        query = yield self.code()
+        _, body = yield self.token({"grant_type": "authorization_code", "client_id": "webapp",
+                                    "code": query["code"], "redirect_uri": REDIRECT,
+                                    "code_verifier": "w" * 43}, status=400)
+        self.assertError(body, "invalid_grant")
+
+    @defer.inlineCallbacks
+    def test_refresh_rotation_and_reuse(self):
+        first = yield self.user_tokens()
+        _, second = yield self.refresh(first["refresh_token"])
+        self.assertNotEqual(second["refresh_token"], first["refresh_token"])
+        self.assertNotEqual(second["access_token"], first["access_token"])
+        # reusing the rotated token fails and revokes the family
+        _, body = yield self.refresh(first["refresh_token"], status=400)
+        self.assertError(body, "invalid_grant")
+        _, body = yield self.refresh(second["refresh_token"], status=400)
+        self.assertError(body, "invalid_grant")
+
+    @defer.inlineCallbacks
+    def test_client_credentials_admin(self):
+        _, body = yield self.token({"grant_type": "client_credentials"}, cert=None,
+                                   headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)})
+        self.assertEqual(body["scope"], "admin")
+        self.assertNotIn("refresh_token", body)
+        response, content = yield self.call(
+            "GET", "/v1/conferences", cert=None,
+            headers={"Authorization": "Bearer " + body["access_token"]})
+        self.assertEqual(response.code, 200, content)
+        self.assertEqual(json.loads(content), {"conferences": []})
+
+    @defer.inlineCallbacks
+    def test_wrong_client_secret(self):
+        for auth in (basic(ADMIN_ID, "wrong"), basic("nobody", ADMIN_SECRET),
+                     "Basic !!!not-base64", "Bearer abc"):
+            response, body = yield self.token({"grant_type": "client_credentials"},
+                                              status=401, headers={"Authorization": auth})
+            self.assertError(body, "invalid_client")
+            self.assertTrue(self.header(response, "www-authenticate").startswith("Basic "))
+        # unencoded id ("perc:admin" splits at the wrong colon)
+        raw = base64.b64encode(f"{ADMIN_ID}:{ADMIN_SECRET}".encode()).decode()
+        yield self.token({"grant_type": "client_credentials"}, status=401,
+                         headers={"Authorization": "Basic " + raw})
+        # a public client cannot use client_credentials; secrets never in the body
+        _, body = yield self.token({"grant_type": "client_credentials", "client_id": "webapp"},
+                                   status=400)
+        self.assertError(body, "unauthorized_client")
+        _, body = yield self.token({"grant_type": "client_credentials", "client_id": ADMIN_ID,
+                                    "client_secret": ADMIN_SECRET}, status=400)
+        self.assertError(body, "invalid_request")
+
+    @defer.inlineCallbacks
+    def test_revoke_then_refresh_fails(self):
+        tokens = yield self.user_tokens()
+        response, content = yield self.call(
+            "POST", "/oauth/revoke", form={"token": tokens["refresh_token"],
+                                           "token_type_hint": "refresh_token",
+                                           "client_id": "webapp"})
+        self.assertEqual((response.code, content), (200, b""))
+        _, body = yield self.refresh(tokens["refresh_token"], status=400)
+        self.assertError(body, "invalid_grant")
+        # unknown tokens: still 200; a request without a token is malformed
+        response, _ = yield self.call("POST", "/oauth/revoke",
+                                      form={"token": "nope", "client_id": "webapp"})
+        self.assertEqual(response.code, 200)
+        response, content = yield self.call("POST", "/oauth/revoke", form={"client_id": "webapp"})
+        self.assertEqual(response.code, 400)
+        self.assertError(json.loads(content), "invalid_request")
+
+    @defer.inlineCallbacks
+    def test_introspection(self):
+        tokens = yield self.user_tokens()
+        admin = {"Authorization": basic(ADMIN_ID, ADMIN_SECRET)}
+        response, content = yield self.call("POST", "/oauth/introspect", headers=admin,
+                                            form={"token": tokens["access_token"]})
+        self.assertEqual(response.code, 200, content)
+        self.assertEqual(self.header(response, "cache-control"), "no-store")
+        body = json.loads(content)
+        self.assertEqual((body["active"], body["sub"], body["client_id"], body["scope"]),
+                         (True, f"alice@{DOMAIN}", "webapp", "identity keys"))
+        self.assertEqual(body["cnf"]["x5t#S256"], base64.urlsafe_b64encode(
+            self.alice_cert.digest).rstrip(b"=").decode())
+        response, content = yield self.call("POST", "/oauth/introspect", headers=admin,
+                                            form={"token": "garbage"})
+        self.assertEqual(json.loads(content), {"active": False})
+        response, content = yield self.call("POST", "/oauth/introspect",
+                                            form={"token": tokens["access_token"]})
+        self.assertEqual(response.code, 401)
+        self.assertError(json.loads(content), "invalid_client")
+        self.assertIsNotNone(self.header(response, "www-authenticate"))
+
+    @defer.inlineCallbacks
+    def test_metadata(self):
+        response, content = yield self.call("GET", "/.well-known/oauth-authorization-server",
+                                            cert=None)
+        self.assertEqual(response.code, 200)
+        meta = json.loads(content)
+        base = "https://kmf.example.com:8443"
+        self.assertEqual(meta["issuer"], ISSUER)
+        self.assertEqual(meta["authorization_endpoint"], base + "/oauth/authorize")
+        self.assertEqual(meta["token_endpoint"], base + "/oauth/token")
+        self.assertEqual(meta["revocation_endpoint"], base + "/oauth/revoke")
+        self.assertEqual(meta["introspection_endpoint"], base + "/oauth/introspect")
+        self.assertEqual(meta["jwks_uri"], base + "/.well-known/jwks.json")
+        self.assertEqual(meta["code_challenge_methods_supported"], ["S256"])
+        self.assertEqual(sorted(meta["grant_types_supported"]),
+                         ["authorization_code", "client_credentials", "refresh_token"])
+        self.assertEqual(meta["token_endpoint_auth_methods_supported"],
+                         ["client_secret_basic", "none"])
+        self.assertEqual(meta["response_types_supported"], ["code"])
+        self.assertIn("identity", meta["scopes_supported"])
+
+    # --- authorization errors -----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_untrusted_client_or_redirect_shows_error_page(self):
+        for overrides in ({"redirect_uri": "https://evil.example/cb"}, {"client_id": "nobody"},
+                          {"redirect_uri": None}):
+            response, content = yield self.call("GET", self.authorize_query(**overrides))
+            self.assertEqual(response.code, 400, content)
+            self.assertIsNone(self.header(response, "location"))
+            self.assertEqual(self.header(response, "content-type"), "text/html; charset=utf-8")
+            self.assertNotIn(b"evil.example", content)
+            self.assertNotIn(b"<form", content)
+
+    @defer.inlineCallbacks
+    def test_other_request_errors_redirect(self):
+        for overrides, error in (({"code_challenge": None}, "invalid_request"),
+                                 ({"code_challenge_method": "plain"}, "invalid_request"),
+                                 ({"response_type": "token"}, "unsupported_response_type"),
+                                 ({"scope": "admin"}, "invalid_scope")):
+            response, content = yield self.call("GET", self.authorize_query(**overrides))
+            self.assertEqual(response.code, 302, (overrides, content))
+            location = self.header(response, "location")
+            self.assertTrue(location.startswith(REDIRECT + "?"), location)
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+            self.assertEqual((query["error"], query["state"]), (error, STATE))
+
+    @defer.inlineCallbacks
+    def test_wrong_password_is_uniform(self):
+        _, _, fields = yield self.login_form()
+        pages = []
+        for username, password in (("alice", "wrong"), ("mallory", PASSWORD)):
+            response, content = yield self.submit(fields, username, password)
+            self.assertEqual(response.code, 200, content)
+            self.assertIsNone(self.header(response, "location"))
+            page = content.decode()
+            self.assertIn("Invalid username or password.", page)
+            pages.append(re.sub(r'name="csrf_token" value="[^"]*"', "", page))
+            self.assertEqual(HIDDEN.findall(page)[:-1],
+                             [(n, html.escape(v)) for n, v in fields.items()
+                              if n != "csrf_token"])
+        self.assertEqual(pages[0], pages[1])
+
+    @defer.inlineCallbacks
+    def test_csrf_token_required(self):
+        _, _, fields = yield self.login_form()
+        missing = {k: v for k, v in fields.items() if k != "csrf_token"}
+        issued, _, mac = fields["csrf_token"].partition(".")
+        stale = self.api._form_token(
+            {k: v for k, v in fields.items() if k != "csrf_token"},
+            int(reactor.seconds()) - self.api.form_lifetime - 10)
+        for bad in (missing, dict(fields, csrf_token=f"{issued}.{mac[:-2]}AA"),
+                    dict(fields, csrf_token=f"{int(issued) - 1}.{mac}"),
+                    dict(fields, scope="identity"),  # signed for other parameters
+                    dict(fields, csrf_token=stale)):
+            response, content = yield self.submit(bad)
+            self.assertEqual(response.code, 403, content)
+            self.assertIsNone(self.header(response, "location"))
+        # ... and the untouched form still works
+        response, _ = yield self.submit(fields)
+        self.assertEqual(response.code, 302)
+
+    @defer.inlineCallbacks
+    def test_rate_limit(self):
+        _, _, fields = yield self.login_form()
+        for _ in range(3):
+            response, _ = yield self.submit(fields, password="wrong")
+            self.assertEqual(response.code, 200)
+        response, content = yield self.submit(fields)  # even the right password now
+        self.assertEqual(response.code, 429, content)
+        self.assertIsNone(self.header(response, "location"))
+        self.assertGreater(int(self.header(response, "retry-after")), 0)
+
+    # --- token endpoint errors -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_token_request_errors(self):
+        _, body = yield self.token({"grant_type": "password", "client_id": "webapp",
+                                    "username": "alice", "password": PASSWORD}, status=400)
+        self.assertError(body, "unsupported_grant_type")
+        _, body = yield self.token({"client_id": "webapp"}, status=400)
+        self.assertError(body, "invalid_request")
+        for raw, content_type in ((b'{"grant_type": "client_credentials"}', "application/json"),
+                                  (b"grant_type=refresh_token&grant_type=refresh_token"
+                                   b"&client_id=webapp", FORM),
+                                  (b"grant_type=refresh_token&client_id=web%FFapp", FORM),
+                                  (b"grant_type=refresh_token\xff&client_id=webapp", FORM),
+                                  (b"grant_type&&=", FORM)):
+            _, body = yield self.token(None, raw=raw, content_type=content_type, status=400)
+            self.assertError(body, "invalid_request")
+        response, _ = yield self.call("GET", "/oauth/token")
+        self.assertEqual(response.code, 405)
+
+    @defer.inlineCallbacks
+    def test_no_clients_file_means_invalid_client(self):
+        """The daemon's wiring: a missing clients file leaves no clients."""
+        cfg = config.validate("kmf", "test.toml", {
+            "oauth": {"clients_file": os.path.join(self.dir, "absent.toml")},
+            "auth": {"users_file": os.path.join(self.dir, "users.jsonl")}})
+        server = service.authorization_server(cfg, self.keys, ISSUER, reactor)
+        self.assertEqual(len(server.clients), 0)
+        self.api.oauth = server
+        _, body = yield self.token({"grant_type": "refresh_token", "client_id": "webapp",
+                                    "refresh_token": "x"}, status=401)
+        self.assertError(body, "invalid_client")
