@@ -1,0 +1,801 @@
+"""``perc-admin``: the operator's command line for perc-kmf.
+
+Remote commands talk to the KMF's HTTPS API (``[https]`` of kmf.toml) with an
+``admin`` access token::
+
+    perc-admin conferences create ID --title T [--invite user@domain ...] [--group G ...]
+                                     [--late-joiners-get-earlier-epochs]
+    perc-admin conferences list [--state scheduled|running|ended]
+    perc-admin conferences show|start|end ID
+    perc-admin conferences invite|uninvite ID IDENTITY...
+    perc-admin roster show ID
+
+Local commands change files on the KMF's host (run them as the daemon's user)::
+
+    perc-admin users add|passwd NAME [--password-file F]
+    perc-admin users disable|enable NAME
+    perc-admin keys rotate
+
+The token comes from ``--token-file`` (a ready access token), or from the
+KMF's ``POST /oauth/token`` with the client-credentials grant (scope
+``admin``) and the client of the admin config file (``/etc/perc/admin.toml``
+or ``--config``), flat TOML keys:
+
+* ``url``: the KMF, default ``"https://localhost:8443"``;
+* ``ca_file``: PEM certificate(s) to trust for it ("" = the system's CAs);
+* ``client_id``, ``client_secret_file`` (mode 0600);
+* ``issuer``: the KMF's ``[idp] issuer``, checked in signed rosters;
+  "" means ``https://<host of url>``.
+
+``roster show`` verifies the roster with the KMF's JWKS and refuses to print
+one that does not verify.  ``--json`` (anywhere on the line) prints JSON
+instead of tables.  Exit status: 0 done, 1 the KMF or the operation refused
+(problem title and detail on stderr), 2 usage or configuration error.
+Secrets and tokens are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import getpass as getpass_module
+import json
+import os
+import re
+import stat
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
+
+from perc_daemons import config as config_module
+from perc_daemons.config import ConfigError
+
+__all__ = ["AdminConfig", "OperationError", "fetch_client_token", "load_admin_config", "main",
+           "run", "token_request"]
+
+DEFAULT_CONFIG = "/etc/perc/admin.toml"
+DEFAULT_KMF_CONFIG = "/etc/perc/kmf.toml"
+DEFAULT_USERS_FILE = "/var/lib/perc/users.jsonl"
+DEFAULT_URL = "https://localhost:8443"
+REQUEST_TIMEOUT = 30.0
+_STATES = ("scheduled", "running", "ended")
+
+
+class OperationError(Exception):
+    """The KMF (or a local operation) refused: exit status 1."""
+
+    def __init__(self, title: str, detail: str = "", status: int | None = None) -> None:
+        super().__init__(f"{title}: {detail}" if detail else title)
+        self.title = title
+        self.detail = detail
+        self.status = status
+
+
+class UsageError(Exception):
+    """Bad command line: exit status 2."""
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    path: str
+    url: str = DEFAULT_URL
+    ca_file: str = ""
+    client_id: str = ""
+    client_secret_file: str = ""
+    issuer: str = ""
+
+    @property
+    def effective_issuer(self) -> str:
+        return self.issuer or f"https://{urlsplit(self.url).hostname}"
+
+
+def _check_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        return "must be an https:// URL without query or fragment"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "has a bad port"
+    return None
+
+
+def _check_optional_path(value: str) -> str | None:
+    return None if value == "" or value.startswith("/") else "must be an absolute path"
+
+
+_ADMIN_KEYS: dict[str, Callable[[str], str | None]] = {
+    "url": _check_url,
+    "ca_file": _check_optional_path,
+    "client_id": lambda v: None,
+    "client_secret_file": _check_optional_path,
+    "issuer": lambda v: None if v == "" or _check_url(v) is None else "must be an https:// URL",
+}
+
+
+def load_admin_config(path: str, *, required: bool) -> AdminConfig:
+    """The admin config at ``path``; a missing file is defaults unless ``required``."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(path, "", "file not found") from None
+        return AdminConfig(path)
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    values: dict[str, str] = {}
+    for key, value in raw.items():
+        if key not in _ADMIN_KEYS:
+            raise ConfigError(path, key, "unknown key (known: " + ", ".join(sorted(_ADMIN_KEYS))
+                              + ")")
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"must be a string, not {type(value).__name__}")
+        reason = _ADMIN_KEYS[key](value)
+        if reason is not None:
+            raise ConfigError(path, key, f"{reason} (got {value!r})")
+        values[key] = value
+    return AdminConfig(path, **values)
+
+
+def read_secret_file(path: str, config_path: str, key: str) -> str:
+    """The first line of a private (no group/other access) file, stripped."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read(65536)
+    except OSError as e:
+        raise ConfigError(config_path, key, f"{path}: {e.strerror}") from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise ConfigError(config_path, key, f"{path}: must not be accessible by group or others "
+                                            f"(mode {stat.S_IMODE(mode):04o}; chmod 600)")
+    try:
+        text = data.decode("utf-8").splitlines()[0].strip() if data.strip() else ""
+    except UnicodeDecodeError:
+        raise ConfigError(config_path, key, f"{path}: not UTF-8 text") from None
+    if not text:
+        raise ConfigError(config_path, key, f"{path}: empty")
+    return text
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+def _trust_root(path: str, config_path: str) -> Any:
+    from twisted.internet import ssl
+
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ConfigError(config_path, "ca_file", f"{path}: {e.strerror}") from None
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem,
+                        re.DOTALL)
+    if not blocks:
+        raise ConfigError(config_path, "ca_file", f"{path}: no PEM certificate")
+    try:
+        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
+    except Exception:
+        raise ConfigError(config_path, "ca_file", f"{path}: not a usable PEM certificate"
+                          ) from None
+    return ssl.trustRootFromCertificates(certificates)
+
+
+def _problem(code: int, content: bytes) -> OperationError:
+    """An RFC 9457 problem body (or anything else) as an OperationError."""
+    title, detail = f"HTTP {code}", ""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("title"), str) and body["title"]:
+            title = body["title"]
+        if isinstance(body.get("detail"), str):
+            detail = body["detail"]
+    return OperationError(f"{title} ({code})", detail, status=code)
+
+
+class KmfClient:
+    """The KMF's HTTPS API with a bearer token (``token`` set later for client credentials)."""
+
+    def __init__(self, reactor: Any, url: str, trust_root: Any = None) -> None:
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+        self.reactor = reactor
+        self.base = url.rstrip("/")
+        self.token: str | None = None
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust_root),
+                           pool=self.pool)
+
+    async def close(self) -> None:
+        await self.pool.closeCachedConnections()
+
+    async def raw(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                  data: bytes | None = None) -> tuple[int, bytes]:
+        import treq
+        from twisted.internet import error as net_error
+        from twisted.web import _newclient
+
+        try:
+            response = await treq.request(method, self.base + path, headers=headers or {},
+                                          data=data, agent=self.agent, timeout=REQUEST_TIMEOUT,
+                                          reactor=self.reactor, allow_redirects=False)
+            content = await treq.content(response)
+        except (net_error.ConnectError, net_error.DNSLookupError) as e:
+            raise OperationError(f"cannot connect to {self.base}", str(e)) from None
+        except net_error.TimeoutError:
+            raise OperationError(f"{self.base} did not answer", "timed out") from None
+        except _newclient.ResponseNeverReceived as e:
+            reasons = "; ".join(_reason(f) for f in e.reasons)
+            raise OperationError(f"no response from {self.base}", reasons) from None
+        except _newclient.RequestTransmissionFailed as e:
+            reasons = "; ".join(_reason(f) for f in e.reasons)
+            raise OperationError(f"cannot send to {self.base}", reasons) from None
+        return response.code, content
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Accept": "application/json"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
+        code, content = await self.raw(method, path, headers=headers, data=data)
+        if code >= 400:
+            raise _problem(code, content)
+        if not content.strip():
+            return None
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise OperationError("bad response from the KMF",
+                                 f"{method} {path}: not JSON") from None
+
+
+def _reason(failure: Any) -> str:
+    value = getattr(failure, "value", failure)
+    text = str(value) or type(value).__name__
+    if "certificate verify failed" in text or "verify" in text.lower():
+        return f"TLS certificate not trusted ({text})"
+    return text
+
+
+# --- client credentials (POST /oauth/token) ---------------------------------------------------
+
+
+def token_request(client_id: str, client_secret: str,
+                  scope: str = "admin") -> tuple[dict[str, str], bytes]:
+    """Headers and body of the RFC 6749 s4.4 token request, client_secret_basic (s2.3.1)."""
+    userpass = f"{quote_plus(client_id, safe='')}:{quote_plus(client_secret, safe='')}"
+    headers = {
+        "Authorization": "Basic " + base64.b64encode(userpass.encode("ascii")).decode("ascii"),
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Accept": "application/json",
+    }
+    body = urlencode({"grant_type": "client_credentials", "scope": scope}).encode("ascii")
+    return headers, body
+
+
+def parse_token_response(code: int, content: bytes) -> str:
+    """The access token of a token response; OperationError for an RFC 6749 s5.2 error."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    if code != 200:
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            description = body.get("error_description")
+            raise OperationError(f"token request refused: {body['error']} ({code})",
+                                 description if isinstance(description, str) else "",
+                                 status=code)
+        raise OperationError(f"token request failed (HTTP {code})", status=code)
+    if (not isinstance(body, dict) or not isinstance(body.get("access_token"), str)
+            or not body["access_token"]):
+        raise OperationError("bad token response", "no access_token")
+    if str(body.get("token_type", "")).lower() != "bearer":
+        raise OperationError("bad token response",
+                             f"token_type {body.get('token_type')!r} is not Bearer")
+    return body["access_token"]
+
+
+async def fetch_client_token(client: KmfClient, client_id: str, client_secret: str) -> str:
+    """An ``admin`` access token from the KMF's token endpoint (client credentials)."""
+    headers, body = token_request(client_id, client_secret)
+    code, content = await client.raw("POST", "/oauth/token", headers=headers, data=body)
+    return parse_token_response(code, content)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def _ascii(value: Any) -> str:
+    """``value`` as printable ASCII (other characters escaped)."""
+    if value is None:
+        return "-"
+    text = str(value)
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _time(value: Any) -> str:
+    if value is None:
+        return "-"
+    try:
+        moment = datetime.datetime.fromtimestamp(float(value), datetime.UTC)
+    except (TypeError, ValueError, OverflowError):
+        return _ascii(value)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_ascii(h) for h in headers]] + [[_ascii(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def fields(pairs: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(name) for name, _ in pairs)
+    return "".join(f"{(name + ':').ljust(width + 1)} {_ascii(value)}\n" for name, value in pairs)
+
+
+def conference_text(c: dict[str, Any]) -> str:
+    pairs = [
+        ("id", c.get("id")),
+        ("title", c.get("title")),
+        ("state", c.get("state")),
+        ("initiator", c.get("initiator")),
+        ("invited", ", ".join(c.get("invited") or []) or "-"),
+        ("groups", ", ".join(c.get("invited_groups") or []) or "-"),
+        ("late joiners get earlier epochs",
+         "yes" if c.get("late_joiners_get_earlier_epochs") else "no"),
+        ("starts at", _time(c.get("starts_at"))),
+        ("ends at", _time(c.get("ends_at"))),
+        ("created at", _time(c.get("created_at"))),
+    ]
+    if "epoch" in c:
+        pairs.append(("epoch", c["epoch"]))
+    return fields(pairs)
+
+
+def conferences_text(body: dict[str, Any]) -> str:
+    rows = [(c.get("id"), c.get("state"), c.get("title"), c.get("initiator"),
+             len(c.get("invited") or []), _time(c.get("created_at")))
+            for c in body.get("conferences", [])]
+    if not rows:
+        return "no conferences\n"
+    return table(("ID", "STATE", "TITLE", "INITIATOR", "INVITED", "CREATED"), rows)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+_GLOBAL_DEFAULTS: dict[str, Any] = {
+    "json": False, "config": None, "token_file": None, "url": None, "kmf_config": None,
+    "users_file": None,
+}
+
+
+def _global_options() -> argparse.ArgumentParser:
+    # SUPPRESS: the value given before or after the subcommand is kept, not reset.
+    common = _Parser(add_help=False)
+    s = argparse.SUPPRESS
+    common.add_argument("--json", action="store_true", default=s,
+                        help="print JSON instead of tables")
+    common.add_argument("--config", default=s, metavar="FILE",
+                        help=f"admin config (default {DEFAULT_CONFIG})")
+    common.add_argument("--token-file", default=s, metavar="FILE",
+                        help="file holding a ready admin access token (mode 0600)")
+    common.add_argument("--url", default=s, help="the KMF's URL (overrides the config)")
+    common.add_argument("--kmf-config", default=s, metavar="FILE",
+                        help=f"perc-kmf config for local commands (default {DEFAULT_KMF_CONFIG})")
+    common.add_argument("--users-file", default=s, metavar="FILE",
+                        help=f"local user file (default {DEFAULT_USERS_FILE})")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_options()
+    parser = _Parser(prog="perc-admin", parents=[common],
+                     description="Operate a perc-kmf: conferences, rosters, users, keys.")
+    groups = parser.add_subparsers(dest="category", required=True, metavar="COMMAND",
+                                   parser_class=_Parser)
+
+    def command(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_, description=help_)
+
+    conf = groups.add_parser("conferences", help="manage conferences").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    p = command(conf, "create", "create a conference")
+    p.add_argument("id")
+    p.add_argument("--title", required=True)
+    p.add_argument("--invite", action="append", default=[], metavar="IDENTITY")
+    p.add_argument("--group", action="append", default=[])
+    p.add_argument("--late-joiners-get-earlier-epochs", action="store_true")
+    p = command(conf, "list", "list conferences")
+    p.add_argument("--state", choices=_STATES)
+    for name, help_ in (("show", "show a conference"), ("start", "start a conference"),
+                        ("end", "end a conference")):
+        command(conf, name, help_).add_argument("id")
+    for name, help_ in (("invite", "invite identities"), ("uninvite", "withdraw invitations")):
+        p = command(conf, name, help_)
+        p.add_argument("id")
+        p.add_argument("identities", nargs="+", metavar="IDENTITY")
+
+    roster = groups.add_parser("roster", help="conference rosters").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    command(roster, "show", "fetch, verify and show the signed roster").add_argument("id")
+
+    users = groups.add_parser("users", help="local user file").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    for name, help_ in (("add", "add a user"), ("passwd", "set a user's password")):
+        p = command(users, name, help_)
+        p.add_argument("name")
+        p.add_argument("--password-file", metavar="FILE",
+                       help="read the password from the first line of FILE")
+    for name, help_ in (("disable", "disable a user"), ("enable", "enable a user")):
+        command(users, name, help_).add_argument("name")
+
+    keys = groups.add_parser("keys", help="signing keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    command(keys, "rotate", "make a new signing key, retire the active one")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(list(argv))
+    for name, default in _GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
+
+
+@dataclass
+class Io:
+    stdout: IO[str]
+    stderr: IO[str]
+    getpass: Callable[[str], str]
+    as_json: bool = False
+
+    def emit(self, data: Any, text: str) -> None:
+        if self.as_json:
+            self.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        else:
+            self.stdout.write(text)
+
+
+# --- remote commands -------------------------------------------------------------------------
+
+
+async def _remote(args: argparse.Namespace, io: Io, reactor: Any) -> None:
+    config = load_admin_config(args.config or DEFAULT_CONFIG, required=args.config is not None)
+    url = args.url or config.url
+    if args.url is not None and _check_url(url) is not None:
+        raise UsageError(f"--url: {_check_url(url)}")
+    trust = _trust_root(config.ca_file, config.path) if config.ca_file else None
+    token = None
+    if args.token_file is not None:
+        token = read_secret_file(args.token_file, args.token_file, "--token-file")
+    else:
+        for key in ("client_id", "client_secret_file"):
+            if not getattr(config, key):
+                raise ConfigError(config.path, key, "not set (or use --token-file)")
+        secret = read_secret_file(config.client_secret_file, config.path, "client_secret_file")
+    client = KmfClient(reactor, url, trust)
+    try:
+        if token is None:
+            token = await fetch_client_token(client, config.client_id, secret)
+        client.token = token
+        await _REMOTE[(args.category, args.action)](client, args, io, config)
+    finally:
+        await client.close()
+
+
+def _cid(value: str) -> str:
+    return quote(value, safe="")
+
+
+async def _create(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                  ) -> None:
+    body = {"id": args.id, "title": args.title, "invited": args.invite,
+            "invited_groups": args.group,
+            "late_joiners_get_earlier_epochs": args.late_joiners_get_earlier_epochs}
+    created = await client.call("POST", "/v1/conferences", body)
+    io.emit(created, conference_text(created))
+
+
+async def _list(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                ) -> None:
+    path = "/v1/conferences" + (f"?state={args.state}" if args.state else "")
+    body = await client.call("GET", path)
+    io.emit(body, conferences_text(body))
+
+
+def _simple(method: str, suffix: str):
+    async def run(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                  ) -> None:
+        body = await client.call(method, f"/v1/conferences/{_cid(args.id)}{suffix}")
+        io.emit(body, conference_text(body))
+    return run
+
+
+async def _invite(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                  ) -> None:
+    body = None
+    for identity in args.identities:
+        body = await client.call("POST", f"/v1/conferences/{_cid(args.id)}/invitations",
+                                 {"identity": identity})
+    io.emit(body, conference_text(body))
+
+
+async def _uninvite(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                    ) -> None:
+    body = None
+    for identity in args.identities:
+        body = await client.call(
+            "DELETE", f"/v1/conferences/{_cid(args.id)}/invitations/{quote(identity, safe='')}")
+    io.emit(body, conference_text(body))
+
+
+async def _roster(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                  ) -> None:
+    from perc_daemons.protocol.roster import RosterError, verify_roster
+
+    got = await client.call("GET", f"/v1/conferences/{_cid(args.id)}/roster")
+    jwks = await client.call("GET", "/.well-known/jwks.json")
+    if not isinstance(got, dict) or not isinstance(got.get("roster"), str):
+        raise OperationError("bad response from the KMF", "no roster in the answer")
+    try:
+        roster = verify_roster(got["roster"], jwks, issuer=config.effective_issuer,
+                               conference_id=args.id, now=client.reactor.seconds())
+    except RosterError as e:
+        raise OperationError("roster not verified, not shown", str(e)) from None
+    if got.get("epoch") != roster.epoch:
+        raise OperationError("roster not verified, not shown",
+                             f"the KMF says epoch {got.get('epoch')!r}, the signed roster "
+                             f"{roster.epoch}")
+    data = {"conference": roster.conference_id, "epoch": roster.epoch,
+            "issued_at": roster.issued_at, "verified": True,
+            "members": [{"identity": m.identity, "ssrcs": list(m.ssrcs)}
+                        for m in roster.members]}
+    text = fields([("conference", roster.conference_id), ("epoch", roster.epoch),
+                   ("issued at", _time(roster.issued_at)),
+                   ("signature", "verified with the KMF's JWKS")])
+    rows = [(m.identity, " ".join(f"{s:#010x}" for s in m.ssrcs) or "-")
+            for m in roster.members]
+    text += "\n" + (table(("IDENTITY", "SSRCS"), rows) if rows else "no members\n")
+    io.emit(data, text)
+
+
+_REMOTE: dict[tuple[str, str], Callable[..., Any]] = {
+    ("conferences", "create"): _create,
+    ("conferences", "list"): _list,
+    ("conferences", "show"): _simple("GET", ""),
+    ("conferences", "start"): _simple("POST", "/start"),
+    ("conferences", "end"): _simple("POST", "/end"),
+    ("conferences", "invite"): _invite,
+    ("conferences", "uninvite"): _uninvite,
+    ("roster", "show"): _roster,
+}
+
+
+# --- local commands --------------------------------------------------------------------------
+
+
+def _kmf_config(args: argparse.Namespace) -> config_module.Config | None:
+    path = args.kmf_config or DEFAULT_KMF_CONFIG
+    if args.kmf_config is None and not os.path.exists(path):
+        return None
+    return config_module.load("kmf", path)
+
+
+def _users_file(args: argparse.Namespace) -> str:
+    if args.users_file is not None:
+        return args.users_file
+    kmf = _kmf_config(args)
+    # kmf.toml's [auth] users_file, where this version of the schema has it.
+    if kmf is not None and isinstance(kmf.get("auth", {}).get("users_file"), str):
+        return kmf["auth"]["users_file"]
+    return DEFAULT_USERS_FILE
+
+
+def _new_password(args: argparse.Namespace, io: Io) -> str:
+    if args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(args.password_file, "--password-file",
+                              getattr(e, "strerror", None) or str(e)) from None
+        if not lines or not lines[0]:
+            raise ConfigError(args.password_file, "--password-file", "empty")
+        return lines[0]
+    first = io.getpass(f"New password for {args.name}: ")
+    if io.getpass("Again: ") != first:
+        raise OperationError("passwords do not match", "nothing changed")
+    return first
+
+
+def _users(args: argparse.Namespace, io: Io) -> None:
+    from perc_daemons.kmf.auth import file as user_file
+
+    path = _users_file(args)
+    try:
+        name = user_file.normalize_username(args.name)
+    except ValueError as e:
+        raise UsageError(f"perc-admin: {e}") from None
+    try:
+        if args.action == "add":
+            user_file.add_user(path, name, _new_password(args, io))
+            done = "added"
+        elif args.action == "passwd":
+            password = _new_password(args, io)
+            user_file.set_password(path, name, password)
+            done = "password changed"
+        elif args.action == "disable":
+            user_file.disable_user(path, name)
+            done = "disabled"
+        else:
+            user_file.enable_user(path, name)
+            done = "enabled"
+    except user_file.UserFileError as e:
+        raise OperationError(f"users {args.action} {name} failed", str(e)) from None
+    except OSError as e:
+        raise OperationError(f"users {args.action} {name} failed",
+                             f"{path}: {e.strerror or e}") from None
+    io.emit({"user": name, "result": done, "file": path}, f"user {name}: {done} ({path})\n")
+
+
+def _keys_rotate(args: argparse.Namespace, io: Io) -> None:
+    from perc_daemons.kmf.signing import SigningKeyError, SigningKeys
+
+    kmf = _kmf_config(args)
+    if kmf is None:
+        raise ConfigError(DEFAULT_KMF_CONFIG, "", "file not found (use --kmf-config)")
+    directory = kmf["keys"]["signing_dir"]
+    try:
+        keys = SigningKeys.load(directory)
+        retired = keys.active.kid
+        kid = keys.rotate(time.time())
+    except SigningKeyError as e:
+        raise OperationError("keys rotate failed", str(e)) from None
+    except OSError as e:
+        raise OperationError("keys rotate failed", f"{directory}: {e.strerror or e}") from None
+    io.emit({"kid": kid, "retired": retired, "signing_dir": directory},
+            f"new signing key {kid} (retired {retired}); perc-kmf uses it on its next "
+            "key refresh\n")
+
+
+def _local(args: argparse.Namespace, io: Io) -> None:
+    if args.category == "users":
+        _users(args, io)
+    else:
+        _keys_rotate(args, io)
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def _report(io: Io, error: BaseException) -> int:
+    if isinstance(error, UsageError):
+        io.stderr.write(f"{error}\n")
+        return 2
+    if isinstance(error, ConfigError):
+        io.stderr.write(f"perc-admin: {error}\n")
+        return 2
+    assert isinstance(error, OperationError)
+    detail = f": {error.detail}" if error.detail else ""
+    io.stderr.write(f"perc-admin: {_ascii(error.title)}{_ascii(detail)}\n")
+    return 1
+
+
+def _unexpected(io: Io, error: BaseException) -> int:
+    io.stderr.write(f"perc-admin: unexpected error: {type(error).__name__}: "
+                    f"{_ascii(error)}\n")
+    return 1
+
+
+def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str] | None,
+             getpass: Callable[[str], str] | None
+             ) -> tuple[Io, argparse.Namespace | None, int]:
+    io = Io(stdout or sys.stdout, stderr or sys.stderr, getpass or getpass_module.getpass)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        io.stderr.write(f"{e}\n")
+        return io, None, 2
+    except SystemExit as e:  # --help
+        return io, None, int(e.code or 0)
+    io.as_json = args.json
+    return io, args, 0
+
+
+def is_local(args: argparse.Namespace) -> bool:
+    return args.category in ("users", "keys")
+
+
+async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = None,
+              stderr: IO[str] | None = None, getpass: Callable[[str], str] | None = None
+              ) -> int:
+    """Run one command with a running ``reactor``; the exit status."""
+    io, args, status = _prepare(argv, stdout, stderr, getpass)
+    if args is None:
+        return status
+    try:
+        if is_local(args):
+            _local(args, io)
+        else:
+            await _remote(args, io, reactor)
+    except (UsageError, ConfigError, OperationError) as e:
+        return _report(io, e)
+    except Exception as e:  # never a traceback for the operator
+        return _unexpected(io, e)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
+         stderr: IO[str] | None = None, getpass: Callable[[str], str] | None = None) -> int:
+    """The console script: the exit status (the wrapper exits with it)."""
+    io, args, status = _prepare(argv, stdout, stderr, getpass)
+    if args is None:
+        return status
+    if is_local(args):
+        try:
+            _local(args, io)
+        except (UsageError, ConfigError, OperationError) as e:
+            return _report(io, e)
+        except Exception as e:
+            return _unexpected(io, e)
+        return 0
+
+    from twisted.internet import defer, task
+
+    result: list[int] = []
+
+    def go(reactor: Any) -> defer.Deferred[None]:
+        async def remote() -> None:
+            try:
+                await _remote(args, io, reactor)
+                result.append(0)
+            except (UsageError, ConfigError, OperationError) as e:
+                result.append(_report(io, e))
+            except Exception as e:
+                result.append(_unexpected(io, e))
+        return defer.ensureDeferred(remote())
+
+    try:
+        task.react(go)
+    except SystemExit:  # react always exits; the status is ours
+        pass
+    if not result:
+        io.stderr.write("perc-admin: internal error\n")
+        return 1
+    return result[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
