@@ -106,19 +106,53 @@ def _url_or_empty(value: str) -> str | None:
     return 'must be "" or an https:// URL without query or fragment'
 
 
+AUTH_BACKENDS = ("file", "ldap", "oidc")
+
+
 def _auth_backends(value: list) -> str | None:
     if not value:
         return "must name at least one back-end"
+    known = ", ".join(repr(b) for b in AUTH_BACKENDS)
     for name in value:
         if not isinstance(name, str):
             return "must be a list of strings"
-        if name in ("ldap", "oidc"):
-            return f"back-end {name!r} is not configurable yet (known: 'file')"
-        if name != "file":
-            return f"unknown back-end {name!r} (known: 'file')"
+        if name not in AUTH_BACKENDS:
+            return f"unknown back-end {name!r} (known: {known})"
     if len(set(value)) != len(value):
         return "must not name a back-end twice"
     return None
+
+
+def _ldap_filter(*placeholders: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        missing = [p for p in placeholders if "{" + p + "}" not in value]
+        if missing:
+            return "must contain {" + missing[0] + "}"
+        if not (value.startswith("(") and value.endswith(")")):
+            return "must be an LDAP filter in parentheses"
+        return None
+    return check
+
+
+def _attribute_or_empty(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", value):
+        return None
+    return "must be an LDAP attribute name"
+
+
+def _attribute(value: str) -> str | None:
+    return "must be an LDAP attribute name" if value == "" else _attribute_or_empty(value)
+
+
+def _domain_or_empty(value: str) -> str | None:
+    return None if value == "" else _domain(value)
+
+
+def _jwks_url(value: str) -> str | None:
+    if value == "" or (value.startswith(("https://", "http://")) and len(value) > 8
+                       and not any(c in value for c in " \t\r\n#")):
+        return None
+    return 'must be "" or an https:// URL (http:// only on loopback) without fragment'
 
 
 _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
@@ -188,13 +222,71 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
         "address_limit": Setting(int, 20, "Failed logins per address per window.", _positive),
         "window": Setting(int, 900, "Failed-login window, seconds.", _positive),
     },
+    # Nested tables: [auth.ldap] is TOML for the key "ldap" of [auth].
+    "auth.ldap": {
+        "host": Setting(str, "", "LDAP server host name or address (needed for \"ldap\")."),
+        "port": Setting(int, 0, "LDAP server port (0: 389, or 636 with tls = \"ldaps\").",
+                        _port),
+        "base_dn": Setting(str, "", "Subtree searched for users (needed for \"ldap\")."),
+        "bind_dn": Setting(str, "", "Service account DN (\"\" = anonymous search)."),
+        "bind_password_file": Setting(str, "", "File holding the service account password.",
+                                      _optional_absolute_path),
+        "user_filter": Setting(str, "(uid={username})", "Filter finding a user's entry.",
+                               _ldap_filter("username")),
+        "identity_attribute": Setting(str, "mail",
+                                      "Attribute holding the identity (\"\" = uid@domain).",
+                                      _attribute_or_empty),
+        "tls": Setting(str, "starttls", "Transport security: none, starttls or ldaps.",
+                       _one_of("none", "starttls", "ldaps")),
+        "tls_ca_file": Setting(str, "", "PEM CA certificate of the server (\"\" = system CAs).",
+                               _optional_absolute_path),
+        "group_base_dn": Setting(str, "", "Subtree searched for groups (\"\" = base_dn)."),
+        "group_filter": Setting(str, "(|(member={dn})(uniqueMember={dn})(memberUid={username}))",
+                                "Filter finding a user's groups.", _ldap_filter()),
+        "group_attribute": Setting(str, "cn", "Attribute naming a group.", _attribute),
+    },
+    "auth.oidc": {
+        "issuer": Setting(str, "", "Issuer of the provider's ID tokens (needed for \"oidc\").",
+                          _issuer),
+        "audience": Setting(str, "", "Our client_id at the provider (needed for \"oidc\")."),
+        "jwks_url": Setting(str, "", "URL of the provider's JWKS (needed for \"oidc\").",
+                            _jwks_url),
+        "claim": Setting(str, "email", "ID token claim holding the identity.",
+                         _attribute),
+        "domain": Setting(str, "", "Only identities in this domain (\"\" = [idp] domain).",
+                          _domain_or_empty),
+    },
 }
+
+
+def _kmf_cross_checks(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Rules spanning keys: ``(dotted key, reason)`` of the first broken one."""
+    backends = sections["auth"]["backends"]
+    if "ldap" in backends:
+        ldap = sections["auth.ldap"]
+        for key in ("host", "base_dn"):
+            if not ldap[key]:
+                return f"auth.ldap.{key}", 'is required when [auth] backends names "ldap"'
+        if bool(ldap["bind_dn"]) != bool(ldap["bind_password_file"]):
+            key = "bind_password_file" if ldap["bind_dn"] else "bind_dn"
+            return f"auth.ldap.{key}", "bind_dn and bind_password_file go together"
+    if "oidc" in backends:
+        oidc = sections["auth.oidc"]
+        for key in ("issuer", "audience", "jwks_url"):
+            if not oidc[key]:
+                return f"auth.oidc.{key}", 'is required when [auth] backends names "oidc"'
+    return None
 
 #: Per daemon: section -> key -> Setting.  Later features add their sections here.
 SCHEMAS: dict[str, dict[str, dict[str, Setting]]] = {
     "md": {"admin": _admin_section(9461)},
     "kd": {"admin": _admin_section(9462)},
     "kmf": _KMF_SCHEMA,
+}
+
+#: Per daemon: checks spanning several keys, run after every key is valid.
+CROSS_CHECKS: dict[str, Callable[[Mapping[str, Mapping[str, Any]]], tuple[str, str] | None]] = {
+    "kmf": _kmf_cross_checks,
 }
 
 
@@ -233,22 +325,49 @@ def _type_name(kind: type) -> str:
             list: "a list"}.get(kind, kind.__name__)
 
 
-def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
-    """Check ``raw`` (parsed TOML) against the daemon's schema, filling defaults."""
-    schema = SCHEMAS[daemon]
+def _flatten(schema: Mapping[str, Any], path: str, raw: Mapping[str, Any]) -> dict[str, dict]:
+    """``raw`` with nested tables lifted: ``{"auth": {"ldap": {..}}}`` -> ``"auth.ldap"``."""
+    top = sorted(name for name in schema if "." not in name)
+    flat: dict[str, dict] = {}
     for section_name, section_value in raw.items():
-        if section_name not in schema:
-            known = ", ".join(sorted(schema))
-            raise ConfigError(path, section_name, f"unknown section (known: {known})")
+        if section_name not in schema or "." in section_name:
+            raise ConfigError(path, section_name,
+                              f"unknown section (known: {', '.join(top)})")
         if not isinstance(section_value, dict):
             raise ConfigError(path, section_name, "must be a table ([section])")
-        for key in section_value:
+        flat.setdefault(section_name, {})
+        for key, value in section_value.items():
+            nested = f"{section_name}.{key}"
+            if nested in schema:
+                if not isinstance(value, dict):
+                    raise ConfigError(path, nested, f"must be a table ([{nested}])")
+                flat[nested] = value
+                continue
+            if key not in schema[section_name]:
+                known = sorted(list(schema[section_name]) + [
+                    name.rpartition(".")[2] for name in schema
+                    if name.rpartition(".")[0] == section_name])
+                raise ConfigError(path, nested, f"unknown key (known: {', '.join(known)})")
+            flat[section_name][key] = value
+    for section_name, values in flat.items():
+        for key in values:
             if key not in schema[section_name]:
                 known = ", ".join(sorted(schema[section_name]))
                 raise ConfigError(path, f"{section_name}.{key}", f"unknown key (known: {known})")
+    return flat
+
+
+def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
+    """Check ``raw`` (parsed TOML) against the daemon's schema, filling defaults.
+
+    A nested table such as ``[auth.ldap]`` is the section ``"auth.ldap"``
+    (``config["auth.ldap"].host``); its keys are named ``auth.ldap.host`` in errors.
+    """
+    schema = SCHEMAS[daemon]
+    flat = _flatten(schema, path, raw)
     sections: dict[str, Section] = {}
     for section_name, settings in schema.items():
-        given = raw.get(section_name, {})
+        given = flat.get(section_name, {})
         values: dict[str, Any] = {}
         for key, setting in settings.items():
             value = given.get(key, setting.default)
@@ -266,6 +385,11 @@ def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
                     raise ConfigError(path, f"{section_name}.{key}", f"{reason} (got {value!r})")
             values[key] = value
         sections[section_name] = Section(values)
+    cross = CROSS_CHECKS.get(daemon)
+    if cross is not None:
+        problem = cross(sections)
+        if problem is not None:
+            raise ConfigError(path, *problem)
     return Config(path, sections)
 
 

@@ -40,6 +40,12 @@ request, signed with an HMAC over the parameters and the time the form was
 made (``form_lifetime`` seconds) under a per-process secret; a POST without a
 valid signature is refused (403) before any credential is checked.
 
+"invited" means the token's subject is in the conference's ``invited``
+list or, when the KMF has an LDAP back-end (``groups``, a :class:`GroupCache`),
+belongs to one of its ``invited_groups`` (group names compared
+case-insensitively; look-ups cached briefly).  If the directory cannot be
+asked the answer is 503 ``directory-unavailable``, never an admission.
+
 "bound" means the access token must carry ``cnf`` (RFC 8705) matching the TLS
 client certificate of the request; any token with ``cnf`` is refused from
 another certificate.  Access tokens are checked with the KMF's own signing
@@ -66,6 +72,7 @@ import math
 import re
 import secrets
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +113,7 @@ from perc_daemons.store import (
 )
 from perc_daemons.tls import peer_certificate_der
 
-__all__ = ["EventBus", "KmfApi", "kmf_site"]
+__all__ = ["EventBus", "GroupCache", "KmfApi", "kmf_site"]
 
 #: The request parameters of /oauth/authorize carried by the login form.
 AUTHORIZE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state",
@@ -145,6 +152,62 @@ class EventBus:
         event_id, self._next_id = self._next_id, self._next_id + 1
         for callback in list(self._subscribers):
             callback(event_id, kind, data)
+
+
+class GroupCache:
+    """An identity's LDAP group names (case-folded), cached ``ttl`` seconds on ``clock``.
+
+    ``lookup(identity)`` returns a Deferred firing with an iterable of group
+    names (e.g. :meth:`LdapAuthenticator.groups`).  At most ``max_entries``
+    identities are kept (least recently used first out); concurrent look-ups
+    of one identity share one query; failures are not cached.
+    """
+
+    def __init__(self, lookup: Callable[[str], Any], *, clock: IReactorTime,
+                 ttl: float = 60.0, max_entries: int = 10_000) -> None:
+        if ttl <= 0 or max_entries < 1:
+            raise ValueError("ttl and max_entries must be positive")
+        self._lookup = lookup
+        self._clock = clock
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, frozenset[str]]] = OrderedDict()
+        self._pending: dict[str, list[defer.Deferred]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def groups(self, identity: str) -> defer.Deferred:
+        """Fires with the frozenset of ``identity``'s group names, case-folded."""
+        now = self._clock.seconds()
+        entry = self._entries.get(identity)
+        if entry is not None:
+            if entry[0] > now:
+                self._entries.move_to_end(identity)
+                return defer.succeed(entry[1])
+            del self._entries[identity]
+        waiter: defer.Deferred = defer.Deferred()
+        waiters = self._pending.get(identity)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._pending[identity] = [waiter]
+
+        def done(result: Any) -> None:
+            pending = self._pending.pop(identity, [])
+            if not isinstance(result, Failure):
+                result = frozenset(str(name).casefold() for name in result)
+                self._entries[identity] = (self._clock.seconds() + self.ttl, result)
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+            for d in pending:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        defer.maybeDeferred(self._lookup, identity).addBoth(done)
+        return waiter
 
 
 @dataclass
@@ -203,8 +266,10 @@ class KmfApi(resource.Resource):
                  ekt_cipher: EktCipher = EktCipher.AESKW_256,
                  events: EventBus | None = None, keepalive: float = 15.0,
                  oauth: Any = None, public_url: str | None = None,
-                 form_secret: bytes | None = None, form_lifetime: int = 600) -> None:
+                 form_secret: bytes | None = None, form_lifetime: int = 600,
+                 groups: GroupCache | None = None) -> None:
         super().__init__()
+        self.groups = groups
         self.store = store
         self.kek = kek
         self.keys = keys
@@ -348,6 +413,21 @@ class KmfApi(resource.Resource):
                               f'Bearer realm="perc-kmf", error="insufficient_scope", '
                               f'scope="{" ".join(scopes)}"').encode()})
         return verified
+
+    async def _invited(self, identity: str, conference: Conference) -> bool:
+        """Whether ``identity`` is invited, directly or through an LDAP group."""
+        if identity in conference.invited:
+            return True
+        if not conference.invited_groups or self.groups is None:
+            return False
+        try:
+            names = await self.groups.groups(identity)
+        except Exception as e:
+            self.log.warn("LDAP group look-up of {identity} failed: {error}",
+                          identity=identity, error=getattr(e, "reason", None) or e)
+            raise Problem(503, "directory-unavailable", "Service unavailable",
+                          "the directory cannot be asked for group memberships") from None
+        return any(group.casefold() in names for group in conference.invited_groups)
 
     # --- public ---------------------------------------------------------------
 
@@ -539,7 +619,7 @@ class KmfApi(resource.Resource):
         if "kd" not in token.scopes:
             if token.thumbprint is None:
                 raise _unauthorized("certificate binding: a certificate-bound token is required")
-            if token.subject not in conference.invited:
+            if not await self._invited(token.subject, conference):
                 raise _forbidden("not-invited", "Not invited",
                                  "this identity is not invited to the conference")
         current = await self.store.current_epoch(cid)
@@ -564,7 +644,7 @@ class KmfApi(resource.Resource):
         cid = _path_conference_id(cid)
         conference = await self.store.get(cid)
         if not token.scopes.intersection(("kd", "admin")) and (
-                token.subject not in conference.invited):
+                not await self._invited(token.subject, conference)):
             raise _forbidden("not-invited", "Not invited",
                              "this identity is not invited to the conference")
         roster = await self.store.roster(cid)

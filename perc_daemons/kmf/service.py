@@ -21,8 +21,11 @@ and reason, exit status 2:
   SQLite file, or keys under the same Redis namespace.
 - ``[oauth] clients_file`` is loaded (a missing file means no clients: every
   OAuth request is then refused as ``invalid_client``; a bad file is a
-  configuration error).  ``[auth]`` builds the login back-ends (the local
-  user file) and the failed-login rate limiter.
+  configuration error).  ``[auth]`` builds the login back-ends in the order
+  of ``backends`` (the local user file; ``[auth.ldap]``, whose
+  ``bind_password_file`` must be mode 0600/0640 and ``tls_ca_file`` a PEM
+  certificate; ``[auth.oidc]``) and the failed-login rate limiter.  With an
+  LDAP back-end the API also honours conferences' ``invited_groups``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import secrets
 import sys
 from typing import Any
 
+from ldaptor import ldapfilter
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, ssl
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,9 +46,11 @@ from twisted.web import server
 from perc_daemons import config as config_module
 from perc_daemons import tls
 from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
-from perc_daemons.kmf.api import KmfApi, kmf_site
+from perc_daemons.kmf.api import GroupCache, KmfApi, kmf_site
 from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
 from perc_daemons.kmf.auth.file import FileAuthenticator
+from perc_daemons.kmf.auth.ldap import LdapAuthenticator
+from perc_daemons.kmf.auth.oidc import OidcAuthenticator
 from perc_daemons.kmf.clients import ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
 from perc_daemons.kmf.oauth import AuthorizationServer
@@ -199,9 +205,95 @@ def open_store(cfg: config_module.Config, grants: GrantStoreHolder | None = None
     return store, probe
 
 
+def _read_secret_file(cfg: config_module.Config, key: str, path: str) -> str:
+    """The first line of a password file that must be mode 0600/0640."""
+    try:
+        tls.check_private_key_file(path)
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except (tls.TlsFileError, OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise _error(cfg, key, f"{path}: {reason}") from None
+    if not secret:
+        raise _error(cfg, key, f"{path}: the file is empty")
+    return secret
+
+
+def ldap_authenticator(cfg: config_module.Config, reactor: Any) -> LdapAuthenticator:
+    """The ``[auth.ldap]`` back-end; its files are read now (errors name the key)."""
+    ldap = cfg["auth.ldap"]
+    password = None
+    if ldap.bind_password_file:
+        password = _read_secret_file(cfg, "auth.ldap.bind_password_file",
+                                     ldap.bind_password_file)
+    trust_root = None
+    if ldap.tls_ca_file:
+        path = ldap.tls_ca_file
+        try:
+            with open(path, "rb") as f:
+                trust_root = ssl.Certificate.loadPEM(f.read())
+        except OSError as e:
+            raise _error(cfg, "auth.ldap.tls_ca_file", f"{path}: {e.strerror or e}") from None
+        except Exception:
+            raise _error(cfg, "auth.ldap.tls_ca_file",
+                         f"{path}: not a PEM certificate") from None
+    for key, placeholders in (("user_filter", ("{username}",)),
+                              ("group_filter", ("{dn}", "{username}"))):
+        text = ldap[key]
+        for placeholder in placeholders:
+            text = text.replace(placeholder, "x")
+        try:
+            ldapfilter.parseFilter(text)
+        except ldapfilter.InvalidLDAPFilter:
+            raise _error(cfg, f"auth.ldap.{key}",
+                         f"not a valid LDAP filter (got {ldap[key]!r})") from None
+    port = ldap.port or (636 if ldap.tls == "ldaps" else 389)
+    try:
+        return LdapAuthenticator(
+            ldap.host, port, ldap.base_dn, domain=cfg.idp.domain,
+            bind_dn=ldap.bind_dn or None, bind_password=password,
+            user_filter=ldap.user_filter,
+            identity_attribute=ldap.identity_attribute or None,
+            group_base_dn=ldap.group_base_dn or None, group_filter=ldap.group_filter,
+            group_attribute=ldap.group_attribute, tls=ldap.tls,
+            tls_trust_root=trust_root, reactor=reactor)
+    except ValueError as e:  # the checks above and in config leave little to get here
+        raise _error(cfg, "auth.ldap", str(e)) from None
+
+
+def oidc_authenticator(cfg: config_module.Config, reactor: Any) -> OidcAuthenticator:
+    """The ``[auth.oidc]`` back-end."""
+    oidc = cfg["auth.oidc"]
+    try:
+        return OidcAuthenticator(oidc.issuer, oidc.audience, oidc.jwks_url, claim=oidc.claim,
+                                 domain=oidc.domain or cfg.idp.domain, reactor=reactor)
+    except ValueError as e:
+        key = "jwks_url" if "jwks_url" in str(e) else "issuer"
+        raise _error(cfg, f"auth.oidc.{key}", str(e)) from None
+
+
+def auth_backends(cfg: config_module.Config, reactor: Any) -> list[Any]:
+    """The back-ends of ``[auth] backends``, in that order."""
+    auth = cfg.auth
+    backends: list[Any] = []
+    for name in auth.backends:
+        if name == "file":
+            backends.append(FileAuthenticator(auth.users_file, cfg.idp.domain, reactor=reactor))
+        elif name == "ldap":
+            backends.append(ldap_authenticator(cfg, reactor))
+        elif name == "oidc":
+            backends.append(oidc_authenticator(cfg, reactor))
+        else:  # the configuration check refuses other names
+            raise _error(cfg, "auth.backends", f"unknown back-end {name!r}")
+    return backends
+
+
 def authorization_server(cfg: config_module.Config, keys: SigningKeys, issuer: str,
-                         reactor: Any) -> AuthorizationServer:
-    """The OAuth server of ``[oauth]`` and ``[auth]`` (grants attached when the store opens)."""
+                         reactor: Any, backends: list[Any] | None = None) -> AuthorizationServer:
+    """The OAuth server of ``[oauth]`` and ``[auth]`` (grants attached when the store opens).
+
+    ``backends`` defaults to :func:`auth_backends`.
+    """
     oauth, auth = cfg.oauth, cfg.auth
     path = oauth.clients_file
     try:
@@ -212,10 +304,8 @@ def authorization_server(cfg: config_module.Config, keys: SigningKeys, issuer: s
         Logger().warn("perc-kmf: no OAuth client file {path}: no clients configured",
                       path=path)
         clients = ClientRegistry([], reactor=reactor)
-    backends = []
-    for name in auth.backends:
-        if name == "file":
-            backends.append(FileAuthenticator(auth.users_file, cfg.idp.domain, reactor=reactor))
+    if backends is None:
+        backends = auth_backends(cfg, reactor)
     limiter = LoginRateLimiter(user_limit=auth.user_limit, address_limit=auth.address_limit,
                                window=float(auth.window))
     try:
@@ -310,7 +400,10 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     kek = load_kek(cfg)
     keys = load_signing_keys(cfg, reactor.seconds())
     issuer = cfg.idp.issuer or f"https://{cfg.idp.domain}"
-    oauth = authorization_server(cfg, keys, issuer, reactor)
+    backends = auth_backends(cfg, reactor)
+    oauth = authorization_server(cfg, keys, issuer, reactor, backends)
+    ldap = next((b for b in backends if isinstance(b, LdapAuthenticator)), None)
+    groups = GroupCache(ldap.groups, clock=reactor) if ldap is not None else None
     grants = GrantStoreHolder(oauth)
     store, probe = open_store(cfg, grants)
     top = base_service("kmf", cfg, reactor)
@@ -319,7 +412,8 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     api = KmfApi(store=store, kek=kek, keys=keys, idp_domain=cfg.idp.domain, issuer=issuer,
                  clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher], oauth=oauth,
                  public_url=cfg.oauth.public_url or None,
-                 form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime)
+                 form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
+                 groups=groups)
     top.api = api  # type: ignore[attr-defined]
     HttpsService(reactor, cfg.https.bind, cfg.https.port,
                  kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)
