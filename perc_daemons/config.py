@@ -255,6 +255,13 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
                          _attribute),
         "domain": Setting(str, "", "Only identities in this domain (\"\" = [idp] domain).",
                           _domain_or_empty),
+        "name": Setting(str, "OpenID Connect",
+                        "Provider name on the login page (\"Sign in with <name>\")."),
+        "authorization_endpoint": Setting(str, "", "Provider's authorization endpoint "
+                                          "(\"\" = no sign-in at the provider).", _jwks_url),
+        "token_endpoint": Setting(str, "", "Provider's token endpoint.", _jwks_url),
+        "client_secret_file": Setting(str, "", "File holding our client secret at the provider.",
+                                      _optional_absolute_path),
     },
 }
 
@@ -275,6 +282,12 @@ def _kmf_cross_checks(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, s
         for key in ("issuer", "audience", "jwks_url"):
             if not oidc[key]:
                 return f"auth.oidc.{key}", 'is required when [auth] backends names "oidc"'
+        login = ("authorization_endpoint", "token_endpoint", "client_secret_file")
+        if any(oidc[key] for key in login):
+            for key in login:
+                if not oidc[key]:
+                    return (f"auth.oidc.{key}", "authorization_endpoint, token_endpoint and "
+                            "client_secret_file go together")
     return None
 
 #: Per daemon: section -> key -> Setting.  Later features add their sections here.

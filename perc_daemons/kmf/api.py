@@ -23,6 +23,7 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.kmf.problems`
 ``POST   /oauth/token``                                      client auth (RFC 6749)
 ``POST   /oauth/revoke``                                     client auth (RFC 7009)
 ``POST   /oauth/introspect``                                 confidential client (RFC 7662)
+``GET    /oauth/oidc/callback``                              public, signed state + cookie
 ==========================================================  =====================
 
 The ``/oauth/*`` routes exist when an
@@ -39,6 +40,24 @@ is refused.  ``/oauth/authorize`` serves a self-contained HTML login form
 request, signed with an HMAC over the parameters and the time the form was
 made (``form_lifetime`` seconds) under a per-process secret; a POST without a
 valid signature is refused (403) before any credential is checked.
+
+With an :class:`~perc_daemons.kmf.auth.oidc.OidcLogin` (``oidc_login``) the
+login page also offers "Sign in with <provider>": that form posts the same
+signed request with ``login=oidc``, and the KMF answers 303 to the provider's
+authorization endpoint (code flow, PKCE S256, ``nonce``, ``scope``
+"openid email", ``redirect_uri`` ``<public_url>/oauth/oidc/callback``).  The
+``state`` sent there is the pending request, signed (HMAC under the form
+secret) with its issue time (valid ``form_lifetime`` seconds) and a random id
+from which the PKCE verifier and the nonce are derived; a ``__Host-`` cookie
+holding that id binds it to the browser, and each state is accepted once.
+``GET /oauth/oidc/callback`` checks state and cookie (else an HTML error page:
+nothing can be trusted), revalidates the request, exchanges the code at the
+provider's token endpoint and validates the ID token (with the nonce); then it
+completes the request as a password login does (302 to the client with
+``code``, ``state``, ``iss``).  The provider's ``error`` and token endpoint
+failures are redirected to the client as RFC 6749 s4.1.2.1 errors
+(``access_denied``, ``temporarily_unavailable``, ``server_error``); an ID
+token that is refused shows the login page again.
 
 "invited" means the token's subject is in the conference's ``invited``
 list or, when the KMF has an LDAP back-end (``groups``, a :class:`GroupCache`),
@@ -84,6 +103,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from perc_daemons.kmf.auth import AuthenticationFailed, BackendUnavailable, UnsupportedCredentials
+from perc_daemons.kmf.auth.oidc import TokenEndpointError
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
 from perc_daemons.kmf.oauth import LoginFailed, LoginRateLimited, OAuthError
 from perc_daemons.kmf.problems import LimitedRequest, Problem, read_json, write_problem
@@ -267,8 +288,10 @@ class KmfApi(resource.Resource):
                  events: EventBus | None = None, keepalive: float = 15.0,
                  oauth: Any = None, public_url: str | None = None,
                  form_secret: bytes | None = None, form_lifetime: int = 600,
-                 groups: GroupCache | None = None) -> None:
+                 groups: GroupCache | None = None, oidc_login: Any = None) -> None:
         super().__init__()
+        self.oidc_login = oidc_login
+        self._used_states: OrderedDict[str, float] = OrderedDict()
         self.groups = groups
         self.store = store
         self.kek = kek
@@ -309,6 +332,7 @@ class KmfApi(resource.Resource):
                 (re.compile(r"/oauth/token"), {b"POST": self.oauth_token}),
                 (re.compile(r"/oauth/revoke"), {b"POST": self.oauth_revoke}),
                 (re.compile(r"/oauth/introspect"), {b"POST": self.oauth_introspect}),
+                (re.compile(r"/oauth/oidc/callback"), {b"GET": self.oidc_callback}),
             ]
 
     # --- plumbing -----------------------------------------------------------
@@ -891,6 +915,18 @@ class KmfApi(resource.Resource):
             for n in AUTHORIZE_PARAMS if n in params)
         token = self._form_token(params, int(self.now()))
         notice = f'<p role="alert">{e(message)}</p>\n' if message else ""
+        upstream = ""
+        form_origin = self._origin(params.get("redirect_uri", ""))
+        if self.oidc_login is not None:
+            # form-action also governs the redirect to the provider (CSP 3)
+            provider = self._origin(self.oidc_login.authorization_endpoint)
+            form_origin = " ".join(o for o in (form_origin, provider) if o)
+            upstream = ('<form method="post" action="/oauth/authorize">\n'
+                        f"{fields}"
+                        f'<input type="hidden" name="csrf_token" value="{e(token)}">\n'
+                        '<input type="hidden" name="login" value="oidc">\n'
+                        f'<p><button type="submit">Sign in with {e(self.oidc_login.name)}'
+                        '</button></p>\n</form>\n')
         body = (f"<p>Sign in to {e(self.idp_domain)} for <b>{e(params.get('client_id', ''))}</b>"
                 f" (scope: {e(params.get('scope', '') or 'default')}).</p>\n{notice}"
                 '<form method="post" action="/oauth/authorize">\n'
@@ -900,9 +936,9 @@ class KmfApi(resource.Resource):
                 'required autofocus></label></p>\n'
                 '<p><label>Password <input type="password" name="password" '
                 'autocomplete="current-password" required></label></p>\n'
-                '<p><button type="submit">Sign in</button></p>\n</form>\n')
-        return self._html(status, "Sign in", body,
-                          form_origin=self._origin(params.get("redirect_uri", "")),
+                '<p><button type="submit">Sign in</button></p>\n</form>\n'
+                f"{upstream}")
+        return self._html(status, "Sign in", body, form_origin=form_origin or None,
                           headers=headers)
 
     async def _checked_authorize(self, params: dict[str, str], username: str | None,
@@ -943,6 +979,8 @@ class KmfApi(resource.Resource):
         if not self._form_token_valid(params, form.get("csrf_token")):
             return self._error_page(403, "This sign-in form is invalid or has expired; "
                                          "go back to the application and start again.")
+        if form.get("login") == "oidc":
+            return await self._oidc_start(params)
         address = request.getClientAddress()
         try:
             url = await self._checked_authorize(params, form.get("username"),
@@ -958,6 +996,144 @@ class KmfApi(resource.Resource):
         except OAuthError as e:
             return self._authorize_refused(e)
         return Response(302, None, {b"location": url.encode("utf-8")})
+
+    # sign-in at the upstream OpenID Connect provider
+
+    _STATE_COOKIE = b"__Host-perc-oidc"
+    _STATE_LABEL = b"perc-kmf oidc state\0"
+
+    def _derive(self, label: bytes, state_id: str) -> str:
+        return b64url_encode(hmac.new(self.form_secret, label + state_id.encode("ascii"),
+                                      hashlib.sha256).digest())
+
+    def _oidc_state(self, params: dict[str, str], issued: int, state_id: str) -> str:
+        payload = b64url_encode(json.dumps(
+            [1, issued, state_id, {n: params[n] for n in AUTHORIZE_PARAMS if n in params}],
+            separators=(",", ":")).encode("utf-8"))
+        mac = hmac.new(self.form_secret, self._STATE_LABEL + payload.encode("ascii"),
+                       hashlib.sha256).digest()
+        return f"{payload}.{b64url_encode(mac)}"
+
+    def _oidc_state_open(self, state: str | None) -> tuple[str, dict[str, str]] | None:
+        """(state id, the pending request's parameters) of a valid, unexpired state."""
+        if not state or len(state) > 8192 or state.count(".") != 1:
+            return None
+        payload, _, mac_text = state.partition(".")
+        mac = hmac.new(self.form_secret, self._STATE_LABEL + payload.encode("ascii", "replace"),
+                       hashlib.sha256).digest()
+        if not hmac.compare_digest(mac_text.encode("ascii", "replace"),
+                                   b64url_encode(mac).encode("ascii")):
+            return None
+        try:
+            version, issued, state_id, params = json.loads(
+                base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (ValueError, TypeError, binascii.Error):
+            return None
+        age = self.now() - issued
+        if version != 1 or age < -5 or age > self.form_lifetime:
+            return None
+        return state_id, params
+
+    def _state_used(self, state_id: str) -> bool:
+        """Whether ``state_id`` was seen before; records it (one-time states)."""
+        now = self.now()
+        while self._used_states:
+            oldest, expires = next(iter(self._used_states.items()))
+            if expires > now and len(self._used_states) < 100_000:
+                break
+            del self._used_states[oldest]
+        if state_id in self._used_states:
+            return True
+        self._used_states[state_id] = now + self.form_lifetime + 10
+        return False
+
+    async def _oidc_start(self, params: dict[str, str]) -> Response:
+        if self.oidc_login is None:
+            return self._error_page(400, "Sign-in with an identity provider is not enabled.")
+        try:
+            self._check_request(params)
+        except OAuthError as e:
+            return self._authorize_refused(e)
+        state_id = b64url_encode(secrets.token_bytes(16))
+        state = self._oidc_state(params, int(self.now()), state_id)
+        verifier = self._derive(b"perc-kmf oidc pkce\0", state_id)
+        challenge = b64url_encode(hashlib.sha256(verifier.encode("ascii")).digest())
+        url = self.oidc_login.authorization_url(
+            self.public_url + "/oauth/oidc/callback", state,
+            self._derive(b"perc-kmf oidc nonce\0", state_id), challenge)
+        cookie = (self._STATE_COOKIE + b"=" + state_id.encode("ascii")
+                  + f"; Path=/; Max-Age={self.form_lifetime}; Secure; HttpOnly; SameSite=Lax"
+                  .encode())
+        return Response(303, None, {b"location": url.encode("utf-8"), b"set-cookie": cookie})
+
+    def _check_request(self, params: dict[str, str]) -> Any:
+        return self.oauth.check_request(
+            params.get("client_id"), params.get("redirect_uri"), params.get("response_type"),
+            params.get("scope"), params.get("state"), params.get("code_challenge"),
+            params.get("code_challenge_method"))
+
+    async def oidc_callback(self, request: server.Request) -> Response:
+        if self.oidc_login is None:
+            return self._error_page(404, "Sign-in with an identity provider is not enabled.")
+        try:
+            query = self._query(request)
+        except OAuthError as e:
+            return self._error_page(400, f"The request is invalid: {e.description}.")
+        opened = self._oidc_state_open(query.get("state"))
+        if opened is None:
+            return self._error_page(400, "This sign-in is invalid or has expired; "
+                                         "go back to the application and start again.")
+        state_id, params = opened
+        cookie = request.getCookie(self._STATE_COOKIE)
+        if cookie is None or not hmac.compare_digest(cookie, state_id.encode("ascii")):
+            return self._error_page(403, "This sign-in was started in another browser; "
+                                         "go back to the application and start again.")
+        if self._state_used(state_id):
+            return self._error_page(400, "This sign-in has already been used; "
+                                         "go back to the application and start again.")
+        clear = {b"set-cookie": self._STATE_COOKIE
+                 + b"=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax"}
+        name = self.oidc_login.name
+        try:
+            pending = self._check_request(params)
+            if "error" in query:
+                error = query["error"]
+                self.log.info("oidc sign-in refused by the provider: {error}", error=error[:64])
+                if error == "temporarily_unavailable":
+                    raise pending.refuse(error, f"{name} is temporarily unavailable")
+                if error == "server_error":
+                    raise pending.refuse(error, f"{name} failed")
+                raise pending.refuse("access_denied", f"{name} refused the sign-in")
+            code = query.get("code")
+            if not code or len(code) > 4096:
+                raise pending.refuse("server_error", f"{name} sent no authorization code")
+            redirect_uri = self.public_url + "/oauth/oidc/callback"
+            try:
+                id_token = await self.oidc_login.exchange(
+                    code, redirect_uri, self._derive(b"perc-kmf oidc pkce\0", state_id))
+            except TokenEndpointError as e:
+                self.log.warn("oidc token endpoint: {reason}", reason=e.reason)
+                raise pending.refuse("temporarily_unavailable" if e.transient else "server_error",
+                                     f"{name} could not complete the sign-in") from None
+            try:
+                identity = await self.oidc_login.authenticate(
+                    id_token, self._derive(b"perc-kmf oidc nonce\0", state_id))
+            except BackendUnavailable as e:
+                self.log.warn("oidc sign-in: {reason}", reason=e.reason)
+                raise pending.refuse("temporarily_unavailable",
+                                     f"{name} could not be checked") from None
+            except (AuthenticationFailed, UnsupportedCredentials) as e:
+                self.log.info("oidc sign-in refused: {reason}",
+                              reason=getattr(e, "reason", type(e).__name__))
+                page = self._login_page(params, message=f"Sign-in with {name} failed.")
+                page.headers = {**(page.headers or {}), **clear}
+                return page
+            url = await self.oauth.complete(pending, identity, self.now())
+        except OAuthError as e:
+            refused = self._authorize_refused(e)
+            refused.headers = {**(refused.headers or {}), **clear}
+            return refused
+        return Response(302, None, {b"location": url.encode("utf-8"), **clear})
 
 
 def kmf_site(api: KmfApi, *, max_body: int = 65536) -> server.Site:

@@ -38,6 +38,7 @@ import hmac
 import re
 import secrets
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -60,7 +61,8 @@ from perc_daemons.kmf.tokens import (
 )
 from perc_daemons.store.grant_errors import InvalidGrant, RefreshTokenReused, token_hash
 
-__all__ = ["AuthorizationServer", "LoginFailed", "LoginRateLimited", "OAuthError"]
+__all__ = ["AuthorizationRequest", "AuthorizationServer", "LoginFailed", "LoginRateLimited",
+           "OAuthError"]
 
 log = Logger()
 
@@ -161,6 +163,23 @@ def _param(params: dict[str, Any], name: str, required: bool = True) -> str | No
     return value
 
 
+@dataclass
+class AuthorizationRequest:
+    """A validated authorization request, waiting for the user to be authenticated."""
+
+    client: Client
+    redirect_uri: str
+    scopes: list[str]
+    state: str | None
+    code_challenge: str
+    issuer: str
+
+    def refuse(self, error: str, description: str) -> OAuthError:
+        """An error to send back to the client's (validated) redirect URI."""
+        return OAuthError(error, description, 302, redirect_uri=self.redirect_uri,
+                          state=self.state, issuer=self.issuer)
+
+
 class AuthorizationServer:
     """Authorization code + PKCE, refresh tokens, client credentials, revocation, introspection.
 
@@ -233,21 +252,22 @@ class AuthorizationServer:
             client_id, redirect_uri, response_type, scope, state, code_challenge,
             code_challenge_method, username, password, source_address, now))
 
-    async def _authorize(self, client_id: object, redirect_uri: object, response_type: object,
-                         scope: object, state: object, code_challenge: object,
-                         code_challenge_method: object, username: object, password: object,
-                         source_address: str | None, now: float) -> str:
+    def check_request(self, client_id: object, redirect_uri: object, response_type: object,
+                      scope: object, state: object, code_challenge: object,
+                      code_challenge_method: object) -> AuthorizationRequest:
+        """The validated authorization request (RFC 6749 s4.1.1 with PKCE), or OAuthError.
+
+        The error's ``redirect_uri`` is None for an unknown client or
+        unregistered redirect URI (show it to the user), set otherwise.
+        """
         client: Client | None = self.clients.get(client_id)
         if client is None:
             raise OAuthError("invalid_request", "unknown client_id")
         if not isinstance(redirect_uri, str) or redirect_uri not in client.redirect_uris:
             raise OAuthError("invalid_request", "redirect_uri is not registered for this client")
         good_state = state if isinstance(state, str) and 0 < len(state) <= 1024 else None
-
-        def refuse(error: str, description: str) -> OAuthError:
-            return OAuthError(error, description, 302, redirect_uri=redirect_uri,
-                              state=good_state, issuer=self.issuer)
-
+        request = AuthorizationRequest(client, redirect_uri, [], good_state, "", self.issuer)
+        refuse = request.refuse
         if state is not None and good_state is None:
             raise refuse("invalid_request", "bad state")
         if response_type != "code":
@@ -263,17 +283,39 @@ class AuthorizationServer:
             raise refuse("invalid_request", "code_challenge_method must be S256")
         if not isinstance(code_challenge, str) or not _CHALLENGE.fullmatch(code_challenge):
             raise refuse("invalid_request", "code_challenge must be a base64url SHA-256 digest")
+        request.scopes, request.code_challenge = scopes, code_challenge
+        return request
 
+    async def _authorize(self, client_id: object, redirect_uri: object, response_type: object,
+                         scope: object, state: object, code_challenge: object,
+                         code_challenge_method: object, username: object, password: object,
+                         source_address: str | None, now: float) -> str:
+        request = self.check_request(client_id, redirect_uri, response_type, scope, state,
+                                     code_challenge, code_challenge_method)
         subject = await self._login(username, password, source_address, now)
+        return await self._issue_code(request, subject, now)
+
+    def complete(self, request: AuthorizationRequest, subject: str,
+                 now: float) -> defer.Deferred[str]:
+        """Finish ``request`` (from :meth:`check_request`) for a user authenticated elsewhere.
+
+        ``subject`` is the identity an external login (the upstream OpenID
+        Connect provider) established.  Returns the client's redirect URL with
+        ``code``, ``state`` and ``iss``, exactly as a password login does.
+        """
+        return defer.Deferred.fromCoroutine(self._issue_code(request, subject, now))
+
+    async def _issue_code(self, request: AuthorizationRequest, subject: str, now: float) -> str:
         code = self._secret()
-        grant = {"client_id": client.client_id, "redirect_uri": redirect_uri, "scope": scopes,
-                 "sub": subject, "challenge": code_challenge, "auth_time": now}
+        grant = {"client_id": request.client.client_id, "redirect_uri": request.redirect_uri,
+                 "scope": request.scopes, "sub": subject, "challenge": request.code_challenge,
+                 "auth_time": now}
         await self.grants.save_code(token_hash(code), grant, now + self.code_lifetime)
         params = [("code", code)]
-        if good_state is not None:
-            params.append(("state", good_state))
+        if request.state is not None:
+            params.append(("state", request.state))
         params.append(("iss", self.issuer))
-        return add_query(redirect_uri, params)
+        return add_query(request.redirect_uri, params)
 
     async def _login(self, username: object, password: object, address: str | None,
                      now: float) -> str:

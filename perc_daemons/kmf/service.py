@@ -24,7 +24,9 @@ and reason, exit status 2:
   configuration error).  ``[auth]`` builds the login back-ends in the order
   of ``backends`` (the local user file; ``[auth.ldap]``, whose
   ``bind_password_file`` must be mode 0600/0640 and ``tls_ca_file`` a PEM
-  certificate; ``[auth.oidc]``) and the failed-login rate limiter.  With an
+  certificate; ``[auth.oidc]``, whose ``client_secret_file`` must be mode
+  0600/0640 when its endpoints enable sign-in at the provider) and the
+  failed-login rate limiter.  With an
   LDAP back-end the API also honours conferences' ``invited_groups``.
 """
 
@@ -50,7 +52,7 @@ from perc_daemons.kmf.api import GroupCache, KmfApi, kmf_site
 from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
 from perc_daemons.kmf.auth.file import FileAuthenticator
 from perc_daemons.kmf.auth.ldap import LdapAuthenticator
-from perc_daemons.kmf.auth.oidc import OidcAuthenticator
+from perc_daemons.kmf.auth.oidc import OidcAuthenticator, OidcLogin
 from perc_daemons.kmf.clients import ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
 from perc_daemons.kmf.oauth import AuthorizationServer
@@ -272,6 +274,22 @@ def oidc_authenticator(cfg: config_module.Config, reactor: Any) -> OidcAuthentic
         raise _error(cfg, f"auth.oidc.{key}", str(e)) from None
 
 
+def oidc_login(cfg: config_module.Config, backends: list[Any],
+               reactor: Any) -> OidcLogin | None:
+    """Sign-in at the ``[auth.oidc]`` provider, when its endpoints are configured."""
+    oidc = cfg["auth.oidc"]
+    authenticator = next((b for b in backends if isinstance(b, OidcAuthenticator)), None)
+    if authenticator is None or not oidc.authorization_endpoint:
+        return None
+    secret = _read_secret_file(cfg, "auth.oidc.client_secret_file", oidc.client_secret_file)
+    try:
+        return OidcLogin(authenticator, oidc.authorization_endpoint, oidc.token_endpoint,
+                         secret, name=oidc.name, reactor=reactor)
+    except ValueError as e:
+        key = "token_endpoint" if "token_endpoint" in str(e) else "authorization_endpoint"
+        raise _error(cfg, f"auth.oidc.{key}", str(e)) from None
+
+
 def auth_backends(cfg: config_module.Config, reactor: Any) -> list[Any]:
     """The back-ends of ``[auth] backends``, in that order."""
     auth = cfg.auth
@@ -402,6 +420,7 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     issuer = cfg.idp.issuer or f"https://{cfg.idp.domain}"
     backends = auth_backends(cfg, reactor)
     oauth = authorization_server(cfg, keys, issuer, reactor, backends)
+    login = oidc_login(cfg, backends, reactor)
     ldap = next((b for b in backends if isinstance(b, LdapAuthenticator)), None)
     groups = GroupCache(ldap.groups, clock=reactor) if ldap is not None else None
     grants = GrantStoreHolder(oauth)
@@ -413,7 +432,7 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
                  clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher], oauth=oauth,
                  public_url=cfg.oauth.public_url or None,
                  form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
-                 groups=groups)
+                 groups=groups, oidc_login=login)
     top.api = api  # type: ignore[attr-defined]
     HttpsService(reactor, cfg.https.bind, cfg.https.port,
                  kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)

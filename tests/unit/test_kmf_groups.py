@@ -137,7 +137,9 @@ class ConfigTests(LdapTestMixin, unittest.TestCase):
                                "unknown key (known: address_limit, backends, ldap, oidc, "
                                "user_limit, users_file, window)")
         self.assertConfigError("[auth.oidc.extra]\nx = 1\n", "auth.oidc.extra",
-                               "unknown key (known: audience, claim, domain, issuer, jwks_url)")
+                               "unknown key (known: audience, authorization_endpoint, claim, "
+                               "client_secret_file, domain, issuer, jwks_url, name, "
+                               "token_endpoint)")
         self.assertConfigError("[nope]\n", "nope",
                                "unknown section (known: admin, auth, https, idp, keys, "
                                "oauth, store)")

@@ -16,16 +16,22 @@
   another domain are refused.  For the ``email`` claim ``email_verified`` must
   be true (``require_email_verified``), or anyone able to set an unverified
   address at the provider could claim that identity.
+
+:class:`OidcLogin` is the relying-party half: it builds the authorization
+request (code flow, PKCE S256, nonce) and exchanges the code at the token
+endpoint for the ID token the authenticator then checks; the KMF's
+``/oauth/authorize`` and ``/oauth/oidc/callback`` drive it.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import json
 import math
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote_plus, urlencode, urlsplit, urlunsplit
 
 import jwt
 import treq
@@ -276,3 +282,120 @@ class OidcAuthenticator:
             raise AuthenticationFailed(f"oidc: {self.claim} outside {self.domain}")
         return make_identity(user, domain)
 
+
+
+class TokenEndpointError(Exception):
+    """The provider's token endpoint refused the code or could not be asked.
+
+    ``transient`` is true for network failures, timeouts and 5xx answers.
+    """
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+
+
+class OidcLogin:
+    """The relying-party side of the "oidc" back-end: sign-in at the upstream provider.
+
+    The authorization code flow (OpenID Connect Core s3.1) with PKCE S256:
+    :meth:`authorization_url` is where the browser is sent (``scope``,
+    ``state``, ``nonce``, ``code_challenge``); :meth:`exchange` trades the
+    returned code at ``token_endpoint`` (``client_secret_basic`` with the
+    ``authenticator``'s audience as client id, RFC 6749 s2.3.1) for the ID
+    token, which :meth:`authenticate` checks with the
+    :class:`OidcAuthenticator` (signature, claims, nonce).  Endpoints must be
+    https (plain http only on loopback hosts).
+    """
+
+    def __init__(self, authenticator: OidcAuthenticator, authorization_endpoint: str,
+                 token_endpoint: str, client_secret: str, *, name: str = "OpenID Connect",
+                 scope: str = "openid email", timeout: float = 10.0, agent=None,
+                 reactor=None) -> None:
+        for key, value in (("authorization_endpoint", authorization_endpoint),
+                           ("token_endpoint", token_endpoint)):
+            url = urlsplit(value)
+            if not url.hostname or url.fragment or not (
+                    url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname))):
+                raise ValueError(f"{key} must be an https URL (plain http only on loopback)")
+        if not client_secret:
+            raise ValueError("client_secret is required")
+        self.authenticator = authenticator
+        self.client_id = authenticator.audience
+        self.authorization_endpoint = authorization_endpoint
+        self.token_endpoint = token_endpoint
+        self._client_secret = client_secret
+        self.name = name
+        self.scope = scope
+        self.timeout = timeout
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._http = HTTPClient(agent if agent is not None else Agent(reactor))
+
+    def authorization_url(self, redirect_uri: str, state: str, nonce: str,
+                          code_challenge: str) -> str:
+        params = urlencode([("response_type", "code"), ("client_id", self.client_id),
+                            ("redirect_uri", redirect_uri), ("scope", self.scope),
+                            ("state", state), ("nonce", nonce),
+                            ("code_challenge", code_challenge),
+                            ("code_challenge_method", "S256")])
+        url = urlsplit(self.authorization_endpoint)
+        query = f"{url.query}&{params}" if url.query else params
+        return urlunsplit(url._replace(query=query))
+
+    def exchange(self, code: str, redirect_uri: str, code_verifier: str) -> defer.Deferred[str]:
+        """The ID token for ``code``, or fail with :class:`TokenEndpointError`."""
+        d = defer.Deferred.fromCoroutine(self._exchange(code, redirect_uri, code_verifier))
+        d.addTimeout(self.timeout, self._reactor)
+
+        def failed(failure):
+            if isinstance(failure.value, TokenEndpointError):
+                return failure
+            raise TokenEndpointError(f"token endpoint: {failure.value!r}", transient=True)
+
+        return d.addErrback(failed)
+
+    async def _exchange(self, code: str, redirect_uri: str, code_verifier: str) -> str:
+        pair = f"{quote_plus(self.client_id)}:{quote_plus(self._client_secret)}".encode()
+        body = urlencode([("grant_type", "authorization_code"), ("code", code),
+                          ("redirect_uri", redirect_uri),
+                          ("code_verifier", code_verifier)]).encode()
+        response = await self._http.post(self.token_endpoint, data=body, headers={
+            "Authorization": ["Basic " + base64.b64encode(pair).decode("ascii")],
+            "Content-Type": ["application/x-www-form-urlencoded"],
+            "Accept": ["application/json"]})
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > MAX_TOKEN_RESPONSE_BYTES:
+                raise _TooLarge(f"token response larger than {MAX_TOKEN_RESPONSE_BYTES} bytes")
+            chunks.append(data)
+
+        try:
+            await treq.collect(response, collect)
+        except _TooLarge as e:
+            raise TokenEndpointError(str(e)) from None
+        try:
+            document = json.loads(b"".join(chunks))
+        except ValueError:
+            document = None
+        if response.code != 200:
+            error = document.get("error") if isinstance(document, dict) else None
+            raise TokenEndpointError(f"token endpoint answered {response.code} ({error})",
+                                     transient=response.code >= 500)
+        id_token = document.get("id_token") if isinstance(document, dict) else None
+        if not isinstance(id_token, str) or not id_token:
+            raise TokenEndpointError("token response without an id_token")
+        return id_token
+
+    def authenticate(self, id_token: str, nonce: str) -> defer.Deferred[str]:
+        """The identity of ``id_token`` (which must carry ``nonce``)."""
+        return self.authenticator.authenticate(IdToken(id_token, nonce=nonce))
