@@ -99,6 +99,10 @@ def _positive(value: int) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def _non_negative(value: int) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
 def _url_or_empty(value: str) -> str | None:
     if value == "" or (value.startswith("https://") and len(value) > 8
                        and not any(c in value for c in " \t\r\n?#")):
@@ -221,6 +225,8 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
         "user_limit": Setting(int, 5, "Failed logins per user per window.", _positive),
         "address_limit": Setting(int, 20, "Failed logins per address per window.", _positive),
         "window": Setting(int, 900, "Failed-login window, seconds.", _positive),
+        "failure_delay_ms": Setting(int, 1000, "Minimum time before a failed login answers, ms.",
+                                    _non_negative),
     },
     # Nested tables: [auth.ldap] is TOML for the key "ldap" of [auth].
     "auth.ldap": {

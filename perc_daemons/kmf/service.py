@@ -328,7 +328,9 @@ def authorization_server(cfg: config_module.Config, keys: SigningKeys, issuer: s
                                window=float(auth.window))
     try:
         return AuthorizationServer(
-            clients, PendingGrantStore(), keys, AuthenticatorChain(backends, clock=reactor),
+            clients, PendingGrantStore(), keys,
+            AuthenticatorChain(backends, failure_delay=auth.failure_delay_ms / 1000,
+                               clock=reactor),
             limiter, issuer=issuer, audience=issuer,
             access_token_lifetime=oauth.access_token_lifetime,
             refresh_token_lifetime=oauth.refresh_token_lifetime,
