@@ -134,8 +134,8 @@ class ConfigTests(LdapTestMixin, unittest.TestCase):
         self.assertConfigError("[auth]\nldap = 1\n", "auth.ldap",
                                "must be a table ([auth.ldap])")
         self.assertConfigError("[auth]\nkerberos = 1\n", "auth.kerberos",
-                               "unknown key (known: address_limit, backends, ldap, oidc, "
-                               "user_limit, users_file, window)")
+                               "unknown key (known: address_limit, backends, failure_delay_ms, "
+                               "ldap, oidc, user_limit, users_file, window)")
         self.assertConfigError("[auth.oidc.extra]\nx = 1\n", "auth.oidc.extra",
                                "unknown key (known: audience, authorization_endpoint, claim, "
                                "client_secret_file, domain, issuer, jwks_url, name, "
