@@ -38,6 +38,7 @@ import sys
 from typing import Any
 
 from ldaptor import ldapfilter
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, ssl
 from twisted.internet.interfaces import IListeningPort
@@ -410,6 +411,26 @@ class HttpsService(Service):
         return None
 
 
+#: How often the daemon looks for keys rotated by another process (perc-admin).
+KEY_REFRESH_INTERVAL = 10.0
+
+
+def refresh_signing_keys(keys: SigningKeys) -> bool:
+    """Pick up ``perc-admin keys rotate`` (another process rewrote the key index).
+
+    A failed reload keeps the keys in use and is logged; it never stops the timer.
+    """
+    try:
+        changed = keys.refresh()
+    except SigningKeyError as e:
+        Logger().error("perc-kmf: signing keys not reloaded, keeping those in use: {error}",
+                       error=str(e))
+        return False
+    if changed:
+        Logger().info("perc-kmf: signing keys reloaded, active key {kid}", kid=keys.active.kid)
+    return changed
+
+
 def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     """The whole daemon; raises ConfigError for unusable files."""
     if reactor is None:
@@ -428,6 +449,10 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     grants = GrantStoreHolder(oauth)
     store, probe = open_store(cfg, grants)
     top = base_service("kmf", cfg, reactor)
+    refresher = TimerService(KEY_REFRESH_INTERVAL, refresh_signing_keys, keys)
+    refresher.clock = reactor
+    refresher.setName("signing-key-refresh")
+    refresher.setServiceParent(top)
     # stopped in reverse order: the listener first, then the store
     StoreService(reactor, store, probe, grants).setServiceParent(top)
     api = KmfApi(store=store, kek=kek, keys=keys, idp_domain=cfg.idp.domain, issuer=issuer,
