@@ -1,0 +1,427 @@
+"""Tests for perc_daemons.protocol.tunnel (RFC 9185 MD <-> KD tunnel codec)."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.tunnel import (
+    DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
+    DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM,
+    HEADER_LENGTH,
+    MAX_BODY_LENGTH,
+    MAX_SDP_LENGTH,
+    SIGN_STATUS_OK,
+    SIGN_STATUS_REFUSED,
+    BadAssociationId,
+    DecoderFailed,
+    EndpointDisconnect,
+    FrameTooLarge,
+    MalformedFrame,
+    MediaKeys,
+    MessageType,
+    SignAnswer,
+    SignAnswerAck,
+    SupportedProfiles,
+    TunnelDecoder,
+    TunneledDtls,
+    TunnelError,
+    UnknownMessageType,
+    UnsupportedProtocolVersion,
+    UnsupportedVersion,
+    decode_message,
+    is_uuid4,
+    new_association_id,
+)
+
+RFC_EXAMPLE = bytes.fromhex("0100070000040009000A")
+AID = bytes.fromhex("0f1e2d3c4b5a4978a7b6c5d4e3f20110")  # version 4, variant 10
+AID2 = uuid.UUID("12345678-1234-4234-9234-123456789abc").bytes
+
+CLIENT_KEY = bytes(range(0x10, 0x20))
+SERVER_KEY = bytes(range(0x20, 0x30))
+CLIENT_SALT = bytes(range(0x30, 0x3C))
+SERVER_SALT = bytes(range(0x40, 0x4C))
+
+
+def media_keys(profile: int = DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, **kw: bytes) -> MediaKeys:
+    fields = dict(association_id=AID, protection_profile=profile, mki=b"",
+                  client_write_key=CLIENT_KEY, server_write_key=SERVER_KEY,
+                  client_write_salt=CLIENT_SALT, server_write_salt=SERVER_SALT)
+    fields.update(kw)
+    return MediaKeys(**fields)
+
+
+def samples() -> list:
+    return [
+        SupportedProfiles((0x0009, 0x000A)),
+        SupportedProfiles((0x0007,)),
+        UnsupportedVersion(0),
+        UnsupportedVersion(255),
+        media_keys(),
+        media_keys(mki=b"\x01\x02\x03\x04"),
+        TunneledDtls(AID, b"\x16\xfe\xfd" + bytes(50)),
+        TunneledDtls(AID2, b"x"),
+        EndpointDisconnect(AID),
+        SignAnswer(AID, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\ns=é☃\r\n"),
+        SignAnswerAck(AID, SIGN_STATUS_OK, "v=0\r\na=identity:abc\r\n"),
+        SignAnswerAck(AID2, SIGN_STATUS_REFUSED, ""),
+        SignAnswerAck(AID2, 0xFFFF, "fingerprint mismatch"),
+    ]
+
+
+def frame(msg_type: int, body: bytes) -> bytes:
+    return bytes((msg_type,)) + len(body).to_bytes(2, "big") + body
+
+
+def feed_all(decoder: TunnelDecoder, chunks) -> list:
+    out: list = []
+    for chunk in chunks:
+        out.extend(decoder.feed(chunk))
+    return out
+
+
+class WorkedExampleTests(unittest.TestCase):
+    def test_encode_rfc9185_section7(self) -> None:
+        msg = SupportedProfiles((DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
+                                 DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM))
+        self.assertEqual(msg.encode(), RFC_EXAMPLE)
+
+    def test_decode_rfc9185_section7(self) -> None:
+        expected = SupportedProfiles((0x0009, 0x000A))
+        self.assertEqual(decode_message(RFC_EXAMPLE[0], RFC_EXAMPLE[3:]), expected)
+        self.assertEqual(TunnelDecoder().feed(RFC_EXAMPLE), [expected])
+
+    def test_profile_constants(self) -> None:
+        self.assertEqual(DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, 0x0009)
+        self.assertEqual(DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM, 0x000A)
+        self.assertEqual([int(t) for t in MessageType],
+                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1])
+
+
+class EncodingTests(unittest.TestCase):
+    def test_round_trip_every_message(self) -> None:
+        for msg in samples():
+            data = msg.encode()
+            self.assertEqual(data[0], msg.msg_type, msg)
+            self.assertEqual(int.from_bytes(data[1:3], "big"), len(data) - 3, msg)
+            self.assertEqual(decode_message(data[0], data[3:]), msg)
+            self.assertEqual(TunnelDecoder().feed(data), [msg])
+
+    def test_media_keys_layout_double_outer_halves(self) -> None:
+        msg = media_keys(mki=b"\xAA")
+        body = (AID + b"\x00\x09" + b"\x01\xAA" + b"\x10" + CLIENT_KEY + b"\x10"
+                + SERVER_KEY + b"\x0c" + CLIENT_SALT + b"\x0c" + SERVER_SALT)
+        self.assertEqual(msg.encode(), frame(0x03, body))
+        decoded = decode_message(0x03, body)
+        self.assertEqual(decoded.protection_profile, 0x0009)
+        self.assertEqual((decoded.client_write_key, decoded.server_write_key),
+                         (CLIENT_KEY, SERVER_KEY))
+        self.assertEqual((decoded.client_write_salt, decoded.server_write_salt),
+                         (CLIENT_SALT, SERVER_SALT))
+        self.assertEqual(decoded.mki, b"\xAA")
+
+    def test_media_keys_double_256_outer_halves(self) -> None:
+        msg = media_keys(DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM,
+                         client_write_key=bytes(range(32)),
+                         server_write_key=bytes(range(32, 64)))
+        self.assertEqual(decode_message(0x03, msg.encode()[3:]), msg)
+        self.assertEqual(len(msg.encode()), 3 + 16 + 2 + 1 + 2 * 33 + 2 * 13)
+
+    def test_media_keys_repr_hides_keys_and_salts(self) -> None:
+        msg = media_keys()
+        for text in (repr(msg), str(msg), repr([msg])):
+            for secret in (CLIENT_KEY, SERVER_KEY, CLIENT_SALT, SERVER_SALT):
+                self.assertNotIn(secret.hex(), text)
+                self.assertNotIn(repr(secret), text)
+                self.assertNotIn(secret[:4].hex(), text)
+        self.assertIn(str(uuid.UUID(bytes=AID)), repr(msg))
+        self.assertIn("0x0009", repr(msg))
+
+    def test_other_byte_layouts(self) -> None:
+        self.assertEqual(UnsupportedVersion(3).encode(), b"\x02\x00\x01\x03")
+        self.assertEqual(EndpointDisconnect(AID).encode(), b"\x05\x00\x10" + AID)
+        self.assertEqual(TunneledDtls(AID, b"ab").encode(),
+                         b"\x04\x00\x14" + AID + b"\x00\x02ab")
+        self.assertEqual(SignAnswer(AID, "o", "é").encode(),
+                         b"\xf0\x00\x17" + AID + b"\x00\x01o\x00\x02\xc3\xa9")
+        self.assertEqual(SignAnswerAck(AID, 2, "no").encode(),
+                         b"\xf1\x00\x16" + AID + b"\x00\x02\x00\x02no")
+
+    def test_largest_messages_fit_a_frame(self) -> None:
+        big = "a" * MAX_SDP_LENGTH
+        data = SignAnswer(AID, big, big).encode()
+        self.assertLessEqual(len(data), HEADER_LENGTH + MAX_BODY_LENGTH)
+        self.assertEqual(TunnelDecoder().feed(data), [SignAnswer(AID, big, big)])
+        dtls = TunneledDtls(AID, bytes(MAX_BODY_LENGTH - 18))
+        self.assertEqual(len(dtls.encode()), HEADER_LENGTH + MAX_BODY_LENGTH)
+        self.assertEqual(TunnelDecoder().feed(dtls.encode()), [dtls])
+        many = SupportedProfiles(tuple(range((MAX_BODY_LENGTH - 3) // 2)))
+        self.assertEqual(TunnelDecoder().feed(many.encode()), [many])
+
+    def test_sign_answer_ack_accessors(self) -> None:
+        self.assertEqual(SignAnswerAck(AID, SIGN_STATUS_OK, "v=0").signed_answer, "v=0")
+        refused = SignAnswerAck(AID, SIGN_STATUS_REFUSED, "bad identity")
+        self.assertFalse(refused.ok)
+        self.assertIsNone(refused.signed_answer)
+
+
+class ValidationTests(unittest.TestCase):
+    def test_supported_profiles_bounds(self) -> None:
+        self.assertRaises(MalformedFrame, SupportedProfiles, ())
+        self.assertRaises(MalformedFrame, SupportedProfiles, (0x10000,))
+        self.assertRaises(MalformedFrame, SupportedProfiles, (-1,))
+        self.assertRaises(MalformedFrame, SupportedProfiles,
+                          tuple(range((MAX_BODY_LENGTH - 3) // 2 + 1)))
+        self.assertEqual(SupportedProfiles([9, 10]).profiles, (9, 10))
+
+    def test_supported_profiles_decode_errors(self) -> None:
+        self.assertRaises(MalformedFrame, decode_message, 0x01, b"\x00\x00\x00")  # empty list
+        self.assertRaises(MalformedFrame, decode_message, 0x01, b"\x00\x00\x03\x00\x09\x00")
+        self.assertRaises(MalformedFrame, decode_message, 0x01, b"\x00\x00\x01\x00")
+        with self.assertRaises(UnsupportedProtocolVersion) as cm:
+            decode_message(0x01, b"\x01\x00\x04\x00\x09\x00\x0a")
+        self.assertEqual(cm.exception.version, 1)
+
+    def test_media_keys_lengths(self) -> None:
+        for name in ("client_write_key", "server_write_key",
+                     "client_write_salt", "server_write_salt"):
+            self.assertRaises(MalformedFrame, media_keys, **{name: b""})
+            self.assertRaises(MalformedFrame, media_keys, **{name: bytes(256)})
+            msg = media_keys(**{name: bytes(255)})
+            self.assertEqual(decode_message(0x03, msg.encode()[3:]), msg)
+        self.assertRaises(MalformedFrame, media_keys, mki=bytes(256))
+        self.assertEqual(media_keys(mki=bytes(255)).mki, bytes(255))
+        self.assertRaises(MalformedFrame, media_keys, profile=0x10000)
+        zero_key = AID + b"\x00\x09\x00\x00\x01k\x01s\x01t"
+        self.assertRaises(MalformedFrame, decode_message, 0x03, zero_key)
+
+    def test_empty_tunneled_dtls(self) -> None:
+        self.assertRaises(MalformedFrame, TunneledDtls, AID, b"")
+        self.assertRaises(MalformedFrame, decode_message, 0x04, AID + b"\x00\x00")
+        decoder = TunnelDecoder()
+        self.assertRaises(MalformedFrame, decoder.feed, frame(0x04, AID + b"\x00\x00"))
+
+    def test_bad_association_ids(self) -> None:
+        v1 = uuid.uuid1().bytes
+        bad_variant = bytearray(AID)
+        bad_variant[8] &= 0x3F
+        v5 = uuid.uuid5(uuid.NAMESPACE_DNS, "perc.example").bytes
+        for bad in (v1, bytes(bad_variant), v5):
+            self.assertFalse(is_uuid4(bad))
+            self.assertRaises(BadAssociationId, EndpointDisconnect, bad)
+            self.assertRaises(BadAssociationId, decode_message, 0x05, bad)
+            self.assertRaises(BadAssociationId, decode_message, 0x04, bad + b"\x00\x01x")
+            self.assertRaises(BadAssociationId, TunnelDecoder().feed, frame(0x05, bad))
+        self.assertRaises(BadAssociationId, EndpointDisconnect, AID[:15])
+        self.assertRaises(BadAssociationId, EndpointDisconnect, AID + b"\x00")
+        self.assertRaises(TypeError, EndpointDisconnect, str(uuid.uuid4()))
+
+    def test_association_id_helpers(self) -> None:
+        ids = {new_association_id() for _ in range(50)}
+        self.assertEqual(len(ids), 50)
+        for aid in ids:
+            self.assertEqual(len(aid), 16)
+            self.assertTrue(is_uuid4(aid))
+            self.assertEqual(uuid.UUID(bytes=aid).version, 4)
+        self.assertTrue(is_uuid4(AID))
+        self.assertFalse(is_uuid4(AID[:15]))
+        self.assertFalse(is_uuid4(str(uuid.UUID(bytes=AID))))
+
+    def test_unknown_types(self) -> None:
+        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF2, 0xFF):
+            with self.assertRaises(UnknownMessageType) as cm:
+                decode_message(msg_type, b"")
+            self.assertEqual(cm.exception.msg_type, msg_type)
+            self.assertRaises(UnknownMessageType, TunnelDecoder().feed,
+                              bytes((msg_type,)) + b"\x00\x00")
+
+    def test_truncated_bodies(self) -> None:
+        for msg in samples():
+            body = msg.encode()[3:]
+            for cut in range(len(body)):
+                with self.assertRaises(MalformedFrame, msg=f"{msg!r} cut at {cut}"):
+                    decode_message(msg.msg_type, body[:cut])
+                self.assertRaises(MalformedFrame, TunnelDecoder().feed,
+                                  frame(msg.msg_type, body[:cut]))
+
+    def test_trailing_bytes(self) -> None:
+        for msg in samples():
+            body = msg.encode()[3:]
+            self.assertRaises(MalformedFrame, decode_message, msg.msg_type, body + b"\x00")
+            self.assertRaises(MalformedFrame, TunnelDecoder().feed,
+                              frame(msg.msg_type, body + b"\x00"))
+
+    def test_sign_messages_text(self) -> None:
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "", "v=0")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "v=0", "")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "a" * (MAX_SDP_LENGTH + 1), "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "\ud800", "v")
+        self.assertRaises(MalformedFrame, SignAnswerAck, AID, SIGN_STATUS_OK, "")
+        self.assertRaises(MalformedFrame, SignAnswerAck, AID, 0x10000, "x")
+        bad_utf8 = AID + b"\x00\x01\xff\x00\x01v"
+        self.assertRaises(MalformedFrame, decode_message, 0xF0, bad_utf8)
+        empty_ok = AID + b"\x00\x00\x00\x00"
+        self.assertRaises(MalformedFrame, decode_message, 0xF1, empty_ok)
+
+    def test_errors_are_typed_protocol_errors(self) -> None:
+        classes = (MalformedFrame, UnknownMessageType, FrameTooLarge, BadAssociationId,
+                   UnsupportedProtocolVersion, DecoderFailed)
+        reasons = set()
+        for cls in classes:
+            self.assertTrue(issubclass(cls, TunnelError))
+            self.assertTrue(issubclass(cls, ProtocolError))
+            reasons.add(cls.reason)
+        self.assertEqual(len(reasons | {TunnelError.reason}), len(classes) + 1)
+
+
+class DecoderTests(unittest.TestCase):
+    def stream(self) -> tuple[bytes, list]:
+        messages = samples()
+        return b"".join(m.encode() for m in messages), messages
+
+    def test_split_at_every_byte_boundary(self) -> None:
+        data, messages = self.stream()
+        for cut in range(len(data) + 1):
+            decoder = TunnelDecoder()
+            self.assertEqual(feed_all(decoder, [data[:cut], data[cut:]]), messages,
+                             f"cut at {cut}")
+            self.assertEqual(decoder.buffered, 0)
+
+    def test_one_byte_at_a_time(self) -> None:
+        data, messages = self.stream()
+        decoder = TunnelDecoder()
+        got = []
+        for i in range(len(data)):
+            got.extend(decoder.feed(data[i:i + 1]))
+            self.assertEqual(decoder.buffered + len(b"".join(m.encode() for m in got)), i + 1)
+        self.assertEqual(got, messages)
+
+    def test_several_frames_in_one_chunk(self) -> None:
+        data, messages = self.stream()
+        decoder = TunnelDecoder()
+        self.assertEqual(decoder.feed(data + RFC_EXAMPLE[:5]),
+                         [*messages])
+        self.assertEqual(decoder.buffered, 5)
+        self.assertEqual(decoder.feed(RFC_EXAMPLE[5:] + RFC_EXAMPLE),
+                         [SupportedProfiles((9, 10))] * 2)
+        self.assertEqual(decoder.feed(b""), [])
+
+    def test_empty_feed_and_bytearray_input(self) -> None:
+        decoder = TunnelDecoder()
+        self.assertEqual(decoder.feed(b""), [])
+        self.assertEqual(decoder.feed(bytearray(RFC_EXAMPLE)), [SupportedProfiles((9, 10))])
+        self.assertEqual(decoder.feed(memoryview(RFC_EXAMPLE)), [SupportedProfiles((9, 10))])
+
+    def test_oversized_length_rejected_before_buffering(self) -> None:
+        decoder = TunnelDecoder(max_body_length=1024)
+        with self.assertRaises(FrameTooLarge) as cm:
+            decoder.feed(b"\x04\xff\xff")
+        self.assertEqual((cm.exception.length, cm.exception.limit), (65535, 1024))
+        self.assertEqual(decoder.buffered, 0)
+        self.assertTrue(decoder.failed)
+
+    def test_oversized_length_split_header(self) -> None:
+        decoder = TunnelDecoder(max_body_length=1024)
+        self.assertEqual(decoder.feed(b"\x04\x04"), [])
+        self.assertRaises(FrameTooLarge, decoder.feed, b"\x01")  # 1025
+
+    def test_limit_boundary(self) -> None:
+        msg = TunneledDtls(AID, bytes(1024 - 18))
+        self.assertEqual(TunnelDecoder(max_body_length=1024).feed(msg.encode()), [msg])
+        too_big = TunneledDtls(AID, bytes(1024 - 17))
+        self.assertRaises(FrameTooLarge, TunnelDecoder(max_body_length=1024).feed,
+                          too_big.encode())
+        self.assertRaises(ValueError, TunnelDecoder, MAX_BODY_LENGTH + 1)
+        self.assertRaises(ValueError, TunnelDecoder, -1)
+
+    def test_buffering_is_bounded(self) -> None:
+        decoder = TunnelDecoder(max_body_length=1024)
+        data = b"".join(TunneledDtls(AID, bytes(1000)).encode() for _ in range(200))
+        self.assertEqual(len(decoder.feed(data + data[:1010])), 200)
+        self.assertEqual(decoder.buffered, 1010)
+        self.assertLessEqual(len(decoder._buffer), 1024)
+
+    def test_refuses_input_after_error(self) -> None:
+        decoder = TunnelDecoder()
+        self.assertRaises(UnknownMessageType, decoder.feed, b"\x99\x00\x00")
+        self.assertRaises(DecoderFailed, decoder.feed, RFC_EXAMPLE)
+        self.assertRaises(DecoderFailed, decoder.feed, b"")
+        malformed = TunnelDecoder()
+        self.assertRaises(MalformedFrame, malformed.feed, frame(0x02, b""))
+        self.assertRaises(DecoderFailed, malformed.feed, RFC_EXAMPLE)
+
+    def test_messages_before_error_are_kept_on_the_error(self) -> None:
+        decoder = TunnelDecoder()
+        with self.assertRaises(UnknownMessageType) as cm:
+            decoder.feed(RFC_EXAMPLE + EndpointDisconnect(AID).encode() + b"\x06\x00\x00")
+        self.assertEqual(cm.exception.messages,
+                         (SupportedProfiles((9, 10)), EndpointDisconnect(AID)))
+
+
+# -- property tests -------------------------------------------------------------------
+
+uuid4s = st.binary(min_size=16, max_size=16).map(
+    lambda b: uuid.UUID(bytes=b, version=4).bytes)
+sdp = st.text(min_size=1, max_size=40)
+opaque = st.binary(min_size=1, max_size=255)
+messages = st.one_of(
+    st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=8).map(
+        lambda p: SupportedProfiles(tuple(p))),
+    st.integers(0, 255).map(UnsupportedVersion),
+    st.builds(MediaKeys, uuid4s, st.integers(0, 0xFFFF), st.binary(max_size=255),
+              opaque, opaque, opaque, opaque),
+    st.builds(TunneledDtls, uuid4s, st.binary(min_size=1, max_size=300)),
+    st.builds(EndpointDisconnect, uuid4s),
+    st.builds(SignAnswer, uuid4s, sdp, sdp),
+    st.builds(SignAnswerAck, uuid4s, st.just(SIGN_STATUS_OK), sdp),
+    st.builds(SignAnswerAck, uuid4s, st.integers(1, 0xFFFF), st.text(max_size=40)),
+)
+pieces = st.lists(st.one_of(messages.map(lambda m: m.encode()), st.binary(max_size=40)),
+                  max_size=8)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+class PropertyTests(unittest.TestCase):
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(messages, max_size=8), st.lists(st.integers(0, 10**6), max_size=10))
+    def test_valid_streams_round_trip_in_any_chunking(self, msgs, cuts) -> None:
+        data = b"".join(m.encode() for m in msgs)
+        decoder = TunnelDecoder()
+        got = feed_all(decoder, chunked(data, cuts))
+        self.assertEqual(got, msgs)
+        self.assertEqual(decoder.buffered, 0)
+        for msg in got:
+            self.assertEqual(decode_message(msg.msg_type, msg.encode()[3:]), msg)
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(pieces, st.lists(st.integers(0, 10**6), max_size=10), st.integers(0, 400))
+    def test_random_streams_give_messages_or_tunnel_error(self, parts, cuts, limit) -> None:
+        data = b"".join(parts)
+        decoder = TunnelDecoder(max_body_length=limit)
+        got: list = []
+        error = None
+        for chunk in chunked(data, cuts):
+            try:
+                got.extend(decoder.feed(chunk))
+            except TunnelError as exc:  # any other exception fails the test
+                got.extend(exc.messages)
+                error = exc
+                break
+            self.assertLessEqual(decoder.buffered, HEADER_LENGTH + limit)
+        consumed = b"".join(m.encode() for m in got)
+        self.assertEqual(data[:len(consumed)], consumed)
+        if error is None:
+            self.assertEqual(len(consumed) + decoder.buffered, len(data))
+        else:
+            self.assertRaises(DecoderFailed, decoder.feed, b"")
