@@ -1,0 +1,889 @@
+"""SDP (RFC 8866) codec for the WebRTC/PERC subset, sans-I/O.
+
+What is here:
+
+* :class:`SessionDescription` / :class:`MediaDescription`: the parsed form.
+  Attributes are kept as an ordered list of :class:`Attribute` (name, value),
+  unknown ones exactly as received, so that ``serialize(parse(text)) == text``
+  for canonical (CRLF, ``v o s ... t ... a ... m ...``) input and
+  ``parse(x.serialize()) == x`` for every description;
+* :func:`parse`: strict about the RFC 8866 line order (``v= o= s= i= u= e=
+  p= c= b= t= r= z= k= a=`` then ``m=`` sections of ``i= c= b= k= a=``),
+  line syntax (``<letter>=<value>``), sizes, and the attributes PERC relies
+  on (``fingerprint``, ``setup``, ``tls-id``, ``ice-ufrag``, ``ice-pwd``,
+  ``ice-lite``, ``candidate``, ``rtpmap``, ``ssrc``, ``extmap``, ``mid``,
+  ``group``, ``rtcp-mux``, ``identity``).  Every failure is a typed
+  :class:`SdpError` carrying the 1-based line number;
+* typed accessors and ``with_*`` setters (descriptions are immutable, setters
+  return a copy);
+* :func:`make_answer`: the MD/KD side answer to an endpoint offer, leaving the
+  endpoint as DTLS client (RFC 9185): offer ``actpass``/``active`` gives
+  ``passive``; ``passive``, ``holdconn`` or no ``a=setup`` is refused.
+
+Project decisions: unknown line types are rejected (RFC 8866 §5 allows
+"ignore or reject"); ``a=identity`` (RFC 8827) is session-level only;
+``a=ice-lite`` session-level only (RFC 8839); ``a=tls-id`` (RFC 8842),
+``a=mid``, ``a=rtpmap`` and ``a=ssrc`` media-level only; ``a=group``
+session-level only.  Input may be ``str`` or UTF-8 ``bytes``, with CRLF or LF
+line ends; :meth:`SessionDescription.serialize` always writes CRLF.
+"""
+
+from __future__ import annotations
+
+import binascii
+import dataclasses
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from perc_daemons.protocol.dtls.crypto import format_fingerprint, parse_fingerprint
+from perc_daemons.protocol.errors import ProtocolError
+
+#: Size limits checked before any other work.
+MAX_SDP_LENGTH = 256 * 1024
+MAX_LINES = 2000
+#: Long enough for an ``a=identity`` of a 16 KiB assertion in base64.
+MAX_LINE_LENGTH = 32 * 1024
+
+SETUP_VALUES = frozenset({"actpass", "active", "passive", "holdconn"})
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+#: RFC 8122 hash function names and their digest lengths.
+FINGERPRINT_LENGTHS = {
+    "sha-1": 20,
+    "sha-224": 28,
+    "sha-256": 32,
+    "sha-384": 48,
+    "sha-512": 64,
+    "md5": 16,
+    "md2": 16,
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SdpError(ProtocolError):
+    """Malformed or unacceptable SDP; ``line`` is the 1-based line number or None."""
+
+    reason = "sdp_error"
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        self.line = line
+        self.message = message
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+
+
+class SdpTooLarge(SdpError):
+    """Too many bytes, too many lines or a line too long."""
+
+    reason = "sdp_too_large"
+
+
+class SdpSyntaxError(SdpError):
+    """A line that is not ``<type>=<value>`` or whose value does not parse."""
+
+    reason = "sdp_syntax"
+
+
+class SdpOrderError(SdpError):
+    """A line out of the RFC 8866 order, repeated, or at the wrong level."""
+
+    reason = "sdp_order"
+
+
+class SdpMissingLine(SdpError):
+    """A required ``v=``, ``o=``, ``s=`` or ``t=`` line is absent."""
+
+    reason = "sdp_missing_line"
+
+
+class SdpAttributeError(SdpError):
+    """A known attribute with a bad value."""
+
+    reason = "sdp_bad_attribute"
+
+
+class BadFingerprint(SdpAttributeError):
+    reason = "sdp_bad_fingerprint"
+
+
+class BadSetup(SdpAttributeError):
+    reason = "sdp_bad_setup"
+
+
+class BadTlsId(SdpAttributeError):
+    reason = "sdp_bad_tls_id"
+
+
+class BadIceCredentials(SdpAttributeError):
+    reason = "sdp_bad_ice_credentials"
+
+
+class BadIdentity(SdpAttributeError):
+    reason = "sdp_bad_identity"
+
+
+class OfferRefused(SdpError):
+    """An offer :func:`make_answer` cannot answer (e.g. ``a=setup:passive``)."""
+
+    reason = "sdp_offer_refused"
+
+
+# --------------------------------------------------------------------------- model
+
+_TOKEN = r"[!#$%&'*+\-.^_`{|}~0-9A-Za-z]+"
+_TOKEN_RE = re.compile(_TOKEN)
+_TLS_ID_RE = re.compile(r"[A-Za-z0-9+/\-_]{20,255}")
+_ICE_UFRAG_RE = re.compile(r"[A-Za-z0-9+/]{4,256}")
+_ICE_PWD_RE = re.compile(r"[A-Za-z0-9+/]{22,256}")
+_HEX_PAIRS_RE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*")
+_DIGITS_RE = re.compile(r"[0-9]+")
+_BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_RTPMAP_RE = re.compile(r"([0-9]{1,3}) ([^/\s]+)/([0-9]{1,10})(?:/([0-9]{1,3}))?")
+_SSRC_RE = re.compile(r"([0-9]{1,10}) (" + _TOKEN + r")(?::(.*))?", re.DOTALL)
+_EXTMAP_RE = re.compile(
+    r"([0-9]{1,4})(?:/(sendrecv|sendonly|recvonly|inactive))? (\S+)(?: (.+))?", re.DOTALL
+)
+_MEDIA_RE = re.compile(
+    r"(" + _TOKEN + r") ([0-9]{1,5})(?:/([0-9]{1,5}))? (" + _TOKEN + r"(?:/" + _TOKEN + r")*)"
+    r"((?: \S+)+)"
+)
+_NON_WS = re.compile(r"[^\s]+")
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """``a=<name>`` (``value`` None) or ``a=<name>:<value>`` (value may be "")."""
+
+    name: str
+    value: str | None = None
+    line: int | None = field(default=None, compare=False, repr=False)
+
+    def render(self) -> str:
+        return f"a={self.name}" if self.value is None else f"a={self.name}:{self.value}"
+
+
+@dataclass(frozen=True)
+class Field:
+    """Any other ``<type>=<value>`` line kept verbatim (``i c b k t r z u e p``)."""
+
+    type: str
+    value: str
+
+    def render(self) -> str:
+        return f"{self.type}={self.value}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """``o=<username> <sess-id> <sess-version> <nettype> <addrtype> <address>``."""
+
+    username: str = "-"
+    session_id: str = "0"
+    session_version: str = "0"
+    nettype: str = "IN"
+    addrtype: str = "IP4"
+    address: str = "0.0.0.0"
+
+    def render(self) -> str:
+        return "o=" + " ".join(
+            (
+                self.username,
+                self.session_id,
+                self.session_version,
+                self.nettype,
+                self.addrtype,
+                self.address,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class RtpMap:
+    """``a=rtpmap:<pt> <encoding>/<clock rate>[/<channels>]``."""
+
+    payload_type: int
+    encoding: str
+    clock_rate: int
+    channels: int | None = None
+
+
+@dataclass(frozen=True)
+class SsrcAttribute:
+    """``a=ssrc:<ssrc-id> <attribute>[:<value>]`` (RFC 5576)."""
+
+    ssrc: int
+    attribute: str
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtMap:
+    """``a=extmap:<id>[/<direction>] <uri> [<extension attributes>]`` (RFC 8285)."""
+
+    id: int
+    uri: str
+    direction: str | None = None
+    attributes: str | None = None
+
+
+# --------------------------------------------------------------------------- validators
+#
+# Each takes the attribute and returns its typed value or raises with the
+# attribute's line number.  parse() runs them on every known attribute, the
+# accessors run them again (for hand-built descriptions).
+
+
+def _fingerprint(a: Attribute) -> tuple[str, bytes]:
+    parts = (a.value or "").split(" ")
+    if len(parts) != 2 or not _TOKEN_RE.fullmatch(parts[0]):
+        raise BadFingerprint("a=fingerprint is not '<hash-func> <hex:pairs>'", a.line)
+    algorithm, hex_text = parts[0].lower(), parts[1]
+    if not _HEX_PAIRS_RE.fullmatch(hex_text):
+        raise BadFingerprint("a=fingerprint digest is not colon-separated hex pairs", a.line)
+    if algorithm == "sha-256":
+        try:
+            return algorithm, parse_fingerprint(hex_text)
+        except ValueError as e:
+            raise BadFingerprint(f"a=fingerprint: {e}", a.line) from None
+    digest = bytes.fromhex(hex_text.replace(":", ""))
+    expected = FINGERPRINT_LENGTHS.get(algorithm)
+    if expected is not None and len(digest) != expected:
+        raise BadFingerprint(f"a {algorithm} fingerprint has {expected} bytes", a.line)
+    if len(digest) > 64:
+        raise BadFingerprint("a=fingerprint digest too long", a.line)
+    return algorithm, digest
+
+
+def _setup(a: Attribute) -> str:
+    if a.value not in SETUP_VALUES:
+        raise BadSetup(f"a=setup must be one of {sorted(SETUP_VALUES)}", a.line)
+    return a.value
+
+
+def _tls_id(a: Attribute) -> str:
+    if a.value is None or not _TLS_ID_RE.fullmatch(a.value):
+        raise BadTlsId("a=tls-id must be 20-255 chars of [A-Za-z0-9+/-_]", a.line)
+    return a.value
+
+
+def _ice_ufrag(a: Attribute) -> str:
+    if a.value is None or not _ICE_UFRAG_RE.fullmatch(a.value):
+        raise BadIceCredentials("a=ice-ufrag must be 4-256 chars of [A-Za-z0-9+/]", a.line)
+    return a.value
+
+
+def _ice_pwd(a: Attribute) -> str:
+    if a.value is None or not _ICE_PWD_RE.fullmatch(a.value):
+        raise BadIceCredentials("a=ice-pwd must be 22-256 chars of [A-Za-z0-9+/]", a.line)
+    return a.value
+
+
+def _flag(a: Attribute) -> bool:
+    if a.value is not None:
+        raise SdpAttributeError(f"a={a.name} takes no value", a.line)
+    return True
+
+
+def _candidate(a: Attribute) -> str:
+    fields = (a.value or "").split(" ")
+    if len(fields) < 8 or fields[6] != "typ" or not all(fields):
+        raise SdpAttributeError("a=candidate is not an RFC 8839 candidate", a.line)
+    return a.value or ""
+
+
+def _rtpmap(a: Attribute) -> RtpMap:
+    m = _RTPMAP_RE.fullmatch(a.value or "")
+    if m is None or int(m[1]) > 127:
+        raise SdpAttributeError("a=rtpmap is not '<pt> <encoding>/<clock>[/<ch>]'", a.line)
+    channels = int(m[4]) if m[4] is not None else None
+    return RtpMap(int(m[1]), m[2], int(m[3]), channels)
+
+
+def _ssrc(a: Attribute) -> SsrcAttribute:
+    m = _SSRC_RE.fullmatch(a.value or "")
+    if m is None or int(m[1]) > 0xFFFFFFFF:
+        raise SdpAttributeError("a=ssrc is not '<ssrc-id> <attribute>[:<value>]'", a.line)
+    return SsrcAttribute(int(m[1]), m[2], m[3])
+
+
+def _extmap(a: Attribute) -> ExtMap:
+    m = _EXTMAP_RE.fullmatch(a.value or "")
+    if m is None:
+        raise SdpAttributeError("a=extmap is not '<id>[/<direction>] <uri> ...'", a.line)
+    ident = int(m[1])
+    if not (1 <= ident <= 255 or 4096 <= ident <= 4351):
+        raise SdpAttributeError("a=extmap id must be 1-255 or 4096-4351", a.line)
+    return ExtMap(ident, m[3], m[2], m[4])
+
+
+def _mid(a: Attribute) -> str:
+    if a.value is None or not _TOKEN_RE.fullmatch(a.value):
+        raise SdpAttributeError("a=mid must be a token", a.line)
+    return a.value
+
+
+def _group(a: Attribute) -> tuple[str, tuple[str, ...]]:
+    parts = (a.value or "").split(" ")
+    if not all(_TOKEN_RE.fullmatch(p) for p in parts):
+        raise SdpAttributeError("a=group is not '<semantics> *(SP <mid>)'", a.line)
+    return parts[0], tuple(parts[1:])
+
+
+def _identity(a: Attribute) -> str:
+    assertion = (a.value or "").split(" ", 1)[0]
+    if not assertion or not _BASE64_RE.fullmatch(assertion):
+        raise BadIdentity("a=identity is not base64", a.line)
+    try:
+        binascii.a2b_base64(assertion.encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise BadIdentity("a=identity is not base64", a.line) from None
+    return assertion
+
+
+_VALIDATORS = {
+    "fingerprint": _fingerprint,
+    "setup": _setup,
+    "tls-id": _tls_id,
+    "ice-ufrag": _ice_ufrag,
+    "ice-pwd": _ice_pwd,
+    "ice-lite": _flag,
+    "rtcp-mux": _flag,
+    "candidate": _candidate,
+    "rtpmap": _rtpmap,
+    "ssrc": _ssrc,
+    "extmap": _extmap,
+    "mid": _mid,
+    "group": _group,
+    "identity": _identity,
+}
+_SINGLE = frozenset(
+    {"setup", "tls-id", "ice-ufrag", "ice-pwd", "ice-lite", "rtcp-mux", "mid", "identity"}
+)
+_SESSION_ONLY = frozenset({"ice-lite", "group", "identity"})
+_MEDIA_ONLY = frozenset({"tls-id", "mid", "rtpmap", "ssrc"})
+
+
+def _check_attributes(attributes: Iterable[Attribute], media: bool) -> None:
+    seen: set[str] = set()
+    for a in attributes:
+        if a.name in (_SESSION_ONLY if media else _MEDIA_ONLY):
+            level = "media" if media else "session"
+            raise SdpOrderError(f"a={a.name} is not allowed at {level} level", a.line)
+        if a.name in _SINGLE:
+            if a.name in seen:
+                raise SdpOrderError(f"a={a.name} repeated", a.line)
+            seen.add(a.name)
+        validator = _VALIDATORS.get(a.name)
+        if validator is not None:
+            validator(a)
+
+
+# --------------------------------------------------------------------------- descriptions
+
+
+class _AttributeList:
+    """Accessors and setters shared by session and media descriptions."""
+
+    attributes: tuple[Attribute, ...]
+
+    def get_all(self, name: str) -> list[Attribute]:
+        return [a for a in self.attributes if a.name == name]
+
+    def get(self, name: str) -> Attribute | None:
+        found = self.get_all(name)
+        return found[0] if found else None
+
+    def has(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def _single(self, name: str, validator):  # type: ignore[no-untyped-def]
+        a = self.get(name)
+        return None if a is None else validator(a)
+
+    def with_attributes(self, name: str, values: Iterable[str | None]):  # type: ignore[no-untyped-def]
+        """A copy where the ``a=<name>`` lines are replaced by ``values``.
+
+        The new lines take the place of the first old one, or go at the end.
+        """
+        new = [Attribute(name, v) for v in values]
+        out: list[Attribute] = []
+        placed = False
+        for a in self.attributes:
+            if a.name == name:
+                if not placed:
+                    out.extend(new)
+                    placed = True
+            else:
+                out.append(a)
+        if not placed:
+            out.extend(new)
+        return dataclasses.replace(self, attributes=tuple(out))  # type: ignore[type-var]
+
+    def without(self, name: str):  # type: ignore[no-untyped-def]
+        return self.with_attributes(name, [])
+
+    # typed accessors -------------------------------------------------------
+
+    def fingerprints(self) -> list[tuple[str, bytes]]:
+        """``(algorithm, digest)`` of every ``a=fingerprint`` here."""
+        return [_fingerprint(a) for a in self.get_all("fingerprint")]
+
+    @property
+    def setup(self) -> str | None:
+        return self._single("setup", _setup)
+
+    @property
+    def ice_ufrag(self) -> str | None:
+        return self._single("ice-ufrag", _ice_ufrag)
+
+    @property
+    def ice_pwd(self) -> str | None:
+        return self._single("ice-pwd", _ice_pwd)
+
+    def extmaps(self) -> list[ExtMap]:
+        return [_extmap(a) for a in self.get_all("extmap")]
+
+    # setters -----------------------------------------------------------------
+
+    def with_fingerprints(self, fingerprints: Iterable[tuple[str, bytes]]):  # type: ignore[no-untyped-def]
+        values = [f"{alg} {format_fingerprint(digest)}" for alg, digest in fingerprints]
+        for v in values:
+            _fingerprint(Attribute("fingerprint", v))
+        return self.with_attributes("fingerprint", values)
+
+    def with_setup(self, setup: str):  # type: ignore[no-untyped-def]
+        return self.with_attributes("setup", [_setup(Attribute("setup", setup))])
+
+    def with_ice_credentials(self, ufrag: str, pwd: str):  # type: ignore[no-untyped-def]
+        _ice_ufrag(Attribute("ice-ufrag", ufrag))
+        _ice_pwd(Attribute("ice-pwd", pwd))
+        return self.with_attributes("ice-ufrag", [ufrag]).with_attributes("ice-pwd", [pwd])
+
+
+@dataclass(frozen=True)
+class MediaDescription(_AttributeList):
+    """``m=<media> <port>[/<count>] <proto> <fmt> ...`` and its lines."""
+
+    media: str
+    port: int
+    proto: str
+    formats: tuple[str, ...]
+    port_count: int | None = None
+    #: ``i= c= b= k=`` lines, in order.
+    fields: tuple[Field, ...] = ()
+    attributes: tuple[Attribute, ...] = ()
+
+    def lines(self) -> list[str]:
+        port = str(self.port) if self.port_count is None else f"{self.port}/{self.port_count}"
+        out = [f"m={self.media} {port} {self.proto} {' '.join(self.formats)}"]
+        out.extend(f.render() for f in self.fields)
+        out.extend(a.render() for a in self.attributes)
+        return out
+
+    @property
+    def connection(self) -> str | None:
+        found = [f.value for f in self.fields if f.type == "c"]
+        return found[0] if found else None
+
+    @property
+    def tls_id(self) -> str | None:
+        return self._single("tls-id", _tls_id)
+
+    @property
+    def mid(self) -> str | None:
+        return self._single("mid", _mid)
+
+    @property
+    def rtcp_mux(self) -> bool:
+        return self._single("rtcp-mux", _flag) or False
+
+    @property
+    def direction(self) -> str:
+        for a in self.attributes:
+            if a.name in DIRECTIONS and a.value is None:
+                return a.name
+        return "sendrecv"
+
+    def candidates(self) -> list[str]:
+        return [_candidate(a) for a in self.get_all("candidate")]
+
+    def rtpmaps(self) -> dict[int, RtpMap]:
+        return {r.payload_type: r for r in (_rtpmap(a) for a in self.get_all("rtpmap"))}
+
+    def ssrc_attributes(self) -> list[SsrcAttribute]:
+        return [_ssrc(a) for a in self.get_all("ssrc")]
+
+    def ssrcs(self) -> list[int]:
+        """Distinct SSRC ids of the ``a=ssrc`` lines, in order of appearance."""
+        return list(dict.fromkeys(s.ssrc for s in self.ssrc_attributes()))
+
+    def with_tls_id(self, tls_id: str) -> MediaDescription:
+        return self.with_attributes("tls-id", [_tls_id(Attribute("tls-id", tls_id))])
+
+    def with_candidates(self, candidates: Iterable[str]) -> MediaDescription:
+        values = [_candidate(Attribute("candidate", c)) for c in candidates]
+        return self.with_attributes("candidate", values)
+
+
+@dataclass(frozen=True)
+class SessionDescription(_AttributeList):
+    """A whole SDP: ``v=0``, ``o=``, ``s=``, other session lines, ``a=``, ``m=`` sections."""
+
+    version = 0
+
+    origin: Origin
+    session_name: str = "-"
+    #: ``i= u= e= p= c= b= t= r= z= k=`` lines, in order (at least one ``t=``).
+    fields: tuple[Field, ...] = (Field("t", "0 0"),)
+    attributes: tuple[Attribute, ...] = ()
+    media: tuple[MediaDescription, ...] = ()
+
+    def serialize(self) -> str:
+        lines = ["v=0", self.origin.render(), f"s={self.session_name}"]
+        lines.extend(f.render() for f in self.fields)
+        lines.extend(a.render() for a in self.attributes)
+        for m in self.media:
+            lines.extend(m.lines())
+        for line in lines:
+            if "\r" in line or "\n" in line or "\0" in line:
+                raise ValueError(f"SDP line contains CR, LF or NUL: {line!r}")
+        return "".join(line + "\r\n" for line in lines)
+
+    @property
+    def timing(self) -> tuple[int, int]:
+        """Start and stop of the first ``t=`` line."""
+        for f in self.fields:
+            if f.type == "t":
+                start, stop = f.value.split(" ")
+                return int(start), int(stop)
+        raise SdpMissingLine("no t= line")
+
+    @property
+    def ice_lite(self) -> bool:
+        return self._single("ice-lite", _flag) or False
+
+    @property
+    def identity(self) -> str | None:
+        """The base64 RFC 8827 assertion of ``a=identity`` (extensions dropped)."""
+        return self._single("identity", _identity)
+
+    def groups(self) -> list[tuple[str, tuple[str, ...]]]:
+        return [_group(a) for a in self.get_all("group")]
+
+    @property
+    def bundle(self) -> tuple[str, ...] | None:
+        """The mids of the first ``a=group:BUNDLE``, or None."""
+        for semantics, mids in self.groups():
+            if semantics == "BUNDLE":
+                return mids
+        return None
+
+    def fingerprints_for(self, media: MediaDescription) -> list[tuple[str, bytes]]:
+        """Media-level fingerprints, or the session-level ones if there are none."""
+        return media.fingerprints() or self.fingerprints()
+
+    def setup_for(self, media: MediaDescription) -> str | None:
+        return media.setup or self.setup
+
+    def with_ice_lite(self, ice_lite: bool = True) -> SessionDescription:
+        return self.with_attributes("ice-lite", [None] if ice_lite else [])
+
+    def with_identity(self, identity: str) -> SessionDescription:
+        return self.with_attributes("identity", [_identity(Attribute("identity", identity))])
+
+    def with_bundle(self, mids: Iterable[str]) -> SessionDescription:
+        value = " ".join(["BUNDLE", *mids])
+        _group(Attribute("group", value))
+        others = [a.value for a in self.get_all("group") if _group(a)[0] != "BUNDLE"]
+        return self.with_attributes("group", [value, *others])
+
+
+# --------------------------------------------------------------------------- parser
+
+# Session-level line types and their rank in the RFC 8866 order.
+_SESSION_RANK = {
+    "v": 0, "o": 1, "s": 2, "i": 3, "u": 4, "e": 5, "p": 6, "c": 7, "b": 8,
+    "t": 9, "r": 9, "z": 10, "k": 11, "a": 12, "m": 13,
+}  # fmt: skip
+_MEDIA_RANK = {"i": 0, "c": 1, "b": 2, "k": 3, "a": 4}
+_REPEATABLE = frozenset("epbtra")
+
+
+def _split_lines(text: str | bytes) -> list[str]:
+    if len(text) > MAX_SDP_LENGTH:
+        raise SdpTooLarge(f"SDP longer than {MAX_SDP_LENGTH}")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SdpSyntaxError("not UTF-8", text.count(b"\n", 0, e.start) + 1) from None
+    if not isinstance(text, str):
+        raise TypeError("SDP text must be str or bytes")
+    pieces = text.split("\n")
+    if pieces[-1] == "":
+        pieces.pop()
+    if len(pieces) > MAX_LINES:
+        raise SdpTooLarge(f"more than {MAX_LINES} lines", MAX_LINES + 1)
+    lines = []
+    for number, piece in enumerate(pieces, 1):
+        line = piece[:-1] if piece.endswith("\r") else piece
+        if len(line) > MAX_LINE_LENGTH:
+            raise SdpTooLarge(f"line longer than {MAX_LINE_LENGTH}", number)
+        lines.append(line)
+    return lines
+
+
+def _parse_attribute(value: str, number: int) -> Attribute:
+    name, sep, rest = value.partition(":")
+    if not _TOKEN_RE.fullmatch(name):
+        raise SdpSyntaxError("attribute name is not a token", number)
+    return Attribute(name, rest if sep else None, line=number)
+
+
+def _parse_origin(value: str, number: int) -> Origin:
+    parts = value.split(" ")
+    if len(parts) != 6 or not all(_NON_WS.fullmatch(p) for p in parts):
+        raise SdpSyntaxError("o= needs 6 space-separated fields", number)
+    if not (_DIGITS_RE.fullmatch(parts[1]) and _DIGITS_RE.fullmatch(parts[2])):
+        raise SdpSyntaxError("o= session id and version must be decimal", number)
+    return Origin(*parts)
+
+
+def _parse_media(value: str, number: int) -> MediaDescription:
+    m = _MEDIA_RE.fullmatch(value)
+    if m is None or int(m[2]) > 65535:
+        raise SdpSyntaxError("m= is not '<media> <port> <proto> <fmt> ...'", number)
+    port_count = int(m[3]) if m[3] is not None else None
+    return MediaDescription(m[1], int(m[2]), m[4], tuple(m[5][1:].split(" ")), port_count)
+
+
+def _check_field(kind: str, value: str, number: int) -> None:
+    if kind == "t" and not re.fullmatch(r"[0-9]{1,20} [0-9]{1,20}", value):
+        raise SdpSyntaxError("t= is not '<start> <stop>'", number)
+    if kind == "c" and not re.fullmatch(r"\S+ \S+ \S+", value):
+        raise SdpSyntaxError("c= is not '<nettype> <addrtype> <address>'", number)
+    if kind == "b" and not re.fullmatch(_TOKEN + r":[0-9]+", value):
+        raise SdpSyntaxError("b= is not '<bwtype>:<bandwidth>'", number)
+    if kind == "s" and value == "":
+        raise SdpSyntaxError("s= must not be empty", number)
+
+
+def parse(text: str | bytes) -> SessionDescription:
+    """Parse an SDP; raises an :class:`SdpError` subclass on any problem."""
+    lines = _split_lines(text)
+    origin: Origin | None = None
+    session_name: str | None = None
+    fields: list[Field] = []
+    attributes: list[Attribute] = []
+    media: list[MediaDescription] = []
+    m_fields: list[Field] = []
+    m_attributes: list[Attribute] = []
+    rank = -1
+    saw_t = False
+
+    def close_media() -> None:
+        if media:
+            media[-1] = dataclasses.replace(
+                media[-1], fields=tuple(m_fields), attributes=tuple(m_attributes)
+            )
+
+    for number, line in enumerate(lines, 1):
+        if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
+            raise SdpSyntaxError("line is not '<type>=<value>'", number)
+        kind, value = line[0], line[2:]
+        if "\r" in value or "\0" in value:
+            raise SdpSyntaxError("CR or NUL inside a line", number)
+        if kind not in _SESSION_RANK:
+            raise SdpSyntaxError(f"unknown line type {kind}=", number)
+        if session_name is None and _SESSION_RANK[kind] != rank + 1:
+            expected = "vos"[rank + 1]
+            raise SdpMissingLine(f"expected {expected}= before {kind}=", number)
+        if media and kind != "m":
+            # Inside a media section.
+            if kind not in _MEDIA_RANK:
+                raise SdpOrderError(f"{kind}= is not allowed in a media section", number)
+            if _MEDIA_RANK[kind] < rank or (_MEDIA_RANK[kind] == rank and kind not in "cba"):
+                raise SdpOrderError(f"{kind}= out of order in a media section", number)
+            rank = _MEDIA_RANK[kind]
+            if kind == "a":
+                m_attributes.append(_parse_attribute(value, number))
+            else:
+                _check_field(kind, value, number)
+                m_fields.append(Field(kind, value))
+            continue
+        required = _SESSION_RANK[kind]
+        if kind != "m":
+            if required < rank or (required == rank and kind not in _REPEATABLE):
+                raise SdpOrderError(f"{kind}= out of order or repeated", number)
+            if kind == "r" and not saw_t:
+                raise SdpOrderError("r= before any t=", number)
+        if required > _SESSION_RANK["t"] and not saw_t:
+            if any(later.startswith("t=") for later in lines[number:]):
+                raise SdpOrderError(f"{kind}= before t=", number)
+            raise SdpMissingLine(f"no t= line before {kind}=", number)
+        _check_field(kind, value, number)
+        if kind == "v":
+            if value != "0":
+                raise SdpSyntaxError("only v=0 is known", number)
+        elif kind == "o":
+            origin = _parse_origin(value, number)
+        elif kind == "s":
+            session_name = value
+        elif kind == "a":
+            attributes.append(_parse_attribute(value, number))
+        elif kind == "m":
+            close_media()
+            m_fields, m_attributes = [], []
+            media.append(_parse_media(value, number))
+            rank = -1
+            continue
+        else:
+            saw_t = saw_t or kind == "t"
+            fields.append(Field(kind, value))
+        rank = required
+    close_media()
+    if origin is None or session_name is None:
+        missing = "v" if rank < 0 else "vos"[rank + 1]
+        raise SdpMissingLine(f"no {missing}= line", len(lines) + 1)
+    if not saw_t:
+        raise SdpMissingLine("no t= line", len(lines) + 1)
+    _check_attributes(attributes, media=False)
+    for m in media:
+        _check_attributes(m.attributes, media=True)
+    return SessionDescription(origin, session_name, tuple(fields), tuple(attributes), tuple(media))
+
+
+# --------------------------------------------------------------------------- answer
+
+_ANSWER_DIRECTION = {
+    "sendrecv": "sendrecv",
+    "sendonly": "recvonly",
+    "recvonly": "sendonly",
+    "inactive": "inactive",
+}
+#: Per payload type attributes copied for the formats we keep.
+_PT_ATTRIBUTES = ("rtpmap", "fmtp", "rtcp-fb")
+
+
+def _local(validator, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        validator(Attribute(name, value))
+    except SdpError as e:
+        raise ValueError(f"bad local {name}: {e.message}") from None
+
+
+def make_answer(
+    offer: SessionDescription,
+    *,
+    fingerprint: bytes,
+    setup: str = "passive",
+    tls_id: str,
+    ice_ufrag: str,
+    ice_pwd: str,
+    candidates: list[str],
+    ice_lite: bool = True,
+    origin: Origin | None = None,
+    codecs: Collection[str] | None = None,
+) -> SessionDescription:
+    """The MD/KD answer to an endpoint offer, leaving the endpoint as DTLS client.
+
+    Every offered m= section gets one in the answer, in order, with the same
+    mid.  A section offered with port 0 is answered with port 0.  ``codecs``
+    (encoding names, case-insensitive; None accepts all) selects the payload
+    types kept; a section left without any is rejected (port 0).  Accepted
+    sections carry our ``ice-ufrag``/``ice-pwd``, SHA-256 ``fingerprint``,
+    ``setup``, ``tls-id`` and ``candidates``, ``rtcp-mux`` if offered, the
+    mirrored direction, extmaps and the kept payload types' ``rtpmap``,
+    ``fmtp``, ``rtcp-fb``.  The BUNDLE group keeps the accepted mids.
+
+    Raises :class:`OfferRefused` if an accepted section's offer ``a=setup`` is
+    ``passive``, ``holdconn`` or absent, if it has no ``a=fingerprint`` or no
+    ``a=mid``; ValueError for bad local parameters.
+    """
+    if setup != "passive":
+        raise ValueError("the MD/KD answers a=setup:passive: the endpoint is the DTLS client")
+    if len(fingerprint) != 32:
+        raise ValueError("fingerprint must be a 32-byte SHA-256 digest")
+    _local(_tls_id, "tls-id", tls_id)
+    _local(_ice_ufrag, "ice-ufrag", ice_ufrag)
+    _local(_ice_pwd, "ice-pwd", ice_pwd)
+    for c in candidates:
+        _local(_candidate, "candidate", c)
+    wanted = None if codecs is None else {c.lower() for c in codecs}
+
+    answers: list[MediaDescription] = []
+    accepted_mids: list[str] = []
+    for offered in offer.media:
+        mid = offered.mid
+        if mid is None:
+            raise OfferRefused("offered m= section has no a=mid", None)
+        mid_attr = [Attribute("mid", mid)]
+        rtpmaps = offered.rtpmaps()
+        formats = tuple(
+            f
+            for f in offered.formats
+            if wanted is None
+            or (f.isdigit() and int(f) in rtpmaps and rtpmaps[int(f)].encoding.lower() in wanted)
+        )
+        if offered.port == 0 or not formats:
+            answers.append(
+                MediaDescription(
+                    offered.media, 0, offered.proto, formats or offered.formats[:1],
+                    attributes=tuple(mid_attr),
+                )
+            )  # fmt: skip
+            continue
+        offered_setup = offer.setup_for(offered)
+        if offered_setup not in ("actpass", "active"):
+            raise OfferRefused(
+                f"offer a=setup:{offered_setup} for mid {mid}: the endpoint must be DTLS client"
+            )
+        if not offer.fingerprints_for(offered):
+            raise OfferRefused(f"offer has no a=fingerprint for mid {mid}")
+        attrs: list[Attribute] = [
+            *mid_attr,
+            Attribute(_ANSWER_DIRECTION[offered.direction]),
+            Attribute("ice-ufrag", ice_ufrag),
+            Attribute("ice-pwd", ice_pwd),
+            Attribute("fingerprint", "sha-256 " + format_fingerprint(fingerprint)),
+            Attribute("setup", setup),
+            Attribute("tls-id", tls_id),
+        ]
+        if offered.rtcp_mux:
+            attrs.append(Attribute("rtcp-mux"))
+        attrs.extend(Attribute("extmap", a.value) for a in offered.get_all("extmap"))
+        kept = set(formats)
+        for a in offered.attributes:
+            if a.name in _PT_ATTRIBUTES and a.value is not None:
+                pt = a.value.split(" ", 1)[0]
+                if pt in kept or (a.name == "rtcp-fb" and pt == "*"):
+                    attrs.append(Attribute(a.name, a.value))
+        attrs.extend(Attribute("candidate", c) for c in candidates)
+        answers.append(
+            MediaDescription(
+                offered.media, 9, offered.proto, formats,
+                fields=(Field("c", "IN IP4 0.0.0.0"),), attributes=tuple(attrs),
+            )
+        )  # fmt: skip
+        accepted_mids.append(mid)
+
+    session_attrs: list[Attribute] = []
+    if ice_lite:
+        session_attrs.append(Attribute("ice-lite"))
+    bundle = offer.bundle
+    if bundle is not None:
+        kept_bundle = [m for m in bundle if m in accepted_mids]
+        if kept_bundle:
+            session_attrs.append(Attribute("group", " ".join(["BUNDLE", *kept_bundle])))
+    answer = SessionDescription(
+        origin or Origin(),
+        "-",
+        (Field("t", "0 0"),),
+        tuple(session_attrs),
+        tuple(answers),
+    )
+    _check_attributes(answer.attributes, media=False)
+    for m in answer.media:
+        _check_attributes(m.attributes, media=True)
+    return answer
