@@ -1,0 +1,235 @@
+"""KeyDistributorCore against real DtlsConnection clients over an in-memory tunnel."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from twisted.trial import unittest
+
+from perc_daemons.kd.associations import KeyDistributorCore
+from perc_daemons.protocol.double import split_keying_material
+from perc_daemons.protocol.dtls import (
+    ConnectionClosed,
+    DtlsConfiguration,
+    DtlsConnection,
+    EktKeyReceived,
+    HandshakeComplete,
+    Role,
+    certificate_fingerprint,
+    generate_certificate,
+)
+from perc_daemons.protocol.ekt import EktCipher, EktParameterSet
+from perc_daemons.protocol.srtp import Profile
+from perc_daemons.protocol.tunnel import EndpointDisconnect, MediaKeys, TunneledDtls
+
+KD_CERT, KD_KEY = generate_certificate("key-distributor")
+KD_FP = certificate_fingerprint(KD_CERT)
+KD_TLS_ID = b"K" * 24
+CERTS = {name: generate_certificate(name) for name in ("alice", "bob", "carol", "mallory")}
+P128 = Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM
+CONF = "conf-1"
+
+
+class KeySource:
+    def __init__(self) -> None:
+        self.issued: dict[tuple[str, int], EktParameterSet] = {}
+
+    def __call__(self, conference_id: str, epoch: int) -> EktParameterSet:
+        params = EktParameterSet(key=os.urandom(16), cipher=EktCipher.AESKW_128,
+                                 master_salt=os.urandom(12), spi=100 + epoch, ttl=3600)
+        self.issued[(conference_id, epoch)] = params
+        return params
+
+
+class Endpoint:
+    def __init__(self, name: str, *, cert_name: str | None = None) -> None:
+        cert, key = CERTS[cert_name or name]
+        self.name = name
+        self.aid = uuid.uuid4().bytes
+        self.tls_id = name.encode().ljust(20, b"-") + os.urandom(4)
+        self.fingerprint = certificate_fingerprint(CERTS[name][0])
+        self.conn = DtlsConnection(Role.CLIENT, DtlsConfiguration(
+            cert, key, srtp_profiles=[P128], ekt_ciphers=[EktCipher.AESKW_128],
+            expected_peer_fingerprint=KD_FP, external_session_id=self.tls_id,
+            expected_peer_external_session_id=KD_TLS_ID))
+        self.events: list[object] = []
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.keys = KeySource()
+        self.kd = KeyDistributorCore(KD_CERT, KD_KEY, KD_TLS_ID, b"c" * 32, self.keys)
+        self.endpoints: dict[bytes, Endpoint] = {}
+        self.to_md: list[object] = []
+        self.drop_to_endpoint = False
+
+    def expect(self, ep: Endpoint, conference: str = CONF) -> None:
+        self.kd.expect(ep.aid, conference, ep.name, ep.fingerprint, ep.tls_id)
+
+    def join(self, ep: Endpoint) -> None:
+        self.endpoints[ep.aid] = ep
+        ep.conn.connect(self.now)
+        self.run()
+
+    def deliver(self, messages: list) -> None:
+        """KD -> MD; TunneledDtls goes on to its endpoint."""
+        for m in messages:
+            self.to_md.append(m)
+            if isinstance(m, TunneledDtls) and not self.drop_to_endpoint:
+                ep = self.endpoints.get(m.association_id)
+                if ep is not None:
+                    ep.conn.receive_datagram(m.dtls_message, self.now)
+
+    def run(self, steps: int = 200) -> None:
+        for _ in range(steps):
+            busy = False
+            for ep in list(self.endpoints.values()):
+                while (e := ep.conn.next_event()) is not None:
+                    ep.events.append(e)
+                for d in ep.conn.datagrams_to_send(self.now):
+                    busy = True
+                    self.deliver(self.kd.tunneled_dtls(ep.aid, d, self.now))
+            if not busy:
+                return
+        raise AssertionError("no quiescence")
+
+    def md(self, kind: type, aid: bytes | None = None) -> list:
+        return [m for m in self.to_md if isinstance(m, kind)
+                and (aid is None or m.association_id == aid)]
+
+
+class TestJoin(unittest.TestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.alice, self.bob = Endpoint("alice"), Endpoint("bob")
+        for ep in (self.alice, self.bob):
+            self.h.expect(ep)
+            self.h.join(ep)
+
+    def test_both_get_profile_and_epoch_one_key(self) -> None:
+        epoch1 = self.h.keys.issued[(CONF, 1)]
+        for ep in (self.alice, self.bob):
+            [done] = ep.of(HandshakeComplete)
+            self.assertEqual(done.srtp_profile, 0x0009)
+            self.assertEqual([e.params for e in ep.of(EktKeyReceived)], [epoch1])
+        self.assertEqual(self.h.kd.members(CONF),
+                         [("alice", self.alice.aid), ("bob", self.bob.aid)])
+        self.assertEqual(self.h.kd.epoch(CONF), 1)
+        self.assertEqual(self.h.kd.acknowledged_spis(self.alice.aid), [epoch1.spi])
+        self.assertEqual(self.h.md(EndpointDisconnect), [])
+
+    def test_media_keys_are_the_outer_halves_only(self) -> None:
+        for ep in (self.alice, self.bob):
+            [done] = ep.of(HandshakeComplete)
+            split = split_keying_material(P128, done.keying_material)
+            [mk] = self.h.md(MediaKeys, ep.aid)
+            self.assertEqual(mk.protection_profile, 0x0009)
+            self.assertEqual((mk.client_write_key, mk.client_write_salt),
+                             (split.client_outer.key, split.client_outer.salt))
+            self.assertEqual((mk.server_write_key, mk.server_write_salt),
+                             (split.server_outer.key, split.server_outer.salt))
+            wire = mk.encode()
+            for inner in (split.client_inner, split.server_inner):
+                self.assertNotIn(inner.key, wire)
+                self.assertNotIn(inner.salt, wire)
+
+    def test_leave_rekeys_the_rest(self) -> None:
+        self.h.to_md.clear()
+        self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
+        self.h.run()
+        epoch1, epoch2 = self.h.keys.issued[(CONF, 1)], self.h.keys.issued[(CONF, 2)]
+        self.assertNotEqual(epoch1.spi, epoch2.spi)
+        self.assertEqual([e.params for e in self.bob.of(EktKeyReceived)], [epoch1, epoch2])
+        self.assertEqual([e.params for e in self.alice.of(EktKeyReceived)], [epoch1])
+        self.assertEqual(self.h.md(TunneledDtls, self.alice.aid), [])
+        self.assertEqual(self.h.kd.members(CONF), [("bob", self.bob.aid)])
+        self.assertFalse(self.h.kd.knows(self.alice.aid))
+
+    def test_late_joiner_gets_current_epoch_only(self) -> None:
+        self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
+        self.h.run()
+        carol = Endpoint("carol")
+        self.h.expect(carol)
+        self.h.join(carol)
+        self.assertEqual([e.params for e in carol.of(EktKeyReceived)],
+                         [self.h.keys.issued[(CONF, 2)]])
+        self.assertEqual(self.h.kd.epoch(CONF), 2)
+
+    def test_close_notify_from_endpoint_disconnects_and_rekeys(self) -> None:
+        self.alice.conn.close()
+        self.h.run()
+        self.assertEqual(self.h.md(EndpointDisconnect), [EndpointDisconnect(self.alice.aid)])
+        self.assertEqual(self.bob.of(EktKeyReceived)[-1].params,
+                         self.h.keys.issued[(CONF, 2)])
+
+    def test_end_conference(self) -> None:
+        out = self.h.kd.end_conference(CONF, self.h.now)
+        self.h.deliver(out)
+        self.h.run()
+        self.assertEqual({m.association_id for m in out if isinstance(m, EndpointDisconnect)},
+                         {self.alice.aid, self.bob.aid})
+        for ep in (self.alice, self.bob):
+            self.assertEqual(len(ep.of(ConnectionClosed)), 1)
+            self.assertFalse(self.h.kd.knows(ep.aid))
+        self.assertEqual(self.h.kd.members(CONF), [])
+        self.assertIsNone(self.h.kd.current_params(CONF))
+
+    def test_lost_ekt_key_is_retransmitted_on_timer(self) -> None:
+        self.h.drop_to_endpoint = True
+        lost = self.h.kd.new_epoch(CONF, self.h.now)
+        self.h.deliver(lost)
+        self.assertEqual(len([m for m in lost if isinstance(m, TunneledDtls)]), 2)
+        self.h.drop_to_endpoint = False
+        self.h.run()
+        epoch2 = self.h.keys.issued[(CONF, 2)]
+        self.assertNotIn(epoch2, [e.params for e in self.bob.of(EktKeyReceived)])
+        timer = self.h.kd.next_timer()
+        self.assertIsNotNone(timer)
+        self.assertEqual(self.h.kd.handle_timers(timer - 0.01), [])
+        self.h.now = timer
+        self.h.deliver(self.h.kd.handle_timers(self.h.now))
+        self.h.run()
+        for ep in (self.alice, self.bob):
+            self.assertEqual(ep.of(EktKeyReceived)[-1].params, epoch2)
+            self.assertEqual(self.h.kd.acknowledged_spis(ep.aid)[-1], epoch2.spi)
+        self.assertIsNone(self.h.kd.next_timer())
+
+
+class TestRefusals(unittest.TestCase):
+    def assertRefused(self, h: Harness, ep: Endpoint) -> None:
+        self.assertEqual(ep.of(EktKeyReceived), [])
+        self.assertEqual(ep.of(HandshakeComplete), [])
+        self.assertEqual(len(ep.of(ConnectionClosed)), 1)
+        self.assertIsNotNone(ep.of(ConnectionClosed)[0].alert)
+        self.assertEqual(h.md(MediaKeys), [])
+        self.assertIn(EndpointDisconnect(ep.aid), h.md(EndpointDisconnect))
+        self.assertFalse(h.kd.knows(ep.aid))
+        self.assertEqual(h.kd.members(CONF), [])
+
+    def test_wrong_certificate(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice", cert_name="mallory")
+        h.expect(ep)
+        h.join(ep)
+        self.assertRefused(h, ep)
+
+    def test_wrong_tls_id(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice")
+        h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, b"x" * 20)
+        h.join(ep)
+        self.assertRefused(h, ep)
+
+    def test_unexpected_association(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice")
+        h.join(ep)
+        self.assertEqual(h.to_md, [EndpointDisconnect(ep.aid)])
+        self.assertFalse(h.kd.knows(ep.aid))
+        self.assertIsNone(h.kd.next_timer())
+        self.assertEqual(h.kd.epoch(CONF), 0)
