@@ -1,0 +1,428 @@
+"""The Media Distributor's media plane: one UDP port, many endpoint legs.
+
+:class:`MediaPlane` is sans-I/O: datagrams, addresses and an explicit ``now``
+in, datagrams to send out.  :class:`MediaPlaneProtocol` is the thin Twisted
+wrapper (``transport.write`` for each output, a ``LoopingCall`` for consent
+expiry).
+
+Per datagram, demultiplexed by its first byte (RFC 7983 section 7):
+
+* STUN (0-3): an ICE-lite Binding responder (RFC 8445 section 7.3).  The MD's
+  ufrag in USERNAME (``"<md ufrag>:<endpoint ufrag>"``) picks the leg, whose
+  ice-pwd checks MESSAGE-INTEGRITY (:func:`~perc_daemons.protocol.stun.answer_binding_request`).
+  A successful check binds the leg to the datagram's source address (learnt
+  here: the MD is ICE-lite and never sends checks) and refreshes consent
+  (RFC 7675).
+* DTLS (20-63) from a leg's address: handed to ``on_dtls(leg_id, data)``, the
+  tunnel to the KD; the KD's records come back through :meth:`MediaPlane.send_dtls`.
+* RTP (128-191, not RTCP) from a keyed leg: outer layer removed with the leg's
+  inbound session (:class:`~perc_daemons.protocol.double.Relay`), re-applied
+  with every other keyed leg's outbound session, EKTField carried through
+  (RFC 8723 section 5.2).  ``should_forward(src_leg, dst_leg, ssrc)`` is the
+  selective-forwarding hook.
+* RTCP: hop-by-hop only (RFC 8723 section 6): unprotect with the sender's
+  inbound session, protect for each other keyed leg.
+
+Anything malformed, unauthenticated, replayed, from an unknown address or of
+an unknown kind is dropped and counted: per leg in ``Leg.drops`` (reasons in
+:data:`LEG_DROP_REASONS`), or in ``MediaPlane.drops`` when no leg can be
+named (:data:`PLANE_DROP_REASONS`).  Counter dicts are built when a leg is
+created; the per-packet path only increments existing keys and never logs.
+
+The keys come from the KD (RFC 9185 MediaKeys): ``client_write`` (what the
+endpoint protects with) keys the leg's inbound libsrtp session,
+``server_write`` the outbound one.  With DOUBLE profiles those are the outer
+halves only; the MD never holds an inner (end-to-end) key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+
+from perc_daemons.protocol.double import DOUBLE_PROFILES, Relay
+from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.srtp import LibSrtpError, Session, libsrtp_error, libsrtp_session
+from perc_daemons.protocol.stun import (
+    ATTR_USERNAME,
+    BINDING_SUCCESS,
+    StunError,
+    StunMessage,
+    answer_binding_request,
+    is_stun,
+    parse_username,
+)
+from perc_daemons.protocol.tunnel import MediaKeys
+
+__all__ = [
+    "LEG_COUNTERS",
+    "LEG_DROP_REASONS",
+    "PLANE_DROP_REASONS",
+    "Leg",
+    "MediaPlane",
+    "MediaPlaneProtocol",
+]
+
+Address = tuple[Any, ...]
+Output = list[tuple[bytes, Address]]
+LegId = Hashable
+
+DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675 section 5.1
+
+#: Per-leg traffic counters (received / sent datagrams).
+LEG_COUNTERS = ("stun_in", "dtls_in", "dtls_out", "rtp_in", "rtp_out", "rtcp_in", "rtcp_out")
+
+#: Per-leg drop reasons.
+LEG_DROP_REASONS = (
+    "not_keyed",        # SRTP/SRTCP before install_keys
+    "srtp_auth",        # outer tag did not verify
+    "srtp_replay",      # replayed index (libsrtp replay window)
+    "srtp_malformed",   # libsrtp refused the packet / too short
+    "ekt_malformed",    # EKTField framing
+    "malformed",        # any other ProtocolError
+    "seal_failed",      # could not protect toward this (receiving) leg
+    "stun_rejected",    # a check for this leg answered with an error (e.g. 401)
+    "stun_malformed",   # a check for this leg that could not be parsed
+    "unknown_kind",     # ZRTP, TURN channel data or an unassigned first byte
+    "no_address",       # send_dtls before the leg's address is known
+)
+
+#: Drops that cannot be attributed to a leg.
+PLANE_DROP_REASONS = ("empty", "unknown_address", "unknown_ufrag", "stun_malformed")
+
+_REASON = {
+    "srtp_auth": "srtp_auth",
+    "srtp_replay": "srtp_replay",
+    "srtp_malformed": "srtp_malformed",
+    "ekt_malformed_field": "ekt_malformed",
+    "ekt_unknown_type": "ekt_malformed",
+}
+
+_SUCCESS_PREFIX = BINDING_SUCCESS.to_bytes(2, "big")
+
+
+def _drop_reason(error: ProtocolError) -> str:
+    return _REASON.get(error.reason, "malformed")
+
+
+def _no_dtls(leg_id: LegId, data: bytes) -> None:
+    return None
+
+
+def _forward_all(src: LegId, dst: LegId, ssrc: int) -> bool:
+    return True
+
+
+class Leg:
+    """One endpoint's leg: ICE credentials, learnt address, hop-by-hop sessions, counters."""
+
+    __slots__ = ("_pwd", "address", "counters", "drops", "inbound", "last_consent", "leg_id",
+                 "outbound", "ufrag")
+
+    def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None) -> None:
+        self.leg_id = leg_id
+        self.ufrag = ufrag
+        self._pwd = pwd
+        self.address: Address | None = None
+        self.inbound: Session | None = None
+        self.outbound: Session | None = None
+        #: Time of the last valid STUN check (or of creation / first expire() pass).
+        self.last_consent = now
+        self.counters = dict.fromkeys(LEG_COUNTERS, 0)
+        self.drops = dict.fromkeys(LEG_DROP_REASONS, 0)
+
+    @property
+    def keyed(self) -> bool:
+        return self.inbound is not None
+
+    def __repr__(self) -> str:  # never show the ice-pwd
+        return f"<Leg {self.leg_id!r} ufrag={self.ufrag!r} address={self.address!r}>"
+
+
+class MediaPlane:
+    """Sans-I/O media plane of the MD (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        on_dtls: Callable[[LegId, bytes], object] = _no_dtls,
+        should_forward: Callable[[LegId, LegId, int], bool] = _forward_all,
+        replay_window: int = 128,
+    ) -> None:
+        self.on_dtls = on_dtls
+        self.should_forward = should_forward
+        self.replay_window = replay_window
+        self.drops = dict.fromkeys(PLANE_DROP_REASONS, 0)
+        self._legs: dict[LegId, Leg] = {}
+        self._by_ufrag: dict[str, Leg] = {}
+        self._by_address: dict[Address, Leg] = {}
+        self._keyed: tuple[Leg, ...] = ()  # keyed legs with a known address
+        self._relay = Relay()
+
+    # -- legs ----------------------------------------------------------------------------
+
+    def add_leg(self, leg_id: LegId, ice_ufrag: str, ice_pwd: str, *,
+                now: float | None = None) -> Leg:
+        """Expect an endpoint: its checks carry ``ice_ufrag`` (ours) and ``ice_pwd``.
+
+        The consent clock starts at ``now`` if given, otherwise at the first
+        :meth:`expire` that sees the leg.
+        """
+        if leg_id in self._legs:
+            raise ValueError(f"leg {leg_id!r} already exists")
+        if not ice_ufrag or ":" in ice_ufrag or not ice_pwd:
+            raise ValueError("ice-ufrag must be non-empty without ':' and ice-pwd non-empty")
+        if ice_ufrag in self._by_ufrag:
+            raise ValueError(f"ice-ufrag {ice_ufrag!r} is already in use")
+        leg = Leg(leg_id, ice_ufrag, ice_pwd, now)
+        self._legs[leg_id] = leg
+        self._by_ufrag[ice_ufrag] = leg
+        return leg
+
+    def leg(self, leg_id: LegId) -> Leg:
+        return self._legs[leg_id]
+
+    def legs(self) -> list[Leg]:
+        return list(self._legs.values())
+
+    def install_keys(self, leg_id: LegId, media_keys: MediaKeys) -> None:
+        """Key the leg's hop sessions from RFC 9185 MediaKeys (outer halves).
+
+        May be called again (rekey): the old sessions are replaced.
+        """
+        leg = self._legs[leg_id]
+        if media_keys.protection_profile not in {int(p) for p in DOUBLE_PROFILES}:
+            raise ValueError(
+                f"protection profile 0x{media_keys.protection_profile:04x} is not DOUBLE")
+        inbound = libsrtp_session(media_keys.client_write_key, media_keys.client_write_salt,
+                                  inbound=True, replay_window=self.replay_window)
+        outbound = libsrtp_session(media_keys.server_write_key, media_keys.server_write_salt,
+                                   inbound=False, replay_window=self.replay_window)
+        leg.inbound, leg.outbound = inbound, outbound
+        self._rebuild()
+
+    def remove_leg(self, leg_id: LegId) -> Leg | None:
+        """Forget a leg (its sessions, address and credentials); returns it, or None."""
+        leg = self._legs.pop(leg_id, None)
+        if leg is None:
+            return None
+        self._by_ufrag.pop(leg.ufrag, None)
+        if leg.address is not None and self._by_address.get(leg.address) is leg:
+            del self._by_address[leg.address]
+        leg.inbound = leg.outbound = None
+        self._rebuild()
+        return leg
+
+    def _rebuild(self) -> None:
+        self._keyed = tuple(leg for leg in self._legs.values()
+                            if leg.inbound is not None and leg.address is not None)
+
+    def _bind(self, leg: Leg, address: Address) -> None:
+        if leg.address == address:
+            return
+        if leg.address is not None and self._by_address.get(leg.address) is leg:
+            del self._by_address[leg.address]
+        previous = self._by_address.get(address)
+        if previous is not None and previous is not leg:
+            previous.address = None  # the address moved to another (authenticated) leg
+        leg.address = address
+        self._by_address[address] = leg
+        self._rebuild()
+
+    # -- datagrams -----------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, address: Address, now: float) -> Output:
+        """Process one datagram from ``address``; returns ``[(datagram, address)]`` to send."""
+        if not data:
+            self.drops["empty"] += 1
+            return []
+        b = data[0]
+        if b <= 3:
+            return self._stun(data, address, now)
+        leg = self._by_address.get(address)
+        if leg is None:
+            self.drops["unknown_address"] += 1
+            return []
+        if 128 <= b <= 191:
+            if len(data) > 1 and 192 <= data[1] <= 223:
+                return self._rtcp(leg, data)
+            return self._rtp(leg, data)
+        if 20 <= b <= 63:
+            leg.counters["dtls_in"] += 1
+            self.on_dtls(leg.leg_id, data)
+            return []
+        leg.drops["unknown_kind"] += 1
+        return []
+
+    def _stun(self, data: bytes, address: Address, now: float) -> Output:
+        if not is_stun(data):
+            leg = self._by_address.get(address)
+            if leg is None:
+                self.drops["stun_malformed"] += 1
+            else:
+                leg.drops["stun_malformed"] += 1
+            return []
+        try:
+            username = StunMessage.parse(data).get(ATTR_USERNAME)
+            local = parse_username(username)[0] if username is not None else None
+        except StunError:
+            self.drops["stun_malformed"] += 1
+            return []
+        leg = self._by_ufrag.get(local) if local is not None else None
+        if leg is None:
+            self.drops["unknown_ufrag"] += 1
+            return []
+        leg.counters["stun_in"] += 1
+        try:
+            answer = answer_binding_request(data, local_ufrag=leg.ufrag,
+                                            local_pwd=leg._pwd, source=address[:2])
+        except StunError:
+            leg.drops["stun_malformed"] += 1
+            return []
+        if answer is None:  # indications, responses: nothing to do
+            return []
+        if answer[:2] == _SUCCESS_PREFIX:
+            leg.last_consent = now
+            self._bind(leg, address)
+        else:
+            leg.drops["stun_rejected"] += 1
+        return [(answer, address)]
+
+    def _rtp(self, src: Leg, data: bytes) -> Output:
+        inbound = src.inbound
+        if inbound is None:
+            src.drops["not_keyed"] += 1
+            return []
+        relay = self._relay
+        try:
+            relay.open(data, inbound)
+        except ProtocolError as e:
+            src.drops[_drop_reason(e)] += 1
+            return []
+        src.counters["rtp_in"] += 1
+        packet = relay.packet
+        ssrc = int.from_bytes(packet[8:12], "big")
+        should_forward = self.should_forward
+        out: Output = []
+        src_id = src.leg_id
+        for dst in self._keyed:
+            if dst is src or not should_forward(src_id, dst.leg_id, ssrc):
+                continue
+            try:
+                out.append((relay.seal(dst.outbound), dst.address))  # type: ignore[arg-type]
+            except ProtocolError:
+                dst.drops["seal_failed"] += 1
+                continue
+            dst.counters["rtp_out"] += 1
+        return out
+
+    def _rtcp(self, src: Leg, data: bytes) -> Output:
+        inbound = src.inbound
+        if inbound is None:
+            src.drops["not_keyed"] += 1
+            return []
+        try:
+            plain = inbound.unprotect_rtcp(data)
+        except LibSrtpError as e:
+            src.drops[_drop_reason(libsrtp_error(e))] += 1
+            return []
+        if len(plain) < 8:
+            src.drops["malformed"] += 1
+            return []
+        src.counters["rtcp_in"] += 1
+        ssrc = int.from_bytes(plain[4:8], "big")
+        should_forward = self.should_forward
+        out: Output = []
+        src_id = src.leg_id
+        for dst in self._keyed:
+            if dst is src or not should_forward(src_id, dst.leg_id, ssrc):
+                continue
+            try:
+                out.append((dst.outbound.protect_rtcp(plain), dst.address))  # type: ignore[union-attr, arg-type]
+            except LibSrtpError:
+                dst.drops["seal_failed"] += 1
+                continue
+            dst.counters["rtcp_out"] += 1
+        return out
+
+    def send_dtls(self, leg_id: LegId, data: bytes) -> Output:
+        """A DTLS record from the KD (over the tunnel) for this leg's endpoint."""
+        leg = self._legs.get(leg_id)
+        if leg is None:
+            return []
+        if leg.address is None:
+            leg.drops["no_address"] += 1
+            return []
+        leg.counters["dtls_out"] += 1
+        return [(data, leg.address)]
+
+    # -- consent -------------------------------------------------------------------------
+
+    def expire(self, now: float, consent_timeout: float = DEFAULT_CONSENT_TIMEOUT) -> list[LegId]:
+        """Remove legs with no valid STUN check for ``consent_timeout`` s (RFC 7675).
+
+        Returns their ids: the caller tells the KD (EndpointDisconnect).
+        """
+        gone = []
+        for leg in list(self._legs.values()):
+            if leg.last_consent is None:
+                leg.last_consent = now
+            elif now - leg.last_consent >= consent_timeout:
+                gone.append(leg.leg_id)
+        for leg_id in gone:
+            self.remove_leg(leg_id)
+        return gone
+
+
+class MediaPlaneProtocol(DatagramProtocol):
+    """Twisted UDP wrapper of a :class:`MediaPlane`.
+
+    ``on_expired(leg_ids)`` is called with the legs removed by each consent
+    check (every ``expire_interval`` seconds) when any were.
+    """
+
+    def __init__(self, plane: MediaPlane, clock: IReactorTime | None = None, *,
+                 expire_interval: float = 1.0,
+                 consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
+                 on_expired: Callable[[list[LegId]], object] | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.plane = plane
+        self.clock = clock
+        self.expire_interval = expire_interval
+        self.consent_timeout = consent_timeout
+        self.on_expired = on_expired
+        self._expiry: task.LoopingCall | None = None
+
+    def startProtocol(self) -> None:
+        self._expiry = task.LoopingCall(self._expire)
+        self._expiry.clock = self.clock
+        self._expiry.start(self.expire_interval, now=False)
+
+    def stopProtocol(self) -> None:
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        self._expiry = None
+
+    def _expire(self) -> None:
+        gone = self.plane.expire(self.clock.seconds(), self.consent_timeout)
+        if gone and self.on_expired is not None:
+            self.on_expired(gone)
+
+    def _write(self, outputs: Output) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data, address in outputs:
+            transport.write(data, address[:2])  # type: ignore[attr-defined]
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self._write(self.plane.datagram_received(datagram, addr, self.clock.seconds()))
+
+    def send_dtls(self, leg_id: LegId, data: bytes) -> None:
+        """Send a DTLS record from the KD to the leg's endpoint."""
+        self._write(self.plane.send_dtls(leg_id, data))

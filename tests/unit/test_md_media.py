@@ -1,0 +1,338 @@
+"""The MD media plane: ICE-lite, DTLS hand-off, HBH relay of SRTP/SRTCP, consent expiry."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import uuid
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial import unittest
+
+from perc_daemons.md.media import MediaPlane, MediaPlaneProtocol
+from perc_daemons.protocol import double
+from perc_daemons.protocol.double import DoubleReceiver, DoubleSender, split_keying_material
+from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, EktReceiver, EktSender
+from perc_daemons.protocol.rtp import RtpPacket
+from perc_daemons.protocol.srtp import Profile
+from perc_daemons.protocol.stun import (
+    ATTR_ICE_CONTROLLING,
+    ATTR_PRIORITY,
+    ATTR_USERNAME,
+    ATTR_XOR_MAPPED_ADDRESS,
+    BINDING_ERROR,
+    BINDING_REQUEST,
+    BINDING_SUCCESS,
+    StunMessage,
+    check_fingerprint,
+    check_integrity,
+    decode_xor_mapped_address,
+)
+from perc_daemons.protocol.tunnel import MediaKeys
+
+P128 = Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM
+
+
+def binding_request(md_ufrag: str, ep_ufrag: str, pwd: str, tid: bytes | None = None) -> bytes:
+    tid = tid or os.urandom(12)
+    message = StunMessage(BINDING_REQUEST, tid, [
+        (ATTR_USERNAME, f"{md_ufrag}:{ep_ufrag}".encode()),
+        (ATTR_PRIORITY, struct.pack("!I", 0x6E001EFF)),
+        (ATTR_ICE_CONTROLLING, os.urandom(8)),
+    ])
+    return message.encode(integrity_key=pwd.encode())
+
+
+def rtcp_rr(ssrc: int, n: int) -> bytes:
+    block = struct.pack("!IIIIII", 0xB0B0B0B0, n, 1000 + n, 3, 4, 5)
+    return struct.pack("!BBHI", 0x81, 201, 7, ssrc) + block
+
+
+class Endpoint:
+    """One endpoint: its DTLS-SRTP keys with the KD, an address, its send/receive sides."""
+
+    def __init__(self, name: str, rng: random.Random, params: EktParameterSet,
+                 address: tuple[str, int]) -> None:
+        self.name = name
+        self.keys = split_keying_material(P128, rng.randbytes(double.exporter_length(P128)))
+        self.address = address
+        self.md_ufrag, self.md_pwd = f"md{name}", f"pwd-{name}-0123456789abcdef"
+        self.ufrag = f"ep{name}"
+        self.ssrc = rng.getrandbits(32)
+        ekt_sender = EktSender(self.ssrc, 16, params, 0.0, random_bytes=rng.randbytes)
+        self.sender = DoubleSender(self.keys.client_outer.context(), ekt_sender)
+        ekt = EktReceiver(16)
+        ekt.add_parameter_set(params, 0.0)
+        self.receiver = DoubleReceiver(self.keys.server_outer.context(), ekt)
+        self.rtcp_out = self.keys.client_outer.context()
+        self.rtcp_in = self.keys.server_outer.context()
+
+    def media_keys(self) -> MediaKeys:
+        """What the KD sends the MD: outer halves only (RFC 9185, RFC 8723)."""
+        k = self.keys
+        return MediaKeys(uuid.uuid4().bytes, int(P128), b"",
+                         k.client_outer.key, k.server_outer.key,
+                         k.client_outer.salt, k.server_outer.salt)
+
+    def stun(self, tid: bytes | None = None, pwd: str | None = None) -> bytes:
+        return binding_request(self.md_ufrag, self.ufrag, pwd or self.md_pwd, tid)
+
+    def rtp(self, seq: int, payload: bytes) -> bytes:
+        return RtpPacket.parse(struct.pack("!BBHII", 0x80, 111, seq, seq * 960, self.ssrc)
+                               + payload).serialize()
+
+
+class Fixture:
+    def __init__(self, names: str = "abc", seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.params = EktParameterSet(key=self.rng.randbytes(16), cipher=EktCipher.AESKW_128,
+                                      master_salt=self.rng.randbytes(12), spi=7, ttl=600)
+        self.dtls: list[tuple[object, bytes]] = []
+        self.plane = MediaPlane(on_dtls=lambda leg, data: self.dtls.append((leg, data)))
+        self.eps = {}
+        for i, name in enumerate(names):
+            ep = Endpoint(name, self.rng, self.params, ("192.0.2.1", 40000 + i))
+            self.eps[name] = ep
+            self.plane.add_leg(name, ep.md_ufrag, ep.md_pwd)
+
+    def connect(self, now: float = 0.0) -> None:
+        for name, ep in self.eps.items():
+            out = self.plane.datagram_received(ep.stun(), ep.address, now)
+            assert len(out) == 1 and out[0][1] == ep.address
+            assert out[0][0][:2] == struct.pack("!H", BINDING_SUCCESS)
+            self.plane.install_keys(name, ep.media_keys())
+
+
+class StunTests(unittest.TestCase):
+    def test_check_answered_with_mapped_address_and_integrity(self) -> None:
+        f = Fixture()
+        a = f.eps["a"]
+        tid = os.urandom(12)
+        out = f.plane.datagram_received(a.stun(tid), a.address, 5.0)
+        self.assertEqual(len(out), 1)
+        response, to = out[0]
+        self.assertEqual(to, a.address)
+        message = StunMessage.parse(response)
+        self.assertEqual((message.message_type, message.transaction_id), (BINDING_SUCCESS, tid))
+        self.assertEqual(decode_xor_mapped_address(message.get(ATTR_XOR_MAPPED_ADDRESS), tid),
+                         a.address)
+        self.assertTrue(check_integrity(response, a.md_pwd.encode()))
+        self.assertFalse(check_integrity(response, f.eps["b"].md_pwd.encode()))
+        self.assertTrue(check_fingerprint(response))
+        leg = f.plane.leg("a")
+        self.assertEqual((leg.address, leg.last_consent, leg.counters["stun_in"]),
+                         (a.address, 5.0, 1))
+
+    def test_wrong_password_gets_401_and_no_binding(self) -> None:
+        f = Fixture()
+        a = f.eps["a"]
+        out = f.plane.datagram_received(a.stun(pwd="not-the-password"), a.address, 1.0)
+        self.assertEqual(len(out), 1)
+        self.assertEqual(StunMessage.parse(out[0][0]).message_type, BINDING_ERROR)
+        leg = f.plane.leg("a")
+        self.assertIsNone(leg.address)
+        self.assertEqual(leg.drops["stun_rejected"], 1)
+
+    def test_unknown_ufrag_and_junk_stun_dropped(self) -> None:
+        f = Fixture()
+        a = f.eps["a"]
+        self.assertEqual(f.plane.datagram_received(
+            binding_request("nobody", "x", a.md_pwd), a.address, 0.0), [])
+        self.assertEqual(f.plane.drops["unknown_ufrag"], 1)
+        self.assertEqual(f.plane.datagram_received(b"\x00\x01\x00\x00junk", a.address, 0.0), [])
+        self.assertEqual(f.plane.drops["stun_malformed"], 1)
+
+
+class RelayTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.f = Fixture()
+        self.f.connect()
+        self.a, self.b, self.c = (self.f.eps[n] for n in "abc")
+
+    def test_rtp_relayed_to_each_other_leg(self) -> None:
+        for i in range(5):
+            original = self.a.rtp(100 + i, self.f.rng.randbytes(300))
+            wire = self.a.sender.protect(original, i * 0.02)
+            out = self.f.plane.datagram_received(wire, self.a.address, 1.0)
+            self.assertEqual(sorted(to for _, to in out), sorted([self.b.address,
+                                                                   self.c.address]))
+            for data, to in out:
+                receiver = self.b if to == self.b.address else self.c
+                got = receiver.receiver.unprotect(data, i * 0.02)
+                self.assertEqual(got.packet, original)
+                self.assertNotIn(original[12:], data)
+        self.assertEqual(self.f.plane.leg("a").counters["rtp_in"], 5)
+        self.assertEqual(self.f.plane.leg("b").counters["rtp_out"], 5)
+
+    def test_selective_forwarding_hook(self) -> None:
+        seen = []
+
+        def only_b(src, dst, ssrc):
+            seen.append((src, dst, ssrc))
+            return dst == "b"
+        self.f.plane.should_forward = only_b
+        wire = self.a.sender.protect(self.a.rtp(1, b"x" * 50), 0.0)
+        out = self.f.plane.datagram_received(wire, self.a.address, 0.0)
+        self.assertEqual([to for _, to in out], [self.b.address])
+        self.assertEqual(sorted(seen), [("a", "b", self.a.ssrc), ("a", "c", self.a.ssrc)])
+
+    def test_rtcp_relayed_hop_by_hop(self) -> None:
+        rr = rtcp_rr(self.a.ssrc, 1)
+        out = self.f.plane.datagram_received(self.a.rtcp_out.protect_rtcp(rr),
+                                             self.a.address, 0.0)
+        self.assertEqual(len(out), 2)
+        for data, to in out:
+            receiver = self.b if to == self.b.address else self.c
+            self.assertEqual(receiver.rtcp_in.unprotect_rtcp(data), rr)
+        self.assertEqual(self.f.plane.leg("a").counters["rtcp_in"], 1)
+
+    def assertDropped(self, data: bytes, address, where: dict, reason: str) -> None:
+        before = where[reason]
+        self.assertEqual(self.f.plane.datagram_received(data, address, 0.0), [])
+        self.assertEqual(where[reason], before + 1)
+
+    def test_bad_tag_replay_junk_unknown_address(self) -> None:
+        drops = self.f.plane.leg("a").drops
+        wire = bytearray(self.a.sender.protect(self.a.rtp(7, b"y" * 80), 0.0))
+        bad = bytes(wire[:30]) + bytes((wire[30] ^ 1,)) + bytes(wire[31:])
+        self.assertDropped(bad, self.a.address, drops, "srtp_auth")
+        self.assertDropped(bytes(wire), ("192.0.2.99", 5), self.f.plane.drops,
+                           "unknown_address")
+        self.assertEqual(len(self.f.plane.datagram_received(bytes(wire), self.a.address, 0)), 2)
+        self.assertDropped(bytes(wire), self.a.address, drops, "srtp_replay")
+        self.assertDropped(b"\x90" + os.urandom(40) + b"\x00", self.a.address, drops,
+                           "srtp_malformed")
+        self.assertDropped(b"\x80\x01\x00", self.a.address, drops, "srtp_malformed")
+        self.assertDropped(b"\x80\x60\x00\x01\xff", self.a.address, drops, "ekt_malformed")
+        self.assertDropped(b"\x42hello", self.a.address, drops, "unknown_kind")
+        self.assertDropped(b"", self.a.address, self.f.plane.drops, "empty")
+        rr = bytearray(self.a.rtcp_out.protect_rtcp(rtcp_rr(self.a.ssrc, 2)))
+        rr[10] ^= 0x80
+        self.assertDropped(bytes(rr), self.a.address, drops, "srtp_auth")
+        self.assertEqual(self.f.plane.leg("a").counters["rtp_in"], 1)
+
+    def test_unkeyed_leg_dropped(self) -> None:
+        f = Fixture("ab")
+        a = f.eps["a"]
+        f.plane.datagram_received(a.stun(), a.address, 0.0)
+        wire = a.sender.protect(a.rtp(1, b"z" * 20), 0.0)
+        self.assertEqual(f.plane.datagram_received(wire, a.address, 0.0), [])
+        self.assertEqual(f.plane.leg("a").drops["not_keyed"], 1)
+
+    def test_removed_leg_neither_sends_nor_receives(self) -> None:
+        self.f.plane.remove_leg("c")
+        wire = self.a.sender.protect(self.a.rtp(1, b"q" * 20), 0.0)
+        out = self.f.plane.datagram_received(wire, self.a.address, 0.0)
+        self.assertEqual([to for _, to in out], [self.b.address])
+        self.assertEqual(self.f.plane.datagram_received(self.c.sender.protect(
+            self.c.rtp(1, b"q"), 0.0), self.c.address, 0.0), [])
+        self.assertEqual(self.f.plane.drops["unknown_address"], 1)
+
+    def test_non_double_media_keys_refused(self) -> None:
+        mk = self.a.media_keys()
+        single = MediaKeys(mk.association_id, int(Profile.AEAD_AES_128_GCM), b"",
+                           mk.client_write_key, mk.server_write_key,
+                           mk.client_write_salt, mk.server_write_salt)
+        self.assertRaises(ValueError, self.f.plane.install_keys, "a", single)
+
+
+class DtlsAndConsentTests(unittest.TestCase):
+    def test_dtls_to_tunnel_and_back(self) -> None:
+        f = Fixture()
+        f.connect()
+        record = b"\x16\xfe\xfd" + os.urandom(30)
+        self.assertEqual(f.plane.datagram_received(record, f.eps["b"].address, 0.0), [])
+        self.assertEqual(f.dtls, [("b", record)])
+        self.assertEqual(f.plane.datagram_received(record, ("192.0.2.50", 1), 0.0), [])
+        self.assertEqual(len(f.dtls), 1)
+        self.assertEqual(f.plane.send_dtls("c", b"\x16reply"), [(b"\x16reply",
+                                                                 f.eps["c"].address)])
+
+    def test_send_dtls_before_address_known(self) -> None:
+        f = Fixture("a")
+        self.assertEqual(f.plane.send_dtls("a", b"\x16x"), [])
+        self.assertEqual(f.plane.leg("a").drops["no_address"], 1)
+
+    def test_expire_removes_silent_keeps_refreshed(self) -> None:
+        f = Fixture()
+        f.connect(now=0.0)
+        a = f.eps["a"]
+        self.assertEqual(f.plane.expire(20.0), [])
+        f.plane.datagram_received(a.stun(), a.address, 25.0)
+        self.assertEqual(sorted(f.plane.expire(30.0)), ["b", "c"])
+        self.assertEqual([leg.leg_id for leg in f.plane.legs()], ["a"])
+        self.assertEqual(f.plane.expire(54.9), [])
+        self.assertEqual(f.plane.expire(55.0), ["a"])
+
+    def test_leg_never_checked_expires_after_timeout_from_first_pass(self) -> None:
+        f = Fixture("a")
+        self.assertEqual(f.plane.expire(100.0, consent_timeout=5.0), [])
+        self.assertEqual(f.plane.expire(104.0, consent_timeout=5.0), [])
+        self.assertEqual(f.plane.expire(105.0, consent_timeout=5.0), ["a"])
+
+
+class Collector(DatagramProtocol):
+    def __init__(self) -> None:
+        self.waiting: list[defer.Deferred] = []
+        self.received: list[bytes] = []
+
+    def datagramReceived(self, datagram, addr) -> None:
+        self.received.append(datagram)
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(datagram)
+
+    def next(self) -> defer.Deferred:
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d.addTimeout(5, reactor)
+
+
+class UdpTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_real_sockets(self) -> None:
+        rng = random.Random(5)
+        params = EktParameterSet(key=rng.randbytes(16), cipher=EktCipher.AESKW_128,
+                                 master_salt=rng.randbytes(12), spi=1, ttl=600)
+        expired = []
+        plane = MediaPlane()
+        protocol = MediaPlaneProtocol(plane, reactor, expire_interval=0.05,
+                                      consent_timeout=30.0, on_expired=expired.append)
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        md = ("127.0.0.1", port.getHost().port)
+        eps, sockets = {}, {}
+        for name in "ab":
+            collector = Collector()
+            sock = reactor.listenUDP(0, collector, interface="127.0.0.1")
+            self.addCleanup(sock.stopListening)
+            ep = Endpoint(name, rng, params, ("127.0.0.1", sock.getHost().port))
+            eps[name], sockets[name] = ep, (sock, collector)
+            plane.add_leg(name, ep.md_ufrag, ep.md_pwd)
+            tid = os.urandom(12)
+            waiting = collector.next()
+            sock.write(ep.stun(tid), md)
+            response = yield waiting
+            self.assertEqual(StunMessage.parse(response).message_type, BINDING_SUCCESS)
+            self.assertEqual(decode_xor_mapped_address(
+                StunMessage.parse(response).get(ATTR_XOR_MAPPED_ADDRESS), tid), ep.address)
+            plane.install_keys(name, ep.media_keys())
+        a, b = eps["a"], eps["b"]
+        original = a.rtp(9, b"over real udp" * 10)
+        waiting = sockets["b"][1].next()
+        sockets["a"][0].write(a.sender.protect(original, 0.0), md)
+        data = yield waiting
+        self.assertEqual(b.receiver.unprotect(data, 0.0).packet, original)
+        waiting = sockets["b"][1].next()
+        protocol.send_dtls("b", b"\x16dtls-from-kd")
+        self.assertEqual((yield waiting), b"\x16dtls-from-kd")
+        self.assertEqual(sockets["a"][1].received[1:], [])  # A got only its STUN answer
+        # The LoopingCall runs: with a zero timeout every leg lapses.
+        protocol.consent_timeout = 0.0
+        d = defer.Deferred()
+        reactor.callLater(0.3, d.callback, None)
+        yield d
+        self.assertEqual(sorted(leg for batch in expired for leg in batch), ["a", "b"])
+        self.assertEqual(plane.legs(), [])
