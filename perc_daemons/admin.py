@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IReactorTCP
-from twisted.logger import Logger
 from twisted.web import resource, server
 
 from perc_daemons import __version__
+from perc_daemons.listening import ListeningService
 from perc_daemons.metrics import Metrics
 
 
@@ -65,46 +63,27 @@ def admin_site(daemon: str, metrics: Metrics, is_healthy: Callable[[], bool]) ->
     return site
 
 
-class AdminService(Service):
-    """Listens for admin HTTP on ``bind:port`` and logs the address it got."""
+class AdminService(ListeningService):
+    """Listens for admin HTTP on ``bind:port`` and logs the address it got.
 
-    log = Logger()
+    A taken port stops start-up (see :mod:`perc_daemons.listening`).
+    """
 
     def __init__(self, reactor: IReactorTCP, daemon: str, bind: str, port: int,
                  metrics: Metrics, is_healthy: Callable[[], bool] = lambda: True) -> None:
+        super().__init__("admin")
         self._reactor = reactor
         self._daemon = daemon
         self._bind = bind
         self._port_number = port
         self._site = admin_site(daemon, metrics, is_healthy)
-        self.port: IListeningPort | None = None
-        self.setName("admin")
 
-    def startService(self) -> None:
-        """Listen, raising :class:`~twisted.internet.error.CannotListenError` if we can't.
+    def listen(self) -> IListeningPort:
+        # listenTCP handles IPv6 interfaces too (as TCP6ServerEndpoint does).
+        return self._reactor.listenTCP(self._port_number, self._site, interface=self._bind)
 
-        twistd calls ``startService`` synchronously and ignores its result; a
-        failure left in a Deferred (as ``endpoint.listen`` returns) would let the
-        daemon run on with no admin listener, so listen directly and let the
-        error stop start-up, as ``strports.service`` does.
-        """
-        super().startService()
-        try:
-            # listenTCP handles IPv6 interfaces too (as TCP6ServerEndpoint does).
-            self.port = self._reactor.listenTCP(self._port_number, self._site,
-                                                interface=self._bind)
-        except BaseException:
-            self.running = 0
-            raise
-        address = self.port.getHost()
+    def listening(self, address) -> None:
         self.log.info(
             "{daemon} admin HTTP listening on http://{host}:{port}/ (/healthz, /metrics)",
             daemon=self._daemon, host=address.host, port=address.port,
         )
-
-    def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None

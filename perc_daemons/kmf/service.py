@@ -58,6 +58,7 @@ from perc_daemons.kmf.clients import ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
 from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import INDEX_NAME, SigningKeyError, SigningKeys
+from perc_daemons.listening import ListeningService
 from perc_daemons.protocol.ekt import EktCipher
 from perc_daemons.store import StoreUnavailable
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
@@ -375,40 +376,26 @@ class StoreService(Service):
         return d
 
 
-class HttpsService(Service):
-    """Listens for HTTPS on ``bind:port`` (like AdminService, synchronously) and logs it."""
-
-    log = Logger()
+class HttpsService(ListeningService):
+    """Listens for HTTPS on ``bind:port`` (a taken port stops start-up) and logs it."""
 
     def __init__(self, reactor, bind: str, port: int, site: server.Site,
                  context_factory: tls.ServerContextFactory) -> None:
+        super().__init__("https")
         self._reactor = reactor
         self._bind = bind
         self._port_number = port
         self.site = site
         self._context_factory = context_factory
-        self.port: IListeningPort | None = None
-        self.setName("https")
 
-    def startService(self) -> None:
-        super().startService()
-        try:
-            self.port = self._reactor.listenSSL(self._port_number, self.site,
-                                                self._context_factory, interface=self._bind)
-        except BaseException:
-            self.running = 0
-            raise
-        address = self.port.getHost()
+    def listen(self) -> IListeningPort:
+        return self._reactor.listenSSL(self._port_number, self.site, self._context_factory,
+                                       interface=self._bind)
+
+    def listening(self, address) -> None:
         host = f"[{address.host}]" if ":" in address.host else address.host
         self.log.info("perc-kmf HTTPS API listening on https://{host}:{port}/",
                       host=host, port=address.port)
-
-    def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
 
 
 #: How often the daemon looks for keys rotated by another process (perc-admin).
