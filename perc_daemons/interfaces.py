@@ -134,6 +134,35 @@ class IGrantStore(Interface):
         """The live grant of a refresh token, or None (unknown, expired, revoked)."""
 
 
+class ITunnelPeer(Interface):
+    """One end of an established MD<->KD tunnel connection (RFC 9185 over TLS 1.3).
+
+    Implemented by :class:`perc_daemons.tunnel_link.TunnelLink`.
+    """
+
+    peer_fingerprint = Attribute("SHA-256 digest (32 bytes) of the peer's TLS certificate")
+    peer_name = Attribute("For the KD end: the MD name it verified; for the MD end: None")
+
+    def send(message):
+        """Frame and write one tunnel message (protocol/tunnel.py dataclass)."""
+
+    def close(reason):
+        """Close this one tunnel connection, logging ``reason``."""
+
+
+class ITunnelHandler(Interface):
+    """What a daemon gives its tunnel ends: the MD's and the KD's tunnel logic."""
+
+    def tunnel_up(peer):
+        """``peer`` (an ITunnelPeer) is connected and the version is agreed."""
+
+    def tunnel_message(peer, message):
+        """A decoded message (not SupportedProfiles/UnsupportedVersion) from ``peer``."""
+
+    def tunnel_down(peer, reason):
+        """``peer`` is gone (closed by either side, failed, or refused); ``reason`` is text."""
+
+
 # protocol/ imports nothing above it (DESIGN.md), so its implementations are
 # declared here rather than with @implementer.
 from perc_daemons.protocol.identity import JwksIdentityVerifier  # noqa: E402
