@@ -9,6 +9,7 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.kmf.problems`
 ``POST   /v1/conferences``                                   ``admin``
 ``GET    /v1/conferences/{id}``                              ``admin``
 ``POST   /v1/conferences/{id}/invitations``                  ``admin``
+``GET    /v1/conferences/{id}/invitations/{identity}``       ``kd`` or ``admin``
 ``DELETE /v1/conferences/{id}/invitations/{identity}``       ``admin``
 ``POST   /v1/conferences/{id}/start``                        ``admin``
 ``POST   /v1/conferences/{id}/end``                          ``admin``
@@ -311,7 +312,8 @@ class KmfApi(resource.Resource):
                                                b"POST": self.create_conference}),
             (re.compile(conf), {b"GET": self.show_conference}),
             (re.compile(conf + r"/invitations"), {b"POST": self.invite}),
-            (re.compile(conf + r"/invitations/(?P<identity>[^/]+)"), {b"DELETE": self.uninvite}),
+            (re.compile(conf + r"/invitations/(?P<identity>[^/]+)"),
+             {b"GET": self.invitation, b"DELETE": self.uninvite}),
             (re.compile(conf + r"/start"), {b"POST": self.start}),
             (re.compile(conf + r"/end"), {b"POST": self.end}),
             (re.compile(conf + r"/epochs"), {b"POST": self.new_epoch}),
@@ -558,6 +560,29 @@ class KmfApi(resource.Resource):
             raise _bad_request(str(e)) from None
         await self.store.invite(cid, identity, self.now())
         return Response(200, conference_json(await self.store.get(cid)))
+
+    async def invitation(self, request: server.Request, cid: str, identity: str) -> Response:
+        """Whether ``identity`` (percent-decoded path segment) is invited, for a KD.
+
+        "Invited" as for the key service: by name or, with LDAP, through one of
+        the conference's ``invited_groups`` (503 if the directory cannot be
+        asked).  The conference's ``state`` is reported, not checked: the KD
+        admits only to running conferences.
+        """
+        self.authorize(request, ("kd", "admin"))
+        cid = _path_conference_id(cid)
+        try:
+            check_identity(identity)
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
+        conference = await self.store.get(cid)
+        return Response(200, {
+            "conference": conference.conference_id,
+            "identity": identity,
+            "invited": await self._invited(identity, conference),
+            "state": str(conference.state),
+            "late_joiners_get_earlier_epochs": conference.late_joiners_get_earlier_epochs,
+        })
 
     async def uninvite(self, request: server.Request, cid: str, identity: str) -> Response:
         self.authorize(request, ("admin",))
