@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
 
 __all__ = [
     "SERVER_CIPHERS",
@@ -60,6 +62,7 @@ def check_private_key_file(path: str) -> None:
                            f"(uid {os.geteuid()}) or root")
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerContextFactory:
     """A ``getContext()`` provider for ``listenSSL`` holding one prepared context."""
 

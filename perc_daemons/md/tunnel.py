@@ -24,13 +24,11 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IListeningPort,
-    IOpenSSLContextFactory,
     IReactorSSL,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from perc_daemons import tls
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
@@ -53,7 +51,7 @@ from perc_daemons.tunnel_link import (
     tunnel_metrics,
 )
 
-__all__ = ["MD_PROFILES", "MdTunnelServer", "TunnelContextFactory", "md_tunnel_context_factory"]
+__all__ = ["MD_PROFILES", "MdTunnelServer", "md_tunnel_context_factory"]
 
 #: What the MD offers in SupportedProfiles: DOUBLE 128 and DOUBLE 256 (RFC 8723 §5.1).
 MD_PROFILES = (DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM)
@@ -67,18 +65,7 @@ def _accept_any_issuer(connection: SSL.Connection, certificate: object, errno: i
     return True
 
 
-@implementer(IOpenSSLContextFactory)
-class TunnelContextFactory:
-    """The prepared server context, declared as an IOpenSSLContextFactory for listenSSL."""
-
-    def __init__(self, context: SSL.Context) -> None:
-        self._context = context
-
-    def getContext(self) -> SSL.Context:
-        return self._context
-
-
-def md_tunnel_context_factory(certificate: str, private_key: str) -> TunnelContextFactory:
+def md_tunnel_context_factory(certificate: str, private_key: str) -> tls.ServerContextFactory:
     """The tunnel's TLS server context: TLS 1.3 only, a client certificate required.
 
     Raises :class:`~perc_daemons.tls.TlsFileError` when the key file is too
@@ -90,7 +77,7 @@ def md_tunnel_context_factory(certificate: str, private_key: str) -> TunnelConte
     context = factory.getContext()
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any_issuer)
-    return TunnelContextFactory(context)
+    return tls.ServerContextFactory(context)
 
 
 class _LinkFactory(Factory):
