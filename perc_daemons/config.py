@@ -159,6 +159,65 @@ def _jwks_url(value: str) -> str | None:
     return 'must be "" or an https:// URL (http:// only on loopback) without fragment'
 
 
+def _sha256_fingerprints(value: list) -> str | None:
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}",
+                                                         item):
+            return 'must be a list of SHA-256 fingerprints "AA:BB:..." (32 hex pairs)'
+    return None
+
+
+def _replay_window(value: int) -> str | None:
+    return None if 64 <= value <= 32767 else "must be 64-32767 packets"
+
+
+def _advertise(value: str) -> str | None:
+    return None if value == "" else _ip_address(value)
+
+
+_MD_SCHEMA: dict[str, dict[str, Setting]] = {
+    "admin": _admin_section(9461),
+    "api": {
+        "bind": Setting(str, "0.0.0.0", "Address of the HTTPS conference API listener.",
+                        _ip_address),
+        "port": Setting(int, 9443, "TCP port of the HTTPS conference API (0 picks a free port).",
+                        _port),
+        "certificate": Setting(str, "/etc/perc/tls/md.crt",
+                               "PEM certificate chain of the API and the tunnel (server first).",
+                               _absolute_path),
+        "private_key": Setting(str, "/etc/perc/tls/md.key",
+                               "PEM private key of the certificate; mode 0600 or 0640.",
+                               _absolute_path),
+        "provider_token_file": Setting(
+            str, "/etc/perc/md-provider.token",
+            "File holding the conference provider's bearer token (mode 0600/0640); "
+            "missing: conference creation and deletion answer 503.", _absolute_path),
+        "join_timeout": Setting(int, 10, "Seconds a join waits for the KD's signed answer "
+                                "(504 beyond).", _positive),
+    },
+    "media": {
+        "bind": Setting(str, "0.0.0.0", "Address of the shared UDP media port.", _ip_address),
+        "port": Setting(int, 9470, "UDP media port of every conference (0 picks a free port).",
+                        _port),
+        "advertise": Setting(str, "", "Address put into the answers' ICE candidates "
+                             "(\"\" = bind, or 127.0.0.1 when bind is a wildcard).",
+                             _advertise),
+        "consent_timeout": Setting(int, 30, "Seconds without a valid STUN check before a "
+                                   "participant is dropped (RFC 7675).", _positive),
+        "replay_window": Setting(int, 128, "SRTP replay window of the hop-by-hop sessions, "
+                                 "packets.", _replay_window),
+    },
+    "tunnel": {
+        "bind": Setting(str, "0.0.0.0", "Address of the KD tunnel listener (TLS 1.3).",
+                        _ip_address),
+        "port": Setting(int, 9450, "TCP port of the KD tunnel listener (0 picks a free port).",
+                        _port),
+        "kd_fingerprints": Setting(list, [], "SHA-256 fingerprints of KD certificates trusted "
+                                   "for every conference.", _sha256_fingerprints),
+    },
+}
+
+
 _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9463),
     "https": {
@@ -296,10 +355,73 @@ def _kmf_cross_checks(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, s
                             "client_secret_file go together")
     return None
 
+def _md_list(value: list) -> str | None:
+    """``["name:port", ...]``: each MD's DNS name (connected to and verified) and tunnel port."""
+    for item in value:
+        if not isinstance(item, str):
+            return 'must be a list of "name:port" strings'
+        name, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f'{item!r} is not "name:port" with a port 1-65535'
+        if _domain(name) is not None and _ip_address(name) is not None:
+            return f"{item!r}: {name!r} is not a DNS name or IP address"
+    if len(set(value)) != len(value):
+        return "must not name an MD twice"
+    return None
+
+
+def _https_url(value: str) -> str | None:
+    if (value.startswith("https://") and len(value) > 8
+            and not any(c in value for c in " \t\r\n?#")):
+        return None
+    return "must be an https:// URL without query or fragment"
+
+
+def _client_id(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return None
+    return "must be 1-64 of A-Z a-z 0-9 . _ -"
+
+
+_KD_SCHEMA: dict[str, dict[str, Setting]] = {
+    "admin": _admin_section(9462),
+    "tunnel": {
+        "mds": Setting(list, [], 'Media Distributors to keep a tunnel to, as "name:port" '
+                       "(name is connected to and checked against the MD's certificate).",
+                       _md_list),
+        "certificate": Setting(str, "/etc/perc/tls/kd.crt",
+                               "PEM certificate chain of the KD (ECDSA P-256, leaf first): "
+                               "tunnel client, DTLS server and answer signing certificate.",
+                               _absolute_path),
+        "private_key": Setting(str, "/etc/perc/tls/kd.key",
+                               "PEM private key of the certificate; mode 0600 or 0640.",
+                               _absolute_path),
+        "ca_file": Setting(str, "/etc/perc/tls/ca.crt",
+                           "PEM CA certificate(s) the MDs' certificates must chain to.",
+                           _absolute_path),
+    },
+    "kmf": {
+        "url": Setting(str, "https://localhost:8443", "Base URL of the KMF's HTTPS API.",
+                       _https_url),
+        "ca_file": Setting(str, "/etc/perc/tls/ca.crt",
+                           "PEM CA certificate(s) the KMF's certificate must chain to.",
+                           _absolute_path),
+        "client_id": Setting(str, "kd", "OAuth client id of this KD at the KMF.", _client_id),
+        "client_secret_file": Setting(str, "/etc/perc/kd-client.secret",
+                                      "File holding the OAuth client secret (one line).",
+                                      _absolute_path),
+    },
+    "idp": {
+        "domain": Setting(str, "localhost",
+                          "Identity domain whose assertions (signed with the KMF's JWKS) "
+                          "are accepted.", _domain),
+    },
+}
+
 #: Per daemon: section -> key -> Setting.  Later features add their sections here.
 SCHEMAS: dict[str, dict[str, dict[str, Setting]]] = {
-    "md": {"admin": _admin_section(9461)},
-    "kd": {"admin": _admin_section(9462)},
+    "md": _MD_SCHEMA,
+    "kd": _KD_SCHEMA,
     "kmf": _KMF_SCHEMA,
 }
 

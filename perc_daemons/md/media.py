@@ -1,4 +1,4 @@
-"""The Media Distributor's media plane: one UDP port, many endpoint legs.
+"""The Media Distributor's media plane: one UDP port, many endpoint legs, many conferences.
 
 :class:`MediaPlane` is sans-I/O: datagrams, addresses and an explicit ``now``
 in, datagrams to send out.  :class:`MediaPlaneProtocol` is the thin Twisted
@@ -22,6 +22,19 @@ Per datagram, demultiplexed by its first byte (RFC 7983 section 7):
   selective-forwarding hook.
 * RTCP: hop-by-hop only (RFC 8723 section 6): unprotect with the sender's
   inbound session, protect for each other keyed leg.
+
+Conferences share the port: each leg belongs to a *group* (the conference
+id; ``None`` is a group too) and media only ever goes to keyed legs of the
+sender's group.  One shared UDP port rather than one socket per conference:
+a single firewall rule and a single advertised candidate serve every
+conference, and the demultiplexing it needs (ICE ufrag for STUN, then the
+learnt 5-tuple for everything else) is already required for ICE-lite
+(RFC 8445 section 7.3) whatever the number of sockets.  Per-conference
+sockets would add port management and file descriptors and isolate
+nothing more: a leg is only ever addressed by its authenticated 5-tuple.
+The hot path does no group lookup: every membership, key or address change
+recomputes, per leg, the tuple of the other keyed, addressed legs of its
+group (:attr:`Leg.peers`), and a packet is sealed once per element.
 
 Anything malformed, unauthenticated, replayed, from an unknown address or of
 an unknown kind is dropped and counted: per leg in ``Leg.drops`` (reasons in
@@ -120,13 +133,18 @@ def _forward_all(src: LegId, dst: LegId, ssrc: int) -> bool:
 class Leg:
     """One endpoint's leg: ICE credentials, learnt address, hop-by-hop sessions, counters."""
 
-    __slots__ = ("_pwd", "address", "counters", "drops", "inbound", "last_consent", "leg_id",
-                 "outbound", "ufrag")
+    __slots__ = ("_pwd", "address", "counters", "drops", "group", "inbound", "last_consent",
+                 "leg_id", "outbound", "peers", "ufrag")
 
-    def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None) -> None:
+    def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None,
+                 group: Hashable = None) -> None:
         self.leg_id = leg_id
         self.ufrag = ufrag
         self._pwd = pwd
+        #: The conference this leg belongs to: media goes only to its keyed peers.
+        self.group = group
+        #: The other keyed legs of ``group`` with a known address (recomputed on change).
+        self.peers: tuple[Leg, ...] = ()
         self.address: Address | None = None
         self.inbound: Session | None = None
         self.outbound: Session | None = None
@@ -140,7 +158,8 @@ class Leg:
         return self.inbound is not None
 
     def __repr__(self) -> str:  # never show the ice-pwd
-        return f"<Leg {self.leg_id!r} ufrag={self.ufrag!r} address={self.address!r}>"
+        return (f"<Leg {self.leg_id!r} group={self.group!r} ufrag={self.ufrag!r} "
+                f"address={self.address!r}>")
 
 
 class MediaPlane:
@@ -160,17 +179,18 @@ class MediaPlane:
         self._legs: dict[LegId, Leg] = {}
         self._by_ufrag: dict[str, Leg] = {}
         self._by_address: dict[Address, Leg] = {}
-        self._keyed: tuple[Leg, ...] = ()  # keyed legs with a known address
+        self._groups: dict[Hashable, list[Leg]] = {}
         self._relay = Relay()
 
     # -- legs ----------------------------------------------------------------------------
 
     def add_leg(self, leg_id: LegId, ice_ufrag: str, ice_pwd: str, *,
-                now: float | None = None) -> Leg:
+                group: Hashable = None, now: float | None = None) -> Leg:
         """Expect an endpoint: its checks carry ``ice_ufrag`` (ours) and ``ice_pwd``.
 
-        The consent clock starts at ``now`` if given, otherwise at the first
-        :meth:`expire` that sees the leg.
+        The leg exchanges media only with keyed legs of the same ``group``
+        (a conference id).  The consent clock starts at ``now`` if given,
+        otherwise at the first :meth:`expire` that sees the leg.
         """
         if leg_id in self._legs:
             raise ValueError(f"leg {leg_id!r} already exists")
@@ -178,9 +198,11 @@ class MediaPlane:
             raise ValueError("ice-ufrag must be non-empty without ':' and ice-pwd non-empty")
         if ice_ufrag in self._by_ufrag:
             raise ValueError(f"ice-ufrag {ice_ufrag!r} is already in use")
-        leg = Leg(leg_id, ice_ufrag, ice_pwd, now)
+        leg = Leg(leg_id, ice_ufrag, ice_pwd, now, group)
         self._legs[leg_id] = leg
         self._by_ufrag[ice_ufrag] = leg
+        self._groups.setdefault(group, []).append(leg)
+        # Not keyed yet: no other leg's peers change until install_keys / _bind.
         return leg
 
     def leg(self, leg_id: LegId) -> Leg:
@@ -203,7 +225,7 @@ class MediaPlane:
         outbound = libsrtp_session(media_keys.server_write_key, media_keys.server_write_salt,
                                    inbound=False, replay_window=self.replay_window)
         leg.inbound, leg.outbound = inbound, outbound
-        self._rebuild()
+        self._rebuild(leg.group)
 
     def remove_leg(self, leg_id: LegId) -> Leg | None:
         """Forget a leg (its sessions, address and credentials); returns it, or None."""
@@ -214,12 +236,25 @@ class MediaPlane:
         if leg.address is not None and self._by_address.get(leg.address) is leg:
             del self._by_address[leg.address]
         leg.inbound = leg.outbound = None
-        self._rebuild()
+        members = self._groups.get(leg.group)
+        if members is not None:
+            members.remove(leg)
+            if not members:
+                del self._groups[leg.group]
+        leg.peers = ()
+        self._rebuild(leg.group)
         return leg
 
-    def _rebuild(self) -> None:
-        self._keyed = tuple(leg for leg in self._legs.values()
-                            if leg.inbound is not None and leg.address is not None)
+    def groups(self) -> dict[Hashable, list[Leg]]:
+        """Group -> its legs (a copy)."""
+        return {group: list(legs) for group, legs in self._groups.items()}
+
+    def _rebuild(self, group: Hashable) -> None:
+        """Recompute :attr:`Leg.peers` of every leg of ``group`` (off the packet path)."""
+        members = self._groups.get(group, ())
+        keyed = [leg for leg in members if leg.inbound is not None and leg.address is not None]
+        for leg in members:
+            leg.peers = tuple(other for other in keyed if other is not leg)
 
     def _bind(self, leg: Leg, address: Address) -> None:
         if leg.address == address:
@@ -229,9 +264,11 @@ class MediaPlane:
         previous = self._by_address.get(address)
         if previous is not None and previous is not leg:
             previous.address = None  # the address moved to another (authenticated) leg
+            if previous.group != leg.group:
+                self._rebuild(previous.group)
         leg.address = address
         self._by_address[address] = leg
-        self._rebuild()
+        self._rebuild(leg.group)
 
     # -- datagrams -----------------------------------------------------------------------
 
@@ -309,8 +346,8 @@ class MediaPlane:
         should_forward = self.should_forward
         out: Output = []
         src_id = src.leg_id
-        for dst in self._keyed:
-            if dst is src or not should_forward(src_id, dst.leg_id, ssrc):
+        for dst in src.peers:
+            if not should_forward(src_id, dst.leg_id, ssrc):
                 continue
             try:
                 out.append((relay.seal(dst.outbound), dst.address))  # type: ignore[arg-type]
@@ -338,8 +375,8 @@ class MediaPlane:
         should_forward = self.should_forward
         out: Output = []
         src_id = src.leg_id
-        for dst in self._keyed:
-            if dst is src or not should_forward(src_id, dst.leg_id, ssrc):
+        for dst in src.peers:
+            if not should_forward(src_id, dst.leg_id, ssrc):
                 continue
             try:
                 out.append((dst.outbound.protect_rtcp(plain), dst.address))  # type: ignore[union-attr, arg-type]

@@ -1,14 +1,61 @@
 """twistd plugin module for perc-md (see the package docstring for its role).
 
-Today the service runs the admin listener (/healthz, /metrics); the daemon's
-own protocol work is added by later milestones (see README).
+The service runs, besides the admin listener (/healthz, /metrics):
+
+* the HTTPS conference API (:mod:`perc_daemons.md.api`) on ``[api]``;
+* the shared UDP media port (:class:`~perc_daemons.md.media.MediaPlaneProtocol`)
+  on ``[media]``;
+* the KD tunnel listener (:class:`~perc_daemons.md.tunnel.MdTunnelServer`,
+  TLS 1.3, KD certificates pinned) on ``[tunnel]``;
+
+around one :class:`~perc_daemons.md.conferences.MdConferences`.
+
+Start-up checks (one line naming the file, key and reason, exit status 2):
+``[api] certificate`` must exist and ``private_key`` be mode 0600/0640 (the
+tunnel uses the same pair); an existing ``provider_token_file`` must be
+usable (mode 0600/0640, not empty).  A missing token file is not an error:
+the provider routes answer 503 until it appears, and the log says so.
+
+``/metrics`` gains, computed at scrape time from the counters the media
+plane keeps anyway (no per-packet metric work): per participant
+``perc_md_participant_datagrams_total{conference,association,kind}`` and
+``perc_md_participant_dropped_total{conference,association,reason}``;
+``perc_md_plane_dropped_total{reason}``, ``perc_md_tunnel_events_total{event}``
+and the gauges ``perc_md_conferences``, ``perc_md_participants``,
+``perc_md_pending_joins``, ``perc_md_kd_tunnels``.
 """
 
 from __future__ import annotations
 
-from twisted.application.service import MultiService
+import ipaddress
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
 
-from perc_daemons.daemon import DaemonOptions, base_service
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.application.service import MultiService
+from twisted.internet.interfaces import IListeningPort
+from twisted.web import server
+
+from perc_daemons import config as config_module
+from perc_daemons import tls
+from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
+from perc_daemons.listening import ListeningService
+from perc_daemons.md.api import MdApi, ProviderToken, md_site
+from perc_daemons.md.conferences import EVENTS, MdConferences
+from perc_daemons.md.media import (
+    LEG_COUNTERS,
+    LEG_DROP_REASONS,
+    PLANE_DROP_REASONS,
+    MediaPlane,
+    MediaPlaneProtocol,
+)
+from perc_daemons.md.tunnel import MdTunnelServer
+from perc_daemons.protocol.dtls import parse_fingerprint
+
+__all__ = ["MdCollector", "Options", "advertised_host", "makeService", "md_service"]
 
 
 class Options(DaemonOptions):
@@ -16,5 +63,199 @@ class Options(DaemonOptions):
     synopsis = "[--config /etc/perc/md.toml]"
 
 
+def _error(cfg: config_module.Config, key: str, reason: str) -> config_module.ConfigError:
+    return config_module.ConfigError(cfg.path, key, reason)
+
+
+def advertised_host(bind: str, advertise: str) -> str:
+    """``[media] advertise``, else the bind address, else 127.0.0.1 for a wildcard bind."""
+    if advertise:
+        return advertise
+    if ipaddress.ip_address(bind).is_unspecified:
+        return "127.0.0.1"
+    return bind
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class MdCollector(Collector):
+    """Prometheus collector reading the plane's and conferences' counters at scrape time."""
+
+    def __init__(self, conferences: MdConferences) -> None:
+        self.conferences = conferences
+
+    def describe(self) -> Iterator[Any]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Any]:
+        families = self._families()
+        datagrams, dropped, plane, events, confs, parts, pending, tunnels = families
+        c = self.conferences
+        for participant in c.participants():
+            labels = [participant.conference_id, participant.association]
+            leg = participant.leg
+            for kind in LEG_COUNTERS:
+                datagrams.add_metric([*labels, kind], leg.counters[kind])
+            for reason in LEG_DROP_REASONS:
+                dropped.add_metric([*labels, reason], leg.drops[reason])
+        for reason in PLANE_DROP_REASONS:
+            plane.add_metric([reason], c.plane.drops[reason])
+        for event in EVENTS:
+            events.add_metric([event], c.events[event])
+        confs.add_metric([], len(c.conferences()))
+        parts.add_metric([], len(c.participants()))
+        pending.add_metric([], c.pending_joins)
+        tunnels.add_metric([], c.kd_tunnels)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[Any]:
+        return [
+            CounterMetricFamily("perc_md_participant_datagrams",
+                                "Datagrams of a participant's leg, by kind (in/out)",
+                                labels=["conference", "association", "kind"]),
+            CounterMetricFamily("perc_md_participant_dropped",
+                                "Datagrams of a participant's leg dropped, by reason",
+                                labels=["conference", "association", "reason"]),
+            CounterMetricFamily("perc_md_plane_dropped",
+                                "Media datagrams dropped before a participant is known",
+                                labels=["reason"]),
+            CounterMetricFamily("perc_md_tunnel_events",
+                                "Unexpected or refused tunnel and plane events",
+                                labels=["event"]),
+            GaugeMetricFamily("perc_md_conferences", "Conferences"),
+            GaugeMetricFamily("perc_md_participants", "Admitted participants"),
+            GaugeMetricFamily("perc_md_pending_joins", "Joins waiting for the KD"),
+            GaugeMetricFamily("perc_md_kd_tunnels", "Connected KD tunnels"),
+        ]
+
+
+class ApiService(ListeningService):
+    """The HTTPS conference API listener."""
+
+    def __init__(self, reactor: Any, bind: str, port: int, site: server.Site,
+                 context_factory: tls.ServerContextFactory) -> None:
+        super().__init__("md-api")
+        self._reactor = reactor
+        self._bind = bind
+        self._port_number = port
+        self.site = site
+        self._context_factory = context_factory
+
+    def listen(self) -> IListeningPort:
+        return self._reactor.listenSSL(self._port_number, self.site, self._context_factory,
+                                       interface=self._bind)
+
+    def listening(self, address: Any) -> None:
+        self.log.info("perc-md HTTPS conference API listening on https://{host}:{port}/",
+                      host=_host(address.host), port=address.port)
+
+
+class MediaService(ListeningService):
+    """The shared UDP media port; tells the conferences its actual port."""
+
+    def __init__(self, reactor: Any, bind: str, port: int, protocol: MediaPlaneProtocol,
+                 conferences: MdConferences) -> None:
+        super().__init__("md-media")
+        self._reactor = reactor
+        self._bind = bind
+        self._port_number = port
+        self.protocol = protocol
+        self._conferences = conferences
+
+    def listen(self) -> IListeningPort:
+        return self._reactor.listenUDP(self._port_number, self.protocol,
+                                       interface=self._bind)
+
+    def listening(self, address: Any) -> None:
+        self._conferences.media_port = address.port
+        self._conferences.media = self.protocol
+        self.log.info("perc-md media (UDP) listening on {host}:{port}, advertised as "
+                      "{advertised}:{port}", host=_host(address.host), port=address.port,
+                      advertised=_host(self._conferences.media_host))
+
+    def stopService(self) -> Any:
+        self._conferences.media = None
+        return super().stopService()
+
+
+def tls_files(cfg: config_module.Config) -> tls.ServerContextFactory:
+    """The API's TLS context; the certificate and key must be usable (ConfigError)."""
+    cert, key = cfg.api.certificate, cfg.api.private_key
+    if not os.path.exists(cert):
+        raise _error(cfg, "api.certificate", f"{cert}: file not found")
+    try:
+        tls.check_private_key_file(key)
+    except tls.TlsFileError as e:
+        raise _error(cfg, "api.private_key", f"{key}: {e}") from None
+    try:
+        return tls.server_context_factory(cert, key)
+    except tls.TlsFileError as e:
+        name = "api.private_key" if str(e).startswith("private key") else "api.certificate"
+        raise _error(cfg, name, str(e)) from None
+
+
+def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
+    """The whole daemon; raises ConfigError for unusable files.
+
+    The returned service has ``conferences``, ``api``, ``media`` (the
+    :class:`MediaPlaneProtocol`) and ``tunnel`` (the :class:`MdTunnelServer`).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    context = tls_files(cfg)
+    token = ProviderToken(cfg.api.provider_token_file)
+    problem = token.check()
+    if problem is not None:
+        raise _error(cfg, "api.provider_token_file",
+                     f"{cfg.api.provider_token_file}: {problem}")
+    media_host = advertised_host(cfg.media.bind, cfg.media.advertise)
+    if not cfg.media.advertise and media_host != cfg.media.bind:
+        MdApi.log.warn("perc-md: [media] advertise is empty and bind is {bind}: answers "
+                       "advertise {host}, reachable from this host only; set [media] "
+                       "advertise", bind=cfg.media.bind, host=media_host)
+
+    top = base_service("md", cfg, reactor)
+    plane = MediaPlane(replay_window=cfg.media.replay_window)
+    conferences = MdConferences(
+        plane, reactor, media_host=media_host, media_port=cfg.media.port,
+        pinned_kd_fingerprints=[parse_fingerprint(fp) for fp in cfg.tunnel.kd_fingerprints],
+        join_timeout=float(cfg.api.join_timeout))
+    plane.on_dtls = conferences.dtls_from_endpoint
+    protocol = MediaPlaneProtocol(plane, reactor, consent_timeout=float(cfg.media.consent_timeout),
+                                  on_expired=conferences.legs_expired)
+    try:
+        tunnel = MdTunnelServer(reactor, bind=cfg.tunnel.bind, port=cfg.tunnel.port,
+                                certificate=cfg.api.certificate,
+                                private_key=cfg.api.private_key,
+                                is_trusted_kd=conferences.is_trusted_kd, handler=conferences,
+                                metrics=top.metrics)  # type: ignore[attr-defined]
+    except tls.TlsFileError as e:
+        raise _error(cfg, "api.certificate", str(e)) from None
+    api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor)
+    top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
+
+    # Started in this order (stopped in reverse): media and tunnel before the API.
+    MediaService(reactor, cfg.media.bind, cfg.media.port, protocol,
+                 conferences).setServiceParent(top)
+    tunnel.setServiceParent(top)
+    ApiService(reactor, cfg.api.bind, cfg.api.port, md_site(api),
+               context).setServiceParent(top)
+    top.conferences = conferences  # type: ignore[attr-defined]
+    top.api = api  # type: ignore[attr-defined]
+    top.media = protocol  # type: ignore[attr-defined]
+    top.tunnel = tunnel  # type: ignore[attr-defined]
+    return top
+
+
 def makeService(options: Options) -> MultiService:
-    return base_service("md", options.loaded)
+    try:
+        return md_service(options.loaded)
+    except config_module.ConfigError as e:
+        sys.stderr.write(f"perc-md: configuration error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_CONFIG) from None

@@ -121,6 +121,17 @@ class DaemonTests(unittest.TestCase):
 
     def extra_config(self, daemon: str) -> str:
         """What a daemon needs beyond [admin] to start in a test (state in a temp dir)."""
+        if daemon == "md":
+            # As the package's postinst does: a self-signed certificate when none exists.
+            from perc_daemons.tls import generate_self_signed
+
+            state = os.path.abspath(self.mktemp())
+            generate_self_signed(f"{state}/md.crt", f"{state}/md.key")
+            return (f'\n[api]\nbind = "127.0.0.1"\nport = 0\n'
+                    f'certificate = "{state}/md.crt"\nprivate_key = "{state}/md.key"\n'
+                    f'provider_token_file = "{state}/md-provider.token"\n'
+                    f'[media]\nbind = "127.0.0.1"\nport = 0\n'
+                    f'[tunnel]\nbind = "127.0.0.1"\nport = 0\n')
         if daemon != "kmf":
             return ""
         state = os.path.abspath(self.mktemp())
@@ -148,6 +159,11 @@ class DaemonTests(unittest.TestCase):
             https_port = int(extra.split("port = ")[1].split("\n")[0])
             yield self.wait_output(
                 proto, f"perc-kmf HTTPS API listening on https://127.0.0.1:{https_port}/")
+        if daemon == "md":
+            for line in ("perc-md HTTPS conference API listening on https://127.0.0.1:",
+                         "perc-md media (UDP) listening on 127.0.0.1:",
+                         "perc-md tunnel listening on 127.0.0.1 port "):
+                yield self.wait_output(proto, line)
         yield self.reloads(proto, path, port, extra)
         os.kill(proto.transport.pid, signal.SIGTERM)
         exit_code, sig = yield self.wait_exit(proto)
@@ -256,7 +272,8 @@ class DaemonTests(unittest.TestCase):
         taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
         port = taken.getHost().port
-        proto = self.spawn("perc-md", self.write_config(f"[admin]\nport = {port}\n"))
+        proto = self.spawn("perc-md", self.write_config(f"[admin]\nport = {port}\n"
+                                                        + self.extra_config("md")))
         exit_code, sig = yield self.wait_exit(proto)
         self.assertEqual((exit_code, sig), (1, None), proto.output())
         self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", proto.output())

@@ -128,7 +128,23 @@ class LoadTests(unittest.TestCase):
         cfg = config.load("kd", path)
         self.assertEqual(cfg.admin.port, 1234)
         self.assertEqual(cfg["admin"]["bind"], "::1")
-        self.assertEqual(as_dict(cfg), {"admin": {"bind": "::1", "port": 1234}})
+        self.assertEqual(as_dict(cfg), {**defaults("kd"),
+                                        "admin": {"bind": "::1", "port": 1234}})
+
+    def test_kd_sections(self) -> None:
+        cfg = config.load("kd", self.write(
+            '[tunnel]\nmds = ["md1.example.com:4443", "127.0.0.1:9444"]\n'
+            '[kmf]\nurl = "https://kmf.example.com:8443"\nclient_id = "kd-1"\n'
+            '[idp]\ndomain = "example.com"\n'))
+        self.assertEqual(cfg.tunnel.mds, ["md1.example.com:4443", "127.0.0.1:9444"])
+        self.assertEqual((cfg.kmf.url, cfg.kmf.client_id, cfg.idp.domain),
+                         ("https://kmf.example.com:8443", "kd-1", "example.com"))
+        self.assertConfigError(self.write('[tunnel]\nmds = ["md1.example.com"]\n'),
+                               "tunnel.mds", "'md1.example.com' is not \"name:port\" with a "
+                               "port 1-65535 (got ['md1.example.com'])", daemon="kd")
+        self.assertConfigError(self.write('[kmf]\nurl = "http://kmf:8443"\n'),
+                               "kmf.url", "must be an https:// URL without query or fragment "
+                               "(got 'http://kmf:8443')", daemon="kd")
 
     def test_partial_section_fills_defaults(self) -> None:
         cfg = config.load("kmf", self.write("[admin]\nport = 0\n"))
@@ -138,7 +154,8 @@ class LoadTests(unittest.TestCase):
 
     def test_empty_file_is_defaults(self) -> None:
         cfg = config.load("md", self.write(""))
-        self.assertEqual(as_dict(cfg), {"admin": {"bind": "127.0.0.1", "port": 9461}})
+        self.assertEqual(as_dict(cfg), defaults("md"))
+        self.assertEqual(dict(cfg.admin), {"bind": "127.0.0.1", "port": 9461})
 
     def test_missing_attribute(self) -> None:
         cfg = config.load("md", self.write(""))
@@ -178,11 +195,11 @@ class LoadTests(unittest.TestCase):
 
     def test_unknown_section(self) -> None:
         path = self.write("[nope]\nx = 1\n")
-        self.assertConfigError(path, "nope", "unknown section (known: admin)")
+        self.assertConfigError(path, "nope", "unknown section (known: admin, api, media, tunnel)")
 
     def test_top_level_key_is_unknown_section(self) -> None:
         path = self.write("port = 1\n")
-        self.assertConfigError(path, "port", "unknown section (known: admin)")
+        self.assertConfigError(path, "port", "unknown section (known: admin, api, media, tunnel)")
 
     def test_section_not_a_table(self) -> None:
         path = self.write("admin = 1\n")
@@ -232,3 +249,22 @@ class LoadTests(unittest.TestCase):
         os.chmod(path, 0)
         self.addCleanup(os.chmod, path, 0o600)
         self.assertConfigError(path, "", "permission denied")
+
+    def test_md_sections(self) -> None:
+        fp = ":".join(["AB"] * 32)
+        cfg = config.load("md", self.write(
+            f'[media]\nadvertise = "192.0.2.1"\nreplay_window = 64\n'
+            f'[tunnel]\nkd_fingerprints = ["{fp}"]\n'))
+        self.assertEqual((cfg.media.advertise, cfg.media.replay_window), ("192.0.2.1", 64))
+        self.assertEqual(cfg.tunnel.kd_fingerprints, [fp])
+        self.assertConfigError(self.write('[tunnel]\nkd_fingerprints = ["AB:CD"]\n'),
+                               "tunnel.kd_fingerprints",
+                               'must be a list of SHA-256 fingerprints "AA:BB:..." '
+                               "(32 hex pairs) (got ['AB:CD'])")
+        self.assertConfigError(self.write("[media]\nreplay_window = 32\n"),
+                               "media.replay_window", "must be 64-32767 packets (got 32)")
+        self.assertConfigError(self.write('[media]\nadvertise = "md.example"\n'),
+                               "media.advertise",
+                               "must be an IPv4 or IPv6 address (got 'md.example')")
+        self.assertConfigError(self.write("[api]\njoin_timeout = 0\n"),
+                               "api.join_timeout", "must be positive (got 0)")

@@ -85,7 +85,8 @@ class Endpoint:
 
 
 class Fixture:
-    def __init__(self, names: str = "abc", seed: int = 1) -> None:
+    def __init__(self, names: str = "abc", seed: int = 1,
+                 groups: dict[str, str] | None = None) -> None:
         self.rng = random.Random(seed)
         self.params = EktParameterSet(key=self.rng.randbytes(16), cipher=EktCipher.AESKW_128,
                                       master_salt=self.rng.randbytes(12), spi=7, ttl=600)
@@ -95,7 +96,8 @@ class Fixture:
         for i, name in enumerate(names):
             ep = Endpoint(name, self.rng, self.params, ("192.0.2.1", 40000 + i))
             self.eps[name] = ep
-            self.plane.add_leg(name, ep.md_ufrag, ep.md_pwd)
+            self.plane.add_leg(name, ep.md_ufrag, ep.md_pwd,
+                               group=(groups or {}).get(name))
 
     def connect(self, now: float = 0.0) -> None:
         for name, ep in self.eps.items():
@@ -236,6 +238,66 @@ class RelayTests(unittest.TestCase):
                            mk.client_write_key, mk.server_write_key,
                            mk.client_write_salt, mk.server_write_salt)
         self.assertRaises(ValueError, self.f.plane.install_keys, "a", single)
+
+
+class GroupTests(unittest.TestCase):
+    """Legs forward only within their group (conference) on the shared port."""
+
+    def setUp(self) -> None:
+        self.f = Fixture("abcde", groups={"a": "c1", "b": "c1", "c": "c1",
+                                          "d": "c2", "e": "c2"})
+        self.f.connect()
+
+    def relay(self, name: str, seq: int = 1) -> list:
+        ep = self.f.eps[name]
+        wire = ep.sender.protect(ep.rtp(seq, b"g" * 40), 0.0)
+        return sorted(to for _, to in self.f.plane.datagram_received(wire, ep.address, 0.0))
+
+    def addresses(self, names: str) -> list:
+        return sorted(self.f.eps[n].address for n in names)
+
+    def test_two_groups_isolated(self) -> None:
+        self.assertEqual(self.relay("a"), self.addresses("bc"))
+        self.assertEqual(self.relay("d"), self.addresses("e"))
+        e = self.f.eps["e"]
+        out = self.f.plane.datagram_received(
+            e.rtcp_out.protect_rtcp(rtcp_rr(e.ssrc, 1)), e.address, 0.0)
+        self.assertEqual([to for _, to in out], [self.f.eps["d"].address])
+        self.assertEqual(self.f.plane.leg("c").counters["rtp_out"], 1)
+        self.assertEqual(self.f.plane.leg("d").counters["rtp_out"], 0)
+        self.assertEqual(sorted(self.f.plane.groups()), ["c1", "c2"])
+
+    def test_peers_follow_membership_keys_and_addresses(self) -> None:
+        plane = self.f.plane
+        self.assertEqual({leg.leg_id for leg in plane.leg("a").peers}, {"b", "c"})
+        plane.remove_leg("b")
+        self.assertEqual({leg.leg_id for leg in plane.leg("a").peers}, {"c"})
+        self.assertEqual(self.relay("a", 2), self.addresses("c"))
+        # A new leg of c2 counts once keyed and addressed, not before.
+        f = Fixture("x", seed=9)
+        x = f.eps["x"]
+        plane.add_leg("x", x.md_ufrag, x.md_pwd, group="c2")
+        self.assertEqual({leg.leg_id for leg in plane.leg("d").peers}, {"e"})
+        x.address = ("192.0.2.7", 5000)
+        plane.datagram_received(x.stun(), x.address, 0.0)
+        self.assertEqual({leg.leg_id for leg in plane.leg("d").peers}, {"e"})
+        plane.install_keys("x", x.media_keys())
+        self.assertEqual({leg.leg_id for leg in plane.leg("d").peers}, {"e", "x"})
+        self.assertEqual({leg.leg_id for leg in plane.leg("x").peers}, {"d", "e"})
+        self.assertEqual(self.relay("d", 3), sorted([self.f.eps["e"].address, x.address]))
+        # The last leg of a group gone: the group is forgotten.
+        for name in ("d", "e", "x"):
+            plane.remove_leg(name)
+        self.assertEqual(sorted(plane.groups()), ["c1"])
+
+    def test_address_taken_over_by_another_group(self) -> None:
+        plane = self.f.plane
+        e = self.f.eps["e"]
+        # Leg a (c1) authenticates from e's address: e (c2) loses it, and d stops sending to it.
+        plane.datagram_received(self.f.eps["a"].stun(), e.address, 0.0)
+        self.assertIsNone(plane.leg("e").address)
+        self.assertEqual(plane.leg("d").peers, ())
+        self.assertEqual(self.relay("d"), [])
 
 
 class DtlsAndConsentTests(unittest.TestCase):

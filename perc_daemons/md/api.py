@@ -1,0 +1,449 @@
+"""The MD's HTTPS conference API (Twisted Web), over the MD's conferences.
+
+Routes (JSON bodies; every error is an RFC 9457 ``application/problem+json``
+document with ``type`` ``urn:perc:problem:<slug>``, ``title``, ``status``,
+``detail``):
+
+===================================================================  ======================
+``POST   /v1/conferences``  {"id", "kd_fingerprint"}                   provider token
+``GET    /v1/conferences/{id}``                                        provider token
+``DELETE /v1/conferences/{id}``                                        provider token
+``POST   /v1/conferences/{id}/participants``  {"offer"}                none (the KD decides)
+``DELETE /v1/conferences/{id}/participants/{association}``             the leave token
+===================================================================  ======================
+
+* ``POST /v1/conferences`` -> 201 ``{"id", "kd_fingerprint", "tunnel": {"port"},
+  "media": {"host", "port"}}``; the same id with the same fingerprint again
+  -> 200 (same body); with another fingerprint -> 409.
+* ``GET`` -> 200 the same plus ``"kd_connected"`` and ``"participants"``:
+  ``[{"association", "state", "joined_at", <LEG_COUNTERS>..., "drops": {reason: n}}]``.
+* ``DELETE`` -> 204; the KD gets EndpointDisconnect for each participant.
+* join -> 201 ``{"association", "answer", "leave_token"}`` (``answer`` is the
+  KD's signed answer, verbatim); 404 unknown conference, 400 unusable offer
+  (or the KD's BAD_OFFER), 403 the KD refused (``detail`` = its reason), 503
+  no tunnel to the conference's KD (or too many joins waiting), 504 the KD
+  did not answer within ``[api] join_timeout``, 502 another KD status.
+* leave -> 204; 401 without ``Authorization: Bearer``, 403 wrong token, 404
+  unknown participant.
+
+The provider token (``[api] provider_token_file``, :class:`ProviderToken`)
+is compared in constant time; without it the provider routes answer 401,
+with a wrong one 403, and while the file is missing or unusable 503.  Bodies
+beyond ``max_body`` bytes are refused (413) without being buffered.
+
+This module keeps its own small problem+json helpers rather than importing
+the KMF's (no daemon imports another daemon's package, DESIGN.md "Layout").
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from perc_daemons import tls
+from perc_daemons.md.conferences import (
+    BadOffer,
+    Conference,
+    ConferenceConflict,
+    KdFailed,
+    KdRefused,
+    KdTimeout,
+    KdUnavailable,
+    LeaveRefused,
+    MdConferences,
+    Participant,
+    UnknownConference,
+    UnknownParticipant,
+)
+from perc_daemons.md.media import LEG_COUNTERS
+from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
+from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH
+
+__all__ = ["MAX_BODY", "MdApi", "Problem", "ProviderToken", "md_site"]
+
+#: Largest request body: an offer of MAX_SDP_LENGTH characters, JSON-escaped, fits.
+MAX_BODY = 2 * MAX_SDP_LENGTH + 1024
+PROBLEM_CONTENT_TYPE = b"application/problem+json"
+_REALM = 'Bearer realm="perc-md"'
+
+
+class Problem(Exception):
+    """An HTTP error response (RFC 9457)."""
+
+    def __init__(self, status: int, slug: str, title: str, detail: str = "",
+                 headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(f"{status} {slug}: {detail or title}")
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": "urn:perc:problem:" + self.slug, "title": self.title,
+                                "status": self.status}
+        if self.detail:
+            body["detail"] = self.detail
+        return body
+
+
+def _write_problem(request: server.Request, problem: Problem) -> None:
+    request.setResponseCode(problem.status)
+    for name, value in problem.headers.items():
+        request.setHeader(name, value)
+    request.setHeader(b"content-type", PROBLEM_CONTENT_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(json.dumps(problem.body()).encode() + b"\n")
+    request.finish()
+
+
+class _LimitedRequest(server.Request):
+    """Keeps at most ``site.max_body`` bytes of a body; beyond, ``body_too_large``."""
+
+    body_too_large = False
+    _received = 0
+
+    def _limit(self) -> int:
+        return getattr(getattr(self.channel, "site", None), "max_body", MAX_BODY)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _read_json(request: server.Request) -> dict[str, Any]:
+    if getattr(request, "body_too_large", False):
+        raise Problem(413, "body-too-large", "Request body too large",
+                      f"the body may be at most {request.channel.site.max_body} bytes")
+    content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise Problem(415, "unsupported-media-type", "Unsupported media type",
+                      "the body must be application/json",
+                      headers={b"accept-post": b"application/json"})
+    request.content.seek(0)
+    try:
+        value = json.loads(request.content.read().decode("utf-8"),
+                           parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Problem(400, "malformed-json", "Malformed JSON", str(e)) from None
+    if not isinstance(value, dict):
+        raise Problem(400, "malformed-json", "Malformed JSON", "the body must be a JSON object")
+    return value
+
+
+def _bearer(request: server.Request) -> str:
+    header = request.getHeader(b"authorization")
+    if header is None:
+        raise Problem(401, "unauthorized", "Authentication required",
+                      "a bearer token is required",
+                      headers={b"www-authenticate": _REALM.encode()})
+    kind, _, token = header.decode("latin-1").partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        raise Problem(401, "unauthorized", "Authentication required",
+                      "the Authorization header must be 'Bearer <token>'",
+                      headers={b"www-authenticate":
+                               f'{_REALM}, error="invalid_request"'.encode()})
+    return token.strip()
+
+
+class ProviderToken:
+    """The conference provider's bearer token, read from ``path`` (first line).
+
+    The file is checked on each use (one ``stat``) and re-read when it
+    changed, so it can be created or rotated without a restart.  Missing,
+    too open (not 0600/0640), unreadable or empty: :meth:`current` is None
+    (the API answers 503) and the reason is logged once per change.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._token: bytes | None = None
+        self._problem: str | None = None
+
+    def check(self) -> str | None:
+        """Load now; the reason the file is unusable (None when usable or just missing)."""
+        self.current()
+        if self._problem is None or not os.path.lexists(self.path):
+            return None
+        return self._problem
+
+    def current(self) -> bytes | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._unusable("file not found: conference creation and deletion are "
+                                  "refused (503) until it exists")
+        except OSError as e:
+            return self._unusable(e.strerror or str(e))
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return self._token
+        try:
+            tls.check_private_key_file(self.path)
+            with open(self.path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (tls.TlsFileError, OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return self._unusable(reason)
+        if not token:
+            return self._unusable("the file is empty")
+        self._stamp, self._token = stamp, token.encode("utf-8")
+        if self._problem is not None:
+            self.log.info("perc-md: provider token {path} loaded", path=self.path)
+        self._problem = None
+        return self._token
+
+    def _unusable(self, reason: str) -> None:
+        self._stamp = self._token = None
+        if reason != self._problem:
+            self._problem = reason
+            self.log.error("perc-md: [api] provider_token_file {path}: {reason}",
+                           path=self.path, reason=reason)
+        return None
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = None
+    headers: dict[bytes, bytes] | None = None
+
+
+def _conference_id(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise Problem(404, "not-found", "Not found", "no such conference")
+    return value
+
+
+def _association(value: str) -> bytes:
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise Problem(404, "not-found", "Not found", "no such participant") from None
+    return parsed.bytes
+
+
+def participant_json(participant: Participant) -> dict[str, Any]:
+    leg = participant.leg
+    body: dict[str, Any] = {"association": participant.association,
+                            "state": participant.state, "joined_at": participant.joined_at}
+    for name in LEG_COUNTERS:
+        body[name] = leg.counters[name]
+    body["drops"] = dict(leg.drops)
+    return body
+
+
+class MdApi(resource.Resource):
+    """The routes above as one leaf resource.
+
+    ``tunnel_port`` returns the KD tunnel's listening port (known once it listens).
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, conferences: MdConferences, provider_token: ProviderToken, *,
+                 tunnel_port: Callable[[], int], clock: IReactorTime) -> None:
+        super().__init__()
+        self.conferences = conferences
+        self.provider_token = provider_token
+        self.tunnel_port = tunnel_port
+        self.clock = clock
+        cid = r"(?P<cid>[^/]+)"
+        self._routes: list[tuple[re.Pattern[str],
+                                 dict[bytes, Callable[..., Awaitable[Response]]]]] = [
+            (re.compile(r"/v1/conferences"), {b"POST": self.create_conference}),
+            (re.compile(rf"/v1/conferences/{cid}"),
+             {b"GET": self.get_conference, b"DELETE": self.delete_conference}),
+            (re.compile(rf"/v1/conferences/{cid}/participants"), {b"POST": self.join}),
+            (re.compile(rf"/v1/conferences/{cid}/participants/(?P<association>[^/]+)"),
+             {b"DELETE": self.leave}),
+        ]
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def render(self, request: server.Request) -> int:
+        path = request.path.decode("latin-1")
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        for pattern, methods in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            method = b"GET" if request.method == b"HEAD" and b"GET" in methods \
+                else request.method
+            handler = methods.get(method)
+            if handler is None:
+                _write_problem(request, Problem(
+                    405, "method-not-allowed", "Method not allowed",
+                    f"{request.method.decode('latin-1')} is not allowed here",
+                    headers={b"allow": b", ".join(sorted(methods))}))
+                return server.NOT_DONE_YET
+            args = {k: unquote(v) for k, v in match.groupdict().items()}
+            d = defer.ensureDeferred(handler(request, **args))
+            d.addCallbacks(lambda response: self._respond(request, response),
+                           lambda f: self._fail(request, f))
+            return server.NOT_DONE_YET
+        _write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
+        return server.NOT_DONE_YET
+
+    def _respond(self, request: server.Request, response: Response) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.setResponseCode(response.status)
+        request.setHeader(b"cache-control", b"no-store")
+        for name, value in (response.headers or {}).items():
+            request.setHeader(name, value)
+        if response.body is not None:
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(response.body).encode() + b"\n")
+        request.finish()
+
+    def _fail(self, request: server.Request, failure: Failure) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        error = failure.value
+        if isinstance(error, Problem):
+            problem = error
+        elif isinstance(error, UnknownConference):
+            problem = Problem(404, "not-found", "Not found", "no such conference")
+        elif isinstance(error, UnknownParticipant):
+            problem = Problem(404, "not-found", "Not found", "no such participant")
+        elif isinstance(error, ConferenceConflict):
+            problem = Problem(409, "conference-exists", "Conference exists", str(error))
+        elif isinstance(error, LeaveRefused):
+            problem = Problem(403, "forbidden", "Forbidden", str(error))
+        elif isinstance(error, BadOffer):
+            problem = Problem(400, "bad-offer", "Unusable offer", str(error))
+        elif isinstance(error, KdRefused):
+            problem = Problem(403, "kd-refused", "Refused by the key distributor", str(error))
+        elif isinstance(error, KdUnavailable):
+            problem = Problem(503, "kd-unavailable", "Key distributor unavailable", str(error),
+                              headers={b"retry-after": b"5"})
+        elif isinstance(error, KdTimeout):
+            problem = Problem(504, "kd-timeout", "Key distributor timeout", str(error))
+        elif isinstance(error, KdFailed):
+            problem = Problem(502, "kd-failed", "Key distributor failure", str(error))
+        else:
+            self.log.failure("{method} {path} failed", failure,
+                             method=request.method.decode("latin-1"),
+                             path=request.path.decode("latin-1"))
+            problem = Problem(500, "internal-error", "Internal server error")
+        _write_problem(request, problem)
+
+    def _provider(self, request: server.Request) -> None:
+        """Require the conference provider's token (constant-time comparison)."""
+        given = _bearer(request)
+        expected = self.provider_token.current()
+        if expected is None:
+            raise Problem(503, "provider-token-unavailable", "Service unavailable",
+                          "the MD has no usable provider token file; see its log",
+                          headers={b"retry-after": b"60"})
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+            raise Problem(403, "forbidden", "Forbidden", "wrong provider token")
+
+    def _conference_json(self, conference: Conference) -> dict[str, Any]:
+        return {
+            "id": conference.conference_id,
+            "kd_fingerprint": format_fingerprint(conference.kd_fingerprint),
+            "tunnel": {"port": self.tunnel_port()},
+            "media": {"host": self.conferences.media_host,
+                      "port": self.conferences.media_port},
+        }
+
+    # -- routes -----------------------------------------------------------------------
+
+    async def create_conference(self, request: server.Request) -> Response:
+        self._provider(request)
+        body = _read_json(request)
+        cid, fp_text = body.get("id"), body.get("kd_fingerprint")
+        if not isinstance(cid, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cid):
+            raise Problem(400, "invalid-request", "Invalid request",
+                          '"id" must be 1-64 characters of A-Z a-z 0-9 . _ -')
+        try:
+            if not isinstance(fp_text, str):
+                raise ValueError
+            fingerprint = parse_fingerprint(fp_text)
+        except ValueError:
+            raise Problem(400, "invalid-request", "Invalid request",
+                          '"kd_fingerprint" must be a SHA-256 fingerprint "AA:BB:..."'
+                          ) from None
+        conference, created = self.conferences.create(cid, fingerprint)
+        location = f"/v1/conferences/{cid}".encode()
+        return Response(201 if created else 200, self._conference_json(conference),
+                        {b"location": location})
+
+    async def get_conference(self, request: server.Request, cid: str) -> Response:
+        self._provider(request)
+        conference = self.conferences.conference(_conference_id(cid))
+        body = self._conference_json(conference)
+        body["kd_connected"] = self.conferences.kd_connected(conference.kd_fingerprint)
+        body["participants"] = [participant_json(p)
+                                for p in conference.participants.values()]
+        return Response(200, body)
+
+    async def delete_conference(self, request: server.Request, cid: str) -> Response:
+        self._provider(request)
+        self.conferences.delete(_conference_id(cid))
+        return Response(204)
+
+    async def join(self, request: server.Request, cid: str) -> Response:
+        _conference_id(cid)
+        self.conferences.conference(cid)  # 404 before reading the body
+        body = _read_json(request)
+        offer = body.get("offer")
+        if not isinstance(offer, str) or not offer:
+            raise Problem(400, "invalid-request", "Invalid request",
+                          '"offer" must be the SDP offer text')
+        aid, answer, leave_token = await self.conferences.join(cid, offer)
+        association = str(uuid.UUID(bytes=aid))
+        return Response(201, {"association": association, "answer": answer,
+                              "leave_token": leave_token},
+                        {b"location": f"/v1/conferences/{cid}/participants/{association}"
+                         .encode()})
+
+    async def leave(self, request: server.Request, cid: str, association: str) -> Response:
+        token = _bearer(request)
+        self.conferences.leave(_conference_id(cid), _association(association), token)
+        return Response(204)
+
+
+def md_site(api: MdApi, *, max_body: int = MAX_BODY) -> server.Site:
+    site = server.Site(api, requestFactory=_LimitedRequest)
+    site.max_body = max_body  # type: ignore[attr-defined]
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,555 @@
+"""The MD's conferences and participants, and its end of the KD tunnels (ITunnelHandler).
+
+What the Media Distributor knows of a conference is what it needs to forward
+(RFC 8871 section 4, semi-trusted MD): the conference id, the SHA-256
+fingerprint of the KD certificate the conference provider named for it, and
+per participant an association id (RFC 9185 section 6.1), the ICE
+credentials of its leg and a leave token.  It never sees an identity, an
+inner (end-to-end) key or an EKT key.
+
+Join (draft-roach-perc-webrtc flow, DESIGN.md "Join flow" steps 3-4):
+
+1. the offer is parsed (:func:`~perc_daemons.protocol.sdp.parse`) and the MD
+   drafts the answer (:func:`~perc_daemons.protocol.sdp.make_answer`): the
+   conference's KD fingerprint, a random placeholder tls-id (the KD puts its
+   own), fresh ICE credentials and one host candidate on the shared media
+   port;
+2. ``SignAnswer(aid, offer verbatim, draft)`` goes to the conference's KD
+   over its tunnel (the peer whose certificate fingerprint is the
+   conference's), and the join waits for the ``SignAnswerAck`` of that
+   association id from that same peer, at most ``join_timeout`` seconds;
+3. on OK the leg is added to the media plane (group = conference id) and the
+   KD's text is returned verbatim: the MD neither parses nor keeps it.
+
+Tunnel messages (RFC 9185 section 6): ``MediaKeys`` key the leg (outer
+halves of a DOUBLE profile only; anything else is refused and the
+association ended), ``TunneledDtls`` goes to the endpoint through the media
+plane, ``EndpointDisconnect`` ends the participant.  Every message must come
+from the KD of the association's conference: a KD trusted for another
+conference cannot key, reach or end this one's participants.  DTLS from an
+endpoint goes to its KD; consent expiry (RFC 7675), a leave and a conference
+deletion send the KD ``EndpointDisconnect``.  A disconnect that cannot be
+sent while the KD's tunnel is down is kept (bounded) and sent when it comes
+back, so the KD learns of every departure and rekeys (RFC 8871 section 6).
+
+When a tunnel goes down participants stay: the KD reconnects, and their legs
+keep forwarding with the keys they have.  Joins waiting on that tunnel fail
+(:class:`KdUnavailable`).
+
+Unexpected input is counted in :attr:`MdConferences.events` (names in
+:data:`EVENTS`) and never logged per message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import secrets
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
+from perc_daemons.md.media import Leg, MediaPlane
+from perc_daemons.protocol import sdp
+from perc_daemons.protocol.double import DOUBLE_PROFILES
+from perc_daemons.protocol.dtls import format_fingerprint
+from perc_daemons.protocol.tunnel import (
+    SIGN_STATUS_BAD_OFFER,
+    SIGN_STATUS_OK,
+    SIGN_STATUS_REFUSED,
+    EndpointDisconnect,
+    MediaKeys,
+    SignAnswer,
+    SignAnswerAck,
+    TunneledDtls,
+    TunnelError,
+    new_association_id,
+)
+from perc_daemons.store import check_conference_id
+
+__all__ = [
+    "EVENTS",
+    "BadOffer",
+    "Conference",
+    "ConferenceConflict",
+    "ConferenceError",
+    "KdFailed",
+    "KdRefused",
+    "KdTimeout",
+    "KdUnavailable",
+    "LeaveRefused",
+    "MdConferences",
+    "Participant",
+    "TooManyJoins",
+    "UnknownConference",
+    "UnknownParticipant",
+]
+
+#: Counted tunnel and plane events (``MdConferences.events``).
+EVENTS = (
+    "unknown_association",   # MediaKeys / TunneledDtls / EndpointDisconnect for no participant
+    "wrong_kd",              # a message about an association from another conference's KD
+    "keys_refused",          # MediaKeys with a non-DOUBLE profile or unusable keys
+    "dtls_no_tunnel",        # endpoint DTLS while its KD's tunnel is down (dropped)
+    "dtls_no_media",         # KD DTLS before the media port is up (dropped)
+    "late_answer",           # SignAnswerAck after the join gave up (the KD is told to forget)
+    "unexpected_message",    # a message the KD should not send (e.g. SignAnswer)
+    "disconnects_queued",    # EndpointDisconnect kept for a KD whose tunnel is down
+    "disconnects_dropped",   # ... beyond MAX_QUEUED_DISCONNECTS
+)
+
+#: Joins waiting for a KD at once; beyond, joins answer 503 at once.
+MAX_PENDING_JOINS = 1000
+#: Disconnects kept per KD fingerprint while its tunnel is down.
+MAX_QUEUED_DISCONNECTS = 10_000
+_TLS_ID_PLACEHOLDER_BYTES = 24  # base64 -> 32 characters of [A-Za-z0-9+/]
+
+
+# -- errors (the API maps each to an HTTP status) -----------------------------------
+
+
+class ConferenceError(Exception):
+    """Base of the refusals below; ``str()`` is a reason fit for a client."""
+
+
+class UnknownConference(ConferenceError):
+    """No conference with that id (404)."""
+
+
+class ConferenceConflict(ConferenceError):
+    """The conference exists with another KD fingerprint (409)."""
+
+
+class UnknownParticipant(ConferenceError):
+    """No such association in that conference (404)."""
+
+
+class LeaveRefused(ConferenceError):
+    """The leave token does not match (403)."""
+
+
+class BadOffer(ConferenceError):
+    """The offer cannot be parsed or answered, or the KD said BAD_OFFER (400)."""
+
+
+class KdUnavailable(ConferenceError):
+    """No tunnel to the conference's KD, or it went down during the join (503)."""
+
+
+class TooManyJoins(KdUnavailable):
+    """:data:`MAX_PENDING_JOINS` joins are already waiting (503)."""
+
+
+class KdRefused(ConferenceError):
+    """The KD refused the participant; ``str()`` is its reason (403)."""
+
+
+class KdTimeout(ConferenceError):
+    """The KD did not answer within ``join_timeout`` (504)."""
+
+
+class KdFailed(ConferenceError):
+    """The KD answered with another status (502)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"the KD answered status {status}: {reason}" if reason
+                         else f"the KD answered status {status}")
+        self.status = status
+
+
+# -- state --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Participant:
+    """One admitted endpoint: its association and leg (the plane's leg id is ``aid``)."""
+
+    aid: bytes
+    conference_id: str
+    leave_token: str = field(repr=False)
+    leg: Leg
+    joined_at: float
+
+    @property
+    def association(self) -> str:
+        return str(uuid.UUID(bytes=self.aid))
+
+    @property
+    def state(self) -> str:
+        """``checking`` (no STUN check yet), ``connected`` (address known), ``keyed``."""
+        if self.leg.inbound is not None:
+            return "keyed"
+        return "connected" if self.leg.address is not None else "checking"
+
+
+@dataclass(eq=False)
+class Conference:
+    conference_id: str
+    kd_fingerprint: bytes
+    created_at: float
+    participants: dict[bytes, Participant] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _PendingJoin:
+    conference_id: str
+    peer: Any  # ITunnelPeer
+    ufrag: str
+    pwd: str = field(repr=False)
+    waiter: defer.Deferred
+    timer: IDelayedCall | None = None
+
+
+def _random_token(nbytes: int) -> str:
+    """Random ``[A-Za-z0-9+/]`` text (ICE and tls-id safe)."""
+    return base64.b64encode(secrets.token_bytes(nbytes)).decode("ascii").rstrip("=")
+
+
+@implementer(ITunnelHandler)
+class MdConferences:
+    """Conference and participant state of one MD (see the module docstring).
+
+    ``media`` is what sends DTLS to endpoints (a
+    :class:`~perc_daemons.md.media.MediaPlaneProtocol`, set once it listens);
+    ``media_host``/``media_port`` go into the answers' candidate.  The
+    plane's ``on_dtls`` should be :meth:`dtls_from_endpoint` and the media
+    protocol's ``on_expired`` :meth:`legs_expired`.
+    """
+
+    log = Logger()
+
+    def __init__(self, plane: MediaPlane, clock: IReactorTime, *,
+                 media_host: str, media_port: int = 0,
+                 pinned_kd_fingerprints: Collection[bytes] = (),
+                 join_timeout: float = 10.0) -> None:
+        self.plane = plane
+        self.clock = clock
+        self.media_host = media_host
+        self.media_port = media_port
+        self.media: Any = None  # MediaPlaneProtocol
+        self.pinned = frozenset(pinned_kd_fingerprints)
+        self.join_timeout = join_timeout
+        self.events = dict.fromkeys(EVENTS, 0)
+        self._conferences: dict[str, Conference] = {}
+        self._participants: dict[bytes, Participant] = {}
+        self._kd_use: dict[bytes, int] = {}  # kd fingerprint -> conferences naming it
+        self._peers: dict[bytes, Any] = {}  # kd fingerprint -> ITunnelPeer (latest)
+        self._pending: dict[bytes, _PendingJoin] = {}
+        self._queued: dict[bytes, dict[bytes, None]] = {}  # kd fp -> aids to disconnect
+
+    # -- queries ----------------------------------------------------------------------
+
+    def is_trusted_kd(self, fingerprint: bytes) -> bool:
+        """Whether a tunnel client with this certificate digest may connect."""
+        return fingerprint in self.pinned or self._kd_use.get(fingerprint, 0) > 0
+
+    def conference(self, conference_id: str) -> Conference:
+        try:
+            return self._conferences[conference_id]
+        except KeyError:
+            raise UnknownConference(f"no conference {conference_id!r}") from None
+
+    def conferences(self) -> list[Conference]:
+        return list(self._conferences.values())
+
+    def participants(self) -> list[Participant]:
+        return list(self._participants.values())
+
+    def kd_connected(self, fingerprint: bytes) -> bool:
+        return fingerprint in self._peers
+
+    @property
+    def pending_joins(self) -> int:
+        return len(self._pending)
+
+    @property
+    def kd_tunnels(self) -> int:
+        return len(self._peers)
+
+    # -- conferences ------------------------------------------------------------------
+
+    def create(self, conference_id: str, kd_fingerprint: bytes) -> tuple[Conference, bool]:
+        """Add a conference; ``(conference, created)``.  Idempotent for the same KD.
+
+        Raises ValueError for a bad id or fingerprint, :class:`ConferenceConflict`
+        when the id exists with another KD.
+        """
+        check_conference_id(conference_id)
+        if not isinstance(kd_fingerprint, bytes) or len(kd_fingerprint) != 32:
+            raise ValueError("kd_fingerprint must be a SHA-256 digest")
+        existing = self._conferences.get(conference_id)
+        if existing is not None:
+            if existing.kd_fingerprint != kd_fingerprint:
+                raise ConferenceConflict(
+                    f"conference {conference_id!r} exists with another KD fingerprint")
+            return existing, False
+        conference = Conference(conference_id, kd_fingerprint, self.clock.seconds())
+        self._conferences[conference_id] = conference
+        self._kd_use[kd_fingerprint] = self._kd_use.get(kd_fingerprint, 0) + 1
+        self.log.info("perc-md: conference {conference} created, KD {kd}",
+                      conference=conference_id, kd=format_fingerprint(kd_fingerprint))
+        return conference, True
+
+    def delete(self, conference_id: str) -> int:
+        """End a conference: its KD is told of each participant; returns how many."""
+        conference = self.conference(conference_id)
+        for aid, pending in list(self._pending.items()):
+            if pending.conference_id == conference_id:
+                self._fail_pending(aid, UnknownConference(
+                    f"conference {conference_id!r} was deleted"))
+        count = 0
+        for aid in list(conference.participants):
+            self._end(aid, tell_kd=True)
+            count += 1
+        del self._conferences[conference_id]
+        fp = conference.kd_fingerprint
+        self._kd_use[fp] -= 1
+        if not self._kd_use[fp]:
+            del self._kd_use[fp]
+        self.log.info("perc-md: conference {conference} deleted ({count} participants ended)",
+                      conference=conference_id, count=count)
+        peer = self._peers.get(fp)
+        if peer is not None and not self.is_trusted_kd(fp):
+            peer.close("no conference names this KD any more")
+        return count
+
+    # -- participants -----------------------------------------------------------------
+
+    def join(self, conference_id: str, offer_text: str) -> defer.Deferred:
+        """Fires with ``(aid, signed answer text, leave token)``; fails with a ConferenceError."""
+        try:
+            return self._join(conference_id, offer_text)
+        except ConferenceError as e:
+            return defer.fail(e)
+
+    def _join(self, conference_id: str, offer_text: str) -> defer.Deferred:
+        conference = self.conference(conference_id)
+        try:
+            offer = sdp.parse(offer_text)
+        except sdp.SdpError as e:
+            raise BadOffer(f"the offer is not usable SDP: {e}") from None
+        ufrag, pwd = _random_token(12), _random_token(24)
+        candidate = f"1 1 udp 2130706431 {self.media_host} {self.media_port} typ host"
+        try:
+            draft = sdp.make_answer(offer, fingerprint=conference.kd_fingerprint,
+                                    tls_id=_random_token(_TLS_ID_PLACEHOLDER_BYTES),
+                                    ice_ufrag=ufrag, ice_pwd=pwd, candidates=[candidate])
+        except sdp.SdpError as e:
+            raise BadOffer(f"the offer cannot be answered: {e}") from None
+        if all(m.port == 0 for m in draft.media):
+            raise BadOffer("the offer has no media section the MD can accept")
+        peer = self._peers.get(conference.kd_fingerprint)
+        if peer is None:
+            raise KdUnavailable("the conference's KD is not connected")
+        if len(self._pending) >= MAX_PENDING_JOINS:
+            raise TooManyJoins("too many joins in progress")
+        aid = new_association_id()
+        try:
+            message = SignAnswer(aid, offer_text, draft.serialize())
+        except TunnelError as e:
+            raise BadOffer(f"the offer is too large: {e}") from None
+        waiter: defer.Deferred = defer.Deferred()
+        pending = _PendingJoin(conference_id, peer, ufrag, pwd, waiter)
+        self._pending[aid] = pending
+        pending.timer = self.clock.callLater(self.join_timeout, self._fail_pending, aid,
+                                             KdTimeout("the KD did not answer in time"))
+        peer.send(message)
+        return waiter
+
+    def _fail_pending(self, aid: bytes, error: ConferenceError) -> None:
+        pending = self._pending.pop(aid, None)
+        if pending is None:
+            return
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.waiter.errback(error)
+
+    def _answered(self, peer: Any, ack: SignAnswerAck) -> None:
+        pending = self._pending.get(ack.association_id)
+        if pending is None:
+            if ack.ok:  # the KD admitted someone who is not coming: let it forget them
+                self.events["late_answer"] += 1
+                peer.send(EndpointDisconnect(ack.association_id))
+            else:
+                self.events["unknown_association"] += 1
+            return
+        if pending.peer is not peer:
+            self.events["wrong_kd"] += 1
+            return
+        del self._pending[ack.association_id]
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        aid = ack.association_id
+        if ack.status == SIGN_STATUS_OK:
+            conference = self._conferences[pending.conference_id]
+            leg = self.plane.add_leg(aid, pending.ufrag, pending.pwd,
+                                     group=pending.conference_id, now=self.clock.seconds())
+            participant = Participant(aid, pending.conference_id, secrets.token_urlsafe(32),
+                                      leg, self.clock.seconds())
+            conference.participants[aid] = participant
+            self._participants[aid] = participant
+            self.log.info("perc-md: {association} joined conference {conference}",
+                          association=participant.association,
+                          conference=pending.conference_id)
+            pending.waiter.callback((aid, ack.text, participant.leave_token))
+        elif ack.status == SIGN_STATUS_REFUSED:
+            pending.waiter.errback(KdRefused(ack.text or "the KD refused the participant"))
+        elif ack.status == SIGN_STATUS_BAD_OFFER:
+            pending.waiter.errback(BadOffer(ack.text or "the KD could not use the offer"))
+        else:
+            pending.waiter.errback(KdFailed(ack.status, ack.text))
+
+    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> None:
+        """The endpoint leaves (token checked in constant time); its KD is told."""
+        conference = self.conference(conference_id)
+        participant = conference.participants.get(aid)
+        if participant is None:
+            raise UnknownParticipant("no such participant")
+        if not hmac.compare_digest(leave_token.encode("utf-8", "replace"),
+                                   participant.leave_token.encode("ascii")):
+            raise LeaveRefused("the leave token does not match")
+        self._end(aid, tell_kd=True)
+        self.log.info("perc-md: {association} left conference {conference}",
+                      association=participant.association, conference=conference_id)
+
+    def _end(self, aid: bytes, *, tell_kd: bool) -> Participant | None:
+        participant = self._participants.pop(aid, None)
+        if participant is None:
+            return None
+        self.plane.remove_leg(aid)
+        conference = self._conferences.get(participant.conference_id)
+        if conference is not None:
+            conference.participants.pop(aid, None)
+            if tell_kd:
+                self._disconnect(conference.kd_fingerprint, aid)
+        return participant
+
+    def _disconnect(self, fingerprint: bytes, aid: bytes) -> None:
+        peer = self._peers.get(fingerprint)
+        if peer is not None:
+            peer.send(EndpointDisconnect(aid))
+            return
+        queue = self._queued.setdefault(fingerprint, {})
+        if len(queue) >= MAX_QUEUED_DISCONNECTS:
+            self.events["disconnects_dropped"] += 1
+            return
+        queue[aid] = None
+        self.events["disconnects_queued"] += 1
+
+    # -- media plane callbacks --------------------------------------------------------
+
+    def dtls_from_endpoint(self, leg_id: Any, data: bytes) -> None:
+        """Plane ``on_dtls``: an endpoint's DTLS datagram goes to its KD."""
+        participant = self._participants.get(leg_id)
+        conference = (self._conferences.get(participant.conference_id)
+                      if participant is not None else None)
+        peer = self._peers.get(conference.kd_fingerprint) if conference is not None else None
+        if peer is None:
+            self.events["dtls_no_tunnel"] += 1
+            return
+        peer.send(TunneledDtls(leg_id, data))
+
+    def legs_expired(self, leg_ids: list[Any]) -> None:
+        """Media protocol ``on_expired``: consent lapsed (RFC 7675); the KD is told."""
+        for aid in leg_ids:
+            participant = self._end(aid, tell_kd=True)
+            if participant is not None:
+                self.log.info("perc-md: {association} of conference {conference} lost "
+                              "consent (no STUN check), disconnected",
+                              association=participant.association,
+                              conference=participant.conference_id)
+
+    # -- ITunnelHandler ---------------------------------------------------------------
+
+    def tunnel_up(self, peer: ITunnelPeer) -> None:
+        fp = peer.peer_fingerprint
+        self._peers[fp] = peer
+        self.log.info("perc-md: KD {kd} connected", kd=format_fingerprint(fp))
+        for aid in self._queued.pop(fp, {}):
+            peer.send(EndpointDisconnect(aid))
+
+    def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
+        fp = peer.peer_fingerprint
+        if self._peers.get(fp) is peer:
+            del self._peers[fp]
+            self.log.warn("perc-md: KD {kd} disconnected: {reason}",
+                          kd=format_fingerprint(fp), reason=reason)
+        for aid, pending in list(self._pending.items()):
+            if pending.peer is peer:
+                self._fail_pending(aid, KdUnavailable("the KD's tunnel closed during the join"))
+
+    def tunnel_message(self, peer: ITunnelPeer, message: object) -> None:
+        if isinstance(message, TunneledDtls):
+            participant = self._from_kd(peer, message.association_id)
+            if participant is None:
+                return
+            if self.media is None:
+                self.events["dtls_no_media"] += 1
+                return
+            self.media.send_dtls(message.association_id, message.dtls_message)
+        elif isinstance(message, MediaKeys):
+            self._media_keys(peer, message)
+        elif isinstance(message, EndpointDisconnect):
+            if self._from_kd(peer, message.association_id) is not None:
+                participant = self._end(message.association_id, tell_kd=False)
+                if participant is not None:
+                    self.log.info("perc-md: KD ended {association} of conference "
+                                  "{conference}", association=participant.association,
+                                  conference=participant.conference_id)
+        elif isinstance(message, SignAnswerAck):
+            self._answered(peer, message)
+        else:
+            self.events["unexpected_message"] += 1
+
+    def _from_kd(self, peer: ITunnelPeer, aid: bytes) -> Participant | None:
+        """The participant ``aid`` if ``peer`` is its conference's KD (else counted, None)."""
+        participant = self._participants.get(aid)
+        if participant is None:
+            self.events["unknown_association"] += 1
+            return None
+        conference = self._conferences[participant.conference_id]
+        if peer.peer_fingerprint != conference.kd_fingerprint:
+            self.events["wrong_kd"] += 1
+            return None
+        return participant
+
+    def _media_keys(self, peer: ITunnelPeer, keys: MediaKeys) -> None:
+        participant = self._from_kd(peer, keys.association_id)
+        if participant is None:
+            return
+        if keys.protection_profile not in _DOUBLE:
+            reason = f"protection profile 0x{keys.protection_profile:04x} is not DOUBLE"
+        else:
+            try:
+                self.plane.install_keys(keys.association_id, keys)
+            except ValueError as e:
+                reason = str(e)
+            else:
+                return
+        # The MD relays only the outer layer of RFC 8723 DOUBLE; anything else
+        # would make it hold end-to-end keys: end the association.
+        self.events["keys_refused"] += 1
+        self.log.warn("perc-md: MediaKeys for {association} refused ({reason}); "
+                      "association ended", association=participant.association,
+                      reason=reason)
+        self._end(keys.association_id, tell_kd=False)
+        peer.send(EndpointDisconnect(keys.association_id))
+
+
+_DOUBLE = frozenset(int(p) for p in DOUBLE_PROFILES)
+
+
+def parse_association(text: str) -> bytes:
+    """16 bytes of a canonical UUID string; ValueError otherwise."""
+    value = uuid.UUID(text)
+    if str(value) != text.lower():
+        raise ValueError("not a canonical UUID")
+    return value.bytes
+

@@ -1,0 +1,575 @@
+"""perc-md in-process: HTTPS conference API, a real KD tunnel client, real UDP, /metrics.
+
+The MD service is the daemon's own (``md_service``) on loopback ports; the
+KD is a real :class:`~perc_daemons.kd.tunnel.KdTunnelClient` whose handler
+plays the KD's part (answers SignAnswer, sends MediaKeys and DTLS); the
+endpoint is a UDP socket sending real STUN checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, reactor, ssl, task
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from perc_daemons import config
+from perc_daemons.devpki import DevPki
+from perc_daemons.interfaces import ITunnelHandler
+from perc_daemons.kd.tunnel import KdTunnelClient
+from perc_daemons.md.service import md_service
+from perc_daemons.protocol import sdp
+from perc_daemons.protocol.stun import BINDING_SUCCESS, StunMessage
+from perc_daemons.protocol.tunnel import (
+    DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
+    SIGN_STATUS_BAD_OFFER,
+    SIGN_STATUS_OK,
+    SIGN_STATUS_REFUSED,
+    SRTP_AEAD_AES_128_GCM,
+    EndpointDisconnect,
+    MediaKeys,
+    SignAnswer,
+    SignAnswerAck,
+    TunneledDtls,
+)
+from tests.unit.test_md_media import Collector, binding_request
+
+PROVIDER_TOKEN = "provider-secret-0123456789"
+ENDPOINT_FP = ":".join(f"{b:02X}" for b in range(32))
+
+
+def offer(ufrag: str = "EpUf") -> str:
+    lines = [
+        "v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", "a=group:BUNDLE 0",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111", "c=IN IP4 0.0.0.0",
+        f"a=ice-ufrag:{ufrag}", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+        f"a=fingerprint:sha-256 {ENDPOINT_FP}", "a=setup:actpass",
+        "a=tls-id:abc3de65cddef001be82", "a=mid:0", "a=sendrecv", "a=rtcp-mux",
+        "a=rtpmap:111 opus/48000/2", "a=ssrc:1001 cname:user@example",
+    ]
+    return "".join(line + "\r\n" for line in lines)
+
+
+@implementer(IPolicyForHTTPS)
+class TrustCa:
+    """Verify the MD's certificate against the dev CA and the name "localhost"."""
+
+    def __init__(self, ca_pem: bytes) -> None:
+        self._options = ssl.optionsForClientTLS(
+            "localhost", trustRoot=ssl.Certificate.loadPEM(ca_pem))
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return self._options
+
+
+@implementer(ITunnelHandler)
+class PlayKd:
+    """The KD's side of the tunnel, scripted by the test."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"  # ok | refuse | bad | silent
+        self.messages: list[Any] = []
+        self.peer: Any = None
+        self._waiters: list[tuple[Any, defer.Deferred]] = []
+
+    def signed(self, request: SignAnswer) -> str:
+        return request.answer_sdp + "a=x-test-signed-by:kd\r\n"
+
+    def tunnel_up(self, peer: Any) -> None:
+        self.peer = peer
+
+    def tunnel_down(self, peer: Any, reason: str) -> None:
+        self.peer = None
+
+    def tunnel_message(self, peer: Any, message: Any) -> None:
+        self.messages.append(message)
+        if isinstance(message, SignAnswer):
+            aid = message.association_id
+            if self.mode == "ok":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_OK, self.signed(message)))
+            elif self.mode == "refuse":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_REFUSED, "alice is not invited"))
+            elif self.mode == "bad":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_BAD_OFFER, "no a=identity"))
+        for entry in list(self._waiters):
+            if entry[0](message):
+                self._waiters.remove(entry)
+                entry[1].callback(message)
+
+    def wait_for(self, predicate) -> defer.Deferred:
+        for message in self.messages:
+            if predicate(message):
+                return defer.succeed(message)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append((predicate, d))
+        return d.addTimeout(10, reactor)
+
+
+def disconnect_of(aid: bytes):
+    return lambda m: isinstance(m, EndpointDisconnect) and m.association_id == aid
+
+
+class MdServiceTests(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        pki = DevPki(os.path.join(self.dir, "pki"))
+        self.ca_path = str(pki.ca_certificate_path)
+        md = pki.issue("md", ["localhost"], ["127.0.0.1"])
+        self.kd_cert = pki.issue("kd", ["kd.localhost"])
+        der = x509.load_pem_x509_certificate(self.kd_cert.certificate.read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+        self.kd_fp = hashlib.sha256(der).digest().hex(":").upper()
+        self.token_path = os.path.join(self.dir, "md-provider.token")
+        self.write_token(PROVIDER_TOKEN)
+        cfg = config.validate("md", os.path.join(self.dir, "md.toml"), {
+            "admin": {"bind": "127.0.0.1", "port": 0},
+            "api": {"bind": "127.0.0.1", "port": 0, "certificate": str(md.certificate),
+                    "private_key": str(md.private_key),
+                    "provider_token_file": self.token_path},
+            "media": {"bind": "127.0.0.1", "port": 0},
+            "tunnel": {"bind": "127.0.0.1", "port": 0},
+        })
+        self.md = md_service(cfg, reactor)
+        self.md.startService()
+        self.addCleanup(self.md.stopService)
+        self.conferences = self.md.conferences
+        api_port = self.md.getServiceNamed("md-api").port.getHost().port
+        self.base = f"https://127.0.0.1:{api_port}"
+        self.admin = f"http://127.0.0.1:{self.md.getServiceNamed('admin').port.getHost().port}"
+        self.media_address = ("127.0.0.1", self.conferences.media_port)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+        with open(self.ca_path, "rb") as f:
+            self.http = treq.client.HTTPClient(
+                Agent(reactor, contextFactory=TrustCa(f.read()), pool=self.pool))
+        self.kd = PlayKd()
+        self.pki = pki
+
+    def write_token(self, token: str) -> None:
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None,
+                raw: bytes | None = None):
+        headers = {}
+        if token is not None:
+            headers[b"authorization"] = [f"Bearer {token}".encode()]
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            headers[b"content-type"] = [b"application/json"]
+        response = yield self.http.request(method, self.base + path, data=data,
+                                           headers=headers)
+        content = yield response.content()
+        parsed = json.loads(content) if content else None
+        if response.code >= 400:
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"),
+                             [b"application/problem+json"])
+            self.assertEqual(parsed["status"], response.code)
+        return response.code, parsed
+
+    def create(self, cid: str = "c1", fp: str | None = None, token: str = PROVIDER_TOKEN):
+        return self.request("POST", "/v1/conferences",
+                            {"id": cid, "kd_fingerprint": fp or self.kd_fp}, token)
+
+    @defer.inlineCallbacks
+    def connect_kd(self, cert: Any = None, handler: PlayKd | None = None):
+        cert = cert or self.kd_cert
+        client = KdTunnelClient(
+            reactor, host="127.0.0.1", port=self.md.tunnel.port, name="localhost",
+            ca_certificate=self.ca_path, certificate=str(cert.certificate),
+            private_key=str(cert.private_key), handler=handler or self.kd, metrics=None,
+            min_delay=0.05, max_delay=0.5)
+        before = self.conferences.kd_tunnels
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield client.when_up()
+        yield self.eventually(lambda: self.conferences.kd_tunnels == before + 1,
+                              "MD sees the KD")
+        return client
+
+    @defer.inlineCallbacks
+    def eventually(self, check, what: str):
+        for _ in range(500):
+            if check():
+                return
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"{what}: did not happen")
+
+    @defer.inlineCallbacks
+    def join(self, cid: str = "c1", text: str | None = None):
+        code, body = yield self.request("POST", f"/v1/conferences/{cid}/participants",
+                                        {"offer": text or offer()})
+        return code, body
+
+    def udp_endpoint(self) -> tuple[Any, Collector]:
+        collector = Collector()
+        port = reactor.listenUDP(0, collector, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port, collector
+
+    # -- conferences ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_create_conference_requires_the_provider_token(self):
+        code, body = yield self.create(token=None)
+        self.assertEqual((code, body["type"]), (401, "urn:perc:problem:unauthorized"))
+        code, body = yield self.create(token="wrong")
+        self.assertEqual(code, 403)
+        code, body = yield self.create()
+        self.assertEqual(code, 201)
+        self.assertEqual(body, {"id": "c1", "kd_fingerprint": self.kd_fp,
+                                "tunnel": {"port": self.md.tunnel.port},
+                                "media": {"host": "127.0.0.1",
+                                          "port": self.conferences.media_port}})
+        code, again = yield self.create()
+        self.assertEqual((code, again), (200, body))
+        code, _ = yield self.create(fp=":".join(["AB"] * 32))
+        self.assertEqual(code, 409)
+        code, _ = yield self.request("POST", "/v1/conferences",
+                                     {"id": "bad id!", "kd_fingerprint": self.kd_fp},
+                                     PROVIDER_TOKEN)
+        self.assertEqual(code, 400)
+        code, _ = yield self.request("POST", "/v1/conferences",
+                                     {"id": "c2", "kd_fingerprint": "AB:CD"}, PROVIDER_TOKEN)
+        self.assertEqual(code, 400)
+        code, body = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual((code, body["kd_connected"], body["participants"]), (200, False, []))
+        code, _ = yield self.request("GET", "/v1/conferences/c1", token="wrong")
+        self.assertEqual(code, 403)
+        code, _ = yield self.request("GET", "/v1/conferences/nope", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_missing_token_file_is_503_then_picked_up(self):
+        os.unlink(self.token_path)
+        code, body = yield self.create()
+        self.assertEqual((code, body["type"]),
+                         (503, "urn:perc:problem:provider-token-unavailable"))
+        self.write_token("rotated-token-abcdef")
+        code, _ = yield self.create(token=PROVIDER_TOKEN)
+        self.assertEqual(code, 403)
+        code, _ = yield self.create(token="rotated-token-abcdef")
+        self.assertEqual(code, 201)
+
+    @defer.inlineCallbacks
+    def test_body_limits_and_errors(self):
+        yield self.create()
+        code, _ = yield self.request(
+            "POST", "/v1/conferences/c1/participants",
+            raw=json.dumps({"offer": "x" * 100_000}).encode())
+        self.assertEqual(code, 413)
+        code, _ = yield self.request("POST", "/v1/conferences/c1/participants", raw=b"{")
+        self.assertEqual(code, 400)
+        code, _ = yield self.request("PUT", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 405)
+        code, _ = yield self.request("GET", "/nothing")
+        self.assertEqual(code, 404)
+
+    # -- joins ------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_join_without_kd_is_503_and_unknown_conference_404(self):
+        code, _ = yield self.join("nope")
+        self.assertEqual(code, 404)
+        yield self.create()
+        code, body = yield self.join()
+        self.assertEqual((code, body["type"]), (503, "urn:perc:problem:kd-unavailable"))
+
+    @defer.inlineCallbacks
+    def test_join_ok_refused_bad_and_silent(self):
+        yield self.create()
+        yield self.connect_kd()
+        code, body = yield self.join()
+        self.assertEqual(code, 201, body)
+        request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+        self.assertEqual(request.offer_sdp, offer())  # verbatim
+        draft = sdp.parse(request.answer_sdp)
+        self.assertEqual(draft.media[0].fingerprints(),
+                         [("sha-256", bytes.fromhex(self.kd_fp.replace(":", "")))])
+        self.assertEqual(draft.media[0].candidates(),
+                         [f"1 1 udp 2130706431 127.0.0.1 {self.conferences.media_port} typ host"])
+        self.assertEqual(body["answer"], self.kd.signed(request))  # the KD's text, verbatim
+        self.assertEqual(str(uuid.UUID(bytes=request.association_id)), body["association"])
+        self.assertTrue(body["leave_token"])
+        code, conf = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(conf["kd_connected"], True)
+        self.assertEqual([(p["association"], p["state"]) for p in conf["participants"]],
+                         [(body["association"], "checking")])
+
+        self.kd.mode = "refuse"
+        code, body = yield self.join()
+        self.assertEqual((code, body["type"], body["detail"]),
+                         (403, "urn:perc:problem:kd-refused", "alice is not invited"))
+        self.kd.mode = "bad"
+        code, body = yield self.join()
+        self.assertEqual((code, body["detail"]), (400, "no a=identity"))
+        self.kd.mode = "silent"
+        self.conferences.join_timeout = 0.2
+        code, body = yield self.join()
+        self.assertEqual((code, body["type"]), (504, "urn:perc:problem:kd-timeout"))
+        self.assertEqual(len(self.conferences.participants()), 1)
+
+    @defer.inlineCallbacks
+    def test_late_ok_after_timeout_is_disconnected(self):
+        yield self.create()
+        yield self.connect_kd()
+        self.kd.mode = "silent"
+        self.conferences.join_timeout = 0.1
+        code, _ = yield self.join()
+        self.assertEqual(code, 504)
+        request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+        self.kd.peer.send(SignAnswerAck(request.association_id, SIGN_STATUS_OK, "late"))
+        yield self.kd.wait_for(disconnect_of(request.association_id))
+        self.assertEqual(self.conferences.participants(), [])
+        self.assertEqual(self.conferences.events["late_answer"], 1)
+
+    @defer.inlineCallbacks
+    def test_bad_offers_are_400(self):
+        yield self.create()
+        yield self.connect_kd()
+        code, body = yield self.join(text="not sdp")
+        self.assertEqual((code, body["type"]), (400, "urn:perc:problem:bad-offer"))
+        code, _ = yield self.join(text=offer().replace("a=setup:actpass", "a=setup:passive"))
+        self.assertEqual(code, 400)
+        code, _ = yield self.request("POST", "/v1/conferences/c1/participants", {"offer": 1})
+        self.assertEqual(code, 400)
+        self.assertEqual([m for m in self.kd.messages if isinstance(m, SignAnswer)], [])
+
+    @defer.inlineCallbacks
+    def test_leave_needs_the_leave_token(self):
+        yield self.create()
+        yield self.connect_kd()
+        _, body = yield self.join()
+        path = f"/v1/conferences/c1/participants/{body['association']}"
+        aid = uuid.UUID(body["association"]).bytes
+        code, _ = yield self.request("DELETE", path)
+        self.assertEqual(code, 401)
+        code, _ = yield self.request("DELETE", path, token="not-the-token")
+        self.assertEqual(code, 403)
+        code, _ = yield self.request("DELETE", path, token=PROVIDER_TOKEN)
+        self.assertEqual(code, 403)
+        self.assertEqual(len(self.conferences.participants()), 1)
+        code, _ = yield self.request("DELETE", path, token=body["leave_token"])
+        self.assertEqual(code, 204)
+        yield self.kd.wait_for(disconnect_of(aid))
+        self.assertEqual(self.conferences.participants(), [])
+        self.assertEqual(self.conferences.plane.legs(), [])
+        code, _ = yield self.request("DELETE", path, token=body["leave_token"])
+        self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_delete_conference_disconnects_every_participant(self):
+        yield self.create()
+        yield self.connect_kd()
+        joined = []
+        for _ in range(2):
+            code, body = yield self.join()
+            self.assertEqual(code, 201)
+            joined.append(uuid.UUID(body["association"]).bytes)
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1")
+        self.assertEqual(code, 401)
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 204)
+        for aid in joined:
+            yield self.kd.wait_for(disconnect_of(aid))
+        self.assertEqual(self.conferences.plane.legs(), [])
+        code, _ = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 404)
+        # No conference names this KD any more: its tunnel is closed.
+        yield self.eventually(lambda: self.conferences.kd_tunnels == 0, "KD tunnel closed")
+
+    # -- media ------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_keys_dtls_both_ways_consent_expiry_and_metrics(self):
+        yield self.create()
+        yield self.connect_kd()
+        code, body = yield self.join()
+        self.assertEqual(code, 201)
+        aid = uuid.UUID(body["association"]).bytes
+        answer = sdp.parse(body["answer"])
+        media = answer.media[0]
+        host, port = media.candidates()[0].split(" ")[4:6]
+        md = (host, int(port))
+        self.assertEqual(md, self.media_address)
+
+        # A real ICE connectivity check from the endpoint's socket.
+        sock, collector = self.udp_endpoint()
+        waiting = collector.next()
+        sock.write(binding_request(media.ice_ufrag, "EpUf", media.ice_pwd), md)
+        response = yield waiting
+        self.assertEqual(StunMessage.parse(response).message_type, BINDING_SUCCESS)
+
+        # MediaKeys from the KD key the leg.
+        keys = MediaKeys(aid, DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, b"",
+                         os.urandom(16), os.urandom(16), os.urandom(12), os.urandom(12))
+        self.kd.peer.send(keys)
+        leg = self.conferences.plane.leg(aid)
+        yield self.eventually(lambda: leg.keyed, "leg keyed")
+        _, conf = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(conf["participants"][0]["state"], "keyed")
+
+        # DTLS: endpoint -> MD -> tunnel -> KD, and back.
+        record = b"\x16\xfe\xfd" + os.urandom(40)
+        sock.write(record, md)
+        got = yield self.kd.wait_for(lambda m: isinstance(m, TunneledDtls))
+        self.assertEqual((got.association_id, got.dtls_message), (aid, record))
+        waiting = collector.next()
+        self.kd.peer.send(TunneledDtls(aid, b"\x16\xfe\xfdserver-flight"))
+        self.assertEqual((yield waiting), b"\x16\xfe\xfdserver-flight")
+
+        # Per-participant counters in /metrics.
+        response = yield treq.get(self.admin + "/metrics", pool=self.pool)
+        text = (yield response.text())
+        labels = f'association="{body["association"]}",conference="c1"'
+        for kind, value in (("stun_in", 1), ("dtls_in", 1), ("dtls_out", 1)):
+            self.assertIn(f'perc_md_participant_datagrams_total{{{labels},kind="{kind}"}} '
+                          f'{value:.1f}', text)
+        self.assertIn(f'perc_md_participant_dropped_total{{{labels},reason="srtp_auth"}} 0.0',
+                      text)
+        self.assertIn("perc_md_conferences 1.0", text)
+        self.assertIn("perc_md_participants 1.0", text)
+        self.assertIn("perc_md_kd_tunnels 1.0", text)
+        self.assertIn('perc_md_plane_dropped_total{reason="unknown_address"}', text)
+
+        # Consent lapses: the KD is told, the participant is gone.
+        self.md.media.consent_timeout = 0.0
+        yield self.kd.wait_for(disconnect_of(aid))
+        _, conf = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(conf["participants"], [])
+
+    @defer.inlineCallbacks
+    def test_non_double_keys_refused_and_wrong_kd_ignored(self):
+        yield self.create()
+        yield self.connect_kd()
+        _, body = yield self.join()
+        aid = uuid.UUID(body["association"]).bytes
+        self.kd.peer.send(TunneledDtls(uuid.uuid4().bytes, b"\x16x"))  # unknown: ignored
+        self.kd.peer.send(MediaKeys(aid, SRTP_AEAD_AES_128_GCM, b"", os.urandom(16),
+                                    os.urandom(16), os.urandom(12), os.urandom(12)))
+        yield self.kd.wait_for(disconnect_of(aid))
+        self.assertEqual(self.conferences.participants(), [])
+        self.assertEqual(self.conferences.events["keys_refused"], 1)
+        self.assertEqual(self.conferences.events["unknown_association"], 1)
+
+    @defer.inlineCallbacks
+    def test_another_conferences_kd_cannot_touch_a_participant(self):
+        other = self.pki.issue("kd2", ["kd2.localhost"])
+        der = x509.load_pem_x509_certificate(other.certificate.read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+        yield self.create()
+        yield self.create("c2", fp=hashlib.sha256(der).digest().hex(":").upper())
+        yield self.connect_kd()
+        kd2 = PlayKd()
+        yield self.connect_kd(other, kd2)
+        _, body = yield self.join()
+        aid = uuid.UUID(body["association"]).bytes
+        kd2.peer.send(MediaKeys(aid, DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, b"",
+                                os.urandom(16), os.urandom(16), os.urandom(12),
+                                os.urandom(12)))
+        kd2.peer.send(TunneledDtls(aid, b"\x16x"))
+        kd2.peer.send(EndpointDisconnect(aid))
+        yield self.eventually(lambda: self.conferences.events["wrong_kd"] == 3, "refusals")
+        (participant,) = self.conferences.participants()
+        self.assertEqual((participant.aid, participant.state), (aid, "checking"))
+
+    @defer.inlineCallbacks
+    def test_tunnel_down_keeps_participants_and_fails_pending_joins(self):
+        yield self.create()
+        client = yield self.connect_kd()
+        _, body = yield self.join()
+        self.kd.mode = "silent"
+        pending = self.join()
+        yield self.kd.wait_for(lambda m: isinstance(m, SignAnswer)
+                               and m.association_id != uuid.UUID(body["association"]).bytes)
+        yield client.stopService()
+        code, problem = yield pending
+        self.assertEqual((code, problem["type"]), (503, "urn:perc:problem:kd-unavailable"))
+        self.assertEqual(len(self.conferences.participants()), 1)
+        # Leaving while the KD is away: the disconnect is delivered when it is back.
+        code, _ = yield self.request(
+            "DELETE", f"/v1/conferences/c1/participants/{body['association']}",
+            token=body["leave_token"])
+        self.assertEqual(code, 204)
+        self.kd = PlayKd()
+        yield self.connect_kd()
+        yield self.kd.wait_for(disconnect_of(uuid.UUID(body["association"]).bytes))
+
+    @defer.inlineCallbacks
+    def test_kd_pinned_by_its_conference(self):
+        """Until a conference names the KD its tunnel is refused; then it comes up."""
+        client = KdTunnelClient(
+            reactor, host="127.0.0.1", port=self.md.tunnel.port, name="localhost",
+            ca_certificate=self.ca_path, certificate=str(self.kd_cert.certificate),
+            private_key=str(self.kd_cert.private_key), handler=self.kd, metrics=None,
+            min_delay=0.05, max_delay=0.2)
+        client.startService()
+        self.addCleanup(client.stopService)
+        link = yield client.when_connected()
+        yield link.when_lost()
+        self.assertIsNone(self.kd.peer)
+        self.assertEqual(self.conferences.kd_tunnels, 0)
+        yield self.create()
+        yield client.when_up()
+        yield self.eventually(lambda: self.conferences.kd_tunnels == 1, "MD sees the KD")
+
+
+class StartupTests(unittest.TestCase):
+    def cfg(self, directory: str, **api: Any) -> config.Config:
+        return config.validate("md", os.path.join(directory, "md.toml"), {
+            "admin": {"bind": "127.0.0.1", "port": 0},
+            "api": {"bind": "127.0.0.1", "port": 0,
+                    "provider_token_file": os.path.join(directory, "token"), **api},
+            "media": {"bind": "127.0.0.1", "port": 0},
+            "tunnel": {"bind": "127.0.0.1", "port": 0},
+        })
+
+    def test_file_errors_name_the_key(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        issued = DevPki(os.path.join(directory, "pki")).issue("md", ["localhost"])
+        files = {"certificate": str(issued.certificate), "private_key": str(issued.private_key)}
+        error = self.assertRaises(config.ConfigError, md_service,
+                                  self.cfg(directory, certificate=f"{directory}/none.crt"),
+                                  reactor)
+        self.assertEqual((error.key, error.reason),
+                         ("api.certificate", f"{directory}/none.crt: file not found"))
+        token = os.path.join(directory, "token")
+        with open(token, "w") as f:
+            f.write("secret\n")
+        os.chmod(token, 0o644)
+        error = self.assertRaises(config.ConfigError, md_service,
+                                  self.cfg(directory, **files), reactor)
+        self.assertEqual(error.key, "api.provider_token_file")
+        self.assertIn("mode 0644 is too open", error.reason)
+        os.chmod(issued.private_key, 0o644)
+        os.unlink(token)
+        error = self.assertRaises(config.ConfigError, md_service,
+                                  self.cfg(directory, **files), reactor)
+        self.assertEqual(error.key, "api.private_key")
+
+    def test_advertised_host(self) -> None:
+        from perc_daemons.md.service import advertised_host
+
+        self.assertEqual(advertised_host("0.0.0.0", ""), "127.0.0.1")
+        self.assertEqual(advertised_host("::", ""), "127.0.0.1")
+        self.assertEqual(advertised_host("192.0.2.5", ""), "192.0.2.5")
+        self.assertEqual(advertised_host("0.0.0.0", "198.51.100.9"), "198.51.100.9")
