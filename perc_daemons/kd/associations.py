@@ -2,27 +2,36 @@
 
 :class:`KeyDistributorCore` terminates the endpoints' DTLS-SRTP handshakes
 that the MD tunnels to the KD.  Tunnel messages and explicit time in, tunnel
-messages out; no sockets, no Twisted, no clock of its own.
+messages out; no sockets, no Twisted, no clock of its own, no key source of
+its own: epoch keys come from the KMF over HTTPS, so the service fetches them
+and hands them in with :meth:`KeyDistributorCore.install_epoch`.
 
 * An association is admitted only if :meth:`KeyDistributorCore.expect` named
-  it first (from a verified SignAnswer): its server :class:`DtlsConnection`
-  requires the client certificate to have the signalled fingerprint and the
-  ClientHello's external_session_id to be the signalled tls-id, so no key is
+  it first (from a verified SignAnswer), and only for a conference that has a
+  current epoch: its server :class:`DtlsConnection` requires the client
+  certificate to have the signalled fingerprint and the ClientHello's
+  external_session_id (RFC 8844) to be the signalled tls-id, so no key is
   derived, let alone sent, for anyone else.  A datagram for any other
   association is answered with EndpointDisconnect and leaves no state.
 * On HandshakeComplete the MD gets MediaKeys with the *outer* (hop-by-hop)
-  halves of the DOUBLE keying material only, then the endpoint gets the
-  conference's current EKTKey.
-* Each conference has numbered epochs (1, 2, ...); the key source gives the
-  EKT parameter set of each and must change the SPI every epoch.  A member
-  that leaves (EndpointDisconnect from the MD, close_notify, alert or
-  retransmissions exhausted) starts a new epoch for the remaining members.
-  Joining does not: a joiner gets the current epoch's key only.
+  halves of the DOUBLE keying material only (RFC 8723 s5.1, RFC 9185 s5.4).
+  The endpoint then gets the conference's current EKTKey (RFC 8870 s5.2.2),
+  unless the conference rekeys on join (``set_policy(rekey_on_join=True)``)
+  or a rekey is already due: then its first EKTKey is the next epoch's,
+  installed by :meth:`install_epoch`, so a joiner never learns a key that was
+  in use before it joined, nor one a departed member knows.
+* Each conference has numbered epochs; every epoch must be newer than the
+  current one and must not reuse an SPI of the conference (RFC 8870 s4.2).
+  A keyed member that leaves (EndpointDisconnect from the MD, close_notify,
+  alert or retransmissions exhausted) makes the conference due for a new
+  epoch, as does a completed join with ``rekey_on_join``;
+  :meth:`take_rekeys` reports the due conferences (coalesced), and
+  :meth:`take_roster_updates` those whose keyed membership changed without one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,10 +49,19 @@ from perc_daemons.protocol.ekt import EktCipher, EktParameterSet
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.tunnel import EndpointDisconnect, MediaKeys, TunneledDtls
 
+__all__ = [
+    "DEFAULT_EKT_CIPHERS",
+    "DEFAULT_PROFILES",
+    "EpochError",
+    "KeyDistributorCore",
+    "NoCurrentEpoch",
+    "ReusedSpi",
+    "StaleEpoch",
+    "TunnelMessage",
+]
+
 #: What the core hands back: tunnel messages for the MD, in order.
 TunnelMessage = MediaKeys | TunneledDtls | EndpointDisconnect
-#: ``ekt_params_for(conference_id, epoch)``: the EKT parameter set of an epoch.
-KeySource = Callable[[str, int], EktParameterSet]
 
 DEFAULT_PROFILES = (Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
                     Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM)
@@ -54,6 +72,22 @@ DEFAULT_EKT_CIPHERS: Mapping[int, EktCipher] = {
 }
 
 
+class EpochError(ValueError):
+    """An epoch that cannot be installed, or a join without a current epoch."""
+
+
+class StaleEpoch(EpochError):
+    """The epoch number is not newer than the conference's current one."""
+
+
+class ReusedSpi(EpochError):
+    """The epoch's EKT SPI was already used in the conference (RFC 8870 s4.2)."""
+
+
+class NoCurrentEpoch(EpochError):
+    """A join was signalled for a conference that has no epoch key yet."""
+
+
 @dataclass
 class _Association:
     association_id: bytes
@@ -61,8 +95,11 @@ class _Association:
     identity: str
     fingerprint: bytes
     tls_id: bytes
+    ssrcs: tuple[int, ...] = ()
     connection: DtlsConnection | None = None
-    member: bool = False  # handshake complete, keys sent
+    member: bool = False  # handshake complete, MediaKeys sent
+    keyed: bool = False  # has been sent an EKTKey
+    ekt_cipher: EktCipher | None = None  # negotiated in the handshake
     acknowledged_spis: list[int] = field(default_factory=list)
 
 
@@ -71,13 +108,16 @@ class _Conference:
     epoch: int = 0
     params: EktParameterSet | None = None
     spis: set[int] = field(default_factory=set)
+    rekey_on_join: bool = False
+    #: A keyed member left since the current epoch was installed.
+    stale: bool = False
 
 
 class KeyDistributorCore:
     """Every tunnelled DTLS association of one KD, and each conference's epochs."""
 
     def __init__(self, certificate: bytes, private_key: ec.EllipticCurvePrivateKey,
-                 tls_id: bytes, cookie_secret: bytes, ekt_params_for: KeySource, *,
+                 tls_id: bytes, cookie_secret: bytes, *,
                  profiles: Sequence[int] = DEFAULT_PROFILES,
                  ekt_ciphers: Mapping[int, EktCipher] = DEFAULT_EKT_CIPHERS,
                  initial_retransmit: float = 1.0) -> None:
@@ -93,19 +133,48 @@ class KeyDistributorCore:
         self._private_key = private_key
         self._tls_id = tls_id
         self._cookie_secret = cookie_secret
-        self._ekt_params_for = ekt_params_for
         self._profiles = [int(p) for p in profiles]
         self._ekt_ciphers = {int(p): EktCipher(c) for p, c in ekt_ciphers.items()}
         self._initial_retransmit = initial_retransmit
         self._associations: dict[bytes, _Association] = {}
         self._conferences: dict[str, _Conference] = {}
+        self._rekeys: dict[str, None] = {}  # ordered set
+        self._roster_updates: dict[str, None] = {}
+
+    def __repr__(self) -> str:
+        return (f"<KeyDistributorCore associations={len(self._associations)} "
+                f"conferences={len(self._conferences)}>")
 
     # -- queries -----------------------------------------------------------------------
+
+    @property
+    def tls_id(self) -> bytes:
+        """The KD's own tls-id (RFC 8842), its DTLS external_session_id (RFC 8844)."""
+        return self._tls_id
 
     def members(self, conference_id: str) -> list[tuple[str, bytes]]:
         """(identity, association id) of each keyed member, in join order."""
         return [(a.identity, a.association_id) for a in self._associations.values()
-                if a.conference_id == conference_id and a.member]
+                if a.conference_id == conference_id and a.keyed]
+
+    def roster(self, conference_id: str) -> list[tuple[str, list[int]]]:
+        """(identity, SSRCs) of each keyed member, in join order: the KMF roster."""
+        return [(a.identity, list(a.ssrcs)) for a in self._associations.values()
+                if a.conference_id == conference_id and a.keyed]
+
+    def conference_of(self, association_id: bytes) -> str | None:
+        association = self._associations.get(association_id)
+        return association.conference_id if association is not None else None
+
+    def conferences(self) -> list[str]:
+        """Conferences with an epoch or a policy."""
+        return list(self._conferences)
+
+    def association_count(self) -> int:
+        return len(self._associations)
+
+    def member_count(self) -> int:
+        return sum(1 for a in self._associations.values() if a.keyed)
 
     def epoch(self, conference_id: str) -> int:
         """The conference's current epoch; 0 before its first key."""
@@ -129,11 +198,76 @@ class KeyDistributorCore:
                   if (t := a.connection.get_timer()) is not None]
         return min(timers) if timers else None
 
+    def take_rekeys(self) -> list[str]:
+        """Conferences due for a new epoch since the last call, each once.
+
+        A keyed member leaving always makes its conference due; a completed
+        join does when the conference rekeys on join.  The caller gets a new
+        epoch key (KMF) and hands it to :meth:`install_epoch`.
+        """
+        due, self._rekeys = list(self._rekeys), {}
+        return due
+
+    def take_roster_updates(self) -> list[str]:
+        """Conferences whose keyed membership grew without a new epoch, each once."""
+        due, self._roster_updates = list(self._roster_updates), {}
+        return due
+
     # -- input -------------------------------------------------------------------------
 
+    def set_policy(self, conference_id: str, *, rekey_on_join: bool) -> None:
+        """Whether a completed join starts a new epoch (KMF late_joiners_get_earlier_epochs
+        false) or the joiner gets the current epoch's key at once."""
+        if not conference_id:
+            raise ValueError("conference_id must not be empty")
+        self._conferences.setdefault(conference_id, _Conference()).rekey_on_join = bool(
+            rekey_on_join)
+
+    def install_epoch(self, conference_id: str, epoch: int, params: EktParameterSet,
+                      now: float) -> list[TunnelMessage]:
+        """Make ``epoch`` current and send its EKTKey to every member (RFC 8870 s5.2.2).
+
+        Every keyed member gets it, and so does every member still waiting
+        for its first key.  Raises :class:`StaleEpoch` unless ``epoch`` is
+        newer than the current one, :class:`ReusedSpi` if the conference used
+        the SPI before.  A member whose handshake negotiated another EKT
+        cipher cannot take the key: it is closed and disconnected.
+        """
+        if not conference_id:
+            raise ValueError("conference_id must not be empty")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+            raise ValueError("epoch must be a positive integer")
+        if not isinstance(params, EktParameterSet):
+            raise TypeError("params must be an EktParameterSet")
+        conference = self._conferences.setdefault(conference_id, _Conference())
+        if epoch <= conference.epoch:
+            raise StaleEpoch(f"epoch {epoch} of {conference_id!r} is not newer than "
+                             f"{conference.epoch}")
+        if params.spi in conference.spis:
+            raise ReusedSpi(f"EKT SPI {params.spi} was used before in {conference_id!r}")
+        conference.epoch, conference.params = epoch, params
+        conference.spis.add(params.spi)
+        conference.stale = False
+        out: list[TunnelMessage] = []
+        for association in list(self._associations.values()):
+            if association.conference_id != conference_id or not association.member:
+                continue
+            if self._associations.get(association.association_id) is not association:
+                continue
+            if association.ekt_cipher != params.cipher:
+                out += self._drop(association, now)
+                continue
+            association.keyed = True
+            out += self._send_key(association, params, now)
+        return out
+
     def expect(self, association_id: bytes, conference_id: str, identity: str,
-               fingerprint: bytes, tls_id: bytes) -> None:
-        """Admit an association, as learnt from the offer of a verified SignAnswer."""
+               fingerprint: bytes, tls_id: bytes, ssrcs: Sequence[int] = ()) -> None:
+        """Admit an association, as learnt from the offer of a verified SignAnswer.
+
+        The conference must have a current epoch (:class:`NoCurrentEpoch`
+        otherwise): the service installs one first.
+        """
         if not isinstance(association_id, bytes) or len(association_id) != 16:
             raise ValueError("association_id must be 16 bytes")
         if len(fingerprint) != 32:
@@ -142,11 +276,16 @@ class KeyDistributorCore:
             raise ValueError("tls_id must be 20 to 255 bytes")
         if not conference_id or not identity:
             raise ValueError("conference_id and identity must not be empty")
+        ssrc_tuple = tuple(dict.fromkeys(int(s) for s in ssrcs))
+        if any(not 0 <= s <= 0xFFFFFFFF for s in ssrc_tuple):
+            raise ValueError("an SSRC is a 32-bit unsigned integer")
+        if self.current_params(conference_id) is None:
+            raise NoCurrentEpoch(f"conference {conference_id!r} has no epoch key")
         existing = self._associations.get(association_id)
         if existing is not None and existing.connection is not None:
             raise ValueError("association already has a DTLS connection")
         self._associations[association_id] = _Association(
-            association_id, conference_id, identity, fingerprint, tls_id)
+            association_id, conference_id, identity, fingerprint, tls_id, ssrc_tuple)
 
     def tunneled_dtls(self, association_id: bytes, data: bytes,
                       now: float) -> list[TunnelMessage]:
@@ -164,24 +303,14 @@ class KeyDistributorCore:
         return self._drain(association, now)
 
     def endpoint_disconnect(self, association_id: bytes, now: float) -> list[TunnelMessage]:
-        """The MD says the endpoint left: forget it and rekey the rest (requirement e)."""
+        """The MD says the endpoint left: forget it; a keyed member makes a rekey due."""
         association = self._associations.pop(association_id, None)
         if association is None:
             return []
         if association.connection is not None:
             association.connection.close()  # its close_notify has nowhere to go
-        if association.member:
-            return self.new_epoch(association.conference_id, now)
+        self._left(association)
         return []
-
-    def new_epoch(self, conference_id: str, now: float) -> list[TunnelMessage]:
-        """Start the conference's next epoch and send its EKTKey to every member."""
-        params = self._advance(conference_id)
-        out: list[TunnelMessage] = []
-        for association in list(self._associations.values()):
-            if association.conference_id == conference_id and association.member:
-                out += self._send_key(association, params, now)
-        return out
 
     def end_conference(self, conference_id: str, now: float) -> list[TunnelMessage]:
         """Close every association of the conference and wipe its keys."""
@@ -197,6 +326,8 @@ class KeyDistributorCore:
                         for d in connection.datagrams_to_send(now)]
             out.append(EndpointDisconnect(association.association_id))
         self._conferences.pop(conference_id, None)
+        self._rekeys.pop(conference_id, None)
+        self._roster_updates.pop(conference_id, None)
         return out
 
     def handle_timers(self, now: float) -> list[TunnelMessage]:
@@ -215,24 +346,34 @@ class KeyDistributorCore:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _advance(self, conference_id: str) -> EktParameterSet:
-        conference = self._conferences.setdefault(conference_id, _Conference())
-        epoch = conference.epoch + 1
-        params = self._ekt_params_for(conference_id, epoch)
-        if params.spi in conference.spis:
-            raise ValueError(f"key source reused EKT SPI {params.spi} in {conference_id!r}")
-        conference.epoch, conference.params = epoch, params
-        conference.spis.add(params.spi)
-        return params
+    def _left(self, association: _Association) -> None:
+        """A member left: if it knew a key, the rest need a new epoch, even with nobody
+        left (a later joiner must not get a key the departed member knows)."""
+        if association.keyed:
+            association.keyed = association.member = False
+            conference = self._conferences.get(association.conference_id)
+            if conference is not None:
+                conference.stale = True
+            self._rekeys[association.conference_id] = None
+            self._roster_updates.pop(association.conference_id, None)
 
-    def _current(self, conference_id: str) -> EktParameterSet:
-        conference = self._conferences.get(conference_id)
-        if conference is None or conference.params is None:
-            return self._advance(conference_id)
-        return conference.params
+    def _drop(self, association: _Association, now: float) -> list[TunnelMessage]:
+        """Close an association the KD cannot keep, and tell the MD."""
+        aid = association.association_id
+        self._associations.pop(aid, None)
+        out: list[TunnelMessage] = []
+        if association.connection is not None:
+            association.connection.close()
+            out += [TunneledDtls(aid, d) for d in association.connection.datagrams_to_send(now)]
+        out.append(EndpointDisconnect(aid))
+        self._left(association)
+        return out
 
     def _new_connection(self, association: _Association) -> DtlsConnection | None:
-        cipher = self._current(association.conference_id).cipher
+        params = self.current_params(association.conference_id)
+        if params is None:
+            return None
+        cipher = params.cipher
         profiles = [p for p in self._profiles if self._ekt_ciphers[p] == cipher]
         if not profiles:
             return None
@@ -274,14 +415,10 @@ class KeyDistributorCore:
             elif isinstance(event, ConnectionClosed):
                 closed = True
         out = first + [TunneledDtls(aid, d) for d in connection.datagrams_to_send(now)]
-        if closed:
-            self._associations.pop(aid, None)
+        if closed and self._associations.get(aid) is association:
+            del self._associations[aid]
             out.append(EndpointDisconnect(aid))
-            if association.member:
-                # Even with nobody left: a later joiner must not get a key the
-                # departed member knows.
-                association.member = False
-                out += self.new_epoch(association.conference_id, now)
+            self._left(association)
         return out
 
     def _admit(self, association: _Association, event: HandshakeComplete,
@@ -294,12 +431,22 @@ class KeyDistributorCore:
             return None
         if event.srtp_profile not in self._profiles:
             return None
-        params = self._current(association.conference_id)
+        conference = self._conferences.get(association.conference_id)
+        if conference is None or conference.params is None:
+            return None
+        params = conference.params
         if event.ekt_cipher != params.cipher:
             return None
         keys = split_keying_material(Profile(event.srtp_profile), event.keying_material)
         association.member = True
-        association.connection.send_ekt_key(params, now)  # type: ignore[union-attr]
+        association.ekt_cipher = EktCipher(event.ekt_cipher)
+        if conference.rekey_on_join or conference.stale:
+            # The first key this member gets is the next epoch's.
+            self._rekeys[association.conference_id] = None
+        else:
+            association.keyed = True
+            association.connection.send_ekt_key(params, now)  # type: ignore[union-attr]
+            self._roster_updates[association.conference_id] = None
         return MediaKeys(
             association_id=association.association_id,
             protection_profile=event.srtp_profile,

@@ -1,14 +1,96 @@
-"""twistd plugin module for perc-kd (see the package docstring for its role).
+"""twistd plugin module for perc-kd: the Key Distributor (RFC 8871 s4.5, RFC 9185).
 
-Today the service runs the admin listener (/healthz, /metrics); the daemon's
-own protocol work is added by later milestones (see README).
+:class:`KdService` keeps one tunnel to each configured MD
+(:class:`~perc_daemons.kd.tunnel.KdTunnelClient`) and one
+:class:`~perc_daemons.kd.associations.KeyDistributorCore`; :class:`KdHandler`
+is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfClient`):
+
+* SignAnswer: the offer is checked (:mod:`perc_daemons.kd.offers`), its
+  identity assertion verified with the KMF's JWKS, the invitation asked of the
+  KMF (invited and running, else REFUSED), the conference's current epoch key
+  fetched (started at the KMF if it has none) and installed, the association
+  expected in the core, and the MD's draft answer finished (KD tls-id) and
+  signed (:func:`perc_daemons.protocol.answer.sign_answer`).  Any failure
+  answers REFUSED / BAD_OFFER / INTERNAL_ERROR with a short reason and
+  leaves nothing behind.
+* TunneledDtls / EndpointDisconnect go to the core; its output goes back on
+  the tunnel the association came from.  A timer drives the core's DTLS
+  retransmissions.
+* Rekeys: after every core call the due conferences (a leave; a join when the
+  conference does not let late joiners have earlier epochs) get a new epoch
+  at the KMF (``POST epochs`` then ``POST keys``), which is installed (EKTKey
+  to every member) and reported with ``PUT roster``.  Work is serialised per
+  conference; requests arriving meanwhile coalesce into one more round.  A
+  KMF that cannot be reached is retried with back-off.
+* KMF events (SSE): ``conference-ended`` closes the conference's
+  associations (EndpointDisconnect to the MD); ``epoch`` newer than ours (an
+  epoch another KD started) is fetched and installed.  After a reconnection
+  every known conference is re-checked, as events may have been missed.
+* Associations belong to the MD they came from (by its configured name), not
+  to one TLS connection: when a tunnel drops they are kept (the MD keeps
+  forwarding with the keys it has, and sends the disconnects that happened
+  meanwhile when the tunnel is back); output for them meanwhile is dropped,
+  and DTLS retransmission re-delivers an unacknowledged EKTKey once the
+  tunnel to that MD is up again.
+
+Start-up: a missing or unusable certificate/key means the KD cannot serve:
+it logs that and runs only the admin listener (so a fresh install starts).
+With no ``[tunnel] mds`` it idles.  A missing KMF client secret is logged and
+retried (the file is read whenever a token is needed).
 """
 
 from __future__ import annotations
 
-from twisted.application.service import MultiService
+import os
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import Counter, Gauge
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from perc_daemons import config as config_module
+from perc_daemons import tls
 from perc_daemons.daemon import DaemonOptions, base_service
+from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
+from perc_daemons.kd.associations import EpochError, KeyDistributorCore, TunnelMessage
+from perc_daemons.kd.kmf_client import KmfClient, KmfError, KmfEventStream, KmfRefused
+from perc_daemons.kd.offers import OfferRejected, finish_answer, inspect_offer, verify_identity
+from perc_daemons.metrics import Metrics
+from perc_daemons.protocol.answer import sign_answer
+from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerprint
+from perc_daemons.protocol.identity import JwksIdentityVerifier
+from perc_daemons.protocol.jose import InvalidJwks, parse_jwks
+from perc_daemons.protocol.tunnel import (
+    SIGN_STATUS_BAD_OFFER,
+    SIGN_STATUS_INTERNAL_ERROR,
+    SIGN_STATUS_OK,
+    SIGN_STATUS_REFUSED,
+    EndpointDisconnect,
+    SignAnswer,
+    SignAnswerAck,
+    TunneledDtls,
+)
+
+__all__ = ["KdCredentials", "KdHandler", "KdService", "Options", "load_credentials",
+           "makeService"]
+
+log = Logger()
+
+STATUS_NAMES = {SIGN_STATUS_OK: "ok", SIGN_STATUS_REFUSED: "refused",
+                SIGN_STATUS_BAD_OFFER: "bad_offer", SIGN_STATUS_INTERNAL_ERROR: "internal_error"}
+#: Shortest time between two JWKS fetches caused by an unknown kid, seconds.
+JWKS_REFRESH_INTERVAL = 10.0
+#: Back-off of KMF work that failed, seconds.
+RETRY_MIN, RETRY_MAX = 1.0, 30.0
 
 
 class Options(DaemonOptions):
@@ -16,5 +98,553 @@ class Options(DaemonOptions):
     synopsis = "[--config /etc/perc/kd.toml]"
 
 
+# --- credentials ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class KdCredentials:
+    """The KD's one certificate chain (DER, leaf first) and its P-256 key."""
+
+    chain: tuple[bytes, ...]
+    private_key: ec.EllipticCurvePrivateKey
+
+    @property
+    def fingerprint(self) -> bytes:
+        return certificate_fingerprint(self.chain[0])
+
+    def __repr__(self) -> str:
+        return f"<KdCredentials {format_fingerprint(self.fingerprint)}>"
+
+
+def load_credentials(certificate_path: str, private_key_path: str) -> KdCredentials:
+    """Read and check the KD certificate chain and key; raises :class:`tls.TlsFileError`."""
+    try:
+        with open(certificate_path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise tls.TlsFileError(f"{certificate_path}: {e.strerror or e}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise tls.TlsFileError(f"{certificate_path}: no PEM certificate") from None
+    try:
+        tls.check_private_key_file(private_key_path)
+    except tls.TlsFileError as e:
+        raise tls.TlsFileError(f"{private_key_path}: {e}") from None
+    try:
+        with open(private_key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+    except (OSError, ValueError, TypeError):
+        raise tls.TlsFileError(f"{private_key_path}: not a readable unencrypted PEM "
+                               "private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
+            key.curve, ec.SECP256R1):
+        raise tls.TlsFileError(f"{private_key_path}: the KD key must be ECDSA P-256")
+    leaf_public = certificates[0].public_key()
+    if leaf_public.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            key.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise tls.TlsFileError(f"{private_key_path}: does not match {certificate_path}")
+    chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certificates)
+    return KdCredentials(chain, key)
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+class KdMetrics:
+    def __init__(self, metrics: Metrics, core: KeyDistributorCore) -> None:
+        registry = metrics.registry
+        Gauge("perc_kd_associations", "DTLS associations the KD knows (expected or keyed)",
+              registry=registry).set_function(core.association_count)
+        Gauge("perc_kd_members", "Keyed conference members",
+              registry=registry).set_function(core.member_count)
+        self.epochs = Counter("perc_kd_epochs_started", "Epochs started at the KMF by this KD",
+                              registry=registry)
+        self.sign_answers = Counter("perc_kd_sign_answers", "SignAnswer requests by outcome",
+                                    ["status"], registry=registry)
+        self.kmf_errors = Counter("perc_kd_kmf_errors", "Failed KMF requests by operation",
+                                  ["operation"], registry=registry)
+
+
+# --- the handler ------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """Pending KMF work of one conference."""
+
+    new_epoch: bool = False
+    sync: bool = False
+    roster: bool = False
+    running: bool = False
+
+    def due(self) -> bool:
+        return self.new_epoch or self.sync or self.roster
+
+
+@implementer(ITunnelHandler)
+class KdHandler:
+    """Tunnel messages in, core and KMF work, tunnel messages out (see the module doc)."""
+
+    def __init__(self, reactor: Any, *, core: KeyDistributorCore, kmf: KmfClient,
+                 idp_domain: str, credentials: KdCredentials,
+                 metrics: Metrics | None = None) -> None:
+        self.reactor = reactor
+        self.core = core
+        self.kmf = kmf
+        self.idp_domain = idp_domain
+        self.credentials = credentials
+        self.tls_id = core.tls_id.decode("ascii")
+        self.metrics = KdMetrics(metrics, core) if metrics is not None else None
+        self._peers: dict[str, ITunnelPeer] = {}  # MD name -> its up tunnel
+        self._owner: dict[bytes, str] = {}  # association -> MD name
+        self._signing: set[bytes] = set()
+        self._jobs: dict[str, _Job] = {}
+        self._sleeps: set[defer.Deferred[Any]] = set()
+        self._timer: Any = None
+        self._verifier: JwksIdentityVerifier | None = None
+        self._kids: frozenset[str] = frozenset()
+        self._jwks_fetched_at: float | None = None
+        self._events: KmfEventStream | None = None
+        self._connections = 0
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<KdHandler peers={len(self._peers)} {self.core!r}>"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start_events(self, *, min_delay: float = 0.5, max_delay: float = 30.0) -> None:
+        """Follow the KMF's events (conference-ended, epoch)."""
+        if self._events is None:
+            self._events = self.kmf.events(self.kmf_event, min_delay=min_delay,
+                                           max_delay=max_delay,
+                                           on_connected=self._events_connected)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._events is not None:
+            self._events.stop()
+            self._events = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for d in list(self._sleeps):
+            d.cancel()
+
+    @property
+    def events_connected(self) -> bool:
+        return self._events is not None and self._events.connected
+
+    # -- ITunnelHandler ----------------------------------------------------------------
+
+    def tunnel_up(self, peer: ITunnelPeer) -> None:
+        self._peers[str(peer.peer_name)] = peer
+        log.info("tunnel up: md {md}", md=peer.peer_name)
+
+    def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
+        name = str(peer.peer_name)
+        if self._peers.get(name) is peer:
+            del self._peers[name]
+        kept = sum(1 for owner in self._owner.values() if owner == name)
+        log.info("tunnel down: md {md} ({reason}); its {count} association(s) are kept",
+                 md=name, reason=reason, count=kept)
+
+    def _live(self, peer: ITunnelPeer) -> bool:
+        return self._peers.get(str(peer.peer_name)) is peer
+
+    def tunnel_message(self, peer: ITunnelPeer, message: Any) -> None:
+        if isinstance(message, TunneledDtls):
+            self._tunneled_dtls(peer, message)
+        elif isinstance(message, EndpointDisconnect):
+            self._endpoint_disconnect(peer, message)
+        elif isinstance(message, SignAnswer):
+            d = defer.ensureDeferred(self._sign_answer(peer, message))
+            d.addErrback(lambda f: log.failure("SignAnswer handling failed", f))
+        else:
+            log.warn("md {md} sent {kind}, which only a KD sends: ignored",
+                     md=peer.peer_name, kind=type(message).__name__)
+
+    # -- DTLS --------------------------------------------------------------------------
+
+    def _tunneled_dtls(self, peer: ITunnelPeer, message: TunneledDtls) -> None:
+        aid = message.association_id
+        owner = self._owner.get(aid)
+        if owner is not None and owner != peer.peer_name:
+            # Another MD's association: not this MD's to drive.
+            peer.send(EndpointDisconnect(aid))
+            return
+        out = self.core.tunneled_dtls(aid, message.dtls_message, self.reactor.seconds())
+        self._send(out, peer)
+        self._after_core()
+
+    def _endpoint_disconnect(self, peer: ITunnelPeer, message: EndpointDisconnect) -> None:
+        aid = message.association_id
+        if self._owner.get(aid) != peer.peer_name:
+            return
+        self._owner.pop(aid, None)
+        conference = self.core.conference_of(aid)
+        self._send(self.core.endpoint_disconnect(aid, self.reactor.seconds()), peer)
+        log.info("association {association} of {conference} left",
+                 association=_aid(aid), conference=conference)
+        self._after_core()
+
+    def _send(self, out: Iterable[TunnelMessage], default: ITunnelPeer | None) -> None:
+        for message in out:
+            aid = message.association_id
+            owner = self._owner.get(aid)
+            peer = self._peers.get(owner) if owner is not None else default
+            if isinstance(message, EndpointDisconnect):
+                self._owner.pop(aid, None)
+            if peer is not None and self._live(peer):
+                peer.send(message)
+
+    def _after_core(self) -> None:
+        for conference in self.core.take_rekeys():
+            self._schedule(conference, new_epoch=True)
+        for conference in self.core.take_roster_updates():
+            self._schedule(conference, roster=True)
+        self._reschedule_timer()
+
+    def _reschedule_timer(self) -> None:
+        when = None if self._stopped else self.core.next_timer()
+        if self._timer is not None and self._timer.active():
+            if when is not None and self._timer.getTime() == when:
+                return
+            self._timer.cancel()
+        self._timer = None
+        if when is not None:
+            self._timer = self.reactor.callLater(max(0.0, when - self.reactor.seconds()),
+                                                 self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._send(self.core.handle_timers(self.reactor.seconds()), None)
+        self._after_core()
+
+    # -- SignAnswer --------------------------------------------------------------------
+
+    async def _verifier_for(self, kid: str | None) -> JwksIdentityVerifier:
+        now = self.reactor.seconds()
+        stale = kid not in self._kids and (
+            self._jwks_fetched_at is None or now - self._jwks_fetched_at >= JWKS_REFRESH_INTERVAL)
+        if self._verifier is None or stale:
+            self._jwks_fetched_at = now
+            jwks = await self.kmf.jwks()
+            try:
+                kids = frozenset(parse_jwks(jwks))
+                if self._verifier is None:
+                    self._verifier = JwksIdentityVerifier(self.idp_domain, jwks)
+                else:
+                    self._verifier.update_jwks(jwks)
+            except InvalidJwks as e:
+                if self._verifier is None:
+                    raise KmfError(f"the KMF's JWKS is unusable: {e}") from None
+                log.warn("the KMF's JWKS is unusable, keeping the old keys: {error}", error=e)
+            else:
+                self._kids = kids
+        assert self._verifier is not None
+        return self._verifier
+
+    async def _ensure_epoch(self, conference: str) -> None:
+        """The conference's current KMF epoch installed in the core (started if none)."""
+        if self.core.current_params(conference) is not None:
+            return
+        try:
+            epoch, params = await self.kmf.current_key(conference)
+        except KmfRefused as e:
+            if e.slug != "no-epoch":
+                raise
+            await self.kmf.new_epoch(conference)
+            if self.metrics is not None:
+                self.metrics.epochs.inc()
+            epoch, params = await self.kmf.current_key(conference)
+        if epoch > self.core.epoch(conference):
+            self._install(conference, epoch, params)
+
+    def _install(self, conference: str, epoch: int, params: Any) -> None:
+        try:
+            out = self.core.install_epoch(conference, epoch, params, self.reactor.seconds())
+        except EpochError as e:
+            log.warn("epoch {epoch} of {conference} not installed: {error}",
+                     epoch=epoch, conference=conference, error=str(e))
+            return
+        log.info("epoch {epoch} of {conference} installed (SPI {spi}); sent to "
+                 "{members} member(s)", epoch=epoch, conference=conference, spi=params.spi,
+                 members=len(self.core.roster(conference)))
+        self._send(out, None)
+        self._after_core()
+
+    async def _sign_answer(self, peer: ITunnelPeer, message: SignAnswer) -> None:
+        aid = message.association_id
+        conference: str | None = None
+        identity: str | None = None
+        try:
+            if self.core.knows(aid) or aid in self._signing:
+                raise OfferRejected(SIGN_STATUS_BAD_OFFER, "association id already in use")
+            self._signing.add(aid)
+            facts = inspect_offer(message.offer_sdp)
+            conference = facts.conference_id
+            verifier = await self._verifier_for(facts.kid)
+            identity = verify_identity(verifier, facts, self.reactor.seconds())
+            try:
+                invitation = await self.kmf.invitation(conference, identity)
+            except KmfRefused as e:
+                if e.status == 404:
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "unknown conference") from None
+                raise
+            if not invitation["invited"]:
+                raise OfferRejected(SIGN_STATUS_REFUSED, "not invited")
+            if invitation["state"] != "running":
+                raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running")
+            try:
+                await self._ensure_epoch(conference)
+            except KmfRefused as e:
+                if e.status in (409, 410):
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running") from None
+                raise
+            answer = finish_answer(message.answer_sdp, message.offer_sdp,
+                                   kd_fingerprint=self.credentials.fingerprint,
+                                   kd_tls_id=self.tls_id)
+            signed = sign_answer(answer, message.offer_sdp, association_id=aid,
+                                 conference_id=conference, identity=identity,
+                                 certificate_chain=list(self.credentials.chain),
+                                 private_key=self.credentials.private_key,
+                                 now=self.reactor.seconds())
+            if not self._live(peer):
+                log.info("SignAnswer {association}: the tunnel went down meanwhile",
+                         association=_aid(aid))
+                return
+            self.core.set_policy(conference, rekey_on_join=not bool(
+                invitation.get("late_joiners_get_earlier_epochs", False)))
+            self.core.expect(aid, conference, identity, facts.fingerprint,
+                             facts.tls_id.encode("ascii"), facts.ssrcs)
+            self._owner[aid] = str(peer.peer_name)
+            ack = SignAnswerAck(aid, SIGN_STATUS_OK, signed)
+            log.info("SignAnswer {association}: {identity} admitted to {conference}",
+                     association=_aid(aid), identity=identity, conference=conference)
+        except OfferRejected as e:
+            ack = SignAnswerAck(aid, e.status, e.reason)
+            log.info("SignAnswer {association}: {outcome} ({reason}); identity {identity}, "
+                     "conference {conference}", association=_aid(aid),
+                     outcome=STATUS_NAMES[e.status], reason=e.reason, identity=identity,
+                     conference=conference)
+        except KmfError as e:
+            if self.metrics is not None:
+                self.metrics.kmf_errors.labels("sign_answer").inc()
+            ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR,
+                                "key management service unavailable")
+            log.warn("SignAnswer {association}: KMF problem: {error}; identity {identity}, "
+                     "conference {conference}", association=_aid(aid), error=str(e),
+                     identity=identity, conference=conference)
+        except Exception:
+            ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR, "internal error")
+            log.failure("SignAnswer {association}: internal error", association=_aid(aid))
+        finally:
+            self._signing.discard(aid)
+        if self.metrics is not None:
+            self.metrics.sign_answers.labels(STATUS_NAMES[ack.status]).inc()
+        if self._live(peer):
+            peer.send(ack)
+
+    # -- KMF work per conference -------------------------------------------------------
+
+    def _schedule(self, conference: str, *, new_epoch: bool = False, sync: bool = False,
+                  roster: bool = False) -> None:
+        if self._stopped:
+            return
+        job = self._jobs.setdefault(conference, _Job())
+        job.new_epoch |= new_epoch
+        job.sync |= sync
+        job.roster |= roster
+        if not job.running:
+            job.running = True
+            d = defer.ensureDeferred(self._run(conference, job))
+            d.addErrback(lambda f: log.failure("KMF work for {conference} failed", f,
+                                               conference=conference))
+
+    async def _run(self, conference: str, job: _Job) -> None:
+        delay = RETRY_MIN
+        try:
+            while job.due() and not self._stopped:
+                new, sync, roster = job.new_epoch, job.sync, job.roster
+                job.new_epoch = job.sync = job.roster = False
+                operation = "new_epoch" if new else "sync" if sync else "roster"
+                try:
+                    await self._round(conference, new, sync, roster)
+                except KmfRefused as e:
+                    if self.metrics is not None:
+                        self.metrics.kmf_errors.labels(operation).inc()
+                    if e.status == 410:
+                        log.info("conference {conference} has ended at the KMF",
+                                 conference=conference)
+                        self.end_conference(conference)
+                        return
+                    log.warn("KMF refused {operation} for {conference}: {error}",
+                             operation=operation, conference=conference, error=str(e))
+                except KmfError as e:
+                    if self.metrics is not None:
+                        self.metrics.kmf_errors.labels(operation).inc()
+                    job.new_epoch |= new
+                    job.sync |= sync
+                    job.roster |= roster
+                    log.warn("KMF {operation} for {conference} failed: {error}; retrying in "
+                             "{delay:.0f} s", operation=operation, conference=conference,
+                             error=str(e), delay=delay)
+                    if not await self._sleep(delay):
+                        return
+                    delay = min(delay * 2, RETRY_MAX)
+        finally:
+            job.running = False
+            if self._jobs.get(conference) is job and not job.due():
+                del self._jobs[conference]
+
+    async def _round(self, conference: str, new: bool, sync: bool, roster: bool) -> None:
+        if conference not in self.core.conferences():
+            return  # ended meanwhile
+        if new:
+            started = await self.kmf.new_epoch(conference)
+            if self.metrics is not None:
+                self.metrics.epochs.inc()
+            log.info("epoch {epoch} of {conference} started at the KMF",
+                     epoch=started.get("epoch"), conference=conference)
+        installed = False
+        if new or sync:
+            epoch, params = await self.kmf.current_key(conference)
+            if conference not in self.core.conferences():
+                return
+            if epoch > self.core.epoch(conference):
+                self._install(conference, epoch, params)
+                installed = True
+        if (new or roster or installed) and self.core.epoch(conference) > 0:
+            epoch = self.core.epoch(conference)
+            members = self.core.roster(conference)
+            await self.kmf.put_roster(conference, epoch, members)
+            log.info("roster of {conference} for epoch {epoch}: {count} member(s)",
+                     conference=conference, epoch=epoch, count=len(members))
+
+    async def _sleep(self, delay: float) -> bool:
+        d = task.deferLater(self.reactor, delay, lambda: None)
+        self._sleeps.add(d)
+        try:
+            await d
+        except defer.CancelledError:
+            return False
+        finally:
+            self._sleeps.discard(d)
+        return not self._stopped
+
+    # -- KMF events --------------------------------------------------------------------
+
+    def kmf_event(self, kind: str, data: dict[str, Any]) -> None:
+        conference = data.get("conference")
+        if not isinstance(conference, str):
+            return
+        if kind == "conference-ended":
+            if conference in self.core.conferences():
+                log.info("KMF: conference {conference} ended", conference=conference)
+            self.end_conference(conference)
+        elif kind == "epoch":
+            epoch = data.get("epoch")
+            if (conference in self.core.conferences() and isinstance(epoch, int)
+                    and epoch > self.core.epoch(conference)):
+                self._schedule(conference, sync=True)
+
+    def _events_connected(self) -> None:
+        self._connections += 1
+        if self._connections > 1:  # events may have been missed: check every conference
+            for conference in self.core.conferences():
+                self._schedule(conference, sync=True)
+
+    def end_conference(self, conference: str) -> None:
+        """Close the conference's associations (EndpointDisconnect each) and wipe its keys."""
+        self._jobs.pop(conference, None)
+        out = self.core.end_conference(conference, self.reactor.seconds())
+        self._send(out, None)
+        self._after_core()
+
+
+def _aid(association_id: bytes) -> str:
+    return str(uuid.UUID(bytes=association_id))
+
+
+# --- the service --------------------------------------------------------------------------
+
+
+def _md_address(item: str) -> tuple[str, int]:
+    name, _, port = item.rpartition(":")
+    return name.strip("[]"), int(port)
+
+
+class KdService(MultiService):
+    """The KD: tunnels to the configured MDs, the core, the KMF client (module doc)."""
+
+    def __init__(self, reactor: Any, cfg: config_module.Config,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__()
+        self.setName("kd")
+        self.reactor = reactor
+        self.cfg = cfg
+        self.kmf = KmfClient(reactor, cfg.kmf.url, cfg.kmf.ca_file, cfg.kmf.client_id,
+                             cfg.kmf.client_secret_file)
+        self.handler: KdHandler | None = None
+        self.problem: str | None = None
+        try:
+            credentials = load_credentials(cfg.tunnel.certificate, cfg.tunnel.private_key)
+        except tls.TlsFileError as e:
+            self.problem = f"KD certificate/key: {e}"
+            return
+        tls_id = secrets.token_urlsafe(24)  # 32 characters of the RFC 8842 alphabet
+        core = KeyDistributorCore(credentials.chain[0], credentials.private_key,
+                                  tls_id.encode("ascii"), os.urandom(32))
+        self.handler = KdHandler(reactor, core=core, kmf=self.kmf,
+                                 idp_domain=cfg.idp.domain, credentials=credentials,
+                                 metrics=metrics)
+        from perc_daemons.kd.tunnel import KdTunnelClient
+
+        for item in cfg.tunnel.mds:
+            host, port = _md_address(item)
+            try:
+                KdTunnelClient(reactor, host=host, port=port, name=host,
+                               ca_certificate=cfg.tunnel.ca_file,
+                               certificate=cfg.tunnel.certificate,
+                               private_key=cfg.tunnel.private_key,
+                               handler=self.handler, metrics=metrics).setServiceParent(self)
+            except tls.TlsFileError as e:
+                self.problem = f"tunnel to md {item}: {e}"
+
+    def startService(self) -> None:
+        super().startService()
+        if self.handler is None:
+            log.error("perc-kd cannot serve: {problem}; only /healthz and /metrics run "
+                      "(install the certificate and key, then restart)", problem=self.problem)
+            return
+        if self.problem is not None:
+            log.error("perc-kd: {problem}", problem=self.problem)
+        log.info("perc-kd: certificate {fingerprint}, tls-id {tls_id}",
+                 fingerprint=format_fingerprint(self.handler.credentials.fingerprint),
+                 tls_id=self.handler.tls_id)
+        if not self.cfg.tunnel.mds:
+            log.info("perc-kd: no [tunnel] mds configured: idle")
+            return
+        if not os.path.exists(self.cfg.kmf.client_secret_file):
+            log.error("perc-kd: KMF client secret file {path} is missing; retrying until "
+                      "it appears", path=self.cfg.kmf.client_secret_file)
+        self.handler.start_events()
+
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        if self.handler is not None:
+            self.handler.stop()
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.kmf.close())
+        return d
+
+
 def makeService(options: Options) -> MultiService:
-    return base_service("kd", options.loaded)
+    from twisted.internet import reactor
+
+    top = base_service("kd", options.loaded, reactor)
+    KdService(reactor, options.loaded, top.metrics).setServiceParent(top)  # type: ignore[attr-defined]
+    return top

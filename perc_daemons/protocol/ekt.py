@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
     aes_key_unwrap_with_padding,
@@ -74,6 +76,7 @@ __all__ = [
     "UnknownEktType",
     "UnknownSpi",
     "decode_ekt_key",
+    "derive_master_salt",
     "ekt_field_length",
     "encode_ekt_key",
 ]
@@ -425,6 +428,32 @@ class EktParameterSet:
         except InvalidUnwrap:
             raise EktUnwrapFailed(f"EKTCiphertext does not unwrap under SPI {self.spi}") from None
         return EktPlaintext.decode(data)
+
+
+#: HKDF ``info`` prefix of :func:`derive_master_salt`.
+MASTER_SALT_INFO = b"perc-daemons EKT master salt|"
+
+
+def derive_master_salt(key: bytes, conference_id: str, epoch: int, length: int = 12) -> bytes:
+    """The SRTP master salt of a conference epoch's EKT parameter set (RFC 8870 §4.2).
+
+    The KMF stores only the EKTKey of an epoch; every KD derives the same salt
+    from it so that all of them hand out identical parameter sets:
+    HKDF-SHA256 (RFC 5869) with ``ikm`` = the EKTKey, no salt, ``info`` =
+    ``b"perc-daemons EKT master salt|" + conference_id + b"|" + str(epoch)``.
+    Twelve bytes suit the AEAD (GCM) DOUBLE profiles (RFC 8723, RFC 7714).
+    """
+    if not isinstance(key, bytes | bytearray) or not key:
+        raise ValueError("key must be non-empty bytes")
+    if not isinstance(conference_id, str) or not conference_id:
+        raise ValueError("conference_id must be a non-empty string")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError("epoch must be a positive integer")
+    if not 1 <= length <= 256:
+        raise ValueError("length must be 1..256")
+    info = MASTER_SALT_INFO + conference_id.encode() + b"|" + str(epoch).encode()
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(
+        bytes(key))
 
 
 def encode_ekt_key(params: EktParameterSet) -> bytes:

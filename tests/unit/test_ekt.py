@@ -834,3 +834,34 @@ class PropertyTests(unittest.TestCase):
         if result is not None:
             self.assertEqual((result.ssrc, len(result.master_key)), (ssrc, 16))
             self.assertIsNone(receiver.process(ssrc, field, now))  # a repeat
+
+
+class DeriveMasterSaltTests(unittest.TestCase):
+    """derive_master_salt: HKDF-SHA256 as the contract spells it; every KD agrees."""
+
+    def test_matches_hkdf_definition(self) -> None:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        key = bytes(range(32))
+        expected = HKDF(algorithm=hashes.SHA256(), length=12, salt=None,
+                        info=b"perc-daemons EKT master salt|conf-1|3").derive(key)
+        self.assertEqual(ekt.derive_master_salt(key, "conf-1", 3), expected)
+        self.assertEqual(len(ekt.derive_master_salt(key, "conf-1", 3, length=14)), 14)
+
+    def test_depends_on_key_conference_and_epoch(self) -> None:
+        key = b"k" * 16
+        salts = {ekt.derive_master_salt(key, "conf-1", 1),
+                 ekt.derive_master_salt(key, "conf-1", 2),
+                 ekt.derive_master_salt(key, "conf-2", 1),
+                 ekt.derive_master_salt(b"j" * 16, "conf-1", 1)}
+        self.assertEqual(len(salts), 4)
+        # conference "a|1" epoch 1 vs conference "a" epoch ... cannot collide: epoch is last.
+        self.assertEqual(ekt.derive_master_salt(key, "conf-1", 1),
+                         ekt.derive_master_salt(bytearray(key), "conf-1", 1))
+
+    def test_bad_arguments(self) -> None:
+        for args in ((b"", "c", 1), (b"k" * 16, "", 1), (b"k" * 16, "c", 0),
+                     (b"k" * 16, "c", True)):
+            self.assertRaises(ValueError, ekt.derive_master_salt, *args)
+        self.assertRaises(ValueError, ekt.derive_master_salt, b"k" * 16, "c", 1, length=0)

@@ -7,7 +7,12 @@ import uuid
 
 from twisted.trial import unittest
 
-from perc_daemons.kd.associations import KeyDistributorCore
+from perc_daemons.kd.associations import (
+    KeyDistributorCore,
+    NoCurrentEpoch,
+    ReusedSpi,
+    StaleEpoch,
+)
 from perc_daemons.protocol.double import split_keying_material
 from perc_daemons.protocol.dtls import (
     ConnectionClosed,
@@ -32,6 +37,8 @@ CONF = "conf-1"
 
 
 class KeySource:
+    """What the KMF would hand out: a fresh key per epoch, SPI 100 + epoch."""
+
     def __init__(self) -> None:
         self.issued: dict[tuple[str, int], EktParameterSet] = {}
 
@@ -63,13 +70,28 @@ class Harness:
     def __init__(self) -> None:
         self.now = 0.0
         self.keys = KeySource()
-        self.kd = KeyDistributorCore(KD_CERT, KD_KEY, KD_TLS_ID, b"c" * 32, self.keys)
+        self.kd = KeyDistributorCore(KD_CERT, KD_KEY, KD_TLS_ID, b"c" * 32)
         self.endpoints: dict[bytes, Endpoint] = {}
         self.to_md: list[object] = []
         self.drop_to_endpoint = False
 
+    def new_epoch(self, conference: str = CONF) -> EktParameterSet:
+        """What the KD service does for a due conference: next epoch in, outputs out."""
+        epoch = self.kd.epoch(conference) + 1
+        params = self.keys(conference, epoch)
+        self.deliver(self.kd.install_epoch(conference, epoch, params, self.now))
+        self.run()
+        return params
+
+    def rekey_due(self) -> None:
+        for conference in self.kd.take_rekeys():
+            self.new_epoch(conference)
+
     def expect(self, ep: Endpoint, conference: str = CONF) -> None:
-        self.kd.expect(ep.aid, conference, ep.name, ep.fingerprint, ep.tls_id)
+        if self.kd.epoch(conference) == 0:
+            self.new_epoch(conference)
+        self.kd.expect(ep.aid, conference, ep.name, ep.fingerprint, ep.tls_id,
+                       ssrcs=[0x1000 + len(self.endpoints)])
 
     def join(self, ep: Endpoint) -> None:
         self.endpoints[ep.aid] = ep
@@ -138,10 +160,23 @@ class TestJoin(unittest.TestCase):
                 self.assertNotIn(inner.key, wire)
                 self.assertNotIn(inner.salt, wire)
 
+    def test_roster_and_updates(self) -> None:
+        self.assertEqual(self.h.kd.roster(CONF), [("alice", [0x1000]), ("bob", [0x1001])])
+        self.assertEqual(self.h.kd.take_roster_updates(), [CONF])
+        self.assertEqual(self.h.kd.take_roster_updates(), [])
+        self.assertEqual(self.h.kd.take_rekeys(), [])  # joins do not rekey by default
+        self.assertEqual((self.h.kd.association_count(), self.h.kd.member_count()), (2, 2))
+        self.assertEqual(self.h.kd.conference_of(self.bob.aid), CONF)
+
     def test_leave_rekeys_the_rest(self) -> None:
         self.h.to_md.clear()
         self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
         self.h.run()
+        self.assertEqual(self.h.kd.roster(CONF), [("bob", [0x1001])])
+        self.assertEqual(self.h.kd.epoch(CONF), 1)  # nothing happens until the service acts
+        self.assertEqual(self.h.kd.take_rekeys(), [CONF])
+        self.assertEqual(self.h.kd.take_rekeys(), [])
+        self.h.new_epoch()
         epoch1, epoch2 = self.h.keys.issued[(CONF, 1)], self.h.keys.issued[(CONF, 2)]
         self.assertNotEqual(epoch1.spi, epoch2.spi)
         self.assertEqual([e.params for e in self.bob.of(EktKeyReceived)], [epoch1, epoch2])
@@ -150,9 +185,16 @@ class TestJoin(unittest.TestCase):
         self.assertEqual(self.h.kd.members(CONF), [("bob", self.bob.aid)])
         self.assertFalse(self.h.kd.knows(self.alice.aid))
 
+    def test_two_leaves_coalesce_into_one_rekey(self) -> None:
+        self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
+        self.h.deliver(self.h.kd.endpoint_disconnect(self.bob.aid, self.h.now))
+        self.assertEqual(self.h.kd.take_rekeys(), [CONF])
+        self.assertEqual(self.h.kd.members(CONF), [])
+
     def test_late_joiner_gets_current_epoch_only(self) -> None:
         self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
         self.h.run()
+        self.h.rekey_due()
         carol = Endpoint("carol")
         self.h.expect(carol)
         self.h.join(carol)
@@ -160,10 +202,27 @@ class TestJoin(unittest.TestCase):
                          [self.h.keys.issued[(CONF, 2)]])
         self.assertEqual(self.h.kd.epoch(CONF), 2)
 
+    def test_joiner_during_a_due_rekey_waits_for_the_new_epoch(self) -> None:
+        self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
+        carol = Endpoint("carol")
+        self.h.expect(carol)
+        self.h.join(carol)
+        self.assertEqual(len(self.h.md(MediaKeys, carol.aid)), 1)
+        self.assertEqual(carol.of(EktKeyReceived), [])  # epoch 1 is known to alice
+        self.h.rekey_due()
+        self.assertEqual([e.params for e in carol.of(EktKeyReceived)],
+                         [self.h.keys.issued[(CONF, 2)]])
+        self.assertEqual(self.h.kd.roster(CONF), [("bob", [0x1001]), ("carol", [0x1002])])
+
     def test_close_notify_from_endpoint_disconnects_and_rekeys(self) -> None:
         self.alice.conn.close()
         self.h.run()
         self.assertEqual(self.h.md(EndpointDisconnect), [EndpointDisconnect(self.alice.aid)])
+        self.h.to_md.clear()
+        self.h.rekey_due()
+        self.assertEqual(self.h.md(TunneledDtls, self.alice.aid), [])
+        self.assertEqual([e.params for e in self.alice.of(EktKeyReceived)],
+                         [self.h.keys.issued[(CONF, 1)]])
         self.assertEqual(self.bob.of(EktKeyReceived)[-1].params,
                          self.h.keys.issued[(CONF, 2)])
 
@@ -181,7 +240,7 @@ class TestJoin(unittest.TestCase):
 
     def test_lost_ekt_key_is_retransmitted_on_timer(self) -> None:
         self.h.drop_to_endpoint = True
-        lost = self.h.kd.new_epoch(CONF, self.h.now)
+        lost = self.h.kd.install_epoch(CONF, 2, self.h.keys(CONF, 2), self.h.now)
         self.h.deliver(lost)
         self.assertEqual(len([m for m in lost if isinstance(m, TunneledDtls)]), 2)
         self.h.drop_to_endpoint = False
@@ -221,6 +280,7 @@ class TestRefusals(unittest.TestCase):
     def test_wrong_tls_id(self) -> None:
         h = Harness()
         ep = Endpoint("alice")
+        h.new_epoch()
         h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, b"x" * 20)
         h.join(ep)
         self.assertRefused(h, ep)
@@ -233,3 +293,104 @@ class TestRefusals(unittest.TestCase):
         self.assertFalse(h.kd.knows(ep.aid))
         self.assertIsNone(h.kd.next_timer())
         self.assertEqual(h.kd.epoch(CONF), 0)
+
+
+class TestRekeyOnJoin(unittest.TestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.h.kd.set_policy(CONF, rekey_on_join=True)
+        self.alice = Endpoint("alice")
+        self.h.expect(self.alice)
+        self.h.join(self.alice)
+        self.h.rekey_due()
+
+    def test_joiner_gets_only_the_new_epoch_key(self) -> None:
+        epoch1, epoch2 = self.h.keys.issued[(CONF, 1)], self.h.keys.issued[(CONF, 2)]
+        self.assertEqual([e.params for e in self.alice.of(EktKeyReceived)], [epoch2])
+        bob = Endpoint("bob")
+        self.h.expect(bob)
+        self.h.join(bob)
+        # MediaKeys at once, EKTKey only with the epoch the join starts.
+        self.assertEqual(len(self.h.md(MediaKeys, bob.aid)), 1)
+        self.assertEqual(bob.of(EktKeyReceived), [])
+        self.assertEqual(self.h.kd.members(CONF), [("alice", self.alice.aid)])
+        self.assertEqual(self.h.kd.take_rekeys(), [CONF])
+        epoch3 = self.h.new_epoch()
+        self.assertEqual([e.params for e in bob.of(EktKeyReceived)], [epoch3])
+        self.assertEqual([e.params for e in self.alice.of(EktKeyReceived)], [epoch2, epoch3])
+        self.assertNotIn(epoch1, [e.params for e in bob.of(EktKeyReceived)])
+        self.assertEqual(self.h.kd.members(CONF),
+                         [("alice", self.alice.aid), ("bob", bob.aid)])
+        self.assertEqual(self.h.kd.roster(CONF), [("alice", [0x1000]), ("bob", [0x1001])])
+
+    def test_joins_coalesce(self) -> None:
+        for name in ("bob", "carol"):
+            ep = Endpoint(name)
+            self.h.expect(ep)
+            self.h.join(ep)
+        self.assertEqual(self.h.kd.take_rekeys(), [CONF])
+        epoch3 = self.h.new_epoch()
+        for ep in self.h.endpoints.values():
+            self.assertEqual(ep.of(EktKeyReceived)[-1].params, epoch3)
+
+    def test_waiting_joiner_that_leaves_is_never_keyed(self) -> None:
+        bob = Endpoint("bob")
+        self.h.expect(bob)
+        self.h.join(bob)
+        self.h.deliver(self.h.kd.endpoint_disconnect(bob.aid, self.h.now))
+        self.h.to_md.clear()
+        self.h.rekey_due()  # the join's rekey is still due; harmless
+        self.assertEqual(bob.of(EktKeyReceived), [])
+        self.assertEqual(self.h.md(TunneledDtls, bob.aid), [])
+
+
+class TestEpochs(unittest.TestCase):
+    def params(self, spi: int, cipher: EktCipher = EktCipher.AESKW_128) -> EktParameterSet:
+        return EktParameterSet(key=os.urandom(cipher.key_length), cipher=cipher,
+                               master_salt=os.urandom(12), spi=spi, ttl=60)
+
+    def test_epochs_must_grow_and_spis_never_repeat(self) -> None:
+        kd = Harness().kd
+        self.assertEqual(kd.install_epoch(CONF, 3, self.params(7), 0.0), [])
+        self.assertEqual(kd.epoch(CONF), 3)
+        self.assertRaises(StaleEpoch, kd.install_epoch, CONF, 3, self.params(8), 0.0)
+        self.assertRaises(StaleEpoch, kd.install_epoch, CONF, 2, self.params(8), 0.0)
+        self.assertRaises(ReusedSpi, kd.install_epoch, CONF, 4, self.params(7), 0.0)
+        self.assertEqual(kd.epoch(CONF), 3)
+        kd.install_epoch(CONF, 5, self.params(8), 0.0)
+        self.assertEqual(kd.current_params(CONF).spi, 8)
+        # Another conference has its own numbering and SPIs.
+        kd.install_epoch("conf-2", 1, self.params(7), 0.0)
+        self.assertRaises(ValueError, kd.install_epoch, CONF, 0, self.params(9), 0.0)
+
+    def test_join_needs_a_current_epoch(self) -> None:
+        kd = Harness().kd
+        ep = Endpoint("alice")
+        self.assertRaises(NoCurrentEpoch, kd.expect, ep.aid, CONF, "alice", ep.fingerprint,
+                          ep.tls_id, [1])
+        self.assertFalse(kd.knows(ep.aid))
+        kd.set_policy(CONF, rekey_on_join=True)  # a policy is not an epoch
+        self.assertRaises(NoCurrentEpoch, kd.expect, ep.aid, CONF, "alice", ep.fingerprint,
+                          ep.tls_id, [1])
+
+    def test_end_conference_forgets_due_rekeys_and_epochs(self) -> None:
+        h = Harness()
+        alice = Endpoint("alice")
+        h.expect(alice)
+        h.join(alice)
+        h.deliver(h.kd.endpoint_disconnect(alice.aid, h.now))
+        h.kd.end_conference(CONF, h.now)
+        self.assertEqual(h.kd.take_rekeys(), [])
+        self.assertEqual(h.kd.epoch(CONF), 0)
+
+    def test_member_with_another_cipher_is_dropped_on_rekey(self) -> None:
+        h = Harness()
+        alice = Endpoint("alice")
+        h.expect(alice)
+        h.join(alice)
+        h.to_md.clear()
+        h.deliver(h.kd.install_epoch(CONF, 2, self.params(900, EktCipher.AESKW_256), h.now))
+        h.run()
+        self.assertEqual(set(h.md(EndpointDisconnect)), {EndpointDisconnect(alice.aid)})
+        self.assertEqual(len(alice.of(EktKeyReceived)), 1)
+        self.assertFalse(h.kd.knows(alice.aid))

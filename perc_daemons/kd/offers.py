@@ -1,0 +1,213 @@
+"""The KD's checks of a SignAnswer (RFC 9185 s5.3), sans-I/O.
+
+The MD forwards each endpoint offer, verbatim, with its draft answer.  Before
+the KD admits anybody it needs, from the offer alone:
+
+* exactly one ``sha-256`` certificate fingerprint (RFC 8122), the same in
+  every accepted m= section: the DTLS client certificate it will require;
+* one ``a=tls-id`` (RFC 8842), the same in every accepted m= section: the
+  external_session_id the ClientHello must carry (RFC 8844);
+* the SSRCs of ``a=ssrc`` (RFC 5576), for the roster;
+* the session-level ``a=identity`` assertion (RFC 8827 s5), whose ``aud``
+  names the conference (read unverified here, to know which conference to
+  check the assertion for; :func:`verify_identity` then checks it with the
+  IdP's JWKS, audience included).
+
+and from the draft answer: every accepted m= section carries the KD's own
+fingerprint (else the MD is answering for some other DTLS server); the KD
+sets every accepted section's ``a=tls-id`` to its own before signing.
+
+Failures are :class:`OfferRejected` carrying the SignAnswerAck status and a
+short reason for the MD (which shows it to the endpoint): never a key, never
+the assertion itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from perc_daemons.protocol import sdp
+from perc_daemons.protocol.identity import (
+    ExpiredAssertion,
+    FingerprintNotAsserted,
+    ForeignIdentity,
+    IdentityError,
+    JwksIdentityVerifier,
+    MalformedAssertion,
+    UntrustedIdp,
+    WrongAudience,
+    decode_sdp_identity,
+)
+from perc_daemons.protocol.tunnel import SIGN_STATUS_BAD_OFFER, SIGN_STATUS_REFUSED
+
+__all__ = [
+    "OfferFacts",
+    "OfferRejected",
+    "finish_answer",
+    "inspect_offer",
+    "verify_identity",
+]
+
+
+class OfferRejected(Exception):
+    """A SignAnswer the KD refuses: ``status`` (SIGN_STATUS_*) and a short ``reason``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _bad(reason: str) -> OfferRejected:
+    return OfferRejected(SIGN_STATUS_BAD_OFFER, reason)
+
+
+def _refused(reason: str) -> OfferRejected:
+    return OfferRejected(SIGN_STATUS_REFUSED, reason)
+
+
+@dataclass(frozen=True)
+class OfferFacts:
+    """What the KD needs from an endpoint's offer."""
+
+    #: The assertion's ``aud`` (unverified until :func:`verify_identity`).
+    conference_id: str
+    #: The RFC 8827 assertion JSON text (do not log it).
+    assertion: str
+    #: The ``kid`` of the assertion's JWS header (to refresh the JWKS on an unknown one).
+    kid: str | None
+    #: SHA-256 of the endpoint's DTLS certificate.
+    fingerprint: bytes
+    #: The endpoint's a=tls-id.
+    tls_id: str
+    ssrcs: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return (f"OfferFacts(conference_id={self.conference_id!r}, kid={self.kid!r}, "
+                f"tls_id={self.tls_id!r}, ssrcs={self.ssrcs!r})")
+
+
+def _b64url_json(segment: str) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _unverified_jws(assertion: str) -> tuple[str | None, str]:
+    """``(kid, aud)`` of the assertion's JWS, read without checking anything."""
+    try:
+        outer = json.loads(assertion)
+    except ValueError:
+        raise _bad("identity assertion is not JSON") from None
+    token = outer.get("assertion") if isinstance(outer, dict) else None
+    if not isinstance(token, str) or token.count(".") != 2:
+        raise _bad("identity assertion holds no JWS")
+    header_b64, payload_b64, _ = token.split(".")
+    header = _b64url_json(header_b64)
+    payload = _b64url_json(payload_b64)
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise _bad("identity assertion JWS is malformed")
+    aud = payload.get("aud")
+    if not isinstance(aud, str) or not aud:
+        raise _bad("identity assertion names no conference (aud)")
+    kid = header.get("kid")
+    return (kid if isinstance(kid, str) else None), aud
+
+
+def _accepted(description: sdp.SessionDescription) -> list[sdp.MediaDescription]:
+    return [m for m in description.media if m.port != 0]
+
+
+def inspect_offer(offer_sdp: str) -> OfferFacts:
+    """The facts of an offer, or :class:`OfferRejected` (BAD_OFFER / REFUSED)."""
+    try:
+        offer = sdp.parse(offer_sdp)
+    except sdp.SdpError as e:
+        raise _bad(f"offer is not usable SDP: {e.message}") from None
+    accepted = _accepted(offer)
+    if not accepted:
+        raise _bad("offer has no accepted m= section")
+    digests: set[bytes] = set()
+    for media in accepted:
+        sha256 = {d for algorithm, d in offer.fingerprints_for(media) if algorithm == "sha-256"}
+        if len(sha256) != 1:
+            raise _bad("offer needs exactly one sha-256 fingerprint")
+        digests |= sha256
+    if len(digests) != 1:
+        raise _bad("offer needs exactly one sha-256 fingerprint")
+    tls_ids = {m.tls_id for m in accepted}
+    if len(tls_ids) != 1 or None in tls_ids:
+        raise _bad("offer needs one a=tls-id")
+    ssrcs = tuple(dict.fromkeys(s for m in accepted for s in m.ssrcs()))
+    encoded = offer.identity
+    if encoded is None:
+        raise _refused("offer has no identity assertion")
+    try:
+        assertion = decode_sdp_identity(encoded)
+    except MalformedAssertion:
+        raise _bad("a=identity is not a base64 assertion") from None
+    kid, audience = _unverified_jws(assertion)
+    [tls_id] = tls_ids
+    [fingerprint] = digests
+    return OfferFacts(audience, assertion, kid, fingerprint, str(tls_id), ssrcs)
+
+
+def verify_identity(verifier: JwksIdentityVerifier, facts: OfferFacts, now: float) -> str:
+    """The identity the offer's assertion proves, or :class:`OfferRejected` (REFUSED)."""
+    try:
+        return verifier.verify(facts.assertion, facts.conference_id, facts.fingerprint, now)
+    except ExpiredAssertion:
+        raise _refused("identity assertion expired or not yet valid") from None
+    except FingerprintNotAsserted:
+        raise _refused("identity assertion is for another DTLS certificate") from None
+    except UntrustedIdp:
+        raise _refused("identity assertion is from an untrusted IdP") from None
+    except ForeignIdentity:
+        raise _refused("identity is not in the IdP's domain") from None
+    except WrongAudience:
+        raise _refused("identity assertion is for another conference") from None
+    except MalformedAssertion:
+        raise _bad("identity assertion is malformed") from None
+    except IdentityError:
+        raise _refused("identity assertion signature is not valid") from None
+
+
+def finish_answer(draft_sdp: str, offer_sdp: str, *, kd_fingerprint: bytes,
+                  kd_tls_id: str) -> sdp.SessionDescription:
+    """The MD's draft answer with the KD's tls-id in every accepted m= section.
+
+    BAD_OFFER if the draft does not parse, does not answer each offered m=
+    section, accepts none, or an accepted section's fingerprint is not the
+    KD's certificate's.
+    """
+    try:
+        draft = sdp.parse(draft_sdp)
+    except sdp.SdpError as e:
+        raise _bad(f"draft answer is not usable SDP: {e.message}") from None
+    try:
+        offered = len(sdp.parse(offer_sdp).media)
+    except sdp.SdpError as e:
+        raise _bad(f"offer is not usable SDP: {e.message}") from None
+    if len(draft.media) != offered:
+        raise _bad("draft answer does not answer every offered m= section")
+    if not _accepted(draft):
+        raise _bad("draft answer accepts no m= section")
+    media: list[sdp.MediaDescription] = []
+    for m in draft.media:
+        if m.port == 0:
+            media.append(m)
+            continue
+        if draft.fingerprints_for(m) != [("sha-256", kd_fingerprint)]:
+            raise _bad("answer fingerprint is not this KD")
+        try:
+            media.append(m.with_tls_id(kd_tls_id))
+        except sdp.SdpError as e:  # our own tls-id: cannot happen
+            raise ValueError(f"bad KD tls-id: {e.message}") from None
+    return dataclasses.replace(draft, media=tuple(media))
