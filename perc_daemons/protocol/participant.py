@@ -1,0 +1,1034 @@
+"""The reference endpoint's session with a PERC conference, sans-I/O (RFC 8871).
+
+One :class:`ParticipantSession` is one endpoint in one conference: it talks
+to the Media Distributor's ICE-lite address only, and through it, end to end,
+to the Key Distributor.  Bytes and an explicit ``now`` in, datagrams (all for
+:attr:`ParticipantSession.md_address`) and events out; no sockets, no clock,
+no Twisted.  The UDP glue must hand in only datagrams that came from
+``md_address`` (RFC 8445 section 7.2.5.2.1: a connected socket does it).
+
+What it does, in order:
+
+1. ICE (RFC 8445 section 7.2, full agent, controlling, facing an ICE-lite
+   MD): a STUN Binding request with USERNAME ``"<md ufrag>:<our ufrag>"``,
+   PRIORITY, ICE-CONTROLLING, USE-CANDIDATE, MESSAGE-INTEGRITY under the MD's
+   ice-pwd and FINGERPRINT, retransmitted after 0.5 s, doubling, seven
+   transmissions at most (RFC 8489 section 6.2.1).  A response counts only if
+   its transaction id is one we sent and its FINGERPRINT and
+   MESSAGE-INTEGRITY (the MD's ice-pwd) verify (RFC 8489 sections 6.3.3,
+   9.1.4).  Then consent freshness (RFC 7675): a new check every
+   ``consent_interval`` seconds (randomised by +-20 %, section 5.1); without
+   a success for ``consent_timeout`` seconds the session ends.
+2. DTLS-SRTP with the KD (RFC 5764, RFC 8842, RFC 8844, RFC 9185): client
+   role, the KD's certificate fingerprint and tls-id from the *verified*
+   signed answer, ours in the offer.  The handshake must negotiate a DOUBLE
+   profile (RFC 8723) and an EKT cipher (RFC 8870 section 5.2.1) at least as
+   strong as the SRTP cipher (section 6), otherwise the session is refused
+   for good (fail closed).
+3. Media: the exporter output is split (RFC 8723 section 5); the outer halves
+   key the hop to and from the MD, the inner keys come from EKT.  The first
+   EKTKey (RFC 8870 section 5.2.2) creates our :class:`EktSender` (which
+   draws our end-to-end key), every later one rotates it
+   (:meth:`EktSender.rekey`, section 4.5); every EKTKey is kept for
+   receiving until its ttl runs out (section 4.3.2, 5.2.2).  RTP goes out
+   through :class:`DoubleSender` and comes in through
+   :class:`DoubleReceiver`; RTCP is hop-by-hop only (RFC 8723 section 6).
+4. A close_notify from the KD (keys revoked), our own :meth:`close`, a DTLS
+   failure after the handshake or lost consent end the session: every key
+   is dropped (contexts closed), no media goes in or out afterwards.
+
+Received datagrams are demultiplexed by their first byte (RFC 7983 section
+7).  Nothing received ever raises: anything malformed, unauthenticated,
+replayed or unexpected is dropped and counted in
+:attr:`ParticipantSession.drops` by reason; media failures also produce a
+:class:`DecryptFailed` event.
+
+Keys never appear in a repr or an event.  :meth:`ParticipantSession.audit_secrets`
+exists only for the "the MD never held an inner key" proof (tests, demo).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from perc_daemons.protocol import sdp
+from perc_daemons.protocol.answer import VerifiedAnswer
+from perc_daemons.protocol.double import (
+    DOUBLE_PROFILES,
+    DoubleReceiver,
+    DoubleSender,
+    split_keying_material,
+)
+from perc_daemons.protocol.dtls import (
+    ConnectionClosed,
+    DtlsConfiguration,
+    DtlsConnection,
+    EktKeyReceived,
+    HandshakeComplete,
+    Role,
+)
+from perc_daemons.protocol.dtls.alerts import AlertDescription
+from perc_daemons.protocol.dtls.crypto import format_fingerprint
+from perc_daemons.protocol.ekt import (
+    FULL_EKT_TYPE,
+    EktCipher,
+    EktError,
+    EktParameterSet,
+    EktReceiver,
+    EktSender,
+    ExpiredEktKey,
+    FullEktField,
+    LearnedKey,
+    ekt_field_length,
+)
+from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.identity import encode_sdp_identity
+from perc_daemons.protocol.rtp import (
+    PSFB,
+    PSFB_PLI,
+    ReportBlock,
+    RtcpPacket,
+    RtpPacket,
+    build_compound,
+    header_info,
+    parse_compound,
+    parse_fixed_header,
+    receiver_report,
+)
+from perc_daemons.protocol.srtp import (
+    LAYER_KEY_LENGTH,
+    AuthenticationFailed,
+    MalformedSrtp,
+    Profile,
+    SrtpContext,
+)
+from perc_daemons.protocol.stun import (
+    ATTR_ICE_CONTROLLING,
+    ATTR_MESSAGE_INTEGRITY,
+    ATTR_PRIORITY,
+    ATTR_USE_CANDIDATE,
+    ATTR_USERNAME,
+    BINDING_REQUEST,
+    StunError,
+    StunMessage,
+    check_fingerprint,
+    check_integrity,
+    is_stun,
+)
+
+__all__ = [
+    "DEFAULT_EKT_CIPHERS",
+    "DEFAULT_PROFILES",
+    "Closed",
+    "Connected",
+    "DecryptFailed",
+    "EktKeyInstalled",
+    "Event",
+    "MediaReceived",
+    "NotReady",
+    "ParticipantSession",
+    "Refused",
+    "RtcpReceived",
+    "SenderStats",
+    "build_offer",
+    "new_ice_credentials",
+    "new_tls_id",
+]
+
+DEFAULT_PROFILES = (Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
+                    Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM)
+DEFAULT_EKT_CIPHERS = (EktCipher.AESKW_128, EktCipher.AESKW_256)
+
+#: Offer media kinds: (m= media, payload type, rtpmap value).
+_KINDS = {
+    "audio": ("audio", 0, "0 PCMU/8000"),
+    "video": ("video", 96, "96 VP8/90000"),
+}
+_PROTO = "UDP/TLS/RTP/SAVPF"
+
+# STUN client timing (RFC 8489 section 6.2.1: RTO, Rc = 7, Rm = 16).
+_STUN_RTO = 0.5
+_STUN_MAX_TRANSMISSIONS = 7
+_STUN_LAST_WAIT = 16 * _STUN_RTO
+_MAX_PENDING_TRANSACTIONS = 16
+#: RFC 7675 section 5.1: consent expires after 30 s without a response.
+DEFAULT_CONSENT_TIMEOUT = 30.0
+#: PRIORITY of a peer-reflexive candidate, component 1 (RFC 8445 section 5.1.2).
+_PRFLX_PRIORITY = (110 << 24) | (65535 << 8) | 255
+
+# RFC 3550 appendix A.1
+_MAX_DROPOUT = 3000
+_MAX_MISORDER = 100
+_SEQ_MOD = 1 << 16
+
+_RTP_MAX = 0xFFFFFFFF
+
+
+class NotReady(ProtocolError):
+    """Media cannot be sent (yet, or any more): no DTLS keys, no EKTKey, refused or closed."""
+
+    reason = "not_ready"
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connected:
+    """DTLS-SRTP with the KD is done, DOUBLE profile and EKT negotiated (RFC 8870 s5.2.1)."""
+
+    profile: Profile
+    ekt_cipher: EktCipher
+
+
+@dataclass(frozen=True)
+class EktKeyInstalled:
+    """An EKTKey arrived and is in use (RFC 8870 s5.2.2).
+
+    ``epoch_index`` is its position in :attr:`ParticipantSession.epochs_seen`
+    (0 for the first EKTKey of the session).
+    """
+
+    spi: int
+    epoch_index: int
+
+
+@dataclass(frozen=True)
+class MediaReceived:
+    """One RTP packet that passed both layers (RFC 8723 s5.3).
+
+    ``sequence``, ``timestamp``, ``marker`` and ``payload_type`` are the
+    sender's originals (the OHB restored); ``spi`` is the SPI of the EKTKey
+    under which this sender's newest end-to-end key arrived.
+    """
+
+    ssrc: int
+    sequence: int
+    timestamp: int
+    marker: bool
+    payload: bytes = field(repr=False)
+    spi: int | None
+    payload_type: int
+
+
+@dataclass(frozen=True)
+class DecryptFailed:
+    """A media datagram was dropped.
+
+    ``ssrc`` is set when the failure is attributable to a sender: the outer
+    (hop-by-hop) layer authenticated, so the MD vouches for the header, and
+    then EKT, the OHB or the end-to-end layer failed, or the MD replayed it.
+    ``reason`` is the drop reason (a :attr:`ProtocolError.reason`).
+    """
+
+    ssrc: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The session will never carry media: DTLS failed, or it gave no DOUBLE profile or EKT."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The session ended (close_notify: keys revoked; local close; consent lost).
+
+    Every key has been dropped.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RtcpReceived:
+    """A compound RTCP packet from the MD hop (hop-by-hop only, RFC 8723 s6)."""
+
+    ssrc: int
+    packets: tuple[RtcpPacket, ...]
+
+
+Event = (Connected | EktKeyInstalled | MediaReceived | DecryptFailed | Refused | Closed
+         | RtcpReceived)
+
+
+# -- statistics ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SenderStats:
+    """Reception statistics of one remote SSRC.
+
+    ``packets``/``bytes`` count delivered packets and payload octets;
+    ``lost`` is expected minus received from the sender's (end-to-end
+    authenticated) sequence numbers, extended as in RFC 3550 appendix A.1 and
+    A.3; ``decrypt_failures`` the failures attributable to this SSRC (see
+    :class:`DecryptFailed`); ``epochs_seen`` the SPIs of the FullEKTFields of
+    its delivered packets; ``first_time``/``last_time`` the ``now`` of the
+    first and last delivered packet.
+    """
+
+    ssrc: int
+    packets: int = 0
+    bytes: int = 0
+    decrypt_failures: int = 0
+    epochs_seen: set[int] = field(default_factory=set)
+    first_time: float | None = None
+    last_time: float | None = None
+    _base_seq: int = field(default=0, repr=False)
+    _max_seq: int = field(default=-1, repr=False)
+    _cycles: int = field(default=0, repr=False)
+    _bad_seq: int = field(default=_SEQ_MOD + 1, repr=False)
+    _received: int = field(default=0, repr=False)
+    _expected_prior: int = field(default=0, repr=False)
+    _received_prior: int = field(default=0, repr=False)
+
+    @property
+    def extended_max(self) -> int:
+        """The extended highest sequence number received (RFC 3550 A.1)."""
+        return self._cycles + max(self._max_seq, 0)
+
+    @property
+    def expected(self) -> int:
+        if self._max_seq < 0:
+            return 0
+        return self.extended_max - self._base_seq + 1
+
+    @property
+    def lost(self) -> int:
+        """Cumulative packets lost (RFC 3550 A.3); duplicates can make it negative."""
+        return self.expected - self._received
+
+    def _init_seq(self, seq: int) -> None:
+        self._base_seq = seq
+        self._max_seq = seq
+        self._bad_seq = _SEQ_MOD + 1
+        self._cycles = 0
+        self._received = 0
+        self._expected_prior = 0
+        self._received_prior = 0
+
+    def update_seq(self, seq: int) -> bool:
+        """RFC 3550 A.1 ``update_seq`` without probation (packets are authenticated).
+
+        False when the packet is a large jump not (yet) taken as a restart;
+        it is then not counted as received.
+        """
+        if self._max_seq < 0:
+            self._init_seq(seq)
+        else:
+            udelta = (seq - self._max_seq) % _SEQ_MOD
+            if udelta < _MAX_DROPOUT:
+                if seq < self._max_seq:
+                    self._cycles += _SEQ_MOD
+                self._max_seq = seq
+            elif udelta <= _SEQ_MOD - _MAX_MISORDER:
+                if seq == self._bad_seq:
+                    self._init_seq(seq)  # two in sequence: the sender restarted
+                else:
+                    self._bad_seq = (seq + 1) % _SEQ_MOD
+                    return False
+            # else: duplicate or reordered, counted below
+        self._received += 1
+        return True
+
+    def report_block_values(self) -> tuple[int, int, int]:
+        """(fraction lost, cumulative lost, extended highest seq) for an RR (RFC 3550 A.3)."""
+        expected = self.expected
+        expected_interval = expected - self._expected_prior
+        received_interval = self._received - self._received_prior
+        self._expected_prior, self._received_prior = expected, self._received
+        lost_interval = expected_interval - received_interval
+        fraction = 0 if expected_interval <= 0 or lost_interval <= 0 else (
+            (lost_interval << 8) // expected_interval)
+        cumulative = max(-0x800000, min(self.lost, 0x7FFFFF))
+        return min(fraction, 255), cumulative, self.extended_max & 0xFFFFFFFF
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly copy."""
+        return {"ssrc": self.ssrc, "packets": self.packets, "bytes": self.bytes,
+                "lost": self.lost, "decrypt_failures": self.decrypt_failures,
+                "epochs_seen": sorted(self.epochs_seen), "first_time": self.first_time,
+                "last_time": self.last_time}
+
+
+# -- offer -------------------------------------------------------------------------------
+
+
+def new_ice_credentials() -> tuple[str, str]:
+    """A fresh (ice-ufrag, ice-pwd): 48 and 144 random bits in ice-chars (RFC 8839 s5.4)."""
+    ufrag = base64.b64encode(os.urandom(6)).decode("ascii")
+    pwd = base64.b64encode(os.urandom(18)).decode("ascii")
+    return ufrag, pwd
+
+
+def new_tls_id() -> str:
+    """A fresh a=tls-id (RFC 8842 s4): 192 random bits, 32 base64url characters."""
+    return base64.urlsafe_b64encode(os.urandom(24)).decode("ascii")
+
+
+def build_offer(*, assertion_json: str, fingerprint: bytes, tls_id: str, ice_ufrag: str,
+                ice_pwd: str, ssrc: int, cname: str, kind: str = "audio") -> str:
+    """The endpoint's SDP offer (canonical, CRLF), one BUNDLEd m= section.
+
+    Session level: ``a=identity`` (RFC 8827 s5, the base64 assertion JSON),
+    ``a=group:BUNDLE 0``.  The m= section (``audio``: PCMU, PT 0; ``video``:
+    VP8, PT 96) carries ``c=IN IP4 0.0.0.0``, ``a=mid:0``, ``a=sendrecv``, the
+    ICE credentials (RFC 8839), ``a=fingerprint:sha-256`` of our DTLS
+    certificate (RFC 8122), ``a=setup:actpass`` (RFC 5763: the answerer makes
+    us the DTLS client), ``a=tls-id`` (RFC 8842), ``a=rtcp-mux`` (RFC 5761),
+    the rtpmap and ``a=ssrc:<ssrc> cname:<cname>`` (RFC 5576).  Raises
+    ValueError for a parameter that would not make a valid offer.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}")
+    if len(fingerprint) != 32:
+        raise ValueError("fingerprint must be a SHA-256 digest (32 bytes)")
+    if not 0 <= ssrc <= _RTP_MAX:
+        raise ValueError("ssrc must be a 32-bit unsigned integer")
+    if not cname or any(c.isspace() for c in cname) or not cname.isprintable():
+        raise ValueError("cname must be non-empty printable text without whitespace")
+    media, pt, rtpmap = _KINDS[kind]
+    session_id = int.from_bytes(os.urandom(7), "big")
+    attributes = (
+        sdp.Attribute("mid", "0"),
+        sdp.Attribute("sendrecv"),
+        sdp.Attribute("ice-ufrag", ice_ufrag),
+        sdp.Attribute("ice-pwd", ice_pwd),
+        sdp.Attribute("fingerprint", "sha-256 " + format_fingerprint(fingerprint)),
+        sdp.Attribute("setup", "actpass"),
+        sdp.Attribute("tls-id", tls_id),
+        sdp.Attribute("rtcp-mux"),
+        sdp.Attribute("rtpmap", rtpmap),
+        sdp.Attribute("ssrc", f"{ssrc} cname:{cname}"),
+    )
+    description = sdp.SessionDescription(
+        sdp.Origin(session_id=str(session_id), session_version="1"),
+        attributes=(sdp.Attribute("identity", encode_sdp_identity(assertion_json)),
+                    sdp.Attribute("group", "BUNDLE 0")),
+        media=(sdp.MediaDescription(media, 9, _PROTO, (str(pt),),
+                                    fields=(sdp.Field("c", "IN IP4 0.0.0.0"),),
+                                    attributes=attributes),),
+    )
+    text = description.serialize()
+    try:
+        sdp.parse(text)  # every PERC attribute validated as a receiver will
+    except sdp.SdpError as e:
+        raise ValueError(f"offer parameters make invalid SDP: {e}") from None
+    return text
+
+
+# -- the session -------------------------------------------------------------------------
+
+
+class _State(Enum):
+    NEW = auto()
+    CHECKING = auto()  # ICE: waiting for the first Binding success
+    HANDSHAKING = auto()  # DTLS with the KD
+    CONNECTED = auto()  # DTLS done, waiting for the first EKTKey
+    READY = auto()
+    REFUSED = auto()
+    CLOSED = auto()
+
+
+_TERMINAL = (_State.REFUSED, _State.CLOSED)
+
+
+class _AuditingEktReceiver(EktReceiver):
+    """An :class:`EktReceiver` that reports each learned key to its session."""
+
+    def __init__(self, key_length: int, session: ParticipantSession) -> None:
+        super().__init__(key_length)
+        self._session = session
+
+    def process(self, packet_ssrc: int, field: bytes | bytearray | memoryview,
+                now: float) -> LearnedKey | None:
+        learned = super().process(packet_ssrc, field, now)
+        if learned is not None:
+            self._session._learned(learned)
+        return learned
+
+
+def _first_host_candidate(candidates: Sequence[str]) -> tuple[str, int] | None:
+    for candidate in candidates:
+        fields = candidate.split(" ")
+        # foundation component transport priority address port "typ" type ...
+        if (len(fields) >= 8 and fields[1] == "1" and fields[2].lower() == "udp"
+                and fields[6] == "typ" and fields[7] == "host" and fields[5].isdigit()
+                and 0 < int(fields[5]) <= 0xFFFF):
+            return fields[4], int(fields[5])
+    return None
+
+
+class ParticipantSession:
+    """One endpoint's session: ICE with the MD, DTLS-SRTP with the KD, double media.
+
+    See the module docstring.  ``answer`` is the verified signed answer
+    (:func:`~perc_daemons.protocol.answer.verify_signed_answer`): the MD's ICE
+    credentials and host candidate, the KD's fingerprint and tls-id come from
+    it and from nothing else.  ``profiles``/``ekt_ciphers`` are what the DTLS
+    ClientHello offers; whatever is offered, only a DOUBLE profile with an EKT
+    cipher leads to media.  ``keep_audit_secrets`` keeps copies of every
+    secret for :meth:`audit_secrets`, also after the session ended (proofs
+    only: a client that does not run the proof passes False).
+    """
+
+    def __init__(self, *, certificate: bytes, private_key: ec.EllipticCurvePrivateKey,
+                 ssrc: int, ice_ufrag: str, ice_pwd: str, tls_id: str,
+                 answer: VerifiedAnswer, profiles: Sequence[int] = DEFAULT_PROFILES,
+                 ekt_ciphers: Sequence[int] = DEFAULT_EKT_CIPHERS,
+                 consent_interval: float = 5.0,
+                 consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
+                 replay_window: int = 128, keep_audit_secrets: bool = True) -> None:
+        if not isinstance(answer, VerifiedAnswer):
+            raise TypeError("answer must be a VerifiedAnswer (verify_signed_answer)")
+        if not 0 <= ssrc <= _RTP_MAX:
+            raise ValueError("ssrc must be a 32-bit unsigned integer")
+        if not consent_interval > 0 or not consent_timeout > consent_interval:
+            raise ValueError("need 0 < consent_interval < consent_timeout")
+        if not profiles:
+            raise ValueError("profiles must not be empty")
+        try:  # the same syntax checks as in our offer
+            sdp.MediaDescription("audio", 9, _PROTO, ("0",)).with_ice_credentials(
+                ice_ufrag, ice_pwd).with_tls_id(tls_id)
+        except sdp.SdpError as e:
+            raise ValueError(f"bad ICE credentials or tls-id: {e.message}") from None
+        description = answer.answer
+        media = next((m for m in description.media if m.port != 0), None)
+        if media is None:
+            raise ValueError("the answer accepts no m= section")
+        md_ufrag = media.ice_ufrag or description.ice_ufrag
+        md_pwd = media.ice_pwd or description.ice_pwd
+        if md_ufrag is None or md_pwd is None:
+            raise ValueError("the answer has no ICE credentials")
+        address = _first_host_candidate(media.candidates())
+        if address is None:
+            raise ValueError("the answer has no UDP host candidate for component 1")
+        if not media.formats or not media.formats[0].isdigit() or int(media.formats[0]) > 127:
+            raise ValueError("the answer's m= section has no RTP payload type")
+
+        self.ssrc = ssrc
+        #: The MD's ICE-lite address: every datagram the session returns goes there.
+        self.md_address: tuple[str, int] = address
+        self.payload_type = int(media.formats[0])
+        self._answer = answer
+        self._ice_ufrag = ice_ufrag
+        self._md_username = f"{md_ufrag}:{ice_ufrag}".encode()
+        self._md_key = md_pwd.encode("utf-8")
+        self._tiebreaker = os.urandom(8)
+        self._consent_interval = consent_interval
+        self._consent_timeout = consent_timeout
+        self._replay_window = replay_window
+        self._dtls_config = DtlsConfiguration(
+            certificate, private_key,
+            srtp_profiles=[int(p) for p in profiles],
+            ekt_ciphers=[int(c) for c in ekt_ciphers],
+            expected_peer_fingerprint=answer.kd_fingerprint,
+            external_session_id=tls_id.encode("ascii"),
+            expected_peer_external_session_id=answer.kd_tls_id.encode("ascii"),
+        )
+        self._state = _State.NEW
+        self._events: deque[Event] = deque()
+        self._dtls: DtlsConnection | None = None
+        # STUN
+        self._transactions: OrderedDict[bytes, bytes] = OrderedDict()  # tid -> request
+        self._check_tid: bytes | None = None  # the initial check being retransmitted
+        self._transmissions = 0
+        self._stun_timer: float | None = None
+        self._last_consent: float | None = None
+        # keys
+        self._profile: Profile | None = None
+        self._ekt_cipher: EktCipher | None = None
+        self._send_outer: SrtpContext | None = None
+        self._recv_outer: SrtpContext | None = None
+        self._receiver: DoubleReceiver | None = None
+        self._ekt_receiver: EktReceiver | None = None
+        self._ekt_sender: EktSender | None = None
+        self._sender: DoubleSender | None = None
+        self._ekt_params: dict[int, EktParameterSet] = {}
+        self._ekt_expiry: dict[int, float] = {}
+        self._sender_spi: dict[int, int] = {}
+        self._keep_audit = keep_audit_secrets
+        self._audit: dict[bytes, None] = {}
+        # RTP
+        self._sequence = int.from_bytes(os.urandom(2), "big")
+        #: SPIs of the EKTKeys received, in order.
+        self.epochs_seen: list[int] = []
+        #: Per remote SSRC reception statistics.
+        self.stats: dict[int, SenderStats] = {}
+        #: Dropped datagrams by reason.
+        self.drops: dict[str, int] = {}
+        self.packets_sent = 0
+        self.bytes_sent = 0
+
+    def __repr__(self) -> str:
+        return (f"<ParticipantSession ssrc={self.ssrc:#010x} state={self._state.name} "
+                f"md={self.md_address!r}>")
+
+    # -- queries ----------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """DTLS done with a DOUBLE profile and EKT, an EKTKey received, not ended."""
+        return self._state is _State.READY
+
+    @property
+    def state(self) -> str:
+        return self._state.name.lower()
+
+    @property
+    def answer(self) -> VerifiedAnswer:
+        return self._answer
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def next_timer(self) -> float | None:
+        if self._state in _TERMINAL:
+            return None
+        timers = [t for t in (self._stun_timer,) if t is not None]
+        if self._last_consent is not None:
+            timers.append(self._last_consent + self._consent_timeout)
+        if self._dtls is not None and (t := self._dtls.get_timer()) is not None:
+            timers.append(t)
+        timers.extend(self._ekt_expiry.values())
+        return min(timers) if timers else None
+
+    def audit_secrets(self) -> list[bytes]:
+        """Every inner (end-to-end) key and salt this session derived, drew or learned,
+        and every EKTKey and its salt: for the "the MD never saw a key" proof only."""
+        return list(self._audit)
+
+    # -- ICE ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[bytes]:
+        """The first connectivity check (RFC 8445 s7.2.4); call once."""
+        if self._state is not _State.NEW:
+            raise RuntimeError("start() is called once, on a new session")
+        self._state = _State.CHECKING
+        request, tid = self._binding_request()
+        self._check_tid = tid
+        self._transmissions = 1
+        self._stun_timer = now + _STUN_RTO
+        return [request]
+
+    def _binding_request(self) -> tuple[bytes, bytes]:
+        """A Binding request as the controlling agent, nominating at once (RFC 8445 s7.2)."""
+        tid = os.urandom(12)
+        message = StunMessage(BINDING_REQUEST, tid, [
+            (ATTR_USERNAME, self._md_username),
+            (ATTR_PRIORITY, struct.pack("!I", _PRFLX_PRIORITY)),
+            (ATTR_ICE_CONTROLLING, self._tiebreaker),
+            (ATTR_USE_CANDIDATE, b""),
+        ])
+        request = message.encode(integrity_key=self._md_key, fingerprint=True)
+        self._transactions[tid] = request
+        while len(self._transactions) > _MAX_PENDING_TRANSACTIONS:
+            self._transactions.popitem(last=False)
+        return request, tid
+
+    def _stun(self, data: bytes, now: float) -> list[bytes]:
+        if not is_stun(data):
+            return self._drop("stun_malformed")
+        try:
+            message = StunMessage.parse(data)
+        except StunError:
+            return self._drop("stun_malformed")
+        if message.method != 0x001 or message.message_class in (0, 1):
+            return self._drop("stun_unexpected")  # an ICE-lite MD sends no checks
+        if message.transaction_id not in self._transactions:
+            return self._drop("stun_unknown_transaction")
+        if not check_fingerprint(data):
+            return self._drop("stun_fingerprint")
+        if message.get(ATTR_MESSAGE_INTEGRITY) is None:
+            return self._drop("stun_unauthenticated")
+        if not check_integrity(data, self._md_key):
+            return self._drop("stun_integrity")
+        del self._transactions[message.transaction_id]
+        if message.message_class == 3:
+            return self._drop("stun_error_response")
+        self._last_consent = now
+        if self._state is not _State.CHECKING:
+            return []  # consent refreshed (RFC 7675 s5.1)
+        # Nominated (USE-CANDIDATE, RFC 8445 s8.1.1): DTLS can start (RFC 5763 s5).
+        self._check_tid = None
+        self._stun_timer = now + self._next_consent_delay()
+        self._state = _State.HANDSHAKING
+        self._dtls = DtlsConnection(Role.CLIENT, self._dtls_config)
+        self._dtls.connect(now)
+        return self._drain_dtls(now)
+
+    def _next_consent_delay(self) -> float:
+        """consent_interval randomised over [0.8, 1.2] of it (RFC 7675 s5.1)."""
+        fraction = int.from_bytes(os.urandom(2), "big") / 0xFFFF
+        return self._consent_interval * (0.8 + 0.4 * fraction)
+
+    # -- input ----------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, now: float) -> list[bytes]:
+        """One datagram from the MD; returns datagrams to send to it (RFC 7983 s7 demux)."""
+        if self._state in _TERMINAL:
+            return self._drop("closed")
+        if not data:
+            return self._drop("empty")
+        self._purge_ekt(now)
+        b = data[0]
+        if b <= 3:
+            if self._state is _State.NEW:
+                return self._drop("not_started")
+            return self._stun(bytes(data), now)
+        if 20 <= b <= 63:
+            if self._dtls is None:
+                return self._drop("dtls_before_ice")
+            self._dtls.receive_datagram(bytes(data), now)
+            return self._drain_dtls(now)
+        if 128 <= b <= 191:
+            if len(data) > 1 and 192 <= data[1] <= 223:
+                self._rtcp(bytes(data))
+            else:
+                self._rtp(bytes(data), now)
+            return []
+        return self._drop("unknown_kind")  # ZRTP, TURN channels, unassigned
+
+    def _drop(self, reason: str) -> list[bytes]:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        return []
+
+    def _stats(self, ssrc: int) -> SenderStats:
+        stats = self.stats.get(ssrc)
+        if stats is None:
+            stats = self.stats[ssrc] = SenderStats(ssrc)
+        return stats
+
+    def _rtp(self, data: bytes, now: float) -> None:
+        receiver = self._receiver
+        if receiver is None or self._recv_outer is None:
+            self._drop("not_keyed")
+            return
+        # Framing and the outer replay list first: what fails here is not
+        # attributable to a sender (nothing authenticated the header yet).
+        try:
+            ekt_length = ekt_field_length(data)
+            _h, seq, ssrc = header_info(data)
+            self._recv_outer.estimate_roc(ssrc, seq)
+        except ProtocolError as e:
+            self._media_failure(None, e.reason)
+            return
+        try:
+            received = receiver.unprotect(data, now)
+        except (MalformedSrtp, AuthenticationFailed) as e:
+            self._media_failure(None, e.reason)
+            return
+        except ProtocolError as e:
+            # The outer layer authenticated: EKT, OHB, end-to-end layer or an
+            # MD replay (RFC 8723 s5.3, RFC 8870 s4.3.2).
+            self._media_failure(ssrc, e.reason)
+            return
+        marker, pt, original_seq, timestamp, _ssrc = parse_fixed_header(received.packet)
+        stats = self._stats(ssrc)
+        stats.update_seq(original_seq)
+        payload = received.payload
+        stats.packets += 1
+        stats.bytes += len(payload)
+        if stats.first_time is None:
+            stats.first_time = now
+        stats.last_time = now
+        if data[-1] == FULL_EKT_TYPE:
+            try:
+                stats.epochs_seen.add(FullEktField.decode(data[len(data) - ekt_length:]).spi)
+            except EktError:  # pragma: no cover - processed above already
+                pass
+        self._events.append(MediaReceived(
+            ssrc=ssrc, sequence=original_seq, timestamp=timestamp, marker=bool(marker),
+            payload=payload, spi=self._sender_spi.get(ssrc), payload_type=pt))
+
+    def _media_failure(self, ssrc: int | None, reason: str) -> None:
+        self._drop(reason)
+        if ssrc is not None:
+            self._stats(ssrc).decrypt_failures += 1
+        self._events.append(DecryptFailed(ssrc, reason))
+
+    def _rtcp(self, data: bytes) -> None:
+        if self._recv_outer is None:
+            self._drop("not_keyed")
+            return
+        try:
+            plain = self._recv_outer.unprotect_rtcp(data)
+            packets = parse_compound(plain, strict_first=False)
+        except ProtocolError as e:
+            self._drop("rtcp_" + e.reason)
+            return
+        ssrc = packets[0].ssrc
+        if ssrc is None:
+            self._drop("rtcp_no_ssrc")
+            return
+        self._events.append(RtcpReceived(ssrc, tuple(packets)))
+
+    def _learned(self, learned: LearnedKey) -> None:
+        """A sender's new end-to-end key arrived in a FullEKTField (RFC 8870 s4.3.2)."""
+        self._sender_spi[learned.ssrc] = learned.spi
+        self._remember(learned.master_key, learned.master_salt)
+
+    def _remember(self, *secrets: bytes) -> None:
+        if self._keep_audit:
+            for secret in secrets:
+                self._audit[bytes(secret)] = None
+
+    # -- DTLS -----------------------------------------------------------------------------
+
+    def _drain_dtls(self, now: float) -> list[bytes]:
+        dtls = self._dtls
+        assert dtls is not None
+        while (event := dtls.next_event()) is not None:
+            if self._state in _TERMINAL:
+                continue
+            if isinstance(event, HandshakeComplete):
+                self._handshake_complete(event)
+            elif isinstance(event, EktKeyReceived):
+                self._ekt_key(event.params, now)
+            elif isinstance(event, ConnectionClosed):
+                self._dtls_closed(event)
+        return dtls.datagrams_to_send(now)
+
+    def _refuse(self, reason: str) -> None:
+        """Fail closed, for good (RFC 8871 s4.5.1: media only under PERC keys)."""
+        self._state = _State.REFUSED
+        self._wipe()
+        if self._dtls is not None:
+            self._dtls.close()  # close_notify: the KD forgets the association
+        self._events.append(Refused(reason))
+
+    def _handshake_complete(self, event: HandshakeComplete) -> None:
+        if self._state is not _State.HANDSHAKING:
+            return
+        profile = event.srtp_profile
+        if profile is None or profile not in DOUBLE_PROFILES:
+            name = "none" if profile is None else f"0x{profile:04x}"
+            self._refuse(f"negotiated SRTP profile {name} is not DOUBLE (RFC 8723)")
+            return
+        if event.ekt_cipher is None:
+            self._refuse("no EKT cipher negotiated (RFC 8870 s5.2.1)")
+            return
+        profile = Profile(profile)
+        try:
+            cipher = EktCipher.from_wire(event.ekt_cipher)
+        except EktError:
+            self._refuse(f"unknown EKT cipher {event.ekt_cipher}")
+            return
+        if cipher.key_length < LAYER_KEY_LENGTH[profile]:
+            self._refuse(f"{cipher.name} is weaker than {profile.name} (RFC 8870 s6)")
+            return
+        # DtlsConnection checked both before deriving keys; checked again here.
+        if not hmac.compare_digest(event.peer_fingerprint, self._answer.kd_fingerprint):
+            self._refuse("the KD certificate is not the signed answer's")
+            return
+        if event.peer_external_session_id != self._answer.kd_tls_id.encode("ascii"):
+            self._refuse("the KD tls-id is not the signed answer's")
+            return
+        keys = split_keying_material(profile, event.keying_material)
+        self._profile, self._ekt_cipher = profile, cipher
+        window = self._replay_window
+        self._send_outer = keys.client_outer.context(window)
+        self._recv_outer = keys.server_outer.context(window)
+        self._ekt_receiver = _AuditingEktReceiver(LAYER_KEY_LENGTH[profile], self)
+        self._receiver = DoubleReceiver(self._recv_outer, self._ekt_receiver,
+                                        replay_window=window)
+        # The inner halves of the DTLS keys are not used (EKT supplies the
+        # end-to-end keys) but are secrets all the same.
+        self._remember(keys.client_inner.key, keys.client_inner.salt,
+                       keys.server_inner.key, keys.server_inner.salt)
+        self._state = _State.CONNECTED
+        self._events.append(Connected(profile, cipher))
+
+    def _ekt_key(self, params: EktParameterSet, now: float) -> None:
+        """An EKTKey (RFC 8870 s5.2.2): keep it for receiving, (re)key our sender (s4.5)."""
+        if self._state not in (_State.CONNECTED, _State.READY):
+            return
+        assert self._ekt_receiver is not None and self._profile is not None
+        known = self._ekt_params.get(params.spi)
+        if known is not None and known != params:
+            self._drop("ekt_key_spi_reused")  # RFC 8870 s4.2: one set per SPI
+            return
+        try:
+            self._ekt_receiver.add_parameter_set(params, now)
+        except EktError as e:
+            self._refuse(f"unusable EKTKey SPI {params.spi}: {e}")
+            return
+        self._ekt_expiry[params.spi] = now + params.ttl
+        if known is not None:
+            return  # the same key again: only its expiry is refreshed
+        self._ekt_params[params.spi] = params
+        if self._ekt_sender is None:
+            assert self._send_outer is not None
+            self._ekt_sender = EktSender(self.ssrc, LAYER_KEY_LENGTH[self._profile], params, now)
+            self._sender = DoubleSender(self._send_outer, self._ekt_sender,
+                                        replay_window=self._replay_window)
+        else:
+            self._ekt_sender.rekey(params, now)
+        self._remember(params.key, params.master_salt, self._ekt_sender.current_key,
+                       self._ekt_sender.master_salt)
+        self.epochs_seen.append(params.spi)
+        self._state = _State.READY
+        self._events.append(EktKeyInstalled(params.spi, len(self.epochs_seen) - 1))
+
+    def _purge_ekt(self, now: float) -> None:
+        expired = [spi for spi, at in self._ekt_expiry.items() if now >= at]
+        if not expired:
+            return
+        if self._ekt_receiver is not None:
+            self._ekt_receiver.purge_expired(now)
+        for spi in expired:
+            del self._ekt_expiry[spi]
+
+    def _dtls_closed(self, event: ConnectionClosed) -> None:
+        if self._state in (_State.NEW, _State.CHECKING, _State.HANDSHAKING):
+            self._state = _State.REFUSED
+            self._wipe()
+            self._events.append(Refused(f"DTLS handshake with the KD failed: {event.reason}"))
+            return
+        if event.by_peer and event.alert == AlertDescription.CLOSE_NOTIFY:
+            reason = "close_notify from the KD: keys revoked"
+        else:
+            reason = f"DTLS association ended: {event.reason}"
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self._state = _State.CLOSED
+        self._wipe()
+        self._events.append(Closed(reason))
+
+    def _wipe(self) -> None:
+        """Drop every key: contexts closed, parameter sets removed.
+
+        :class:`DoubleSender` and :class:`EktSender` have no close method: our
+        own inner key and its context go with the last reference to them.
+        """
+        if self._receiver is not None:
+            self._receiver.close()  # inner contexts and the receive outer context
+        if self._ekt_receiver is not None:
+            for spi in self._ekt_receiver.spis:
+                self._ekt_receiver.remove_parameter_set(spi)
+        for context in (self._send_outer, self._recv_outer):
+            if context is not None:
+                context.close()
+        self._send_outer = self._recv_outer = None
+        self._receiver = self._ekt_receiver = None
+        self._sender = self._ekt_sender = None
+        self._ekt_params.clear()
+        self._ekt_expiry.clear()
+        self._sender_spi.clear()
+        self._stun_timer = None
+        self._transactions.clear()
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        """Retransmit, check consent, drive DTLS and expire EKTKeys as due."""
+        if self._state in _TERMINAL:
+            return []
+        out: list[bytes] = []
+        self._purge_ekt(now)
+        if self._last_consent is not None and now >= self._last_consent + self._consent_timeout:
+            self._end("consent expired (RFC 7675 s5.1): no STUN response")
+            return []
+        if self._stun_timer is not None and now >= self._stun_timer:
+            if self._state is _State.CHECKING:
+                out += self._retransmit_check(now)
+            else:
+                request, _tid = self._binding_request()
+                out.append(request)
+                self._stun_timer = now + self._next_consent_delay()
+        if self._state in _TERMINAL:
+            return out
+        dtls = self._dtls
+        if dtls is not None and (timer := dtls.get_timer()) is not None and now >= timer:
+            dtls.handle_timer(now)
+            out += self._drain_dtls(now)
+        return out
+
+    def _retransmit_check(self, now: float) -> list[bytes]:
+        tid = self._check_tid
+        request = self._transactions.get(tid) if tid is not None else None
+        if request is None or self._transmissions >= _STUN_MAX_TRANSMISSIONS:
+            self._state = _State.REFUSED
+            self._wipe()
+            self._events.append(Refused("ICE failed: no authenticated Binding response"))
+            return []
+        self._transmissions += 1
+        if self._transmissions == _STUN_MAX_TRANSMISSIONS:
+            self._stun_timer = now + _STUN_LAST_WAIT
+        else:
+            self._stun_timer = now + _STUN_RTO * (1 << (self._transmissions - 1))
+        return [request]  # same transaction id (RFC 8489 s6.2.1)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def send_media(self, payload: bytes, *, timestamp: int, marker: bool = False,
+                   keyframe: bool = False, now: float) -> bytes:
+        """One double-protected RTP datagram for the MD (RFC 8723 s5.1, RFC 8870 s4.3.1).
+
+        Our SSRC, the payload type of the answered m= section, the next
+        sequence number (random start, RFC 3550 s5.1).  ``keyframe`` sends a
+        FullEKTField (RFC 8870 s4.6).  Raises :class:`NotReady` unless
+        :attr:`ready`, or when the EKTKey in use has expired.
+        """
+        sender = self._sender
+        if self._state is not _State.READY or sender is None:
+            raise NotReady(f"no media in state {self._state.name.lower()}")
+        if not 0 <= timestamp <= _RTP_MAX:
+            raise ValueError("timestamp must be a 32-bit unsigned integer")
+        packet = RtpPacket(payload_type=self.payload_type, sequence_number=self._sequence,
+                           timestamp=timestamp, ssrc=self.ssrc, marker=marker,
+                           payload=bytes(payload)).serialize()
+        try:
+            wire = sender.protect(packet, now, keyframe=keyframe)
+        except ExpiredEktKey:
+            raise NotReady("the EKTKey in use has expired (RFC 8870 s5.2.2)") from None
+        self._sequence = (self._sequence + 1) % _SEQ_MOD
+        self.packets_sent += 1
+        self.bytes_sent += len(payload)
+        return wire
+
+    def send_rtcp(self, *, now: float, pli_ssrc: int | None = None) -> bytes:
+        """One SRTCP datagram: a receiver report of every remote SSRC (RFC 3550 s6.4.2,
+        at most 31) and, with ``pli_ssrc``, a Picture Loss Indication for it (RFC 4585
+        s6.3.1).  Hop-by-hop only (RFC 8723 s6).  Jitter, LSR and DLSR are 0."""
+        context = self._send_outer
+        if self._state not in (_State.CONNECTED, _State.READY) or context is None:
+            raise NotReady(f"no RTCP in state {self._state.name.lower()}")
+        blocks = []
+        for ssrc, stats in list(self.stats.items())[:31]:
+            fraction, cumulative, highest = stats.report_block_values()
+            blocks.append(ReportBlock(ssrc, fraction, cumulative, highest, 0, 0, 0))
+        packets = [receiver_report(self.ssrc, blocks)]
+        if pli_ssrc is not None:
+            if not 0 <= pli_ssrc <= _RTP_MAX:
+                raise ValueError("pli_ssrc must be a 32-bit unsigned integer")
+            packets.append(RtcpPacket(PSFB, struct.pack("!II", self.ssrc, pli_ssrc),
+                                      count=PSFB_PLI))
+        return context.protect_rtcp(build_compound(packets))
+
+    def close(self, now: float) -> list[bytes]:
+        """End the session: close_notify to the KD, every key dropped, :class:`Closed`."""
+        if self._state in _TERMINAL:
+            return []
+        out: list[bytes] = []
+        dtls = self._dtls
+        self._end("closed locally")
+        if dtls is not None:
+            dtls.close()
+            while dtls.next_event() is not None:
+                pass
+            out = dtls.datagrams_to_send(now)
+        return out
