@@ -1,0 +1,710 @@
+"""The reference PERC endpoint: Twisted glue around the sans-I/O ParticipantSession.
+
+:class:`Endpoint` joins one conference the way DESIGN.md's join flow says:
+
+1. a fresh self-signed DTLS certificate
+   (:func:`~perc_daemons.protocol.dtls.generate_certificate`), also the TLS
+   client certificate toward the KMF, so the access token is bound to it
+   (RFC 8705 s3);
+2. OAuth login at the KMF (authorization code + PKCE, :mod:`.kmf`);
+3. an RFC 8827 identity assertion for the certificate's fingerprint, audience
+   the conference id;
+4. the offer (:func:`~perc_daemons.protocol.participant.build_offer`) POSTed
+   to the MD; the KD-signed answer is verified
+   (:func:`~perc_daemons.protocol.answer.verify_signed_answer`: chain to the
+   CA, one of the configured KD names, offer and answer hashes) and must name
+   our association, conference and identity, or no media is ever sent;
+5. UDP to the MD's media address: ICE-lite connectivity checks, DTLS-SRTP
+   with the KD through the MD (RFC 8871, RFC 9185), then waiting for the
+   first EKTKey (RFC 8870 s5.2.2), with a timeout;
+6. media from a source (:mod:`.media`) through
+   :meth:`~perc_daemons.protocol.participant.ParticipantSession.send_media`
+   (double encryption, RFC 8723), received media counted per sender SSRC
+   and, when asked, written to one WAV file per sender;
+7. the KD-signed roster from the KMF, verified with the KMF's JWKS, fetched
+   at join, on every new EKT key and periodically; every SSRC we decrypted
+   must belong to a roster member, else it is recorded as a failure;
+8. leave: close_notify to the KD (DTLS), then DELETE at the MD with the
+   leave token.
+
+Every step fails with a typed error (:class:`JoinFailed` and subclasses,
+:class:`~perc_daemons.endpoint.kmf.LoginFailed`,
+:class:`~perc_daemons.endpoint.md.JoinRefused`, ...).  Tokens and keys are
+never logged.  ``join()``, ``run_media(duration)``, ``check_roster()`` and
+``leave()`` return Deferreds; ``stats()`` returns the statistics dict (JSON
+ready) at any time.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from perc_daemons.endpoint.https import load_ca
+from perc_daemons.endpoint.kmf import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_REDIRECT_URI,
+    KmfClient,
+    KmfRefused,
+)
+from perc_daemons.endpoint.md import JoinResponse, MdClient
+from perc_daemons.endpoint.media import MediaSource, ToneSource, VideoSource, WavSinks
+from perc_daemons.protocol.answer import AnswerError, VerifiedAnswer, verify_signed_answer
+from perc_daemons.protocol.dtls import certificate_fingerprint, generate_certificate
+from perc_daemons.protocol.participant import (
+    Closed,
+    Connected,
+    DecryptFailed,
+    EktKeyInstalled,
+    MediaReceived,
+    NotReady,
+    ParticipantSession,
+    Refused,
+    build_offer,
+    new_ice_credentials,
+    new_tls_id,
+)
+from perc_daemons.protocol.roster import Roster, RosterError
+
+__all__ = [
+    "DEFAULT_KD_NAMES",
+    "AnswerRejected",
+    "ConnectTimeout",
+    "Endpoint",
+    "EndpointError",
+    "IdentityMismatch",
+    "JoinFailed",
+    "SenderStatistics",
+    "SessionRefused",
+    "login_name",
+]
+
+DEFAULT_KD_NAMES = ("kd.localhost",)
+#: Most silence-compatible payloads: PCMU frames are 160 bytes; bigger ones are not audio.
+_MAX_AUDIO_PAYLOAD = 480
+_MAX_CATCH_UP = 5  # frames sent at once when the reactor was late
+
+
+class EndpointError(Exception):
+    """Base of the endpoint's own failures."""
+
+
+class JoinFailed(EndpointError):
+    """Joining failed at ``stage`` (login, assertion, offer, answer or connect)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+
+class IdentityMismatch(JoinFailed):
+    """The KMF signed us in as another identity than the one asked for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("login", message)
+
+
+class AnswerRejected(JoinFailed):
+    """The MD's answer is not a valid KD-signed answer to our offer: no media is sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("answer", message)
+
+
+class ConnectTimeout(JoinFailed):
+    """ICE/DTLS did not complete, or no EKTKey arrived, in time."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connect", message)
+
+
+class SessionRefused(JoinFailed):
+    """The session failed closed (no DOUBLE profile, no EKT, DTLS failure, closed)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connect", message)
+
+
+def login_name(user: str) -> tuple[str, str | None]:
+    """(name to sign in with, expected identity or None) of a ``--user`` value.
+
+    ``alice@localhost`` signs in as ``alice`` and must come out as the
+    identity ``alice@localhost``; a bare ``alice`` is sent as it is and the
+    identity is whatever the KMF asserts.
+    """
+    if "@" in user:
+        name, _, _domain = user.rpartition("@")
+        return name, user.lower()
+    return user, None
+
+
+@dataclass
+class SenderStatistics:
+    """What we received from one sender SSRC (RFC 3550 A.3 loss counting)."""
+
+    ssrc: int
+    packets: int = 0
+    bytes: int = 0
+    decrypt_failures: int = 0
+    epochs_seen: set[int] = field(default_factory=set)
+    first_at: float | None = None
+    last_at: float | None = None
+    _base: int | None = None
+    _max: int = 0
+    _cycles: int = 0
+
+    def received(self, sequence: int, size: int, spi: int | None, now: float) -> None:
+        if self._base is None:
+            self._base, self._max = sequence, sequence
+            self.first_at = now
+        else:
+            delta = (sequence - self._max) & 0xFFFF
+            if 0 < delta < 0x8000:
+                if sequence < self._max:
+                    self._cycles += 1 << 16
+                self._max = sequence
+        self.packets += 1
+        self.bytes += size
+        self.last_at = now
+        if spi is not None:
+            self.epochs_seen.add(spi)
+
+    @property
+    def losses(self) -> int:
+        if self._base is None:
+            return 0
+        expected = self._cycles + self._max - self._base + 1
+        return max(0, expected - self.packets)
+
+    def as_json(self, identity: str | None, recording: str | None) -> dict[str, Any]:
+        return {"ssrc": self.ssrc, "identity": identity, "packets": self.packets,
+                "bytes": self.bytes, "losses": self.losses,
+                "decrypt_failures": self.decrypt_failures,
+                "epochs_seen": sorted(self.epochs_seen), "recording": recording}
+
+
+class _MediaProtocol(DatagramProtocol):
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.endpoint._datagram(datagram, addr)
+
+
+class Endpoint:
+    """One participant: ``join()``, ``run_media(duration)``, ``check_roster()``, ``leave()``.
+
+    ``ca`` is the path of the CA certificate(s) trusted for the KMF's and the
+    MD's HTTPS and for the KD's answer signature; ``kd_names`` the DNS names
+    an answer-signing KD certificate may have.  ``kind`` is ``audio`` (PCMU)
+    or ``video`` (VP8-like); ``source`` defaults to a 440 Hz tone or a 50 pps
+    video source.  ``record_dir`` writes one WAV file per audio sender.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, *, kmf_url: str, md_url: str, ca: str,
+                 conference_id: str, user: str, password: str,
+                 kd_names: Sequence[str] = DEFAULT_KD_NAMES, kind: str = "audio",
+                 source: MediaSource | None = None, record_dir: str | None = None,
+                 bind: tuple[str, int] = ("127.0.0.1", 0), connect_timeout: float = 15.0,
+                 client_id: str = DEFAULT_CLIENT_ID, redirect_uri: str = DEFAULT_REDIRECT_URI,
+                 issuer: str | None = None, roster_interval: float = 2.0,
+                 roster_wait: float = 5.0, max_decrypt_failure_ratio: float = 0.05,
+                 expect_senders: int = 0, label: str | None = None) -> None:
+        if kind not in ("audio", "video"):
+            raise ValueError("kind must be audio or video")
+        self.reactor = reactor
+        self.kmf_url, self.md_url, self.ca_path = kmf_url, md_url, ca
+        self.conference_id = conference_id
+        self.user = user
+        self._password = password
+        self.kd_names = tuple(kd_names)
+        self.kind = kind
+        self.source = source
+        self.record_dir = record_dir
+        self.bind = bind
+        self.connect_timeout = connect_timeout
+        self.client_id, self.redirect_uri, self.issuer = client_id, redirect_uri, issuer
+        self.roster_interval = roster_interval
+        self.roster_wait = roster_wait
+        self.max_decrypt_failure_ratio = max_decrypt_failure_ratio
+        self.expect_senders = expect_senders
+        self.label = label or user
+        # state
+        self.kmf: KmfClient | None = None
+        self.md: MdClient | None = None
+        self.identity: str | None = None
+        self.ssrc = secrets.randbits(32) or 1
+        self.session: ParticipantSession | None = None
+        self.answer: VerifiedAnswer | None = None
+        self.joined: JoinResponse | None = None
+        self._port: Any = None
+        self._timer: Any = None
+        self._ready: defer.Deferred[None] | None = None
+        self._sending: task.LoopingCall | None = None
+        self._roster_loop: task.LoopingCall | None = None
+        self._roster_refresh: Any = None
+        self._sinks: WavSinks | None = None
+        self.profile: str | None = None
+        self.ekt_cipher: str | None = None
+        self.epochs_installed: list[int] = []
+        self.senders: dict[int, SenderStatistics] = {}
+        self.identities: dict[int, str] = {}  # SSRC -> identity, from every verified roster
+        self.roster: Roster | None = None
+        self.failures: list[str] = []
+        self.closed_reason: str | None = None
+        self.refused_reason: str | None = None
+        self.unattributed_decrypt_failures = 0
+        self.foreign_datagrams = 0
+        self.sent_packets = 0
+        self.sent_bytes = 0
+        self.send_not_ready = 0
+        self.offer_at: float | None = None
+        self.ready_at: float | None = None
+        self.first_media_at: float | None = None
+        self.left = False
+
+    def __repr__(self) -> str:
+        return (f"<Endpoint {self.label} conference={self.conference_id!r} "
+                f"ssrc={self.ssrc:#010x} ready={self.ready_at is not None}>")
+
+    def now(self) -> float:
+        return self.reactor.seconds()
+
+    # --- join ------------------------------------------------------------------------------
+
+    def join(self) -> defer.Deferred[None]:
+        """Log in, assert, offer, verify the answer, connect; fires when keys are installed."""
+        return defer.ensureDeferred(self._join())
+
+    async def _join(self) -> None:
+        ca = load_ca(self.ca_path)
+        der, key = generate_certificate(f"perc-endpoint {self.label}")
+        fingerprint = certificate_fingerprint(der)
+        self.kmf = KmfClient(self.reactor, self.kmf_url, ca=ca, certificate=(der, key),
+                             client_id=self.client_id, redirect_uri=self.redirect_uri,
+                             issuer=self.issuer)
+        self.md = MdClient(self.reactor, self.md_url, ca=ca)
+        name, expected = login_name(self.user)
+        await self.kmf.login(name, self._password)
+        self.identity = self.kmf.subject
+        if expected is not None and self.identity != expected:
+            raise IdentityMismatch(f"signed in as {self.identity!r}, not {expected!r}")
+        assertion = await self.kmf.assertion(self.conference_id)
+        ufrag, pwd = new_ice_credentials()
+        tls_id = new_tls_id()
+        cname = secrets.token_urlsafe(12)
+        offer = build_offer(assertion_json=assertion, fingerprint=fingerprint, tls_id=tls_id,
+                            ice_ufrag=ufrag, ice_pwd=pwd, ssrc=self.ssrc, cname=cname,
+                            kind=self.kind)
+        self.offer_at = self.now()
+        self.joined = await self.md.join(self.conference_id, offer)
+        try:
+            self.answer = self._verify_answer(self.joined, offer, ca)
+        except AnswerRejected:
+            await self._forget_at_md()
+            raise
+        self.log.info("{label}: answer signed by {kd} for {identity}, association "
+                      "{association}", label=self.label, kd=self.answer.kd_name,
+                      identity=self.identity, association=self.joined.association)
+        try:
+            self.session = ParticipantSession(certificate=der, private_key=key, ssrc=self.ssrc,
+                                              ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
+                                              answer=self.answer)
+        except ValueError as e:  # a signed answer we cannot use (no candidate, ...)
+            await self._forget_at_md()
+            raise AnswerRejected(f"unusable answer: {e}") from None
+        if self.record_dir is not None:
+            self._sinks = WavSinks(self.record_dir)
+        self._ready = defer.Deferred()
+        self._port = self.reactor.listenUDP(self.bind[1], _MediaProtocol(self),
+                                            interface=self.bind[0])
+        self._send(self.session.start(self.now()))
+        self._after_input()
+        ready = self._ready
+        ready.addTimeout(self.connect_timeout, self.reactor)
+        try:
+            await ready
+        except defer.TimeoutError:
+            await self._abort()
+            raise ConnectTimeout(f"no connection and EKT key within {self.connect_timeout} s "
+                                 f"(MD media address {self.session.md_address})") from None
+        except SessionRefused:
+            await self._abort()
+            raise
+        self.ready_at = self.now()
+        self.log.info("{label}: connected ({profile}, {cipher}) in {seconds:.3f} s",
+                      label=self.label, profile=self.profile, cipher=self.ekt_cipher,
+                      seconds=self.ready_at - self.offer_at)
+        await self._refresh_roster()
+        self._roster_loop = task.LoopingCall(self._roster_tick)
+        self._roster_loop.clock = self.reactor
+        self._roster_loop.start(self.roster_interval, now=False)
+
+    def _verify_answer(self, joined: JoinResponse, offer: str, ca: Sequence[Any]
+                       ) -> VerifiedAnswer:
+        try:
+            verified = verify_signed_answer(joined.signed_answer, offer, trust_roots=ca,
+                                            kd_names=self.kd_names, now=self.now())
+        except AnswerError as e:
+            raise AnswerRejected(f"{type(e).__name__}: {e}") from None
+        if verified.association_id != joined.association_id:
+            raise AnswerRejected("the signed answer is for another association")
+        if verified.conference_id != self.conference_id:
+            raise AnswerRejected("the signed answer is for another conference")
+        if verified.identity != self.identity:
+            raise AnswerRejected(f"the signed answer names {verified.identity!r}, "
+                                 f"not {self.identity!r}")
+        return verified
+
+    async def _forget_at_md(self) -> None:
+        if self.md is None or self.joined is None:
+            return
+        try:
+            await self.md.leave(self.conference_id, self.joined)
+        except Exception as e:
+            self.log.warn("{label}: leaving the MD failed: {error}", label=self.label,
+                          error=str(e))
+        self.joined = None
+
+    async def _abort(self) -> None:
+        self._stop_timer()
+        if self.session is not None:
+            self._send(self.session.close(self.now()))
+        await self._forget_at_md()
+        await self._release()
+
+    # --- datagrams and timers ---------------------------------------------------------------
+
+    def _send(self, datagrams: Sequence[bytes]) -> None:
+        if self._port is None or self.session is None:
+            return
+        for datagram in datagrams:
+            self._port.write(datagram, self.session.md_address)
+
+    def _datagram(self, datagram: bytes, addr: Any) -> None:
+        session = self.session
+        if session is None:
+            return
+        host, port = addr[0], addr[1]
+        if (host, port) != tuple(session.md_address):
+            self.foreign_datagrams += 1
+            return
+        self._send(session.datagram_received(datagram, self.now()))
+        self._after_input()
+
+    def _after_input(self) -> None:
+        self._drain()
+        self._schedule()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self) -> None:
+        self._stop_timer()
+        if self.session is None:
+            return
+        when = self.session.next_timer()
+        if when is None:
+            return
+        self._timer = self.reactor.callLater(max(0.0, when - self.now()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.session is None:
+            return
+        self._send(self.session.handle_timer(self.now()))
+        self._after_input()
+
+    def _drain(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        while (event := session.next_event()) is not None:
+            self._event(event)
+
+    def _event(self, event: Any) -> None:
+        now = self.now()
+        if isinstance(event, MediaReceived):
+            stats = self.senders.get(event.ssrc)
+            if stats is None:
+                stats = self.senders[event.ssrc] = SenderStatistics(event.ssrc)
+            stats.received(event.sequence, len(event.payload), event.spi, now)
+            if self.first_media_at is None:
+                self.first_media_at = now
+            if self._sinks is not None and self._is_pcmu(event):
+                self._sinks.write(event.ssrc, event.payload, event.timestamp)
+        elif isinstance(event, DecryptFailed):
+            if event.ssrc is None:
+                self.unattributed_decrypt_failures += 1
+            else:
+                stats = self.senders.get(event.ssrc)
+                if stats is None:
+                    stats = self.senders[event.ssrc] = SenderStatistics(event.ssrc)
+                stats.decrypt_failures += 1
+        elif isinstance(event, EktKeyInstalled):
+            self.epochs_installed.append(event.spi)
+            self.log.info("{label}: EKT key installed (SPI {spi})", label=self.label,
+                          spi=event.spi)
+            if self._ready is not None and not self._ready.called:
+                self._ready.callback(None)
+            elif self._roster_loop is not None:
+                self._soon_refresh_roster()
+        elif isinstance(event, Connected):
+            self.profile = getattr(event.profile, "name", str(event.profile))
+            self.ekt_cipher = getattr(event.ekt_cipher, "name", str(event.ekt_cipher))
+        elif isinstance(event, Refused):
+            self.refused_reason = str(event.reason)
+            self.log.warn("{label}: session refused: {reason}", label=self.label,
+                          reason=self.refused_reason)
+            if self._ready is not None and not self._ready.called:
+                self._ready.errback(SessionRefused(self.refused_reason))
+            else:
+                self.failures.append(f"session refused: {self.refused_reason}")
+                self._stop_sending()
+        elif isinstance(event, Closed):
+            self.closed_reason = str(event.reason)
+            self.log.info("{label}: session closed: {reason}", label=self.label,
+                          reason=self.closed_reason)
+            if self._ready is not None and not self._ready.called:
+                self._ready.errback(SessionRefused(f"closed: {self.closed_reason}"))
+            self._stop_sending()
+
+    def _is_pcmu(self, event: Any) -> bool:
+        payload_type = getattr(event, "payload_type", None)
+        if payload_type is not None:
+            return payload_type == 0
+        return len(event.payload) <= _MAX_AUDIO_PAYLOAD
+
+    # --- media -----------------------------------------------------------------------------
+
+    def default_source(self) -> MediaSource:
+        return ToneSource(440) if self.kind == "audio" else VideoSource()
+
+    def run_media(self, duration: float, source: MediaSource | None = None
+                  ) -> defer.Deferred[None]:
+        """Send from ``source`` for ``duration`` seconds (receiving all along)."""
+        return defer.ensureDeferred(self._run_media(duration, source))
+
+    async def _run_media(self, duration: float, source: MediaSource | None) -> None:
+        if self.session is None or self.ready_at is None:
+            raise EndpointError("not joined")
+        source = source or self.source or self.default_source()
+        if source.kind != self.kind:
+            raise ValueError(f"a {source.kind} source in a {self.kind} session")
+        session = self.session
+
+        def tick(count: int) -> None:
+            for _ in range(min(count, _MAX_CATCH_UP)):
+                frame = source.next_frame()
+                if frame is None:
+                    self._stop_sending()
+                    return
+                try:
+                    datagram = session.send_media(frame.payload, timestamp=frame.timestamp,
+                                                  marker=frame.marker, keyframe=frame.keyframe,
+                                                  now=self.now())
+                except NotReady:
+                    self.send_not_ready += 1
+                    continue
+                self._send([datagram])
+                self.sent_packets += 1
+                self.sent_bytes += len(frame.payload)
+            self._after_input()
+
+        sending = self._sending = task.LoopingCall.withCount(tick)
+        sending.clock = self.reactor
+        stop = self.reactor.callLater(duration, self._stop_sending)
+        try:
+            await sending.start(source.interval, now=True)
+        finally:
+            if stop.active():
+                stop.cancel()
+            self._sending = None
+
+    def _stop_sending(self) -> None:
+        if self._sending is not None and self._sending.running:
+            self._sending.stop()
+
+    # --- roster ----------------------------------------------------------------------------
+
+    def _roster_tick(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._refresh_roster())
+
+    def _soon_refresh_roster(self) -> None:
+        if self._roster_refresh is not None and self._roster_refresh.active():
+            return
+        self._roster_refresh = self.reactor.callLater(0.5, self._roster_tick)
+
+    async def _refresh_roster(self) -> Roster | None:
+        """Fetch and verify the roster; merge its SSRC -> identity map (failures recorded)."""
+        if self.kmf is None:
+            return None
+        min_epoch = self.roster.epoch if self.roster is not None else None
+        try:
+            roster = await self.kmf.verified_roster(self.conference_id, now=self.now(),
+                                                    min_epoch=min_epoch)
+        except KmfRefused as e:
+            if e.status == 404:  # no roster reported yet
+                return None
+            self.log.warn("{label}: roster refused: {error}", label=self.label, error=str(e))
+            return None
+        except RosterError as e:
+            failure = f"roster not verified: {type(e).__name__}: {e}"
+            if failure not in self.failures:
+                self.failures.append(failure)
+            return None
+        except Exception as e:  # the KMF unreachable for a moment: try again later
+            self.log.warn("{label}: roster fetch failed: {error}", label=self.label,
+                          error=str(e))
+            return None
+        for member in roster.members:
+            for ssrc in member.ssrcs:
+                known = self.identities.get(ssrc)
+                if known is not None and known != member.identity:
+                    self.failures.append(f"SSRC {ssrc:#010x} moved from {known} to "
+                                         f"{member.identity}")
+                self.identities[ssrc] = member.identity
+        self.roster = roster
+        return roster
+
+    def _roster_problems(self) -> list[str]:
+        problems = []
+        for ssrc, stats in sorted(self.senders.items()):
+            if stats.packets and ssrc not in self.identities:
+                problems.append(f"decrypted media from SSRC {ssrc:#010x}, which no "
+                                f"verified roster lists")
+        if self.roster is None:
+            problems.append("no verified roster")
+        elif self.roster.identity_of(self.ssrc) != self.identity:
+            problems.append(f"the roster (epoch {self.roster.epoch}) does not list our SSRC "
+                            f"{self.ssrc:#010x} for {self.identity}")
+        return problems
+
+    def check_roster(self) -> defer.Deferred[list[str]]:
+        """Final roster check: problems (also recorded as failures); waits ``roster_wait``."""
+        return defer.ensureDeferred(self._check_roster())
+
+    async def _check_roster(self) -> list[str]:
+        deadline = self.now() + self.roster_wait
+        await self._refresh_roster()
+        while self._roster_problems() and self.now() < deadline:
+            await task.deferLater(self.reactor, 0.5, lambda: None)
+            await self._refresh_roster()
+        problems = self._roster_problems()
+        for problem in problems:
+            if problem not in self.failures:
+                self.failures.append(problem)
+        return problems
+
+    # --- leave -----------------------------------------------------------------------------
+
+    def leave(self) -> defer.Deferred[None]:
+        """close_notify to the KD, DELETE at the MD; releases sockets and connections."""
+        return defer.ensureDeferred(self._leave())
+
+    async def _leave(self) -> None:
+        self._stop_sending()
+        if self._roster_loop is not None and self._roster_loop.running:
+            self._roster_loop.stop()
+        if self._roster_refresh is not None and self._roster_refresh.active():
+            self._roster_refresh.cancel()
+        self._stop_timer()
+        if self.session is not None and not self.left:
+            self._send(self.session.close(self.now()))
+        if self.joined is not None:
+            try:
+                await self.md.leave(self.conference_id, self.joined)  # type: ignore[union-attr]
+                self.left = True
+            except Exception as e:
+                self.failures.append(f"leave: {e}")
+            self.joined = None
+        await self._release()
+
+    async def _release(self) -> None:
+        self._stop_timer()
+        if self._port is not None:
+            port, self._port = self._port, None
+            await defer.maybeDeferred(port.stopListening)
+        if self._sinks is not None:
+            self._sinks.close()
+        for client in (self.kmf, self.md):
+            if client is not None:
+                await client.close()
+
+    # --- statistics ------------------------------------------------------------------------
+
+    def decrypt_failure_problem(self) -> str | None:
+        failed = self.unattributed_decrypt_failures + sum(
+            s.decrypt_failures for s in self.senders.values())
+        received = sum(s.packets for s in self.senders.values())
+        if failed and failed > self.max_decrypt_failure_ratio * (failed + received):
+            return (f"{failed} decrypt failures for {received} decrypted packets (more than "
+                    f"{self.max_decrypt_failure_ratio:.0%})")
+        return None
+
+    def all_failures(self) -> list[str]:
+        """Everything that makes this run a failure (exit status 1)."""
+        problems = list(self.failures)
+        decrypt = self.decrypt_failure_problem()
+        if decrypt is not None:
+            problems.append(decrypt)
+        heard = sum(1 for s in self.senders.values() if s.packets)
+        if heard < self.expect_senders:
+            problems.append(f"heard {heard} senders, expected {self.expect_senders}")
+        return problems
+
+    def stats(self) -> dict[str, Any]:
+        """The statistics as a JSON-ready dict."""
+        recordings = self._sinks.paths() if self._sinks is not None else {}
+
+        def elapsed(at: float | None) -> float | None:
+            if at is None or self.offer_at is None:
+                return None
+            return round(at - self.offer_at, 6)
+
+        return {
+            "label": self.label,
+            "identity": self.identity,
+            "conference": self.conference_id,
+            "association": self.joined.association if self.joined is not None else None,
+            "kd": self.answer.kd_name if self.answer is not None else None,
+            "ssrc": self.ssrc,
+            "kind": self.kind,
+            "profile": self.profile,
+            "ekt_cipher": self.ekt_cipher,
+            "connect_time": elapsed(self.ready_at),
+            "join_time": elapsed(self.first_media_at),
+            "sent": {"packets": self.sent_packets, "bytes": self.sent_bytes,
+                     "not_ready": self.send_not_ready},
+            "epochs_installed": list(self.epochs_installed),
+            "senders": [s.as_json(self.identities.get(ssrc), recordings.get(ssrc))
+                        for ssrc, s in sorted(self.senders.items())],
+            "unattributed_decrypt_failures": self.unattributed_decrypt_failures,
+            "foreign_datagrams": self.foreign_datagrams,
+            "roster": ({"epoch": self.roster.epoch, "verified": True,
+                        "members": [{"identity": m.identity, "ssrcs": list(m.ssrcs)}
+                                    for m in self.roster.members]}
+                       if self.roster is not None else None),
+            "closed_reason": self.closed_reason,
+            "left": self.left,
+            "failures": self.all_failures(),
+        }
+
+
+def record_subdir(record_dir: str | None, index: int, total: int) -> str | None:
+    """Where endpoint ``index`` of ``total`` records (a subdirectory under --load)."""
+    if record_dir is None or total == 1:
+        return record_dir
+    return os.path.join(record_dir, f"endpoint-{index:03d}")

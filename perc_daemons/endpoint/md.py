@@ -1,0 +1,108 @@
+"""The endpoint's client of the MD's HTTPS conference API (docs/API.md, "perc-md").
+
+* ``POST /v1/conferences/{cid}/participants`` ``{"offer": sdp}`` -> 201
+  ``{"association", "answer", "leave_token"}``: :meth:`MdClient.join`.  No
+  authorization: the KD decides from the offer's identity assertion.  The
+  answer is the KD-signed SDP the caller must verify before any media
+  (:func:`~perc_daemons.protocol.answer.verify_signed_answer`).
+* ``DELETE /v1/conferences/{cid}/participants/{association}`` with
+  ``Authorization: Bearer <leave_token>`` -> 204: :meth:`MdClient.leave`.
+
+The MD's certificate is checked against the CA and its name (no client
+certificate: the MD is only semi-trusted and learns nothing from one).
+Failures are typed: :class:`JoinRefused` carries the HTTP status and the
+RFC 9457 problem's title and detail (403: the KD's reason; 404 unknown
+conference; 503 the conference's KD is not connected; 504 the KD did not
+answer).  The leave token is never logged nor shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from cryptography import x509
+
+from perc_daemons.endpoint.https import (
+    ClientTlsPolicy,
+    EndpointHttpError,
+    HttpsClient,
+    problem_text,
+)
+
+__all__ = ["JoinRefused", "JoinResponse", "LeaveFailed", "MdClient", "MdError"]
+
+
+class MdError(EndpointHttpError):
+    """The MD answered something unusable."""
+
+
+class JoinRefused(MdError):
+    """The MD (or through it, the KD) refused the offer: ``status``, ``title``, ``detail``."""
+
+    def __init__(self, status: int, title: str, detail: str = "") -> None:
+        super().__init__(f"join refused: {title} ({status})" + (f": {detail}" if detail else ""))
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+class LeaveFailed(MdError):
+    """The MD refused the DELETE of our participant."""
+
+    def __init__(self, status: int, title: str, detail: str = "") -> None:
+        super().__init__(f"leave refused: {title} ({status})" + (f": {detail}" if detail else ""))
+        self.status = status
+
+
+@dataclass(frozen=True)
+class JoinResponse:
+    """The MD's 201 answer to an offer."""
+
+    association: str  # canonical UUID string
+    association_id: bytes  # its 16 bytes
+    signed_answer: str
+    leave_token: str = field(repr=False)
+
+
+class MdClient:
+    """The MD's conference API at ``url`` (``https://host:port``), server checked with ``ca``."""
+
+    def __init__(self, reactor: Any, url: str, *, ca: Sequence[x509.Certificate]) -> None:
+        self.http = HttpsClient(reactor, url, ClientTlsPolicy(ca))
+
+    def __repr__(self) -> str:
+        return f"<MdClient {self.http.base}>"
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def join(self, conference_id: str, offer: str) -> JoinResponse:
+        """POST the offer; the association, signed answer and leave token."""
+        path = f"/v1/conferences/{quote(conference_id, safe='')}/participants"
+        code, body, content = await self.http.json("POST", path, {"offer": offer})
+        if code != 201:
+            raise JoinRefused(code, *problem_text(code, content))
+        if not isinstance(body, dict) or not all(
+                isinstance(body.get(k), str) and body[k]
+                for k in ("association", "answer", "leave_token")):
+            raise MdError("the MD's join answer lacks association, answer or leave_token")
+        try:
+            association = uuid.UUID(body["association"])
+        except ValueError:
+            raise MdError("the MD's association is not a UUID") from None
+        return JoinResponse(str(association), association.bytes, body["answer"],
+                            body["leave_token"])
+
+    async def leave(self, conference_id: str, joined: JoinResponse) -> None:
+        """DELETE our participant (204; 404 = already gone, accepted)."""
+        path = (f"/v1/conferences/{quote(conference_id, safe='')}/participants/"
+                f"{joined.association}")
+        code, _, content = await self.http.request(
+            "DELETE", path, headers={"Authorization": f"Bearer {joined.leave_token}",
+                                     "Accept": "application/json"})
+        if code not in (200, 204, 404):
+            raise LeaveFailed(code, *problem_text(code, content))
