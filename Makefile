@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # trial needs the project on the path; twisted/plugins/ is found through it too.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv check lint test bench demo deb clean
+.PHONY: all venv check lint test bench demo demo-protocol deb clean
 
 all: check
 
@@ -36,7 +36,13 @@ bench: venv
 	$(PY) bench/relay.py
 	$(PY) bench/dtls_handshake.py
 
+# A whole conference: KMF, MD and KD as real twistd processes on loopback,
+# three endpoints, a leave, the end; nothing is left running.
 demo: venv
+	$(PY) -m perc_daemons.demo.conference
+
+# One packet through two cascaded MDs, explained byte by byte.
+demo-protocol: venv
 	$(PY) -m perc_daemons.demo.protocol
 
 # The .deb: dh-virtualenv venv under /opt/venvs/perc-daemons (see debian/rules).

@@ -1,0 +1,429 @@
+"""A whole PERC deployment on loopback: perc-kmf, perc-kd and perc-md as real twistd children.
+
+Used by ``make demo`` (:mod:`perc_daemons.demo.conference`), the end-to-end
+tests and ``bench/conference.py``.  :class:`LocalStack` writes, in one
+directory:
+
+* ``pki/``: a development CA (:mod:`perc_daemons.devpki`) and leaves for the
+  KMF and the MD (``localhost``, 127.0.0.1) and the KD (``kd.localhost``);
+* ``kmf/``: the KMF's state (SQLite store, key-encryption key, signing
+  keys), a user file (cheap argon2id: development only) and the OAuth client
+  registry: ``perc-endpoint`` (public, PKCE), ``kd`` and ``perc-admin``
+  (confidential, client credentials);
+* ``kmf.toml``, ``kd.toml``, ``md.toml`` on free loopback ports, the KD's
+  client secret and the MD's conference-provider token (mode 0600);
+
+then runs each daemon with ``twistd --nodaemon perc-<name> --config ...``
+and waits for its ``/healthz``.  With ``tap=True`` the KD reaches the MD
+through a :class:`~perc_daemons.demo.tap.TunnelTap`, which records every
+byte the MD was sent over the tunnel.
+
+Nothing here is fit for production: the CA key sits beside the certificates.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import treq
+from argon2 import PasswordHasher
+from twisted.internet import defer, error, ssl, task
+from twisted.internet.protocol import ProcessProtocol
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from perc_daemons.devpki import DevPki
+from perc_daemons.kmf.auth.file import add_user
+from perc_daemons.protocol.dtls.crypto import certificate_fingerprint, format_fingerprint
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+DOMAIN = "localhost"
+KD_NAME = "kd.localhost"
+ENDPOINT_CLIENT = "perc-endpoint"
+ENDPOINT_REDIRECT = "http://127.0.0.1/callback"
+KD_CLIENT = "kd"
+ADMIN_CLIENT = "perc-admin"
+#: argon2id made cheap: the demo's users and clients are throw-away.
+CHEAP_HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class StackError(Exception):
+    """A daemon did not start, stopped, or answered what it should not."""
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A currently free loopback port (TCP by default, ``socket.SOCK_DGRAM`` for UDP)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_private(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def sleep(reactor: Any, seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@implementer(IPolicyForHTTPS)
+class TrustPolicy:
+    """HTTPS to the stack: the dev CA as the only trust root, optional client certificate."""
+
+    def __init__(self, ca_pem: bytes, client_pem: bytes | None = None) -> None:
+        self._trust = ssl.Certificate.loadPEM(ca_pem)
+        self._client = ssl.PrivateCertificate.loadPEM(client_pem) if client_pem else None
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        kwargs: dict[str, Any] = {"trustRoot": self._trust}
+        if self._client is not None:
+            kwargs["clientCertificate"] = self._client
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), **kwargs)
+
+
+class Child(ProcessProtocol):
+    """One daemon process: its output, and ``ended`` firing with (exit code, signal)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.output = bytearray()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.running = True
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.running = False
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+@dataclass
+class Ports:
+    kmf_admin: int = field(default_factory=free_port)
+    kmf_https: int = field(default_factory=free_port)
+    kd_admin: int = field(default_factory=free_port)
+    md_admin: int = field(default_factory=free_port)
+    md_api: int = field(default_factory=free_port)
+    md_tunnel: int = field(default_factory=free_port)
+    md_media: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
+
+
+class LocalStack:
+    """See the module docstring.  ``users`` get ``password``; all are in ``DOMAIN``."""
+
+    def __init__(self, directory: str, reactor: Any, *,
+                 users: Iterable[str] = ("alice", "bob", "carol", "dave"),
+                 password: str | None = None, tap: bool = False,
+                 python: str = sys.executable, consent_timeout: int = 30) -> None:
+        self.dir = os.path.abspath(directory)
+        self.reactor = reactor
+        self.python = python
+        self.users = list(users)
+        self.password = password or secrets.token_urlsafe(12)
+        self.ports = Ports()
+        self.consent_timeout = consent_timeout
+        self.tap_enabled = tap
+        self.tap: Any = None
+        self.children: dict[str, Child] = {}
+        self.kd_secret = secrets.token_urlsafe(24)
+        self.admin_secret = secrets.token_urlsafe(24)
+        self.provider_token = secrets.token_urlsafe(24)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self._admin_token: str | None = None
+
+    # --- files ----------------------------------------------------------------------
+
+    @property
+    def kmf_url(self) -> str:
+        return f"https://localhost:{self.ports.kmf_https}"
+
+    @property
+    def md_url(self) -> str:
+        return f"https://localhost:{self.ports.md_api}"
+
+    def identity(self, user: str) -> str:
+        return f"{user}@{DOMAIN}"
+
+    def prepare(self) -> None:
+        """Write the PKI, state, secrets and the three configuration files."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        pki = DevPki(os.path.join(self.dir, "pki"))
+        self.ca_path = str(pki.ca_certificate_path)
+        with open(self.ca_path, "rb") as f:
+            self.ca_pem = f.read()
+        self.kmf_cert = pki.issue("kmf", ["localhost"], ["127.0.0.1"])
+        self.md_cert = pki.issue("md", ["localhost"], ["127.0.0.1"])
+        self.kd_cert = pki.issue("kd", [KD_NAME])
+        self.tap_cert = self.md_cert
+        kd_der = ssl.Certificate.loadPEM(self.kd_cert.certificate.read_bytes()).dump()
+        self.kd_fingerprint = certificate_fingerprint(kd_der)
+        kmf = os.path.join(self.dir, "kmf")
+        os.makedirs(kmf, mode=0o700, exist_ok=True)
+        users_file = os.path.join(kmf, "users.jsonl")
+        if not os.path.exists(users_file):
+            for user in self.users:
+                add_user(users_file, user, self.password, hasher=CHEAP_HASH)
+        clients = os.path.join(kmf, "clients.toml")
+        _write_private(clients, (
+            f'[client.{ENDPOINT_CLIENT}]\ntype = "public"\n'
+            'grant_types = ["authorization_code", "refresh_token"]\n'
+            f'redirect_uris = ["{ENDPOINT_REDIRECT}"]\nscopes = ["identity", "keys"]\n\n'
+            f'[client.{KD_CLIENT}]\ntype = "confidential"\n'
+            f'secret_hash = "{CHEAP_HASH.hash(self.kd_secret)}"\n'
+            'grant_types = ["client_credentials"]\nscopes = ["kd"]\n\n'
+            f'[client.{ADMIN_CLIENT}]\ntype = "confidential"\n'
+            f'secret_hash = "{CHEAP_HASH.hash(self.admin_secret)}"\n'
+            'grant_types = ["client_credentials"]\nscopes = ["admin"]\n'))
+        kd_secret_file = os.path.join(self.dir, "kd-client.secret")
+        _write_private(kd_secret_file, self.kd_secret + "\n")
+        provider_token_file = os.path.join(self.dir, "md-provider.token")
+        _write_private(provider_token_file, self.provider_token + "\n")
+        p = self.ports
+        self.configs = {
+            "kmf": self._write_config("kmf", (
+                f'[admin]\nbind = "127.0.0.1"\nport = {p.kmf_admin}\n'
+                f'[https]\nbind = "127.0.0.1"\nport = {p.kmf_https}\n'
+                f'certificate = "{self.kmf_cert.certificate}"\n'
+                f'private_key = "{self.kmf_cert.private_key}"\n'
+                f'[idp]\ndomain = "{DOMAIN}"\n'
+                f'[store]\nsqlite_path = "{kmf}/kmf.sqlite3"\n'
+                f'[keys]\nkek_file = "{kmf}/kmf.kek"\nsigning_dir = "{kmf}/signing"\n'
+                f'[oauth]\nclients_file = "{clients}"\n'
+                f'[auth]\nusers_file = "{users_file}"\n')),
+            "md": self._write_config("md", (
+                f'[admin]\nbind = "127.0.0.1"\nport = {p.md_admin}\n'
+                f'[api]\nbind = "127.0.0.1"\nport = {p.md_api}\n'
+                f'certificate = "{self.md_cert.certificate}"\n'
+                f'private_key = "{self.md_cert.private_key}"\n'
+                f'provider_token_file = "{provider_token_file}"\n'
+                f'[media]\nbind = "127.0.0.1"\nport = {p.md_media}\n'
+                f'consent_timeout = {self.consent_timeout}\n'
+                f'[tunnel]\nbind = "127.0.0.1"\nport = {p.md_tunnel}\n'
+                f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n')),
+        }
+        self.write_kd_config(p.md_tunnel)
+
+    def write_kd_config(self, md_tunnel_port: int) -> None:
+        """(Re)write kd.toml pointing the KD at ``md_tunnel_port`` (the MD's, or a tap's)."""
+        self.configs["kd"] = self._write_config("kd", (
+            f'[admin]\nbind = "127.0.0.1"\nport = {self.ports.kd_admin}\n'
+            f'[tunnel]\nmds = ["localhost:{md_tunnel_port}"]\n'
+            f'certificate = "{self.kd_cert.certificate}"\n'
+            f'private_key = "{self.kd_cert.private_key}"\n'
+            f'ca_file = "{self.ca_path}"\n'
+            f'[kmf]\nurl = "{self.kmf_url}"\nca_file = "{self.ca_path}"\n'
+            f'client_id = "{KD_CLIENT}"\n'
+            f'client_secret_file = "{os.path.join(self.dir, "kd-client.secret")}"\n'
+            f'[idp]\ndomain = "{DOMAIN}"\n'))
+
+    def _write_config(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, f"{name}.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    # --- processes ------------------------------------------------------------------
+
+    def admin_port(self, name: str) -> int:
+        return {"kmf": self.ports.kmf_admin, "kd": self.ports.kd_admin,
+                "md": self.ports.md_admin}[name]
+
+    @defer.inlineCallbacks
+    def start(self, name: str):
+        """Spawn ``perc-<name>`` and wait until its /healthz answers 200."""
+        if name in self.children and self.children[name].running:
+            raise StackError(f"perc-{name} is already running")
+        child = Child(name)
+        self.children[name] = child
+        rundir = os.path.join(self.dir, f"run-{name}")
+        os.makedirs(rundir, exist_ok=True)
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+        self.reactor.spawnProcess(
+            child, self.python,
+            [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", f"perc-{name}",
+             "--config", self.configs[name]], env=env, path=rundir)
+        url = f"http://127.0.0.1:{self.admin_port(name)}/healthz"
+        deadline = self.reactor.seconds() + START_TIMEOUT
+        while True:
+            if not child.running:
+                raise StackError(f"perc-{name} exited during start-up:\n{child.text()}")
+            try:
+                response = yield treq.get(url, pool=self.pool, timeout=2)
+                yield treq.content(response)
+                if response.code == 200:
+                    return child
+            except (error.ConnectError, error.TimeoutError, defer.CancelledError):
+                pass
+            if self.reactor.seconds() > deadline:
+                raise StackError(f"perc-{name} not healthy within {START_TIMEOUT:.0f} s:\n"
+                                 f"{child.text()}")
+            yield sleep(self.reactor, 0.05)
+
+    @defer.inlineCallbacks
+    def start_all(self):
+        """KMF, MD (and the tap), then KD; fires when the KD's tunnel to the MD is up."""
+        yield self.start("kmf")
+        yield self.start("md")
+        if self.tap_enabled and self.tap is None:
+            from perc_daemons.demo.tap import TunnelTap
+
+            self.tap = TunnelTap(self.reactor, upstream_port=self.ports.md_tunnel,
+                                 ca_pem=self.ca_pem,
+                                 server_pem=(self.md_cert.certificate.read_bytes()
+                                             + self.md_cert.private_key.read_bytes()),
+                                 client_pem=(self.kd_cert.certificate.read_bytes()
+                                             + self.kd_cert.private_key.read_bytes()))
+            port = self.tap.listen()
+            self.write_kd_config(port)
+        yield self.start("kd")
+
+    @defer.inlineCallbacks
+    def stop(self, name: str, sig: int = signal.SIGTERM):
+        """Signal the daemon and wait for it; fires with (exit code, signal)."""
+        child = self.children.get(name)
+        if child is None or not child.running:
+            return None
+        try:
+            child.transport.signalProcess({signal.SIGTERM: "TERM",
+                                           signal.SIGKILL: "KILL"}.get(sig, sig))
+        except error.ProcessExitedAlready:
+            pass
+        timeout = self.reactor.callLater(STOP_TIMEOUT, self._kill, child)
+        result = yield child.ended
+        if timeout.active():
+            timeout.cancel()
+        return result
+
+    def _kill(self, child: Child) -> None:
+        if child.running:
+            try:
+                child.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+    @defer.inlineCallbacks
+    def stop_all(self):
+        """Stop every daemon (KD first) and the tap; close HTTP connections."""
+        for name in ("kd", "md", "kmf"):
+            yield self.stop(name)
+        if self.tap is not None:
+            yield self.tap.close()
+        yield self.pool.closeCachedConnections()
+
+    # --- HTTPS ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def request(self, method: str, url: str, *, token: str | None = None,
+                body: Any = None, form: dict[str, str] | None = None,
+                basic: tuple[str, str] | None = None, timeout: float = 10.0):
+        """One HTTPS request to the stack; fires with (status, parsed JSON or bytes)."""
+        agent = Agent(self.reactor, contextFactory=TrustPolicy(self.ca_pem), pool=self.pool)
+        headers: dict[str, str] = {}
+        data = None
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if basic is not None:
+            q = urllib.parse.quote_plus
+            raw = f"{q(basic[0])}:{q(basic[1])}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        if form is not None:
+            data = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        elif body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        response = yield treq.request(method, url, headers=headers, data=data, agent=agent,
+                                      timeout=timeout, allow_redirects=False)
+        content = yield treq.content(response)
+        kind = (response.headers.getRawHeaders("content-type") or [""])[0]
+        parsed: Any = content
+        if "json" in kind and content:
+            parsed = json.loads(content)
+        return response.code, parsed
+
+    @defer.inlineCallbacks
+    def _expect(self, status: int, method: str, url: str, **kwargs: Any):
+        code, body = yield self.request(method, url, **kwargs)
+        if code != status:
+            raise StackError(f"{method} {url}: {code} (expected {status}): {body!r:.500}")
+        return body
+
+    @defer.inlineCallbacks
+    def admin_token(self):
+        if self._admin_token is None:
+            body = yield self._expect(200, "POST", self.kmf_url + "/oauth/token",
+                                      form={"grant_type": "client_credentials",
+                                            "scope": "admin"},
+                                      basic=(ADMIN_CLIENT, self.admin_secret))
+            self._admin_token = body["access_token"]
+        return self._admin_token
+
+    @defer.inlineCallbacks
+    def create_conference(self, conference_id: str, invited: Sequence[str], *,
+                          late_joiners_get_earlier_epochs: bool = False):
+        """At the KMF (create, invite, start) and at the MD (with the KD fingerprint)."""
+        token = yield self.admin_token()
+        yield self._expect(201, "POST", self.kmf_url + "/v1/conferences", token=token, body={
+            "id": conference_id, "title": f"demo {conference_id}",
+            "initiator": self.identity(invited[0]),
+            "invited": [self.identity(u) for u in invited],
+            "late_joiners_get_earlier_epochs": late_joiners_get_earlier_epochs})
+        yield self._expect(200, "POST", self.kmf_url + f"/v1/conferences/{conference_id}/start",
+                           token=token)
+        md = yield self._expect(201, "POST", self.md_url + "/v1/conferences",
+                                token=self.provider_token,
+                                body={"id": conference_id,
+                                      "kd_fingerprint": format_fingerprint(self.kd_fingerprint)})
+        return md
+
+    @defer.inlineCallbacks
+    def end_conference(self, conference_id: str):
+        token = yield self.admin_token()
+        yield self._expect(200, "POST", self.kmf_url + f"/v1/conferences/{conference_id}/end",
+                           token=token)
+
+    @defer.inlineCallbacks
+    def md_conference(self, conference_id: str):
+        body = yield self._expect(200, "GET", self.md_url + f"/v1/conferences/{conference_id}",
+                                  token=self.provider_token)
+        return body
+
+    @defer.inlineCallbacks
+    def wait_for_kd(self, conference_id: str, timeout: float = 20.0):
+        """Until the MD reports the conference's KD tunnel connected."""
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            body = yield self.md_conference(conference_id)
+            if body.get("kd_connected"):
+                return body
+            if self.reactor.seconds() > deadline:
+                raise StackError(f"the KD did not connect to the MD within {timeout:.0f} s:\n"
+                                 + self.logs())
+            yield sleep(self.reactor, 0.05)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- perc-{name} ---\n{child.text()}"
+                         for name, child in self.children.items())

@@ -1,0 +1,106 @@
+"""A recording TLS relay between the KD and the MD: what exactly was the MD sent?
+
+For the demo's proof and the end-to-end tests only.  The tap holds the dev
+PKI's MD certificate (so the KD, which checks the MD's name against the CA,
+accepts it) and the KD's certificate (so the MD, which pins the KD's
+fingerprint, accepts the onward connection), and copies the tunnel's
+plaintext both ways, keeping a copy of every byte in :attr:`TunnelTap.to_md`
+and :attr:`TunnelTap.to_kd`.  A real deployment has no such place: the
+tunnel is end-to-end TLS 1.3 with mutual authentication.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+
+from perc_daemons.protocol.tunnel import TunnelDecoder, TunnelError
+
+
+class _Upstream(Protocol):
+    def __init__(self, downstream: _Downstream) -> None:
+        self.downstream = downstream
+
+    def dataReceived(self, data: bytes) -> None:
+        self.downstream.tap.to_kd += data
+        self.downstream.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.downstream.transport.loseConnection()
+
+
+class _Downstream(Protocol):
+    def __init__(self, tap: TunnelTap) -> None:
+        self.tap = tap
+        self.upstream: _Upstream | None = None
+        self.pending: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.tap.connections.append(self)
+        factory = Factory.forProtocol(lambda: _Upstream(self))
+        endpoint = SSL4ClientEndpoint(self.tap.reactor, "127.0.0.1", self.tap.upstream_port,
+                                      self.tap.client_options)
+        d = endpoint.connect(factory)
+
+        def connected(upstream: _Upstream) -> None:
+            self.upstream = upstream
+            for data in self.pending:
+                upstream.transport.write(data)
+            self.pending.clear()
+
+        d.addCallbacks(connected, lambda _: self.transport.loseConnection())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tap.to_md += data
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self in self.tap.connections:
+            self.tap.connections.remove(self)
+        if self.upstream is not None:
+            self.upstream.transport.loseConnection()
+
+
+class TunnelTap:
+    """Listen on a loopback port; relay each connection to the MD's tunnel port, recording."""
+
+    def __init__(self, reactor: Any, *, upstream_port: int, ca_pem: bytes, server_pem: bytes,
+                 client_pem: bytes) -> None:
+        self.reactor = reactor
+        self.upstream_port = upstream_port
+        self.server_options = ssl.PrivateCertificate.loadPEM(server_pem).options()
+        self.client_options = ssl.optionsForClientTLS(
+            "localhost", trustRoot=ssl.Certificate.loadPEM(ca_pem),
+            clientCertificate=ssl.PrivateCertificate.loadPEM(client_pem))
+        self.to_md = bytearray()
+        self.to_kd = bytearray()
+        self.connections: list[_Downstream] = []
+        self._port: Any = None
+
+    def listen(self) -> int:
+        factory = Factory.forProtocol(lambda: _Downstream(self))
+        self._port = self.reactor.listenSSL(0, factory, self.server_options,
+                                            interface="127.0.0.1")
+        return self._port.getHost().port
+
+    def messages_to_md(self) -> list[Any]:
+        """Every tunnel message the MD was sent (decoded from :attr:`to_md`)."""
+        decoder = TunnelDecoder()
+        try:
+            return decoder.feed(bytes(self.to_md))
+        except TunnelError:
+            return []
+
+    def close(self) -> defer.Deferred:
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+        if self._port is None:
+            return defer.succeed(None)
+        port, self._port = self._port, None
+        return defer.maybeDeferred(port.stopListening)
