@@ -1,6 +1,6 @@
 """The KMF's HTTPS API (Twisted Web): identity assertions, key service, roster, conferences.
 
-Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.kmf.problems`):
+Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.problems`):
 
 ==========================================================  =====================
 ``GET    /.well-known/jwks.json``                            public
@@ -108,7 +108,6 @@ from perc_daemons.kmf.auth import AuthenticationFailed, BackendUnavailable, Unsu
 from perc_daemons.kmf.auth.oidc import TokenEndpointError
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
 from perc_daemons.kmf.oauth import LoginFailed, LoginRateLimited, OAuthError
-from perc_daemons.kmf.problems import LimitedRequest, Problem, read_json, write_problem
 from perc_daemons.kmf.signing import SigningKeys
 from perc_daemons.kmf.tokens import (
     AccessToken,
@@ -117,6 +116,7 @@ from perc_daemons.kmf.tokens import (
     TokenError,
     verify_access_token,
 )
+from perc_daemons.problems import LimitedRequest, Problem, read_json, write_problem
 from perc_daemons.protocol.ekt import EktCipher
 from perc_daemons.protocol.identity import create_assertion, parse_fingerprint
 from perc_daemons.protocol.jose import b64url_encode

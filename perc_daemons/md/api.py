@@ -31,8 +31,8 @@ is compared in constant time; without it the provider routes answer 401,
 with a wrong one 403, and while the file is missing or unusable 503.  Bodies
 beyond ``max_body`` bytes are refused (413) without being buffered.
 
-This module keeps its own small problem+json helpers rather than importing
-the KMF's (no daemon imports another daemon's package, DESIGN.md "Layout").
+Problems, body limits and JSON bodies: :mod:`perc_daemons.problems`, shared
+with the KMF.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from perc_daemons.md.conferences import (
     UnknownParticipant,
 )
 from perc_daemons.md.media import LEG_COUNTERS
+from perc_daemons.problems import LimitedRequest, Problem, read_json, write_problem
 from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
 from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH
 
@@ -76,91 +77,7 @@ __all__ = ["MAX_BODY", "MdApi", "Problem", "ProviderToken", "md_site"]
 
 #: Largest request body: an offer of MAX_SDP_LENGTH characters, JSON-escaped, fits.
 MAX_BODY = 2 * MAX_SDP_LENGTH + 1024
-PROBLEM_CONTENT_TYPE = b"application/problem+json"
 _REALM = 'Bearer realm="perc-md"'
-
-
-class Problem(Exception):
-    """An HTTP error response (RFC 9457)."""
-
-    def __init__(self, status: int, slug: str, title: str, detail: str = "",
-                 headers: dict[bytes, bytes] | None = None) -> None:
-        super().__init__(f"{status} {slug}: {detail or title}")
-        self.status = status
-        self.slug = slug
-        self.title = title
-        self.detail = detail
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": "urn:perc:problem:" + self.slug, "title": self.title,
-                                "status": self.status}
-        if self.detail:
-            body["detail"] = self.detail
-        return body
-
-
-def _write_problem(request: server.Request, problem: Problem) -> None:
-    request.setResponseCode(problem.status)
-    for name, value in problem.headers.items():
-        request.setHeader(name, value)
-    request.setHeader(b"content-type", PROBLEM_CONTENT_TYPE)
-    request.setHeader(b"cache-control", b"no-store")
-    request.write(json.dumps(problem.body()).encode() + b"\n")
-    request.finish()
-
-
-class _LimitedRequest(server.Request):
-    """Keeps at most ``site.max_body`` bytes of a body; beyond, ``body_too_large``."""
-
-    body_too_large = False
-    _received = 0
-
-    def _limit(self) -> int:
-        return getattr(getattr(self.channel, "site", None), "max_body", MAX_BODY)
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit():
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._received += len(data)
-        if self._received > self._limit():
-            self.body_too_large = True
-            self.content.seek(0)
-            self.content.truncate()
-            return
-        super().handleContentChunk(data)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _read_json(request: server.Request) -> dict[str, Any]:
-    if getattr(request, "body_too_large", False):
-        raise Problem(413, "body-too-large", "Request body too large",
-                      f"the body may be at most {request.channel.site.max_body} bytes")
-    content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise Problem(415, "unsupported-media-type", "Unsupported media type",
-                      "the body must be application/json",
-                      headers={b"accept-post": b"application/json"})
-    request.content.seek(0)
-    try:
-        value = json.loads(request.content.read().decode("utf-8"),
-                           parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise Problem(400, "malformed-json", "Malformed JSON", str(e)) from None
-    if not isinstance(value, dict):
-        raise Problem(400, "malformed-json", "Malformed JSON", "the body must be a JSON object")
-    return value
-
-
 def _bearer(request: server.Request) -> str:
     header = request.getHeader(b"authorization")
     if header is None:
@@ -307,7 +224,7 @@ class MdApi(resource.Resource):
                 else request.method
             handler = methods.get(method)
             if handler is None:
-                _write_problem(request, Problem(
+                write_problem(request, Problem(
                     405, "method-not-allowed", "Method not allowed",
                     f"{request.method.decode('latin-1')} is not allowed here",
                     headers={b"allow": b", ".join(sorted(methods))}))
@@ -317,7 +234,7 @@ class MdApi(resource.Resource):
             d.addCallbacks(lambda response: self._respond(request, response),
                            lambda f: self._fail(request, f))
             return server.NOT_DONE_YET
-        _write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
+        write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
         return server.NOT_DONE_YET
 
     def _respond(self, request: server.Request, response: Response) -> None:
@@ -362,7 +279,7 @@ class MdApi(resource.Resource):
                              method=request.method.decode("latin-1"),
                              path=request.path.decode("latin-1"))
             problem = Problem(500, "internal-error", "Internal server error")
-        _write_problem(request, problem)
+        write_problem(request, problem)
 
     def _provider(self, request: server.Request) -> None:
         """Require the conference provider's token (constant-time comparison)."""
@@ -388,7 +305,7 @@ class MdApi(resource.Resource):
 
     async def create_conference(self, request: server.Request) -> Response:
         self._provider(request)
-        body = _read_json(request)
+        body = read_json(request)
         cid, fp_text = body.get("id"), body.get("kd_fingerprint")
         if not isinstance(cid, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cid):
             raise Problem(400, "invalid-request", "Invalid request",
@@ -423,7 +340,7 @@ class MdApi(resource.Resource):
     async def join(self, request: server.Request, cid: str) -> Response:
         _conference_id(cid)
         self.conferences.conference(cid)  # 404 before reading the body
-        body = _read_json(request)
+        body = read_json(request)
         offer = body.get("offer")
         if not isinstance(offer, str) or not offer:
             raise Problem(400, "invalid-request", "Invalid request",
@@ -442,7 +359,7 @@ class MdApi(resource.Resource):
 
 
 def md_site(api: MdApi, *, max_body: int = MAX_BODY) -> server.Site:
-    site = server.Site(api, requestFactory=_LimitedRequest)
+    site = server.Site(api, requestFactory=LimitedRequest)
     site.max_body = max_body  # type: ignore[attr-defined]
     site.displayTracebacks = False
     site.noisy = False

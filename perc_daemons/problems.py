@@ -1,4 +1,4 @@
-"""RFC 9457 problem details for every error of the KMF's HTTPS API, and JSON bodies.
+"""RFC 9457 problem details for the daemons' HTTPS APIs (KMF, MD), and JSON bodies.
 
 A handler raises :class:`Problem`; :func:`write_problem` renders it as
 ``application/problem+json`` with members ``type`` (``urn:perc:problem:<slug>``),
