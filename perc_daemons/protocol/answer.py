@@ -71,6 +71,7 @@ from typing import Any
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -210,7 +211,7 @@ def _json_object(data: str | bytes, what: str) -> dict[str, Any]:
 def _is_p256(certificate: x509.Certificate) -> bool:
     try:
         key = certificate.public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):  # an unknown or broken key type
         return False
     return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
 
@@ -372,7 +373,7 @@ def _trusted_name(chain: list[x509.Certificate], trust_roots: Sequence[x509.Cert
         try:
             verifier = builder.build_server_verifier(x509.DNSName(name))
             verifier.verify(leaf, chain[1:])
-        except (VerificationError, ValueError):
+        except (VerificationError, ValueError, UnsupportedAlgorithm):
             continue
         return name
     raise UntrustedKd("the KD certificate is not trusted for any configured KD name")

@@ -522,3 +522,20 @@ class FuzzTests(AnswerTestsBase):
         if not hasattr(self, "_signed"):
             self._signed = self.sign()
         return self._signed
+
+
+
+class UnknownKeyTypeTests(AnswerTestsBase):
+    def test_leaf_with_unknown_key_algorithm(self):
+        """Found by the fuzzer: a leaf whose key algorithm is unknown is an AnswerError,
+        not cryptography's UnsupportedAlgorithm."""
+        signed = self.sign()
+        header_b64 = signed.split("a=perc-answer-signature:")[1].split(".")[0]
+        header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+        der = base64.b64decode(header["x5c"][0])
+        ec_public_key = bytes.fromhex("06072a8648ce3d0201")  # OID 1.2.840.10045.2.1
+        self.assertIn(ec_public_key, der)
+        der = der.replace(ec_public_key, bytes.fromhex("06072a8648ce3d0209"), 1)
+        header["x5c"][0] = base64.b64encode(der).decode()
+        new_b64 = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+        self.assertRaises(AnswerError, self.verify, signed.replace(header_b64, new_b64, 1))
