@@ -202,6 +202,7 @@ class KdHandler:
         self._owner: dict[bytes, str] = {}  # association -> MD name
         self._signing: set[bytes] = set()
         self._jobs: dict[str, _Job] = {}
+        self._running: set[defer.Deferred[None]] = set()  # KMF work in progress
         self._sleeps: set[defer.Deferred[Any]] = set()
         self._timer: Any = None
         self._verifier: JwksIdentityVerifier | None = None
@@ -223,7 +224,8 @@ class KdHandler:
                                            max_delay=max_delay,
                                            on_connected=self._events_connected)
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred[None]:
+        """Stop following events and starting KMF work; fires when work in progress is done."""
         self._stopped = True
         if self._events is not None:
             self._events.stop()
@@ -233,6 +235,8 @@ class KdHandler:
         self._timer = None
         for d in list(self._sleeps):
             d.cancel()
+        running = defer.DeferredList(list(self._running), consumeErrors=True)
+        return running.addCallback(lambda _: None)
 
     @property
     def events_connected(self) -> bool:
@@ -464,6 +468,8 @@ class KdHandler:
             d = defer.ensureDeferred(self._run(conference, job))
             d.addErrback(lambda f: log.failure("KMF work for {conference} failed", f,
                                                conference=conference))
+            self._running.add(d)
+            d.addBoth(lambda _: self._running.discard(d))
 
     async def _run(self, conference: str, job: _Job) -> None:
         delay = RETRY_MIN
@@ -635,9 +641,10 @@ class KdService(MultiService):
         self.handler.start_events()
 
     def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        if self.handler is not None:
-            self.handler.stop()
         d = defer.maybeDeferred(super().stopService)
+        if self.handler is not None:
+            stopped = self.handler.stop()
+            d.addBoth(lambda _: stopped)
         d.addBoth(lambda _: self.kmf.close())
         return d
 
