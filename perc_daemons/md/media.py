@@ -19,7 +19,10 @@ Per datagram, demultiplexed by its first byte (RFC 7983 section 7):
   inbound session (:class:`~perc_daemons.protocol.double.Relay`), re-applied
   with every other keyed leg's outbound session, EKTField carried through
   (RFC 8723 section 5.2).  ``should_forward(src_leg, dst_leg, ssrc)`` is the
-  selective-forwarding hook.
+  selective-forwarding hook; after it has kept packets of an SSRC from a
+  receiver, that receiver's later packets of the SSRC are renumbered to close
+  the gap, the original SEQ recorded in the OHB (RFC 8723 section 4), so its
+  jitter buffer sees no loss and the end-to-end tag still verifies.
 * RTCP: hop-by-hop only (RFC 8723 section 6): unprotect with the sender's
   inbound session, protect for each other keyed leg.
 
@@ -134,7 +137,7 @@ class Leg:
     """One endpoint's leg: ICE credentials, learnt address, hop-by-hop sessions, counters."""
 
     __slots__ = ("_pwd", "address", "counters", "drops", "group", "inbound", "last_consent",
-                 "leg_id", "outbound", "peers", "ufrag")
+                 "leg_id", "outbound", "peers", "skipped", "ufrag")
 
     def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None,
                  group: Hashable = None) -> None:
@@ -145,6 +148,9 @@ class Leg:
         self.group = group
         #: The other keyed legs of ``group`` with a known address (recomputed on change).
         self.peers: tuple[Leg, ...] = ()
+        #: sender SSRC -> packets the selective-forwarding hook kept from this leg;
+        #: empty (and never consulted) while everything is forwarded.
+        self.skipped: dict[int, int] = {}
         self.address: Address | None = None
         self.inbound: Session | None = None
         self.outbound: Session | None = None
@@ -348,12 +354,23 @@ class MediaPlane:
         src_id = src.leg_id
         for dst in src.peers:
             if not should_forward(src_id, dst.leg_id, ssrc):
+                skipped = dst.skipped
+                skipped[ssrc] = skipped.get(ssrc, 0) + 1
                 continue
             try:
-                out.append((relay.seal(dst.outbound), dst.address))  # type: ignore[arg-type]
+                if dst.skipped and (gap := dst.skipped.get(ssrc)):
+                    # Hide the packets this receiver did not get: renumber, recording
+                    # the original SEQ in the OHB (RFC 8723 section 5.2).
+                    opened = relay.packet
+                    relay.edit(seq=(((packet[2] << 8) | packet[3]) - gap) & 0xFFFF)
+                    datagram = relay.seal(dst.outbound)  # type: ignore[arg-type]
+                    relay.packet = opened
+                else:
+                    datagram = relay.seal(dst.outbound)  # type: ignore[arg-type]
             except ProtocolError:
                 dst.drops["seal_failed"] += 1
                 continue
+            out.append((datagram, dst.address))  # type: ignore[arg-type]
             dst.counters["rtp_out"] += 1
         return out
 

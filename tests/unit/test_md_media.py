@@ -398,3 +398,36 @@ class UdpTests(unittest.TestCase):
         yield d
         self.assertEqual(sorted(leg for batch in expired for leg in batch), ["a", "b"])
         self.assertEqual(plane.legs(), [])
+
+
+class SelectiveForwardingTests(unittest.TestCase):
+    """Packets kept from one receiver: its SEQ is renumbered, the original in the OHB."""
+
+    def setUp(self) -> None:
+        self.f = Fixture()
+        self.f.connect()
+        self.a, self.b, self.c = (self.f.eps[n] for n in "abc")
+
+    def test_gap_hidden_by_seq_rewrite_recorded_in_ohb(self) -> None:
+        # keep every third packet of a's from b; c gets everything unchanged
+        self.f.plane.should_forward = lambda src, dst, ssrc: not (
+            dst == "b" and self.sent % 3 == 2)
+        seqs_b = []
+        for self.sent in range(12):
+            original = self.a.rtp(1000 + self.sent, self.f.rng.randbytes(100))
+            wire = self.a.sender.protect(original, self.sent * 0.02)
+            out = dict((to, data) for data, to in
+                       self.f.plane.datagram_received(wire, self.a.address, 1.0))
+            self.assertIn(self.c.address, out)
+            got_c = self.c.receiver.unprotect(out[self.c.address], self.sent * 0.02)
+            self.assertEqual(got_c.packet, original)
+            if self.sent % 3 == 2:
+                self.assertNotIn(self.b.address, out)
+                continue
+            data = out[self.b.address]
+            seqs_b.append(int.from_bytes(data[2:4], "big"))  # the SEQ b's jitter buffer sees
+            got_b = self.b.receiver.unprotect(data, self.sent * 0.02)
+            self.assertEqual(got_b.packet, original)  # original SEQ restored from the OHB
+        self.assertEqual(seqs_b, list(range(1000, 1000 + len(seqs_b))))
+        self.assertEqual(self.f.plane.leg("b").skipped, {self.a.ssrc: 4})
+        self.assertEqual(self.f.plane.leg("c").skipped, {})
