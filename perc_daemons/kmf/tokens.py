@@ -13,14 +13,12 @@ token is refused with any other certificate, or with none.
 PyJWT checks the signature (ES256 only: never ``none`` nor HS*), ``iss``,
 ``aud`` and required claims; ``exp``/``iat``/``nbf`` are checked here against
 the explicit ``now`` (PyJWT would read the wall clock).  Replaying a bearer
-token is allowed (RFC 6750); :class:`JtiCache` makes a token one-time where
-the caller wants that.  Nothing here reads a clock.
+token is allowed (RFC 6750).  Nothing here reads a clock.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import hmac
 import re
 import secrets
@@ -47,9 +45,6 @@ __all__ = [
     "ExpiredToken",
     "InsufficientScope",
     "InvalidToken",
-    "JtiCache",
-    "ReplayCacheFull",
-    "ReplayedToken",
     "TokenError",
     "WrongAudience",
     "WrongIssuer",
@@ -91,14 +86,6 @@ class InsufficientScope(TokenError):
 
 class CertificateMismatch(TokenError):
     """The token is bound (``cnf``) to another certificate, or none was presented."""
-
-
-class ReplayedToken(TokenError):
-    """A one-time token (its ``jti``) was already used."""
-
-
-class ReplayCacheFull(TokenError):
-    """The :class:`JtiCache` is full of live entries; refused rather than forgetting one."""
 
 
 @dataclass(frozen=True)
@@ -271,43 +258,3 @@ def verify_access_token(
         jti=claims["jti"],
         thumbprint=thumbprint,
     )
-
-
-class JtiCache:
-    """Remembers used ``jti`` values until their token expires, for one-time tokens.
-
-    Bounded: when ``max_entries`` live entries are held a new token is refused
-    with :class:`ReplayCacheFull` (forgetting a live entry would allow a replay).
-    """
-
-    def __init__(self, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be positive")
-        self.max_entries = max_entries
-        self._expiry: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
-
-    def __len__(self) -> int:
-        return len(self._expiry)
-
-    def _expire(self, now: float) -> None:
-        while self._heap and self._heap[0][0] <= now:
-            expires_at, jti = heapq.heappop(self._heap)
-            if self._expiry.get(jti) == expires_at:
-                del self._expiry[jti]
-
-    def use(self, jti: str, expires_at: float, now: float) -> None:
-        """Record ``jti`` as used; raises :class:`ReplayedToken` if it was already."""
-        self._expire(now)
-        if jti in self._expiry:
-            raise ReplayedToken("token was already used")
-        if expires_at <= now:
-            return  # an expired token is refused by verification anyway
-        if len(self._expiry) >= self.max_entries:
-            raise ReplayCacheFull("too many one-time tokens in flight")
-        self._expiry[jti] = expires_at
-        heapq.heappush(self._heap, (expires_at, jti))
-
-    def use_token(self, token: AccessToken, now: float) -> None:
-        """:meth:`use` with a verified token's ``jti`` and ``exp``."""
-        self.use(token.jti, token.expires_at, now)

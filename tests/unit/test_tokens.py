@@ -1,4 +1,4 @@
-"""Tests for perc_daemons.kmf.tokens (RFC 9068 access tokens, cnf binding, JtiCache)."""
+"""Tests for perc_daemons.kmf.tokens (RFC 9068 access tokens, cnf binding)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,6 @@ from perc_daemons.kmf.tokens import (
     ExpiredToken,
     InsufficientScope,
     InvalidToken,
-    JtiCache,
-    ReplayCacheFull,
-    ReplayedToken,
     TokenError,
     WrongAudience,
     WrongIssuer,
@@ -313,37 +310,5 @@ class TokenTestCase(unittest.TestCase):
 
     def test_errors_are_token_errors(self) -> None:
         for cls in (InvalidToken, ExpiredToken, WrongAudience, WrongIssuer, InsufficientScope,
-                    CertificateMismatch, ReplayedToken, ReplayCacheFull):
+                    CertificateMismatch):
             self.assertTrue(issubclass(cls, TokenError))
-
-
-class JtiCacheTestCase(unittest.TestCase):
-    def test_one_time(self) -> None:
-        cache = JtiCache()
-        cache.use("a", T0 + 10, T0)
-        self.assertRaises(ReplayedToken, cache.use, "a", T0 + 10, T0 + 5)
-        cache.use("b", T0 + 10, T0 + 5)
-        self.assertEqual(len(cache), 2)
-
-    def test_entries_expire_with_token(self) -> None:
-        cache = JtiCache()
-        cache.use("a", T0 + 10, T0)
-        self.assertRaises(ReplayedToken, cache.use, "a", T0 + 10, T0 + 9)
-        cache.use("c", T0 + 100, T0 + 10)  # expires "a"
-        self.assertEqual(len(cache), 1)
-        cache.use("a", T0 + 20, T0 + 10)  # a new token with that jti
-
-    def test_bounded(self) -> None:
-        cache = JtiCache(max_entries=2)
-        cache.use("a", T0 + 10, T0)
-        cache.use("b", T0 + 20, T0)
-        self.assertRaises(ReplayCacheFull, cache.use, "c", T0 + 30, T0)
-        self.assertRaises(ReplayedToken, cache.use, "a", T0 + 10, T0)  # never forgotten
-        cache.use("c", T0 + 30, T0 + 10)  # "a" expired, room again
-        self.assertEqual(len(cache), 2)
-
-    def test_use_token(self) -> None:
-        cache = JtiCache()
-        token = AccessToken("s", "c", frozenset(), T0 + 5, "j")
-        cache.use_token(token, T0)
-        self.assertRaises(ReplayedToken, cache.use_token, token, T0 + 1)
