@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +56,16 @@ from perc_daemons.endpoint.kmf import (
     KmfRefused,
 )
 from perc_daemons.endpoint.md import JoinResponse, MdClient
-from perc_daemons.endpoint.media import MediaSource, ToneSource, VideoSource, WavSinks
+from perc_daemons.endpoint.media import (
+    MediaFrame,
+    MediaSource,
+    ToneSource,
+    VideoSource,
+    WavSinks,
+)
 from perc_daemons.protocol.answer import AnswerError, VerifiedAnswer, verify_signed_answer
 from perc_daemons.protocol.dtls import certificate_fingerprint, generate_certificate
+from perc_daemons.protocol.ekt import FULL_EKT_TYPE
 from perc_daemons.protocol.participant import (
     Closed,
     Connected,
@@ -207,6 +215,18 @@ class Endpoint:
     an answer-signing KD certificate may have.  ``kind`` is ``audio`` (PCMU)
     or ``video`` (VP8-like); ``source`` defaults to a 440 Hz tone or a 50 pps
     video source.  ``record_dir`` writes one WAV file per audio sender.
+
+    For load generation (``bench/conference.py``): ``decrypt_every=N`` (N > 1)
+    is a lighter receive mode.  Every RTP datagram from the MD is counted per
+    SSRC from its outer header in :attr:`relayed` (packets, bytes, losses
+    from the sequence numbers; nothing is authenticated there), but only
+    every N-th one, and every one ending in a FullEKTField (so that senders'
+    keys are still learnt), goes through both layers; the rest are dropped
+    unverified.  :attr:`senders` then counts the decrypted sample only, so
+    its losses are meaningless.  ``on_media(event, now)`` is called with each
+    decrypted :class:`~perc_daemons.protocol.participant.MediaReceived`.
+    ``receive_buffer`` sets SO_RCVBUF of the media socket (bytes; the kernel
+    caps it at net.core.rmem_max).
     """
 
     log = Logger()
@@ -219,9 +239,14 @@ class Endpoint:
                  client_id: str = DEFAULT_CLIENT_ID, redirect_uri: str = DEFAULT_REDIRECT_URI,
                  issuer: str | None = None, roster_interval: float = 2.0,
                  roster_wait: float = 5.0, max_decrypt_failure_ratio: float = 0.05,
-                 expect_senders: int = 0, label: str | None = None) -> None:
+                 expect_senders: int = 0, label: str | None = None,
+                 decrypt_every: int = 1,
+                 on_media: Callable[[MediaReceived, float], object] | None = None,
+                 receive_buffer: int | None = None) -> None:
         if kind not in ("audio", "video"):
             raise ValueError("kind must be audio or video")
+        if decrypt_every < 1:
+            raise ValueError("decrypt_every must be at least 1")
         self.reactor = reactor
         self.kmf_url, self.md_url, self.ca_path = kmf_url, md_url, ca
         self.conference_id = conference_id
@@ -239,6 +264,9 @@ class Endpoint:
         self.max_decrypt_failure_ratio = max_decrypt_failure_ratio
         self.expect_senders = expect_senders
         self.label = label or user
+        self.decrypt_every = decrypt_every
+        self.on_media = on_media
+        self.receive_buffer = receive_buffer
         # state
         self.kmf: KmfClient | None = None
         self.md: MdClient | None = None
@@ -258,6 +286,9 @@ class Endpoint:
         self.ekt_cipher: str | None = None
         self.epochs_installed: list[int] = []
         self.senders: dict[int, SenderStatistics] = {}
+        #: decrypt_every > 1: every RTP datagram per SSRC, from the outer header only.
+        self.relayed: dict[int, SenderStatistics] = {}
+        self._light_count = 0
         self.identities: dict[int, str] = {}  # SSRC -> identity, from every verified roster
         self.roster: Roster | None = None
         self.failures: list[str] = []
@@ -328,6 +359,9 @@ class Endpoint:
         self._ready = defer.Deferred()
         self._port = self.reactor.listenUDP(self.bind[1], _MediaProtocol(self),
                                             interface=self.bind[0])
+        if self.receive_buffer is not None:
+            self._port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                         self.receive_buffer)
         self._send(self.session.start(self.now()))
         self._after_input()
         ready = self._ready
@@ -399,8 +433,21 @@ class Endpoint:
         if (host, port) != tuple(session.md_address):
             self.foreign_datagrams += 1
             return
+        if (self.decrypt_every > 1 and len(datagram) >= 12 and 128 <= datagram[0] <= 191
+                and not 192 <= datagram[1] <= 223 and self._light(datagram)):
+            return
         self._send(session.datagram_received(datagram, self.now()))
         self._after_input()
+
+    def _light(self, datagram: bytes) -> bool:
+        """Lighter receive mode: count the RTP datagram; True if it is not to be decrypted."""
+        ssrc = int.from_bytes(datagram[8:12], "big")
+        stats = self.relayed.get(ssrc)
+        if stats is None:
+            stats = self.relayed[ssrc] = SenderStatistics(ssrc)
+        stats.received((datagram[2] << 8) | datagram[3], len(datagram), None, self.now())
+        self._light_count += 1
+        return self._light_count % self.decrypt_every != 0 and datagram[-1] != FULL_EKT_TYPE
 
     def _after_input(self) -> None:
         self._drain()
@@ -443,6 +490,8 @@ class Endpoint:
             stats.received(event.sequence, len(event.payload), event.spi, now)
             if self.first_media_at is None:
                 self.first_media_at = now
+            if self.on_media is not None:
+                self.on_media(event, now)
             if self._sinks is not None and self._is_pcmu(event):
                 self._sinks.write(event.ssrc, event.payload, event.timestamp)
         elif isinstance(event, DecryptFailed):
@@ -503,7 +552,6 @@ class Endpoint:
         source = source or self.source or self.default_source()
         if source.kind != self.kind:
             raise ValueError(f"a {source.kind} source in a {self.kind} session")
-        session = self.session
 
         def tick(count: int) -> None:
             for _ in range(min(count, _MAX_CATCH_UP)):
@@ -511,16 +559,7 @@ class Endpoint:
                 if frame is None:
                     self._stop_sending()
                     return
-                try:
-                    datagram = session.send_media(frame.payload, timestamp=frame.timestamp,
-                                                  marker=frame.marker, keyframe=frame.keyframe,
-                                                  now=self.now())
-                except NotReady:
-                    self.send_not_ready += 1
-                    continue
-                self._send([datagram])
-                self.sent_packets += 1
-                self.sent_bytes += len(frame.payload)
+                self.send_frame(frame)
             self._after_input()
 
         sending = self._sending = task.LoopingCall.withCount(tick)
@@ -532,6 +571,26 @@ class Endpoint:
             if stop.active():
                 stop.cancel()
             self._sending = None
+
+    def send_frame(self, frame: MediaFrame) -> bytes | None:
+        """Protect and send one frame now; the datagram sent, or None if not ready.
+
+        For callers that pace media themselves (``bench/conference.py``);
+        :meth:`run_media` uses it too.
+        """
+        if self.session is None:
+            raise EndpointError("not joined")
+        try:
+            datagram = self.session.send_media(frame.payload, timestamp=frame.timestamp,
+                                               marker=frame.marker, keyframe=frame.keyframe,
+                                               now=self.now())
+        except NotReady:
+            self.send_not_ready += 1
+            return None
+        self._send([datagram])
+        self.sent_packets += 1
+        self.sent_bytes += len(frame.payload)
+        return datagram
 
     def _stop_sending(self) -> None:
         if self._sending is not None and self._sending.running:
@@ -691,6 +750,8 @@ class Endpoint:
             "epochs_installed": list(self.epochs_installed),
             "senders": [s.as_json(self.identities.get(ssrc), recordings.get(ssrc))
                         for ssrc, s in sorted(self.senders.items())],
+            "relayed": [s.as_json(self.identities.get(ssrc), None)
+                        for ssrc, s in sorted(self.relayed.items())],
             "unattributed_decrypt_failures": self.unattributed_decrypt_failures,
             "foreign_datagrams": self.foreign_datagrams,
             "roster": ({"epoch": self.roster.epoch, "verified": True,
