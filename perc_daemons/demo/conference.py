@@ -34,6 +34,7 @@ generated directory (configuration, logs) there instead of a temporary one.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import shutil
 import sys
@@ -61,7 +62,6 @@ class RecordingEndpoint(Endpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sent_datagrams: list[bytes] = []
-        self.offers: list[str] = []
 
     def _send(self, datagrams: Sequence[bytes]) -> None:
         self.sent_datagrams.extend(datagrams)
@@ -195,13 +195,28 @@ class Demo:
         datagrams = [d for ep in self.endpoints.values() for d in ep.sent_datagrams]
         self.say(f"  over UDP from the endpoints: {len(datagrams)} datagrams, "
                  f"{sum(map(len, datagrams))} bytes")
-        haystacks = [bytes(tap.to_md), *datagrams]
-        leaked = [(who, k) for who, k in audit if any(k in h for h in haystacks)]
+        offers = [ep.offer.encode() for ep in self.endpoints.values() if ep.offer]
+        md_log = bytes(self.stack.children["md"].output)
+        self.say(f"  over HTTPS: {len(offers)} offers; the MD's own log: {len(md_log)} bytes")
+        haystacks = [bytes(tap.to_md), bytes(tap.to_kd), *datagrams, *offers]
+        leaked = [(who, k) for who, k in audit
+                  if any(k in h for h in haystacks) or _in_text(k, md_log)]
         self.check(f"the MD got hop-by-hop keys only: {len(media_keys)} MediaKeys "
                    f"(outer halves, {len(hop_keys)} keys)",
                    not any(k in hop_keys for _, k in audit))
         self.check(f"none of the {len(audit)} end-to-end and EKT keys the endpoints held "
-                   "appears in anything the MD was sent", not leaked)
+                   "appears in anything the MD was sent or logged", not leaked)
+
+
+def _in_text(key: bytes, text: bytes) -> bool:
+    """``key`` in ``text`` raw, as hex or as base64/base64url (any alignment)."""
+    forms = [key, key.hex().encode(), key.hex().upper().encode()]
+    for shift in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            encoded = encode(b"\0" * shift + key)
+            # drop the characters that depend on the padding bytes or the next byte
+            forms.append(encoded[(shift * 4 + 2) // 3 + 1:-3])
+    return any(form and form in text for form in forms)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,6 +300,7 @@ class Endpoint:
         self.sent_bytes = 0
         self.send_not_ready = 0
         self.offer_at: float | None = None
+        self.offer: str | None = None  # the SDP offer sent to the MD (public)
         self.ready_at: float | None = None
         self.first_media_at: float | None = None
         self.left = False
@@ -338,6 +339,7 @@ class Endpoint:
                             ice_ufrag=ufrag, ice_pwd=pwd, ssrc=self.ssrc, cname=cname,
                             kind=self.kind)
         self.offer_at = self.now()
+        self.offer = offer
         self.joined = await self.md.join(self.conference_id, offer)
         try:
             self.answer = self._verify_answer(self.joined, offer, ca)
