@@ -48,7 +48,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from perc_daemons.endpoint.https import load_ca
+from perc_daemons.endpoint.https import EndpointError, load_ca
 from perc_daemons.endpoint.kmf import (
     DEFAULT_CLIENT_ID,
     DEFAULT_REDIRECT_URI,
@@ -98,10 +98,6 @@ DEFAULT_KD_NAMES = ("kd.localhost",)
 #: Most silence-compatible payloads: PCMU frames are 160 bytes; bigger ones are not audio.
 _MAX_AUDIO_PAYLOAD = 480
 _MAX_CATCH_UP = 5  # frames sent at once when the reactor was late
-
-
-class EndpointError(Exception):
-    """Base of the endpoint's own failures."""
 
 
 class JoinFailed(EndpointError):

@@ -31,6 +31,7 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "CaError",
     "ClientTlsPolicy",
+    "EndpointError",
     "EndpointHttpError",
     "HttpsClient",
     "ServiceUnavailable",
@@ -42,7 +43,11 @@ REQUEST_TIMEOUT = 30.0
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
-class EndpointHttpError(Exception):
+class EndpointError(Exception):
+    """Base of every failure of the reference endpoint (HTTP side and session side)."""
+
+
+class EndpointHttpError(EndpointError):
     """Base of the endpoint's typed HTTP-side errors."""
 
 
