@@ -9,10 +9,13 @@ start-up, as ``strports.service`` does.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort, IOpenSSLContextFactory
 from twisted.logger import Logger
+from twisted.web import server
 
 
 class ListeningService(Service):
@@ -46,3 +49,30 @@ class ListeningService(Service):
             port, self.port = self.port, None
             return defer.maybeDeferred(port.stopListening)
         return None
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+class HttpsService(ListeningService):
+    """An HTTPS listener on ``bind:port`` serving ``site``; logs ``what`` and its URL."""
+
+    def __init__(self, reactor: Any, name: str, what: str, bind: str, port: int,
+                 site: server.Site, context_factory: IOpenSSLContextFactory) -> None:
+        super().__init__(name)
+        self._reactor = reactor
+        self._what = what
+        self._bind = bind
+        self._port_number = port
+        self.site = site
+        self._context_factory = context_factory
+
+    def listen(self) -> IListeningPort:
+        return self._reactor.listenSSL(self._port_number, self.site, self._context_factory,
+                                       interface=self._bind)
+
+    def listening(self, address: Any) -> None:
+        self.log.info("{what} listening on https://{host}:{port}/", what=self._what,
+                      host=url_host(address.host), port=address.port)

@@ -41,10 +41,8 @@ from ldaptor import ldapfilter
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, ssl
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
 
 from perc_daemons import config as config_module
 from perc_daemons import tls
@@ -58,7 +56,7 @@ from perc_daemons.kmf.clients import ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
 from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import INDEX_NAME, SigningKeyError, SigningKeys
-from perc_daemons.listening import ListeningService
+from perc_daemons.listening import HttpsService
 from perc_daemons.protocol.ekt import EktCipher
 from perc_daemons.store import StoreUnavailable
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
@@ -376,28 +374,6 @@ class StoreService(Service):
         return d
 
 
-class HttpsService(ListeningService):
-    """Listens for HTTPS on ``bind:port`` (a taken port stops start-up) and logs it."""
-
-    def __init__(self, reactor, bind: str, port: int, site: server.Site,
-                 context_factory: tls.ServerContextFactory) -> None:
-        super().__init__("https")
-        self._reactor = reactor
-        self._bind = bind
-        self._port_number = port
-        self.site = site
-        self._context_factory = context_factory
-
-    def listen(self) -> IListeningPort:
-        return self._reactor.listenSSL(self._port_number, self.site, self._context_factory,
-                                       interface=self._bind)
-
-    def listening(self, address) -> None:
-        host = f"[{address.host}]" if ":" in address.host else address.host
-        self.log.info("perc-kmf HTTPS API listening on https://{host}:{port}/",
-                      host=host, port=address.port)
-
-
 #: How often the daemon looks for keys rotated by another process (perc-admin).
 KEY_REFRESH_INTERVAL = 10.0
 
@@ -448,7 +424,7 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
                  form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
                  groups=groups, oidc_login=login)
     top.api = api  # type: ignore[attr-defined]
-    HttpsService(reactor, cfg.https.bind, cfg.https.port,
+    HttpsService(reactor, "https", "perc-kmf HTTPS API", cfg.https.bind, cfg.https.port,
                  kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)
     return top
 

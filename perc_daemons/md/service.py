@@ -37,12 +37,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IListeningPort
-from twisted.web import server
 
 from perc_daemons import config as config_module
 from perc_daemons import tls
 from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
-from perc_daemons.listening import ListeningService
+from perc_daemons.listening import HttpsService, ListeningService, url_host
 from perc_daemons.md.api import MdApi, ProviderToken, md_site
 from perc_daemons.md.conferences import EVENTS, MdConferences
 from perc_daemons.md.media import (
@@ -74,10 +73,6 @@ def advertised_host(bind: str, advertise: str) -> str:
     if ipaddress.ip_address(bind).is_unspecified:
         return "127.0.0.1"
     return bind
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 class MdCollector(Collector):
@@ -132,27 +127,6 @@ class MdCollector(Collector):
         ]
 
 
-class ApiService(ListeningService):
-    """The HTTPS conference API listener."""
-
-    def __init__(self, reactor: Any, bind: str, port: int, site: server.Site,
-                 context_factory: tls.ServerContextFactory) -> None:
-        super().__init__("md-api")
-        self._reactor = reactor
-        self._bind = bind
-        self._port_number = port
-        self.site = site
-        self._context_factory = context_factory
-
-    def listen(self) -> IListeningPort:
-        return self._reactor.listenSSL(self._port_number, self.site, self._context_factory,
-                                       interface=self._bind)
-
-    def listening(self, address: Any) -> None:
-        self.log.info("perc-md HTTPS conference API listening on https://{host}:{port}/",
-                      host=_host(address.host), port=address.port)
-
-
 class MediaService(ListeningService):
     """The shared UDP media port; tells the conferences its actual port."""
 
@@ -173,8 +147,8 @@ class MediaService(ListeningService):
         self._conferences.media_port = address.port
         self._conferences.media = self.protocol
         self.log.info("perc-md media (UDP) listening on {host}:{port}, advertised as "
-                      "{advertised}:{port}", host=_host(address.host), port=address.port,
-                      advertised=_host(self._conferences.media_host))
+                      "{advertised}:{port}", host=url_host(address.host), port=address.port,
+                      advertised=url_host(self._conferences.media_host))
 
     def stopService(self) -> Any:
         self._conferences.media = None
@@ -243,8 +217,8 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     MediaService(reactor, cfg.media.bind, cfg.media.port, protocol,
                  conferences).setServiceParent(top)
     tunnel.setServiceParent(top)
-    ApiService(reactor, cfg.api.bind, cfg.api.port, md_site(api),
-               context).setServiceParent(top)
+    HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,
+                 cfg.api.port, md_site(api), context).setServiceParent(top)
     top.conferences = conferences  # type: ignore[attr-defined]
     top.api = api  # type: ignore[attr-defined]
     top.media = protocol  # type: ignore[attr-defined]
