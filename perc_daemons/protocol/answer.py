@@ -61,7 +61,6 @@ import binascii
 import datetime
 import hashlib
 import hmac
-import json
 import math
 import re
 import uuid
@@ -78,7 +77,12 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from perc_daemons.protocol import sdp
 from perc_daemons.protocol.errors import ProtocolError
-from perc_daemons.protocol.jose import MAX_JWS_LENGTH, b64url_decode, b64url_encode
+from perc_daemons.protocol.jose import (
+    MAX_JWS_LENGTH,
+    b64url_decode,
+    b64url_encode,
+    strict_json_loads,
+)
 from perc_daemons.protocol.sdp import SessionDescription
 
 __all__ = [
@@ -179,28 +183,14 @@ def _digest(data: bytes) -> str:
     return b64url_encode(hashlib.sha256(data).digest())
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate member {key!r}")
-        result[key] = value
-    return result
-
-
 def _json_object(data: str | bytes, what: str) -> dict[str, Any]:
     """The JSON object of a base64url JWS segment (str) or of decoded bytes.
 
     Duplicate members, NaN and Infinity are refused; raises MalformedSignedAnswer.
     """
-
-    def refuse_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
     try:
         raw = b64url_decode(data) if isinstance(data, str) else data
-        value = json.loads(raw.decode("utf-8"),
-                           object_pairs_hook=_no_duplicates, parse_constant=refuse_constant)
+        value = strict_json_loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         raise MalformedSignedAnswer(f"the JWS {what} is not base64url JSON") from None
     if not isinstance(value, dict):

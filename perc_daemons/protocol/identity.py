@@ -50,6 +50,7 @@ from perc_daemons.protocol.jose import (
     numeric_claim,
     parse_jwks,
     signing_key,
+    strict_json_loads,
 )
 
 __all__ = [
@@ -226,24 +227,6 @@ def _normalize_domain(domain: Any) -> str | None:
 
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate member {key!r}")
-        result[key] = value
-    return result
-
-
-def _load_json(text: str) -> Any:
-    """json.loads refusing duplicate members, NaN/Infinity and deep nesting."""
-
-    def refuse_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=refuse_constant)
-
-
 # --- creating assertions (IdP side) ----------------------------------------
 
 
@@ -388,7 +371,7 @@ class JwksIdentityVerifier:
         if not isinstance(assertion, str) or len(assertion) > MAX_ASSERTION_LENGTH:
             raise MalformedAssertion("assertion must be JSON text of bounded length")
         try:
-            outer = _load_json(assertion)
+            outer = strict_json_loads(assertion)
         except (ValueError, RecursionError):
             raise MalformedAssertion("assertion is not JSON") from None
         if not isinstance(outer, dict):
@@ -413,7 +396,7 @@ class JwksIdentityVerifier:
         if not isinstance(contents, str):
             raise MalformedAssertion("contents must be the fingerprint JSON string")
         try:
-            parsed = _load_json(contents)
+            parsed = strict_json_loads(contents)
         except (ValueError, RecursionError):
             raise MalformedAssertion("contents is not JSON") from None
         entries = parsed.get("fingerprint") if isinstance(parsed, dict) else None

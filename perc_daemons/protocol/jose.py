@@ -10,6 +10,7 @@ the KMF's access tokens.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,27 @@ def b64url_decode(text: str) -> bytes:
         raise ValueError("non-canonical base64url")
     return raw
 
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate member {key!r}")
+        result[key] = value
+    return result
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json_loads(text: str | bytes) -> Any:
+    """``json.loads`` refusing duplicate members and NaN/Infinity (RFC 7515 s5.2, RFC 8259).
+
+    Raises ValueError (RecursionError for absurd nesting).
+    """
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
 
 def public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     """The RFC 7518 §6.2 members of a P-256 public key: kty, crv, x, y."""

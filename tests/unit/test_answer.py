@@ -290,7 +290,8 @@ class TamperedAnswerTests(AnswerTestsBase):
         fingerprint = self.kd_fp.hex(":").upper()
         for old, new in ((f"a=ice-pwd:{PWD}", "a=ice-pwd:" + "x" * 22),
                          (CANDIDATE, "1 1 udp 2130706431 192.0.2.66 40000 typ host"),
-                         (fingerprint, "AB" + fingerprint[2:]),
+                         (fingerprint, ("AB" if fingerprint[:2] != "AB" else "CD")
+                          + fingerprint[2:]),
                          (f"a=tls-id:{KD_TLS_ID}\r\n", ""),
                          ("a=sendrecv", "a=inactive"),
                          ("m=audio 9", "m=audio 0")):
