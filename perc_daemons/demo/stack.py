@@ -146,6 +146,7 @@ class LocalStack:
         self.tap_enabled = tap
         self.tap: Any = None
         self.children: dict[str, Child] = {}
+        self.earlier: list[Child] = []  # daemons that were restarted: their earlier runs
         self.kd_secret = secrets.token_urlsafe(24)
         self.admin_secret = secrets.token_urlsafe(24)
         self.provider_token = secrets.token_urlsafe(24)
@@ -254,6 +255,8 @@ class LocalStack:
         """Spawn ``perc-<name>`` and wait until its /healthz answers 200."""
         if name in self.children and self.children[name].running:
             raise StackError(f"perc-{name} is already running")
+        if name in self.children:  # a restart: keep the earlier run's output for logs()
+            self.earlier.append(self.children[name])
         child = Child(name)
         self.children[name] = child
         rundir = os.path.join(self.dir, f"run-{name}")
@@ -316,6 +319,13 @@ class LocalStack:
         if timeout.active():
             timeout.cancel()
         return result
+
+    @defer.inlineCallbacks
+    def restart(self, name: str, sig: int = signal.SIGTERM):
+        """:meth:`stop` then :meth:`start` again: same configuration, ports and state."""
+        yield self.stop(name, sig)
+        child = yield self.start(name)
+        return child
 
     def _kill(self, child: Child) -> None:
         if child.running:
@@ -393,6 +403,12 @@ class LocalStack:
             "late_joiners_get_earlier_epochs": late_joiners_get_earlier_epochs})
         yield self._expect(200, "POST", self.kmf_url + f"/v1/conferences/{conference_id}/start",
                            token=token)
+        md = yield self.create_md_conference(conference_id)
+        return md
+
+    @defer.inlineCallbacks
+    def create_md_conference(self, conference_id: str):
+        """The MD part of :meth:`create_conference` alone (e.g. after an MD restart)."""
         md = yield self._expect(201, "POST", self.md_url + "/v1/conferences",
                                 token=self.provider_token,
                                 body={"id": conference_id,
@@ -425,5 +441,7 @@ class LocalStack:
             yield sleep(self.reactor, 0.05)
 
     def logs(self) -> str:
-        return "\n".join(f"--- perc-{name} ---\n{child.text()}"
-                         for name, child in self.children.items())
+        earlier = [f"--- perc-{child.name} (earlier run) ---\n{child.text()}"
+                   for child in self.earlier]
+        return "\n".join(earlier + [f"--- perc-{name} ---\n{child.text()}"
+                                     for name, child in self.children.items()])

@@ -7,26 +7,74 @@ fingerprint, accepts the onward connection), and copies the tunnel's
 plaintext both ways, keeping a copy of every byte in :attr:`TunnelTap.to_md`
 and :attr:`TunnelTap.to_kd`.  A real deployment has no such place: the
 tunnel is end-to-end TLS 1.3 with mutual authentication.
+
+Fault injection (tests only): each direction's byte stream is cut into
+RFC 9185 frames with a :class:`~perc_daemons.protocol.tunnel.TunnelDecoder`;
+every message goes through :attr:`TunnelTap.mutate_to_md` (KD -> MD) or
+:attr:`TunnelTap.mutate_to_kd` (MD -> KD) when set, a callable
+``message -> message | None`` (``None`` drops the message), and is
+re-encoded.  The hooks may be set or cleared at any time.  :attr:`to_md` and
+:attr:`to_kd` hold what was actually relayed, after mutation.  A stream that
+does not decode (a peer's protocol error) ends both connections, as the
+receiving daemon would have.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from perc_daemons.protocol.tunnel import TunnelDecoder, TunnelError
+from perc_daemons.protocol.tunnel import Message, TunnelDecoder, TunnelError
+
+#: ``message -> message | None``: a fault-injection hook (see the module docstring).
+Mutation = Callable[[Message], "Message | None"]
+
+
+class _Direction:
+    """One direction of one relayed connection: frames in, (mutated) frames out."""
+
+    def __init__(self, tap: TunnelTap, to_md: bool) -> None:
+        self.tap = tap
+        self.to_md = to_md
+        self.decoder = TunnelDecoder()
+
+    def relay(self, data: bytes) -> bytes | None:
+        """The bytes to pass on for ``data``; None when the stream is broken."""
+        try:
+            messages = self.decoder.feed(data)
+        except TunnelError:
+            return None
+        hook = self.tap.mutate_to_md if self.to_md else self.tap.mutate_to_kd
+        out = bytearray()
+        for message in messages:
+            if hook is not None:
+                message = hook(message)
+                if message is None:
+                    continue
+            out += message.encode()
+        if self.to_md:
+            self.tap.to_md += out
+        else:
+            self.tap.to_kd += out
+        return bytes(out)
 
 
 class _Upstream(Protocol):
     def __init__(self, downstream: _Downstream) -> None:
         self.downstream = downstream
+        self.direction = _Direction(downstream.tap, to_md=False)
 
     def dataReceived(self, data: bytes) -> None:
-        self.downstream.tap.to_kd += data
-        self.downstream.transport.write(data)
+        out = self.direction.relay(data)
+        if out is None:
+            self.transport.loseConnection()
+            self.downstream.transport.loseConnection()
+        elif out:
+            self.downstream.transport.write(out)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.downstream.transport.loseConnection()
@@ -37,6 +85,7 @@ class _Downstream(Protocol):
         self.tap = tap
         self.upstream: _Upstream | None = None
         self.pending: list[bytes] = []
+        self.direction = _Direction(tap, to_md=True)
 
     def connectionMade(self) -> None:
         self.tap.connections.append(self)
@@ -54,11 +103,17 @@ class _Downstream(Protocol):
         d.addCallbacks(connected, lambda _: self.transport.loseConnection())
 
     def dataReceived(self, data: bytes) -> None:
-        self.tap.to_md += data
-        if self.upstream is None:
-            self.pending.append(data)
+        out = self.direction.relay(data)
+        if out is None:
+            self.transport.loseConnection()
+            if self.upstream is not None:
+                self.upstream.transport.loseConnection()
+        elif not out:
+            pass
+        elif self.upstream is None:
+            self.pending.append(out)
         else:
-            self.upstream.transport.write(data)
+            self.upstream.transport.write(out)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self in self.tap.connections:
@@ -68,16 +123,23 @@ class _Downstream(Protocol):
 
 
 class TunnelTap:
-    """Listen on a loopback port; relay each connection to the MD's tunnel port, recording."""
+    """Listen on a loopback port; relay each connection to the MD's tunnel port, recording.
+
+    ``mutate_to_md`` / ``mutate_to_kd``: optional fault-injection hooks
+    (module docstring); plain attributes, settable later.
+    """
 
     def __init__(self, reactor: Any, *, upstream_port: int, ca_pem: bytes, server_pem: bytes,
-                 client_pem: bytes) -> None:
+                 client_pem: bytes, mutate_to_md: Mutation | None = None,
+                 mutate_to_kd: Mutation | None = None) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
         self.server_options = ssl.PrivateCertificate.loadPEM(server_pem).options()
         self.client_options = ssl.optionsForClientTLS(
             "localhost", trustRoot=ssl.Certificate.loadPEM(ca_pem),
             clientCertificate=ssl.PrivateCertificate.loadPEM(client_pem))
+        self.mutate_to_md = mutate_to_md
+        self.mutate_to_kd = mutate_to_kd
         self.to_md = bytearray()
         self.to_kd = bytearray()
         self.connections: list[_Downstream] = []
