@@ -158,9 +158,17 @@ class KeyDistributorCore:
                 if a.conference_id == conference_id and a.keyed]
 
     def roster(self, conference_id: str) -> list[tuple[str, list[int]]]:
-        """(identity, SSRCs) of each keyed member, in join order: the KMF roster."""
-        return [(a.identity, list(a.ssrcs)) for a in self._associations.values()
-                if a.conference_id == conference_id and a.keyed]
+        """(identity, SSRCs) of each keyed identity, in join order: the KMF roster.
+
+        One identity may join from several devices (associations); the roster
+        lists it once with the SSRCs of all of them.
+        """
+        merged: dict[str, list[int]] = {}
+        for a in self._associations.values():
+            if a.conference_id == conference_id and a.keyed:
+                ssrcs = merged.setdefault(a.identity, [])
+                ssrcs.extend(ssrc for ssrc in a.ssrcs if ssrc not in ssrcs)
+        return list(merged.items())
 
     def conference_of(self, association_id: bytes) -> str | None:
         association = self._associations.get(association_id)

@@ -168,6 +168,13 @@ class TestJoin(unittest.TestCase):
         self.assertEqual((self.h.kd.association_count(), self.h.kd.member_count()), (2, 2))
         self.assertEqual(self.h.kd.conference_of(self.bob.aid), CONF)
 
+    def test_roster_lists_an_identity_once_for_all_its_devices(self) -> None:
+        second = Endpoint("alice")  # alice again, from another device (association)
+        self.h.expect(second)
+        self.h.join(second)
+        self.assertEqual(self.h.kd.roster(CONF), [("alice", [0x1000, 0x1002]),
+                                                  ("bob", [0x1001])])
+
     def test_leave_rekeys_the_rest(self) -> None:
         self.h.to_md.clear()
         self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
