@@ -13,9 +13,9 @@ loopback ports) and the reference :class:`~perc_daemons.endpoint.client.Endpoint
   endpoints joining again;
 * the conference ended at the KMF: keys revoked everywhere.
 
-Two tests are trial ``todo`` (expected failures) and document gaps found
-here: :data:`KD_RESTART_GAP` and :data:`MD_RESTART_GAP`.  No timing is
-asserted: waits have generous deadlines.
+One test is trial ``todo`` (an expected failure) and documents a gap found
+here: :data:`KD_RESTART_GAP`.  No timing is asserted: waits have generous
+deadlines.
 """
 
 from __future__ import annotations
@@ -545,11 +545,6 @@ class KdRestartTests(StackTestCase):
 
 # --- 4. perc-md restarted -----------------------------------------------------------------
 
-MD_RESTART_GAP = (
-    "perc-kd keeps the associations a restarted perc-md has lost as keyed members forever: "
-    "EKTKeys go to them, and the roster PUT is refused (identity appears twice)")
-
-
 class MdRestartTests(StackTestCase):
     async def _md_restarted(self) -> tuple[list[Endpoint], list[defer.Deferred]]:
         """alice and bob, perc-md restarted, the conference re-created there, both rejoined."""
@@ -608,8 +603,6 @@ class MdRestartTests(StackTestCase):
     async def _members_are(self, count: int) -> bool:
         self._members = await self.kd_members()
         return self._members == count
-
-    test_md_restart_kd_forgets_lost_associations.todo = MD_RESTART_GAP  # type: ignore[attr-defined]
 
 
 # --- 5. the conference ends ---------------------------------------------------------------

@@ -463,7 +463,9 @@ class MdServiceTests(unittest.TestCase):
         yield self.connect_kd()
         _, body = yield self.join()
         aid = uuid.UUID(body["association"]).bytes
-        self.kd.peer.send(TunneledDtls(uuid.uuid4().bytes, b"\x16x"))  # unknown: ignored
+        stray = uuid.uuid4().bytes
+        self.kd.peer.send(TunneledDtls(stray, b"\x16x"))  # unknown here: disowned
+        yield self.kd.wait_for(disconnect_of(stray))
         self.kd.peer.send(MediaKeys(aid, SRTP_AEAD_AES_128_GCM, b"", os.urandom(16),
                                     os.urandom(16), os.urandom(12), os.urandom(12)))
         yield self.kd.wait_for(disconnect_of(aid))
