@@ -10,13 +10,17 @@ directory:
   keys), a user file (cheap argon2id: development only) and the OAuth client
   registry: ``perc-endpoint`` (public, PKCE), ``kd`` and ``perc-admin``
   (confidential, client credentials);
-* ``kmf.toml``, ``kd.toml``, ``md.toml`` on free loopback ports, the KD's
-  client secret and the MD's conference-provider token (mode 0600);
+* ``kmf.toml``, ``kd.toml``, ``md.toml``, the KD's client secret and the
+  MD's conference-provider token (mode 0600);
 
 then runs each daemon with ``twistd --nodaemon perc-<name> --config ...``
-and waits for its ``/healthz``.  With ``tap=True`` the KD reaches the MD
-through a :class:`~perc_daemons.demo.tap.TunnelTap`, which records every
-byte the MD was sent over the tunnel.
+and waits for its ``/healthz``.  Every port is 0 at the first start (the
+daemon binds a free one, so parallel stacks never race for a port); the
+ports each daemon logs are read back into :attr:`LocalStack.ports` and
+written into its configuration, so a restart comes back on the same ones.
+With ``tap=True`` the KD reaches the MD through a
+:class:`~perc_daemons.demo.tap.TunnelTap`, which records every byte the MD
+was sent over the tunnel.
 
 Nothing here is fit for production: the CA key sits beside the certificates.
 """
@@ -26,20 +30,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import sys
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import treq
 from argon2 import PasswordHasher
 from twisted.internet import defer, error, ssl, task
 from twisted.internet.protocol import ProcessProtocol
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -120,13 +125,27 @@ class Child(ProcessProtocol):
 
 @dataclass
 class Ports:
-    kmf_admin: int = field(default_factory=free_port)
-    kmf_https: int = field(default_factory=free_port)
-    kd_admin: int = field(default_factory=free_port)
-    md_admin: int = field(default_factory=free_port)
-    md_api: int = field(default_factory=free_port)
-    md_tunnel: int = field(default_factory=free_port)
-    md_media: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
+    """The daemons' ports: 0 until the daemon has started and logged the one it bound."""
+
+    kmf_admin: int = 0
+    kmf_https: int = 0
+    kd_admin: int = 0
+    md_admin: int = 0
+    md_api: int = 0
+    md_tunnel: int = 0
+    md_media: int = 0
+
+
+#: Per daemon: Ports field -> the log line announcing it (the port is group 1).
+_PORT_LINES = {
+    "kmf": {"kmf_admin": r"perc-kmf admin HTTP listening on http://[^/]+:(\d+)/",
+            "kmf_https": r"perc-kmf HTTPS API listening on https://[^/]+:(\d+)/"},
+    "kd": {"kd_admin": r"perc-kd admin HTTP listening on http://[^/]+:(\d+)/"},
+    "md": {"md_admin": r"perc-md admin HTTP listening on http://[^/]+:(\d+)/",
+           "md_api": r"perc-md HTTPS conference API listening on https://[^/]+:(\d+)/",
+           "md_media": r"perc-md media \(UDP\) listening on \S+?:(\d+),",
+           "md_tunnel": r"perc-md tunnel listening on \S+ port (\d+) "},
+}
 
 
 class LocalStack:
@@ -200,55 +219,72 @@ class LocalStack:
         _write_private(kd_secret_file, self.kd_secret + "\n")
         provider_token_file = os.path.join(self.dir, "md-provider.token")
         _write_private(provider_token_file, self.provider_token + "\n")
-        p = self.ports
-        self.configs = {
-            "kmf": self._write_config("kmf", (
-                f'[admin]\nbind = "127.0.0.1"\nport = {p.kmf_admin}\n'
-                f'[https]\nbind = "127.0.0.1"\nport = {p.kmf_https}\n'
-                f'certificate = "{self.kmf_cert.certificate}"\n'
-                f'private_key = "{self.kmf_cert.private_key}"\n'
-                f'[idp]\ndomain = "{DOMAIN}"\n'
-                f'[store]\nsqlite_path = "{kmf}/kmf.sqlite3"\n'
-                f'[keys]\nkek_file = "{kmf}/kmf.kek"\nsigning_dir = "{kmf}/signing"\n'
-                f'[oauth]\nclients_file = "{clients}"\n'
-                f'[auth]\nusers_file = "{users_file}"\n')),
-            "md": self._write_config("md", (
-                f'[admin]\nbind = "127.0.0.1"\nport = {p.md_admin}\n'
-                f'[api]\nbind = "127.0.0.1"\nport = {p.md_api}\n'
-                f'certificate = "{self.md_cert.certificate}"\n'
-                f'private_key = "{self.md_cert.private_key}"\n'
-                f'provider_token_file = "{provider_token_file}"\n'
-                f'[media]\nbind = "127.0.0.1"\nport = {p.md_media}\n'
-                f'consent_timeout = {self.consent_timeout}\n'
-                f'[tunnel]\nbind = "127.0.0.1"\nport = {p.md_tunnel}\n'
-                f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n')),
-        }
-        self.write_kd_config(p.md_tunnel)
+        self._files = {"kmf": kmf, "clients": clients, "users": users_file,
+                       "provider_token": provider_token_file, "kd_secret": kd_secret_file}
+        self.configs = {name: os.path.join(self.dir, f"{name}.toml")
+                        for name in ("kmf", "md", "kd")}
 
-    def write_kd_config(self, md_tunnel_port: int) -> None:
-        """(Re)write kd.toml pointing the KD at ``md_tunnel_port`` (the MD's, or a tap's)."""
-        self.configs["kd"] = self._write_config("kd", (
-            f'[admin]\nbind = "127.0.0.1"\nport = {self.ports.kd_admin}\n'
-            f'[tunnel]\nmds = ["localhost:{md_tunnel_port}"]\n'
-            f'certificate = "{self.kd_cert.certificate}"\n'
-            f'private_key = "{self.kd_cert.private_key}"\n'
-            f'ca_file = "{self.ca_path}"\n'
-            f'[kmf]\nurl = "{self.kmf_url}"\nca_file = "{self.ca_path}"\n'
-            f'client_id = "{KD_CLIENT}"\n'
-            f'client_secret_file = "{os.path.join(self.dir, "kd-client.secret")}"\n'
-            f'[idp]\ndomain = "{DOMAIN}"\n'))
+    def _render(self, name: str) -> str:
+        """``<name>.toml`` with the ports known so far (0: the daemon picks one)."""
+        p, f = self.ports, self._files
+        if name == "kmf":
+            return (f'[admin]\nbind = "127.0.0.1"\nport = {p.kmf_admin}\n'
+                    f'[https]\nbind = "127.0.0.1"\nport = {p.kmf_https}\n'
+                    f'certificate = "{self.kmf_cert.certificate}"\n'
+                    f'private_key = "{self.kmf_cert.private_key}"\n'
+                    f'[idp]\ndomain = "{DOMAIN}"\n'
+                    f'[store]\nsqlite_path = "{f["kmf"]}/kmf.sqlite3"\n'
+                    f'[keys]\nkek_file = "{f["kmf"]}/kmf.kek"\n'
+                    f'signing_dir = "{f["kmf"]}/signing"\n'
+                    f'[oauth]\nclients_file = "{f["clients"]}"\n'
+                    f'[auth]\nusers_file = "{f["users"]}"\n')
+        if name == "md":
+            return (f'[admin]\nbind = "127.0.0.1"\nport = {p.md_admin}\n'
+                    f'[api]\nbind = "127.0.0.1"\nport = {p.md_api}\n'
+                    f'certificate = "{self.md_cert.certificate}"\n'
+                    f'private_key = "{self.md_cert.private_key}"\n'
+                    f'provider_token_file = "{f["provider_token"]}"\n'
+                    f'[media]\nbind = "127.0.0.1"\nport = {p.md_media}\n'
+                    f'consent_timeout = {self.consent_timeout}\n'
+                    f'[tunnel]\nbind = "127.0.0.1"\nport = {p.md_tunnel}\n'
+                    f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n')
+        if not p.md_tunnel or not p.kmf_https:
+            raise StackError("perc-kd is started after perc-kmf and perc-md")
+        md_tunnel = self.tap.port if self.tap is not None else p.md_tunnel
+        return (f'[admin]\nbind = "127.0.0.1"\nport = {p.kd_admin}\n'
+                f'[tunnel]\nmds = ["localhost:{md_tunnel}"]\n'
+                f'certificate = "{self.kd_cert.certificate}"\n'
+                f'private_key = "{self.kd_cert.private_key}"\n'
+                f'ca_file = "{self.ca_path}"\n'
+                f'[kmf]\nurl = "{self.kmf_url}"\nca_file = "{self.ca_path}"\n'
+                f'client_id = "{KD_CLIENT}"\n'
+                f'client_secret_file = "{f["kd_secret"]}"\n'
+                f'[idp]\ndomain = "{DOMAIN}"\n')
 
-    def _write_config(self, name: str, text: str) -> str:
-        path = os.path.join(self.dir, f"{name}.toml")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return path
+    def _write_config(self, name: str) -> None:
+        with open(self.configs[name], "w", encoding="utf-8") as f:
+            f.write(self._render(name))
+
+    def _learn_ports(self, name: str, child: Child) -> bool:
+        """Read the ports ``child`` logged into :attr:`ports`; True once all are known."""
+        text = child.text()
+        for field_name, pattern in _PORT_LINES[name].items():
+            if not getattr(self.ports, field_name):
+                match = re.search(pattern, text)
+                if match is None:
+                    return False
+                setattr(self.ports, field_name, int(match.group(1)))
+        return True
 
     # --- processes ------------------------------------------------------------------
 
     def admin_port(self, name: str) -> int:
         return {"kmf": self.ports.kmf_admin, "kd": self.ports.kd_admin,
                 "md": self.ports.md_admin}[name]
+
+    def port_of(self, name: str) -> int:
+        """The port a daemon serves on, for messages (its admin port)."""
+        return self.admin_port(name)
 
     @defer.inlineCallbacks
     def start(self, name: str):
@@ -257,6 +293,7 @@ class LocalStack:
             raise StackError(f"perc-{name} is already running")
         if name in self.children:  # a restart: keep the earlier run's output for logs()
             self.earlier.append(self.children[name])
+        self._write_config(name)  # ports learnt at the first start are kept for restarts
         child = Child(name)
         self.children[name] = child
         rundir = os.path.join(self.dir, f"run-{name}")
@@ -268,18 +305,20 @@ class LocalStack:
             child, self.python,
             [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", f"perc-{name}",
              "--config", self.configs[name]], env=env, path=rundir)
-        url = f"http://127.0.0.1:{self.admin_port(name)}/healthz"
         deadline = self.reactor.seconds() + START_TIMEOUT
         while True:
             if not child.running:
                 raise StackError(f"perc-{name} exited during start-up:\n{child.text()}")
-            try:
-                response = yield treq.get(url, pool=self.pool, timeout=2)
-                yield treq.content(response)
-                if response.code == 200:
-                    return child
-            except (error.ConnectError, error.TimeoutError, defer.CancelledError):
-                pass
+            if self._learn_ports(name, child):
+                url = f"http://127.0.0.1:{self.admin_port(name)}/healthz"
+                try:
+                    response = yield treq.get(url, pool=self.pool, timeout=2)
+                    yield treq.content(response)
+                    if response.code == 200:
+                        return child
+                except (error.ConnectError, error.TimeoutError, defer.CancelledError,
+                        ResponseNeverReceived):
+                    pass
             if self.reactor.seconds() > deadline:
                 raise StackError(f"perc-{name} not healthy within {START_TIMEOUT:.0f} s:\n"
                                  f"{child.text()}")
@@ -299,8 +338,7 @@ class LocalStack:
                                              + self.md_cert.private_key.read_bytes()),
                                  client_pem=(self.kd_cert.certificate.read_bytes()
                                              + self.kd_cert.private_key.read_bytes()))
-            port = self.tap.listen()
-            self.write_kd_config(port)
+            self.tap.listen()
         yield self.start("kd")
 
     @defer.inlineCallbacks

@@ -144,12 +144,15 @@ class TunnelTap:
         self.to_kd = bytearray()
         self.connections: list[_Downstream] = []
         self._port: Any = None
+        self.port = 0
 
     def listen(self) -> int:
+        """Listen on a free loopback port (kept in :attr:`port`) and return it."""
         factory = Factory.forProtocol(lambda: _Downstream(self))
         self._port = self.reactor.listenSSL(0, factory, self.server_options,
                                             interface="127.0.0.1")
-        return self._port.getHost().port
+        self.port = self._port.getHost().port
+        return self.port
 
     def messages_to_md(self) -> list[Any]:
         """Every tunnel message the MD was sent (decoded from :attr:`to_md`)."""
