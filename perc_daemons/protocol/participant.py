@@ -128,6 +128,7 @@ from perc_daemons.protocol.stun import (
 __all__ = [
     "DEFAULT_EKT_CIPHERS",
     "DEFAULT_PROFILES",
+    "NO_KEY_REASONS",
     "Closed",
     "Connected",
     "DecryptFailed",
@@ -171,6 +172,11 @@ _MAX_MISORDER = 100
 _SEQ_MOD = 1 << 16
 
 _RTP_MAX = 0xFFFFFFFF
+
+
+#: DecryptFailed reasons meaning "no key for this packet" (RFC 8870 s4.3.2: an SPI or a
+#: sender key we were not given), as opposed to an integrity failure with a key we hold.
+NO_KEY_REASONS = frozenset({"ekt_unknown_spi", "e2e_key_unknown", "ekt_key_expired"})
 
 
 class NotReady(ProtocolError):
@@ -283,6 +289,9 @@ class SenderStats:
     packets: int = 0
     bytes: int = 0
     decrypt_failures: int = 0
+    #: Packets under a key we were never given (:data:`NO_KEY_REASONS`): sent before we
+    #: joined or after we left; expected around membership changes, not an integrity failure.
+    no_key: int = 0
     epochs_seen: set[int] = field(default_factory=set)
     first_time: float | None = None
     last_time: float | None = None
@@ -359,6 +368,7 @@ class SenderStats:
         """JSON-friendly copy."""
         return {"ssrc": self.ssrc, "packets": self.packets, "bytes": self.bytes,
                 "lost": self.lost, "decrypt_failures": self.decrypt_failures,
+                "no_key": self.no_key,
                 "epochs_seen": sorted(self.epochs_seen), "first_time": self.first_time,
                 "last_time": self.last_time}
 
@@ -756,7 +766,11 @@ class ParticipantSession:
     def _media_failure(self, ssrc: int | None, reason: str) -> None:
         self._drop(reason)
         if ssrc is not None:
-            self._stats(ssrc).decrypt_failures += 1
+            stats = self._stats(ssrc)
+            if reason in NO_KEY_REASONS:
+                stats.no_key += 1
+            else:
+                stats.decrypt_failures += 1
         self._events.append(DecryptFailed(ssrc, reason))
 
     def _rtcp(self, data: bytes) -> None:
