@@ -32,6 +32,18 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
   meanwhile when the tunnel is back); output for them meanwhile is dropped,
   and DTLS retransmission re-delivers an unacknowledged EKTKey once the
   tunnel to that MD is up again.
+* Associations (our 0xF2, sent by the MD on every tunnel up): entries the
+  core knows need nothing.  A conference with associations the KD does not
+  know (it restarted, or lost them) has members the KD cannot reach: they
+  still forward media through the MD with the old epoch's key.  The KD
+  registers the conference if needed (rekey on join until the next
+  SignAnswer brings the KMF's policy), starts a new epoch at the KMF that
+  only the members it knows get (possibly none), and reports a roster of
+  those members (possibly empty); the endpoints the newer roster omits
+  rejoin.  No EndpointDisconnect is sent for the unknown ones, so their
+  media keeps flowing until they do.  Each unknown association triggers this
+  once per MD (until it disconnects), so a flapping tunnel does not rekey
+  again and again.
 
 Start-up: a missing or unusable certificate/key means the KD cannot serve:
 it logs that and runs only the admin listener (so a fresh install starts).
@@ -74,11 +86,13 @@ from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_INTERNAL_ERROR,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
+    Associations,
     EndpointDisconnect,
     SignAnswer,
     SignAnswerAck,
     TunneledDtls,
 )
+from perc_daemons.store import check_conference_id
 
 __all__ = ["KdCredentials", "KdHandler", "KdService", "Options", "load_credentials",
            "makeService"]
@@ -91,6 +105,8 @@ STATUS_NAMES = {SIGN_STATUS_OK: "ok", SIGN_STATUS_REFUSED: "refused",
 JWKS_REFRESH_INTERVAL = 10.0
 #: Back-off of KMF work that failed, seconds.
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
+#: Unknown associations remembered per MD (so each triggers one new epoch only).
+MAX_LOST_ASSOCIATIONS = 100_000
 
 
 class Options(DaemonOptions):
@@ -201,6 +217,9 @@ class KdHandler:
         self._peers: dict[str, ITunnelPeer] = {}  # MD name -> its up tunnel
         self._owner: dict[bytes, str] = {}  # association -> MD name
         self._signing: set[bytes] = set()
+        # MD name -> association -> conference: listed by that MD's Associations,
+        # unknown here, already answered with a new epoch.
+        self._lost: dict[str, dict[bytes, str]] = {}
         self._jobs: dict[str, _Job] = {}
         self._running: set[defer.Deferred[None]] = set()  # KMF work in progress
         self._sleeps: set[defer.Deferred[Any]] = set()
@@ -267,6 +286,8 @@ class KdHandler:
         elif isinstance(message, SignAnswer):
             d = defer.ensureDeferred(self._sign_answer(peer, message))
             d.addErrback(lambda f: log.failure("SignAnswer handling failed", f))
+        elif isinstance(message, Associations):
+            self._associations(peer, message)
         else:
             log.warn("md {md} sent {kind}, which only a KD sends: ignored",
                      md=peer.peer_name, kind=type(message).__name__)
@@ -286,6 +307,7 @@ class KdHandler:
 
     def _endpoint_disconnect(self, peer: ITunnelPeer, message: EndpointDisconnect) -> None:
         aid = message.association_id
+        self._lost.get(str(peer.peer_name), {}).pop(aid, None)
         if self._owner.get(aid) != peer.peer_name:
             return
         self._owner.pop(aid, None)
@@ -294,6 +316,35 @@ class KdHandler:
         log.info("association {association} of {conference} left",
                  association=_aid(aid), conference=conference)
         self._after_core()
+
+    def _associations(self, peer: ITunnelPeer, message: Associations) -> None:
+        """The MD's admitted associations: start an epoch without the ones unknown here."""
+        name = str(peer.peer_name)
+        lost = self._lost.setdefault(name, {})
+        unknown: dict[str, int] = {}
+        bad = 0
+        for aid, conference in message.entries:
+            if self.core.conference_of(aid) == conference or aid in lost:
+                continue
+            try:
+                check_conference_id(conference)
+            except ValueError:
+                bad += 1
+                continue
+            unknown[conference] = unknown.get(conference, 0) + 1
+            if len(lost) < MAX_LOST_ASSOCIATIONS:
+                lost[aid] = conference
+        if bad:
+            log.warn("md {md} listed {count} association(s) with an invalid conference id: "
+                     "ignored", md=name, count=bad)
+        for conference, count in unknown.items():
+            log.info("md {md} forwards for {count} association(s) of {conference} this KD "
+                     "does not know (restart?): starting an epoch without them, their "
+                     "endpoints must rejoin", md=name, count=count, conference=conference)
+            if conference not in self.core.conferences():
+                # The KMF's policy comes with the next SignAnswer.
+                self.core.set_policy(conference, rekey_on_join=True)
+            self._schedule(conference, new_epoch=True)
 
     def _send(self, out: Iterable[TunnelMessage], default: ITunnelPeer | None) -> None:
         for message in out:
@@ -488,6 +539,13 @@ class KdHandler:
                                  conference=conference)
                         self.end_conference(conference)
                         return
+                    if e.status in (404, 409) and self.core.epoch(conference) == 0:
+                        # Only an MD's Associations named it; nothing to keep.
+                        log.info("conference {conference} is not running at the KMF "
+                                 "({error}): forgotten", conference=conference,
+                                 error=str(e))
+                        self.end_conference(conference)
+                        return
                     log.warn("KMF refused {operation} for {conference}: {error}",
                              operation=operation, conference=conference, error=str(e))
                 except KmfError as e:
@@ -567,6 +625,9 @@ class KdHandler:
     def end_conference(self, conference: str) -> None:
         """Close the conference's associations (EndpointDisconnect each) and wipe its keys."""
         self._jobs.pop(conference, None)
+        for lost in self._lost.values():
+            for aid in [a for a, c in lost.items() if c == conference]:
+                del lost[aid]
         out = self.core.end_conference(conference, self.reactor.seconds())
         self._send(out, None)
         self._after_core()

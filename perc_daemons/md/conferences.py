@@ -34,7 +34,13 @@ back, so the KD learns of every departure and rekeys (RFC 8871 section 6).
 
 When a tunnel goes down participants stay: the KD reconnects, and their legs
 keep forwarding with the keys they have.  Joins waiting on that tunnel fail
-(:class:`KdUnavailable`).
+(:class:`KdUnavailable`).  Whenever a KD's tunnel comes up, after the queued
+disconnects, the MD sends it ``Associations`` (our private 0xF2, docs/PROTOCOL.md):
+every admitted participant of the conferences that name that KD, split into
+messages of at most :data:`~perc_daemons.protocol.tunnel.MAX_ASSOCIATIONS`
+entries (one empty message when there are none).  A KD that restarted learns
+from it which members it can no longer reach, starts an epoch without them
+and reports a roster that omits them, so they rejoin.
 
 Unexpected input is counted in :attr:`MdConferences.events` (names in
 :data:`EVENTS`) and never logged per message.
@@ -61,9 +67,12 @@ from perc_daemons.protocol import sdp
 from perc_daemons.protocol.double import DOUBLE_PROFILES
 from perc_daemons.protocol.dtls import format_fingerprint
 from perc_daemons.protocol.tunnel import (
+    MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
+    AssociationEntry,
+    Associations,
     EndpointDisconnect,
     MediaKeys,
     SignAnswer,
@@ -474,6 +483,18 @@ class MdConferences:
         self.log.info("perc-md: KD {kd} connected", kd=format_fingerprint(fp))
         for aid in self._queued.pop(fp, {}):
             peer.send(EndpointDisconnect(aid))
+        for message in self.associations_for(fp):
+            peer.send(message)
+
+    def associations_for(self, fingerprint: bytes) -> list[Associations]:
+        """The ``Associations`` messages for the KD ``fingerprint``: its conferences'
+        admitted participants, at most MAX_ASSOCIATIONS per message, at least one message."""
+        entries = [AssociationEntry(aid, conference.conference_id)
+                   for conference in self._conferences.values()
+                   if conference.kd_fingerprint == fingerprint
+                   for aid in conference.participants]
+        return [Associations(tuple(entries[i:i + MAX_ASSOCIATIONS]))
+                for i in range(0, max(len(entries), 1), MAX_ASSOCIATIONS)]
 
     def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
         fp = peer.peer_fingerprint

@@ -39,6 +39,13 @@ each at most :data:`MAX_SDP_LENGTH` bytes, so a frame always fits:
   :data:`SIGN_STATUS_OK` (0) ``text`` is the signed answer SDP and must not be
   empty; with any other status it is a human-readable reason (may be empty).
   Status values other than the named ones are passed through, not refused.
+* **0xF2 Associations** (MD -> KD): ``uint16 count``, then ``count``
+  entries of ``uuid association_id`` and ``opaque conference_id<1..255>``
+  (1-byte length, UTF-8); ``count`` may be 0 and is at most
+  :data:`MAX_ASSOCIATIONS`, so any message fits one frame; an association id
+  appears at most once.  Sent on every tunnel (re)connection: the admitted
+  participants of the conferences that name this KD, so that a KD that lost
+  its state (restart) learns which members it can no longer reach.
 
 Validation is shared by construction and decoding: a message that could not
 be encoded (a bad UUID, an empty profile list, a key of 0 or 256 bytes, a
@@ -58,7 +65,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from perc_daemons.protocol.errors import ProtocolError
 
@@ -67,7 +74,9 @@ __all__ = [
     "DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM",
     "DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM",
     "HEADER_LENGTH",
+    "MAX_ASSOCIATIONS",
     "MAX_BODY_LENGTH",
+    "MAX_CONFERENCE_ID_LENGTH",
     "MAX_SDP_LENGTH",
     "PROTOCOL_VERSION",
     "SIGN_STATUS_BAD_OFFER",
@@ -76,6 +85,8 @@ __all__ = [
     "SIGN_STATUS_REFUSED",
     "SRTP_AEAD_AES_128_GCM",
     "SRTP_AEAD_AES_256_GCM",
+    "AssociationEntry",
+    "Associations",
     "BadAssociationId",
     "DecoderFailed",
     "EndpointDisconnect",
@@ -108,6 +119,12 @@ MAX_BODY_LENGTH = 0xFFFF
 ASSOCIATION_ID_LENGTH = 16
 #: Bound on each UTF-8 SDP string of our private messages (two always fit).
 MAX_SDP_LENGTH = 32000
+#: ``opaque conference_id<1..255>`` of :class:`Associations` (UTF-8 bytes).
+MAX_CONFERENCE_ID_LENGTH = 255
+#: Entries of one :class:`Associations`: even with the longest conference ids,
+#: ``2 + n * (16 + 1 + 255)`` bytes fit one body (240 entries, 65282 bytes).
+MAX_ASSOCIATIONS = (MAX_BODY_LENGTH - 2) // (ASSOCIATION_ID_LENGTH + 1
+                                             + MAX_CONFERENCE_ID_LENGTH)
 
 #: SRTP protection profile values (RFC 5764 registry, RFC 7714, RFC 8723).
 SRTP_AEAD_AES_128_GCM = 0x0007
@@ -130,6 +147,7 @@ class MessageType(IntEnum):
     ENDPOINT_DISCONNECT = 0x05
     SIGN_ANSWER = 0xF0  # private (ours)
     SIGN_ANSWER_ACK = 0xF1  # private (ours)
+    ASSOCIATIONS = 0xF2  # private (ours)
 
 
 # -- errors ----------------------------------------------------------------------
@@ -513,13 +531,88 @@ class SignAnswerAck:
         return cls(r.association_id(), r.uint(2), r.text())
 
 
+class AssociationEntry(NamedTuple):
+    """One entry of :class:`Associations`: an admitted participant's association."""
+
+    association_id: bytes
+    conference_id: str
+
+
+def _check_conference_id(value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError("conference_id must be a str")
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates
+        raise MalformedFrame("conference_id is not encodable as UTF-8") from exc
+    if not 1 <= len(data) <= MAX_CONFERENCE_ID_LENGTH:
+        raise MalformedFrame(f"conference_id is {len(data)} bytes, not "
+                             f"1..{MAX_CONFERENCE_ID_LENGTH}")
+
+
+@dataclass(frozen=True, slots=True)
+class Associations:
+    """Ours (0xF2), MD -> KD: the admitted associations of the KD's conferences.
+
+    Sent by the MD whenever the KD's tunnel comes up: one message, empty when
+    there is nobody, or several when there are more than
+    :data:`MAX_ASSOCIATIONS`.  ``entries`` are :class:`AssociationEntry` (or
+    plain ``(association_id, conference_id)`` pairs, converted); an
+    association id appears at most once per message.
+    """
+
+    msg_type: ClassVar[int] = MessageType.ASSOCIATIONS
+
+    entries: tuple[AssociationEntry, ...] = ()
+
+    def __post_init__(self) -> None:
+        entries = []
+        for entry in self.entries:
+            if not isinstance(entry, tuple | list) or len(entry) != 2:
+                raise TypeError("each entry is (association_id, conference_id)")
+            entries.append(AssociationEntry(*entry))
+        object.__setattr__(self, "entries", tuple(entries))
+        if len(entries) > MAX_ASSOCIATIONS:
+            raise MalformedFrame(f"{len(entries)} associations is more than "
+                                 f"{MAX_ASSOCIATIONS}")
+        seen: set[bytes] = set()
+        for aid, conference_id in entries:
+            _check_association_id(aid)
+            _check_conference_id(conference_id)
+            if aid in seen:
+                raise MalformedFrame("an association id appears twice")
+            seen.add(aid)
+
+    def encode(self) -> bytes:
+        parts = [len(self.entries).to_bytes(2, "big")]
+        for aid, conference_id in self.entries:
+            cid = conference_id.encode("utf-8")
+            parts += [aid, bytes((len(cid),)), cid]
+        return _frame(self.msg_type, b"".join(parts))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Associations:
+        count = r.uint(2)
+        if count > MAX_ASSOCIATIONS:
+            raise MalformedFrame(f"{count} associations is more than {MAX_ASSOCIATIONS}")
+        entries = []
+        for _ in range(count):
+            aid = r.association_id()
+            try:
+                cid = r.vector(1).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MalformedFrame("conference id is not UTF-8") from exc
+            entries.append(AssociationEntry(aid, cid))
+        return cls(tuple(entries))
+
+
 Message = (SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls
-           | EndpointDisconnect | SignAnswer | SignAnswerAck)
+           | EndpointDisconnect | SignAnswer | SignAnswerAck | Associations)
 
 _DECODERS = {
     cls.msg_type: cls._decode
     for cls in (SupportedProfiles, UnsupportedVersion, MediaKeys, TunneledDtls,
-                EndpointDisconnect, SignAnswer, SignAnswerAck)
+                EndpointDisconnect, SignAnswer, SignAnswerAck, Associations)
 }
 
 

@@ -56,11 +56,13 @@ from perc_daemons.protocol.dtls import (
 )
 from perc_daemons.protocol.ekt import EktCipher, derive_master_salt
 from perc_daemons.protocol.identity import create_assertion, encode_sdp_identity
+from perc_daemons.protocol.roster import verify_roster
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
+    Associations,
     EndpointDisconnect,
     MediaKeys,
     SignAnswer,
@@ -531,6 +533,113 @@ class KdHandlerTests(unittest.TestCase):
         params = yield self.wait_key(alice, 2)  # the rekey reaches alice on the new tunnel
         _, key = yield self.kmf.current_key()
         self.assertEqual(params.key, key)
+
+
+    # --- Associations (the MD's list on every tunnel up) --------------------------------
+
+    @defer.inlineCallbacks
+    def roster(self, cid: str = CONF):
+        """The KMF's verified roster: (epoch, [(identity, ssrcs)])."""
+        _, body = yield self.kmf.call("GET", f"/v1/conferences/{cid}/roster", scope="kd")
+        roster = verify_roster(body["roster"], self.kmf.keys.jwks(reactor.seconds()),
+                               issuer=ISSUER, conference_id=cid, now=reactor.seconds())
+        return roster.epoch, [(m.identity, m.ssrcs) for m in roster.members]
+
+    def restart(self) -> None:
+        """A fresh KD (new core, new handler) on the same KMF; the MD keeps its state."""
+        self.core = KeyDistributorCore(self.credentials.chain[0], self.credentials.private_key,
+                                       KD_TLS_ID.encode(), os.urandom(32))
+        self.handler = KdHandler(reactor, core=self.core, kmf=self.client, idp_domain=DOMAIN,
+                                 credentials=self.credentials)
+        self.addCleanup(self.handler.stop)
+        self.peer = RecordingPeer()
+        self.peer.deliver = self.to_endpoint
+        self.handler.tunnel_up(self.peer)
+
+    @defer.inlineCallbacks
+    def test_restarted_kd_starts_an_epoch_none_of_the_unknown_members_get(self):
+        yield self.kmf.conference()
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        epoch1, _ = yield self.kmf.current_key()
+        self.assertEqual((yield self.roster()), (epoch1, [(ALICE, (1111,)), (BOB, (2222,))]))
+        self.restart()
+        self.handler.tunnel_message(self.peer, Associations([(alice.aid, CONF),
+                                                            (bob.aid, CONF)]))
+        yield wait_for(lambda: self.core.epoch(CONF) == epoch1 + 1, "epoch N+1 installed")
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        epoch2, key2 = yield self.kmf.current_key()
+        self.assertEqual(epoch2, epoch1 + 1)
+        self.assertEqual(self.core.current_params(CONF).key, key2)
+        # Nobody it knows: the KMF takes an empty roster for the new epoch.
+        self.assertEqual((yield self.roster()), (epoch2, []))
+        # The unknown associations are neither disconnected nor sent anything.
+        self.assertEqual(self.peer.sent, [])
+        self.pump()
+        self.assertEqual([len(ep.of(EktKeyReceived)) for ep in (alice, bob)], [1, 1])
+        # Listed again (the tunnel flapped): no further epoch.
+        self.handler.tunnel_message(self.peer, Associations([(alice.aid, CONF),
+                                                            (bob.aid, CONF)]))
+        self.assertEqual(self.handler._jobs, {})
+        # A joiner after the restart gets only epochs alice and bob never had.
+        carol = Endpoint("carol", CAROL, 3333)
+        yield self.join(carol)
+        params = yield self.wait_key(carol, 1)
+        self.assertNotIn(params.key, [e.params.key for ep in (alice, bob)
+                                      for e in ep.of(EktKeyReceived)])
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        epoch3, members = yield self.roster()
+        self.assertGreaterEqual(epoch3, epoch2)
+        self.assertEqual(members, [(CAROL, (3333,))])
+
+    @defer.inlineCallbacks
+    def test_unknown_association_beside_known_members_rekeys_them(self):
+        yield self.kmf.conference()
+        alice = Endpoint("alice", ALICE, 1111)
+        yield self.join(alice)
+        yield self.wait_key(alice, 1)
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        epoch1, _ = yield self.kmf.current_key()
+        lost = uuid.uuid4().bytes
+        self.handler.tunnel_message(self.peer, Associations([(alice.aid, CONF),
+                                                            (lost, CONF)]))
+        params = yield self.wait_key(alice, 2)
+        epoch2, key2 = yield self.kmf.current_key()
+        self.assertEqual((epoch2, params.key), (epoch1 + 1, key2))
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        self.assertEqual((yield self.roster()), (epoch2, [(ALICE, (1111,))]))
+        self.assertEqual(self.peer.of(EndpointDisconnect), [])
+        self.assertTrue(self.core.knows(alice.aid))
+
+    @defer.inlineCallbacks
+    def test_known_associations_change_nothing(self):
+        yield self.kmf.conference()
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        epoch1, _ = yield self.kmf.current_key()
+        sent = len(self.peer.sent)
+        self.handler.tunnel_message(self.peer, Associations([(alice.aid, CONF),
+                                                            (bob.aid, CONF)]))
+        self.handler.tunnel_message(self.peer, Associations())
+        self.assertEqual(self.handler._jobs, {})
+        self.assertEqual(len(self.peer.sent), sent)
+        self.assertEqual((yield self.kmf.current_key())[0], epoch1)
+        self.assertEqual(self.sample("perc_kd_epochs_started_total"), 0)
+
+    @defer.inlineCallbacks
+    def test_associations_of_a_conference_unknown_at_the_kmf_are_forgotten(self):
+        self.handler.tunnel_message(self.peer, Associations([(uuid.uuid4().bytes, "nope"),
+                                                            (uuid.uuid4().bytes, "bad id!")]))
+        self.assertEqual(self.core.conferences(), ["nope"])
+        yield wait_for(lambda: self.handler._jobs == {}, "KMF refusal")
+        self.assertEqual(self.core.conferences(), [])
+        self.assertEqual(self.peer.sent, [])
 
 
 class OfferTests(unittest.TestCase):

@@ -32,10 +32,12 @@ from perc_daemons.protocol import sdp
 from perc_daemons.protocol.stun import BINDING_SUCCESS, StunMessage
 from perc_daemons.protocol.tunnel import (
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
+    MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
     SRTP_AEAD_AES_128_GCM,
+    Associations,
     EndpointDisconnect,
     MediaKeys,
     SignAnswer,
@@ -515,6 +517,83 @@ class MdServiceTests(unittest.TestCase):
         self.kd = PlayKd()
         yield self.connect_kd()
         yield self.kd.wait_for(disconnect_of(uuid.UUID(body["association"]).bytes))
+
+    # -- Associations on every tunnel_up ---------------------------------------------
+
+    def other_kd(self) -> tuple[Any, str]:
+        other = self.pki.issue("kd2", ["kd2.localhost"])
+        der = x509.load_pem_x509_certificate(other.certificate.read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+        return other, hashlib.sha256(der).digest().hex(":").upper()
+
+    @defer.inlineCallbacks
+    def test_tunnel_up_lists_the_kds_admitted_participants(self):
+        other, other_fp = self.other_kd()
+        yield self.create()
+        yield self.create("c2", fp=other_fp)
+        first = yield self.connect_kd()
+        # Nobody yet: one empty Associations.
+        empty = yield self.kd.wait_for(lambda m: isinstance(m, Associations))
+        self.assertEqual(empty, Associations())
+        kd2 = PlayKd()
+        yield self.connect_kd(other, kd2)
+        yield kd2.wait_for(lambda m: isinstance(m, Associations))
+        joined = []
+        for _ in range(3):
+            code, body = yield self.join()
+            self.assertEqual(code, 201)
+            joined.append(body)
+        code, c2_body = yield self.join("c2")
+        self.assertEqual(code, 201)
+        self.kd.mode = "silent"  # a join still waiting for its ack is not admitted
+        self.conferences.join_timeout = 0.2
+        pending = self.join()
+        yield self.kd.wait_for(lambda m: isinstance(m, SignAnswer) and str(
+            uuid.UUID(bytes=m.association_id)) not in [b["association"] for b in joined])
+        yield first.stopService()
+        code, _ = yield pending
+        self.assertEqual(code, 503)
+        # One leaves while the KD is away: its disconnect comes first, it is not listed.
+        gone = joined.pop()
+        code, _ = yield self.request(
+            "DELETE", f"/v1/conferences/c1/participants/{gone['association']}",
+            token=gone["leave_token"])
+        self.assertEqual(code, 204)
+        self.kd = PlayKd()
+        yield self.connect_kd()
+        message = yield self.kd.wait_for(lambda m: isinstance(m, Associations))
+        self.assertIsInstance(self.kd.messages[0], EndpointDisconnect)
+        self.assertEqual(self.kd.messages[0].association_id,
+                         uuid.UUID(gone["association"]).bytes)
+        self.assertEqual(sorted((str(uuid.UUID(bytes=e.association_id)), e.conference_id)
+                                for e in message.entries),
+                         sorted((b["association"], "c1") for b in joined))
+        self.assertEqual(len([m for m in self.kd.messages if isinstance(m, Associations)]), 1)
+        # The other conference's KD hears only of its own participant.
+        self.assertEqual([m for m in kd2.messages if isinstance(m, Associations)],
+                         [Associations()])
+        conferences = self.conferences.associations_for(
+            bytes.fromhex(other_fp.replace(":", "")))
+        self.assertEqual([[(str(uuid.UUID(bytes=e.association_id)), e.conference_id)
+                           for e in m.entries] for m in conferences],
+                         [[(c2_body["association"], "c2")]])
+
+    @defer.inlineCallbacks
+    def test_many_participants_are_split_over_several_messages(self):
+        yield self.create()
+        client = yield self.connect_kd()
+        results = yield defer.gatherResults(
+            [self.conferences.join("c1", offer(f"U{i:03d}")) for i in
+             range(MAX_ASSOCIATIONS + 1)], consumeErrors=True)
+        yield client.stopService()
+        self.kd = PlayKd()
+        yield self.connect_kd()
+        yield self.kd.wait_for(lambda m: isinstance(m, Associations)
+                               and len(m.entries) < MAX_ASSOCIATIONS)
+        messages = [m for m in self.kd.messages if isinstance(m, Associations)]
+        self.assertEqual([len(m.entries) for m in messages], [MAX_ASSOCIATIONS, 1])
+        self.assertEqual(sorted(e.association_id for m in messages for e in m.entries),
+                         sorted(aid for aid, _, _ in results))
 
     @defer.inlineCallbacks
     def test_kd_pinned_by_its_conference(self):

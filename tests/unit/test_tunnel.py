@@ -14,10 +14,14 @@ from perc_daemons.protocol.tunnel import (
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
     DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM,
     HEADER_LENGTH,
+    MAX_ASSOCIATIONS,
     MAX_BODY_LENGTH,
+    MAX_CONFERENCE_ID_LENGTH,
     MAX_SDP_LENGTH,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
+    AssociationEntry,
+    Associations,
     BadAssociationId,
     DecoderFailed,
     EndpointDisconnect,
@@ -72,6 +76,8 @@ def samples() -> list:
         SignAnswerAck(AID, SIGN_STATUS_OK, "v=0\r\na=identity:abc\r\n"),
         SignAnswerAck(AID2, SIGN_STATUS_REFUSED, ""),
         SignAnswerAck(AID2, 0xFFFF, "fingerprint mismatch"),
+        Associations(),
+        Associations(((AID, "conf-1"), (AID2, "é☃" + "x" * 250))),
     ]
 
 
@@ -101,7 +107,7 @@ class WorkedExampleTests(unittest.TestCase):
         self.assertEqual(DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, 0x0009)
         self.assertEqual(DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM, 0x000A)
         self.assertEqual([int(t) for t in MessageType],
-                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1])
+                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1, 0xF2])
 
 
 class EncodingTests(unittest.TestCase):
@@ -152,6 +158,9 @@ class EncodingTests(unittest.TestCase):
                          b"\xf0\x00\x17" + AID + b"\x00\x01o\x00\x02\xc3\xa9")
         self.assertEqual(SignAnswerAck(AID, 2, "no").encode(),
                          b"\xf1\x00\x16" + AID + b"\x00\x02\x00\x02no")
+        self.assertEqual(Associations().encode(), b"\xf2\x00\x02\x00\x00")
+        self.assertEqual(Associations([(AID, "c1"), (AID2, "é")]).encode(),
+                         b"\xf2\x00\x28\x00\x02" + AID + b"\x02c1" + AID2 + b"\x02\xc3\xa9")
 
     def test_largest_messages_fit_a_frame(self) -> None:
         big = "a" * MAX_SDP_LENGTH
@@ -163,6 +172,12 @@ class EncodingTests(unittest.TestCase):
         self.assertEqual(TunnelDecoder().feed(dtls.encode()), [dtls])
         many = SupportedProfiles(tuple(range((MAX_BODY_LENGTH - 3) // 2)))
         self.assertEqual(TunnelDecoder().feed(many.encode()), [many])
+        longest = Associations([(new_association_id(), "é" * (MAX_CONFERENCE_ID_LENGTH // 2)
+                                 + "x") for _ in range(MAX_ASSOCIATIONS)])
+        data = longest.encode()
+        self.assertLessEqual(len(data), HEADER_LENGTH + MAX_BODY_LENGTH)
+        self.assertEqual(TunnelDecoder().feed(data), [longest])
+        self.assertEqual(MAX_ASSOCIATIONS, 240)
 
     def test_sign_answer_ack_accessors(self) -> None:
         self.assertEqual(SignAnswerAck(AID, SIGN_STATUS_OK, "v=0").signed_answer, "v=0")
@@ -234,7 +249,7 @@ class ValidationTests(unittest.TestCase):
         self.assertFalse(is_uuid4(str(uuid.UUID(bytes=AID))))
 
     def test_unknown_types(self) -> None:
-        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF2, 0xFF):
+        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF3, 0xFF):
             with self.assertRaises(UnknownMessageType) as cm:
                 decode_message(msg_type, b"")
             self.assertEqual(cm.exception.msg_type, msg_type)
@@ -268,6 +283,41 @@ class ValidationTests(unittest.TestCase):
         self.assertRaises(MalformedFrame, decode_message, 0xF0, bad_utf8)
         empty_ok = AID + b"\x00\x00\x00\x00"
         self.assertRaises(MalformedFrame, decode_message, 0xF1, empty_ok)
+
+    def test_associations_bounds(self) -> None:
+        self.assertEqual(Associations([[AID, "c"]]).entries, (AssociationEntry(AID, "c"),))
+        self.assertEqual(Associations([(AID, "c")]).entries[0].conference_id, "c")
+        self.assertRaises(MalformedFrame, Associations, [(AID, "")])
+        self.assertRaises(MalformedFrame, Associations,
+                          [(AID, "x" * (MAX_CONFERENCE_ID_LENGTH + 1))])
+        self.assertRaises(MalformedFrame, Associations, [(AID, "é" * 128)])  # 256 bytes
+        self.assertRaises(MalformedFrame, Associations, [(AID, "\ud800")])
+        self.assertRaises(MalformedFrame, Associations, [(AID, "a"), (AID, "b")])
+        self.assertRaises(BadAssociationId, Associations, [(uuid.uuid1().bytes, "c")])
+        self.assertRaises(BadAssociationId, Associations, [(AID[:15], "c")])
+        self.assertRaises(TypeError, Associations, [(AID, b"c")])
+        self.assertRaises(TypeError, Associations, [(str(uuid.UUID(bytes=AID)), "c")])
+        self.assertRaises(TypeError, Associations, [(AID, "c", "extra")])
+        self.assertRaises(TypeError, Associations, [AID])
+        too_many = [(new_association_id(), "c") for _ in range(MAX_ASSOCIATIONS + 1)]
+        self.assertRaises(MalformedFrame, Associations, too_many)
+        self.assertEqual(len(Associations(too_many[:-1]).entries), MAX_ASSOCIATIONS)
+
+    def test_associations_decode_errors(self) -> None:
+        entry = AID + b"\x01c"
+        self.assertEqual(decode_message(0xF2, b"\x00\x01" + entry),
+                         Associations([(AID, "c")]))
+        self.assertRaises(MalformedFrame, decode_message, 0xF2, b"\x00\x02" + entry)
+        self.assertRaises(MalformedFrame, decode_message, 0xF2, b"\x00\x01" + AID + b"\x00")
+        self.assertRaises(MalformedFrame, decode_message, 0xF2, b"\x00\x01" + AID + b"\x01\xff")
+        self.assertRaises(MalformedFrame, decode_message, 0xF2, b"\x00\x02" + entry + entry)
+        bad = bytearray(entry)
+        bad[6] = 0x14  # version 1
+        self.assertRaises(BadAssociationId, decode_message, 0xF2, b"\x00\x01" + bytes(bad))
+        # A count above the bound is refused before any entry is read.
+        count = (MAX_ASSOCIATIONS + 1).to_bytes(2, "big")
+        self.assertRaises(MalformedFrame, decode_message, 0xF2, count)
+        self.assertRaises(MalformedFrame, TunnelDecoder().feed, frame(0xF2, count))
 
     def test_errors_are_typed_protocol_errors(self) -> None:
         classes = (MalformedFrame, UnknownMessageType, FrameTooLarge, BadAssociationId,
@@ -381,6 +431,8 @@ messages = st.one_of(
     st.builds(SignAnswer, uuid4s, sdp, sdp),
     st.builds(SignAnswerAck, uuid4s, st.just(SIGN_STATUS_OK), sdp),
     st.builds(SignAnswerAck, uuid4s, st.integers(1, 0xFFFF), st.text(max_size=40)),
+    st.dictionaries(uuid4s, st.text(min_size=1, max_size=20), max_size=6).map(
+        lambda entries: Associations(tuple(entries.items()))),
 )
 pieces = st.lists(st.one_of(messages.map(lambda m: m.encode()), st.binary(max_size=40)),
                   max_size=8)
