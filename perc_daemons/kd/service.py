@@ -82,6 +82,7 @@ from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerpri
 from perc_daemons.protocol.identity import JwksIdentityVerifier
 from perc_daemons.protocol.jose import InvalidJwks, parse_jwks
 from perc_daemons.protocol.tunnel import (
+    MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_INTERNAL_ERROR,
     SIGN_STATUS_OK,
@@ -217,6 +218,9 @@ class KdHandler:
         self._peers: dict[str, ITunnelPeer] = {}  # MD name -> its up tunnel
         self._owner: dict[bytes, str] = {}  # association -> MD name
         self._signing: set[bytes] = set()
+        # MD name -> associations listed since its tunnel came up (the listing is
+        # complete at its first message shorter than MAX_ASSOCIATIONS)
+        self._listing: dict[str, set[bytes]] = {}
         # MD name -> association -> conference: listed by that MD's Associations,
         # unknown here, already answered with a new epoch.
         self._lost: dict[str, dict[bytes, str]] = {}
@@ -265,6 +269,7 @@ class KdHandler:
 
     def tunnel_up(self, peer: ITunnelPeer) -> None:
         self._peers[str(peer.peer_name)] = peer
+        self._listing.pop(str(peer.peer_name), None)  # its Associations listing starts over
         log.info("tunnel up: md {md}", md=peer.peer_name)
 
     def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
@@ -318,8 +323,24 @@ class KdHandler:
         self._after_core()
 
     def _associations(self, peer: ITunnelPeer, message: Associations) -> None:
-        """The MD's admitted associations: start an epoch without the ones unknown here."""
+        """The MD's admitted associations: start an epoch without the ones unknown here.
+
+        The listing of one tunnel-up ends with a message of fewer than
+        MAX_ASSOCIATIONS entries; then the associations this KD holds for that
+        MD and the MD did not list (it restarted, or never got our
+        SignAnswerAck) are gone: they leave, which rekeys the others.
+        """
         name = str(peer.peer_name)
+        listing = self._listing.setdefault(name, set())
+        listing.update(aid for aid, _ in message.entries)
+        if len(message.entries) < MAX_ASSOCIATIONS:
+            del self._listing[name]
+            gone = [aid for aid, owner in self._owner.items()
+                    if owner == name and aid not in listing and aid not in self._signing]
+            for aid in gone:
+                log.info("md {md} no longer has association {association}: it leaves",
+                         md=name, association=_aid(aid))
+                self._endpoint_disconnect(peer, EndpointDisconnect(aid))
         lost = self._lost.setdefault(name, {})
         unknown: dict[str, int] = {}
         bad = 0

@@ -488,13 +488,15 @@ class MdConferences:
 
     def associations_for(self, fingerprint: bytes) -> list[Associations]:
         """The ``Associations`` messages for the KD ``fingerprint``: its conferences'
-        admitted participants, at most MAX_ASSOCIATIONS per message, at least one message."""
+        admitted participants, at most MAX_ASSOCIATIONS per message, the last one shorter."""
         entries = [AssociationEntry(aid, conference.conference_id)
                    for conference in self._conferences.values()
                    if conference.kd_fingerprint == fingerprint
                    for aid in conference.participants]
+        # The last message has fewer than MAX_ASSOCIATIONS entries (possibly none): that
+        # is how the KD knows the listing is complete.
         return [Associations(tuple(entries[i:i + MAX_ASSOCIATIONS]))
-                for i in range(0, max(len(entries), 1), MAX_ASSOCIATIONS)]
+                for i in range(0, len(entries) + 1, MAX_ASSOCIATIONS)]
 
     def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
         fp = peer.peer_fingerprint

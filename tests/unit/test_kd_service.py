@@ -59,6 +59,7 @@ from perc_daemons.protocol.identity import create_assertion, encode_sdp_identity
 from perc_daemons.protocol.roster import verify_roster
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.tunnel import (
+    MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
@@ -626,11 +627,42 @@ class KdHandlerTests(unittest.TestCase):
         sent = len(self.peer.sent)
         self.handler.tunnel_message(self.peer, Associations([(alice.aid, CONF),
                                                             (bob.aid, CONF)]))
-        self.handler.tunnel_message(self.peer, Associations())
         self.assertEqual(self.handler._jobs, {})
         self.assertEqual(len(self.peer.sent), sent)
         self.assertEqual((yield self.kmf.current_key())[0], epoch1)
         self.assertEqual(self.sample("perc_kd_epochs_started_total"), 0)
+
+    @defer.inlineCallbacks
+    def test_associations_the_md_no_longer_lists_leave(self):
+        """A restarted MD lists none of the earlier members: they leave, the rest rekeys."""
+        yield self.kmf.conference()
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        epoch1, _ = yield self.kmf.current_key()
+        self.handler.tunnel_down(self.peer, "connection lost")
+        again = RecordingPeer()  # the MD came back without bob (say he never got his ack)
+        again.deliver = self.to_endpoint
+        self.peer = again
+        self.handler.tunnel_up(again)
+        # a full first message is not the end of the listing: nobody leaves yet
+        self.handler.tunnel_message(again, Associations(
+            [(alice.aid, CONF)] + [(uuid.uuid4().bytes, CONF)
+                                   for _ in range(MAX_ASSOCIATIONS - 1)]))
+        self.assertTrue(self.core.knows(bob.aid))
+        self.handler.tunnel_message(again, Associations())  # the end of the listing
+        self.assertFalse(self.core.knows(bob.aid))
+        # (the filler entries, unknown here, start an epoch of their own too)
+        yield self.wait_key(alice, 2)
+        yield wait_for(lambda: self.handler._jobs == {}, "rekeys and roster PUT")
+        self.pump()
+        epoch2, key2 = yield self.kmf.current_key()
+        self.assertGreater(epoch2, epoch1)
+        self.assertEqual(alice.of(EktKeyReceived)[-1].params.key, key2)
+        self.assertNotIn(key2, [e.params.key for e in bob.of(EktKeyReceived)])
+        self.assertEqual((yield self.roster()), (epoch2, [(ALICE, (1111,))]))
 
     @defer.inlineCallbacks
     def test_associations_of_a_conference_unknown_at_the_kmf_are_forgotten(self):
