@@ -176,7 +176,12 @@ _RTP_MAX = 0xFFFFFFFF
 
 #: DecryptFailed reasons meaning "no key for this packet" (RFC 8870 s4.3.2: an SPI or a
 #: sender key we were not given), as opposed to an integrity failure with a key we hold.
-NO_KEY_REASONS = frozenset({"ekt_unknown_spi", "e2e_key_unknown", "ekt_key_expired"})
+NO_KEY_REASONS = frozenset({"ekt_unknown_spi", "e2e_key_unknown", "ekt_key_expired",
+                            "e2e_key_held_back"})
+#: A sender keeps protecting with its previous key this long after announcing a new one
+#: (RFC 8870 s4.3.1: 250 ms), plus network jitter: until then a receiver that only
+#: learned the new key (it joined in this epoch) cannot decrypt, by design.
+_OLD_KEY_GRACE = 0.5
 
 
 class NotReady(ProtocolError):
@@ -466,7 +471,7 @@ class _AuditingEktReceiver(EktReceiver):
                 now: float) -> LearnedKey | None:
         learned = super().process(packet_ssrc, field, now)
         if learned is not None:
-            self._session._learned(learned)
+            self._session._learned(learned, now)
         return learned
 
 
@@ -492,6 +497,9 @@ class ParticipantSession:
     cipher leads to media.  ``keep_audit_secrets`` keeps copies of every
     secret for :meth:`audit_secrets`, also after the session ended (proofs
     only: a client that does not run the proof passes False).
+    ``initial_sequence`` continues the RTP sequence numbers of an earlier
+    session of the same SSRC (:attr:`next_sequence`), so receivers' replay
+    lists and loss counts go on (RFC 3550 s5.1, RFC 3711 s3.3.2).
     """
 
     def __init__(self, *, certificate: bytes, private_key: ec.EllipticCurvePrivateKey,
@@ -500,7 +508,8 @@ class ParticipantSession:
                  ekt_ciphers: Sequence[int] = DEFAULT_EKT_CIPHERS,
                  consent_interval: float = 5.0,
                  consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
-                 replay_window: int = 128, keep_audit_secrets: bool = True) -> None:
+                 replay_window: int = 128, keep_audit_secrets: bool = True,
+                 initial_sequence: int | None = None) -> None:
         if not isinstance(answer, VerifiedAnswer):
             raise TypeError("answer must be a VerifiedAnswer (verify_signed_answer)")
         if not 0 <= ssrc <= _RTP_MAX:
@@ -569,10 +578,13 @@ class ParticipantSession:
         self._ekt_params: dict[int, EktParameterSet] = {}
         self._ekt_expiry: dict[int, float] = {}
         self._sender_spi: dict[int, int] = {}
+        self._first_key_at: dict[int, float] = {}  # SSRC -> when we learnt its first key
         self._keep_audit = keep_audit_secrets
         self._audit: dict[bytes, None] = {}
         # RTP
-        self._sequence = int.from_bytes(os.urandom(2), "big")
+        # Random unless continuing an earlier session of the same SSRC (RFC 3550 s5.1).
+        self._sequence = (int.from_bytes(os.urandom(2), "big") if initial_sequence is None
+                          else initial_sequence % _SEQ_MOD)
         #: SPIs of the EKTKeys received, in order.
         self.epochs_seen: list[int] = []
         #: Per remote SSRC reception statistics.
@@ -614,6 +626,11 @@ class ParticipantSession:
             timers.append(t)
         timers.extend(self._ekt_expiry.values())
         return min(timers) if timers else None
+
+    @property
+    def next_sequence(self) -> int:
+        """The RTP sequence number of the next packet :meth:`send_media` makes."""
+        return self._sequence
 
     def audit_secrets(self) -> list[bytes]:
         """Every inner (end-to-end) key and salt this session derived, drew or learned,
@@ -743,7 +760,13 @@ class ParticipantSession:
         except ProtocolError as e:
             # The outer layer authenticated: EKT, OHB, end-to-end layer or an
             # MD replay (RFC 8723 s5.3, RFC 8870 s4.3.2).
-            self._media_failure(ssrc, e.reason)
+            reason = e.reason
+            if (reason == "e2e_auth" and not self._stats(ssrc).packets
+                    and now - self._first_key_at.get(ssrc, -_OLD_KEY_GRACE) < _OLD_KEY_GRACE):
+                # Nothing from this sender decrypted yet, and we learnt its key just now:
+                # it still protects with the previous epoch's key we were never given.
+                reason = "e2e_key_held_back"
+            self._media_failure(ssrc, reason)
             return
         marker, pt, original_seq, timestamp, _ssrc = parse_fixed_header(received.packet)
         stats = self._stats(ssrc)
@@ -789,8 +812,9 @@ class ParticipantSession:
             return
         self._events.append(RtcpReceived(ssrc, tuple(packets)))
 
-    def _learned(self, learned: LearnedKey) -> None:
+    def _learned(self, learned: LearnedKey, now: float) -> None:
         """A sender's new end-to-end key arrived in a FullEKTField (RFC 8870 s4.3.2)."""
+        self._first_key_at.setdefault(learned.ssrc, now)
         self._sender_spi[learned.ssrc] = learned.spi
         self._remember(learned.master_key, learned.master_salt)
 

@@ -513,6 +513,15 @@ class ConferenceTests(unittest.TestCase):
             self.assertTrue(net.plane.leg(p.aid).keyed)
         self.assertEqual(len(net.kd.members(CONF)), 3)
 
+    def test_initial_sequence_continues_an_earlier_session(self) -> None:
+        net = Net(self)
+        p = net.join("alice", initial_sequence=0xFFFF)
+        self.assertEqual(p.session.next_sequence, 0xFFFF)
+        for expected in (0xFFFF, 0):
+            wire = net.send(p, b"x" * 20, timestamp=0)
+            self.assertEqual(struct.unpack_from("!H", wire, 2)[0], expected)
+        self.assertEqual(p.session.next_sequence, 1)
+
     def test_media_both_ways_is_byte_identical(self) -> None:
         net, a, b, c = three(self)
         people = (a, b, c)
@@ -676,6 +685,26 @@ class RekeyTests(unittest.TestCase):
             fresh = set(p.session.audit_secrets()) & set(other.session.audit_secrets())
             self.assertTrue(fresh - carol_knew - set(c.session.audit_secrets()))
         self.assertNotIn(new.key, c.session.audit_secrets())
+
+    def test_joiner_during_the_senders_old_key_hold_counts_no_failure(self) -> None:
+        """RFC 8870 s4.3.1: after a new EKTKey a sender protects with its old key for
+        250 ms; a member who joined in the new epoch cannot decrypt those packets (by
+        design), and they are "no key", not integrity failures."""
+        net = Net(self)
+        a, b = net.join("alice"), net.join("bob")
+        net.send(a, b"epoch 1")
+        net.install_epoch()  # alice rotates her key but holds the old one for 250 ms
+        d = net.join("dave")  # gets the new epoch only
+        held = [net.send(a, f"held {i}".encode(), keyframe=i == 0) for i in range(3)]
+        self.assertTrue(held)
+        failures = [f for f in d.of(DecryptFailed) if f.ssrc == a.ssrc]
+        self.assertEqual({f.reason for f in failures}, {"e2e_key_held_back"})
+        net.advance(HOLD + 0.05)
+        net.send(a, b"after the hold", keyframe=True)
+        self.assertEqual(d.media_from(a)[-1].payload, b"after the hold")
+        stats = d.session.stats[a.ssrc]
+        self.assertEqual((stats.decrypt_failures, stats.no_key), (0, len(failures)))
+        self.assertEqual(b.of(DecryptFailed), [])  # bob had the old key: nothing lost
 
     def test_ekt_keys_expire(self) -> None:
         net = Net(self)
