@@ -292,8 +292,8 @@ async def run(args: argparse.Namespace, users: list[tuple[str, str]], reactor: A
         for i, (user, password) in enumerate(users)]
 
     def interrupted() -> Any:  # Ctrl-C: still say goodbye to the MD and the KD
-        return defer.gatherResults([e.leave() for e in endpoints if e.joined is not None],
-                                   consumeErrors=True)
+        # leave() also covers an endpoint between two associations (rejoining)
+        return defer.gatherResults([e.leave() for e in endpoints], consumeErrors=True)
 
     trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     try:

@@ -25,7 +25,22 @@
    at join, on every new EKT key and periodically; every SSRC we decrypted
    must belong to a roster member, else it is recorded as a failure;
 8. leave: close_notify to the KD (DTLS), then DELETE at the MD with the
-   leave token.
+   leave token;
+9. rejoin when orphaned (:class:`OrphanWatch`): a verified roster of a newer
+   epoch than the one that last listed us omits our SSRC, and no EKTKey
+   explains it (a restarted perc-kd forgot our association: it rekeys and
+   reports rosters without us).  The old session is dropped (its later
+   events are ignored), its participant deleted at the MD, and a new
+   association made: a fresh offer (same certificate and SSRC, new ICE
+   credentials and tls-id; the identity assertion renewed when older than
+   :data:`ASSERTION_MAX_AGE`, the KMF login renewed when the token is
+   refused or about to expire), a newly verified answer, a new session on
+   the same UDP port continuing our RTP sequence numbers.  Media keeps going
+   (frames are dropped, counted in ``sent.not_ready``, while no session is
+   ready); per sender statistics continue.  Failed attempts are retried with
+   back-off, then recorded as a failure.  Never after ``leave()`` nor after
+   the session was closed (a close_notify from the KD revokes the keys: the
+   conference ended).
 
 Every step fails with a typed error (:class:`JoinFailed` and subclasses,
 :class:`~perc_daemons.endpoint.kmf.LoginFailed`,
@@ -47,6 +62,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from perc_daemons.endpoint.https import EndpointError, load_ca
 from perc_daemons.endpoint.kmf import (
@@ -54,8 +70,9 @@ from perc_daemons.endpoint.kmf import (
     DEFAULT_REDIRECT_URI,
     KmfClient,
     KmfRefused,
+    LoginFailed,
 )
-from perc_daemons.endpoint.md import JoinResponse, MdClient
+from perc_daemons.endpoint.md import JoinRefused, JoinResponse, MdClient
 from perc_daemons.endpoint.media import (
     MediaFrame,
     MediaSource,
@@ -67,6 +84,7 @@ from perc_daemons.protocol.answer import AnswerError, VerifiedAnswer, verify_sig
 from perc_daemons.protocol.dtls import certificate_fingerprint, generate_certificate
 from perc_daemons.protocol.ekt import FULL_EKT_TYPE
 from perc_daemons.protocol.participant import (
+    NO_KEY_REASONS,
     Closed,
     Connected,
     DecryptFailed,
@@ -89,6 +107,7 @@ __all__ = [
     "EndpointError",
     "IdentityMismatch",
     "JoinFailed",
+    "OrphanWatch",
     "SenderStatistics",
     "SessionRefused",
     "login_name",
@@ -98,6 +117,11 @@ DEFAULT_KD_NAMES = ("kd.localhost",)
 #: Most silence-compatible payloads: PCMU frames are 160 bytes; bigger ones are not audio.
 _MAX_AUDIO_PAYLOAD = 480
 _MAX_CATCH_UP = 5  # frames sent at once when the reactor was late
+#: An identity assertion older than this (seconds) is not reused in a new offer (the
+#: KMF's assertions live 120 s; the KD checks ``exp``).
+ASSERTION_MAX_AGE = 60.0
+#: The KMF login is renewed before a request when the token expires within this (seconds).
+TOKEN_MARGIN = 30.0
 
 
 class JoinFailed(EndpointError):
@@ -158,6 +182,8 @@ class SenderStatistics:
     packets: int = 0
     bytes: int = 0
     decrypt_failures: int = 0
+    #: packets under a key we were never given (participant.NO_KEY_REASONS)
+    no_key: int = 0
     epochs_seen: set[int] = field(default_factory=set)
     first_at: float | None = None
     last_at: float | None = None
@@ -191,8 +217,76 @@ class SenderStatistics:
     def as_json(self, identity: str | None, recording: str | None) -> dict[str, Any]:
         return {"ssrc": self.ssrc, "identity": identity, "packets": self.packets,
                 "bytes": self.bytes, "losses": self.losses,
-                "decrypt_failures": self.decrypt_failures,
+                "decrypt_failures": self.decrypt_failures, "no_key": self.no_key,
                 "epochs_seen": sorted(self.epochs_seen), "recording": recording}
+
+
+class OrphanWatch:
+    """When a verified roster says the KD no longer holds our association (pure rule).
+
+    No clock, no I/O: the caller passes ``now``.  The rule: a roster for a
+    newer epoch than :attr:`baseline` (the newest epoch whose roster listed
+    our SSRC for our identity, or the newest roster known when the
+    association became ready) that does not list us makes us *suspect*; we
+    are *orphaned* when the omission persists for ``grace`` seconds and at
+    least ``confirmations`` more roster fetches, without an EKTKey installed
+    meanwhile.  The KD sends an epoch's EKTKey (RFC 8870 s5.2.2) before it
+    reports that epoch's roster, so a key installed during the grace (or
+    less than ``grace`` before the omitting roster arrived) explains a
+    roster that is merely late: the suspicion is dropped.  A roster of the
+    baseline epoch or older says nothing (it may predate our join).
+    """
+
+    def __init__(self, grace: float = 1.0, confirmations: int = 1) -> None:
+        if grace < 0 or confirmations < 0:
+            raise ValueError("grace and confirmations must not be negative")
+        self.grace = grace
+        self.confirmations = confirmations
+        #: Newest epoch that listed us (or known when we became ready); None: none yet.
+        self.baseline: int | None = None
+        self.suspected_at: float | None = None
+        self.omissions = 0
+        self.last_key_at: float | None = None
+
+    def __repr__(self) -> str:
+        return (f"<OrphanWatch baseline={self.baseline} suspected_at={self.suspected_at} "
+                f"omissions={self.omissions}>")
+
+    def associated(self, epoch: int | None) -> None:
+        """A (new) association is ready; ``epoch`` is the newest roster epoch known."""
+        self.baseline = epoch
+        self._clear()
+
+    def key_installed(self, now: float) -> None:
+        """An EKTKey arrived: the KD holds our association (for now)."""
+        self.last_key_at = now
+        self._clear()
+
+    def _clear(self) -> None:
+        self.suspected_at = None
+        self.omissions = 0
+
+    def roster(self, epoch: int, listed: bool, now: float) -> bool:
+        """A verified roster of ``epoch`` that does or does not list us; True: orphaned."""
+        if listed:
+            if self.baseline is None or epoch > self.baseline:
+                self.baseline = epoch
+            self._clear()
+            return False
+        if self.baseline is None:  # the first roster seen may predate our join
+            self.baseline = epoch
+            return False
+        if epoch <= self.baseline:
+            return False
+        if self.last_key_at is not None and now - self.last_key_at < self.grace:
+            self._clear()  # a fresh key: the roster naming us is probably on its way
+            return False
+        if self.suspected_at is None:
+            self.suspected_at, self.omissions = now, 0
+            return False
+        self.omissions += 1
+        return (now - self.suspected_at >= self.grace
+                and self.omissions >= self.confirmations)
 
 
 class _MediaProtocol(DatagramProtocol):
@@ -223,6 +317,11 @@ class Endpoint:
     decrypted :class:`~perc_daemons.protocol.participant.MediaReceived`.
     ``receive_buffer`` sets SO_RCVBUF of the media socket (bytes; the kernel
     caps it at net.core.rmem_max).
+
+    ``rejoin`` (default True) joins again when orphaned (see the module
+    docstring, step 9): ``orphan_grace`` is :class:`OrphanWatch`'s grace,
+    ``rejoin_attempts`` the attempts per rejoin, ``rejoin_delay`` the first
+    back-off between them (doubling).  :attr:`rejoins` records each rejoin.
     """
 
     log = Logger()
@@ -238,7 +337,9 @@ class Endpoint:
                  expect_senders: int = 0, label: str | None = None,
                  decrypt_every: int = 1,
                  on_media: Callable[[MediaReceived, float], object] | None = None,
-                 receive_buffer: int | None = None) -> None:
+                 receive_buffer: int | None = None, rejoin: bool = True,
+                 orphan_grace: float = 1.0, rejoin_attempts: int = 4,
+                 rejoin_delay: float = 1.0) -> None:
         if kind not in ("audio", "video"):
             raise ValueError("kind must be audio or video")
         if decrypt_every < 1:
@@ -263,6 +364,11 @@ class Endpoint:
         self.decrypt_every = decrypt_every
         self.on_media = on_media
         self.receive_buffer = receive_buffer
+        if rejoin_attempts < 1 or rejoin_delay < 0:
+            raise ValueError("rejoin_attempts must be at least 1, rejoin_delay not negative")
+        self.rejoin = rejoin
+        self.rejoin_attempts = rejoin_attempts
+        self.rejoin_delay = rejoin_delay
         # state
         self.kmf: KmfClient | None = None
         self.md: MdClient | None = None
@@ -300,6 +406,18 @@ class Endpoint:
         self.ready_at: float | None = None
         self.first_media_at: float | None = None
         self.left = False
+        # rejoining (step 9)
+        self.orphans = OrphanWatch(grace=orphan_grace)
+        #: One record per rejoin: reason, when, attempts, outcome, new association.
+        self.rejoins: list[dict[str, Any]] = []
+        self.logins = 0
+        self._rejoining: defer.Deferred[None] | None = None
+        self._rejoin_wait: defer.Deferred[None] | None = None
+        self._leaving = False
+        self._ca: Sequence[Any] = ()
+        self._certificate: tuple[bytes, Any] | None = None
+        self._cname = secrets.token_urlsafe(12)
+        self._assertion: tuple[float, str] | None = None
 
     def __repr__(self) -> str:
         return (f"<Endpoint {self.label} conference={self.conference_id!r} "
@@ -315,30 +433,99 @@ class Endpoint:
         return defer.ensureDeferred(self._join())
 
     async def _join(self) -> None:
-        ca = load_ca(self.ca_path)
+        self._ca = ca = load_ca(self.ca_path)
         der, key = generate_certificate(f"perc-endpoint {self.label}")
-        fingerprint = certificate_fingerprint(der)
+        self._certificate = (der, key)
         self.kmf = KmfClient(self.reactor, self.kmf_url, ca=ca, certificate=(der, key),
                              client_id=self.client_id, redirect_uri=self.redirect_uri,
                              issuer=self.issuer)
         self.md = MdClient(self.reactor, self.md_url, ca=ca)
+        await self._login()
+        session = await self._associate()
+        if self.record_dir is not None:
+            self._sinks = WavSinks(self.record_dir)
+        self._port = self.reactor.listenUDP(self.bind[1], _MediaProtocol(self),
+                                            interface=self.bind[0])
+        if self.receive_buffer is not None:
+            self._port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                         self.receive_buffer)
+        try:
+            await self._connect(session)
+        except (ConnectTimeout, SessionRefused):
+            await self._abort()
+            raise
+        self.ready_at = self.now()
+        self.log.info("{label}: connected ({profile}, {cipher}) in {seconds:.3f} s",
+                      label=self.label, profile=self.profile, cipher=self.ekt_cipher,
+                      seconds=self.ready_at - self.offer_at)
+        self.orphans.associated(None)
+        await self._refresh_roster()
+        self._roster_loop = task.LoopingCall(self._roster_tick)
+        self._roster_loop.clock = self.reactor
+        self._roster_loop.start(self.roster_interval, now=False)
+
+    async def _login(self) -> None:
+        """Sign in at the KMF (again: the identity must stay the same)."""
+        assert self.kmf is not None
         name, expected = login_name(self.user)
         await self.kmf.login(name, self._password)
-        self.identity = self.kmf.subject
+        self.logins += 1
+        subject = self.kmf.subject
+        if self.identity is not None and subject != self.identity:
+            raise IdentityMismatch(f"signed in again as {subject!r}, not {self.identity!r}")
+        self.identity = subject
         if expected is not None and self.identity != expected:
             raise IdentityMismatch(f"signed in as {self.identity!r}, not {expected!r}")
-        assertion = await self.kmf.assertion(self.conference_id)
+
+    async def _with_token(self, call: Callable[[], Any]) -> Any:
+        """``await call()`` with a valid KMF token: signs in again when it is about to
+        expire or the KMF refuses it (401), with the kept password."""
+        assert self.kmf is not None
+        expires = self.kmf.token_expires_at
+        if expires is not None and expires - self.now() < TOKEN_MARGIN:
+            await self._login()
+        try:
+            return await call()
+        except KmfRefused as e:
+            if e.status != 401:
+                raise
+            self.log.info("{label}: the KMF refused our token ({error}): signing in again",
+                          label=self.label, error=str(e))
+        await self._login()
+        return await call()
+
+    async def _identity_assertion(self) -> str:
+        """An RFC 8827 assertion for our certificate, reused while younger than
+        :data:`ASSERTION_MAX_AGE`."""
+        assert self.kmf is not None
+        if self._assertion is not None and self.now() - self._assertion[0] < ASSERTION_MAX_AGE:
+            return self._assertion[1]
+        kmf = self.kmf
+        assertion: str = await self._with_token(lambda: kmf.assertion(self.conference_id))
+        self._assertion = (self.now(), assertion)
+        return assertion
+
+    async def _associate(self, initial_sequence: int | None = None) -> ParticipantSession:
+        """Offer (our certificate and SSRC, fresh ICE credentials and tls-id), join at the
+        MD, verify the signed answer: the session to connect (not started yet).
+
+        Sets :attr:`offer`, :attr:`joined` and :attr:`answer`; an unusable answer
+        deletes the participant at the MD again and raises :class:`AnswerRejected`.
+        """
+        assert self.md is not None and self._certificate is not None
+        der, key = self._certificate
+        assertion = await self._identity_assertion()
         ufrag, pwd = new_ice_credentials()
         tls_id = new_tls_id()
-        cname = secrets.token_urlsafe(12)
-        offer = build_offer(assertion_json=assertion, fingerprint=fingerprint, tls_id=tls_id,
-                            ice_ufrag=ufrag, ice_pwd=pwd, ssrc=self.ssrc, cname=cname,
-                            kind=self.kind)
-        self.offer_at = self.now()
+        offer = build_offer(assertion_json=assertion, fingerprint=certificate_fingerprint(der),
+                            tls_id=tls_id, ice_ufrag=ufrag, ice_pwd=pwd, ssrc=self.ssrc,
+                            cname=self._cname, kind=self.kind)
         self.offer = offer
+        if self.offer_at is None:  # the first offer: connect and join times count from here
+            self.offer_at = self.now()
         self.joined = await self.md.join(self.conference_id, offer)
         try:
-            self.answer = self._verify_answer(self.joined, offer, ca)
+            self.answer = self._verify_answer(self.joined, offer, self._ca)
         except AnswerRejected:
             await self._forget_at_md()
             raise
@@ -346,41 +533,29 @@ class Endpoint:
                       "{association}", label=self.label, kd=self.answer.kd_name,
                       identity=self.identity, association=self.joined.association)
         try:
-            self.session = ParticipantSession(certificate=der, private_key=key, ssrc=self.ssrc,
-                                              ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
-                                              answer=self.answer)
+            return ParticipantSession(certificate=der, private_key=key, ssrc=self.ssrc,
+                                      ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
+                                      answer=self.answer, initial_sequence=initial_sequence)
         except ValueError as e:  # a signed answer we cannot use (no candidate, ...)
             await self._forget_at_md()
             raise AnswerRejected(f"unusable answer: {e}") from None
-        if self.record_dir is not None:
-            self._sinks = WavSinks(self.record_dir)
-        self._ready = defer.Deferred()
-        self._port = self.reactor.listenUDP(self.bind[1], _MediaProtocol(self),
-                                            interface=self.bind[0])
-        if self.receive_buffer is not None:
-            self._port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
-                                         self.receive_buffer)
-        self._send(self.session.start(self.now()))
+
+    async def _connect(self, session: ParticipantSession) -> None:
+        """Make ``session`` current, start it, wait for its first EKTKey.
+
+        Raises :class:`ConnectTimeout` or :class:`SessionRefused`; the caller
+        cleans up (:meth:`_abort` or :meth:`_drop_session`).
+        """
+        self.session = session
+        ready = self._ready = defer.Deferred()
+        self._send(session.start(self.now()))
         self._after_input()
-        ready = self._ready
         ready.addTimeout(self.connect_timeout, self.reactor)
         try:
             await ready
         except defer.TimeoutError:
-            await self._abort()
             raise ConnectTimeout(f"no connection and EKT key within {self.connect_timeout} s "
-                                 f"(MD media address {self.session.md_address})") from None
-        except SessionRefused:
-            await self._abort()
-            raise
-        self.ready_at = self.now()
-        self.log.info("{label}: connected ({profile}, {cipher}) in {seconds:.3f} s",
-                      label=self.label, profile=self.profile, cipher=self.ekt_cipher,
-                      seconds=self.ready_at - self.offer_at)
-        await self._refresh_roster()
-        self._roster_loop = task.LoopingCall(self._roster_tick)
-        self._roster_loop.clock = self.reactor
-        self._roster_loop.start(self.roster_interval, now=False)
+                                 f"(MD media address {session.md_address})") from None
 
     def _verify_answer(self, joined: JoinResponse, offer: str, ca: Sequence[Any]
                        ) -> VerifiedAnswer:
@@ -414,6 +589,117 @@ class Endpoint:
             self._send(self.session.close(self.now()))
         await self._forget_at_md()
         await self._release()
+
+    # --- rejoining (module docstring, step 9) ------------------------------------------------
+
+    def _check_orphaned(self, roster: Roster) -> None:
+        """Feed a verified roster to :attr:`orphans`; rejoin when it says we are orphaned."""
+        session = self.session
+        if (session is None or self.ready_at is None or self._rejoining is not None
+                or self.identity is None):
+            return
+        listed = roster.identity_of(self.ssrc) == self.identity
+        if self.orphans.roster(roster.epoch, listed, self.now()):
+            self._start_rejoin(f"the roster of epoch {roster.epoch} does not list our SSRC "
+                               f"{self.ssrc:#010x} for {self.identity}, and no EKTKey "
+                               f"explains it: the KD no longer holds our association")
+
+    def _may_rejoin(self) -> bool:
+        return (self.rejoin and not self._leaving and not self.left
+                and self.closed_reason is None and self.ready_at is not None)
+
+    def _start_rejoin(self, reason: str) -> None:
+        if not self._may_rejoin() or self._rejoining is not None:
+            return
+        record: dict[str, Any] = {
+            "reason": reason, "at": self._elapsed(self.now()), "attempts": 0,
+            "outcome": "pending", "errors": [],
+            "old_association": self.joined.association if self.joined is not None else None,
+            "association": None, "connect_time": None}
+        self.rejoins.append(record)
+        self.log.warn("{label}: orphaned, joining again (rejoin {count}): {reason}",
+                      label=self.label, count=len(self.rejoins), reason=reason)
+        rejoining = self._rejoining = defer.ensureDeferred(self._rejoin(record))
+
+        def done(result: Any) -> None:
+            if self._rejoining is rejoining:
+                self._rejoining = None
+            if isinstance(result, Failure):
+                record["outcome"] = "failed"
+                failure = f"rejoin failed: {result.getErrorMessage()}"
+                self.failures.append(failure)
+                self.log.failure("{label}: rejoin failed", result, label=self.label)
+
+        rejoining.addBoth(done)
+
+    async def _rejoin(self, record: dict[str, Any]) -> None:
+        """Drop the orphaned session, then try new associations with back-off."""
+        old = self.session
+        self._drop_session()
+        await self._forget_at_md()
+        delay = self.rejoin_delay
+        for attempt in range(1, self.rejoin_attempts + 1):
+            if self._leaving:
+                record["outcome"] = "abandoned (left)"
+                return
+            record["attempts"] = attempt
+            started = self.now()
+            try:
+                # same SSRC: continue its sequence numbers (receivers' replay lists)
+                session = await self._associate(
+                    old.next_sequence if old is not None else None)
+                if self._leaving:  # leave() deletes self.joined
+                    record["outcome"] = "abandoned (left)"
+                    return
+                await self._connect(session)
+            except Exception as e:
+                if self._leaving:
+                    record["outcome"] = "abandoned (left)"
+                    return
+                error = f"{type(e).__name__}: {e}"
+                record["errors"].append(error)
+                self.log.warn("{label}: rejoin attempt {attempt} failed: {error}",
+                              label=self.label, attempt=attempt, error=error)
+                self._drop_session()
+                await self._forget_at_md()
+                if (attempt == self.rejoin_attempts or not _worth_retrying(e)
+                        or self.closed_reason is not None):
+                    break
+                self._rejoin_wait = task.deferLater(self.reactor, delay, lambda: None)
+                try:
+                    await self._rejoin_wait
+                except defer.CancelledError:
+                    record["outcome"] = "abandoned (left)"
+                    return
+                finally:
+                    self._rejoin_wait = None
+                delay *= 2
+                continue
+            record.update(outcome="ok", association=self.joined.association
+                          if self.joined is not None else None,
+                          connect_time=round(self.now() - started, 6))
+            self.log.info("{label}: joined again as association {association} in "
+                          "{seconds:.3f} s", label=self.label,
+                          association=record["association"], seconds=self.now() - started)
+            self.orphans.associated(self.roster.epoch if self.roster is not None else None)
+            self._soon_refresh_roster()
+            return
+        record["outcome"] = "failed"
+        self.failures.append(f"rejoin failed after {record['attempts']} attempt(s): "
+                             f"{record['errors'][-1]}")
+        self._stop_sending()
+
+    def _drop_session(self) -> None:
+        """Stop using the current session: close_notify to the KD (harmless when it forgot
+        us), keys wiped; its later events are never read, so never counted."""
+        session = self.session
+        self._stop_timer()
+        if session is not None:
+            self._send(session.close(self.now()))
+        self.session = None
+        if self._ready is not None and not self._ready.called:
+            self._ready.cancel()
+        self._ready = None
 
     # --- datagrams and timers ---------------------------------------------------------------
 
@@ -499,9 +785,13 @@ class Endpoint:
                 stats = self.senders.get(event.ssrc)
                 if stats is None:
                     stats = self.senders[event.ssrc] = SenderStatistics(event.ssrc)
-                stats.decrypt_failures += 1
+                if event.reason in NO_KEY_REASONS:  # sent under an epoch we never had
+                    stats.no_key += 1
+                else:
+                    stats.decrypt_failures += 1
         elif isinstance(event, EktKeyInstalled):
             self.epochs_installed.append(event.spi)
+            self.orphans.key_installed(now)
             self.log.info("{label}: EKT key installed (SPI {spi})", label=self.label,
                           spi=event.spi)
             if self._ready is not None and not self._ready.called:
@@ -545,7 +835,7 @@ class Endpoint:
         return defer.ensureDeferred(self._run_media(duration, source))
 
     async def _run_media(self, duration: float, source: MediaSource | None) -> None:
-        if self.session is None or self.ready_at is None:
+        if (self.session is None and self._rejoining is None) or self.ready_at is None:
             raise EndpointError("not joined")
         source = source or self.source or self.default_source()
         if source.kind != self.kind:
@@ -576,10 +866,14 @@ class Endpoint:
         For callers that pace media themselves (``bench/conference.py``);
         :meth:`run_media` uses it too.
         """
-        if self.session is None:
-            raise EndpointError("not joined")
+        session = self.session
+        if session is None:
+            if self._rejoining is None:
+                raise EndpointError("not joined")
+            self.send_not_ready += 1  # between two associations
+            return None
         try:
-            datagram = self.session.send_media(frame.payload, timestamp=frame.timestamp,
+            datagram = session.send_media(frame.payload, timestamp=frame.timestamp,
                                                marker=frame.marker, keyframe=frame.keyframe,
                                                now=self.now())
         except NotReady:
@@ -609,9 +903,10 @@ class Endpoint:
         if self.kmf is None:
             return None
         min_epoch = self.roster.epoch if self.roster is not None else None
+        kmf = self.kmf
         try:
-            roster = await self.kmf.verified_roster(self.conference_id, now=self.now(),
-                                                    min_epoch=min_epoch)
+            roster: Roster = await self._with_token(lambda: kmf.verified_roster(
+                self.conference_id, now=self.now(), min_epoch=min_epoch))
         except KmfRefused as e:
             if e.status == 404:  # no roster reported yet
                 return None
@@ -633,7 +928,10 @@ class Endpoint:
                     self.failures.append(f"SSRC {ssrc:#010x} moved from {known} to "
                                          f"{member.identity}")
                 self.identities[ssrc] = member.identity
+        if self.roster is not None and roster.epoch < self.roster.epoch:
+            return self.roster  # two fetches crossed: keep the newer
         self.roster = roster
+        self._check_orphaned(roster)
         return roster
 
     def _roster_problems(self) -> list[str]:
@@ -672,11 +970,19 @@ class Endpoint:
         return defer.ensureDeferred(self._leave())
 
     async def _leave(self) -> None:
+        self._leaving = True
         self._stop_sending()
         if self._roster_loop is not None and self._roster_loop.running:
             self._roster_loop.stop()
         if self._roster_refresh is not None and self._roster_refresh.active():
             self._roster_refresh.cancel()
+        rejoining = self._rejoining
+        if rejoining is not None:  # let it stop at its next step; then clean up here
+            if self._rejoin_wait is not None:
+                self._rejoin_wait.cancel()
+            if self._ready is not None and not self._ready.called:
+                self._ready.errback(SessionRefused("leaving"))
+            await rejoining
         self._stop_timer()
         if self.session is not None and not self.left:
             self._send(self.session.close(self.now()))
@@ -702,6 +1008,12 @@ class Endpoint:
 
     # --- statistics ------------------------------------------------------------------------
 
+    def _elapsed(self, at: float | None) -> float | None:
+        """Seconds from the first offer to ``at``."""
+        if at is None or self.offer_at is None:
+            return None
+        return round(at - self.offer_at, 6)
+
     def decrypt_failure_problem(self) -> str | None:
         failed = self.unattributed_decrypt_failures + sum(
             s.decrypt_failures for s in self.senders.values())
@@ -726,11 +1038,7 @@ class Endpoint:
         """The statistics as a JSON-ready dict."""
         recordings = self._sinks.paths() if self._sinks is not None else {}
 
-        def elapsed(at: float | None) -> float | None:
-            if at is None or self.offer_at is None:
-                return None
-            return round(at - self.offer_at, 6)
-
+        elapsed = self._elapsed
         return {
             "label": self.label,
             "identity": self.identity,
@@ -758,8 +1066,17 @@ class Endpoint:
                        if self.roster is not None else None),
             "closed_reason": self.closed_reason,
             "left": self.left,
+            "rejoins": [dict(r, errors=list(r["errors"])) for r in self.rejoins],
             "failures": self.all_failures(),
         }
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """False for refusals another attempt cannot change (403 from the KD, a bad answer,
+    another identity, refused credentials)."""
+    if isinstance(error, JoinRefused):
+        return error.status != 403
+    return not isinstance(error, AnswerRejected | IdentityMismatch | LoginFailed)
 
 
 def record_subdir(record_dir: str | None, index: int, total: int) -> str | None:
