@@ -88,6 +88,10 @@ class NoCurrentEpoch(EpochError):
     """A join was signalled for a conference that has no epoch key yet."""
 
 
+#: Seconds a signed answer's association waits for its endpoint's first DTLS record.
+DEFAULT_EXPECT_TIMEOUT = 60.0
+
+
 @dataclass
 class _Association:
     association_id: bytes
@@ -97,6 +101,8 @@ class _Association:
     tls_id: bytes
     ssrcs: tuple[int, ...] = ()
     connection: DtlsConnection | None = None
+    #: without a handshake by then, the expectation is dropped (None: never)
+    expires_at: float | None = None
     member: bool = False  # handshake complete, MediaKeys sent
     keyed: bool = False  # has been sent an EKTKey
     ekt_cipher: EktCipher | None = None  # negotiated in the handshake
@@ -120,7 +126,8 @@ class KeyDistributorCore:
                  tls_id: bytes, cookie_secret: bytes, *,
                  profiles: Sequence[int] = DEFAULT_PROFILES,
                  ekt_ciphers: Mapping[int, EktCipher] = DEFAULT_EKT_CIPHERS,
-                 initial_retransmit: float = 1.0) -> None:
+                 initial_retransmit: float = 1.0,
+                 expect_timeout: float = DEFAULT_EXPECT_TIMEOUT) -> None:
         if not profiles or any(p not in DOUBLE_PROFILES for p in profiles):
             raise ValueError("profiles must be a non-empty list of DOUBLE profiles")
         if any(p not in ekt_ciphers for p in profiles):
@@ -136,6 +143,9 @@ class KeyDistributorCore:
         self._profiles = [int(p) for p in profiles]
         self._ekt_ciphers = {int(p): EktCipher(c) for p, c in ekt_ciphers.items()}
         self._initial_retransmit = initial_retransmit
+        if expect_timeout <= 0:
+            raise ValueError("expect_timeout must be positive")
+        self._expect_timeout = expect_timeout
         self._associations: dict[bytes, _Association] = {}
         self._conferences: dict[str, _Conference] = {}
         self._rekeys: dict[str, None] = {}  # ordered set
@@ -202,8 +212,9 @@ class KeyDistributorCore:
         return association_id in self._associations
 
     def next_timer(self) -> float | None:
-        timers = [t for a in self._associations.values() if a.connection is not None
-                  if (t := a.connection.get_timer()) is not None]
+        timers = [t for a in self._associations.values()
+                  if (t := a.connection.get_timer() if a.connection is not None
+                      else a.expires_at) is not None]
         return min(timers) if timers else None
 
     def take_rekeys(self) -> list[str]:
@@ -270,11 +281,15 @@ class KeyDistributorCore:
         return out
 
     def expect(self, association_id: bytes, conference_id: str, identity: str,
-               fingerprint: bytes, tls_id: bytes, ssrcs: Sequence[int] = ()) -> None:
+               fingerprint: bytes, tls_id: bytes, ssrcs: Sequence[int] = (), *,
+               now: float | None = None) -> None:
         """Admit an association, as learnt from the offer of a verified SignAnswer.
 
         The conference must have a current epoch (:class:`NoCurrentEpoch`
-        otherwise): the service installs one first.
+        otherwise): the service installs one first.  With ``now``, an
+        expectation whose endpoint sends no DTLS for ``expect_timeout``
+        seconds is dropped by :meth:`handle_timers` (EndpointDisconnect), so
+        signed answers nobody uses do not pile up.
         """
         if not isinstance(association_id, bytes) or len(association_id) != 16:
             raise ValueError("association_id must be 16 bytes")
@@ -293,7 +308,8 @@ class KeyDistributorCore:
         if existing is not None and existing.connection is not None:
             raise ValueError("association already has a DTLS connection")
         self._associations[association_id] = _Association(
-            association_id, conference_id, identity, fingerprint, tls_id, ssrc_tuple)
+            association_id, conference_id, identity, fingerprint, tls_id, ssrc_tuple,
+            expires_at=None if now is None else now + self._expect_timeout)
 
     def tunneled_dtls(self, association_id: bytes, data: bytes,
                       now: float) -> list[TunnelMessage]:
@@ -345,6 +361,11 @@ class KeyDistributorCore:
                 continue  # removed while handling an earlier one
             connection = association.connection
             if connection is None:
+                expires_at = association.expires_at
+                if expires_at is not None and now >= expires_at:
+                    # A signed answer its endpoint never used (RFC 9185 s5.4)
+                    del self._associations[association.association_id]
+                    out.append(EndpointDisconnect(association.association_id))
                 continue
             timer = connection.get_timer()
             if timer is not None and now >= timer:

@@ -496,8 +496,10 @@ class KdHandler:
             self.core.set_policy(conference, rekey_on_join=not bool(
                 invitation.get("late_joiners_get_earlier_epochs", False)))
             self.core.expect(aid, conference, identity, facts.fingerprint,
-                             facts.tls_id.encode("ascii"), facts.ssrcs)
+                             facts.tls_id.encode("ascii"), facts.ssrcs,
+                             now=self.reactor.seconds())
             self._owner[aid] = str(peer.peer_name)
+            self._reschedule_timer()  # the expectation expires unless the endpoint connects
             ack = SignAnswerAck(aid, SIGN_STATUS_OK, signed)
             log.info("SignAnswer {association}: {identity} admitted to {conference}",
                      association=_aid(aid), identity=identity, conference=conference)

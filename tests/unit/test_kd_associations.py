@@ -8,6 +8,7 @@ import uuid
 from twisted.trial import unittest
 
 from perc_daemons.kd.associations import (
+    DEFAULT_EXPECT_TIMEOUT,
     KeyDistributorCore,
     NoCurrentEpoch,
     ReusedSpi,
@@ -167,6 +168,27 @@ class TestJoin(unittest.TestCase):
         self.assertEqual(self.h.kd.take_rekeys(), [])  # joins do not rekey by default
         self.assertEqual((self.h.kd.association_count(), self.h.kd.member_count()), (2, 2))
         self.assertEqual(self.h.kd.conference_of(self.bob.aid), CONF)
+
+    def test_unused_expectation_expires(self) -> None:
+        carol = Endpoint("carol")
+        self.h.kd.expect(carol.aid, CONF, "carol", carol.fingerprint, carol.tls_id,
+                         now=self.h.now)
+        self.assertEqual(self.h.kd.next_timer(), self.h.now + DEFAULT_EXPECT_TIMEOUT)
+        self.assertEqual(self.h.kd.handle_timers(self.h.now + DEFAULT_EXPECT_TIMEOUT - 1), [])
+        self.assertTrue(self.h.kd.knows(carol.aid))
+        self.assertEqual(self.h.kd.handle_timers(self.h.now + DEFAULT_EXPECT_TIMEOUT),
+                         [EndpointDisconnect(carol.aid)])
+        self.assertFalse(self.h.kd.knows(carol.aid))
+        self.assertEqual(self.h.kd.take_rekeys(), [])  # never a member: nothing to rekey
+        self.assertIsNone(self.h.kd.next_timer())
+
+    def test_expectation_used_in_time_stays(self) -> None:
+        carol = Endpoint("carol")
+        self.h.kd.expect(carol.aid, CONF, "carol", carol.fingerprint, carol.tls_id,
+                         now=self.h.now)
+        self.h.join(carol)
+        self.h.kd.handle_timers(self.h.now + 2 * DEFAULT_EXPECT_TIMEOUT)
+        self.assertIn(("carol", carol.aid), self.h.kd.members(CONF))
 
     def test_roster_lists_an_identity_once_for_all_its_devices(self) -> None:
         second = Endpoint("alice")  # alice again, from another device (association)
