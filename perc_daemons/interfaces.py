@@ -163,6 +163,20 @@ class ITunnelHandler(Interface):
         """``peer`` is gone (closed by either side, failed, or refused); ``reason`` is text."""
 
 
+class IKeySource(Interface):
+    """Where the KD gets each conference's epoch keys: the KMF, so several KDs agree.
+
+    Implemented by :class:`perc_daemons.kd.kmf_client.KmfClient`.  Both methods
+    are coroutines (awaitable Deferreds in Twisted).
+    """
+
+    def new_epoch(conference_id):
+        """Start the conference's next epoch; its description (epoch number, SPI)."""
+
+    def current_key(conference_id):
+        """``(epoch, EktParameterSet)`` of the conference's current epoch."""
+
+
 # protocol/ imports nothing above it (DESIGN.md), so its implementations are
 # declared here rather than with @implementer.
 from perc_daemons.protocol.identity import JwksIdentityVerifier  # noqa: E402

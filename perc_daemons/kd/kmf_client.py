@@ -37,7 +37,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
+from perc_daemons.interfaces import IKeySource
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
 from perc_daemons.protocol.jose import b64url_decode
 
@@ -251,6 +253,7 @@ class KmfEventStream:
         self._retry = self._client.reactor.callLater(delay, self._connect)
 
 
+@implementer(IKeySource)
 class KmfClient:
     """HTTPS client of the KMF for the KD: token, invitations, epochs, keys, roster, events."""
 

@@ -24,10 +24,11 @@ from twisted.internet import defer, reactor, ssl, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from perc_daemons import config, tls
 from perc_daemons.devpki import DevPki
-from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
+from perc_daemons.interfaces import IKeySource, ITunnelHandler, ITunnelPeer
 from perc_daemons.kd.associations import KeyDistributorCore
 from perc_daemons.kd.kmf_client import KmfClient, KmfRefused, KmfUnavailable
 from perc_daemons.kd.offers import OfferRejected, finish_answer, inspect_offer
@@ -278,6 +279,10 @@ class KdHandlerTests(unittest.TestCase):
         self.peer.deliver = self.to_endpoint
         self.handler.tunnel_up(self.peer)
         self.endpoints: dict[bytes, Endpoint] = {}
+
+    def test_interfaces(self) -> None:
+        verifyObject(IKeySource, self.client)
+        verifyObject(ITunnelHandler, self.handler)
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from perc_daemons import config
 from perc_daemons.devpki import DevPki
@@ -577,6 +578,9 @@ class MdServiceTests(unittest.TestCase):
         self.assertEqual([[(str(uuid.UUID(bytes=e.association_id)), e.conference_id)
                            for e in m.entries] for m in conferences],
                          [[(c2_body["association"], "c2")]])
+
+    def test_conferences_is_the_tunnel_handler(self):
+        verifyObject(ITunnelHandler, self.conferences)
 
     @defer.inlineCallbacks
     def test_many_participants_are_split_over_several_messages(self):
