@@ -18,7 +18,8 @@ from perc_daemons.store.grants_redis import RedisGrantStore
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
 from tests.unit.test_store import REDIS_SERVER, RedisServer
 
-# near the real clock: Redis also expires keys on its own clock (a minute late)
+# Near the real clock: Redis also expires keys on its own clock.  Set again by each
+# test's setUp: taken once at import, a slow suite outlived the 60 s expiries.
 T0 = float(int(time.time()))
 
 
@@ -40,6 +41,8 @@ class GrantStoreTestsMixin:
 
     @defer.inlineCallbacks
     def setUp(self):
+        global T0
+        T0 = float(int(time.time()))
         self.store = yield self.open_store()
 
     @defer.inlineCallbacks
