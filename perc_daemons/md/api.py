@@ -292,11 +292,15 @@ class MdApi(resource.Resource):
         if not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
             raise Problem(403, "forbidden", "Forbidden", "wrong provider token")
 
-    def _conference_json(self, conference: Conference) -> dict[str, Any]:
+    def _conference_json(self, conference: Conference,
+                         request: server.Request) -> dict[str, Any]:
+        # The tunnel is served with the API's certificate: the name the provider used
+        # to reach the API is one the KD can verify the MD by.
+        host = request.getRequestHostname().decode("ascii", "replace")
         return {
             "id": conference.conference_id,
             "kd_fingerprint": format_fingerprint(conference.kd_fingerprint),
-            "tunnel": {"port": self.tunnel_port()},
+            "tunnel": {"host": host, "port": self.tunnel_port()},
             "media": {"host": self.conferences.media_host,
                       "port": self.conferences.media_port},
         }
@@ -320,13 +324,13 @@ class MdApi(resource.Resource):
                           ) from None
         conference, created = self.conferences.create(cid, fingerprint)
         location = f"/v1/conferences/{cid}".encode()
-        return Response(201 if created else 200, self._conference_json(conference),
+        return Response(201 if created else 200, self._conference_json(conference, request),
                         {b"location": location})
 
     async def get_conference(self, request: server.Request, cid: str) -> Response:
         self._provider(request)
         conference = self.conferences.conference(_conference_id(cid))
-        body = self._conference_json(conference)
+        body = self._conference_json(conference, request)
         body["kd_connected"] = self.conferences.kd_connected(conference.kd_fingerprint)
         body["participants"] = [participant_json(p)
                                 for p in conference.participants.values()]

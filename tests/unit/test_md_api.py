@@ -240,7 +240,7 @@ class MdServiceTests(unittest.TestCase):
         code, body = yield self.create()
         self.assertEqual(code, 201)
         self.assertEqual(body, {"id": "c1", "kd_fingerprint": self.kd_fp,
-                                "tunnel": {"port": self.md.tunnel.port},
+                                "tunnel": {"host": "127.0.0.1", "port": self.md.tunnel.port},
                                 "media": {"host": "127.0.0.1",
                                           "port": self.conferences.media_port}})
         code, again = yield self.create()
