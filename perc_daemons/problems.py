@@ -1,4 +1,7 @@
-"""RFC 9457 problem details for the daemons' HTTPS APIs (KMF, MD), and JSON bodies.
+"""The daemons' HTTPS API plumbing (KMF, MD): routes, JSON bodies, RFC 9457 problems.
+
+:class:`JsonApi` is the resource both APIs derive from: a route table of
+path patterns and per-method coroutines returning a :class:`Response`.
 
 A handler raises :class:`Problem`; :func:`write_problem` renders it as
 ``application/problem+json`` with members ``type`` (``urn:perc:problem:<slug>``),
@@ -11,14 +14,24 @@ well-formed JSON objects (400).
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
-from twisted.web import server
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
+    "JsonApi",
     "LimitedRequest",
     "Problem",
+    "Response",
+    "Routes",
     "problem_body",
     "read_json",
     "write_problem",
@@ -120,3 +133,83 @@ def read_json(request: server.Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Problem(400, "malformed-json", "Malformed JSON", "the body must be a JSON object")
     return value
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = None  # JSON-serialisable, bytes written as they are, or None for no body
+    headers: dict[bytes, bytes] | None = None
+
+
+Handler = Callable[..., Awaitable["Response | None"]]
+Routes = list[tuple[re.Pattern[str], dict[bytes, Handler]]]
+
+
+class JsonApi(resource.Resource):
+    """Dispatches ``_routes`` (pattern, {method: coroutine}); answers JSON or a problem.
+
+    A handler gets the request and the pattern's named groups (percent-decoded)
+    and returns a :class:`Response`, or None when it wrote the response itself
+    (streams).  HEAD is served by GET.  An exception becomes a problem through
+    :meth:`problem_for`, which subclasses extend for their own errors.
+    """
+
+    isLeaf = True
+    log = Logger()
+    _routes: Routes = []
+
+    def render(self, request: server.Request) -> int:
+        path = request.path.decode("latin-1")
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        for pattern, methods in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            method = request.method
+            if method == b"HEAD" and b"GET" in methods:
+                method = b"GET"
+            handler = methods.get(method)
+            if handler is None:
+                write_problem(request, Problem(
+                    405, "method-not-allowed", "Method not allowed",
+                    f"{request.method.decode('latin-1')} is not allowed here",
+                    headers={b"allow": b", ".join(sorted(methods))}))
+                return server.NOT_DONE_YET
+            args = {k: unquote(v) for k, v in match.groupdict().items()}
+            d = defer.ensureDeferred(handler(request, **args))
+            d.addCallbacks(lambda response: self._respond(request, response),
+                           lambda f: self._fail(request, f))
+            return server.NOT_DONE_YET
+        write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
+        return server.NOT_DONE_YET
+
+    def _respond(self, request: server.Request, response: Response | None) -> None:
+        if response is None or request.finished or getattr(request, "_disconnected", False):
+            return  # streamed, or the client went away
+        request.setResponseCode(response.status)
+        request.setHeader(b"cache-control", b"no-store")
+        for name, value in (response.headers or {}).items():
+            request.setHeader(name, value)
+        if isinstance(response.body, bytes):
+            request.write(response.body)
+        elif response.body is not None:
+            if not request.responseHeaders.hasHeader(b"content-type"):
+                request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(response.body).encode() + b"\n")
+        request.finish()
+
+    def _fail(self, request: server.Request, failure: Failure) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        write_problem(request, self.problem_for(request, failure))
+
+    def problem_for(self, request: server.Request, failure: Failure) -> Problem:
+        """The problem answering ``failure``: a Problem as it is, anything else a 500."""
+        if isinstance(failure.value, Problem):
+            return failure.value
+        self.log.failure("{method} {path} failed", failure,
+                         method=request.method.decode("latin-1"),
+                         path=request.path.decode("latin-1"))
+        return Problem(500, "internal-error", "Internal server error")

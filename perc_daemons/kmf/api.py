@@ -93,16 +93,13 @@ import re
 import secrets
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import server
 
 from perc_daemons.kmf.auth import AuthenticationFailed, BackendUnavailable, UnsupportedCredentials
 from perc_daemons.kmf.auth.oidc import TokenEndpointError
@@ -116,7 +113,14 @@ from perc_daemons.kmf.tokens import (
     TokenError,
     verify_access_token,
 )
-from perc_daemons.problems import LimitedRequest, Problem, read_json, write_problem
+from perc_daemons.problems import (
+    JsonApi,
+    LimitedRequest,
+    Problem,
+    Response,
+    Routes,
+    read_json,
+)
 from perc_daemons.protocol.ekt import EktCipher
 from perc_daemons.protocol.identity import create_assertion, parse_fingerprint
 from perc_daemons.protocol.jose import b64url_encode
@@ -232,13 +236,6 @@ class GroupCache:
         return waiter
 
 
-@dataclass
-class Response:
-    status: int = 200
-    body: Any = None  # JSON-serialisable, bytes written as they are, or None for no body
-    headers: dict[bytes, bytes] | None = None
-
-
 def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
     challenge = f'Bearer realm="perc-kmf", error="{error}"'.encode()
     if error == "":
@@ -277,11 +274,8 @@ def _path_conference_id(value: str) -> str:
         raise Problem(404, "not-found", "Not found", "no such conference") from None
 
 
-class KmfApi(resource.Resource):
+class KmfApi(JsonApi):
     """The routes above, as one leaf resource dispatching on method and path."""
-
-    isLeaf = True
-    log = Logger()
 
     def __init__(self, *, store: Any, kek: KeyEncryptionKey, keys: SigningKeys,
                  idp_domain: str, issuer: str, clock: IReactorTime,
@@ -305,7 +299,7 @@ class KmfApi(resource.Resource):
         self.keepalive = keepalive
         self._epoch_locks: dict[str, defer.DeferredLock] = {}
         conf = r"/v1/conferences/(?P<cid>[^/]+)"
-        self._routes: list[tuple[re.Pattern[str], dict[bytes, Callable[..., Awaitable[Any]]]]] = [
+        self._routes: Routes = [
             (re.compile(r"/\.well-known/jwks\.json"), {b"GET": self.jwks}),
             (re.compile(r"/v1/identity/assertions"), {b"POST": self.identity_assertion}),
             (re.compile(r"/v1/conferences"), {b"GET": self.list_conferences,
@@ -342,55 +336,9 @@ class KmfApi(resource.Resource):
     def now(self) -> float:
         return self.clock.seconds()
 
-    def render(self, request: server.Request) -> int:
-        path = request.path.decode("latin-1")
-        if len(path) > 1 and path.endswith("/"):
-            path = path[:-1]
-        for pattern, methods in self._routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            method = request.method
-            if method == b"HEAD" and b"GET" in methods:
-                method = b"GET"
-            handler = methods.get(method)
-            if handler is None:
-                allow = b", ".join(sorted(methods))
-                write_problem(request, Problem(
-                    405, "method-not-allowed", "Method not allowed",
-                    f"{request.method.decode('latin-1')} is not allowed here",
-                    headers={b"allow": allow}))
-                return server.NOT_DONE_YET
-            args = {k: unquote(v) for k, v in match.groupdict().items()}
-            d = defer.ensureDeferred(handler(request, **args))
-            d.addCallbacks(lambda response: self._respond(request, response),
-                           lambda f: self._fail(request, f))
-            return server.NOT_DONE_YET
-        write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
-        return server.NOT_DONE_YET
-
-    def _respond(self, request: server.Request, response: Response | None) -> None:
-        if response is None or request.finished or getattr(request, "_disconnected", False):
-            return  # streamed, or the client went away
-        request.setResponseCode(response.status)
-        request.setHeader(b"cache-control", b"no-store")
-        for name, value in (response.headers or {}).items():
-            request.setHeader(name, value)
-        if isinstance(response.body, bytes):
-            request.write(response.body)
-        elif response.body is not None:
-            if not request.responseHeaders.hasHeader(b"content-type"):
-                request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(response.body).encode() + b"\n")
-        request.finish()
-
-    def _fail(self, request: server.Request, failure: Failure) -> None:
-        if getattr(request, "_disconnected", False) or request.finished:
-            return
+    def problem_for(self, request: server.Request, failure: Failure) -> Problem:
         error = failure.value
-        if isinstance(error, Problem):
-            problem = error
-        elif isinstance(error, ConferenceNotFound):
+        if isinstance(error, ConferenceNotFound):
             problem = Problem(404, "not-found", "Not found", "no such conference")
         elif isinstance(error, ConferenceEnded):
             problem = Problem(410, "conference-ended", "Conference ended",
@@ -405,11 +353,8 @@ class KmfApi(resource.Resource):
             problem = Problem(503, "store-unavailable", "Service unavailable",
                               "the conference store cannot be reached")
         else:
-            self.log.failure("{method} {path} failed", failure,
-                             method=request.method.decode("latin-1"),
-                             path=request.path.decode("latin-1"))
-            problem = Problem(500, "internal-error", "Internal server error")
-        write_problem(request, problem)
+            problem = super().problem_for(request, failure)
+        return problem
 
     def authorize(self, request: server.Request, scopes: tuple[str, ...], *,
                   bound: bool = False) -> AccessToken:

@@ -38,20 +38,16 @@ with the KMF.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import server
 
 from perc_daemons import tls
 from perc_daemons.md.conferences import (
@@ -69,7 +65,7 @@ from perc_daemons.md.conferences import (
     UnknownParticipant,
 )
 from perc_daemons.md.media import LEG_COUNTERS
-from perc_daemons.problems import LimitedRequest, Problem, read_json, write_problem
+from perc_daemons.problems import JsonApi, LimitedRequest, Problem, Response, Routes, read_json
 from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
 from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH
 
@@ -152,13 +148,6 @@ class ProviderToken:
         return None
 
 
-@dataclass
-class Response:
-    status: int = 200
-    body: Any = None
-    headers: dict[bytes, bytes] | None = None
-
-
 def _conference_id(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
         raise Problem(404, "not-found", "Not found", "no such conference")
@@ -183,14 +172,11 @@ def participant_json(participant: Participant) -> dict[str, Any]:
     return body
 
 
-class MdApi(resource.Resource):
+class MdApi(JsonApi):
     """The routes above as one leaf resource.
 
     ``tunnel_port`` returns the KD tunnel's listening port (known once it listens).
     """
-
-    isLeaf = True
-    log = Logger()
 
     def __init__(self, conferences: MdConferences, provider_token: ProviderToken, *,
                  tunnel_port: Callable[[], int], clock: IReactorTime) -> None:
@@ -200,8 +186,7 @@ class MdApi(resource.Resource):
         self.tunnel_port = tunnel_port
         self.clock = clock
         cid = r"(?P<cid>[^/]+)"
-        self._routes: list[tuple[re.Pattern[str],
-                                 dict[bytes, Callable[..., Awaitable[Response]]]]] = [
+        self._routes: Routes = [
             (re.compile(r"/v1/conferences"), {b"POST": self.create_conference}),
             (re.compile(rf"/v1/conferences/{cid}"),
              {b"GET": self.get_conference, b"DELETE": self.delete_conference}),
@@ -212,50 +197,9 @@ class MdApi(resource.Resource):
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def render(self, request: server.Request) -> int:
-        path = request.path.decode("latin-1")
-        if len(path) > 1 and path.endswith("/"):
-            path = path[:-1]
-        for pattern, methods in self._routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            method = b"GET" if request.method == b"HEAD" and b"GET" in methods \
-                else request.method
-            handler = methods.get(method)
-            if handler is None:
-                write_problem(request, Problem(
-                    405, "method-not-allowed", "Method not allowed",
-                    f"{request.method.decode('latin-1')} is not allowed here",
-                    headers={b"allow": b", ".join(sorted(methods))}))
-                return server.NOT_DONE_YET
-            args = {k: unquote(v) for k, v in match.groupdict().items()}
-            d = defer.ensureDeferred(handler(request, **args))
-            d.addCallbacks(lambda response: self._respond(request, response),
-                           lambda f: self._fail(request, f))
-            return server.NOT_DONE_YET
-        write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
-        return server.NOT_DONE_YET
-
-    def _respond(self, request: server.Request, response: Response) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
-            return
-        request.setResponseCode(response.status)
-        request.setHeader(b"cache-control", b"no-store")
-        for name, value in (response.headers or {}).items():
-            request.setHeader(name, value)
-        if response.body is not None:
-            request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(response.body).encode() + b"\n")
-        request.finish()
-
-    def _fail(self, request: server.Request, failure: Failure) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
-            return
+    def problem_for(self, request: server.Request, failure: Failure) -> Problem:
         error = failure.value
-        if isinstance(error, Problem):
-            problem = error
-        elif isinstance(error, UnknownConference):
+        if isinstance(error, UnknownConference):
             problem = Problem(404, "not-found", "Not found", "no such conference")
         elif isinstance(error, UnknownParticipant):
             problem = Problem(404, "not-found", "Not found", "no such participant")
@@ -275,11 +219,8 @@ class MdApi(resource.Resource):
         elif isinstance(error, KdFailed):
             problem = Problem(502, "kd-failed", "Key distributor failure", str(error))
         else:
-            self.log.failure("{method} {path} failed", failure,
-                             method=request.method.decode("latin-1"),
-                             path=request.path.decode("latin-1"))
-            problem = Problem(500, "internal-error", "Internal server error")
-        write_problem(request, problem)
+            problem = super().problem_for(request, failure)
+        return problem
 
     def _provider(self, request: server.Request) -> None:
         """Require the conference provider's token (constant-time comparison)."""
