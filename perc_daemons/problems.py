@@ -213,3 +213,35 @@ class JsonApi(resource.Resource):
                          method=request.method.decode("latin-1"),
                          path=request.path.decode("latin-1"))
         return Problem(500, "internal-error", "Internal server error")
+
+
+@dataclass(frozen=True)
+class ProblemText:
+    """What a client can say about an error answer: slug, title and detail."""
+
+    slug: str
+    title: str
+    detail: str
+
+
+def parse_problem(status: int, content: bytes) -> ProblemText:
+    """An RFC 9457 problem, an RFC 6749 s5.2 OAuth error, or any other body, for messages.
+
+    ``slug`` is the last part of the problem ``type`` (or the OAuth ``error``),
+    empty when the body is neither; ``title`` falls back to ``HTTP <status>``.
+    """
+    try:
+        body = json.loads(content)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        body = None
+    if not isinstance(body, dict):
+        return ProblemText("", f"HTTP {status}", "")
+
+    def text(name: str) -> str:
+        value = body.get(name)
+        return value if isinstance(value, str) else ""
+
+    if text("error") and not text("type"):  # RFC 6749 s5.2
+        return ProblemText(text("error"), text("error"), text("error_description"))
+    return ProblemText(text("type").rpartition(":")[2], text("title") or f"HTTP {status}",
+                       text("detail"))

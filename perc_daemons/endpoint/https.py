@@ -27,6 +27,8 @@ from twisted.internet import ssl
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from perc_daemons.problems import parse_problem
+
 __all__ = [
     "REQUEST_TIMEOUT",
     "CaError",
@@ -121,22 +123,9 @@ def _reason(failure: Any) -> str:
 
 
 def problem_text(code: int, content: bytes) -> tuple[str, str]:
-    """(title, detail) of an RFC 9457 problem (or any other body) for messages."""
-    title, detail = f"HTTP {code}", ""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        if isinstance(body.get("title"), str) and body["title"]:
-            title = body["title"]
-        if isinstance(body.get("detail"), str):
-            detail = body["detail"]
-        elif isinstance(body.get("error"), str):  # RFC 6749 s5.2
-            title = body["error"]
-            if isinstance(body.get("error_description"), str):
-                detail = body["error_description"]
-    return title, detail
+    """(title, detail) of an error answer (RFC 9457 or RFC 6749 s5.2) for messages."""
+    problem = parse_problem(code, content)
+    return problem.title, problem.detail
 
 
 class HttpsClient:

@@ -40,6 +40,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from perc_daemons.interfaces import IKeySource
+from perc_daemons.problems import parse_problem
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
 from perc_daemons.protocol.jose import b64url_decode
 
@@ -337,16 +338,8 @@ class KmfClient:
 
     @staticmethod
     def _problem(status: int, body: bytes) -> tuple[str, str]:
-        try:
-            problem = json.loads(body)
-        except ValueError:
-            problem = None
-        if not isinstance(problem, dict):
-            return "", ""
-        kind = problem.get("type") or problem.get("error") or ""
-        detail = problem.get("detail") or problem.get("error_description") or ""
-        slug = str(kind).rpartition(":")[2]
-        return slug, str(detail)[:200]
+        problem = parse_problem(status, body)
+        return problem.slug, problem.detail[:200]
 
     async def _call(self, method: str, path: str, *, body: Any = None,
                     expect: tuple[int, ...] = (200,)) -> tuple[Any, Any]:

@@ -54,6 +54,7 @@ from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 from perc_daemons import config as config_module
 from perc_daemons.config import ConfigError
+from perc_daemons.problems import parse_problem
 
 __all__ = ["AdminConfig", "OperationError", "fetch_client_token", "load_admin_config", "main",
            "run", "token_request"]
@@ -196,18 +197,9 @@ def _trust_root(path: str, config_path: str) -> Any:
 
 
 def _problem(code: int, content: bytes) -> OperationError:
-    """An RFC 9457 problem body (or anything else) as an OperationError."""
-    title, detail = f"HTTP {code}", ""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        if isinstance(body.get("title"), str) and body["title"]:
-            title = body["title"]
-        if isinstance(body.get("detail"), str):
-            detail = body["detail"]
-    return OperationError(f"{title} ({code})", detail, status=code)
+    """An error answer (RFC 9457 problem, or anything else) as an OperationError."""
+    problem = parse_problem(code, content)
+    return OperationError(f"{problem.title} ({code})", problem.detail, status=code)
 
 
 class KmfClient:
