@@ -36,7 +36,7 @@ from typing import Protocol as TypingProtocol
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,6 +55,7 @@ __all__ = [
     "CLOSE_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
     "LOG_INTERVAL",
+    "LinkFactory",
     "RateLimitedLog",
     "TunnelLink",
     "TunnelMetrics",
@@ -361,3 +362,16 @@ def call_handler(what: str, function: HandlerCall, *args: object) -> None:
         function(*args)
     except Exception:
         log.failure("tunnel handler {what} raised", what=what)
+
+
+class LinkFactory(Factory):
+    """Builds each connection's :class:`TunnelLink` with ``build()`` (the MD's server,
+    the KD's client)."""
+
+    noisy = False
+
+    def __init__(self, build: Callable[[], TunnelLink]) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: object) -> TunnelLink:
+        return self._build()

@@ -24,7 +24,6 @@ from twisted.application.service import Service
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from perc_daemons import tls
@@ -41,6 +40,7 @@ from perc_daemons.protocol.tunnel import (
     UnsupportedVersion,
 )
 from perc_daemons.tunnel_link import (
+    LinkFactory,
     RateLimitedLog,
     TunnelLink,
     TunnelMetrics,
@@ -103,16 +103,6 @@ def kd_tunnel_client_creator(name: str, ca_certificate: str, certificate: str,
                                f"{private_key} unusable: {e}") from None
 
 
-class _LinkFactory(Factory):
-    noisy = False
-
-    def __init__(self, client: KdTunnelClient) -> None:
-        self.client = client
-
-    def buildProtocol(self, addr: object) -> TunnelLink:
-        return self.client._build_link()
-
-
 class KdTunnelClient(Service):
     """Keeps one tunnel to the MD at ``host``:``port`` whose certificate names ``name``.
 
@@ -143,7 +133,7 @@ class KdTunnelClient(Service):
                                            str(private_key))
         endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port))
         self._client = ClientService(
-            endpoint, _LinkFactory(self),
+            endpoint, LinkFactory(self._build_link),
             retryPolicy=backoffPolicy(initialDelay=min_delay, maxDelay=max_delay, factor=2.0,
                                       jitter=lambda: random.random() * min_delay),
             clock=self._clock)

@@ -27,7 +27,6 @@ from twisted.internet.interfaces import (
     IReactorSSL,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from perc_daemons import tls
@@ -43,6 +42,7 @@ from perc_daemons.protocol.tunnel import (
     UnsupportedVersion,
 )
 from perc_daemons.tunnel_link import (
+    LinkFactory,
     RateLimitedLog,
     TunnelLink,
     TunnelMetrics,
@@ -78,16 +78,6 @@ def md_tunnel_context_factory(certificate: str, private_key: str) -> tls.ServerC
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any_issuer)
     return tls.ServerContextFactory(context)
-
-
-class _LinkFactory(Factory):
-    noisy = False
-
-    def __init__(self, server: MdTunnelServer) -> None:
-        self.server = server
-
-    def buildProtocol(self, addr: object) -> TunnelLink:
-        return self.server._build_link()
 
 
 class MdTunnelServer(Service):
@@ -148,7 +138,7 @@ class MdTunnelServer(Service):
         super().startService()
         try:
             self._listening = self._reactor.listenSSL(
-                self._port_number, _LinkFactory(self), self._context_factory,
+                self._port_number, LinkFactory(self._build_link), self._context_factory,
                 interface=self.bind)
         except BaseException:
             self.running = 0
