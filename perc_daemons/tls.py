@@ -26,12 +26,15 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
 __all__ = [
+    "PRIVATE_FORBIDDEN",
     "SERVER_CIPHERS",
     "ServerContextFactory",
     "TlsFileError",
     "check_private_key_file",
     "generate_self_signed",
     "peer_certificate_der",
+    "read_private_file",
+    "read_secret_line",
     "server_context_factory",
 ]
 
@@ -40,7 +43,24 @@ SERVER_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 class TlsFileError(Exception):
-    """A certificate or key file is missing, unreadable, malformed or too widely readable."""
+    """A key, certificate or secret file is missing, unreadable, malformed or too open."""
+
+
+#: Permission bits a private file (key, secret) must not have: 0640 at most.
+PRIVATE_FORBIDDEN = 0o037
+
+
+def _check_private_stat(path: str, st: os.stat_result, forbidden: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise TlsFileError("not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & forbidden:
+        allowed = "0600 or 0640" if forbidden == PRIVATE_FORBIDDEN else "0600"
+        raise TlsFileError(f"mode {mode:04o} is too open: it must be {allowed} "
+                           f"(chmod 0600 {path})")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise TlsFileError(f"owned by uid {st.st_uid}, not by this user "
+                           f"(uid {os.geteuid()}) or root")
 
 
 def check_private_key_file(path: str) -> None:
@@ -51,15 +71,52 @@ def check_private_key_file(path: str) -> None:
         raise TlsFileError("file not found") from None
     except OSError as e:
         raise TlsFileError(e.strerror or str(e)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TlsFileError("not a regular file")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o037:
-        raise TlsFileError(f"mode {mode:04o} is too open: it must be 0600 or 0640 "
-                           f"(chmod 0600 {path})")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise TlsFileError(f"owned by uid {st.st_uid}, not by this user "
-                           f"(uid {os.geteuid()}) or root")
+    _check_private_stat(path, st, PRIVATE_FORBIDDEN)
+
+
+def read_private_file(path: str, *, max_size: int = 65536,
+                      forbidden: int = PRIVATE_FORBIDDEN) -> bytes:
+    """The bytes of a private file (a key or a secret), checked on the open descriptor.
+
+    A regular file (no symlink followed), owned by us or root, without the
+    ``forbidden`` permission bits (default: more than 0640), at most
+    ``max_size`` bytes; else :class:`TlsFileError` with the reason.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise TlsFileError("file not found") from None
+    except OSError as e:
+        raise TlsFileError(e.strerror or str(e)) from None
+    try:
+        st = os.fstat(fd)
+        _check_private_stat(path, st, forbidden)
+        if st.st_size > max_size:
+            raise TlsFileError(f"larger than {max_size} bytes")
+        data = b""
+        while len(data) <= max_size:
+            chunk = os.read(fd, max_size + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > max_size:
+            raise TlsFileError(f"larger than {max_size} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_secret_line(path: str, *, forbidden: int = PRIVATE_FORBIDDEN) -> str:
+    """The first line of a private file, stripped: a password, token or client secret."""
+    data = read_private_file(path, forbidden=forbidden)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TlsFileError("not UTF-8 text") from None
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise TlsFileError("empty")
+    return secret
 
 
 @implementer(IOpenSSLContextFactory)

@@ -39,6 +39,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from perc_daemons import tls
 from perc_daemons.interfaces import IKeySource
 from perc_daemons.problems import parse_problem
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
@@ -299,17 +300,9 @@ class KmfClient:
 
     def _secret(self) -> str:
         try:
-            with open(self.client_secret_file, encoding="utf-8") as f:
-                secret = f.read().strip()
-        except FileNotFoundError:
-            raise KmfUnavailable(f"client secret file {self.client_secret_file} is "
-                                 "missing") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise KmfUnavailable(f"client secret file {self.client_secret_file}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from None
-        if not secret:
-            raise KmfUnavailable(f"client secret file {self.client_secret_file} is empty")
-        return secret
+            return tls.read_secret_line(self.client_secret_file)
+        except tls.TlsFileError as e:
+            raise KmfUnavailable(f"client secret file {self.client_secret_file}: {e}") from None
 
     async def _send(self, method: str, path: str, *, headers: dict[str, str],
                     data: bytes | None = None, pool: HTTPConnectionPool | None = None,

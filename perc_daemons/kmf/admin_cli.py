@@ -43,7 +43,6 @@ import getpass as getpass_module
 import json
 import os
 import re
-import stat
 import sys
 import time
 import tomllib
@@ -53,6 +52,7 @@ from typing import IO, Any
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 from perc_daemons import config as config_module
+from perc_daemons import tls
 from perc_daemons.config import ConfigError
 from perc_daemons.problems import parse_problem
 
@@ -156,21 +156,9 @@ def load_admin_config(path: str, *, required: bool) -> AdminConfig:
 def read_secret_file(path: str, config_path: str, key: str) -> str:
     """The first line of a private (no group/other access) file, stripped."""
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(65536)
-    except OSError as e:
-        raise ConfigError(config_path, key, f"{path}: {e.strerror}") from None
-    if stat.S_IMODE(mode) & 0o077:
-        raise ConfigError(config_path, key, f"{path}: must not be accessible by group or others "
-                                            f"(mode {stat.S_IMODE(mode):04o}; chmod 600)")
-    try:
-        text = data.decode("utf-8").splitlines()[0].strip() if data.strip() else ""
-    except UnicodeDecodeError:
-        raise ConfigError(config_path, key, f"{path}: not UTF-8 text") from None
-    if not text:
-        raise ConfigError(config_path, key, f"{path}: empty")
-    return text
+        return tls.read_secret_line(path, forbidden=0o077)
+    except tls.TlsFileError as e:
+        raise ConfigError(config_path, key, f"{path}: {e}") from None
 
 
 # --- HTTP -----------------------------------------------------------------------------------

@@ -125,14 +125,9 @@ class ProviderToken:
         if stamp == self._stamp:
             return self._token
         try:
-            tls.check_private_key_file(self.path)
-            with open(self.path, encoding="utf-8") as f:
-                token = f.readline().strip()
-        except (tls.TlsFileError, OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            return self._unusable(reason)
-        if not token:
-            return self._unusable("the file is empty")
+            token = tls.read_secret_line(self.path)
+        except tls.TlsFileError as e:
+            return self._unusable(str(e))
         self._stamp, self._token = stamp, token.encode("utf-8")
         if self._problem is not None:
             self.log.info("perc-md: provider token {path} loaded", path=self.path)

@@ -404,7 +404,7 @@ class AdminCliTests(unittest.TestCase):
         os.chmod(self.token_file, 0o644)
         code, out, err = yield self.cli("conferences", "list")
         self.assertEqual((code, out), (2, ""))
-        self.assertIn("must not be accessible by group or others", err)
+        self.assertIn("mode 0644 is too open: it must be 0600", err)
 
     @defer.inlineCallbacks
     def test_untrusted_certificate_is_status_1(self):

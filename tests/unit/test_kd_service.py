@@ -744,6 +744,7 @@ class KmfClientTests(unittest.TestCase):
         self.secret_file = os.path.join(self.dir, "secret")
         with open(self.secret_file, "w") as f:
             f.write(KD_SECRET)
+        os.chmod(self.secret_file, 0o600)
 
     def client(self, secret_file: str | None = None, ca: str | None = None) -> KmfClient:
         client = KmfClient(reactor, self.kmf.url, ca or str(self.pki.ca_certificate_path),
@@ -773,10 +774,19 @@ class KmfClientTests(unittest.TestCase):
         self.assertEqual((error.status, error.slug), (409, "conference-not-running"))
 
     @defer.inlineCallbacks
+    def test_readable_secret_file_refused(self):
+        os.chmod(self.secret_file, 0o644)
+        error = yield self.assertFailure(defer.ensureDeferred(self.client().token()),
+                                         KmfUnavailable)
+        self.assertIn("mode 0644 is too open", str(error))
+        self.assertNotIn(KD_SECRET, str(error))
+
+    @defer.inlineCallbacks
     def test_wrong_secret_missing_secret_untrusted_ca(self):
         wrong = os.path.join(self.dir, "wrong")
         with open(wrong, "w") as f:
             f.write("not the secret")
+        os.chmod(wrong, 0o600)
         error = yield self.assertFailure(defer.ensureDeferred(self.client(wrong).token()),
                                          KmfRefused)
         self.assertEqual((error.status, error.slug), (401, "invalid_client"))
@@ -854,6 +864,7 @@ class KdServiceTunnelTests(unittest.TestCase):
         secret_file = os.path.join(directory, "kd-client.secret")
         with open(secret_file, "w") as f:
             f.write(KD_SECRET)
+        os.chmod(secret_file, 0o600)
         kd_issued = pki.issue("kd", ["kd.localhost"])
         md_issued = pki.issue("md", ["localhost"], ["127.0.0.1"])
         kd_fp = load_credentials(str(kd_issued.certificate),
