@@ -59,6 +59,7 @@ class RecordingEndpoint(Endpoint):
     """The reference endpoint, keeping a copy of every datagram it sends to the MD."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("audit_secrets", True)  # the proof searches for every key
         super().__init__(*args, **kwargs)
         self.sent_datagrams: list[bytes] = []
 

@@ -339,7 +339,7 @@ class Endpoint:
                  on_media: Callable[[MediaReceived, float], object] | None = None,
                  receive_buffer: int | None = None, rejoin: bool = True,
                  orphan_grace: float = 1.0, rejoin_attempts: int = 4,
-                 rejoin_delay: float = 1.0) -> None:
+                 rejoin_delay: float = 1.0, audit_secrets: bool = False) -> None:
         if kind not in ("audio", "video"):
             raise ValueError("kind must be audio or video")
         if decrypt_every < 1:
@@ -362,6 +362,8 @@ class Endpoint:
         self.expect_senders = expect_senders
         self.label = label or user
         self.decrypt_every = decrypt_every
+        #: keep copies of every key for session.audit_secrets() (proofs only: demo, tests)
+        self.audit_secrets = audit_secrets
         self.on_media = on_media
         self.receive_buffer = receive_buffer
         if rejoin_attempts < 1 or rejoin_delay < 0:
@@ -535,7 +537,8 @@ class Endpoint:
         try:
             return ParticipantSession(certificate=der, private_key=key, ssrc=self.ssrc,
                                       ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
-                                      answer=self.answer, initial_sequence=initial_sequence)
+                                      answer=self.answer, initial_sequence=initial_sequence,
+                                      keep_audit_secrets=self.audit_secrets)
         except ValueError as e:  # a signed answer we cannot use (no candidate, ...)
             await self._forget_at_md()
             raise AnswerRejected(f"unusable answer: {e}") from None

@@ -495,8 +495,8 @@ class ParticipantSession:
     it and from nothing else.  ``profiles``/``ekt_ciphers`` are what the DTLS
     ClientHello offers; whatever is offered, only a DOUBLE profile with an EKT
     cipher leads to media.  ``keep_audit_secrets`` keeps copies of every
-    secret for :meth:`audit_secrets`, also after the session ended (proofs
-    only: a client that does not run the proof passes False).
+    secret for :meth:`audit_secrets`, also after the session ended: for
+    proofs only (the demo, tests), never in a real client.
     ``initial_sequence`` continues the RTP sequence numbers of an earlier
     session of the same SSRC (:attr:`next_sequence`), so receivers' replay
     lists and loss counts go on (RFC 3550 s5.1, RFC 3711 s3.3.2).
@@ -508,7 +508,7 @@ class ParticipantSession:
                  ekt_ciphers: Sequence[int] = DEFAULT_EKT_CIPHERS,
                  consent_interval: float = 5.0,
                  consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
-                 replay_window: int = 128, keep_audit_secrets: bool = True,
+                 replay_window: int = 128, keep_audit_secrets: bool = False,
                  initial_sequence: int | None = None) -> None:
         if not isinstance(answer, VerifiedAnswer):
             raise TypeError("answer must be a VerifiedAnswer (verify_signed_answer)")

@@ -221,6 +221,7 @@ class RecordingEndpoint(Endpoint):
         self.events: list[tuple[float, Any]] = []
         self.offers: list[str] = []
         self._md_client: Any = None
+        kwargs.setdefault("audit_secrets", True)
         super().__init__(*args, **kwargs)
 
     # The MD client is created inside join(): wrap its join() to see the offer.

@@ -239,6 +239,7 @@ class Net:
 
     def make(self, name: str, *, kind: str = "audio", **options: Any) -> Participant:
         """Offer, MD draft answer, KD signature, endpoint verification: a new session."""
+        options.setdefault("keep_audit_secrets", True)
         certificate, key = generate_certificate(name)
         fingerprint = certificate_fingerprint(certificate)
         ufrag, pwd = new_ice_credentials()
@@ -512,6 +513,13 @@ class ConferenceTests(unittest.TestCase):
             self.assertEqual(p.of(Refused) + p.of(Closed) + p.of(DecryptFailed), [])
             self.assertTrue(net.plane.leg(p.aid).keyed)
         self.assertEqual(len(net.kd.members(CONF)), 3)
+
+    def test_no_key_copies_unless_asked(self) -> None:
+        net = Net(self)
+        p = net.join("alice", keep_audit_secrets=False)
+        self.assertTrue(p.session.ready)
+        net.send(p, b"x" * 20, timestamp=0)
+        self.assertEqual(p.session.audit_secrets(), [])
 
     def test_initial_sequence_continues_an_earlier_session(self) -> None:
         net = Net(self)
