@@ -35,7 +35,7 @@ check: lint test
 bench: venv
 	$(PY) bench/relay.py
 	$(PY) bench/dtls_handshake.py
-	$(PY) bench/conference.py --senders 2 --receivers 6 --rate 1000 --seconds 4
+	$(PY) bench/conference.py --senders 2 --receivers 10 --rate 2500 --seconds 4
 
 # A whole conference: KMF, MD and KD as real twistd processes on loopback,
 # three endpoints, a leave, the end; nothing is left running.
