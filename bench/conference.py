@@ -473,6 +473,10 @@ def report(args: argparse.Namespace, md: Window, base: Window, joins: list[float
     out.write(f"  join <= {TARGET_JOIN * 1e3:.0f} ms (p50): {verdict(join_p50 <= TARGET_JOIN)} "
               f"(p50 {join_p50 * 1e3:.0f} ms, max {max(joins, default=float('nan')) * 1e3:.0f} "
               "ms)\n")
+    if not args.no_rekey_on_join:
+        out.write("    (every join starts an epoch: senders keep their previous key 250 ms, RFC "
+                  "8870 s4.3.1, which a joiner never gets; --no-rekey-on-join measures a "
+                  "conference that lets late joiners have the current epoch)\n")
 
 
 def main() -> None:
