@@ -190,6 +190,23 @@ class RelayTests(unittest.TestCase):
             self.assertEqual(receiver.rtcp_in.unprotect_rtcp(data), rr)
         self.assertEqual(self.f.plane.leg("a").counters["rtcp_in"], 1)
 
+    def test_rtcp_feedback_compound_passes_through(self) -> None:
+        """SR, then RTPFB NACK, PSFB PLI and FIR (RFC 4585, RFC 5104) in one compound."""
+        from perc_daemons.protocol.rtp import RtcpPacket, SenderInfo, build_compound, sender_report
+
+        media = self.b.ssrc
+        sr = sender_report(self.a.ssrc, SenderInfo(0x1122334455667788, 1234, 10, 1600))
+        nack = RtcpPacket(205, struct.pack("!IIHH", self.a.ssrc, media, 100, 0b101), count=1)
+        pli = RtcpPacket(206, struct.pack("!II", self.a.ssrc, media), count=1)
+        fir = RtcpPacket(206, struct.pack("!IIIB3x", self.a.ssrc, 0, media, 7), count=4)
+        compound = build_compound([sr, nack, pli, fir])
+        out = self.f.plane.datagram_received(self.a.rtcp_out.protect_rtcp(compound),
+                                             self.a.address, 0.0)
+        self.assertEqual(len(out), 2)
+        for data, to in out:
+            receiver = self.b if to == self.b.address else self.c
+            self.assertEqual(receiver.rtcp_in.unprotect_rtcp(data), compound)
+
     def assertDropped(self, data: bytes, address, where: dict, reason: str) -> None:
         before = where[reason]
         self.assertEqual(self.f.plane.datagram_received(data, address, 0.0), [])
