@@ -15,7 +15,13 @@ from perc_daemons.md.media import MediaPlane, MediaPlaneProtocol
 from perc_daemons.protocol import double
 from perc_daemons.protocol.double import DoubleReceiver, DoubleSender, split_keying_material
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, EktReceiver, EktSender
-from perc_daemons.protocol.rtp import RtpPacket
+from perc_daemons.protocol.rtp import (
+    RtcpPacket,
+    RtpPacket,
+    SenderInfo,
+    build_compound,
+    sender_report,
+)
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.stun import (
     ATTR_ICE_CONTROLLING,
@@ -192,8 +198,6 @@ class RelayTests(unittest.TestCase):
 
     def test_rtcp_feedback_compound_passes_through(self) -> None:
         """SR, then RTPFB NACK, PSFB PLI and FIR (RFC 4585, RFC 5104) in one compound."""
-        from perc_daemons.protocol.rtp import RtcpPacket, SenderInfo, build_compound, sender_report
-
         media = self.b.ssrc
         sr = sender_report(self.a.ssrc, SenderInfo(0x1122334455667788, 1234, 10, 1600))
         nack = RtcpPacket(205, struct.pack("!IIHH", self.a.ssrc, media, 100, 0b101), count=1)
