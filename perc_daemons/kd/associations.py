@@ -327,14 +327,18 @@ class KeyDistributorCore:
         return self._drain(association, now)
 
     def endpoint_disconnect(self, association_id: bytes, now: float) -> list[TunnelMessage]:
-        """The MD says the endpoint left: forget it; a keyed member makes a rekey due."""
+        """The MD says the endpoint left: forget it; a keyed member makes a rekey due.
+
+        The KD answers with EndpointDisconnect: whoever ended the DTLS association,
+        the KD tells the MD (RFC 9185 section 5.4).
+        """
         association = self._associations.pop(association_id, None)
         if association is None:
             return []
         if association.connection is not None:
             association.connection.close()  # its close_notify has nowhere to go
         self._left(association)
-        return []
+        return [EndpointDisconnect(association_id)]
 
     def end_conference(self, conference_id: str, now: float) -> list[TunnelMessage]:
         """Close every association of the conference and wipe its keys."""

@@ -520,7 +520,9 @@ class MdConferences:
         elif isinstance(message, MediaKeys):
             self._media_keys(peer, message)
         elif isinstance(message, EndpointDisconnect):
-            if self._from_kd(peer, message.association_id, disown=False) is not None:
+            if message.association_id not in self._participants:
+                return  # the KD's answer to our own EndpointDisconnect (RFC 9185 s5.4)
+            if self._from_kd(peer, message.association_id) is not None:
                 participant = self._end(message.association_id, tell_kd=False)
                 if participant is not None:
                     self.log.info("perc-md: KD ended {association} of conference "
@@ -531,19 +533,17 @@ class MdConferences:
         else:
             self.events["unexpected_message"] += 1
 
-    def _from_kd(self, peer: ITunnelPeer, aid: bytes, *,
-                 disown: bool = True) -> Participant | None:
+    def _from_kd(self, peer: ITunnelPeer, aid: bytes) -> Participant | None:
         """The participant ``aid`` if ``peer`` is its conference's KD (else counted, None).
 
-        With ``disown``, an association this MD does not have (it restarted, or the
-        endpoint left while the tunnel was down) is answered with EndpointDisconnect,
-        so the KD forgets it and rekeys the others (RFC 9185 section 5.4).
+        An association this MD does not have (it restarted, or the endpoint left
+        while the tunnel was down) is answered with EndpointDisconnect, so the KD
+        forgets it and rekeys the others (RFC 9185 section 5.4).
         """
         participant = self._participants.get(aid)
         if participant is None:
             self.events["unknown_association"] += 1
-            if disown:
-                peer.send(EndpointDisconnect(aid))
+            peer.send(EndpointDisconnect(aid))
             return None
         conference = self._conferences[participant.conference_id]
         if peer.peer_fingerprint != conference.kd_fingerprint:

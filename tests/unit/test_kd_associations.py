@@ -199,7 +199,10 @@ class TestJoin(unittest.TestCase):
 
     def test_leave_rekeys_the_rest(self) -> None:
         self.h.to_md.clear()
-        self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
+        out = self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now)
+        self.assertEqual(out, [EndpointDisconnect(self.alice.aid)])  # RFC 9185 s5.4
+        self.assertEqual(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now), [])
+        self.h.deliver(out)
         self.h.run()
         self.assertEqual(self.h.kd.roster(CONF), [("bob", [0x1001])])
         self.assertEqual(self.h.kd.epoch(CONF), 1)  # nothing happens until the service acts

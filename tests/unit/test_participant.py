@@ -232,7 +232,9 @@ class Net:
         """The MD tells the KD the endpoint left (and, colluding, keeps relaying to it)."""
         message = EndpointDisconnect(p.aid)
         self.tunnel_log.append(message.encode())
-        self.from_kd(self.kd.endpoint_disconnect(p.aid, self.now))
+        answer = self.kd.endpoint_disconnect(p.aid, self.now)
+        # colluding: it ignores the KD's EndpointDisconnect and keeps the leg
+        self.from_kd([m for m in answer if not isinstance(m, EndpointDisconnect)])
         self.run()
 
     # -- endpoints -------------------------------------------------------------------------
