@@ -56,7 +56,6 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, task
@@ -93,6 +92,7 @@ from perc_daemons.protocol.participant import (
     NotReady,
     ParticipantSession,
     Refused,
+    SenderStats,
     build_offer,
     new_ice_credentials,
     new_tls_id,
@@ -108,7 +108,6 @@ __all__ = [
     "IdentityMismatch",
     "JoinFailed",
     "OrphanWatch",
-    "SenderStatistics",
     "SessionRefused",
     "login_name",
 ]
@@ -174,51 +173,13 @@ def login_name(user: str) -> tuple[str, str | None]:
     return user, None
 
 
-@dataclass
-class SenderStatistics:
-    """What we received from one sender SSRC (RFC 3550 A.3 loss counting)."""
-
-    ssrc: int
-    packets: int = 0
-    bytes: int = 0
-    decrypt_failures: int = 0
-    #: packets under a key we were never given (participant.NO_KEY_REASONS)
-    no_key: int = 0
-    epochs_seen: set[int] = field(default_factory=set)
-    first_at: float | None = None
-    last_at: float | None = None
-    _base: int | None = None
-    _max: int = 0
-    _cycles: int = 0
-
-    def received(self, sequence: int, size: int, spi: int | None, now: float) -> None:
-        if self._base is None:
-            self._base, self._max = sequence, sequence
-            self.first_at = now
-        else:
-            delta = (sequence - self._max) & 0xFFFF
-            if 0 < delta < 0x8000:
-                if sequence < self._max:
-                    self._cycles += 1 << 16
-                self._max = sequence
-        self.packets += 1
-        self.bytes += size
-        self.last_at = now
-        if spi is not None:
-            self.epochs_seen.add(spi)
-
-    @property
-    def losses(self) -> int:
-        if self._base is None:
-            return 0
-        expected = self._cycles + self._max - self._base + 1
-        return max(0, expected - self.packets)
-
-    def as_json(self, identity: str | None, recording: str | None) -> dict[str, Any]:
-        return {"ssrc": self.ssrc, "identity": identity, "packets": self.packets,
-                "bytes": self.bytes, "losses": self.losses,
-                "decrypt_failures": self.decrypt_failures, "no_key": self.no_key,
-                "epochs_seen": sorted(self.epochs_seen), "recording": recording}
+def sender_json(stats: SenderStats, identity: str | None,
+                recording: str | None) -> dict[str, Any]:
+    """One sender's statistics for ``stats()`` (losses never negative)."""
+    return {"ssrc": stats.ssrc, "identity": identity, "packets": stats.packets,
+            "bytes": stats.bytes, "losses": max(0, stats.lost),
+            "decrypt_failures": stats.decrypt_failures, "no_key": stats.no_key,
+            "epochs_seen": sorted(stats.epochs_seen), "recording": recording}
 
 
 class OrphanWatch:
@@ -389,9 +350,9 @@ class Endpoint:
         self.profile: str | None = None
         self.ekt_cipher: str | None = None
         self.epochs_installed: list[int] = []
-        self.senders: dict[int, SenderStatistics] = {}
+        self.senders: dict[int, SenderStats] = {}
         #: decrypt_every > 1: every RTP datagram per SSRC, from the outer header only.
-        self.relayed: dict[int, SenderStatistics] = {}
+        self.relayed: dict[int, SenderStats] = {}
         self._light_count = 0
         self.identities: dict[int, str] = {}  # SSRC -> identity, from every verified roster
         self.roster: Roster | None = None
@@ -731,8 +692,8 @@ class Endpoint:
         ssrc = int.from_bytes(datagram[8:12], "big")
         stats = self.relayed.get(ssrc)
         if stats is None:
-            stats = self.relayed[ssrc] = SenderStatistics(ssrc)
-        stats.received((datagram[2] << 8) | datagram[3], len(datagram), None, self.now())
+            stats = self.relayed[ssrc] = SenderStats(ssrc)
+        stats.record((datagram[2] << 8) | datagram[3], len(datagram), self.now())
         self._light_count += 1
         return self._light_count % self.decrypt_every != 0 and datagram[-1] != FULL_EKT_TYPE
 
@@ -773,8 +734,8 @@ class Endpoint:
         if isinstance(event, MediaReceived):
             stats = self.senders.get(event.ssrc)
             if stats is None:
-                stats = self.senders[event.ssrc] = SenderStatistics(event.ssrc)
-            stats.received(event.sequence, len(event.payload), event.spi, now)
+                stats = self.senders[event.ssrc] = SenderStats(event.ssrc)
+            stats.record(event.sequence, len(event.payload), now, event.spi)
             if self.first_media_at is None:
                 self.first_media_at = now
             if self.on_media is not None:
@@ -787,7 +748,7 @@ class Endpoint:
             else:
                 stats = self.senders.get(event.ssrc)
                 if stats is None:
-                    stats = self.senders[event.ssrc] = SenderStatistics(event.ssrc)
+                    stats = self.senders[event.ssrc] = SenderStats(event.ssrc)
                 if event.reason in NO_KEY_REASONS:  # sent under an epoch we never had
                     stats.no_key += 1
                 else:
@@ -1057,9 +1018,9 @@ class Endpoint:
             "sent": {"packets": self.sent_packets, "bytes": self.sent_bytes,
                      "not_ready": self.send_not_ready},
             "epochs_installed": list(self.epochs_installed),
-            "senders": [s.as_json(self.identities.get(ssrc), recordings.get(ssrc))
+            "senders": [sender_json(s, self.identities.get(ssrc), recordings.get(ssrc))
                         for ssrc, s in sorted(self.senders.items())],
-            "relayed": [s.as_json(self.identities.get(ssrc), None)
+            "relayed": [sender_json(s, self.identities.get(ssrc), None)
                         for ssrc, s in sorted(self.relayed.items())],
             "unattributed_decrypt_failures": self.unattributed_decrypt_failures,
             "foreign_datagrams": self.foreign_datagrams,

@@ -109,7 +109,7 @@ def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "failed": sum(1 for o in outcomes if not o.ok),
         "sent_packets": sum(o.endpoint.sent_packets for o in outcomes),
         "received_packets": sum(s.packets for s in senders),
-        "losses": sum(s.losses for s in senders),
+        "losses": sum(max(0, s.lost) for s in senders),
         "decrypt_failures": sum(s.decrypt_failures for s in senders)
         + sum(o.endpoint.unattributed_decrypt_failures for o in outcomes),
         "join_time": None,

@@ -357,6 +357,17 @@ class SenderStats:
         self._received += 1
         return True
 
+    def record(self, seq: int, size: int, now: float, spi: int | None = None) -> None:
+        """One packet of ``size`` payload octets delivered (``spi``: its FullEKTField's)."""
+        self.update_seq(seq)
+        self.packets += 1
+        self.bytes += size
+        if self.first_time is None:
+            self.first_time = now
+        self.last_time = now
+        if spi is not None:
+            self.epochs_seen.add(spi)
+
     def report_block_values(self) -> tuple[int, int, int]:
         """(fraction lost, cumulative lost, extended highest seq) for an RR (RFC 3550 A.3)."""
         expected = self.expected
@@ -769,19 +780,14 @@ class ParticipantSession:
             self._media_failure(ssrc, reason)
             return
         marker, pt, original_seq, timestamp, _ssrc = parse_fixed_header(received.packet)
-        stats = self._stats(ssrc)
-        stats.update_seq(original_seq)
         payload = received.payload
-        stats.packets += 1
-        stats.bytes += len(payload)
-        if stats.first_time is None:
-            stats.first_time = now
-        stats.last_time = now
+        spi = None
         if data[-1] == FULL_EKT_TYPE:
             try:
-                stats.epochs_seen.add(FullEktField.decode(data[len(data) - ekt_length:]).spi)
+                spi = FullEktField.decode(data[len(data) - ekt_length:]).spi
             except EktError:  # pragma: no cover - processed above already
                 pass
+        self._stats(ssrc).record(original_seq, len(payload), now, spi)
         self._events.append(MediaReceived(
             ssrc=ssrc, sequence=original_seq, timestamp=timestamp, marker=bool(marker),
             payload=payload, spi=self._sender_spi.get(ssrc), payload_type=pt))
