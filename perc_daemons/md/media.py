@@ -350,10 +350,11 @@ class MediaPlane:
         packet = relay.packet
         ssrc = int.from_bytes(packet[8:12], "big")
         should_forward = self.should_forward
+        selective = should_forward is not _forward_all  # no call per receiver otherwise
         out: Output = []
         src_id = src.leg_id
         for dst in src.peers:
-            if not should_forward(src_id, dst.leg_id, ssrc):
+            if selective and not should_forward(src_id, dst.leg_id, ssrc):
                 skipped = dst.skipped
                 skipped[ssrc] = skipped.get(ssrc, 0) + 1
                 continue
@@ -361,10 +362,11 @@ class MediaPlane:
                 if dst.skipped and (gap := dst.skipped.get(ssrc)):
                     # Hide the packets this receiver did not get: renumber, recording
                     # the original SEQ in the OHB (RFC 8723 section 5.2).
-                    opened = relay.packet
-                    relay.edit(seq=(((packet[2] << 8) | packet[3]) - gap) & 0xFFFF)
-                    datagram = relay.seal(dst.outbound)  # type: ignore[arg-type]
-                    relay.packet = opened
+                    try:
+                        relay.edit(seq=(((packet[2] << 8) | packet[3]) - gap) & 0xFFFF)
+                        datagram = relay.seal(dst.outbound)  # type: ignore[arg-type]
+                    finally:
+                        relay.packet = packet  # the next receivers get it unedited
                 else:
                     datagram = relay.seal(dst.outbound)  # type: ignore[arg-type]
             except ProtocolError:
@@ -472,7 +474,7 @@ class MediaPlaneProtocol(DatagramProtocol):
         if transport is None:
             return
         for data, address in outputs:
-            transport.write(data, address[:2])  # type: ignore[attr-defined]
+            transport.write(data, address)  # type: ignore[attr-defined]
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self._write(self.plane.datagram_received(datagram, addr, self.clock.seconds()))
