@@ -195,7 +195,6 @@ class LocalStack:
         self.kmf_cert = pki.issue("kmf", ["localhost"], ["127.0.0.1"])
         self.md_cert = pki.issue("md", ["localhost"], ["127.0.0.1"])
         self.kd_cert = pki.issue("kd", [KD_NAME])
-        self.tap_cert = self.md_cert
         kd_der = ssl.Certificate.loadPEM(self.kd_cert.certificate.read_bytes()).dump()
         self.kd_fingerprint = certificate_fingerprint(kd_der)
         kmf = os.path.join(self.dir, "kmf")
@@ -281,10 +280,6 @@ class LocalStack:
     def admin_port(self, name: str) -> int:
         return {"kmf": self.ports.kmf_admin, "kd": self.ports.kd_admin,
                 "md": self.ports.md_admin}[name]
-
-    def port_of(self, name: str) -> int:
-        """The port a daemon serves on, for messages (its admin port)."""
-        return self.admin_port(name)
 
     @defer.inlineCallbacks
     def start(self, name: str):

@@ -331,11 +331,6 @@ class KmfClient:
         exp = claims.get("exp")
         self.token_expires_at = float(exp) if isinstance(exp, int | float) else None
 
-    @property
-    def token_bound(self) -> bool:
-        """True once a token bound to our certificate (cnf x5t#S256) is held."""
-        return self._token is not None
-
     def _require_token(self) -> str:
         if self._token is None:
             raise KmfError("not logged in")

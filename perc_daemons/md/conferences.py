@@ -576,11 +576,3 @@ class MdConferences:
 
 _DOUBLE = frozenset(int(p) for p in DOUBLE_PROFILES)
 
-
-def parse_association(text: str) -> bytes:
-    """16 bytes of a canonical UUID string; ValueError otherwise."""
-    value = uuid.UUID(text)
-    if str(value) != text.lower():
-        raise ValueError("not a canonical UUID")
-    return value.bytes
-
