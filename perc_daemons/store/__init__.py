@@ -18,7 +18,9 @@ Rules both follow:
   (``invite``, ``uninvite``, ``add_epoch``, ``record_admission``,
   ``set_roster``) fails with :class:`ConferenceEnded`.
 - ``set_roster`` keeps the roster of the newest epoch only: a roster of an
-  older epoch than the one stored is ignored.
+  older epoch than the one stored is ignored.  With it the KD reports whom it
+  has admitted (identity and DTLS certificate fingerprint of every keyed
+  association); ``admitted`` reads that back for the HTTPS key service.
 - Invitations are idempotent: an audit event is added only when the invited
   set actually changes.
 - Only keys wrapped with the key-encryption key
@@ -28,6 +30,7 @@ Rules both follow:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ __all__ = [
     "InvalidTransition",
     "StoreError",
     "StoreUnavailable",
+    "check_admitted",
     "check_conference_id",
     "check_identity",
 ]
@@ -266,6 +270,35 @@ def check_roster_args(epoch: object, signed_roster: object) -> tuple[int, str]:
     if not isinstance(signed_roster, str) or not signed_roster:
         raise ValueError("signed_roster must be a non-empty string (a compact JWS)")
     return epoch, signed_roster
+
+
+def check_admitted(admitted: object) -> frozenset[tuple[str, bytes]]:
+    """Validate :meth:`IConferenceStore.set_roster`'s ``admitted``: (identity, SHA-256
+    certificate fingerprint) pairs."""
+    if isinstance(admitted, str | bytes) or not hasattr(admitted, "__iter__"):
+        raise ValueError("admitted must be a collection of (identity, fingerprint) pairs")
+    out = set()
+    for item in admitted:  # type: ignore[attr-defined]
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ValueError("admitted must be a collection of (identity, fingerprint) pairs")
+        identity, fingerprint = item
+        check_identity(identity)
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
+            raise ValueError("an admitted fingerprint is a SHA-256 digest (32 bytes)")
+        out.add((identity, fingerprint))
+    return frozenset(out)
+
+
+def admitted_json(admitted: frozenset[tuple[str, bytes]]) -> str:
+    """The stored form of an admitted set: JSON [[identity, hex fingerprint], ...]."""
+    return json.dumps(sorted([i, f.hex()] for i, f in admitted), separators=(",", ":"))
+
+
+def admitted_set(stored: str | None) -> frozenset[tuple[str, bytes]]:
+    """The admitted set of its stored form (:func:`admitted_json`)."""
+    if not stored:
+        return frozenset()
+    return frozenset((i, bytes.fromhex(f)) for i, f in json.loads(stored))
 
 
 def check_now(now: object) -> float:

@@ -11,7 +11,7 @@ Keys, all under a namespace (default ``perc``; conference ids cannot contain
     {ns}:conf:{id}:epochs      hash epoch -> {"spi", "key" (base64 of the
                                KEK-wrapped key), "created_at"}
     {ns}:conf:{id}:audit       list of {"t", "k", "i", "d"} JSON entries
-    {ns}:conf:{id}:roster      hash: epoch, jws
+    {ns}:conf:{id}:roster      hash: epoch, jws, admitted
 
 Every change is one Lua script (EVALSHA, falling back to EVAL), so each is
 atomic against every other client of the server: create refuses a taken id,
@@ -70,6 +70,9 @@ from perc_daemons.store import (
     check_epoch_args,
     check_identity,
     check_now,
+    admitted_json,
+    admitted_set,
+    check_admitted,
     check_roster_args,
     created_detail,
 )
@@ -169,15 +172,17 @@ _APPEND_AUDIT = _PRELUDE + _OPEN + "redis.call('RPUSH', KEYS[5], ARGV[1])\nretur
 
 _AUDIT = _PRELUDE + _NOT_FOUND + "return redis.call('LRANGE', KEYS[5], 0, -1)\n"
 
-# ARGV: epoch, jws
+# ARGV: epoch, jws, admitted
 _SET_ROSTER = _PRELUDE + _OPEN + """
 local cur = redis.call('HGET', KEYS[6], 'epoch')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[6], 'epoch', ARGV[1], 'jws', ARGV[2])
+redis.call('HSET', KEYS[6], 'epoch', ARGV[1], 'jws', ARGV[2], 'admitted', ARGV[3])
 return 1
 """
 
 _ROSTER = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'jws')\n"
+
+_ADMITTED = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'admitted')\n"
 
 # ARGV: time
 _END = _PRELUDE + _NOT_FOUND + """
@@ -622,14 +627,15 @@ class RedisConferenceStore:
 
         return self._validated(lambda: check_conference_id(conference_id), run)
 
-    def set_roster(self, conference_id: str, epoch: int,
-                   signed_roster: str) -> defer.Deferred[None]:
-        def check() -> tuple[str, int, str]:
-            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster))
+    def set_roster(self, conference_id: str, epoch: int, signed_roster: str,
+                   admitted: Any = ()) -> defer.Deferred[None]:
+        def check() -> tuple[str, int, str, str]:
+            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster),
+                    admitted_json(check_admitted(admitted)))
 
-        def run(args: tuple[str, int, str]) -> defer.Deferred[None]:
-            cid, ep, jws = args
-            return self._script(_SET_ROSTER, cid, [ep, jws]).addCallback(lambda _: None)
+        def run(args: tuple[str, int, str, str]) -> defer.Deferred[None]:
+            cid, ep, jws, who = args
+            return self._script(_SET_ROSTER, cid, [ep, jws, who]).addCallback(lambda _: None)
 
         return self._validated(check, run)
 
@@ -637,6 +643,15 @@ class RedisConferenceStore:
         def run(cid: str) -> defer.Deferred[tuple[int, str] | None]:
             d = self._script(_ROSTER, cid)
             return d.addCallback(lambda r: None if r[0] is None else (int(r[0]), r[1]))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def admitted(self, conference_id: str
+                 ) -> defer.Deferred[tuple[int, frozenset[tuple[str, bytes]]] | None]:
+        def run(cid: str) -> defer.Deferred[tuple[int, frozenset[tuple[str, bytes]]] | None]:
+            d = self._script(_ADMITTED, cid)
+            return d.addCallback(
+                lambda r: None if r[0] is None else (int(r[0]), admitted_set(r[1])))
 
         return self._validated(lambda: check_conference_id(conference_id), run)
 
