@@ -42,6 +42,7 @@ from zope.interface import implementer
 from perc_daemons import tls
 from perc_daemons.interfaces import IKeySource
 from perc_daemons.problems import parse_problem
+from perc_daemons.protocol.dtls.crypto import format_fingerprint
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
 from perc_daemons.protocol.jose import b64url_decode
 
@@ -466,13 +467,33 @@ class KmfClient:
         return epoch, params
 
     async def put_roster(self, conference_id: str, epoch: int,
-                         members: Sequence[tuple[str, Sequence[int]]]) -> dict[str, Any]:
-        """``PUT .../roster``: the keyed members and their SSRCs for ``epoch``."""
+                         members: Sequence[tuple[str, Sequence[int]]],
+                         admitted: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
+        """``PUT .../roster``: the keyed members and their SSRCs for ``epoch``, with the
+        certificate fingerprints each identity was admitted with (``admitted``)."""
+        fingerprints: dict[str, list[str]] = {}
+        for identity, fingerprint in admitted:
+            fingerprints.setdefault(identity, []).append(format_fingerprint(fingerprint))
         _, body = await self._call(
             "PUT", f"/v1/conferences/{self._cid(conference_id)}/roster",
-            body={"epoch": epoch, "members": [{"identity": identity, "ssrcs": list(ssrcs)}
-                                              for identity, ssrcs in members]})
+            body={"epoch": epoch, "members": [
+                {"identity": identity, "ssrcs": list(ssrcs),
+                 "fingerprints": fingerprints.get(identity, [])}
+                for identity, ssrcs in members]})
         return body if isinstance(body, dict) else {}
+
+    async def invitation_check(self, conference_id: str,
+                               identities: Sequence[str]) -> tuple[str, frozenset[str]]:
+        """``POST .../invitation-check``: the conference's state and which of
+        ``identities`` are still invited."""
+        _, body = await self._call(
+            "POST", f"/v1/conferences/{self._cid(conference_id)}/invitation-check",
+            body={"identities": list(identities)})
+        if (not isinstance(body, dict) or not isinstance(body.get("state"), str)
+                or not isinstance(body.get("invited"), list)
+                or not all(isinstance(i, str) for i in body["invited"])):
+            raise KmfUnavailable("invitation check answer is malformed")
+        return body["state"], frozenset(body["invited"])
 
     async def jwks(self) -> dict[str, Any]:
         """``GET /.well-known/jwks.json`` (public)."""

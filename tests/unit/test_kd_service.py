@@ -504,6 +504,75 @@ class KdHandlerTests(unittest.TestCase):
         self.assertFalse(self.core.knows(alice.aid))
         self.assertIsNone(self.core.current_params(CONF))
 
+    # --- withdrawn invitations (issue 10 item 1) ----------------------------------------
+
+    @defer.inlineCallbacks
+    def test_invitation_withdrawn_event_closes_and_rekeys_without_them(self):
+        yield self.kmf.conference()
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        self.handler.start_events(min_delay=0.05, max_delay=0.5)
+        yield wait_for(lambda: self.handler.events_connected, "event stream")
+        yield self.kmf.call("DELETE", f"/v1/conferences/{CONF}/invitations/{BOB}")
+        yield wait_for(lambda: self.peer.of(EndpointDisconnect, bob.aid), "EndpointDisconnect")
+        self.pump()
+        self.assertEqual(len(bob.of(ConnectionClosed)), 1)  # close_notify reached bob
+        self.assertFalse(self.core.knows(bob.aid))
+        params = yield self.wait_key(alice, 2)
+        epoch2, key2 = yield self.kmf.current_key()
+        self.assertEqual(params.key, key2)
+        self.assertEqual(len(bob.of(EktKeyReceived)), 1)  # never the new epoch's key
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        admitted = yield self.kmf.store.admitted(CONF)
+        self.assertEqual(admitted, (epoch2, frozenset({(ALICE, alice.fingerprint)})))
+
+    @defer.inlineCallbacks
+    def test_rekey_rechecks_invitations_without_the_event(self):
+        """Defence in depth: with no event stream (missed event, another KMF), the
+        next epoch key still goes to nobody whose invitation was withdrawn."""
+        yield self.kmf.conference()
+        alice, bob, carol = (Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222),
+                             Endpoint("carol", CAROL, 3333))
+        for ep in (alice, bob, carol):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())  # behind the KD's back
+        self.handler.tunnel_message(self.peer, EndpointDisconnect(carol.aid))  # a rekey
+        params = yield self.wait_key(alice, 2)
+        self.assertTrue(self.peer.of(EndpointDisconnect, bob.aid))
+        self.pump()
+        self.assertEqual(len(bob.of(ConnectionClosed)), 1)
+        self.assertNotIn(params, [e.params for e in bob.of(EktKeyReceived)])
+        self.assertEqual(self.core.epoch(CONF), 2)  # one epoch, not one per removal
+
+    @defer.inlineCallbacks
+    def test_joiner_uninvited_after_signing_gets_no_key(self):
+        yield self.kmf.conference()
+        bob = Endpoint("bob", BOB, 2222)
+        _, ack = yield self.sign(bob)
+        self.assertEqual(ack.status, SIGN_STATUS_OK)
+        yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())
+        self.endpoints[bob.aid] = bob
+        bob.start(self.credentials.fingerprint, KD_TLS_ID)
+        bob.conn.connect(reactor.seconds())
+        self.pump()
+        yield wait_for(lambda: self.peer.of(EndpointDisconnect, bob.aid), "EndpointDisconnect")
+        self.pump()
+        self.assertEqual(bob.of(EktKeyReceived), [])
+        self.assertFalse(self.core.knows(bob.aid))
+
+    @defer.inlineCallbacks
+    def test_roster_report_carries_the_admitted_certificates(self):
+        yield self.kmf.conference()
+        alice = Endpoint("alice", ALICE, 1111)
+        yield self.join(alice)
+        yield self.wait_key(alice, 1)
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        self.assertEqual((yield self.kmf.store.admitted(CONF)),
+                         (1, frozenset({(ALICE, alice.fingerprint)})))
+
     @defer.inlineCallbacks
     def test_unknown_and_foreign_associations(self):
         stray = uuid.uuid4().bytes
