@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +43,7 @@ from perc_daemons.interfaces import IKeySource
 from perc_daemons.problems import parse_problem
 from perc_daemons.protocol.dtls.crypto import format_fingerprint
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
-from perc_daemons.protocol.jose import b64url_decode
+from perc_daemons.protocol.encryption_key import parse_encryption_key
 
 __all__ = [
     "EKT_TTL",
@@ -54,7 +53,6 @@ __all__ = [
     "KmfRefused",
     "KmfUnavailable",
     "SseParser",
-    "parse_encryption_key",
 ]
 
 #: ekt_ttl (RFC 8870 s5.2.2) of the parameter sets built from KMF keys, seconds.
@@ -65,11 +63,6 @@ TOKEN_MARGIN = 30.0
 REQUEST_TIMEOUT = 10.0
 #: Largest response body read, bytes.
 MAX_RESPONSE = 1 << 20
-
-_ENCRYPTION_KEY = re.compile(
-    r'\s*keyid="(?P<keyid>[^"]*)"\s*;\s*aesgcm128=(?P<key>[A-Za-z0-9_-]+)\s*;'
-    r'\s*usage="EKT"\s*')
-
 
 class KmfError(Exception):
     """The KMF could not do what the KD asked."""
@@ -87,16 +80,6 @@ class KmfRefused(KmfError):
         self.slug = slug
         self.detail = detail
         super().__init__(f"KMF refused ({status} {slug}): {detail}")
-
-
-def parse_encryption_key(header: str, conference_id: str, epoch: int) -> bytes:
-    """The EKT key of an ``Encryption-Key`` header (kmf.api docstring); ValueError."""
-    match = _ENCRYPTION_KEY.fullmatch(header)
-    if match is None:
-        raise ValueError("malformed Encryption-Key header")
-    if match.group("keyid") != f"{conference_id}/{epoch}":
-        raise ValueError("Encryption-Key keyid is not this conference and epoch")
-    return b64url_decode(match.group("key"))
 
 
 def _load_trust_root(path: str) -> Any:

@@ -131,6 +131,7 @@ from perc_daemons.problems import (
     read_json,
 )
 from perc_daemons.protocol.ekt import EktCipher
+from perc_daemons.protocol.encryption_key import format_encryption_key
 from perc_daemons.protocol.identity import create_assertion, parse_fingerprint
 from perc_daemons.protocol.jose import b64url_encode
 from perc_daemons.protocol.roster import DuplicateSsrc, sign_roster
@@ -703,8 +704,7 @@ class KmfApi(JsonApi):
         except KeyUnwrapError:
             raise Problem(500, "internal-error", "Internal server error",
                           "the stored key cannot be unwrapped") from None
-        header = (f'keyid="{cid}/{current.epoch}"; aesgcm128={b64url_encode(key)}; '
-                  f'usage="EKT"').encode()
+        header = format_encryption_key(cid, current.epoch, key).encode()
         return Response(200, {"conference": cid, "epoch": current.epoch, "spi": current.spi,
                               "ekt_cipher": EktCipher.AESKW_256.name if len(key) == 32
                               else EktCipher.AESKW_128.name},
