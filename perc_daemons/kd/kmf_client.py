@@ -42,6 +42,7 @@ from zope.interface import implementer
 from perc_daemons import tls
 from perc_daemons.interfaces import IKeySource
 from perc_daemons.problems import parse_problem
+from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
 from perc_daemons.protocol.jose import b64url_decode
 
@@ -205,8 +206,8 @@ class KmfEventStream:
 
     def dispatch(self, kind: str, text: str) -> None:
         try:
-            data = json.loads(text)
-        except ValueError:
+            data = jsontext.loads(text)
+        except jsontext.JsonError:
             self.log.warn("KMF event {kind!r} with a body that is not JSON: ignored", kind=kind)
             return
         if not isinstance(data, dict):
@@ -358,8 +359,8 @@ class KmfClient:
             if not content:
                 return response, None
             try:
-                return response, json.loads(content)
-            except ValueError:
+                return response, jsontext.loads(content, max_size=MAX_RESPONSE)
+            except jsontext.JsonError:
                 raise KmfUnavailable(f"{method} {path}: answer is not JSON") from None
         slug, detail = self._problem(response.code, content)
         if 400 <= response.code < 500:

@@ -27,11 +27,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from perc_daemons.protocol import sdp
+from perc_daemons.protocol import jsontext, sdp
 from perc_daemons.protocol.identity import (
     ExpiredAssertion,
     FingerprintNotAsserted,
@@ -95,16 +94,16 @@ class OfferFacts:
 def _b64url_json(segment: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        return json.loads(raw)
-    except (binascii.Error, ValueError):
+        return jsontext.loads(raw)
+    except (binascii.Error, ValueError):  # JsonError is a ValueError
         return None
 
 
 def _unverified_jws(assertion: str) -> tuple[str | None, str]:
     """``(kid, aud)`` of the assertion's JWS, read without checking anything."""
     try:
-        outer = json.loads(assertion)
-    except ValueError:
+        outer = jsontext.loads(assertion)
+    except jsontext.JsonError:
         raise _bad("identity assertion is not JSON") from None
     token = outer.get("assertion") if isinstance(outer, dict) else None
     if not isinstance(token, str) or token.count(".") != 2:

@@ -372,7 +372,7 @@ class JwksIdentityVerifier:
             raise MalformedAssertion("assertion must be JSON text of bounded length")
         try:
             outer = strict_json_loads(assertion)
-        except (ValueError, RecursionError):
+        except ValueError:
             raise MalformedAssertion("assertion is not JSON") from None
         if not isinstance(outer, dict):
             raise MalformedAssertion("assertion is not a JSON object")
@@ -397,7 +397,7 @@ class JwksIdentityVerifier:
             raise MalformedAssertion("contents must be the fingerprint JSON string")
         try:
             parsed = strict_json_loads(contents)
-        except (ValueError, RecursionError):
+        except ValueError:
             raise MalformedAssertion("contents is not JSON") from None
         entries = parsed.get("fingerprint") if isinstance(parsed, dict) else None
         if not isinstance(entries, list) or not entries:

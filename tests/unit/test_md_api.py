@@ -287,6 +287,20 @@ class MdServiceTests(unittest.TestCase):
         code, _ = yield self.request("GET", "/nothing")
         self.assertEqual(code, 404)
 
+    @defer.inlineCallbacks
+    def test_deeply_nested_json_is_400_and_the_md_keeps_serving(self):
+        # An unauthenticated endpoint posts 30000 nested arrays/objects to the join route.
+        yield self.create()
+        for raw in (b"[" * 30000, b'{"a":' * 12000):  # within the MD's body limit
+            code, body = yield self.request("POST", "/v1/conferences/c1/participants", raw=raw)
+            self.assertEqual((code, body["type"]), (400, "urn:perc:problem:malformed-json"))
+            self.assertIn("nested deeper than", body["detail"])
+            code, body = yield self.request("POST", "/v1/conferences", raw=raw,
+                                            token=PROVIDER_TOKEN)
+            self.assertEqual((code, body["type"]), (400, "urn:perc:problem:malformed-json"))
+        code, _ = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 200)
+
     # -- joins ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
