@@ -18,6 +18,7 @@ import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, ssl, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
@@ -272,6 +273,26 @@ class MdServiceTests(unittest.TestCase):
         self.assertEqual(code, 403)
         code, _ = yield self.create(token="rotated-token-abcdef")
         self.assertEqual(code, 201)
+
+    @defer.inlineCallbacks
+    def test_token_file_made_readable_is_refused_at_the_next_use(self):
+        # The token was read and cached; then someone runs chmod 0644 on the file.
+        code, _ = yield self.create()
+        self.assertEqual(code, 201)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        os.chmod(self.token_path, 0o644)
+        code, body = yield self.create()
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body["type"], "urn:perc:problem:provider-token-unavailable")
+        [text] = [formatEvent(e) for e in events if e.get("path") == self.token_path]
+        self.assertIn(self.token_path, text)
+        self.assertIn("mode 0644 is too open", text)
+        self.assertNotIn(PROVIDER_TOKEN, text)
+        os.chmod(self.token_path, 0o600)
+        code, _ = yield self.create()
+        self.assertEqual(code, 200)
 
     @defer.inlineCallbacks
     def test_body_limits_and_errors(self):
