@@ -64,6 +64,23 @@ def offer(ufrag: str = "EpUf") -> str:
     return "".join(line + "\r\n" for line in lines)
 
 
+def browser_offer(*, media: bool = True) -> str:
+    """A browser's offer: audio, video and a data channel (RFC 8841), all bundled."""
+    common = ["c=IN IP4 0.0.0.0", "a=ice-ufrag:EpUf", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+              f"a=fingerprint:sha-256 {ENDPOINT_FP}", "a=setup:actpass",
+              "a=tls-id:abc3de65cddef001be82"]
+    audio = ["m=audio 9 UDP/TLS/RTP/SAVPF 111", *common, "a=mid:0", "a=sendrecv",
+             "a=rtcp-mux", "a=rtpmap:111 opus/48000/2", "a=ssrc:1001 cname:user@example"]
+    video = ["m=video 9 UDP/TLS/RTP/SAVPF 96", *common, "a=mid:1", "a=sendrecv",
+             "a=rtcp-mux", "a=rtpmap:96 VP8/90000", "a=ssrc:1002 cname:user@example"]
+    data = ["m=application 9 UDP/DTLS/SCTP webrtc-datachannel", *common, "a=mid:2",
+            "a=sctp-port:5000"]
+    bundle = "a=group:BUNDLE 0 1 2" if media else "a=group:BUNDLE 2"
+    lines = ["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", bundle,
+             *(audio + video if media else []), *data]
+    return "".join(line + "\r\n" for line in lines)
+
+
 @implementer(IPolicyForHTTPS)
 class TrustCa:
     """Verify the MD's certificate against the dev CA and the name "localhost"."""
@@ -365,6 +382,25 @@ class MdServiceTests(unittest.TestCase):
         code, body = yield self.join()
         self.assertEqual((code, body["type"]), (504, "urn:perc:problem:kd-timeout"))
         self.assertEqual(len(self.conferences.participants()), 1)
+
+    @defer.inlineCallbacks
+    def test_browser_offer_data_channel_is_rejected_in_the_draft(self):
+        yield self.create()
+        yield self.connect_kd()
+        code, body = yield self.join(text=browser_offer())
+        self.assertEqual(code, 201, body)
+        request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+        draft = sdp.parse(request.answer_sdp)
+        self.assertEqual([(m.mid, m.media, m.port != 0) for m in draft.media],
+                         [("0", "audio", True), ("1", "video", True),
+                          ("2", "application", False)])
+        self.assertEqual(draft.bundle, ("0", "1"))
+        # nothing the MD can relay: refused before the KD is asked
+        code, body = yield self.join(text=browser_offer(media=False))
+        self.assertEqual((code, body["type"]), (400, "urn:perc:problem:bad-offer"))
+        self.assertIn("no m= section the MD can relay", body["detail"])
+        self.assertIn("mid 2 (application UDP/DTLS/SCTP)", body["detail"])
+        self.assertEqual(len([m for m in self.kd.messages if isinstance(m, SignAnswer)]), 1)
 
     @defer.inlineCallbacks
     def test_late_ok_after_timeout_is_disconnected(self):
