@@ -51,6 +51,7 @@ from perc_daemons.endpoint.https import (
     HttpsClient,
     problem_text,
 )
+from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerprint
 from perc_daemons.protocol.encryption_key import parse_encryption_key
 from perc_daemons.protocol.roster import Roster, verify_roster
@@ -312,8 +313,8 @@ class KmfClient:
         if code != 200:
             raise KmfRefused(code, *problem_text(code, content))
         try:
-            answer = json.loads(content)
-        except ValueError:
+            answer = jsontext.loads(content)
+        except jsontext.JsonError:
             answer = None
         if (not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str)
                 or str(answer.get("token_type", "")).lower() != "bearer"):

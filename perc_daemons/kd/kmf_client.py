@@ -41,6 +41,7 @@ from zope.interface import implementer
 from perc_daemons import tls
 from perc_daemons.interfaces import IKeySource
 from perc_daemons.problems import parse_problem
+from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import format_fingerprint
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
 from perc_daemons.protocol.encryption_key import parse_encryption_key
@@ -189,8 +190,8 @@ class KmfEventStream:
 
     def dispatch(self, kind: str, text: str) -> None:
         try:
-            data = json.loads(text)
-        except ValueError:
+            data = jsontext.loads(text)
+        except jsontext.JsonError:
             self.log.warn("KMF event {kind!r} with a body that is not JSON: ignored", kind=kind)
             return
         if not isinstance(data, dict):
@@ -342,8 +343,8 @@ class KmfClient:
             if not content:
                 return response, None
             try:
-                return response, json.loads(content)
-            except ValueError:
+                return response, jsontext.loads(content, max_size=MAX_RESPONSE)
+            except jsontext.JsonError:
                 raise KmfUnavailable(f"{method} {path}: answer is not JSON") from None
         slug, detail = self._problem(response.code, content)
         if 400 <= response.code < 500:

@@ -132,7 +132,7 @@ from perc_daemons.problems import (
 )
 from perc_daemons.protocol.ekt import EktCipher
 from perc_daemons.protocol.encryption_key import format_encryption_key
-from perc_daemons.protocol.identity import create_assertion, parse_fingerprint
+from perc_daemons.protocol.identity import create_assertion, normalize_identity, parse_fingerprint
 from perc_daemons.protocol.jose import b64url_encode
 from perc_daemons.protocol.roster import DuplicateSsrc, sign_roster
 from perc_daemons.store import (
@@ -397,7 +397,14 @@ class KmfApi(JsonApi):
         return verified
 
     async def _invited(self, identity: str, conference: Conference) -> bool:
-        """Whether ``identity`` is invited, directly or through an LDAP group."""
+        """Whether ``identity`` is invited, directly or through an LDAP group.
+
+        Compared in the normal form (``normalize_identity``), as stored.
+        """
+        try:
+            identity = normalize_identity(identity)
+        except ValueError:
+            return False
         if identity in conference.invited:
             return True
         if not conference.invited_groups or self.groups is None:
@@ -528,7 +535,7 @@ class KmfApi(JsonApi):
         self.authorize(request, ("kd", "admin"))
         cid = _path_conference_id(cid)
         try:
-            check_identity(identity)
+            identity = check_identity(identity)
         except ValueError as e:
             raise _bad_request(str(e)) from None
         conference = await self.store.get(cid)
@@ -544,7 +551,7 @@ class KmfApi(JsonApi):
         self.authorize(request, ("admin",))
         cid = _path_conference_id(cid)
         try:
-            check_identity(identity)
+            identity = check_identity(identity)
         except ValueError as e:
             raise _bad_request(str(e)) from None
         await self.store.uninvite(cid, identity, self.now())

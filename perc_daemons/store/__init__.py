@@ -23,6 +23,11 @@ Rules both follow:
   association); ``admitted`` reads that back for the HTTPS key service.
 - Invitations are idempotent: an audit event is added only when the invited
   set actually changes.
+- Identities are stored in their normal form (ASCII lower case,
+  :func:`~perc_daemons.protocol.identity.normalize_identity`): every
+  identity argument goes through :func:`check_identity`, invited sets are
+  normalised when read (data written before the rule matches too) and
+  ``uninvite`` removes the identity in whatever case it was stored.
 - Only keys wrapped with the key-encryption key
   (:mod:`perc_daemons.kmf.kek`) are stored, and audit details never carry key
   material.
@@ -36,6 +41,8 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from perc_daemons.protocol.identity import normalize_identity
 
 __all__ = [
     "AUDIT_KINDS",
@@ -130,14 +137,17 @@ def check_conference_id(conference_id: object) -> str:
 
 
 def check_identity(identity: object) -> str:
-    """Return ``identity`` if it looks like "user@domain", raise ValueError otherwise."""
+    """The normal form of ``identity`` if it looks like "user@domain", else ValueError.
+
+    The normal form (ASCII lower case) is :func:`normalize_identity`'s.
+    """
     if (
         not isinstance(identity, str)
         or len(identity) > MAX_IDENTITY
         or not IDENTITY.fullmatch(identity)
     ):
         raise ValueError(f"identity must look like user@domain: {identity!r}")
-    return identity
+    return normalize_identity(identity)
 
 
 def _check_group(group: object) -> str:
@@ -184,7 +194,7 @@ class Conference:
         check_conference_id(self.conference_id)
         if not isinstance(self.title, str) or len(self.title) > MAX_TITLE:
             raise ValueError(f"title must be a string of at most {MAX_TITLE} characters")
-        check_identity(self.initiator)
+        object.__setattr__(self, "initiator", check_identity(self.initiator))
         object.__setattr__(self, "state", ConferenceState(self.state))
         if isinstance(self.invited, str) or isinstance(self.invited_groups, str):
             raise ValueError("invited and invited_groups must be collections, not strings")
@@ -250,7 +260,7 @@ def check_admission_args(
     identity: object, ssrcs: object, epoch: object, now: object
 ) -> tuple[str, list[int], int, float]:
     """Validate :meth:`IConferenceStore.record_admission` arguments."""
-    check_identity(identity)
+    identity = check_identity(identity)
     if isinstance(ssrcs, str | bytes) or not hasattr(ssrcs, "__iter__"):
         raise ValueError("ssrcs must be a collection of integers")
     out = []

@@ -137,15 +137,23 @@ end
 return conference()
 """
 
-# ARGV: identity, audit entry, "1" to add or "0" to remove
+# ARGV: identity (normalised), audit entry, "1" to add or "0" to remove.  Members
+# stored before identities were normalised match in any (ASCII) case.
 _INVITATION = _PRELUDE + _OPEN + """
-local changed
-if ARGV[3] == '1' then
-  changed = redis.call('SADD', KEYS[2], ARGV[1])
-else
-  changed = redis.call('SREM', KEYS[2], ARGV[1])
+local changed = 0
+local present = redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+for _, who in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if who ~= ARGV[1] and string.lower(who) == ARGV[1] then
+    present = true
+    if ARGV[3] == '0' then changed = changed + redis.call('SREM', KEYS[2], who) end
+  end
 end
-if changed == 1 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
+if ARGV[3] == '1' then
+  if not present then changed = redis.call('SADD', KEYS[2], ARGV[1]) end
+else
+  changed = changed + redis.call('SREM', KEYS[2], ARGV[1])
+end
+if changed > 0 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
 return changed
 """
 

@@ -393,14 +393,17 @@ class SqliteConferenceStore:
             cid, who, when = args
             txn.execute("BEGIN IMMEDIATE")
             _open_state(txn, cid)
+            # lower(): rows written before identities were normalised (ASCII, as the rule)
             if add:
                 cur = txn.execute(
-                    "INSERT OR IGNORE INTO invited (conference_id, identity) VALUES (?, ?)",
-                    (cid, who),
+                    "INSERT INTO invited (conference_id, identity) SELECT ?, ? WHERE NOT EXISTS"
+                    " (SELECT 1 FROM invited WHERE conference_id = ? AND lower(identity) = ?)",
+                    (cid, who, cid, who),
                 )
             else:
                 cur = txn.execute(
-                    "DELETE FROM invited WHERE conference_id = ? AND identity = ?", (cid, who)
+                    "DELETE FROM invited WHERE conference_id = ? AND lower(identity) = ?",
+                    (cid, who),
                 )
             if cur.rowcount:
                 _audit(txn, cid, when, "invited" if add else "uninvited", who, {})

@@ -12,6 +12,7 @@ datagrams travel inside TunneledDtls.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -782,6 +783,46 @@ class OfferTests(unittest.TestCase):
                          "offer needs exactly one sha-256 fingerprint")
         bad_identity = offer.replace("a=identity:", "a=identity:e30")
         self.assertEqual(self.rejected(bad_identity).status, SIGN_STATUS_BAD_OFFER)
+
+    def browser_offer(self) -> str:
+        """The endpoint's offer as a browser makes it: plus a bundled data channel."""
+        data = ["m=application 9 UDP/DTLS/SCTP webrtc-datachannel", "c=IN IP4 0.0.0.0",
+                "a=ice-ufrag:EsAw", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+                f"a=fingerprint:sha-256 {format_fingerprint(self.ep.fingerprint)}",
+                "a=setup:actpass", "a=mid:1", "a=sctp-port:5000"]  # no a=tls-id
+        offer = self.ep.offer(self.assertion).replace("a=group:BUNDLE 0",
+                                                      "a=group:BUNDLE 0 1")
+        return offer + "".join(line + "\r\n" for line in data)
+
+    def test_browser_offer_data_channel_stays_rejected(self) -> None:
+        offer = self.browser_offer()
+        facts = inspect_offer(offer)  # the data channel is not looked at
+        self.assertEqual((facts.tls_id, facts.ssrcs), (self.ep.tls_id, (1111,)))
+        kd_fp = b"\x09" * 32
+        answer = finish_answer(draft_answer(offer, kd_fp), offer, kd_fingerprint=kd_fp,
+                               kd_tls_id=KD_TLS_ID)
+        self.assertEqual([(m.mid, m.media, m.port, m.tls_id) for m in answer.media],
+                         [("0", "audio", 9, KD_TLS_ID), ("1", "application", 0, None)])
+        self.assertEqual(answer.bundle, ("0",))
+        # an MD whose draft accepts the data channel, or keeps it bundled, is refused
+        draft = sdp.parse(draft_answer(offer, kd_fp))
+        audio = draft.media[0]
+        accepts_data = dataclasses.replace(draft, media=(audio, dataclasses.replace(
+            audio, media="application", proto="UDP/DTLS/SCTP", formats=("webrtc-datachannel",),
+            attributes=tuple(a if a.name != "mid" else sdp.Attribute("mid", "1")
+                             for a in audio.attributes))))
+        error = self.assertRaises(OfferRejected, finish_answer, accepts_data.serialize(), offer,
+                                  kd_fingerprint=kd_fp, kd_tls_id=KD_TLS_ID)
+        self.assertEqual(error.status, SIGN_STATUS_BAD_OFFER)
+        self.assertIn("accepts mid 1, which the MD cannot relay", error.reason)
+        still_bundled = draft.with_bundle(["0", "1"])
+        error = self.assertRaises(OfferRejected, finish_answer, still_bundled.serialize(),
+                                  offer, kd_fingerprint=kd_fp, kd_tls_id=KD_TLS_ID)
+        self.assertEqual(error.reason,
+                         "draft answer keeps a rejected m= section in its BUNDLE group")
+        only_data = offer.replace("m=audio 9", "m=audio 0")
+        self.assertEqual(self.rejected(only_data).reason,
+                         "offer has no m= section the MD can relay")
 
     def test_finish_answer(self) -> None:
         offer = self.ep.offer(self.assertion)

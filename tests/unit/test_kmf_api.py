@@ -298,6 +298,13 @@ class KmfApiTests(unittest.TestCase):
         yield self.problem("POST", path, 400, "malformed-json", token=token, raw=b"[1]")
         yield self.problem("POST", path, 400, "malformed-json", token=token, raw=b"\xff")
         yield self.problem("POST", path, 400, "malformed-json", token=token, raw=b'{"a":NaN}')
+        # nesting deeper than the parser's stack: 400, not a 500 with a traceback
+        for raw in (b"[" * (MAX_BODY - 1), b'{"a":[' * (MAX_BODY // 6)):
+            _, problem = yield self.problem("POST", path, 400, "malformed-json", token=token,
+                                            raw=raw)
+            self.assertIn("nested deeper than", problem["detail"])
+            yield self.problem("POST", "/v1/conferences", 400, "malformed-json",
+                               token=self.admin(), raw=raw)
         yield self.problem("POST", path, 415, "unsupported-media-type", token=token,
                            raw=b"{}", content_type="text/plain")
         yield self.problem("POST", path, 413, "body-too-large", token=token,

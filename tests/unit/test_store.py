@@ -297,6 +297,10 @@ class StoreTestsMixin:
         """Every byte the back-end keeps on disk."""
         raise NotImplementedError
 
+    def store_invitation_as_given(self, cid: str, identity: str) -> defer.Deferred[None]:
+        """Write an invitation as a store before identity normalisation did: unchanged."""
+        raise NotImplementedError
+
     @defer.inlineCallbacks
     def setUp(self):
         self.kek = KeyEncryptionKey(os.urandom(32))
@@ -452,6 +456,39 @@ class StoreTestsMixin:
             [(e.kind, e.identity, e.time) for e in events[1:]],
             [("invited", "dave@example.net", T0 + 1), ("uninvited", "dave@example.net", T0 + 2)],
         )
+
+    @defer.inlineCallbacks
+    def test_identities_are_stored_lower_case(self):
+        yield self.store.create(conference(initiator="Alice@Example.COM",
+                                           invited=frozenset({"BOB@EXAMPLE.COM"})))
+        c = yield self.store.get("conf-1")
+        self.assertEqual((c.initiator, c.invited), ("alice@example.com", {"bob@example.com"}))
+        yield self.store.invite("conf-1", "Dave@Example.NET", T0 + 1)
+        yield self.store.invite("conf-1", "dave@example.net", T0 + 2)  # the same: no event
+        yield self.store.record_admission("conf-1", "DAVE@example.net", [5], 1, T0 + 3)
+        yield self.store.uninvite("conf-1", "dave@EXAMPLE.net", T0 + 4)
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, {"bob@example.com"})
+        events = yield self.store.audit("conf-1")
+        self.assertEqual([(e.kind, e.identity) for e in events[1:]],
+                         [("invited", "dave@example.net"), ("admitted", "dave@example.net"),
+                          ("uninvited", "dave@example.net")])
+
+    @defer.inlineCallbacks
+    def test_mixed_case_invitations_stored_before_normalisation_match(self):
+        yield self.store.create(conference(invited=frozenset()))
+        yield self.store_invitation_as_given("conf-1", "Erin@Example.ORG")
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, {"erin@example.org"})
+        yield self.store.invite("conf-1", "ERIN@example.org", T0 + 1)  # already: no event
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, {"erin@example.org"})
+        yield self.store.uninvite("conf-1", "erin@example.org", T0 + 2)
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, frozenset())
+        events = yield self.store.audit("conf-1")
+        self.assertEqual([(e.kind, e.identity) for e in events[1:]],
+                         [("uninvited", "erin@example.org")])
 
     # epochs
 
@@ -700,6 +737,13 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
                 data += f.read()
         return data
 
+    def store_invitation_as_given(self, cid: str, identity: str) -> defer.Deferred[None]:
+        with sqlite3.connect(self.path) as db:
+            db.execute("INSERT INTO invited (conference_id, identity) VALUES (?, ?)",
+                       (cid, identity))
+        db.close()
+        return defer.succeed(None)
+
     def test_file_modes(self):
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
@@ -820,6 +864,11 @@ class RedisStoreTestsBase(StoreTestsMixin):
                                            **options)
         self.addCleanup(conn.disconnect)
         return conn
+
+    @defer.inlineCallbacks
+    def store_invitation_as_given(self, cid: str, identity: str):
+        raw = yield self.raw()
+        yield raw.sadd(f"{self.namespace}:conf:{cid}:invited", identity)
 
     @defer.inlineCallbacks
     def test_keys_namespaced(self):
