@@ -342,7 +342,8 @@ def _header_chain(token: str) -> list[x509.Certificate]:
         try:
             der = binascii.a2b_base64(entry.encode("ascii"), strict_mode=True)
             chain.append(x509.load_der_x509_certificate(der))
-        except (binascii.Error, UnicodeEncodeError, ValueError):
+        except (binascii.Error, UnicodeEncodeError, ValueError, x509.InvalidVersion):
+            # InvalidVersion (a version other than v1-v3) is no ValueError.
             raise MalformedSignedAnswer("an x5c entry is not base64 of a DER certificate"
                                         ) from None
     return chain

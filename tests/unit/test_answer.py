@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import uuid
+from pathlib import Path
 
 import jwt
 from cryptography import x509
@@ -48,6 +49,8 @@ CANDIDATE = "1 1 udp 2130706431 127.0.0.1 40000 typ host"
 AID = uuid.uuid4().bytes
 CID = "conf-1"
 ALICE = "alice@example.com"
+#: Inputs saved by make fuzz (tests/fuzz), as hex.
+FUZZ_INPUTS = Path(__file__).parent / "fuzz_inputs"
 
 
 def load_key(path) -> ec.EllipticCurvePrivateKey:
@@ -479,6 +482,16 @@ class MalformedTests(AnswerTestsBase):
                        {"x5c": [42]}, {"crit": ["exp"]}, {"jku": "https://evil.example/"},
                        {"x5u": "https://evil.example/"}):
             self.assertRefused(MalformedSignedAnswer, self.forge(header=header))
+
+    def test_x5c_certificate_with_an_invalid_version(self):
+        """Found by make fuzz: a DER certificate whose version is not v1-v3 made
+        cryptography raise InvalidVersion (not a ValueError) out of the verifier."""
+        saved = (FUZZ_INPUTS / "answer-x5c-invalid-version.hex").read_text()
+        self.assertRefused(MalformedSignedAnswer, bytes.fromhex(saved))
+        version_v3 = bytes.fromhex("a003020102")
+        self.assertIn(version_v3, self.kd_der)
+        der = self.kd_der.replace(version_v3, bytes.fromhex("a003020142"), 1)
+        self.assertRefused(MalformedSignedAnswer, self.forge(header={"x5c": [std_b64(der)]}))
 
     def test_bad_claims(self):
         for claims in ({"aid": None}, {"cid": None}, {"sub": None}, {"offer": None},
