@@ -142,6 +142,7 @@ _ICE_UFRAG_RE = re.compile(r"[A-Za-z0-9+/]{4,256}")
 _ICE_PWD_RE = re.compile(r"[A-Za-z0-9+/]{22,256}")
 _HEX_PAIRS_RE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*")
 _DIGITS_RE = re.compile(r"[0-9]+")
+_PAYLOAD_TYPE_RE = re.compile(r"[0-9]{1,3}")
 _BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _RTPMAP_RE = re.compile(r"([0-9]{1,3}) ([^/\s]+)/([0-9]{1,10})(?:/([0-9]{1,3}))?")
 _SSRC_RE = re.compile(r"([0-9]{1,10}) (" + _TOKEN + r")(?::(.*))?", re.DOTALL)
@@ -774,6 +775,18 @@ RELAYED_MEDIA = frozenset({"audio", "video"})
 RELAYED_PROTOS = frozenset({"UDP/TLS/RTP/SAVPF", "UDP/TLS/RTP/SAVP"})
 
 
+def _payload_type(fmt: str) -> int | None:
+    """The RTP payload type (0-127) an m= line format names, or None.
+
+    ASCII digits only: ``str.isdigit`` also takes e.g. superscripts that
+    ``int`` refuses, and ``int`` refuses more than 4300 digits.
+    """
+    if not _PAYLOAD_TYPE_RE.fullmatch(fmt):
+        return None
+    pt = int(fmt)
+    return pt if pt <= 127 else None
+
+
 def unrelayable(offered: MediaDescription) -> str | None:
     """Why the MD cannot relay the offered m= section, or None when it can.
 
@@ -790,7 +803,7 @@ def unrelayable(offered: MediaDescription) -> str | None:
         return f"m={offered.media} is not audio or video"
     if offered.proto not in RELAYED_PROTOS:
         return f"transport {offered.proto} is not DTLS-SRTP over UDP (UDP/TLS/RTP/SAVPF)"
-    if not any(f.isdigit() and int(f) <= 127 for f in offered.formats):
+    if not any(_payload_type(f) is not None for f in offered.formats):
         return "no RTP payload type"
     if not offered.rtcp_mux:
         return "no a=rtcp-mux (the MD takes RTP and RTCP on one port)"
@@ -861,7 +874,7 @@ def make_answer(
             f
             for f in offered.formats
             if wanted is None
-            or (f.isdigit() and int(f) in rtpmaps and rtpmaps[int(f)].encoding.lower() in wanted)
+            or ((pt := _payload_type(f)) in rtpmaps and rtpmaps[pt].encoding.lower() in wanted)
         )
         reason = unrelayable(offered) or (None if formats else "none of the MD's codecs")
         if reason is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,6 +38,8 @@ from perc_daemons.protocol.sdp import (
 )
 
 FUZZ = settings(max_examples=300, deadline=None)
+#: Inputs saved by make fuzz (tests/fuzz), as hex.
+FUZZ_INPUTS = Path(__file__).parent / "fuzz_inputs"
 
 FP_OFFER = bytes(range(32))
 FP_OFFER_TEXT = ":".join(f"{b:02X}" for b in FP_OFFER)
@@ -616,6 +619,19 @@ class AnswerTests(unittest.TestCase):
                       str(e))
         e = self.assertRaises(OfferRefused, answer, self.offer, codecs=["G722"])
         self.assertIn("mid 1 (video UDP/TLS/RTP/SAVPF): none of the MD's codecs", str(e))
+
+    def test_formats_that_are_not_ascii_payload_types(self) -> None:
+        """Found by make fuzz: a format such as '\u00b296' is str.isdigit() but not int()
+        (nor is a 5000-digit one), so make_answer raised ValueError."""
+        offer = parse(bytes.fromhex((FUZZ_INPUTS / "sdp-unicode-digit-format.hex").read_text()))
+        self.assertEqual(offer.media[1].formats, ("\u00b296", "97"))
+        self.assertIsNone(sdp.unrelayable(offer.media[1]))  # 97 is a payload type
+        self.assertEqual(answer(offer).media[1].formats, ("\u00b296", "97"))
+        self.assertEqual(answer(offer, codecs=["VP8", "opus"]).media[1].port, 0)
+        for formats in ("\u00b2", "\u0663", "1" * 5000, "1000"):
+            offer = parse(offer_with("SAVPF 96 97", f"SAVPF {formats}"))
+            self.assertEqual(sdp.unrelayable(offer.media[1]), "no RTP payload type")
+            self.assertEqual(answer(offer).media[1].port, 0)
 
     def test_no_ice_lite_and_no_bundle(self) -> None:
         a = answer(parse(offer_with("a=group:BUNDLE 0 1\r\n", "")), ice_lite=False)
