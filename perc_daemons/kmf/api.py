@@ -950,7 +950,7 @@ class KmfApi(JsonApi):
         if not token or len(token) > 128:
             return False
         issued_text, _, _ = token.partition(".")
-        if not issued_text.isdigit():
+        if not issued_text.isascii() or not issued_text.isdigit():  # int() refuses e.g. "²"
             return False
         issued = int(issued_text)
         age = self.now() - issued

@@ -396,7 +396,9 @@ class OAuthHttpTests(unittest.TestCase):
         for bad in (missing, dict(fields, csrf_token=f"{issued}.{mac[:-2]}AA"),
                     dict(fields, csrf_token=f"{int(issued) - 1}.{mac}"),
                     dict(fields, scope="identity"),  # signed for other parameters
-                    dict(fields, csrf_token=stale)):
+                    dict(fields, csrf_token=stale),
+                    # str.isdigit() but not int(): found next to the same bug in SDP
+                    dict(fields, csrf_token=f"\u00b2{issued}.{mac}")):
             response, content = yield self.submit(bad)
             self.assertEqual(response.code, 403, content)
             self.assertIsNone(self.header(response, "location"))
