@@ -361,7 +361,7 @@ def _md_list(value: list) -> str | None:
         if not isinstance(item, str):
             return 'must be a list of "name:port" strings'
         name, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
             return f'{item!r} is not "name:port" with a port 1-65535'
         if _domain(name) is not None and _ip_address(name) is not None:
             return f"{item!r}: {name!r} is not a DNS name or IP address"

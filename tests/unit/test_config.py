@@ -142,6 +142,9 @@ class LoadTests(unittest.TestCase):
         self.assertConfigError(self.write('[tunnel]\nmds = ["md1.example.com"]\n'),
                                "tunnel.mds", "'md1.example.com' is not \"name:port\" with a "
                                "port 1-65535 (got ['md1.example.com'])", daemon="kd")
+        self.assertConfigError(self.write('[tunnel]\nmds = ["md1:\u00b2"]\n'),  # isdigit()
+                               "tunnel.mds", "'md1:\u00b2' is not \"name:port\" with a "
+                               "port 1-65535 (got ['md1:\u00b2'])", daemon="kd")
         self.assertConfigError(self.write('[kmf]\nurl = "http://kmf:8443"\n'),
                                "kmf.url", "must be an https:// URL without query or fragment "
                                "(got 'http://kmf:8443')", daemon="kd")
