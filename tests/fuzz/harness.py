@@ -18,7 +18,10 @@ Design (``make fuzz``; a short run is part of ``make check`` through
   as ``serialize(parse(x)) == x``) with ``assert``.  Where the real input is
   protected by a MAC or a signature, a *structured* target mutates the
   plaintext and has ``parse`` re-seal it with the known key, so that the
-  mutations reach the code behind the check.
+  mutations reach the code behind the check.  The DTLS state-machine targets
+  replay a recorded association to a fresh connection with one datagram
+  replaced by the mutated one (its first byte picks which), the
+  connection's randomness fixed so that the recorded peer stays valid.
 * **Mutators** (:class:`Mutator`): deterministic, from one
   :class:`random.Random` per target seeded with ``(seed, target name)``:
   bit flips, random and "interesting" bytes, truncation, extension,
@@ -29,9 +32,10 @@ Design (``make fuzz``; a short run is part of ``make check`` through
   One to four of them are stacked per input.  Inputs a parser accepted go
   into a small pool that later inputs are also derived from, so that
   several mutations can add up while staying valid.
-* **Runner** (:func:`run_target`, :func:`run`): feeds ``n`` inputs per
-  target, counts inputs per second and how many were refused with a typed
-  error or accepted, and collects every other exception (``IndexError``,
+* **Runner** (:func:`run_target`, :func:`run`): feeds the seeds unmutated
+  first (how many the parser accepts is a check of the harness), then ``n``
+  inputs per target; it counts inputs per second and how many were refused
+  with a typed error or accepted, and collects every other exception (``IndexError``,
   ``struct.error``, ``KeyError``, ``TypeError``, ``UnicodeDecodeError``,
   ``RecursionError``, ``AssertionError``, ``OverflowError`` ... : a bug),
   deduplicated by exception type and the innermost source line in

@@ -1217,6 +1217,7 @@ def _replay(role: Role, script: Script, slot: int, mutated: bytes) -> bool:
         received = 0
         now = 0.0
         completed = False
+        ekt_cipher = None  # as negotiated (HandshakeComplete)
         for step in script:
             kind, now = step[0], step[-1]
             if kind == "recv":
@@ -1226,7 +1227,7 @@ def _replay(role: Role, script: Script, slot: int, mutated: bytes) -> bool:
                 received += 1
             elif kind == "connect":
                 conn.connect(now)
-            elif kind == "ekt" and conn.is_connected and conn._ekt_cipher == step[1].cipher:
+            elif kind == "ekt" and conn.is_connected and ekt_cipher == step[1].cipher:
                 conn.send_ekt_key(step[1], now)
             elif kind == "app" and conn.is_connected:
                 conn.send_application_data(step[1])
@@ -1234,7 +1235,8 @@ def _replay(role: Role, script: Script, slot: int, mutated: bytes) -> bool:
                 conn.close()
             conn.datagrams_to_send(now)
             while (event := conn.next_event()) is not None:
-                completed |= isinstance(event, dtls_connection.HandshakeComplete)
+                if isinstance(event, dtls_connection.HandshakeComplete):
+                    completed, ekt_cipher = True, event.ekt_cipher
         for later in (now + 1.5, now + 100.0):
             timer = conn.get_timer()
             if timer is not None:
