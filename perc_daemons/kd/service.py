@@ -466,6 +466,12 @@ class KdHandler:
             self._signing.add(aid)
             facts = inspect_offer(message.offer_sdp)
             conference = facts.conference_id
+            if message.conference_id != conference:
+                # The MD would add the leg to another conference's media group than
+                # the one the identity assertion is for (issue 10: cross-conference).
+                raise OfferRejected(SIGN_STATUS_REFUSED,
+                                    f"the identity assertion is for conference "
+                                    f"{conference!r}, not {message.conference_id!r}")
             verifier = await self._verifier_for(facts.kid)
             identity = verify_identity(verifier, facts, self.reactor.seconds())
             try:

@@ -472,29 +472,43 @@ class EndpointDisconnect:
 
 @dataclass(frozen=True, slots=True)
 class SignAnswer:
-    """Ours (0xF0), MD -> KD: check this endpoint's offer, sign the answer."""
+    """Ours (0xF0), MD -> KD: check this endpoint's offer, sign the answer.
+
+    ``conference_id`` is the conference whose media group the MD will add the
+    leg to (the one in the join URL): the KD refuses an offer whose identity
+    assertion is for another conference (issue 10: a cross-conference join).
+    """
 
     msg_type: ClassVar[int] = MessageType.SIGN_ANSWER
 
     association_id: bytes
+    conference_id: str
     offer_sdp: str
     answer_sdp: str
 
     def __post_init__(self) -> None:
         _check_association_id(self.association_id)
+        _check_conference_id(self.conference_id)
         _check_text("offer_sdp", self.offer_sdp, 1)
         _check_text("answer_sdp", self.answer_sdp, 1)
 
     def encode(self) -> bytes:
+        conference = self.conference_id.encode("utf-8")
         offer = self.offer_sdp.encode("utf-8")
         answer = self.answer_sdp.encode("utf-8")
-        body = (self.association_id + len(offer).to_bytes(2, "big") + offer
+        body = (self.association_id + len(conference).to_bytes(1, "big") + conference
+                + len(offer).to_bytes(2, "big") + offer
                 + len(answer).to_bytes(2, "big") + answer)
         return _frame(self.msg_type, body)
 
     @classmethod
     def _decode(cls, r: _Reader) -> SignAnswer:
-        return cls(r.association_id(), r.text(), r.text())
+        aid = r.association_id()
+        try:
+            conference = r.vector(1).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedFrame("conference id is not UTF-8") from exc
+        return cls(aid, conference, r.text(), r.text())
 
 
 @dataclass(frozen=True, slots=True)

@@ -310,10 +310,15 @@ class KdHandlerTests(unittest.TestCase):
         raise AssertionError("no quiescence")
 
     @defer.inlineCallbacks
-    def sign(self, ep: Endpoint, assertion: str | None = None, *, draft: str | None = None):
+    def sign(self, ep: Endpoint, assertion: str | None = None, *, draft: str | None = None,
+             conference: str | None = None):
+        """SignAnswer as the MD sends it; ``conference`` (the MD's route) defaults to
+        the one the assertion is for."""
         offer = ep.offer(assertion or self.kmf.assertion(ep.identity, ep.fingerprint))
         answer = draft or draft_answer(offer, self.credentials.fingerprint)
-        self.handler.tunnel_message(self.peer, SignAnswer(ep.aid, offer, answer))
+        if conference is None:
+            conference = inspect_offer(offer).conference_id
+        self.handler.tunnel_message(self.peer, SignAnswer(ep.aid, conference, offer, answer))
         yield wait_for(lambda: self.peer.of(SignAnswerAck, ep.aid), "SignAnswerAck")
         [ack] = self.peer.of(SignAnswerAck, ep.aid)
         return offer, ack
@@ -401,6 +406,24 @@ class KdHandlerTests(unittest.TestCase):
         carol = Endpoint("carol", CAROL, 3333)
         _, ack = yield self.sign(carol, self.kmf.assertion(CAROL, carol.fingerprint, "nope"))
         self.assertRefused(ack, SIGN_STATUS_REFUSED, "unknown conference", carol.aid)
+
+    @defer.inlineCallbacks
+    def test_offer_for_another_conference_than_the_mds_is_refused(self):
+        """Issue 10 item 3: bob, invited to conf-2 only, posts his conf-2 assertion to
+        the MD's route for conf-1: the KD refuses, whatever the invitations say."""
+        yield self.kmf.conference()
+        yield self.kmf.conference("conf-2", invited=(BOB,))
+        bob = Endpoint("bob", BOB, 2222)
+        _, ack = yield self.sign(bob, self.kmf.assertion(BOB, bob.fingerprint, "conf-2"),
+                                 conference=CONF)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED,
+                           f"the identity assertion is for conference 'conf-2', not {CONF!r}",
+                           bob.aid)
+        # and alice, invited to conf-1, cannot use her conf-1 assertion at conf-2's route
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice, conference="conf-2")
+        self.assertEqual(ack.status, SIGN_STATUS_REFUSED)
+        self.assertFalse(self.core.knows(alice.aid))
 
     @defer.inlineCallbacks
     def test_conference_not_running_is_refused(self):
@@ -1001,7 +1024,7 @@ class KdServiceTunnelTests(unittest.TestCase):
         yield wait_for(lambda: md_side.peer is not None, "tunnel up")
         alice = Endpoint("alice", ALICE, 1111)
         offer = alice.offer(kmf.assertion(ALICE, alice.fingerprint))
-        md_side.peer.send(SignAnswer(alice.aid, offer, draft_answer(offer, kd_fp)))
+        md_side.peer.send(SignAnswer(alice.aid, CONF, offer, draft_answer(offer, kd_fp)))
         yield wait_for(lambda: md_side.received, "SignAnswerAck")
         [ack] = md_side.received
         self.assertEqual(ack.status, SIGN_STATUS_OK, ack.text)

@@ -31,6 +31,7 @@ from perc_daemons.interfaces import ITunnelHandler
 from perc_daemons.kd.tunnel import KdTunnelClient
 from perc_daemons.md.service import md_service
 from perc_daemons.protocol import sdp
+from perc_daemons.protocol.answer import sign_answer
 from perc_daemons.protocol.stun import BINDING_SUCCESS, StunMessage
 from perc_daemons.protocol.tunnel import (
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
@@ -95,16 +96,29 @@ class TrustCa:
 
 @implementer(ITunnelHandler)
 class PlayKd:
-    """The KD's side of the tunnel, scripted by the test."""
+    """The KD's side of the tunnel, scripted by the test; it signs answers for real
+    (protocol.answer.sign_answer) with ``issued``'s certificate and key."""
 
-    def __init__(self) -> None:
-        self.mode = "ok"  # ok | refuse | bad | silent
+    def __init__(self, issued: Any) -> None:
+        # ok | refuse | bad | silent | other-conference | other-association
+        self.mode = "ok"
         self.messages: list[Any] = []
         self.peer: Any = None
         self._waiters: list[tuple[Any, defer.Deferred]] = []
+        self.answers: dict[bytes, str] = {}
+        self._chain = [x509.load_pem_x509_certificate(issued.certificate.read_bytes())
+                       .public_bytes(serialization.Encoding.DER)]
+        self._key = serialization.load_pem_private_key(issued.private_key.read_bytes(), None)
 
-    def signed(self, request: SignAnswer) -> str:
-        return request.answer_sdp + "a=x-test-signed-by:kd\r\n"
+    def signed(self, request: SignAnswer, conference: str | None = None,
+               association: bytes | None = None) -> str:
+        text = sign_answer(sdp.parse(request.answer_sdp), request.offer_sdp,
+                           association_id=association or request.association_id,
+                           conference_id=conference or request.conference_id,
+                           identity="alice@example.com", certificate_chain=self._chain,
+                           private_key=self._key, now=reactor.seconds())
+        self.answers[request.association_id] = text
+        return text
 
     def tunnel_up(self, peer: Any) -> None:
         self.peer = peer
@@ -118,6 +132,12 @@ class PlayKd:
             aid = message.association_id
             if self.mode == "ok":
                 peer.send(SignAnswerAck(aid, SIGN_STATUS_OK, self.signed(message)))
+            elif self.mode == "other-conference":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_OK,
+                                        self.signed(message, conference="c-other")))
+            elif self.mode == "other-association":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_OK,
+                                        self.signed(message, association=uuid.uuid4().bytes)))
             elif self.mode == "refuse":
                 peer.send(SignAnswerAck(aid, SIGN_STATUS_REFUSED, "alice is not invited"))
             elif self.mode == "bad":
@@ -176,7 +196,7 @@ class MdServiceTests(unittest.TestCase):
         with open(self.ca_path, "rb") as f:
             self.http = treq.client.HTTPClient(
                 Agent(reactor, contextFactory=TrustCa(f.read()), pool=self.pool))
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         self.pki = pki
 
     def write_token(self, token: str) -> None:
@@ -362,7 +382,7 @@ class MdServiceTests(unittest.TestCase):
                          [("sha-256", bytes.fromhex(self.kd_fp.replace(":", "")))])
         self.assertEqual(draft.media[0].candidates(),
                          [f"1 1 udp 2130706431 127.0.0.1 {self.conferences.media_port} typ host"])
-        self.assertEqual(body["answer"], self.kd.signed(request))  # the KD's text, verbatim
+        self.assertEqual(body["answer"], self.kd.answers[request.association_id])  # verbatim
         self.assertEqual(str(uuid.UUID(bytes=request.association_id)), body["association"])
         self.assertTrue(body["leave_token"])
         code, conf = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
@@ -382,6 +402,27 @@ class MdServiceTests(unittest.TestCase):
         code, body = yield self.join()
         self.assertEqual((code, body["type"]), (504, "urn:perc:problem:kd-timeout"))
         self.assertEqual(len(self.conferences.participants()), 1)
+
+    @defer.inlineCallbacks
+    def test_answer_signed_for_another_conference_adds_no_leg(self):
+        """Issue 10 item 3: the MD asks the KD for conference c1 (SignAnswer carries
+        it) and adds the leg only if the signed answer is for c1 and this association."""
+        yield self.create()
+        yield self.connect_kd()
+        code, _ = yield self.join()
+        self.assertEqual(code, 201)
+        request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+        self.assertEqual(request.conference_id, "c1")
+        before = len(self.conferences.participants())
+        for mode in ("other-conference", "other-association"):
+            self.kd.mode = mode
+            self.kd.messages.clear()
+            code, body = yield self.join()
+            self.assertEqual((code, body["type"]), (502, "urn:perc:problem:kd-failed"), body)
+            self.assertEqual(len(self.conferences.participants()), before)
+            request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+            yield self.kd.wait_for(disconnect_of(request.association_id))  # KD told to forget
+        self.assertEqual(self.conferences.events["answer_refused"], 2)
 
     @defer.inlineCallbacks
     def test_browser_offer_data_channel_is_rejected_in_the_draft(self):
@@ -555,7 +596,7 @@ class MdServiceTests(unittest.TestCase):
         yield self.create()
         yield self.create("c2", fp=hashlib.sha256(der).digest().hex(":").upper())
         yield self.connect_kd()
-        kd2 = PlayKd()
+        kd2 = PlayKd(other)
         yield self.connect_kd(other, kd2)
         _, body = yield self.join()
         aid = uuid.UUID(body["association"]).bytes
@@ -586,7 +627,7 @@ class MdServiceTests(unittest.TestCase):
             "DELETE", f"/v1/conferences/c1/participants/{body['association']}",
             token=body["leave_token"])
         self.assertEqual(code, 204)
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         yield self.connect_kd()
         yield self.kd.wait_for(disconnect_of(uuid.UUID(body["association"]).bytes))
 
@@ -607,7 +648,7 @@ class MdServiceTests(unittest.TestCase):
         # Nobody yet: one empty Associations.
         empty = yield self.kd.wait_for(lambda m: isinstance(m, Associations))
         self.assertEqual(empty, Associations())
-        kd2 = PlayKd()
+        kd2 = PlayKd(other)
         yield self.connect_kd(other, kd2)
         yield kd2.wait_for(lambda m: isinstance(m, Associations))
         joined = []
@@ -631,7 +672,7 @@ class MdServiceTests(unittest.TestCase):
             "DELETE", f"/v1/conferences/c1/participants/{gone['association']}",
             token=gone["leave_token"])
         self.assertEqual(code, 204)
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         yield self.connect_kd()
         message = yield self.kd.wait_for(lambda m: isinstance(m, Associations))
         self.assertIsInstance(self.kd.messages[0], EndpointDisconnect)
@@ -661,7 +702,7 @@ class MdServiceTests(unittest.TestCase):
             [self.conferences.join("c1", offer(f"U{i:03d}")) for i in
              range(MAX_ASSOCIATIONS + 1)], consumeErrors=True)
         yield client.stopService()
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         yield self.connect_kd()
         yield self.kd.wait_for(lambda m: isinstance(m, Associations)
                                and len(m.entries) < MAX_ASSOCIATIONS)

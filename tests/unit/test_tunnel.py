@@ -72,7 +72,8 @@ def samples() -> list:
         TunneledDtls(AID, b"\x16\xfe\xfd" + bytes(50)),
         TunneledDtls(AID2, b"x"),
         EndpointDisconnect(AID),
-        SignAnswer(AID, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\ns=é☃\r\n"),
+        SignAnswer(AID, "conf-1", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\ns=é☃\r\n"),
+        SignAnswer(AID2, "é" * 127, "o", "a"),
         SignAnswerAck(AID, SIGN_STATUS_OK, "v=0\r\na=identity:abc\r\n"),
         SignAnswerAck(AID2, SIGN_STATUS_REFUSED, ""),
         SignAnswerAck(AID2, 0xFFFF, "fingerprint mismatch"),
@@ -154,8 +155,15 @@ class EncodingTests(unittest.TestCase):
         self.assertEqual(EndpointDisconnect(AID).encode(), b"\x05\x00\x10" + AID)
         self.assertEqual(TunneledDtls(AID, b"ab").encode(),
                          b"\x04\x00\x14" + AID + b"\x00\x02ab")
-        self.assertEqual(SignAnswer(AID, "o", "é").encode(),
-                         b"\xf0\x00\x17" + AID + b"\x00\x01o\x00\x02\xc3\xa9")
+        self.assertEqual(SignAnswer(AID, "c1", "o", "é").encode(),
+                         b"\xf0\x00\x1a" + AID + b"\x02c1\x00\x01o\x00\x02\xc3\xa9")
+        for bad in ("", "x" * 256):
+            with self.assertRaises(MalformedFrame):
+                SignAnswer(AID, bad, "o", "a")
+        # a conference id that is not UTF-8 on the wire
+        frame = b"\xf0\x00\x18" + AID + b"\x01\xff\x00\x01o\x00\x01a"
+        with self.assertRaises(MalformedFrame):
+            TunnelDecoder().feed(frame)
         self.assertEqual(SignAnswerAck(AID, 2, "no").encode(),
                          b"\xf1\x00\x16" + AID + b"\x00\x02\x00\x02no")
         self.assertEqual(Associations().encode(), b"\xf2\x00\x02\x00\x00")
@@ -164,9 +172,10 @@ class EncodingTests(unittest.TestCase):
 
     def test_largest_messages_fit_a_frame(self) -> None:
         big = "a" * MAX_SDP_LENGTH
-        data = SignAnswer(AID, big, big).encode()
+        longest_cid = "c" * MAX_CONFERENCE_ID_LENGTH
+        data = SignAnswer(AID, longest_cid, big, big).encode()
         self.assertLessEqual(len(data), HEADER_LENGTH + MAX_BODY_LENGTH)
-        self.assertEqual(TunnelDecoder().feed(data), [SignAnswer(AID, big, big)])
+        self.assertEqual(TunnelDecoder().feed(data), [SignAnswer(AID, longest_cid, big, big)])
         dtls = TunneledDtls(AID, bytes(MAX_BODY_LENGTH - 18))
         self.assertEqual(len(dtls.encode()), HEADER_LENGTH + MAX_BODY_LENGTH)
         self.assertEqual(TunnelDecoder().feed(dtls.encode()), [dtls])
@@ -273,10 +282,11 @@ class ValidationTests(unittest.TestCase):
                               frame(msg.msg_type, body + b"\x00"))
 
     def test_sign_messages_text(self) -> None:
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "", "v=0")
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "v=0", "")
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "a" * (MAX_SDP_LENGTH + 1), "v")
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "\ud800", "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "", "v=0")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "v=0", "")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "a" * (MAX_SDP_LENGTH + 1), "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "\ud800", "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "\ud800", "v", "v")
         self.assertRaises(MalformedFrame, SignAnswerAck, AID, SIGN_STATUS_OK, "")
         self.assertRaises(MalformedFrame, SignAnswerAck, AID, 0x10000, "x")
         bad_utf8 = AID + b"\x00\x01\xff\x00\x01v"
@@ -428,7 +438,7 @@ messages = st.one_of(
               opaque, opaque, opaque, opaque),
     st.builds(TunneledDtls, uuid4s, st.binary(min_size=1, max_size=300)),
     st.builds(EndpointDisconnect, uuid4s),
-    st.builds(SignAnswer, uuid4s, sdp, sdp),
+    st.builds(SignAnswer, uuid4s, st.text(min_size=1, max_size=60), sdp, sdp),
     st.builds(SignAnswerAck, uuid4s, st.just(SIGN_STATUS_OK), sdp),
     st.builds(SignAnswerAck, uuid4s, st.integers(1, 0xFFFF), st.text(max_size=40)),
     st.dictionaries(uuid4s, st.text(min_size=1, max_size=20), max_size=6).map(

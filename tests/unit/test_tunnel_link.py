@@ -214,7 +214,7 @@ class TunnelUpTests(TunnelTestBase):
                  SignAnswerAck(aid, SIGN_STATUS_OK, "v=0\r\n" + "a=x\r\n" * 2000),
                  SignAnswerAck(aid, SIGN_STATUS_REFUSED, "not invited")]
         to_kd = [TunneledDtls(aid, bytes(range(256)) * 200),
-                 SignAnswer(aid, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\n"),
+                 SignAnswer(aid, "conf-1", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\n"),
                  EndpointDisconnect(aid)]
         for message in to_md:
             kd_peer.send(message)
