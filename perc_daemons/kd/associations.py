@@ -104,6 +104,9 @@ class _Association:
     identity: str
     fingerprint: bytes
     tls_id: bytes
+    #: The KD's own tls-id for this association (RFC 8842 s5.3: new and unique per
+    #: DTLS association), its external_session_id (RFC 8844).
+    kd_tls_id: bytes = b""
     ssrcs: tuple[int, ...] = ()
     connection: DtlsConnection | None = None
     #: without a handshake by then, the expectation is dropped (None: never)
@@ -128,7 +131,7 @@ class KeyDistributorCore:
     """Every tunnelled DTLS association of one KD, and each conference's epochs."""
 
     def __init__(self, certificate: bytes, private_key: ec.EllipticCurvePrivateKey,
-                 tls_id: bytes, cookie_secret: bytes, *,
+                 cookie_secret: bytes, *,
                  profiles: Sequence[int] = DEFAULT_PROFILES,
                  ekt_ciphers: Mapping[int, EktCipher] = DEFAULT_EKT_CIPHERS,
                  initial_retransmit: float = 1.0,
@@ -137,13 +140,10 @@ class KeyDistributorCore:
             raise ValueError("profiles must be a non-empty list of DOUBLE profiles")
         if any(p not in ekt_ciphers for p in profiles):
             raise ValueError("every profile needs an EKT cipher")
-        if not 20 <= len(tls_id) <= 255:
-            raise ValueError("tls_id must be 20 to 255 bytes")
         if len(cookie_secret) < 16:
             raise ValueError("cookie_secret must be at least 16 bytes")
         self._certificate = certificate
         self._private_key = private_key
-        self._tls_id = tls_id
         self._cookie_secret = cookie_secret
         self._profiles = [int(p) for p in profiles]
         self._ekt_ciphers = {int(p): EktCipher(c) for p, c in ekt_ciphers.items()}
@@ -162,11 +162,6 @@ class KeyDistributorCore:
                 f"conferences={len(self._conferences)}>")
 
     # -- queries -----------------------------------------------------------------------
-
-    @property
-    def tls_id(self) -> bytes:
-        """The KD's own tls-id (RFC 8842), its DTLS external_session_id (RFC 8844)."""
-        return self._tls_id
 
     def members(self, conference_id: str) -> list[tuple[str, bytes]]:
         """(identity, association id) of each keyed member, in join order."""
@@ -342,8 +337,13 @@ class KeyDistributorCore:
 
     def expect(self, association_id: bytes, conference_id: str, identity: str,
                fingerprint: bytes, tls_id: bytes, ssrcs: Sequence[int] = (), *,
-               now: float | None = None) -> None:
+               kd_tls_id: bytes, now: float | None = None) -> None:
         """Admit an association, as learnt from the offer of a verified SignAnswer.
+
+        ``tls_id`` is the endpoint's (from the offer), ``kd_tls_id`` the KD's own for
+        this association alone (in the answer; RFC 8842 s5.3 wants a new one per
+        DTLS association): the handshake must carry both as external_session_id
+        (RFC 8844), so an endpoint's DTLS binds to this one answer.
 
         The conference must have a current epoch (:class:`NoCurrentEpoch`
         otherwise): the service installs one first.  With ``now``, an
@@ -355,8 +355,8 @@ class KeyDistributorCore:
             raise ValueError("association_id must be 16 bytes")
         if len(fingerprint) != 32:
             raise ValueError("fingerprint must be a SHA-256 digest (32 bytes)")
-        if not 20 <= len(tls_id) <= 255:
-            raise ValueError("tls_id must be 20 to 255 bytes")
+        if not 20 <= len(tls_id) <= 255 or not 20 <= len(kd_tls_id) <= 255:
+            raise ValueError("tls_id and kd_tls_id must be 20 to 255 bytes")
         if not conference_id or not identity:
             raise ValueError("conference_id and identity must not be empty")
         ssrc_tuple = tuple(dict.fromkeys(int(s) for s in ssrcs))
@@ -368,7 +368,7 @@ class KeyDistributorCore:
         if existing is not None and existing.connection is not None:
             raise ValueError("association already has a DTLS connection")
         self._associations[association_id] = _Association(
-            association_id, conference_id, identity, fingerprint, tls_id, ssrc_tuple,
+            association_id, conference_id, identity, fingerprint, tls_id, kd_tls_id, ssrc_tuple,
             expires_at=None if now is None else now + self._expect_timeout)
 
     def tunneled_dtls(self, association_id: bytes, data: bytes,
@@ -476,7 +476,7 @@ class KeyDistributorCore:
             srtp_profiles=profiles,
             ekt_ciphers=[cipher],
             expected_peer_fingerprint=association.fingerprint,
-            external_session_id=self._tls_id,
+            external_session_id=association.kd_tls_id,
             expected_peer_external_session_id=association.tls_id,
             cookie_secret=self._cookie_secret,
             peer_id=association.association_id,

@@ -54,7 +54,6 @@ retried (the file is read whenever a token is needed).
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ from perc_daemons.protocol.answer import sign_answer
 from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerprint
 from perc_daemons.protocol.identity import JwksIdentityVerifier
 from perc_daemons.protocol.jose import InvalidJwks, parse_jwks
+from perc_daemons.protocol.sdp import new_tls_id
 from perc_daemons.protocol.tunnel import (
     MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
@@ -214,7 +214,6 @@ class KdHandler:
         self.kmf = kmf
         self.idp_domain = idp_domain
         self.credentials = credentials
-        self.tls_id = core.tls_id.decode("ascii")
         self.metrics = KdMetrics(metrics, core) if metrics is not None else None
         self._peers: dict[str, ITunnelPeer] = {}  # MD name -> its up tunnel
         self._owner: dict[bytes, str] = {}  # association -> MD name
@@ -490,9 +489,10 @@ class KdHandler:
                 if e.status in (409, 410):
                     raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running") from None
                 raise
+            kd_tls_id = new_tls_id()  # one per association (RFC 8842 s5.3)
             answer = finish_answer(message.answer_sdp, message.offer_sdp,
                                    kd_fingerprint=self.credentials.fingerprint,
-                                   kd_tls_id=self.tls_id)
+                                   kd_tls_id=kd_tls_id)
             signed = sign_answer(answer, message.offer_sdp, association_id=aid,
                                  conference_id=conference, identity=identity,
                                  certificate_chain=list(self.credentials.chain),
@@ -506,6 +506,7 @@ class KdHandler:
                 invitation.get("late_joiners_get_earlier_epochs", False)))
             self.core.expect(aid, conference, identity, facts.fingerprint,
                              facts.tls_id.encode("ascii"), facts.ssrcs,
+                             kd_tls_id=kd_tls_id.encode("ascii"),
                              now=self.reactor.seconds())
             self._owner[aid] = str(peer.peer_name)
             self._reschedule_timer()  # the expectation expires unless the endpoint connects
@@ -746,9 +747,8 @@ class KdService(MultiService):
         except tls.TlsFileError as e:
             self.problem = f"KD certificate/key: {e}"
             return
-        tls_id = secrets.token_urlsafe(24)  # 32 characters of the RFC 8842 alphabet
         core = KeyDistributorCore(credentials.chain[0], credentials.private_key,
-                                  tls_id.encode("ascii"), os.urandom(32))
+                                  os.urandom(32))
         self.handler = KdHandler(reactor, core=core, kmf=self.kmf,
                                  idp_domain=cfg.idp.domain, credentials=credentials,
                                  metrics=metrics)
@@ -773,9 +773,8 @@ class KdService(MultiService):
             return
         if self.problem is not None:
             log.error("perc-kd: {problem}", problem=self.problem)
-        log.info("perc-kd: certificate {fingerprint}, tls-id {tls_id}",
-                 fingerprint=format_fingerprint(self.handler.credentials.fingerprint),
-                 tls_id=self.handler.tls_id)
+        log.info("perc-kd: certificate {fingerprint}",
+                 fingerprint=format_fingerprint(self.handler.credentials.fingerprint))
         if not self.cfg.tunnel.mds:
             log.info("perc-kd: no [tunnel] mds configured: idle")
             return

@@ -242,6 +242,12 @@ class KmfFixture:
                                 now=reactor.seconds() if now is None else now)
 
 
+def answer_tls_id(ack: SignAnswerAck) -> str:
+    """The KD's a=tls-id in a signed answer (the same in every accepted section)."""
+    [tls_id] = {m.tls_id for m in sdp.parse(ack.signed_answer).media if m.port}
+    return tls_id
+
+
 @defer.inlineCallbacks
 def wait_for(predicate, what: str, timeout: float = 10.0):
     """Poll ``predicate`` (no timing asserted: the deadline only ends a hung test)."""
@@ -271,7 +277,7 @@ class KdHandlerTests(unittest.TestCase):
         issued = self.pki.issue("kd", ["kd.localhost"])
         self.credentials = load_credentials(str(issued.certificate), str(issued.private_key))
         self.core = KeyDistributorCore(self.credentials.chain[0], self.credentials.private_key,
-                                       KD_TLS_ID.encode(), os.urandom(32))
+                                       os.urandom(32))
         self.metrics = Metrics("perc-kd")
         self.handler = KdHandler(reactor, core=self.core, kmf=self.client, idp_domain=DOMAIN,
                                  credentials=self.credentials, metrics=self.metrics)
@@ -328,7 +334,7 @@ class KdHandlerTests(unittest.TestCase):
         offer, ack = yield self.sign(ep)
         self.assertEqual((ack.status, ack.ok), (SIGN_STATUS_OK, True), ack.text)
         self.endpoints[ep.aid] = ep
-        ep.start(self.credentials.fingerprint, KD_TLS_ID)
+        ep.start(self.credentials.fingerprint, answer_tls_id(ack))
         ep.conn.connect(reactor.seconds())
         self.pump()
         return offer, ack
@@ -362,13 +368,17 @@ class KdHandlerTests(unittest.TestCase):
         self.assertEqual((verified.association_id, verified.conference_id, verified.identity),
                          (alice.aid, CONF, ALICE))
         self.assertEqual(verified.kd_fingerprint, self.credentials.fingerprint)
-        self.assertEqual(verified.kd_tls_id, KD_TLS_ID)
+        self.assertEqual(len(verified.kd_tls_id), 32)
         self.assertTrue(self.core.knows(alice.aid))
+        # RFC 8842 s5.3: a new tls-id for every new association, never repeated
+        bob = Endpoint("bob", BOB, 2222)
+        _, ack2 = yield self.sign(bob)
+        self.assertNotEqual(answer_tls_id(ack2), verified.kd_tls_id)
         # The conference's epoch came from the KMF (started there by /start).
         epoch, key = yield self.kmf.current_key()
         self.assertEqual(self.core.epoch(CONF), epoch)
         self.assertEqual(self.core.current_params(CONF).key, key)
-        self.assertEqual(self.sample("perc_kd_sign_answers_total", {"status": "ok"}), 1)
+        self.assertEqual(self.sample("perc_kd_sign_answers_total", {"status": "ok"}), 2)
 
     @defer.inlineCallbacks
     def test_uninvited_is_refused(self):
@@ -579,7 +589,7 @@ class KdHandlerTests(unittest.TestCase):
         self.assertEqual(ack.status, SIGN_STATUS_OK)
         yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())
         self.endpoints[bob.aid] = bob
-        bob.start(self.credentials.fingerprint, KD_TLS_ID)
+        bob.start(self.credentials.fingerprint, answer_tls_id(ack))
         bob.conn.connect(reactor.seconds())
         self.pump()
         yield wait_for(lambda: self.peer.of(EndpointDisconnect, bob.aid), "EndpointDisconnect")
@@ -647,7 +657,7 @@ class KdHandlerTests(unittest.TestCase):
     def restart(self) -> None:
         """A fresh KD (new core, new handler) on the same KMF; the MD keeps its state."""
         self.core = KeyDistributorCore(self.credentials.chain[0], self.credentials.private_key,
-                                       KD_TLS_ID.encode(), os.urandom(32))
+                                       os.urandom(32))
         self.handler = KdHandler(reactor, core=self.core, kmf=self.client, idp_domain=DOMAIN,
                                  credentials=self.credentials)
         self.addCleanup(self.handler.stop)
@@ -956,7 +966,6 @@ class KdServiceStartTests(unittest.TestCase):
             "ca_file": str(pki.ca_certificate_path)}})
         service = KdService(reactor, cfg, Metrics("perc-kd"))
         self.assertIsNotNone(service.handler)
-        self.assertEqual(len(service.handler.tls_id), 32)
         service.startService()
         yield service.stopService()
 
@@ -1032,9 +1041,9 @@ class KdServiceTunnelTests(unittest.TestCase):
                                         trust_roots=[pki.ca_certificate],
                                         kd_names=["kd.localhost"], now=reactor.seconds())
         self.assertEqual(verified.identity, ALICE)
-        self.assertEqual(verified.kd_tls_id, service.handler.tls_id)
+        self.assertEqual(verified.kd_tls_id, answer_tls_id(ack))
         # The DTLS handshake through the tunnel ends with MediaKeys at the MD.
-        alice.start(kd_fp, service.handler.tls_id)
+        alice.start(kd_fp, verified.kd_tls_id)
         alice.conn.connect(reactor.seconds())
 
         seen = [0]
