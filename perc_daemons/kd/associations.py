@@ -57,6 +57,7 @@ from perc_daemons.protocol.tunnel import EndpointDisconnect, MediaKeys, Tunneled
 __all__ = [
     "DEFAULT_EKT_CIPHERS",
     "DEFAULT_PROFILES",
+    "DtlsRefusal",
     "EpochError",
     "KeyDistributorCore",
     "NoCurrentEpoch",
@@ -75,6 +76,25 @@ DEFAULT_EKT_CIPHERS: Mapping[int, EktCipher] = {
     Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM: EktCipher.AESKW_128,
     Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM: EktCipher.AESKW_256,
 }
+
+
+@dataclass(frozen=True)
+class DtlsRefusal:
+    """An association that ended before it was admitted (issue 10: say why).
+
+    ``cause`` is a short slug for metrics: the DTLS failure's (e.g.
+    ``dtls_no_srtp_profile`` -- no DOUBLE profile --, ``dtls_no_ekt``,
+    ``dtls_wrong_tls_id``, ``dtls_wrong_certificate``), ``peer_alert``,
+    ``timeout``, ``no_dtls`` (the endpoint never sent DTLS), ``kd_check``
+    (the KD's own re-check refused the finished handshake); ``detail`` a
+    sentence for the log.  Never any key material.
+    """
+
+    association_id: bytes
+    conference_id: str
+    identity: str
+    cause: str
+    detail: str
 
 
 class EpochError(ValueError):
@@ -156,6 +176,7 @@ class KeyDistributorCore:
         self._rekeys: dict[str, None] = {}  # ordered set
         self._roster_updates: dict[str, None] = {}
         self._grants: dict[str, None] = {}
+        self._refusals: list[DtlsRefusal] = []
 
     def __repr__(self) -> str:
         return (f"<KeyDistributorCore associations={len(self._associations)} "
@@ -245,6 +266,11 @@ class KeyDistributorCore:
         """Conferences whose keyed membership grew without a new epoch, each once."""
         due, self._roster_updates = list(self._roster_updates), {}
         return due
+
+    def take_refusals(self) -> list[DtlsRefusal]:
+        """Associations that ended before admission since the last call, with why."""
+        refusals, self._refusals = self._refusals, []
+        return refusals
 
     def take_grants(self) -> list[str]:
         """Conferences with members waiting for the current epoch's key, each once:
@@ -381,6 +407,8 @@ class KeyDistributorCore:
             connection = self._new_connection(association)
             if connection is None:
                 del self._associations[association_id]
+                self._refused(association, "no_profile",
+                              "no DOUBLE profile for the conference's EKT cipher")
                 return [EndpointDisconnect(association_id)]
             association.connection = connection
         association.connection.receive_datagram(data, now)
@@ -430,6 +458,8 @@ class KeyDistributorCore:
                 if expires_at is not None and now >= expires_at:
                     # A signed answer its endpoint never used (RFC 9185 s5.4)
                     del self._associations[association.association_id]
+                    self._refused(association, "no_dtls",
+                                  "no DTLS from the endpoint within the expect timeout")
                     out.append(EndpointDisconnect(association.association_id))
                 continue
             timer = connection.get_timer()
@@ -496,24 +526,37 @@ class KeyDistributorCore:
         assert connection is not None
         aid = association.association_id
         first: list[TunnelMessage] = []
-        closed = False
+        closed: ConnectionClosed | None = None
+        refused_here = False
         while (event := connection.next_event()) is not None:
             if isinstance(event, HandshakeComplete):
                 media_keys = self._admit(association, event, now)
                 if media_keys is None:
+                    refused_here = True
                     connection.close()
                 else:
                     first.append(media_keys)
             elif isinstance(event, EktKeyAcknowledged):
                 association.acknowledged_spis.append(event.spi)
             elif isinstance(event, ConnectionClosed):
-                closed = True
+                closed = event
         out = first + [TunneledDtls(aid, d) for d in connection.datagrams_to_send(now)]
-        if closed and self._associations.get(aid) is association:
+        if closed is not None and self._associations.get(aid) is association:
             del self._associations[aid]
             out.append(EndpointDisconnect(aid))
+            if refused_here:
+                self._refused(association, "kd_check",
+                              "the finished handshake failed the KD's own checks")
+            elif not association.member:
+                self._refused(association, closed.cause or "dtls_error", closed.reason)
             self._left(association)
         return out
+
+    def _refused(self, association: _Association, cause: str, detail: str) -> None:
+        if len(self._refusals) < 10_000:  # the service takes them after every input
+            self._refusals.append(DtlsRefusal(association.association_id,
+                                              association.conference_id,
+                                              association.identity, cause, detail))
 
     def _admit(self, association: _Association, event: HandshakeComplete,
                now: float) -> MediaKeys | None:

@@ -183,6 +183,11 @@ class KdMetrics:
                                     ["status"], registry=registry)
         self.kmf_errors = Counter("perc_kd_kmf_errors", "Failed KMF requests by operation",
                                   ["operation"], registry=registry)
+        self.dtls_refusals = Counter(
+            "perc_kd_dtls_refusals", "Associations that ended before admission, by reason "
+            "(dtls_no_srtp_profile: no DOUBLE profile, dtls_no_ekt, dtls_wrong_tls_id, "
+            "dtls_wrong_certificate, no_dtls, timeout, peer_alert, kd_check, ...)",
+            ["reason"], registry=registry)
 
 
 # --- the handler ------------------------------------------------------------------------
@@ -378,6 +383,15 @@ class KdHandler:
                 peer.send(message)
 
     def _after_core(self) -> None:
+        for refusal in self.core.take_refusals():
+            # once per association: each ends once (issue 10 item 15)
+            log.info("association {association} of {identity} in {conference} refused "
+                     "before admission: {cause} ({detail})",
+                     association=_aid(refusal.association_id), identity=refusal.identity,
+                     conference=refusal.conference_id, cause=refusal.cause,
+                     detail=refusal.detail)
+            if self.metrics is not None:
+                self.metrics.dtls_refusals.labels(refusal.cause).inc()
         for conference in self.core.take_rekeys():
             self._schedule(conference, new_epoch=True)
         for conference in self.core.take_roster_updates():

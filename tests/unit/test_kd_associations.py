@@ -51,7 +51,8 @@ class KeySource:
 
 class Endpoint:
     def __init__(self, name: str, *, cert_name: str | None = None,
-                 kd_tls_id: bytes | None = None) -> None:
+                 kd_tls_id: bytes | None = None, srtp_profiles: list[int] | None = None,
+                 ekt_ciphers: list[int] | None = None) -> None:
         cert, key = CERTS[cert_name or name]
         self.name = name
         self.aid = uuid.uuid4().bytes
@@ -60,7 +61,8 @@ class Endpoint:
         self.kd_tls_id = kd_tls_id or b"KD-" + os.urandom(12).hex().encode()
         self.fingerprint = certificate_fingerprint(CERTS[name][0])
         self.conn = DtlsConnection(Role.CLIENT, DtlsConfiguration(
-            cert, key, srtp_profiles=[P128], ekt_ciphers=[EktCipher.AESKW_128],
+            cert, key, srtp_profiles=srtp_profiles or [P128],
+            ekt_ciphers=[EktCipher.AESKW_128] if ekt_ciphers is None else ekt_ciphers,
             expected_peer_fingerprint=KD_FP, external_session_id=self.tls_id,
             expected_peer_external_session_id=self.kd_tls_id))
         self.events: list[object] = []
@@ -366,7 +368,12 @@ class TestJoin(unittest.TestCase):
 
 
 class TestRefusals(unittest.TestCase):
-    def assertRefused(self, h: Harness, ep: Endpoint) -> None:
+    def assertRefused(self, h: Harness, ep: Endpoint, cause: str | None = None) -> None:
+        if cause is not None:  # the reason the KD logs and counts (issue 10 item 15)
+            [refusal] = h.kd.take_refusals()
+            self.assertEqual((refusal.association_id, refusal.identity, refusal.cause),
+                             (ep.aid, ep.name, cause))
+            self.assertEqual(h.kd.take_refusals(), [])
         self.assertEqual(ep.of(EktKeyReceived), [])
         self.assertEqual(ep.of(HandshakeComplete), [])
         self.assertEqual(len(ep.of(ConnectionClosed)), 1)
@@ -381,7 +388,32 @@ class TestRefusals(unittest.TestCase):
         ep = Endpoint("alice", cert_name="mallory")
         h.expect(ep)
         h.join(ep)
-        self.assertRefused(h, ep)
+        self.assertRefused(h, ep, "dtls_wrong_certificate")
+
+    def test_no_double_profile(self) -> None:
+        """A WebRTC client without PERC: plain AES-GCM SRTP only (RFC 7714)."""
+        h = Harness()
+        ep = Endpoint("alice", srtp_profiles=[0x0007])
+        h.expect(ep)
+        h.join(ep)
+        self.assertRefused(h, ep, "dtls_no_srtp_profile")
+
+    def test_no_ekt(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice", ekt_ciphers=[])
+        h.expect(ep)
+        h.join(ep)
+        self.assertRefused(h, ep, "dtls_no_ekt")
+
+    def test_unused_expectation_is_a_refusal_too(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice")
+        h.expect(ep)
+        h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, ep.tls_id, kd_tls_id=ep.kd_tls_id,
+                    now=0.0)
+        h.kd.handle_timers(DEFAULT_EXPECT_TIMEOUT)
+        [refusal] = h.kd.take_refusals()
+        self.assertEqual(refusal.cause, "no_dtls")
 
     def test_wrong_tls_id(self) -> None:
         h = Harness()
@@ -389,7 +421,7 @@ class TestRefusals(unittest.TestCase):
         h.new_epoch()
         h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, b"x" * 20, kd_tls_id=ep.kd_tls_id)
         h.join(ep)
-        self.assertRefused(h, ep)
+        self.assertRefused(h, ep, "dtls_wrong_tls_id")
 
     def test_each_association_has_its_own_kd_tls_id(self) -> None:
         """RFC 8842 s5.3 / RFC 8844: the KD's external_session_id is the tls-id of this

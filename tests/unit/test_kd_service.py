@@ -22,6 +22,7 @@ from typing import Any
 import treq
 from argon2 import PasswordHasher
 from twisted.internet import defer, reactor, ssl, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
@@ -32,7 +33,7 @@ from perc_daemons.devpki import DevPki
 from perc_daemons.interfaces import IKeySource, ITunnelHandler, ITunnelPeer
 from perc_daemons.kd.associations import KeyDistributorCore
 from perc_daemons.kd.kmf_client import KmfClient, KmfRefused, KmfUnavailable
-from perc_daemons.kd.offers import OfferRejected, finish_answer, inspect_offer
+from perc_daemons.kd.offers import PERC_REQUIRED, OfferRejected, finish_answer, inspect_offer
 from perc_daemons.kd.service import KdHandler, KdService, load_credentials
 from perc_daemons.kmf.api import KmfApi, kmf_site
 from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
@@ -138,10 +139,11 @@ class Endpoint:
         ]
         return "".join(line + "\r\n" for line in lines)
 
-    def start(self, kd_fingerprint: bytes, kd_tls_id: str) -> None:
+    def start(self, kd_fingerprint: bytes, kd_tls_id: str, *,
+              srtp_profiles: list[int] | None = None) -> None:
         self.conn = DtlsConnection(Role.CLIENT, DtlsConfiguration(
             self.cert, self.key,
-            srtp_profiles=[Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM],
+            srtp_profiles=srtp_profiles or [Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM],
             ekt_ciphers=[EktCipher.AESKW_256], expected_peer_fingerprint=kd_fingerprint,
             external_session_id=self.tls_id.encode(),
             expected_peer_external_session_id=kd_tls_id.encode()))
@@ -538,6 +540,35 @@ class KdHandlerTests(unittest.TestCase):
         self.assertFalse(self.core.knows(alice.aid))
         self.assertIsNone(self.core.current_params(CONF))
 
+    @defer.inlineCallbacks
+    def test_dtls_refusal_is_logged_once_and_counted_by_reason(self):
+        """Issue 10 item 15: a handshake without a DOUBLE profile is refused with a reason
+        in the log (once) and in perc_kd_dtls_refusals_total."""
+        yield self.kmf.conference()
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice)
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            text = formatEvent(event)
+            if "refused before admission" in text:
+                lines.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.endpoints[alice.aid] = alice
+        alice.start(self.credentials.fingerprint, answer_tls_id(ack),
+                    srtp_profiles=[Profile.AEAD_AES_256_GCM])  # WebRTC without PERC
+        alice.conn.connect(reactor.seconds())
+        self.pump()
+        self.assertTrue(self.peer.of(EndpointDisconnect, alice.aid))
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("dtls_no_srtp_profile", lines[0])
+        self.assertIn(ALICE, lines[0])
+        self.assertEqual(self.sample("perc_kd_dtls_refusals_total",
+                                     {"reason": "dtls_no_srtp_profile"}), 1)
+        self.assertEqual(alice.of(EktKeyReceived), [])
+
     # --- withdrawn invitations (issue 10 item 1) ----------------------------------------
 
     @defer.inlineCallbacks
@@ -807,9 +838,18 @@ class OfferTests(unittest.TestCase):
         self.assertEqual(self.rejected("v=0\r\n").status, SIGN_STATUS_BAD_OFFER)
         no_identity = re.sub(r"a=identity:[^\r]*\r\n", "", offer)
         self.assertEqual((self.rejected(no_identity).status, self.rejected(no_identity).reason),
-                         (SIGN_STATUS_REFUSED, "offer has no identity assertion"))
+                         (SIGN_STATUS_REFUSED, f"{PERC_REQUIRED}; this offer has no a=identity"))
         no_tls_id = re.sub(r"a=tls-id:[^\r]*\r\n", "", offer)
-        self.assertEqual(self.rejected(no_tls_id).reason, "offer needs one a=tls-id")
+        self.assertEqual(self.rejected(no_tls_id).reason,
+                         f"{PERC_REQUIRED}; this offer has no a=tls-id")
+        # a plain WebRTC client's offer (no assertion, no tls-id): told that PERC is needed
+        plain = re.sub(r"a=tls-id:[^\r]*\r\n", "", no_identity)
+        refusal = self.rejected(plain)
+        self.assertEqual(refusal.status, SIGN_STATUS_REFUSED)
+        self.assertIn("PERC is required", refusal.reason)
+        self.assertIn("DOUBLE", refusal.reason)
+        self.assertIn("EKT", refusal.reason)
+        self.assertIn("no a=identity and no a=tls-id", refusal.reason)
         two_fps = offer.replace("a=setup:actpass", "a=fingerprint:sha-256 "
                                 + format_fingerprint(b"\x05" * 32) + "\r\na=setup:actpass")
         self.assertEqual(self.rejected(two_fps).reason,
