@@ -450,7 +450,8 @@ class StackTestCase(unittest.TestCase):
         endpoint = RecordingEndpoint(
             reactor, kmf_url=stack.kmf_url, md_url=stack.md_url, ca=stack.ca_path,
             conference_id=kwargs.pop("conference_id", self.conference), user=user,
-            password=stack.password, kd_names=[KD_NAME], source=source, label=user, **kwargs)
+            password=stack.password, kd_names=[KD_NAME], source=source,
+            label=kwargs.pop("label", user), **kwargs)
         self.endpoints.append(endpoint)
         return endpoint
 
