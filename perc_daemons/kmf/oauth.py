@@ -321,15 +321,14 @@ class AuthorizationServer:
                      now: float) -> str:
         if not isinstance(username, str) or not isinstance(password, str) or not username:
             raise LoginFailed()
-        try:
-            self.rate_limiter.check(username, address, now)
+        try:  # counted before it is evaluated: concurrent guesses count too
+            self.rate_limiter.attempt(username, address, now)
         except RateLimited as e:
             raise LoginRateLimited(e.retry_after) from None
         try:
             identity = await defer.maybeDeferred(
                 self.authenticator.authenticate, UsernamePassword(username, password))
         except (AuthenticationFailed, UnsupportedCredentials) as e:
-            self.rate_limiter.record_failure(username, address, now)
             log.info("login refused: {reason}", reason=getattr(e, "reason", type(e).__name__))
             raise LoginFailed() from None
         self.rate_limiter.record_success(username, address, now)

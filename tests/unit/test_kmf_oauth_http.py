@@ -415,6 +415,22 @@ class OAuthHttpTests(unittest.TestCase):
         self.assertIsNone(self.header(response, "location"))
         self.assertGreater(int(self.header(response, "retry-after")), 0)
 
+    @defer.inlineCallbacks
+    def test_concurrent_wrong_passwords_counted_before_evaluation(self):
+        """40 concurrent wrong passwords from one address: 5 per user, 20 per address."""
+        self.oauth.rate_limiter = LoginRateLimiter(user_limit=5, address_limit=20, window=900)
+        forms = []
+        for _ in range(80):
+            _, _, fields = yield self.login_form()
+            forms.append(fields)
+        for users, evaluated in ((["alice"] * 40, 5), ([f"user{i}" for i in range(40)], 15)):
+            answers = yield defer.gatherResults([
+                self.submit(forms.pop(), user, "wrong") for user in users])
+            codes = sorted(response.code for response, _ in answers)
+            self.assertEqual(codes, [200] * evaluated + [429] * (40 - evaluated))
+            for response, _ in answers:
+                self.assertIsNone(self.header(response, "location"))
+
     # --- token endpoint errors -------------------------------------------------------------
 
     @defer.inlineCallbacks
