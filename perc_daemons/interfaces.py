@@ -133,6 +133,16 @@ class IGrantStore(Interface):
     def refresh_token(token_hash, now):
         """The live grant of a refresh token, or None (unknown, expired, revoked)."""
 
+    def revoke_access_token(jti_hash, expires_at, now):
+        """Put an access token on the revocation list until ``expires_at`` (its ``exp``).
+
+        ``jti_hash`` is the SHA-256 of the token's ``jti`` (RFC 7009; RFC 9068
+        tokens are self-contained, so resources look the list up).  Idempotent.
+        """
+
+    def access_token_revoked(jti_hash, now):
+        """Whether that access token is on the revocation list (one key look-up)."""
+
 
 class ITunnelPeer(Interface):
     """One end of an established MD<->KD tunnel connection (RFC 9185 over TLS 1.3).

@@ -69,7 +69,11 @@ asked the answer is 503 ``directory-unavailable``, never an admission.
 "bound" means the access token must carry ``cnf`` (RFC 8705) matching the TLS
 client certificate of the request; any token with ``cnf`` is refused from
 another certificate.  Access tokens are checked with the KMF's own signing
-keys; issuer and audience are both ``[idp] issuer``.
+keys; issuer and audience are both ``[idp] issuer``.  An access token revoked
+at ``/oauth/revoke`` (here or at another KMF sharing the grant store) is
+refused (401 ``invalid_token``): before the handler runs, :meth:`KmfApi.prepare`
+looks the bearer token's ``jti`` up on the grant store's revocation list (one
+key look-up per request; 503 if the store cannot answer).
 
 The key service answers 200 with an empty body and::
 
@@ -111,6 +115,7 @@ from perc_daemons.kmf.tokens import (
     CertificateMismatch,
     InsufficientScope,
     TokenError,
+    unverified_jti,
     verify_access_token,
 )
 from perc_daemons.problems import (
@@ -356,6 +361,16 @@ class KmfApi(JsonApi):
             problem = super().problem_for(request, failure)
         return problem
 
+    async def prepare(self, request: server.Request) -> None:
+        """Look the bearer token's ``jti`` up on the revocation list, for :meth:`authorize`."""
+        header = request.getHeader(b"authorization")
+        if self.oauth is None or header is None or not request.path.startswith(b"/v1/"):
+            return  # only the /v1 routes take bearer tokens
+        kind, _, token = header.decode("latin-1").partition(" ")
+        jti = unverified_jti(token.strip()) if kind.lower() == "bearer" else None
+        if jti is not None and await self.oauth.access_token_revoked(jti, self.now()):
+            request.perc_token_revoked = True  # type: ignore[attr-defined]
+
     def authorize(self, request: server.Request, scopes: tuple[str, ...], *,
                   bound: bool = False) -> AccessToken:
         """The request's verified token, holding at least one of ``scopes``."""
@@ -377,6 +392,8 @@ class KmfApi(JsonApi):
             raise _unauthorized(f"certificate binding: {e}") from None
         except TokenError as e:
             raise _unauthorized(str(e)) from None
+        if getattr(request, "perc_token_revoked", False):  # looked up by prepare()
+            raise _unauthorized("the token has been revoked")
         if not verified.scopes.intersection(scopes):
             raise Problem(403, "insufficient-scope", "Insufficient scope",
                           "the token needs scope " + " or ".join(scopes),

@@ -482,16 +482,17 @@ class AuthorizationServer:
     def revoke(self, token: object, token_type_hint: object,
                client_auth: tuple[str, str] | None, now: float, *,
                client_id: str | None = None) -> defer.Deferred[None]:
-        """Revoke a refresh token and its whole family; fires None (HTTP 200).
+        """Revoke a refresh token (and its whole family) or an access token; fires None (200).
 
         Public clients identify themselves with ``client_id``, confidential ones
         with ``client_auth``.  Unknown, expired, already revoked tokens and
-        tokens of other clients are ignored (200, RFC 7009 s2.2).  Access
-        tokens are self-contained JWTs and cannot be revoked one by one: they
-        are ignored too and stay valid until their ``exp`` (keep
-        ``access_token_lifetime`` short); revoking the refresh token stops new
-        ones.  ``token_type_hint`` is only a hint and unknown values are
-        ignored.
+        tokens of other clients are ignored (200, RFC 7009 s2.2).  An access
+        token (a JWT that verifies) goes on the grant store's revocation list,
+        keyed by its ``jti``, until its ``exp``: every resource of every KMF
+        sharing the store then refuses it (:meth:`access_token_revoked`) and
+        introspection calls it inactive.  Access tokens already issued from a
+        revoked refresh token are not revoked with it (revoke them too).
+        ``token_type_hint`` is only a hint and unknown values are ignored.
         """
         return defer.Deferred.fromCoroutine(
             self._revoke(token, token_type_hint, client_auth, now, client_id))
@@ -503,7 +504,12 @@ class AuthorizationServer:
         if not isinstance(token, str) or not token or len(token) > _MAX_PARAM:
             raise OAuthError("invalid_request", "missing token")
         if token.count(".") == 2:
-            return None  # a JWT access token: cannot be revoked individually
+            claims = self._verified_claims(token, now)
+            if claims is not None and claims.get("client_id") == client.client_id:
+                await self.grants.revoke_access_token(token_hash(claims["jti"]),
+                                                      claims["exp"], now)
+                log.info("access token of {client} revoked", client=client.client_id)
+            return None
         h = token_hash(token)
         grant = await self.grants.refresh_token(h, now)
         if grant is not None and grant.get("client_id") == client.client_id:
@@ -517,7 +523,8 @@ class AuthorizationServer:
         """RFC 7662 s2.2 response; only authenticated confidential clients may ask.
 
         Anything invalid, expired or revoked is ``{"active": false}``.  Access
-        tokens are verified with the signing keys (a certificate-bound token is
+        tokens are verified with the signing keys and looked up on the
+        revocation list (a certificate-bound token is
         active: the caller checks the binding, ``cnf`` is returned); refresh
         tokens are active only when asked about by the client they belong to.
         """
@@ -532,14 +539,10 @@ class AuthorizationServer:
         if not isinstance(token, str) or not token or len(token) > _MAX_PARAM:
             return inactive
         if token.count(".") == 2:
-            try:
-                verify_access_token(token, self.keys, issuer=self.issuer,
-                                    audience=self._one_audience(), now=now)
-            except CertificateMismatch:
-                pass  # raised last: everything else was verified
-            except TokenError:
+            claims = self._verified_claims(token, now)
+            if claims is None or await self.grants.access_token_revoked(
+                    token_hash(claims["jti"]), now):
                 return inactive
-            claims = jwt.decode(token, options={"verify_signature": False})
             result = {"active": True, "token_type": "Bearer"}
             for name in ("scope", "client_id", "sub", "exp", "iat", "iss", "aud", "jti", "cnf"):
                 if name in claims:
@@ -553,6 +556,21 @@ class AuthorizationServer:
         if grant.get("exp") is not None:
             result["exp"] = int(grant["exp"])
         return result
+
+    def access_token_revoked(self, jti: str, now: float) -> defer.Deferred[bool]:
+        """Whether the access token with this ``jti`` was revoked (one store look-up)."""
+        return self.grants.access_token_revoked(token_hash(jti), now)
+
+    def _verified_claims(self, token: str, now: float) -> dict[str, Any] | None:
+        """The claims of an access token of ours that verifies (binding not checked), or None."""
+        try:
+            verify_access_token(token, self.keys, issuer=self.issuer,
+                                audience=self._one_audience(), now=now)
+        except CertificateMismatch:
+            pass  # raised last: everything else was verified
+        except TokenError:
+            return None
+        return jwt.decode(token, options={"verify_signature": False})
 
     def _one_audience(self) -> str:
         return self.audience if isinstance(self.audience, str) else self.audience[0]

@@ -30,9 +30,12 @@ from perc_daemons.kmf.clients import Client, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey
 from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import SigningKeys
+from perc_daemons.store import StoreUnavailable
+from perc_daemons.store.grants_redis import RedisGrantStore
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
 from perc_daemons.store.sqlite import SqliteConferenceStore
 from tests.unit.test_kmf_api import Cert, Policy
+from tests.unit.test_store import REDIS_SERVER, RedisServer
 
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 DOMAIN = "example.com"
@@ -102,7 +105,7 @@ class OAuthHttpTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def call(self, method, path, *, form=None, raw=None, content_type=FORM, headers=None,
-             cert="alice"):
+             cert="alice", base=None):
         client_cert = self.alice_cert if cert == "alice" else cert
         agent = Agent(reactor, contextFactory=Policy(self.server_cert, client_cert),
                       pool=self.pool)
@@ -112,8 +115,8 @@ class OAuthHttpTests(unittest.TestCase):
             data = urllib.parse.urlencode(form).encode()
         if data is not None:
             headers["Content-Type"] = content_type
-        response = yield treq.request(method, self.base + path, headers=headers, data=data,
-                                      agent=agent, allow_redirects=False)
+        response = yield treq.request(method, (base or self.base) + path, headers=headers,
+                                      data=data, agent=agent, allow_redirects=False)
         content = yield treq.content(response)
         return response, content
 
@@ -175,6 +178,32 @@ class OAuthHttpTests(unittest.TestCase):
     def refresh(self, refresh_token, status=200):
         return self.token({"grant_type": "refresh_token", "client_id": "webapp",
                            "refresh_token": refresh_token}, status=status)
+
+    @defer.inlineCallbacks
+    def uses(self, access_token, base=None):
+        """The statuses of the resources an access token opens (identity, keys, admin)."""
+        auth = {"Authorization": "Bearer " + access_token}
+        body = json.dumps({"fingerprints": [self.alice_cert.fingerprint],
+                           "audience": "kd"}).encode()
+        codes = []
+        for method, path, raw in (("POST", "/v1/identity/assertions", body),
+                                  ("POST", "/v1/conferences/none/keys", None),
+                                  ("GET", "/v1/conferences", None)):
+            response, _ = yield self.call(method, path, raw=raw, headers=auth,
+                                          content_type="application/json", base=base)
+            if response.code == 401:
+                self.assertIn('error="invalid_token"',
+                              self.header(response, "www-authenticate"))
+            codes.append(response.code)
+        return codes
+
+    @defer.inlineCallbacks
+    def introspect(self, access_token, base=None):
+        response, content = yield self.call(
+            "POST", "/oauth/introspect", headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)},
+            form={"token": access_token}, base=base)
+        self.assertEqual(response.code, 200, content)
+        return json.loads(content)
 
     def assertError(self, body, error):
         self.assertEqual(body["error"], error, body)
@@ -299,6 +328,47 @@ class OAuthHttpTests(unittest.TestCase):
         response, content = yield self.call("POST", "/oauth/revoke", form={"client_id": "webapp"})
         self.assertEqual(response.code, 400)
         self.assertError(json.loads(content), "invalid_request")
+
+    @defer.inlineCallbacks
+    def test_revoked_access_token_refused_everywhere(self):
+        """RFC 7009: a revoked access token opens nothing and introspects inactive."""
+        tokens = yield self.user_tokens()
+        _, admin = yield self.token({"grant_type": "client_credentials"}, cert=None,
+                                    headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)})
+        self.assertEqual((yield self.uses(tokens["access_token"])), [201, 404, 403])
+        self.assertEqual((yield self.uses(admin["access_token"]))[2], 200)
+        # another client's token is not revoked (ignored, 200)
+        response, _ = yield self.call("POST", "/oauth/revoke",
+                                      headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)},
+                                      form={"token": tokens["access_token"]})
+        self.assertEqual(response.code, 200)
+        self.assertEqual((yield self.uses(tokens["access_token"])), [201, 404, 403])
+        for form, headers, token in (
+                ({"token": tokens["access_token"], "token_type_hint": "access_token",
+                  "client_id": "webapp"}, None, tokens["access_token"]),
+                ({"token": admin["access_token"]},
+                 {"Authorization": basic(ADMIN_ID, ADMIN_SECRET)}, admin["access_token"])):
+            response, content = yield self.call("POST", "/oauth/revoke", form=form,
+                                                headers=headers)
+            self.assertEqual((response.code, content), (200, b""))
+            self.assertEqual((yield self.uses(token)), [401, 401, 401])
+            self.assertEqual((yield self.introspect(token)), {"active": False})
+        # the refresh token still works, and its new access token is not revoked
+        _, fresh = yield self.refresh(tokens["refresh_token"])
+        self.assertEqual((yield self.uses(fresh["access_token"])), [201, 404, 403])
+        self.assertTrue((yield self.introspect(fresh["access_token"]))["active"])
+
+    @defer.inlineCallbacks
+    def test_revocation_list_unavailable_fails_closed(self):
+        _, admin = yield self.token({"grant_type": "client_credentials"}, cert=None,
+                                    headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)})
+        yield self.grants.close()
+        response, content = yield self.call(
+            "GET", "/v1/conferences", cert=None,
+            headers={"Authorization": "Bearer " + admin["access_token"]})
+        self.assertEqual(response.code, 503, content)
+        self.assertEqual(json.loads(content)["type"], "urn:perc:problem:store-unavailable")
+        self.assertEqual(len(self.flushLoggedErrors(StoreUnavailable)), 1)
 
     @defer.inlineCallbacks
     def test_introspection(self):
@@ -463,3 +533,68 @@ class OAuthHttpTests(unittest.TestCase):
         _, body = yield self.token({"grant_type": "refresh_token", "client_id": "webapp",
                                     "refresh_token": "x"}, status=401)
         self.assertError(body, "invalid_client")
+
+
+class SharedRedisRevocationTests(unittest.TestCase):
+    """Two KMFs sharing a real redis-server: a token revoked at one is refused at the other."""
+
+    timeout = 30
+    call = OAuthHttpTests.call
+    header = OAuthHttpTests.header
+    authorize_query = OAuthHttpTests.authorize_query
+    login_form = OAuthHttpTests.login_form
+    submit = OAuthHttpTests.submit
+    code = OAuthHttpTests.code
+    token = OAuthHttpTests.token
+    user_tokens = OAuthHttpTests.user_tokens
+    uses = OAuthHttpTests.uses
+    introspect = OAuthHttpTests.introspect
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        if not os.access(REDIS_SERVER, os.X_OK):
+            raise unittest.SkipTest(f"{REDIS_SERVER} not installed")
+        yield OAuthHttpTests.setUp(self)  # KMF "a"; its grants are moved to Redis below
+        redis_dir = os.path.join(self.dir, "redis")
+        os.makedirs(redis_dir)
+        self.redis = RedisServer(redis_dir)
+        self.addCleanup(lambda: self.redis.stop())
+        yield self.redis.start()
+        self.bases = []
+        for name in ("a", "b"):
+            grants = RedisGrantStore("127.0.0.1", self.redis.port, password=self.redis.password,
+                                     namespace="shared", connect_timeout=3, timeout=5)
+            self.addCleanup(grants.close)
+            yield grants.connect()
+            if name == "a":
+                self.oauth.grants = grants
+                self.bases.append(self.base)
+                continue
+            oauth = AuthorizationServer(self.oauth.clients, grants, self.keys,
+                                        self.oauth.authenticator, self.limiter, issuer=ISSUER,
+                                        audience=ISSUER)
+            api = KmfApi(store=self.store, kek=self.api.kek, keys=self.keys, idp_domain=DOMAIN,
+                         issuer=ISSUER, clock=reactor, oauth=oauth,
+                         public_url="https://kmf.example.com:8443")
+            context = tls.server_context_factory(self.server_cert.cert_path,
+                                                 self.server_cert.key_path,
+                                                 request_client_certificate=True)
+            port = reactor.listenSSL(0, kmf_site(api), context, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            self.bases.append(f"https://127.0.0.1:{port.getHost().port}")
+
+    @defer.inlineCallbacks
+    def test_revoked_at_one_kmf_refused_at_the_other(self):
+        a, b = self.bases
+        tokens = yield self.user_tokens()  # from KMF a
+        self.assertEqual((yield self.uses(tokens["access_token"], base=b)), [201, 404, 403])
+        self.assertTrue((yield self.introspect(tokens["access_token"], base=b))["active"])
+        response, _ = yield self.call("POST", "/oauth/revoke", base=a,
+                                      form={"token": tokens["access_token"],
+                                            "client_id": "webapp"})
+        self.assertEqual(response.code, 200)
+        for base in (b, a):
+            self.assertEqual((yield self.uses(tokens["access_token"], base=base)),
+                             [401, 401, 401])
+            self.assertEqual((yield self.introspect(tokens["access_token"], base=base)),
+                             {"active": False})
