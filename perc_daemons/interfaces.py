@@ -143,6 +143,13 @@ class IGrantStore(Interface):
     def access_token_revoked(jti_hash, now):
         """Whether that access token is on the revocation list (one key look-up)."""
 
+    def use_once(key_hash, expires_at, now):
+        """Fires True the first time ``key_hash`` is used, False ever after (until ``expires_at``).
+
+        Atomic across every KMF sharing the store: one-time values such as
+        login form tokens and OpenID Connect states are accepted once.
+        """
+
 
 class ITunnelPeer(Interface):
     """One end of an established MD<->KD tunnel connection (RFC 9185 over TLS 1.3).

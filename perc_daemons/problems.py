@@ -139,7 +139,7 @@ def read_json(request: server.Request) -> dict[str, Any]:
 class Response:
     status: int = 200
     body: Any = None  # JSON-serialisable, bytes written as they are, or None for no body
-    headers: dict[bytes, bytes] | None = None
+    headers: dict[bytes, Any] | None = None  # bytes, or a list of bytes for several values
 
 
 Handler = Callable[..., Awaitable["Response | None"]]
@@ -204,7 +204,11 @@ class JsonApi(resource.Resource):
         request.setResponseCode(response.status)
         request.setHeader(b"cache-control", b"no-store")
         for name, value in (response.headers or {}).items():
-            request.setHeader(name, value)
+            if isinstance(value, list):  # several values (Set-Cookie)
+                for one in value:
+                    request.responseHeaders.addRawHeader(name, one)
+            else:
+                request.setHeader(name, value)
         if isinstance(response.body, bytes):
             request.write(response.body)
         elif response.body is not None:

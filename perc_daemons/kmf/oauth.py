@@ -557,6 +557,12 @@ class AuthorizationServer:
             result["exp"] = int(grant["exp"])
         return result
 
+    def first_use(self, label: str, value: str, expires_at: float,
+                  now: float) -> defer.Deferred[bool]:
+        """Whether this is the first use of the one-time ``value`` (a login form's nonce, an
+        OpenID Connect state) at any KMF sharing the grant store; kept until ``expires_at``."""
+        return self.grants.use_once(token_hash(f"{label}\0{value}"), expires_at, now)
+
     def access_token_revoked(self, jti: str, now: float) -> defer.Deferred[bool]:
         """Whether the access token with this ``jti`` was revoked (one store look-up)."""
         return self.grants.access_token_revoked(token_hash(jti), now)

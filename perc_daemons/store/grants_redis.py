@@ -9,8 +9,10 @@ connection handling as :class:`~perc_daemons.store.redis.RedisConferenceStore`
     {ns}:oauth:rt:{sha256 hex}       hash: state (live|rotated) family grant exp
     {ns}:oauth:rtfam:{family}        set of the family's token hashes (hex)
     {ns}:oauth:revoked:{sha256 hex}  string "<expires_at>": a revoked access token's jti
+    {ns}:oauth:used:{sha256 hex}     string "1": a one-time value already used
 
-``take_code`` is one ``GETDEL``, ``access_token_revoked`` one ``GET``; saving,
+``take_code`` is one ``GETDEL``, ``access_token_revoked`` one ``GET``,
+``use_once`` one ``SET NX``; saving,
 rotating and revoking refresh tokens are Lua scripts, atomic against every
 other client.  A script's refusal does not undo what it wrote, which is how
 detecting reuse revokes the family and still fails.  Expiry is checked
@@ -124,6 +126,7 @@ class RedisGrantStore:
         self._rt = f"{base}:rt:"
         self._fam = f"{base}:rtfam:"
         self._revoked = f"{base}:revoked:"
+        self._used = f"{base}:used:"
 
     @classmethod
     def open(cls, *args: Any, **kwargs: Any) -> defer.Deferred[RedisGrantStore]:
@@ -242,3 +245,12 @@ class RedisGrantStore:
             return d.addCallback(lambda exp: exp is not None and float(exp) > when)
 
         return self._call(lambda: (check_hash(jti_hash), check_time("now", now)), run)
+
+    def use_once(self, key_hash: bytes, expires_at: float, now: float) -> defer.Deferred[bool]:
+        def run(redis: Any, h: bytes, exp: float, when: float) -> defer.Deferred[bool]:
+            d = redis.execute_command("SET", self._used + h.hex(), "1", "NX",
+                                      "EXAT", str(_exat(max(exp, when))))
+            return d.addCallback(lambda reply: reply is not None)
+
+        return self._call(lambda: (check_hash(key_hash), check_time("expires_at", expires_at),
+                                   check_time("now", now)), run)

@@ -240,8 +240,9 @@ class Kmf:
         if response.code != 200:
             raise KmfFailure(f"login form: {response.code}: {page[:500]!r}")
         fields = {n: html.unescape(v) for n, v in HIDDEN.findall(page.decode("utf-8"))}
+        cookies = [c.split(";")[0] for c in response.headers.getRawHeaders("set-cookie") or []]
         response, content = yield self.call(
-            "POST", "/oauth/authorize", cert=cert,
+            "POST", "/oauth/authorize", cert=cert, headers={"Cookie": "; ".join(cookies)},
             form=dict(fields, username="alice", password=PASSWORD))
         location = (response.headers.getRawHeaders("location") or [""])[0]
         if response.code != 302 or not location.startswith(REDIRECT + "?"):

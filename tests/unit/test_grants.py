@@ -169,6 +169,22 @@ class GrantStoreTestsMixin:
         yield self.assertFails(self.store.access_token_revoked(jti, float("inf")), ValueError)
 
     @defer.inlineCallbacks
+    def test_use_once(self):
+        key, other = h(), h()
+        self.assertTrue((yield self.store.use_once(key, T0 + 60, T0)))
+        self.assertFalse((yield self.store.use_once(key, T0 + 60, T0 + 1)))
+        self.assertTrue((yield self.store.use_once(other, T0 + 60, T0 + 1)))
+        peer = yield self.open_store()  # another KMF on the same store
+        self.assertFalse((yield peer.use_once(key, T0 + 60, T0 + 2)))
+        fresh = h()
+        results = yield defer.gatherResults(
+            [s.use_once(fresh, T0 + 60, T0) for s in (self.store, peer, self.store, peer)])
+        self.assertEqual(sorted(results), [False, False, False, True])
+        yield self.restart()
+        self.assertFalse((yield self.store.use_once(key, T0 + 60, T0 + 3)))
+        yield self.assertFails(self.store.use_once(b"short", T0, T0), ValueError)
+
+    @defer.inlineCallbacks
     def test_concurrent_rotation(self):
         t1 = h()
         yield self.store.save_refresh_token(t1, {"family": "f"}, T0 + 600)

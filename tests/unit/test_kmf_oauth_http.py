@@ -50,6 +50,15 @@ CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()
                                      ).rstrip(b"=").decode()
 HIDDEN = re.compile(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">')
 FORM = "application/x-www-form-urlencoded"
+LOGIN_COOKIE = "__Host-perc-login"
+
+
+def hidden_fields(page: str) -> dict[str, str]:
+    """The hidden inputs of a login page (the first form's, when there are several)."""
+    fields: dict[str, str] = {}
+    for name, value in HIDDEN.findall(page):
+        fields.setdefault(name, html.unescape(value))
+    return fields
 
 
 def basic(client_id: str, secret: str) -> str:
@@ -110,6 +119,11 @@ class OAuthHttpTests(unittest.TestCase):
         agent = Agent(reactor, contextFactory=Policy(self.server_cert, client_cert),
                       pool=self.pool)
         headers = dict(headers or {})
+        # the browser's cookie jar, for the login form's cookie: sent with every request
+        jar = self.__dict__.setdefault("jar", {})
+        sent = "; ".join(f"{k}={v}" for k, v in jar.items())
+        if sent:
+            headers["Cookie"] = "; ".join(c for c in (headers.get("Cookie"), sent) if c)
         data = raw
         if form is not None:
             data = urllib.parse.urlencode(form).encode()
@@ -118,6 +132,10 @@ class OAuthHttpTests(unittest.TestCase):
         response = yield treq.request(method, (base or self.base) + path, headers=headers,
                                       data=data, agent=agent, allow_redirects=False)
         content = yield treq.content(response)
+        for cookie in response.headers.getRawHeaders("set-cookie") or []:
+            name, _, rest = cookie.partition("=")
+            if name == LOGIN_COOKIE:
+                jar[name] = rest.split(";")[0]
         return response, content
 
     def header(self, response, name):
@@ -137,8 +155,7 @@ class OAuthHttpTests(unittest.TestCase):
         response, content = yield self.call("GET", self.authorize_query(**overrides))
         self.assertEqual(response.code, 200, content)
         page = content.decode("utf-8")
-        fields = {name: html.unescape(value) for name, value in HIDDEN.findall(page)}
-        return response, page, fields
+        return response, page, hidden_fields(page)
 
     @defer.inlineCallbacks
     def submit(self, fields, username="alice", password=PASSWORD):
@@ -442,6 +459,7 @@ class OAuthHttpTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_wrong_password_is_uniform(self):
         _, _, fields = yield self.login_form()
+        request = {n: v for n, v in fields.items() if n != "csrf_token"}
         pages = []
         for username, password in (("alice", "wrong"), ("mallory", PASSWORD)):
             response, content = yield self.submit(fields, username, password)
@@ -451,20 +469,22 @@ class OAuthHttpTests(unittest.TestCase):
             self.assertIn("Invalid username or password.", page)
             pages.append(re.sub(r'name="csrf_token" value="[^"]*"', "", page))
             self.assertEqual(HIDDEN.findall(page)[:-1],
-                             [(n, html.escape(v)) for n, v in fields.items()
-                              if n != "csrf_token"])
+                             [(n, html.escape(v)) for n, v in request.items()])
+            fields = hidden_fields(page)  # the form shown again, with a new token
         self.assertEqual(pages[0], pages[1])
 
     @defer.inlineCallbacks
     def test_csrf_token_required(self):
         _, _, fields = yield self.login_form()
-        missing = {k: v for k, v in fields.items() if k != "csrf_token"}
-        issued, _, mac = fields["csrf_token"].partition(".")
-        stale = self.api._form_token(
-            {k: v for k, v in fields.items() if k != "csrf_token"},
-            int(reactor.seconds()) - self.api.form_lifetime - 10)
-        for bad in (missing, dict(fields, csrf_token=f"{issued}.{mac[:-2]}AA"),
-                    dict(fields, csrf_token=f"{int(issued) - 1}.{mac}"),
+        request = {k: v for k, v in fields.items() if k != "csrf_token"}
+        issued, nonce, mac = fields["csrf_token"].split(".")
+        binding = self.jar[LOGIN_COOKIE]
+        stale = self.api._form_token(request, int(reactor.seconds()) - self.api.form_lifetime
+                                     - 10, nonce, binding)
+        for bad in (request, dict(fields, csrf_token=f"{issued}.{nonce}.{mac[:-2]}AA"),
+                    dict(fields, csrf_token=f"{int(issued) - 1}.{nonce}.{mac}"),
+                    dict(fields, csrf_token=f"{issued}.{'A' * 22}.{mac}"),
+                    dict(fields, csrf_token=f"{issued}.{mac}"),  # the old format
                     dict(fields, scope="identity"),  # signed for other parameters
                     dict(fields, csrf_token=stale)):
             response, content = yield self.submit(bad)
@@ -475,11 +495,95 @@ class OAuthHttpTests(unittest.TestCase):
         self.assertEqual(response.code, 302)
 
     @defer.inlineCallbacks
+    def test_login_form_cookie(self):
+        response, _, fields = yield self.login_form()
+        [cookie] = response.headers.getRawHeaders("set-cookie")
+        name, _, rest = cookie.partition("=")
+        value, *attributes = [a.strip() for a in rest.split(";")]
+        self.assertEqual(name, LOGIN_COOKIE)
+        self.assertRegex(value, r"^[A-Za-z0-9_-]{22}$")
+        self.assertEqual(sorted(a.split("=")[0].lower() for a in attributes),
+                         ["httponly", "max-age", "path", "samesite", "secure"])  # no Domain
+        self.assertIn("Path=/", attributes)
+        self.assertIn("SameSite=Lax", attributes)
+        self.assertEqual(self.header(response, "referrer-policy"), "same-origin")
+        # the browser keeps its binding: a second form (another tab) shares it
+        response, _, second = yield self.login_form()
+        self.assertIn(f"{LOGIN_COOKIE}={value};", self.header(response, "set-cookie"))
+        response, _ = yield self.submit(fields)
+        self.assertEqual(response.code, 302)
+        response, _ = yield self.submit(second)
+        self.assertEqual(response.code, 302)
+
+    @defer.inlineCallbacks
+    def test_login_form_is_single_use(self):
+        _, _, fields = yield self.login_form()
+        response, _ = yield self.submit(fields, password="wrong")  # used, even refused
+        self.assertEqual(response.code, 200)
+        for password in ("wrong", PASSWORD):
+            response, content = yield self.submit(fields, password=password)
+            self.assertEqual(response.code, 403, content)
+            self.assertIn(b"already been used", content)
+            self.assertIsNone(self.header(response, "location"))
+        # concurrent replays of one form: one is evaluated
+        _, _, fields = yield self.login_form()
+        answers = yield defer.gatherResults([self.submit(fields) for _ in range(5)])
+        self.assertEqual(sorted(response.code for response, _ in answers), [302] + [403] * 4)
+        # the OIDC button's form shares the token: used by a password login, it is refused
+        _, _, fields = yield self.login_form()
+        response, _ = yield self.submit(fields)
+        self.assertEqual(response.code, 302)
+        response, _ = yield self.call("POST", "/oauth/authorize",
+                                      form=dict(fields, login="oidc"))
+        self.assertEqual(response.code, 403)
+
+    @defer.inlineCallbacks
+    def test_login_form_bound_to_the_browser(self):
+        _, _, fields = yield self.login_form()
+        binding = self.jar.pop(LOGIN_COOKIE)
+        response, content = yield self.submit(fields)  # no cookie
+        self.assertEqual(response.code, 403, content)
+        self.assertIn(b"needs cookies", content)
+        for other in ("B" * 22, "short", binding[:-1] + ("A" if binding[-1] != "A" else "B")):
+            self.jar[LOGIN_COOKIE] = other  # another browser's (or a forged) cookie
+            response, content = yield self.submit(fields)
+            self.assertEqual(response.code, 403, content)
+            self.assertIsNone(self.header(response, "location"))
+        self.jar[LOGIN_COOKIE] = binding  # refusals did not use the form up
+        response, _ = yield self.submit(fields)
+        self.assertEqual(response.code, 302)
+
+    @defer.inlineCallbacks
+    def test_login_form_refuses_cross_origin_posts(self):
+        port = self.port.getHost().port
+        for origin in ("https://evil.example", "null", f"http://127.0.0.1:{port}",
+                       f"https://127.0.0.1:{port + 1}", "https://kmf.example.com",
+                       "https://kmf.example.com:8443.evil.example", "garbage"):
+            _, _, fields = yield self.login_form()
+            response, content = yield self.call(
+                "POST", "/oauth/authorize", headers={"Origin": origin},
+                form=dict(fields, username="alice", password=PASSWORD))
+            self.assertEqual(response.code, 403, (origin, content))
+            self.assertIn(b"from another site", content)
+            self.assertIsNone(self.header(response, "location"))
+            response, _ = yield self.submit(fields)  # the refusal did not use the form up
+            self.assertEqual(response.code, 302, origin)
+        # the KMF's own origins: public_url's, and the one the browser connected to
+        for origin in ("https://kmf.example.com:8443", "https://KMF.example.com:8443",
+                       f"https://127.0.0.1:{port}"):
+            _, _, fields = yield self.login_form()
+            response, content = yield self.call(
+                "POST", "/oauth/authorize", headers={"Origin": origin},
+                form=dict(fields, username="alice", password=PASSWORD))
+            self.assertEqual(response.code, 302, (origin, content))
+
+    @defer.inlineCallbacks
     def test_rate_limit(self):
         _, _, fields = yield self.login_form()
         for _ in range(3):
-            response, _ = yield self.submit(fields, password="wrong")
+            response, content = yield self.submit(fields, password="wrong")
             self.assertEqual(response.code, 200)
+            fields = hidden_fields(content.decode())
         response, content = yield self.submit(fields)  # even the right password now
         self.assertEqual(response.code, 429, content)
         self.assertIsNone(self.header(response, "location"))
@@ -535,8 +639,8 @@ class OAuthHttpTests(unittest.TestCase):
         self.assertError(body, "invalid_client")
 
 
-class SharedRedisRevocationTests(unittest.TestCase):
-    """Two KMFs sharing a real redis-server: a token revoked at one is refused at the other."""
+class SharedRedisTests(unittest.TestCase):
+    """Two KMFs sharing a real redis-server (and, behind one name, their form secret)."""
 
     timeout = 30
     call = OAuthHttpTests.call
@@ -575,7 +679,8 @@ class SharedRedisRevocationTests(unittest.TestCase):
                                         audience=ISSUER)
             api = KmfApi(store=self.store, kek=self.api.kek, keys=self.keys, idp_domain=DOMAIN,
                          issuer=ISSUER, clock=reactor, oauth=oauth,
-                         public_url="https://kmf.example.com:8443")
+                         public_url="https://kmf.example.com:8443",
+                         form_secret=self.api.form_secret)
             context = tls.server_context_factory(self.server_cert.cert_path,
                                                  self.server_cert.key_path,
                                                  request_client_certificate=True)
@@ -598,3 +703,21 @@ class SharedRedisRevocationTests(unittest.TestCase):
                              [401, 401, 401])
             self.assertEqual((yield self.introspect(tokens["access_token"], base=base)),
                              {"active": False})
+
+    @defer.inlineCallbacks
+    def test_login_form_used_at_one_kmf_refused_at_the_other(self):
+        a, b = self.bases
+        _, _, fields = yield self.login_form()  # shown by KMF a
+        form = dict(fields, username="alice", password=PASSWORD)
+        response, _ = yield self.call("POST", "/oauth/authorize", form=form, base=b)
+        self.assertEqual(response.code, 302)  # one secret: b accepts a's form ...
+        for base in (a, b):  # ... once
+            response, content = yield self.call("POST", "/oauth/authorize", form=form,
+                                                base=base)
+            self.assertEqual(response.code, 403, content)
+            self.assertIn(b"already been used", content)
+        _, _, fields = yield self.login_form()
+        form = dict(fields, username="alice", password=PASSWORD)
+        answers = yield defer.gatherResults([
+            self.call("POST", "/oauth/authorize", form=form, base=base) for base in (a, b) * 3])
+        self.assertEqual(sorted(response.code for response, _ in answers), [302] + [403] * 5)
