@@ -120,7 +120,7 @@ from twisted.web import server
 from perc_daemons.kmf.auth import AuthenticationFailed, BackendUnavailable, UnsupportedCredentials
 from perc_daemons.kmf.auth.oidc import TokenEndpointError
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
-from perc_daemons.kmf.oauth import LoginFailed, LoginRateLimited, OAuthError
+from perc_daemons.kmf.oauth import ClientAuthRateLimited, LoginFailed, LoginRateLimited, OAuthError
 from perc_daemons.kmf.signing import SigningKeys
 from perc_daemons.kmf.tokens import (
     AccessToken,
@@ -262,6 +262,11 @@ def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
         challenge = b'Bearer realm="perc-kmf"'
     return Problem(401, "unauthorized", "Authentication required", detail,
                    headers={b"www-authenticate": challenge})
+
+
+def _host(request: server.Request) -> str | None:
+    """The request's source address (for rate limits), if it has one."""
+    return getattr(request.getClientAddress(), "host", None)
 
 
 def _forbidden(slug: str, title: str, detail: str) -> Problem:
@@ -738,7 +743,9 @@ class KmfApi(JsonApi):
         """RFC 6749 s5.2 JSON error response."""
         status = error.status if 400 <= error.status < 500 else 400
         headers = {b"content-type": b"application/json", b"pragma": b"no-cache"}
-        if error.error == "invalid_client":
+        if isinstance(error, ClientAuthRateLimited):
+            headers[b"retry-after"] = str(max(1, math.ceil(error.retry_after))).encode()
+        elif error.error == "invalid_client":
             status = 401
             headers[b"www-authenticate"] = b'Basic realm="perc-kmf", charset="UTF-8"'
         return Response(status, error.response(), headers)
@@ -835,7 +842,8 @@ class KmfApi(JsonApi):
             if not grant_type:
                 raise OAuthError("invalid_request", "missing grant_type")
             body = await self.oauth.token(grant_type, params, client_auth,
-                                          peer_certificate_der(request.transport), self.now())
+                                          peer_certificate_der(request.transport), self.now(),
+                                          source_address=_host(request))
         except OAuthError as e:
             return self.oauth_error(e)
         return Response(200, body, {b"pragma": b"no-cache"})
@@ -845,7 +853,8 @@ class KmfApi(JsonApi):
             params = self._form(request)
             client_auth = self._client_auth(request, params)
             await self.oauth.revoke(params.get("token"), params.get("token_type_hint"),
-                                    client_auth, self.now(), client_id=params.get("client_id"))
+                                    client_auth, self.now(), client_id=params.get("client_id"),
+                                    source_address=_host(request))
         except OAuthError as e:
             return self.oauth_error(e)
         return Response(200, None, {b"pragma": b"no-cache"})
@@ -854,7 +863,8 @@ class KmfApi(JsonApi):
         try:
             params = self._form(request)
             client_auth = self._client_auth(request, params)
-            body = await self.oauth.introspect(params.get("token"), client_auth, self.now())
+            body = await self.oauth.introspect(params.get("token"), client_auth, self.now(),
+                                               source_address=_host(request))
         except OAuthError as e:
             return self.oauth_error(e)
         return Response(200, body, {b"pragma": b"no-cache"})
@@ -1064,11 +1074,9 @@ class KmfApi(JsonApi):
             return self._form_refused(403, "This sign-in form has already been used")
         if form.get("login") == "oidc":
             return await self._oidc_start(params)
-        address = request.getClientAddress()
         try:
             url = await self._checked_authorize(params, form.get("username"),
-                                                form.get("password"),
-                                                getattr(address, "host", None))
+                                                form.get("password"), _host(request))
         except LoginRateLimited as e:
             wait = str(max(1, math.ceil(e.retry_after))).encode()
             return self._login_page(request, params, status=429,

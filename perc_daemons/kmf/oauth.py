@@ -51,7 +51,13 @@ from perc_daemons.kmf.auth import (
     UnsupportedCredentials,
     UsernamePassword,
 )
-from perc_daemons.kmf.clients import GRANT_TYPES, SCOPE_TOKEN, Client, InvalidClient
+from perc_daemons.kmf.clients import (
+    GRANT_TYPES,
+    SCOPE_TOKEN,
+    Client,
+    ClientRateLimited,
+    InvalidClient,
+)
 from perc_daemons.kmf.tokens import (
     CertificateMismatch,
     TokenError,
@@ -61,8 +67,8 @@ from perc_daemons.kmf.tokens import (
 )
 from perc_daemons.store.grant_errors import InvalidGrant, RefreshTokenReused, token_hash
 
-__all__ = ["AuthorizationRequest", "AuthorizationServer", "LoginFailed", "LoginRateLimited",
-           "OAuthError"]
+__all__ = ["AuthorizationRequest", "AuthorizationServer", "ClientAuthRateLimited",
+           "LoginFailed", "LoginRateLimited", "OAuthError"]
 
 log = Logger()
 
@@ -138,6 +144,18 @@ class LoginFailed(OAuthError):
 
     def __init__(self) -> None:
         super().__init__("access_denied", "invalid credentials", 401)
+
+
+class ClientAuthRateLimited(OAuthError):
+    """Too many failed client authentications for this client id or address (429).
+
+    ``error`` is ``invalid_client``: the client was not authenticated.
+    """
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("invalid_client", "too many failed client authentications; "
+                         "try again later", 429)
+        self.retry_after = retry_after
 
 
 class LoginRateLimited(OAuthError):
@@ -336,13 +354,16 @@ class AuthorizationServer:
 
     # -- client authentication
 
-    async def _client(self, client_id: object, client_auth: tuple[str, str] | None) -> Client:
+    async def _client(self, client_id: object, client_auth: tuple[str, str] | None,
+                      address: str | None = None) -> Client:
         if client_auth is not None:
             cid, secret = client_auth
             if client_id is not None and client_id != cid:
                 raise OAuthError("invalid_request", "client_id differs from the authenticated one")
             try:
-                return await self.clients.authenticate(cid, secret)
+                return await self.clients.authenticate(cid, secret, address)
+            except ClientRateLimited as e:
+                raise ClientAuthRateLimited(e.retry_after) from None
             except InvalidClient:
                 raise OAuthError("invalid_client", "client authentication failed", 401) from None
         client = self.clients.get(client_id)
@@ -354,21 +375,26 @@ class AuthorizationServer:
 
     def token(self, grant_type: object, params: dict[str, Any],
               client_auth: tuple[str, str] | None, client_certificate: bytes | None,
-              now: float) -> defer.Deferred[dict[str, Any]]:
+              now: float, *, source_address: str | None = None
+              ) -> defer.Deferred[dict[str, Any]]:
         """The token response (RFC 6749 s5.1) for ``grant_type``, or fail with OAuthError.
 
         ``params`` are the other form parameters; ``client_auth`` the HTTP
         Basic credentials of a confidential client (public clients send
         ``client_id`` in ``params``); ``client_certificate`` the DER of the
-        TLS client certificate of the request, if any.
+        TLS client certificate of the request, if any; ``source_address`` the
+        request's, for the limit on failed client authentications
+        (:class:`ClientAuthRateLimited`, 429).
         """
         return defer.Deferred.fromCoroutine(
-            self._token(grant_type, params, client_auth, client_certificate, now))
+            self._token(grant_type, params, client_auth, client_certificate, now,
+                        source_address))
 
     async def _token(self, grant_type: object, params: dict[str, Any],
                      client_auth: tuple[str, str] | None, client_certificate: bytes | None,
-                     now: float) -> dict[str, Any]:
-        client = await self._client(_param(params, "client_id", required=False), client_auth)
+                     now: float, source_address: str | None) -> dict[str, Any]:
+        client = await self._client(_param(params, "client_id", required=False), client_auth,
+                                    source_address)
         if grant_type not in GRANT_TYPES:
             raise OAuthError("unsupported_grant_type", "unsupported grant_type")
         if grant_type not in client.grant_types:
@@ -481,7 +507,8 @@ class AuthorizationServer:
 
     def revoke(self, token: object, token_type_hint: object,
                client_auth: tuple[str, str] | None, now: float, *,
-               client_id: str | None = None) -> defer.Deferred[None]:
+               client_id: str | None = None,
+               source_address: str | None = None) -> defer.Deferred[None]:
         """Revoke a refresh token (and its whole family) or an access token; fires None (200).
 
         Public clients identify themselves with ``client_id``, confidential ones
@@ -495,12 +522,12 @@ class AuthorizationServer:
         ``token_type_hint`` is only a hint and unknown values are ignored.
         """
         return defer.Deferred.fromCoroutine(
-            self._revoke(token, token_type_hint, client_auth, now, client_id))
+            self._revoke(token, token_type_hint, client_auth, now, client_id, source_address))
 
     async def _revoke(self, token: object, token_type_hint: object,
                       client_auth: tuple[str, str] | None, now: float,
-                      client_id: str | None) -> None:
-        client = await self._client(client_id, client_auth)
+                      client_id: str | None, source_address: str | None) -> None:
+        client = await self._client(client_id, client_auth, source_address)
         if not isinstance(token, str) or not token or len(token) > _MAX_PARAM:
             raise OAuthError("invalid_request", "missing token")
         if token.count(".") == 2:
@@ -519,7 +546,8 @@ class AuthorizationServer:
     # -- /introspect (RFC 7662)
 
     def introspect(self, token: object, client_auth: tuple[str, str] | None,
-                   now: float) -> defer.Deferred[dict[str, Any]]:
+                   now: float, *, source_address: str | None = None
+                   ) -> defer.Deferred[dict[str, Any]]:
         """RFC 7662 s2.2 response; only authenticated confidential clients may ask.
 
         Anything invalid, expired or revoked is ``{"active": false}``.  Access
@@ -528,13 +556,14 @@ class AuthorizationServer:
         active: the caller checks the binding, ``cnf`` is returned); refresh
         tokens are active only when asked about by the client they belong to.
         """
-        return defer.Deferred.fromCoroutine(self._introspect(token, client_auth, now))
+        return defer.Deferred.fromCoroutine(
+            self._introspect(token, client_auth, now, source_address))
 
     async def _introspect(self, token: object, client_auth: tuple[str, str] | None,
-                          now: float) -> dict[str, Any]:
+                          now: float, source_address: str | None) -> dict[str, Any]:
         if client_auth is None:
             raise OAuthError("invalid_client", "client authentication required", 401)
-        client = await self._client(None, client_auth)
+        client = await self._client(None, client_auth, source_address)
         inactive: dict[str, Any] = {"active": False}
         if not isinstance(token, str) or not token or len(token) > _MAX_PARAM:
             return inactive

@@ -13,11 +13,12 @@ import html
 import json
 import os
 import re
+import secrets
 import urllib.parse
 
 import treq
 from argon2 import PasswordHasher
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -26,7 +27,7 @@ from perc_daemons.kmf import service
 from perc_daemons.kmf.api import KmfApi, kmf_site
 from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
 from perc_daemons.kmf.auth.file import FileAuthenticator, add_user
-from perc_daemons.kmf.clients import Client, ClientRegistry
+from perc_daemons.kmf.clients import Client, ClientAuthLimiter, ClientRegistry, hash_client_secret
 from perc_daemons.kmf.kek import KeyEncryptionKey
 from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import SigningKeys
@@ -43,7 +44,9 @@ ISSUER = "https://example.com"
 REDIRECT = "https://app.example.org/cb"
 PASSWORD = "correct horse battery"
 ADMIN_ID = "perc:admin"  # ':' must be percent-encoded in HTTP Basic (RFC 6749 s2.3.1)
-ADMIN_SECRET = "s3cr:et%/+ é"
+ADMIN_SECRET = "s3cr:et%/+ é" + "-0123456789" * 4  # a $sha256$ entry: >= 43 characters
+LEGACY_ID = "legacy"
+LEGACY_SECRET = "short, from an earlier version"  # an argon2id entry
 STATE = "st<\"&'>ate"
 VERIFIER = "v" * 20 + "-._~" + "A1b2C3d4e5F6g7H8i9J0k"
 CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()
@@ -91,7 +94,9 @@ class OAuthHttpTests(unittest.TestCase):
             Client("webapp", "public", frozenset({"authorization_code", "refresh_token"}),
                    (REDIRECT,), frozenset({"identity", "keys"})),
             Client(ADMIN_ID, "confidential", frozenset({"client_credentials"}), (),
-                   frozenset({"admin"}), FAST.hash(ADMIN_SECRET)),
+                   frozenset({"admin"}), hash_client_secret(ADMIN_SECRET)),
+            Client(LEGACY_ID, "confidential", frozenset({"client_credentials"}), (),
+                   frozenset({"admin"}), FAST.hash(LEGACY_SECRET)),
         ], hasher=FAST)
         authenticator = AuthenticatorChain(
             [FileAuthenticator(users, DOMAIN, hasher=FAST, reactor=reactor)], clock=reactor)
@@ -307,6 +312,94 @@ class OAuthHttpTests(unittest.TestCase):
             headers={"Authorization": "Bearer " + body["access_token"]})
         self.assertEqual(response.code, 200, content)
         self.assertEqual(json.loads(content), {"conferences": []})
+
+    @defer.inlineCallbacks
+    def test_legacy_argon2id_client_still_accepted(self):
+        _, body = yield self.token({"grant_type": "client_credentials"}, cert=None,
+                                   headers={"Authorization": basic(LEGACY_ID, LEGACY_SECRET)})
+        self.assertEqual(body["scope"], "admin")
+        self.assertEqual(self.oauth.clients.slow_verifications, 1)
+
+    @defer.inlineCallbacks
+    def test_failed_client_authentication_rate_limited(self):
+        self.oauth.clients.limiter = ClientAuthLimiter(client_limit=50, address_limit=3,
+                                                       window=60)
+        for _ in range(3):
+            yield self.token({"grant_type": "client_credentials"}, cert=None, status=401,
+                             headers={"Authorization": basic(ADMIN_ID, "wrong")})
+        for path in ("/oauth/token", "/oauth/introspect", "/oauth/revoke"):
+            response, content = yield self.call(
+                "POST", path, cert=None, headers={"Authorization": basic(ADMIN_ID, "wrong")},
+                form={"grant_type": "client_credentials", "token": "x"})
+            self.assertEqual(response.code, 429, (path, content))
+            self.assertGreater(int(self.header(response, "retry-after")), 0)
+            self.assertEqual(json.loads(content)["error"], "invalid_client")
+        # the right secret still works from that address
+        yield self.token({"grant_type": "client_credentials"}, cert=None,
+                         headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)})
+
+    @defer.inlineCallbacks
+    def test_bogus_token_requests_leave_tokens_and_keys_served(self):
+        """A flood of bogus /oauth/token requests: cheap refusals, real requests served.
+
+        16 loops fire bad client credentials (wrong secrets for the real admin
+        client, unknown ids) from 127.0.0.2 as fast as the KMF answers them;
+        while they run, the admin client gets a token, creates and starts a
+        conference, and alice gets its key, from 127.0.0.1.
+        """
+        self.oauth.clients.limiter = ClientAuthLimiter(client_limit=10, address_limit=10,
+                                                       window=60)
+        tokens = yield self.user_tokens()
+        flood_pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(flood_pool.closeCachedConnections)
+        flood_agent = Agent(reactor, contextFactory=Policy(self.server_cert, None),
+                            pool=flood_pool, bindAddress=("127.0.0.2", 0))
+        bogus = [basic(ADMIN_ID, "wrong"), basic(ADMIN_ID, ADMIN_SECRET[:-1] + "!"),
+                 basic("nobody", ADMIN_SECRET), basic(ADMIN_ID, secrets.token_urlsafe(32))]
+        body = urllib.parse.urlencode({"grant_type": "client_credentials"}).encode()
+        codes: list[int] = []
+        stop = []
+
+        @defer.inlineCallbacks
+        def flood(i):
+            while not stop:
+                response = yield treq.post(
+                    self.base + "/oauth/token", data=body, agent=flood_agent,
+                    headers={"Authorization": bogus[(i + len(codes)) % len(bogus)],
+                             "Content-Type": FORM})
+                yield treq.content(response)
+                codes.append(response.code)
+
+        floods = [flood(i) for i in range(16)]
+        try:
+            while 429 not in codes:  # the flood is at the limit
+                yield task.deferLater(reactor, 0.01, lambda: None)
+            before = len(codes)
+            _, admin = yield self.token({"grant_type": "client_credentials"}, cert=None,
+                                        headers={"Authorization": basic(ADMIN_ID, ADMIN_SECRET)})
+            bearer = {"Authorization": "Bearer " + admin["access_token"]}
+            response, content = yield self.call(
+                "POST", "/v1/conferences", cert=None, headers=bearer,
+                content_type="application/json", raw=json.dumps(
+                    {"id": "c-1", "title": "t", "initiator": f"ops@{DOMAIN}",
+                     "invited": [f"alice@{DOMAIN}"]}).encode())
+            self.assertEqual(response.code, 201, content)
+            response, content = yield self.call("POST", "/v1/conferences/c-1/start",
+                                                cert=None, headers=bearer)
+            self.assertEqual(response.code, 200, content)
+            response, content = yield self.call(
+                "POST", "/v1/conferences/c-1/keys",
+                headers={"Authorization": "Bearer " + tokens["access_token"]})
+            self.assertEqual(response.code, 200, content)
+            self.assertIn('keyid="c-1/1"', self.header(response, "encryption-key"))
+            during = len(codes) - before
+            self.assertEqual(stop, [])
+        finally:
+            stop.append(True)
+            yield defer.DeferredList(floods)
+        self.assertGreater(during, 0)  # bogus requests were answered meanwhile
+        self.assertEqual(set(codes), {401, 429})
+        self.assertEqual(self.oauth.clients.slow_verifications, 0)  # never the slow path
 
     @defer.inlineCallbacks
     def test_wrong_client_secret(self):
