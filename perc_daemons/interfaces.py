@@ -104,7 +104,8 @@ class IIdentityVerifier(Interface):
 
 
 class IGrantStore(Interface):
-    """The OAuth 2.0 server's persistent grants: authorization codes, refresh tokens.
+    """The OAuth 2.0 server's persistent state: authorization codes, refresh tokens,
+    the revocation list of access tokens and the one-time values already used.
 
     Only SHA-256 hashes of codes and tokens are stored (a leaked store cannot be
     replayed).  Every method returns a Deferred; implementations: SQLite and
