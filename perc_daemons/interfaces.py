@@ -62,11 +62,17 @@ class IConferenceStore(Interface):
     def audit(conference_id):
         """The conference's AuditEvents, oldest first."""
 
-    def set_roster(conference_id, epoch, signed_roster):
-        """Keep the signed roster (a JWS string) of ``epoch``."""
+    def set_roster(conference_id, epoch, signed_roster, admitted=()):
+        """Keep the signed roster (a JWS string) of ``epoch`` and whom the KD admitted:
+        ``admitted`` is a collection of (identity, 32-byte SHA-256 fingerprint of the
+        DTLS certificate it was admitted with)."""
 
     def roster(conference_id):
         """``(epoch, signed_roster)`` of the newest roster, or None."""
+
+    def admitted(conference_id):
+        """``(epoch, frozenset of (identity, fingerprint))`` reported with the newest
+        roster, or None."""
 
     def end(conference_id, now):
         """End the conference: state ENDED and every epoch key deleted."""

@@ -8,7 +8,8 @@ A handler raises :class:`Problem`; :func:`write_problem` renders it as
 ``title``, ``status`` and ``detail``.  :class:`LimitedRequest` stops buffering
 a request body beyond the site's limit (the route then answers 413), and
 :func:`read_json` enforces ``Content-Type: application/json`` (415) and
-well-formed JSON objects (400).
+well-formed JSON objects (400, also for nesting beyond
+:data:`~perc_daemons.protocol.jsontext.MAX_DEPTH`: :func:`jsontext.loads`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
+
+from perc_daemons.protocol import jsontext
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -109,10 +112,6 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def read_json(request: server.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a :class:`Problem` (413, 415, 400)."""
     if getattr(request, "body_too_large", False):
@@ -127,8 +126,8 @@ def read_json(request: server.Request) -> dict[str, Any]:
     request.content.seek(0)
     raw = request.content.read()
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
+        value = jsontext.loads(raw)
+    except jsontext.JsonError as e:
         raise Problem(400, "malformed-json", "Malformed JSON", str(e)) from None
     if not isinstance(value, dict):
         raise Problem(400, "malformed-json", "Malformed JSON", "the body must be a JSON object")
@@ -248,8 +247,8 @@ def parse_problem(status: int, content: bytes) -> ProblemText:
     empty when the body is neither; ``title`` falls back to ``HTTP <status>``.
     """
     try:
-        body = json.loads(content)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        body = jsontext.loads(content)
+    except jsontext.JsonError:
         body = None
     if not isinstance(body, dict):
         return ProblemText("", f"HTTP {status}", "")

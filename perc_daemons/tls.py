@@ -31,6 +31,7 @@ __all__ = [
     "ServerContextFactory",
     "TlsFileError",
     "check_private_key_file",
+    "check_private_stat",
     "generate_self_signed",
     "peer_certificate_der",
     "read_private_file",
@@ -50,7 +51,14 @@ class TlsFileError(Exception):
 PRIVATE_FORBIDDEN = 0o037
 
 
-def _check_private_stat(path: str, st: os.stat_result, forbidden: int) -> None:
+def check_private_stat(path: str, st: os.stat_result,
+                       forbidden: int = PRIVATE_FORBIDDEN) -> None:
+    """Refuse (:class:`TlsFileError`) a private file's ``st`` that is not a regular
+    file owned by us or root without the ``forbidden`` mode bits.
+
+    Cheap (no I/O): a cache of a secret runs it on every use, so that a
+    ``chmod`` or ``chown`` after the file was read is noticed at once.
+    """
     if not stat.S_ISREG(st.st_mode):
         raise TlsFileError("not a regular file")
     mode = stat.S_IMODE(st.st_mode)
@@ -71,7 +79,7 @@ def check_private_key_file(path: str) -> None:
         raise TlsFileError("file not found") from None
     except OSError as e:
         raise TlsFileError(e.strerror or str(e)) from None
-    _check_private_stat(path, st, PRIVATE_FORBIDDEN)
+    check_private_stat(path, st, PRIVATE_FORBIDDEN)
 
 
 def read_private_file(path: str, *, max_size: int = 65536,
@@ -90,7 +98,7 @@ def read_private_file(path: str, *, max_size: int = 65536,
         raise TlsFileError(e.strerror or str(e)) from None
     try:
         st = os.fstat(fd)
-        _check_private_stat(path, st, forbidden)
+        check_private_stat(path, st, forbidden)
         if st.st_size > max_size:
             raise TlsFileError(f"larger than {max_size} bytes")
         data = b""

@@ -51,6 +51,7 @@ from zope.interface import implementer
 from perc_daemons.devpki import DevPki
 from perc_daemons.kmf.auth.file import add_user
 from perc_daemons.kmf.clients import hash_client_secret, new_client_secret
+from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import certificate_fingerprint, format_fingerprint
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
@@ -405,7 +406,7 @@ class LocalStack:
         kind = (response.headers.getRawHeaders("content-type") or [""])[0]
         parsed: Any = content
         if "json" in kind and content:
-            parsed = json.loads(content)
+            parsed = jsontext.loads(content)
         return response.code, parsed
 
     @defer.inlineCallbacks

@@ -82,6 +82,7 @@ from perc_daemons.endpoint.media import (
 from perc_daemons.protocol.answer import AnswerError, VerifiedAnswer, verify_signed_answer
 from perc_daemons.protocol.dtls import certificate_fingerprint, generate_certificate
 from perc_daemons.protocol.ekt import FULL_EKT_TYPE
+from perc_daemons.protocol.identity import normalize_identity
 from perc_daemons.protocol.participant import (
     NO_KEY_REASONS,
     Closed,
@@ -169,7 +170,7 @@ def login_name(user: str) -> tuple[str, str | None]:
     """
     if "@" in user:
         name, _, _domain = user.rpartition("@")
-        return name, user.lower()
+        return name, normalize_identity(user)
     return user, None
 
 

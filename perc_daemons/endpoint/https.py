@@ -28,6 +28,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from perc_daemons.problems import parse_problem
+from perc_daemons.protocol import jsontext
 
 __all__ = [
     "REQUEST_TIMEOUT",
@@ -183,7 +184,7 @@ class HttpsClient:
             data = json.dumps(body).encode("utf-8")
         code, _, content = await self.request(method, path, headers=headers, data=data)
         try:
-            parsed = json.loads(content) if content.strip() else None
-        except ValueError:
+            parsed = jsontext.loads(content) if content.strip() else None
+        except jsontext.JsonError:
             parsed = None
         return code, parsed, content

@@ -54,7 +54,9 @@ from perc_daemons.endpoint.https import (
     HttpsClient,
     problem_text,
 )
+from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerprint
+from perc_daemons.protocol.encryption_key import parse_encryption_key
 from perc_daemons.protocol.roster import Roster, verify_roster
 
 __all__ = [
@@ -331,8 +333,8 @@ class KmfClient:
         if code != 200:
             raise KmfRefused(code, *problem_text(code, content))
         try:
-            answer = json.loads(content)
-        except ValueError:
+            answer = jsontext.loads(content)
+        except jsontext.JsonError:
             answer = None
         if (not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str)
                 or str(answer.get("token_type", "")).lower() != "bearer"):
@@ -370,6 +372,33 @@ class KmfClient:
         if not isinstance(body, dict) or not isinstance(body.get("assertion"), str):
             raise KmfError("the identity assertion response is not an RFC 8827 assertion")
         return json.dumps(body, separators=(",", ":"))
+
+    # --- the key service (seed 1 section 6.3) ---------------------------------------------
+
+    async def conference_key(self, conference_id: str) -> tuple[int, bytes]:
+        """(epoch, EKT key) of ``conference_id`` from the KMF's key service.
+
+        A user agent's second way to its EKT key (the first is EKTKey over
+        DTLS, RFC 8870): the KMF answers only a current member, admitted by the
+        KD with the certificate this client presents (403 ``not-admitted``
+        otherwise, raised as :class:`KmfRefused`).
+        """
+        token = self._require_token()
+        path = f"/v1/conferences/{quote(conference_id, safe='')}/keys"
+        code, headers, content = await self.http.request(
+            "POST", path, headers={"Accept": "application/json",
+                                   "Authorization": _bearer(token)})
+        if code != 200:
+            raise KmfRefused(code, *problem_text(code, content))
+        try:
+            body = json.loads(content)
+            epoch = body["epoch"]
+            [header] = headers.getRawHeaders("encryption-key") or [None]
+            if not isinstance(epoch, int) or header is None:
+                raise ValueError("no epoch or no Encryption-Key header")
+            return epoch, parse_encryption_key(header, conference_id, epoch)
+        except (ValueError, KeyError, TypeError) as e:
+            raise KmfError(f"the key service's answer is unusable: {e}") from None
 
     # --- roster -------------------------------------------------------------------------
 

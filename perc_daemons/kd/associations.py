@@ -15,11 +15,16 @@ and hands them in with :meth:`KeyDistributorCore.install_epoch`.
   association is answered with EndpointDisconnect and leaves no state.
 * On HandshakeComplete the MD gets MediaKeys with the *outer* (hop-by-hop)
   halves of the DOUBLE keying material only (RFC 8723 s5.1, RFC 9185 s5.4).
-  The endpoint then gets the conference's current EKTKey (RFC 8870 s5.2.2),
-  unless the conference rekeys on join (``set_policy(rekey_on_join=True)``)
-  or a rekey is already due: then its first EKTKey is the next epoch's,
-  installed by :meth:`install_epoch`, so a joiner never learns a key that was
-  in use before it joined, nor one a departed member knows.
+  The endpoint then gets the conference's current EKTKey (RFC 8870 s5.2.2)
+  once the service has re-checked its invitation: :meth:`take_grants` names
+  the conferences with such joiners and :meth:`grant` sends the key.  If the
+  conference rekeys on join (``set_policy(rekey_on_join=True)``) or a rekey
+  is already due, its first EKTKey is the next epoch's instead, installed by
+  :meth:`install_epoch`, so a joiner never learns a key that was in use before
+  it joined, nor one a departed member knows.  No EKTKey leaves the core but
+  through :meth:`grant` and :meth:`install_epoch`, the two calls before which
+  the service re-checks every recipient's invitation (:meth:`identities`);
+  :meth:`remove_identity` closes an identity whose invitation was withdrawn.
 * Each conference has numbered epochs; every epoch must be newer than the
   current one and must not reuse an SPI of the conference (RFC 8870 s4.2).
   A keyed member that leaves (EndpointDisconnect from the MD, close_notify,
@@ -150,6 +155,7 @@ class KeyDistributorCore:
         self._conferences: dict[str, _Conference] = {}
         self._rekeys: dict[str, None] = {}  # ordered set
         self._roster_updates: dict[str, None] = {}
+        self._grants: dict[str, None] = {}
 
     def __repr__(self) -> str:
         return (f"<KeyDistributorCore associations={len(self._associations)} "
@@ -179,6 +185,19 @@ class KeyDistributorCore:
                 ssrcs = merged.setdefault(a.identity, [])
                 ssrcs.extend(ssrc for ssrc in a.ssrcs if ssrc not in ssrcs)
         return list(merged.items())
+
+    def admitted(self, conference_id: str) -> list[tuple[str, bytes]]:
+        """(identity, certificate fingerprint) of each keyed association, in join order:
+        whom the KMF's HTTPS key service may serve (issue 10)."""
+        return list(dict.fromkeys((a.identity, a.fingerprint)
+                                  for a in self._associations.values()
+                                  if a.conference_id == conference_id and a.keyed))
+
+    def identities(self, conference_id: str) -> list[str]:
+        """Every identity with an association in the conference (expected, joining,
+        member): those whose invitation is re-checked before a key leaves."""
+        return list(dict.fromkeys(a.identity for a in self._associations.values()
+                                  if a.conference_id == conference_id))
 
     def conference_of(self, association_id: bytes) -> str | None:
         association = self._associations.get(association_id)
@@ -232,6 +251,12 @@ class KeyDistributorCore:
         due, self._roster_updates = list(self._roster_updates), {}
         return due
 
+    def take_grants(self) -> list[str]:
+        """Conferences with members waiting for the current epoch's key, each once:
+        the caller re-checks their invitations, then calls :meth:`grant`."""
+        due, self._grants = list(self._grants), {}
+        return due
+
     # -- input -------------------------------------------------------------------------
 
     def set_policy(self, conference_id: str, *, rekey_on_join: bool) -> None:
@@ -278,6 +303,41 @@ class KeyDistributorCore:
                 continue
             association.keyed = True
             out += self._send_key(association, params, now)
+        return out
+
+    def grant(self, conference_id: str, now: float) -> list[TunnelMessage]:
+        """Send the current epoch's EKTKey to every member still waiting for one.
+
+        Nothing if a rekey is due (its epoch keys them all) or the conference
+        rekeys on join.  Call only after re-checking :meth:`identities`.
+        """
+        conference = self._conferences.get(conference_id)
+        if (conference is None or conference.params is None or conference.stale
+                or conference.rekey_on_join or conference_id in self._rekeys):
+            return []
+        out: list[TunnelMessage] = []
+        for association in list(self._associations.values()):
+            if (association.conference_id != conference_id or not association.member
+                    or association.keyed):
+                continue
+            if self._associations.get(association.association_id) is not association:
+                continue
+            association.keyed = True
+            self._roster_updates[conference_id] = None
+            out += self._send_key(association, conference.params, now)
+        return out
+
+    def remove_identity(self, conference_id: str, identity: str,
+                        now: float) -> list[TunnelMessage]:
+        """Close every association of ``identity`` in the conference (its invitation
+        was withdrawn): close_notify to the endpoint, EndpointDisconnect to the MD;
+        if it was keyed, the rest are due for a new epoch without it."""
+        out: list[TunnelMessage] = []
+        for association in list(self._associations.values()):
+            if (association.conference_id == conference_id
+                    and association.identity == identity
+                    and self._associations.get(association.association_id) is association):
+                out += self._drop(association, now)
         return out
 
     def expect(self, association_id: bytes, conference_id: str, identity: str,
@@ -356,6 +416,7 @@ class KeyDistributorCore:
         self._conferences.pop(conference_id, None)
         self._rekeys.pop(conference_id, None)
         self._roster_updates.pop(conference_id, None)
+        self._grants.pop(conference_id, None)
         return out
 
     def handle_timers(self, now: float) -> list[TunnelMessage]:
@@ -477,9 +538,8 @@ class KeyDistributorCore:
             # The first key this member gets is the next epoch's.
             self._rekeys[association.conference_id] = None
         else:
-            association.keyed = True
-            association.connection.send_ekt_key(params, now)  # type: ignore[union-attr]
-            self._roster_updates[association.conference_id] = None
+            # The current epoch's key, once the service re-checked the invitation.
+            self._grants[association.conference_id] = None
         return MediaKeys(
             association_id=association.association_id,
             protection_profile=event.srtp_profile,

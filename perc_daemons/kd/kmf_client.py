@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,8 +41,10 @@ from zope.interface import implementer
 from perc_daemons import tls
 from perc_daemons.interfaces import IKeySource
 from perc_daemons.problems import parse_problem
+from perc_daemons.protocol import jsontext
+from perc_daemons.protocol.dtls.crypto import format_fingerprint
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
-from perc_daemons.protocol.jose import b64url_decode
+from perc_daemons.protocol.encryption_key import parse_encryption_key
 
 __all__ = [
     "EKT_TTL",
@@ -53,7 +54,6 @@ __all__ = [
     "KmfRefused",
     "KmfUnavailable",
     "SseParser",
-    "parse_encryption_key",
 ]
 
 #: ekt_ttl (RFC 8870 s5.2.2) of the parameter sets built from KMF keys, seconds.
@@ -64,11 +64,6 @@ TOKEN_MARGIN = 30.0
 REQUEST_TIMEOUT = 10.0
 #: Largest response body read, bytes.
 MAX_RESPONSE = 1 << 20
-
-_ENCRYPTION_KEY = re.compile(
-    r'\s*keyid="(?P<keyid>[^"]*)"\s*;\s*aesgcm128=(?P<key>[A-Za-z0-9_-]+)\s*;'
-    r'\s*usage="EKT"\s*')
-
 
 class KmfError(Exception):
     """The KMF could not do what the KD asked."""
@@ -86,16 +81,6 @@ class KmfRefused(KmfError):
         self.slug = slug
         self.detail = detail
         super().__init__(f"KMF refused ({status} {slug}): {detail}")
-
-
-def parse_encryption_key(header: str, conference_id: str, epoch: int) -> bytes:
-    """The EKT key of an ``Encryption-Key`` header (kmf.api docstring); ValueError."""
-    match = _ENCRYPTION_KEY.fullmatch(header)
-    if match is None:
-        raise ValueError("malformed Encryption-Key header")
-    if match.group("keyid") != f"{conference_id}/{epoch}":
-        raise ValueError("Encryption-Key keyid is not this conference and epoch")
-    return b64url_decode(match.group("key"))
 
 
 def _load_trust_root(path: str) -> Any:
@@ -205,8 +190,8 @@ class KmfEventStream:
 
     def dispatch(self, kind: str, text: str) -> None:
         try:
-            data = json.loads(text)
-        except ValueError:
+            data = jsontext.loads(text)
+        except jsontext.JsonError:
             self.log.warn("KMF event {kind!r} with a body that is not JSON: ignored", kind=kind)
             return
         if not isinstance(data, dict):
@@ -358,8 +343,8 @@ class KmfClient:
             if not content:
                 return response, None
             try:
-                return response, json.loads(content)
-            except ValueError:
+                return response, jsontext.loads(content, max_size=MAX_RESPONSE)
+            except jsontext.JsonError:
                 raise KmfUnavailable(f"{method} {path}: answer is not JSON") from None
         slug, detail = self._problem(response.code, content)
         if 400 <= response.code < 500:
@@ -466,13 +451,33 @@ class KmfClient:
         return epoch, params
 
     async def put_roster(self, conference_id: str, epoch: int,
-                         members: Sequence[tuple[str, Sequence[int]]]) -> dict[str, Any]:
-        """``PUT .../roster``: the keyed members and their SSRCs for ``epoch``."""
+                         members: Sequence[tuple[str, Sequence[int]]],
+                         admitted: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
+        """``PUT .../roster``: the keyed members and their SSRCs for ``epoch``, with the
+        certificate fingerprints each identity was admitted with (``admitted``)."""
+        fingerprints: dict[str, list[str]] = {}
+        for identity, fingerprint in admitted:
+            fingerprints.setdefault(identity, []).append(format_fingerprint(fingerprint))
         _, body = await self._call(
             "PUT", f"/v1/conferences/{self._cid(conference_id)}/roster",
-            body={"epoch": epoch, "members": [{"identity": identity, "ssrcs": list(ssrcs)}
-                                              for identity, ssrcs in members]})
+            body={"epoch": epoch, "members": [
+                {"identity": identity, "ssrcs": list(ssrcs),
+                 "fingerprints": fingerprints.get(identity, [])}
+                for identity, ssrcs in members]})
         return body if isinstance(body, dict) else {}
+
+    async def invitation_check(self, conference_id: str,
+                               identities: Sequence[str]) -> tuple[str, frozenset[str]]:
+        """``POST .../invitation-check``: the conference's state and which of
+        ``identities`` are still invited."""
+        _, body = await self._call(
+            "POST", f"/v1/conferences/{self._cid(conference_id)}/invitation-check",
+            body={"identities": list(identities)})
+        if (not isinstance(body, dict) or not isinstance(body.get("state"), str)
+                or not isinstance(body.get("invited"), list)
+                or not all(isinstance(i, str) for i in body["invited"])):
+            raise KmfUnavailable("invitation check answer is malformed")
+        return body["state"], frozenset(body["invited"])
 
     async def jwks(self) -> dict[str, Any]:
         """``GET /.well-known/jwks.json`` (public)."""

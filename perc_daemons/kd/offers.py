@@ -13,9 +13,15 @@ the KD admits anybody it needs, from the offer alone:
   check the assertion for; :func:`verify_identity` then checks it with the
   IdP's JWKS, audience included).
 
-and from the draft answer: every accepted m= section carries the KD's own
-fingerprint (else the MD is answering for some other DTLS server); the KD
-sets every accepted section's ``a=tls-id`` to its own before signing.
+"Accepted" sections of the offer are those the MD can relay
+(:func:`~perc_daemons.protocol.sdp.unrelayable`): a browser's data channel
+section is not looked at.  From the draft answer: it answers every offered
+m= section, accepts only sections the MD can relay and lists no rejected
+one in its BUNDLE group (RFC 8843 s7.3.3: the KD does not sign an answer
+promising a data channel to the endpoint), and every accepted m= section
+carries the KD's own fingerprint (else the MD is answering for some other
+DTLS server); the KD sets every accepted section's ``a=tls-id`` to its own
+before signing.
 
 Failures are :class:`OfferRejected` carrying the SignAnswerAck status and a
 short reason for the MD (which shows it to the endpoint): never a key, never
@@ -27,11 +33,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from perc_daemons.protocol import sdp
+from perc_daemons.protocol import jsontext, sdp
 from perc_daemons.protocol.identity import (
     ExpiredAssertion,
     FingerprintNotAsserted,
@@ -95,16 +100,16 @@ class OfferFacts:
 def _b64url_json(segment: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        return json.loads(raw)
-    except (binascii.Error, ValueError):
+        return jsontext.loads(raw)
+    except (binascii.Error, ValueError):  # JsonError is a ValueError
         return None
 
 
 def _unverified_jws(assertion: str) -> tuple[str | None, str]:
     """``(kid, aud)`` of the assertion's JWS, read without checking anything."""
     try:
-        outer = json.loads(assertion)
-    except ValueError:
+        outer = jsontext.loads(assertion)
+    except jsontext.JsonError:
         raise _bad("identity assertion is not JSON") from None
     token = outer.get("assertion") if isinstance(outer, dict) else None
     if not isinstance(token, str) or token.count(".") != 2:
@@ -125,15 +130,19 @@ def _accepted(description: sdp.SessionDescription) -> list[sdp.MediaDescription]
     return [m for m in description.media if m.port != 0]
 
 
+def _relayable(offer: sdp.SessionDescription) -> list[sdp.MediaDescription]:
+    return [m for m in offer.media if sdp.unrelayable(m) is None]
+
+
 def inspect_offer(offer_sdp: str) -> OfferFacts:
     """The facts of an offer, or :class:`OfferRejected` (BAD_OFFER / REFUSED)."""
     try:
         offer = sdp.parse(offer_sdp)
     except sdp.SdpError as e:
         raise _bad(f"offer is not usable SDP: {e.message}") from None
-    accepted = _accepted(offer)
+    accepted = _relayable(offer)
     if not accepted:
-        raise _bad("offer has no accepted m= section")
+        raise _bad("offer has no m= section the MD can relay")
     digests: set[bytes] = set()
     for media in accepted:
         sha256 = {d for algorithm, d in offer.fingerprints_for(media) if algorithm == "sha-256"}
@@ -184,26 +193,34 @@ def finish_answer(draft_sdp: str, offer_sdp: str, *, kd_fingerprint: bytes,
     """The MD's draft answer with the KD's tls-id in every accepted m= section.
 
     BAD_OFFER if the draft does not parse, does not answer each offered m=
-    section, accepts none, or an accepted section's fingerprint is not the
-    KD's certificate's.
+    section (in order, same mids), accepts none, accepts one the MD cannot
+    relay or keeps a rejected one in its BUNDLE group, or an accepted
+    section's fingerprint is not the KD's certificate's.
     """
     try:
         draft = sdp.parse(draft_sdp)
     except sdp.SdpError as e:
         raise _bad(f"draft answer is not usable SDP: {e.message}") from None
     try:
-        offered = len(sdp.parse(offer_sdp).media)
+        offer = sdp.parse(offer_sdp)
     except sdp.SdpError as e:
         raise _bad(f"offer is not usable SDP: {e.message}") from None
-    if len(draft.media) != offered:
+    if [m.mid for m in draft.media] != [m.mid for m in offer.media]:
         raise _bad("draft answer does not answer every offered m= section")
     if not _accepted(draft):
         raise _bad("draft answer accepts no m= section")
+    accepted_mids = {m.mid for m in _accepted(draft)}
+    if not set(draft.bundle or ()) <= accepted_mids:
+        raise _bad("draft answer keeps a rejected m= section in its BUNDLE group")
     media: list[sdp.MediaDescription] = []
-    for m in draft.media:
+    for m, offered in zip(draft.media, offer.media, strict=True):
         if m.port == 0:
             media.append(m)
             continue
+        reason = sdp.unrelayable(offered)
+        if reason is not None:
+            raise _bad(f"draft answer accepts mid {offered.mid}, which the MD cannot "
+                       f"relay: {reason}")
         if draft.fingerprints_for(m) != [("sha-256", kd_fingerprint)]:
             raise _bad("answer fingerprint is not this KD")
         try:

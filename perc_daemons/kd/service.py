@@ -195,10 +195,11 @@ class _Job:
     new_epoch: bool = False
     sync: bool = False
     roster: bool = False
+    grant: bool = False
     running: bool = False
 
     def due(self) -> bool:
-        return self.new_epoch or self.sync or self.roster
+        return self.new_epoch or self.sync or self.roster or self.grant
 
 
 @implementer(ITunnelHandler)
@@ -241,7 +242,7 @@ class KdHandler:
     # -- lifecycle -------------------------------------------------------------------
 
     def start_events(self, *, min_delay: float = 0.5, max_delay: float = 30.0) -> None:
-        """Follow the KMF's events (conference-ended, epoch)."""
+        """Follow the KMF's events (conference-ended, invitation-withdrawn, epoch)."""
         if self._events is None:
             self._events = self.kmf.events(self.kmf_event, min_delay=min_delay,
                                            max_delay=max_delay,
@@ -382,6 +383,8 @@ class KdHandler:
             self._schedule(conference, new_epoch=True)
         for conference in self.core.take_roster_updates():
             self._schedule(conference, roster=True)
+        for conference in self.core.take_grants():
+            self._schedule(conference, grant=True)
         self._reschedule_timer()
 
     def _reschedule_timer(self) -> None:
@@ -530,13 +533,14 @@ class KdHandler:
     # -- KMF work per conference -------------------------------------------------------
 
     def _schedule(self, conference: str, *, new_epoch: bool = False, sync: bool = False,
-                  roster: bool = False) -> None:
+                  roster: bool = False, grant: bool = False) -> None:
         if self._stopped:
             return
         job = self._jobs.setdefault(conference, _Job())
         job.new_epoch |= new_epoch
         job.sync |= sync
         job.roster |= roster
+        job.grant |= grant
         if not job.running:
             job.running = True
             d = defer.ensureDeferred(self._run(conference, job))
@@ -549,11 +553,12 @@ class KdHandler:
         delay = RETRY_MIN
         try:
             while job.due() and not self._stopped:
-                new, sync, roster = job.new_epoch, job.sync, job.roster
-                job.new_epoch = job.sync = job.roster = False
-                operation = "new_epoch" if new else "sync" if sync else "roster"
+                new, sync, roster, grant = job.new_epoch, job.sync, job.roster, job.grant
+                job.new_epoch = job.sync = job.roster = job.grant = False
+                operation = ("new_epoch" if new else "sync" if sync else
+                             "grant" if grant else "roster")
                 try:
-                    await self._round(conference, new, sync, roster)
+                    await self._round(conference, job, new, sync, roster, grant)
                 except KmfRefused as e:
                     if self.metrics is not None:
                         self.metrics.kmf_errors.labels(operation).inc()
@@ -577,6 +582,7 @@ class KdHandler:
                     job.new_epoch |= new
                     job.sync |= sync
                     job.roster |= roster
+                    job.grant |= grant
                     log.warn("KMF {operation} for {conference} failed: {error}; retrying in "
                              "{delay:.0f} s", operation=operation, conference=conference,
                              error=str(e), delay=delay)
@@ -588,9 +594,18 @@ class KdHandler:
             if self._jobs.get(conference) is job and not job.due():
                 del self._jobs[conference]
 
-    async def _round(self, conference: str, new: bool, sync: bool, roster: bool) -> None:
+    async def _round(self, conference: str, job: _Job, new: bool, sync: bool, roster: bool,
+                     grant: bool) -> None:
         if conference not in self.core.conferences():
             return  # ended meanwhile
+        if new or sync or grant:
+            # Membership is checked where a key leaves: every recipient of this
+            # round's key must still be invited (issue 10; the KMF's
+            # invitation-withdrawn event is the fast path, this the guarantee).
+            if not await self._recheck_invitations(conference):
+                return
+            new |= job.new_epoch  # a withdrawn member made a rekey due: this one
+            job.new_epoch = False
         if new:
             started = await self.kmf.new_epoch(conference)
             if self.metrics is not None:
@@ -605,12 +620,47 @@ class KdHandler:
             if epoch > self.core.epoch(conference):
                 self._install(conference, epoch, params)
                 installed = True
+        if grant and not installed:
+            self._send(self.core.grant(conference, self.reactor.seconds()), None)
+            self._after_core()
+        roster |= job.roster
+        job.roster = False
         if (new or roster or installed) and self.core.epoch(conference) > 0:
             epoch = self.core.epoch(conference)
             members = self.core.roster(conference)
-            await self.kmf.put_roster(conference, epoch, members)
+            await self.kmf.put_roster(conference, epoch, members,
+                                      self.core.admitted(conference))
             log.info("roster of {conference} for epoch {epoch}: {count} member(s)",
                      conference=conference, epoch=epoch, count=len(members))
+
+    async def _recheck_invitations(self, conference: str) -> bool:
+        """Close the associations of every identity no longer invited; False if the
+        conference has ended (then it is ended here too)."""
+        identities = self.core.identities(conference)
+        if not identities:
+            return True
+        state, invited = await self.kmf.invitation_check(conference, identities)
+        if conference not in self.core.conferences():
+            return False
+        if state == "ended":
+            log.info("conference {conference} has ended at the KMF", conference=conference)
+            self.end_conference(conference)
+            return False
+        for identity in identities:
+            if identity not in invited:
+                self.remove_identity(conference, identity, "no longer invited")
+        return True
+
+    def remove_identity(self, conference: str, identity: str, reason: str) -> None:
+        """Close ``identity``'s associations in the conference (close_notify,
+        EndpointDisconnect to the MD); a new epoch follows if it was keyed."""
+        out = self.core.remove_identity(conference, identity, self.reactor.seconds())
+        if out:
+            log.info("{identity} removed from {conference} ({reason}): {count} "
+                     "association(s) closed", identity=identity, conference=conference,
+                     reason=reason, count=sum(isinstance(m, EndpointDisconnect) for m in out))
+        self._send(out, None)
+        self._after_core()
 
     async def _sleep(self, delay: float) -> bool:
         d = task.deferLater(self.reactor, delay, lambda: None)
@@ -633,6 +683,10 @@ class KdHandler:
             if conference in self.core.conferences():
                 log.info("KMF: conference {conference} ended", conference=conference)
             self.end_conference(conference)
+        elif kind == "invitation-withdrawn":
+            identity = data.get("identity")
+            if isinstance(identity, str) and conference in self.core.conferences():
+                self.remove_identity(conference, identity, "invitation withdrawn")
         elif kind == "epoch":
             epoch = data.get("epoch")
             if (conference in self.core.conferences() and isinstance(epoch, int)

@@ -64,6 +64,7 @@ from perc_daemons import config as config_module
 from perc_daemons import tls
 from perc_daemons.config import ConfigError
 from perc_daemons.problems import parse_problem
+from perc_daemons.protocol import jsontext
 
 __all__ = ["AdminConfig", "OperationError", "fetch_client_token", "load_admin_config", "main",
            "run", "token_request"]
@@ -252,8 +253,8 @@ class KmfClient:
         if not content.strip():
             return None
         try:
-            return json.loads(content)
-        except ValueError:
+            return jsontext.loads(content)
+        except jsontext.JsonError:
             raise OperationError("bad response from the KMF",
                                  f"{method} {path}: not JSON") from None
 
@@ -285,8 +286,8 @@ def token_request(client_id: str, client_secret: str,
 def parse_token_response(code: int, content: bytes) -> str:
     """The access token of a token response; OperationError for an RFC 6749 s5.2 error."""
     try:
-        body = json.loads(content)
-    except ValueError:
+        body = jsontext.loads(content)
+    except jsontext.JsonError:
         body = None
     if code != 200:
         if isinstance(body, dict) and isinstance(body.get("error"), str):

@@ -10,11 +10,12 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.problems`):
 ``GET    /v1/conferences/{id}``                              ``admin``
 ``POST   /v1/conferences/{id}/invitations``                  ``admin``
 ``GET    /v1/conferences/{id}/invitations/{identity}``       ``kd`` or ``admin``
+``POST   /v1/conferences/{id}/invitation-check``             ``kd`` or ``admin``
 ``DELETE /v1/conferences/{id}/invitations/{identity}``       ``admin``
 ``POST   /v1/conferences/{id}/start``                        ``admin``
 ``POST   /v1/conferences/{id}/end``                          ``admin``
 ``POST   /v1/conferences/{id}/epochs``                       ``kd`` or ``admin``
-``POST   /v1/conferences/{id}/keys``                         ``keys`` bound, or ``kd``
+``POST   /v1/conferences/{id}/keys``                         ``keys`` bound + admitted, or ``kd``
 ``GET    /v1/conferences/{id}/roster``                       ``keys`` (invited), ``kd``, ``admin``
 ``PUT    /v1/conferences/{id}/roster``                       ``kd``
 ``GET    /v1/events``  (text/event-stream)                   ``kd``
@@ -78,6 +79,14 @@ belongs to one of its ``invited_groups`` (group names compared
 case-insensitively; look-ups cached briefly).  If the directory cannot be
 asked the answer is 503 ``directory-unavailable``, never an admission.
 
+"admitted" (the key service, issue 10) means the KD's newest roster report,
+for the conference's current epoch, lists the token's subject with the
+fingerprint of the very certificate the token is bound to: the KD has
+admitted that identity over DTLS with that certificate and it has not left
+since.  An invited identity that never joined, that left, or that presents
+another certificate gets 403 ``not-admitted``; so does everyone between a
+new epoch and the KD's roster report for it (moments: retry).
+
 "bound" means the access token must carry ``cnf`` (RFC 8705) matching the TLS
 client certificate of the request; any token with ``cnf`` is refused from
 another certificate.  Access tokens are checked with the KMF's own signing
@@ -139,7 +148,8 @@ from perc_daemons.problems import (
     read_json,
 )
 from perc_daemons.protocol.ekt import EktCipher
-from perc_daemons.protocol.identity import create_assertion, parse_fingerprint
+from perc_daemons.protocol.encryption_key import format_encryption_key
+from perc_daemons.protocol.identity import create_assertion, normalize_identity, parse_fingerprint
 from perc_daemons.protocol.jose import b64url_encode
 from perc_daemons.protocol.roster import DuplicateSsrc, sign_roster
 from perc_daemons.store import (
@@ -330,6 +340,7 @@ class KmfApi(JsonApi):
                                                b"POST": self.create_conference}),
             (re.compile(conf), {b"GET": self.show_conference}),
             (re.compile(conf + r"/invitations"), {b"POST": self.invite}),
+            (re.compile(conf + r"/invitation-check"), {b"POST": self.invitation_check}),
             (re.compile(conf + r"/invitations/(?P<identity>[^/]+)"),
              {b"GET": self.invitation, b"DELETE": self.uninvite}),
             (re.compile(conf + r"/start"), {b"POST": self.start}),
@@ -422,7 +433,14 @@ class KmfApi(JsonApi):
         return verified
 
     async def _invited(self, identity: str, conference: Conference) -> bool:
-        """Whether ``identity`` is invited, directly or through an LDAP group."""
+        """Whether ``identity`` is invited, directly or through an LDAP group.
+
+        Compared in the normal form (``normalize_identity``), as stored.
+        """
+        try:
+            identity = normalize_identity(identity)
+        except ValueError:
+            return False
         if identity in conference.invited:
             return True
         if not conference.invited_groups or self.groups is None:
@@ -553,7 +571,7 @@ class KmfApi(JsonApi):
         self.authorize(request, ("kd", "admin"))
         cid = _path_conference_id(cid)
         try:
-            check_identity(identity)
+            identity = check_identity(identity)
         except ValueError as e:
             raise _bad_request(str(e)) from None
         conference = await self.store.get(cid)
@@ -569,11 +587,78 @@ class KmfApi(JsonApi):
         self.authorize(request, ("admin",))
         cid = _path_conference_id(cid)
         try:
-            check_identity(identity)
+            identity = check_identity(identity)
         except ValueError as e:
             raise _bad_request(str(e)) from None
         await self.store.uninvite(cid, identity, self.now())
-        return Response(200, conference_json(await self.store.get(cid)))
+        conference = await self.store.get(cid)
+        await self._withdrawn(conference, identity)
+        return Response(200, conference_json(conference))
+
+    async def _withdrawn(self, conference: Conference, identity: str) -> bool:
+        """Publish ``invitation-withdrawn`` if ``identity`` is no longer invited to a
+        running conference, so that the KD closes its associations at once."""
+        if conference.state is not ConferenceState.RUNNING:
+            return False
+        try:
+            if await self._invited(identity, conference):
+                return False  # still invited, e.g. through one of invited_groups
+        except Problem:
+            pass  # the directory is down: the KD's own check before any key decides
+        self.events.publish("invitation-withdrawn", {"conference": conference.conference_id,
+                                                     "identity": identity})
+        return True
+
+    async def invitation_check(self, request: server.Request, cid: str) -> Response:
+        """Which of up to MAX_MEMBERS ``identities`` are invited now, for a KD about to
+        hand out an epoch key (the membership check where a key leaves)."""
+        self.authorize(request, ("kd", "admin"))
+        cid = _path_conference_id(cid)
+        body = read_json(request)
+        identities = body.get("identities")
+        if not isinstance(identities, list) or len(identities) > MAX_MEMBERS:
+            raise _bad_request(f"identities must be a list of at most {MAX_MEMBERS}")
+        try:
+            wanted = list(dict.fromkeys(check_identity(i) for i in identities))
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
+        conference = await self.store.get(cid)
+        verdicts = [await self._invited(i, conference) for i in wanted]
+        return Response(200, {
+            "conference": conference.conference_id,
+            "state": str(conference.state),
+            "invited": [i for i, ok in zip(wanted, verdicts, strict=True) if ok],
+            "not_invited": [i for i, ok in zip(wanted, verdicts, strict=True) if not ok],
+        })
+
+    async def sweep_invitations(self) -> int:
+        """Publish ``invitation-withdrawn`` for each admitted identity of a running
+        conference with ``invited_groups`` that is no longer invited (it left the LDAP
+        group: seen once the group cache refreshes).  Returns how many."""
+        if self.groups is None:
+            return 0
+        withdrawn = 0
+        for conference in await self.store.list(ConferenceState.RUNNING):
+            if not conference.invited_groups:
+                continue
+            admitted = await self.store.admitted(conference.conference_id)
+            if admitted is None:
+                continue
+            for identity in sorted({i for i, _ in admitted[1]}):
+                if identity in conference.invited:
+                    continue
+                try:
+                    invited = await self._invited(identity, conference)
+                except Problem:
+                    continue  # directory down: try again on the next sweep
+                if not invited:
+                    self.log.info("{identity} is no longer in an invited group of "
+                                  "{conference}", identity=identity,
+                                  conference=conference.conference_id)
+                    self.events.publish("invitation-withdrawn", {
+                        "conference": conference.conference_id, "identity": identity})
+                    withdrawn += 1
+        return withdrawn
 
     async def start(self, request: server.Request, cid: str) -> Response:
         self.authorize(request, ("admin",))
@@ -655,17 +740,28 @@ class KmfApi(JsonApi):
         current = await self.store.current_epoch(cid)
         if current is None:
             raise Problem(409, "no-epoch", "No key yet", "the conference has no key epoch")
+        if "kd" not in token.scopes:
+            await self._check_admitted(cid, current.epoch, token)
         try:
             key = self.kek.unwrap(current.wrapped_key, conference_id=cid, epoch=current.epoch)
         except KeyUnwrapError:
             raise Problem(500, "internal-error", "Internal server error",
                           "the stored key cannot be unwrapped") from None
-        header = (f'keyid="{cid}/{current.epoch}"; aesgcm128={b64url_encode(key)}; '
-                  f'usage="EKT"').encode()
+        header = format_encryption_key(cid, current.epoch, key).encode()
         return Response(200, {"conference": cid, "epoch": current.epoch, "spi": current.spi,
                               "ekt_cipher": EktCipher.AESKW_256.name if len(key) == 32
                               else EktCipher.AESKW_128.name},
                         {b"encryption-key": header})
+
+    async def _check_admitted(self, cid: str, epoch: int, token: Any) -> None:
+        """403 unless the KD's report for ``epoch`` lists the token's subject with the
+        certificate the token is bound to (issue 10: only current members get keys)."""
+        admitted = await self.store.admitted(cid)
+        if (admitted is None or admitted[0] != epoch
+                or (token.subject, token.thumbprint) not in admitted[1]):
+            raise _forbidden("not-admitted", "Not admitted",
+                             "the key goes only to a current member of the conference, "
+                             "with the certificate it joined with")
 
     # --- roster ---------------------------------------------------------------
 
@@ -693,10 +789,21 @@ class KmfApi(JsonApi):
         if not isinstance(members, list) or len(members) > MAX_MEMBERS:
             raise _bad_request(f"members must be a list of at most {MAX_MEMBERS}")
         pairs = []
+        admitted = []
         for member in members:
-            if not isinstance(member, dict) or set(member) != {"identity", "ssrcs"}:
-                raise _bad_request('each member is {"identity": ..., "ssrcs": [...]}')
+            if (not isinstance(member, dict) or not {"identity", "ssrcs"} <= set(member)
+                    or not set(member) <= {"identity", "ssrcs", "fingerprints"}):
+                raise _bad_request('each member is {"identity": ..., "ssrcs": [...], '
+                                   '"fingerprints": [...]}')
             pairs.append((member["identity"], member["ssrcs"]))
+            fingerprints = member.get("fingerprints", [])
+            if not isinstance(fingerprints, list) or len(fingerprints) > MAX_FINGERPRINTS:
+                raise _bad_request(f"fingerprints must be a list of at most "
+                                   f"{MAX_FINGERPRINTS}")
+            try:
+                admitted += [(member["identity"], parse_fingerprint(f)) for f in fingerprints]
+            except ValueError as e:
+                raise _bad_request(f"fingerprints: {e}") from None
         await self._running(cid)
         current = await self.store.current_epoch(cid)
         if current is None or epoch > current.epoch:
@@ -707,7 +814,10 @@ class KmfApi(JsonApi):
                                  members=pairs, now=self.now())
         except (ValueError, DuplicateSsrc) as e:
             raise _bad_request(str(e)) from None
-        await self.store.set_roster(cid, epoch, signed)
+        try:
+            await self.store.set_roster(cid, epoch, signed, admitted)
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
         return Response(200, {"conference": cid, "epoch": epoch, "roster": signed})
 
     # --- events -----------------------------------------------------------------

@@ -397,6 +397,12 @@ def refresh_signing_keys(keys: SigningKeys) -> bool:
     return changed
 
 
+def _sweep_invitations(api: KmfApi) -> defer.Deferred[None]:
+    d = defer.ensureDeferred(api.sweep_invitations())
+    d.addErrback(lambda f: Logger().failure("perc-kmf: invitation sweep failed", f))
+    return d.addCallback(lambda _: None)
+
+
 def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     """The whole daemon; raises ConfigError for unusable files."""
     if reactor is None:
@@ -427,6 +433,12 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
                  form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
                  groups=groups, oidc_login=login)
     top.api = api  # type: ignore[attr-defined]
+    if groups is not None:
+        # Removal from an invited LDAP group reaches the KD once the cache refreshes.
+        sweeper = TimerService(groups.ttl, _sweep_invitations, api)
+        sweeper.clock = reactor
+        sweeper.setName("invitation-sweep")
+        sweeper.setServiceParent(top)
     HttpsService(reactor, "https", "perc-kmf HTTPS API", cfg.https.bind, cfg.https.port,
                  kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)
     return top

@@ -92,10 +92,12 @@ def _bearer(request: server.Request) -> str:
 class ProviderToken:
     """The conference provider's bearer token, read from ``path`` (first line).
 
-    The file is checked on each use (one ``stat``) and re-read when it
-    changed, so it can be created or rotated without a restart.  Missing,
-    too open (not 0600/0640), unreadable or empty: :meth:`current` is None
-    (the API answers 503) and the reason is logged once per change.
+    The file is checked on each use (one ``lstat``: type, owner and mode,
+    even when the cached token is used) and re-read when it changed, so it
+    can be created or rotated without a restart, and a ``chmod 0644`` is
+    noticed at the next request.  Missing, too open (not 0600/0640), not ours
+    or root's, unreadable or empty: :meth:`current` is None (the API answers
+    503) and the reason is logged, with the file's name, once per change.
     """
 
     log = Logger()
@@ -115,12 +117,15 @@ class ProviderToken:
 
     def current(self) -> bytes | None:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
+            tls.check_private_stat(self.path, st)  # on every use, the cached token too
         except FileNotFoundError:
             return self._unusable("file not found: conference creation and deletion are "
                                   "refused (503) until it exists")
         except OSError as e:
             return self._unusable(e.strerror or str(e))
+        except tls.TlsFileError as e:
+            return self._unusable(str(e))
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return self._token

@@ -352,8 +352,6 @@ class MdConferences:
                                     ice_ufrag=ufrag, ice_pwd=pwd, candidates=[candidate])
         except sdp.SdpError as e:
             raise BadOffer(f"the offer cannot be answered: {e}") from None
-        if all(m.port == 0 for m in draft.media):
-            raise BadOffer("the offer has no media section the MD can accept")
         peer = self._peers.get(conference.kd_fingerprint)
         if peer is None:
             raise KdUnavailable("the conference's KD is not connected")

@@ -191,7 +191,7 @@ def _json_object(data: str | bytes, what: str) -> dict[str, Any]:
     try:
         raw = b64url_decode(data) if isinstance(data, str) else data
         value = strict_json_loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
+    except ValueError:
         raise MalformedSignedAnswer(f"the JWS {what} is not base64url JSON") from None
     if not isinstance(value, dict):
         raise MalformedSignedAnswer(f"the JWS {what} is not a JSON object")

@@ -69,6 +69,7 @@ __all__ = [
     "decode_sdp_identity",
     "encode_sdp_identity",
     "format_fingerprints",
+    "normalize_identity",
     "parse_fingerprint",
     "split_identity",
 ]
@@ -184,6 +185,26 @@ def decode_sdp_identity(value: str | bytes) -> str:
     return text
 
 
+def normalize_identity(identity: object) -> str:
+    """The one form in which identities are stored, compared, signed and logged.
+
+    An identity (RFC 8827 s8.1 ``user@domain``) is ASCII -- an
+    internationalised domain in its A-label form (RFC 5890), ``%40``/``%25``
+    escapes in the user part -- and its normal form is the whole string in
+    ASCII lower case: ``Bob@Example.COM`` is ``bob@example.com``.  Both parts
+    are folded: the domain is case-insensitive anyway (RFC 4343), and the
+    KMF's login back-ends already treat user names so (file, LDAP, OIDC),
+    so two identities differing only in case would be one person.
+    Non-ASCII text raises ValueError rather than being folded by Unicode
+    rules (which differ from what directories do, and admit confusables).
+    Syntax is not checked here (:func:`split_identity`,
+    ``perc_daemons.store.check_identity``); docs/API.md "Identities".
+    """
+    if not isinstance(identity, str) or not identity.isascii():
+        raise ValueError(f"an identity is ASCII text (IDNA domains as xn--): {identity!r}")
+    return identity.lower()
+
+
 def split_identity(identity: str) -> tuple[str, str]:
     """``(user, domain)`` of an RFC 8827 §8.1 identity, user still percent-encoded.
 
@@ -246,10 +267,12 @@ def create_assertion(
     ``keys`` is a :class:`~perc_daemons.kmf.signing.SigningKeys` (its active
     key signs) or a ``(kid, private_key)`` tuple.  ``identity`` must be in
     ``idp_domain`` (RFC 8827 §8.1) with '@' and '%' of the user part
-    percent-encoded.  Raises ValueError for arguments that would make an
-    assertion no verifier accepts.
+    percent-encoded; it is asserted in its :func:`normalize_identity` form.
+    Raises ValueError for arguments that would make an assertion no
+    verifier accepts.
     """
     kid, private_key = signing_key(keys)
+    identity = normalize_identity(identity)
     domain = _normalize_domain(idp_domain)
     if domain is None:
         raise ValueError(f"bad IdP domain {idp_domain!r}")
@@ -350,8 +373,8 @@ class JwksIdentityVerifier:
             raise ExpiredAssertion("assertion has expired")
         if issued_at > now + self._leeway:
             raise ExpiredAssertion("assertion is not valid yet")
-        identity = claims["sub"]
         try:
+            identity = normalize_identity(claims["sub"])
             _user, identity_domain = split_identity(identity)
         except ValueError as e:
             raise ForeignIdentity(f"ill-formed identity: {e}") from None
@@ -372,7 +395,7 @@ class JwksIdentityVerifier:
             raise MalformedAssertion("assertion must be JSON text of bounded length")
         try:
             outer = strict_json_loads(assertion)
-        except (ValueError, RecursionError):
+        except ValueError:
             raise MalformedAssertion("assertion is not JSON") from None
         if not isinstance(outer, dict):
             raise MalformedAssertion("assertion is not a JSON object")
@@ -397,7 +420,7 @@ class JwksIdentityVerifier:
             raise MalformedAssertion("contents must be the fingerprint JSON string")
         try:
             parsed = strict_json_loads(contents)
-        except (ValueError, RecursionError):
+        except ValueError:
             raise MalformedAssertion("contents is not JSON") from None
         entries = parsed.get("fingerprint") if isinstance(parsed, dict) else None
         if not isinstance(entries, list) or not entries:

@@ -10,7 +10,6 @@ the KMF's access tokens.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,8 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from perc_daemons.protocol import jsontext
 
 #: Longest compact JWS accepted, in characters.
 MAX_JWS_LENGTH = 16384
@@ -45,25 +46,13 @@ def b64url_decode(text: str) -> bytes:
 
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate member {key!r}")
-        result[key] = value
-    return result
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def strict_json_loads(text: str | bytes) -> Any:
-    """``json.loads`` refusing duplicate members and NaN/Infinity (RFC 7515 s5.2, RFC 8259).
+    """:func:`jsontext.loads` refusing duplicate members too (RFC 7515 s5.2).
 
-    Raises ValueError (RecursionError for absurd nesting).
+    Raises :class:`~perc_daemons.protocol.jsontext.JsonError` (a ValueError).
     """
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    return jsontext.loads(text, unique_keys=True)
+
 
 def public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     """The RFC 7518 §6.2 members of a P-256 public key: kty, crv, x, y."""

@@ -18,6 +18,7 @@ from typing import Any
 import jwt
 
 from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.identity import normalize_identity
 from perc_daemons.protocol.jose import (
     InvalidJwks,
     decode_es256,
@@ -106,6 +107,7 @@ def _members(members: Any) -> tuple[RosterMember, ...]:
     for identity, ssrcs in members:
         if not isinstance(identity, str) or not identity:
             raise ValueError("identity must be a non-empty string")
+        identity = normalize_identity(identity)
         if identity in identities:
             raise ValueError(f"identity {identity!r} appears twice")
         identities.add(identity)

@@ -18,7 +18,11 @@ What is here:
   return a copy);
 * :func:`make_answer`: the MD/KD side answer to an endpoint offer, leaving the
   endpoint as DTLS client (RFC 9185): offer ``actpass``/``active`` gives
-  ``passive``; ``passive``, ``holdconn`` or no ``a=setup`` is refused.
+  ``passive``; ``passive``, ``holdconn`` or no ``a=setup`` is refused.  An
+  m= section the MD cannot relay (:func:`unrelayable`: a data channel, plain
+  RTP, RTCP on its own port...) is rejected with port 0 and left out of the
+  BUNDLE group (RFC 3264 s6, RFC 8843 s7.3.3); an offer with nothing the MD
+  can relay is refused.
 
 Project decisions: unknown line types are rejected (RFC 8866 §5 allows
 "ignore or reject"); ``a=identity`` (RFC 8827) is session-level only;
@@ -764,6 +768,33 @@ _ANSWER_DIRECTION = {
 }
 #: Per payload type attributes copied for the formats we keep.
 _PT_ATTRIBUTES = ("rtpmap", "fmtp", "rtcp-fb")
+#: What the MD relays: RTP audio and video ...
+RELAYED_MEDIA = frozenset({"audio", "video"})
+#: ... as DTLS-SRTP over UDP (RFC 5764 s8; WebRTC sends the F(eedback) profile).
+RELAYED_PROTOS = frozenset({"UDP/TLS/RTP/SAVPF", "UDP/TLS/RTP/SAVP"})
+
+
+def unrelayable(offered: MediaDescription) -> str | None:
+    """Why the MD cannot relay the offered m= section, or None when it can.
+
+    The MD forwards SRTP/SRTCP of audio and video on one UDP port: a section
+    offered with port 0, of another media type (``application``: a WebRTC
+    data channel is SCTP, RFC 8841, which the MD cannot see into), another
+    transport (plain RTP, TCP, SCTP), without an RTP payload type, or
+    without ``a=rtcp-mux`` (RTCP on the RTP port, RFC 5761; required for
+    bundled RTP media, RFC 8843 s9.3) cannot be served.
+    """
+    if offered.port == 0:
+        return "offered with port 0"
+    if offered.media not in RELAYED_MEDIA:
+        return f"m={offered.media} is not audio or video"
+    if offered.proto not in RELAYED_PROTOS:
+        return f"transport {offered.proto} is not DTLS-SRTP over UDP (UDP/TLS/RTP/SAVPF)"
+    if not any(f.isdigit() and int(f) <= 127 for f in offered.formats):
+        return "no RTP payload type"
+    if not offered.rtcp_mux:
+        return "no a=rtcp-mux (the MD takes RTP and RTCP on one port)"
+    return None
 
 
 def _local(validator, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
@@ -789,17 +820,22 @@ def make_answer(
     """The MD/KD answer to an endpoint offer, leaving the endpoint as DTLS client.
 
     Every offered m= section gets one in the answer, in order, with the same
-    mid.  A section offered with port 0 is answered with port 0.  ``codecs``
+    mid.  A section the MD cannot relay (:func:`unrelayable`, e.g. the data
+    channel of a browser's offer, or one offered with port 0) is rejected:
+    port 0, its first format, only ``a=mid`` (RFC 3264 s6).  ``codecs``
     (encoding names, case-insensitive; None accepts all) selects the payload
-    types kept; a section left without any is rejected (port 0).  Accepted
+    types kept; a section left without any is rejected too.  Accepted
     sections carry our ``ice-ufrag``/``ice-pwd``, SHA-256 ``fingerprint``,
-    ``setup``, ``tls-id`` and ``candidates``, ``rtcp-mux`` if offered, the
-    mirrored direction, extmaps and the kept payload types' ``rtpmap``,
-    ``fmtp``, ``rtcp-fb``.  The BUNDLE group keeps the accepted mids.
+    ``setup``, ``tls-id`` and ``candidates``, ``rtcp-mux``, the mirrored
+    direction, extmaps and the kept payload types' ``rtpmap``, ``fmtp``,
+    ``rtcp-fb``.  The BUNDLE group keeps the accepted mids only, in the
+    offer's order: a rejected section leaves it (RFC 8843 s7.3.3), and the
+    first accepted one is the answerer-tagged section (s7.3.1).
 
-    Raises :class:`OfferRefused` if an accepted section's offer ``a=setup`` is
-    ``passive``, ``holdconn`` or absent, if it has no ``a=fingerprint`` or no
-    ``a=mid``; ValueError for bad local parameters.
+    Raises :class:`OfferRefused` if no section can be accepted (the message
+    says why for each), if an accepted section's offer ``a=setup`` is
+    ``passive``, ``holdconn`` or absent, if it has no ``a=fingerprint``, or
+    if a section has no ``a=mid``; ValueError for bad local parameters.
     """
     if setup != "passive":
         raise ValueError("the MD/KD answers a=setup:passive: the endpoint is the DTLS client")
@@ -814,6 +850,7 @@ def make_answer(
 
     answers: list[MediaDescription] = []
     accepted_mids: list[str] = []
+    rejected: list[str] = []
     for offered in offer.media:
         mid = offered.mid
         if mid is None:
@@ -826,7 +863,9 @@ def make_answer(
             if wanted is None
             or (f.isdigit() and int(f) in rtpmaps and rtpmaps[int(f)].encoding.lower() in wanted)
         )
-        if offered.port == 0 or not formats:
+        reason = unrelayable(offered) or (None if formats else "none of the MD's codecs")
+        if reason is not None:
+            rejected.append(f"mid {mid} ({offered.media} {offered.proto}): {reason}")
             answers.append(
                 MediaDescription(
                     offered.media, 0, offered.proto, formats or offered.formats[:1],
@@ -850,8 +889,7 @@ def make_answer(
             Attribute("setup", setup),
             Attribute("tls-id", tls_id),
         ]
-        if offered.rtcp_mux:
-            attrs.append(Attribute("rtcp-mux"))
+        attrs.append(Attribute("rtcp-mux"))
         attrs.extend(Attribute("extmap", a.value) for a in offered.get_all("extmap"))
         kept = set(formats)
         for a in offered.attributes:
@@ -867,6 +905,9 @@ def make_answer(
             )
         )  # fmt: skip
         accepted_mids.append(mid)
+    if not accepted_mids:
+        raise OfferRefused("the offer has no m= section the MD can relay (audio or video, "
+                           "UDP/TLS/RTP/SAVPF, a=rtcp-mux): " + "; ".join(rejected or ["none"]))
 
     session_attrs: list[Attribute] = []
     if ice_lite:

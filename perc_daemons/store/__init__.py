@@ -18,9 +18,16 @@ Rules both follow:
   (``invite``, ``uninvite``, ``add_epoch``, ``record_admission``,
   ``set_roster``) fails with :class:`ConferenceEnded`.
 - ``set_roster`` keeps the roster of the newest epoch only: a roster of an
-  older epoch than the one stored is ignored.
+  older epoch than the one stored is ignored.  With it the KD reports whom it
+  has admitted (identity and DTLS certificate fingerprint of every keyed
+  association); ``admitted`` reads that back for the HTTPS key service.
 - Invitations are idempotent: an audit event is added only when the invited
   set actually changes.
+- Identities are stored in their normal form (ASCII lower case,
+  :func:`~perc_daemons.protocol.identity.normalize_identity`): every
+  identity argument goes through :func:`check_identity`, invited sets are
+  normalised when read (data written before the rule matches too) and
+  ``uninvite`` removes the identity in whatever case it was stored.
 - Only keys wrapped with the key-encryption key
   (:mod:`perc_daemons.kmf.kek`) are stored, and audit details never carry key
   material.
@@ -28,11 +35,14 @@ Rules both follow:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from perc_daemons.protocol.identity import normalize_identity
 
 __all__ = [
     "AUDIT_KINDS",
@@ -47,6 +57,7 @@ __all__ = [
     "InvalidTransition",
     "StoreError",
     "StoreUnavailable",
+    "check_admitted",
     "check_conference_id",
     "check_identity",
 ]
@@ -126,14 +137,17 @@ def check_conference_id(conference_id: object) -> str:
 
 
 def check_identity(identity: object) -> str:
-    """Return ``identity`` if it looks like "user@domain", raise ValueError otherwise."""
+    """The normal form of ``identity`` if it looks like "user@domain", else ValueError.
+
+    The normal form (ASCII lower case) is :func:`normalize_identity`'s.
+    """
     if (
         not isinstance(identity, str)
         or len(identity) > MAX_IDENTITY
         or not IDENTITY.fullmatch(identity)
     ):
         raise ValueError(f"identity must look like user@domain: {identity!r}")
-    return identity
+    return normalize_identity(identity)
 
 
 def _check_group(group: object) -> str:
@@ -180,7 +194,7 @@ class Conference:
         check_conference_id(self.conference_id)
         if not isinstance(self.title, str) or len(self.title) > MAX_TITLE:
             raise ValueError(f"title must be a string of at most {MAX_TITLE} characters")
-        check_identity(self.initiator)
+        object.__setattr__(self, "initiator", check_identity(self.initiator))
         object.__setattr__(self, "state", ConferenceState(self.state))
         if isinstance(self.invited, str) or isinstance(self.invited_groups, str):
             raise ValueError("invited and invited_groups must be collections, not strings")
@@ -246,7 +260,7 @@ def check_admission_args(
     identity: object, ssrcs: object, epoch: object, now: object
 ) -> tuple[str, list[int], int, float]:
     """Validate :meth:`IConferenceStore.record_admission` arguments."""
-    check_identity(identity)
+    identity = check_identity(identity)
     if isinstance(ssrcs, str | bytes) or not hasattr(ssrcs, "__iter__"):
         raise ValueError("ssrcs must be a collection of integers")
     out = []
@@ -266,6 +280,35 @@ def check_roster_args(epoch: object, signed_roster: object) -> tuple[int, str]:
     if not isinstance(signed_roster, str) or not signed_roster:
         raise ValueError("signed_roster must be a non-empty string (a compact JWS)")
     return epoch, signed_roster
+
+
+def check_admitted(admitted: object) -> frozenset[tuple[str, bytes]]:
+    """Validate :meth:`IConferenceStore.set_roster`'s ``admitted``: (identity, SHA-256
+    certificate fingerprint) pairs."""
+    if isinstance(admitted, str | bytes) or not hasattr(admitted, "__iter__"):
+        raise ValueError("admitted must be a collection of (identity, fingerprint) pairs")
+    out = set()
+    for item in admitted:  # type: ignore[attr-defined]
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ValueError("admitted must be a collection of (identity, fingerprint) pairs")
+        identity, fingerprint = item
+        check_identity(identity)
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != 32:
+            raise ValueError("an admitted fingerprint is a SHA-256 digest (32 bytes)")
+        out.add((identity, fingerprint))
+    return frozenset(out)
+
+
+def admitted_json(admitted: frozenset[tuple[str, bytes]]) -> str:
+    """The stored form of an admitted set: JSON [[identity, hex fingerprint], ...]."""
+    return json.dumps(sorted([i, f.hex()] for i, f in admitted), separators=(",", ":"))
+
+
+def admitted_set(stored: str | None) -> frozenset[tuple[str, bytes]]:
+    """The admitted set of its stored form (:func:`admitted_json`)."""
+    if not stored:
+        return frozenset()
+    return frozenset((i, bytes.fromhex(f)) for i, f in json.loads(stored))
 
 
 def check_now(now: object) -> float:

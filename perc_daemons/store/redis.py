@@ -11,7 +11,7 @@ Keys, all under a namespace (default ``perc``; conference ids cannot contain
     {ns}:conf:{id}:epochs      hash epoch -> {"spi", "key" (base64 of the
                                KEK-wrapped key), "created_at"}
     {ns}:conf:{id}:audit       list of {"t", "k", "i", "d"} JSON entries
-    {ns}:conf:{id}:roster      hash: epoch, jws
+    {ns}:conf:{id}:roster      hash: epoch, jws, admitted
 
 Every change is one Lua script (EVALSHA, falling back to EVAL), so each is
 atomic against every other client of the server: create refuses a taken id,
@@ -65,7 +65,10 @@ from perc_daemons.store import (
     InvalidTransition,
     StoreError,
     StoreUnavailable,
+    admitted_json,
+    admitted_set,
     check_admission_args,
+    check_admitted,
     check_conference_id,
     check_epoch_args,
     check_identity,
@@ -134,15 +137,23 @@ end
 return conference()
 """
 
-# ARGV: identity, audit entry, "1" to add or "0" to remove
+# ARGV: identity (normalised), audit entry, "1" to add or "0" to remove.  Members
+# stored before identities were normalised match in any (ASCII) case.
 _INVITATION = _PRELUDE + _OPEN + """
-local changed
-if ARGV[3] == '1' then
-  changed = redis.call('SADD', KEYS[2], ARGV[1])
-else
-  changed = redis.call('SREM', KEYS[2], ARGV[1])
+local changed = 0
+local present = redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+for _, who in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if who ~= ARGV[1] and string.lower(who) == ARGV[1] then
+    present = true
+    if ARGV[3] == '0' then changed = changed + redis.call('SREM', KEYS[2], who) end
+  end
 end
-if changed == 1 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
+if ARGV[3] == '1' then
+  if not present then changed = redis.call('SADD', KEYS[2], ARGV[1]) end
+else
+  changed = changed + redis.call('SREM', KEYS[2], ARGV[1])
+end
+if changed > 0 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
 return changed
 """
 
@@ -169,15 +180,17 @@ _APPEND_AUDIT = _PRELUDE + _OPEN + "redis.call('RPUSH', KEYS[5], ARGV[1])\nretur
 
 _AUDIT = _PRELUDE + _NOT_FOUND + "return redis.call('LRANGE', KEYS[5], 0, -1)\n"
 
-# ARGV: epoch, jws
+# ARGV: epoch, jws, admitted
 _SET_ROSTER = _PRELUDE + _OPEN + """
 local cur = redis.call('HGET', KEYS[6], 'epoch')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[6], 'epoch', ARGV[1], 'jws', ARGV[2])
+redis.call('HSET', KEYS[6], 'epoch', ARGV[1], 'jws', ARGV[2], 'admitted', ARGV[3])
 return 1
 """
 
 _ROSTER = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'jws')\n"
+
+_ADMITTED = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'admitted')\n"
 
 # ARGV: time
 _END = _PRELUDE + _NOT_FOUND + """
@@ -622,14 +635,15 @@ class RedisConferenceStore:
 
         return self._validated(lambda: check_conference_id(conference_id), run)
 
-    def set_roster(self, conference_id: str, epoch: int,
-                   signed_roster: str) -> defer.Deferred[None]:
-        def check() -> tuple[str, int, str]:
-            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster))
+    def set_roster(self, conference_id: str, epoch: int, signed_roster: str,
+                   admitted: Any = ()) -> defer.Deferred[None]:
+        def check() -> tuple[str, int, str, str]:
+            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster),
+                    admitted_json(check_admitted(admitted)))
 
-        def run(args: tuple[str, int, str]) -> defer.Deferred[None]:
-            cid, ep, jws = args
-            return self._script(_SET_ROSTER, cid, [ep, jws]).addCallback(lambda _: None)
+        def run(args: tuple[str, int, str, str]) -> defer.Deferred[None]:
+            cid, ep, jws, who = args
+            return self._script(_SET_ROSTER, cid, [ep, jws, who]).addCallback(lambda _: None)
 
         return self._validated(check, run)
 
@@ -637,6 +651,15 @@ class RedisConferenceStore:
         def run(cid: str) -> defer.Deferred[tuple[int, str] | None]:
             d = self._script(_ROSTER, cid)
             return d.addCallback(lambda r: None if r[0] is None else (int(r[0]), r[1]))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def admitted(self, conference_id: str
+                 ) -> defer.Deferred[tuple[int, frozenset[tuple[str, bytes]]] | None]:
+        def run(cid: str) -> defer.Deferred[tuple[int, frozenset[tuple[str, bytes]]] | None]:
+            d = self._script(_ADMITTED, cid)
+            return d.addCallback(
+                lambda r: None if r[0] is None else (int(r[0]), admitted_set(r[1])))
 
         return self._validated(lambda: check_conference_id(conference_id), run)
 

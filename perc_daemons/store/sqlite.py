@@ -39,7 +39,10 @@ from perc_daemons.store import (
     InvalidTransition,
     StoreError,
     StoreUnavailable,
+    admitted_json,
+    admitted_set,
     check_admission_args,
+    check_admitted,
     check_conference_id,
     check_epoch_args,
     check_identity,
@@ -49,7 +52,7 @@ from perc_daemons.store import (
 )
 
 DEFAULT_PATH = "/var/lib/perc/kmf.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE conference (
@@ -97,6 +100,13 @@ CREATE TABLE roster (
 );
 """
 
+# v2: who the KD admitted with the roster (identity, certificate fingerprint)
+_SCHEMA_V2 = """
+ALTER TABLE roster ADD COLUMN admitted TEXT NOT NULL DEFAULT '[]'
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+
 _CONFERENCE_COLUMNS = (
     "id, title, initiator, state, starts_at, ends_at, late_joiners_get_earlier_epochs, created_at"
 )
@@ -141,8 +151,8 @@ def _migrate(txn: Any, path: str) -> None:
         raise StoreError(
             f"{path}: schema version {version} is newer than this program's ({SCHEMA_VERSION})"
         )
-    if version == 0:
-        for statement in _SCHEMA_V1.split(";"):
+    for script in _MIGRATIONS[version:]:
+        for statement in script.split(";"):
             if statement.strip():
                 txn.execute(statement)
     txn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -383,14 +393,17 @@ class SqliteConferenceStore:
             cid, who, when = args
             txn.execute("BEGIN IMMEDIATE")
             _open_state(txn, cid)
+            # lower(): rows written before identities were normalised (ASCII, as the rule)
             if add:
                 cur = txn.execute(
-                    "INSERT OR IGNORE INTO invited (conference_id, identity) VALUES (?, ?)",
-                    (cid, who),
+                    "INSERT INTO invited (conference_id, identity) SELECT ?, ? WHERE NOT EXISTS"
+                    " (SELECT 1 FROM invited WHERE conference_id = ? AND lower(identity) = ?)",
+                    (cid, who, cid, who),
                 )
             else:
                 cur = txn.execute(
-                    "DELETE FROM invited WHERE conference_id = ? AND identity = ?", (cid, who)
+                    "DELETE FROM invited WHERE conference_id = ? AND lower(identity) = ?",
+                    (cid, who),
                 )
             if cur.rowcount:
                 _audit(txn, cid, when, "invited" if add else "uninvited", who, {})
@@ -482,21 +495,24 @@ class SqliteConferenceStore:
         return self._checked(lambda: check_conference_id(conference_id),
                              lambda cid: self._run(txn_audit, cid))
 
-    def set_roster(self, conference_id: str, epoch: int,
-                   signed_roster: str) -> defer.Deferred[None]:
-        def check() -> tuple[str, int, str]:
-            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster))
+    def set_roster(self, conference_id: str, epoch: int, signed_roster: str,
+                   admitted: Any = ()) -> defer.Deferred[None]:
+        def check() -> tuple[str, int, str, str]:
+            return (check_conference_id(conference_id), *check_roster_args(epoch, signed_roster),
+                    admitted_json(check_admitted(admitted)))
 
-        def txn_set_roster(txn: Any, args: tuple[str, int, str]) -> None:
-            cid, ep, jws = args
+        def txn_set_roster(txn: Any, args: tuple[str, int, str, str]) -> None:
+            cid, ep, jws, who = args
             txn.execute("BEGIN IMMEDIATE")
             _open_state(txn, cid)
             txn.execute(
-                "INSERT INTO roster (conference_id, epoch, signed_roster) VALUES (?, ?, ?)"
+                "INSERT INTO roster (conference_id, epoch, signed_roster, admitted)"
+                " VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (conference_id) DO UPDATE"
-                " SET epoch = excluded.epoch, signed_roster = excluded.signed_roster"
+                " SET epoch = excluded.epoch, signed_roster = excluded.signed_roster,"
+                " admitted = excluded.admitted"
                 " WHERE excluded.epoch >= roster.epoch",
-                (cid, ep, jws),
+                (cid, ep, jws, who),
             )
 
         return self._checked(check, lambda args: self._run(txn_set_roster, args))
@@ -512,6 +528,19 @@ class SqliteConferenceStore:
 
         return self._checked(lambda: check_conference_id(conference_id),
                              lambda cid: self._run(txn_roster, cid))
+
+    def admitted(self, conference_id: str
+                 ) -> defer.Deferred[tuple[int, frozenset[tuple[str, bytes]]] | None]:
+        def txn_admitted(txn: Any, cid: str) -> tuple[int, frozenset[tuple[str, bytes]]] | None:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            row = txn.execute(
+                "SELECT epoch, admitted FROM roster WHERE conference_id = ?", (cid,)
+            ).fetchone()
+            return None if row is None else (row[0], admitted_set(row[1]))
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_admitted, cid))
 
     def end(self, conference_id: str, now: float) -> defer.Deferred[None]:
         def check() -> tuple[str, float]:

@@ -58,6 +58,8 @@ ALICE = f"alice@{DOMAIN}"
 PASSWORD = "correct horse battery"
 ADMIN_ID = "perc-admin"
 ADMIN_SECRET = "admin-" + "s3cret" * 7  # >= 43 characters: a $sha256$ entry
+KD_ID = "perc-kd"
+KD_SECRET = "kd-" + "s3cret" * 7
 REDIRECT = "http://127.0.0.1:8400/cb"
 VERIFIER = "v" * 20 + "-._~" + "A1b2C3d4e5F6g7H8i9J0k"
 CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()
@@ -84,7 +86,7 @@ class Kmf:
     """A perc-kmf state directory and its configuration; runs it as a real twistd child.
 
     ``store`` is the TOML of the ``[store]`` table (default: SQLite in the
-    state directory).  ``client_secret_hash`` makes the admin client's
+    state directory).  ``client_secret_hash`` makes the admin and KD clients'
     ``secret_hash`` (default the ``$sha256$`` form; ``PasswordHasher().hash``
     for a legacy argon2id entry).
     """
@@ -110,7 +112,10 @@ class Kmf:
                 f'redirect_uris = ["{REDIRECT}"]\nscopes = ["identity", "keys"]\n\n'
                 f'[client.{ADMIN_ID}]\ntype = "confidential"\n'
                 f'secret_hash = "{client_secret_hash(ADMIN_SECRET)}"\n'
-                'grant_types = ["client_credentials"]\nscopes = ["admin"]\n')
+                'grant_types = ["client_credentials"]\nscopes = ["admin"]\n\n'
+                f'[client.{KD_ID}]\ntype = "confidential"\n'
+                f'secret_hash = "{client_secret_hash(KD_SECRET)}"\n'
+                'grant_types = ["client_credentials"]\nscopes = ["kd"]\n')
         if store is None:
             store = f'sqlite_path = "{directory}/store/kmf.sqlite3"\n'
         self.config = os.path.join(directory, "kmf.toml")
@@ -268,6 +273,20 @@ class Kmf:
         return response.code, header, content
 
     @defer.inlineCallbacks
+    def admit(self, cid: str, epoch: int):
+        """What a KD reports once it admitted alice (with her DTLS certificate) to ``epoch``:
+        the key service then serves her."""
+        kd = yield self.json_call("POST", "/oauth/token", 200, form={
+            "grant_type": "client_credentials"},
+            headers={"Authorization": basic(KD_ID, KD_SECRET)})
+        fingerprint = ":".join(f"{b:02X}" for b in self.alice_cert.digest)
+        yield self.json_call("PUT", f"/v1/conferences/{cid}/roster", 200,
+                             token=kd["access_token"], body={
+                                 "epoch": epoch, "members": [
+                                     {"identity": ALICE, "ssrcs": [1],
+                                      "fingerprints": [fingerprint]}]})
+
+    @defer.inlineCallbacks
     def conference(self, cid: str, admin: str, invite: str = ALICE):
         """Create, invite ``invite``, start; fires with the started conference's JSON."""
         yield self.json_call("POST", "/v1/conferences", 201, token=admin,
@@ -321,6 +340,7 @@ class KmfRestartTests(unittest.TestCase):
         self.assertEqual(started["epoch"], 1)
         user = yield kmf.user_tokens()
         self.assertIn("refresh_token", user)
+        yield kmf.admit(cid, 1)
         status, header, content = yield kmf.key(cid, user["access_token"])
         self.assertEqual(status, 200, content)
         match = ENCRYPTION_KEY.fullmatch(header)
@@ -371,6 +391,7 @@ class KmfRestartTests(unittest.TestCase):
         epoch = yield kmf.json_call("POST", f"/v1/conferences/{cid}/epochs", 201,
                                     token=before["admin"])
         self.assertEqual(epoch["epoch"], 2)
+        yield kmf.admit(cid, 2)
         status, header, _ = yield kmf.key(cid, refreshed["access_token"])
         self.assertEqual(status, 200)
         self.assertTrue(header.startswith(f'keyid="{cid}/2"; '), header)

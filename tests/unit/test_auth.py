@@ -164,6 +164,10 @@ class CredentialTests(unittest.TestCase):
                              (user, "example.com"))
         self.assertRaises(ValueError, make_identity, "", "example.com")
         self.assertRaises(ValueError, make_identity, "a", "b@c")
+        # a directory or provider name outside the identity rule cannot sign in
+        error = self.assertRaises(AuthenticationFailed, make_identity, "J\u00f6rg",
+                                  "example.com")
+        self.assertIn("ASCII", error.reason)
 
 
 # -- local user file -----------------------------------------------------------

@@ -244,6 +244,49 @@ class EndpointKmfTests(KmfFixture, unittest.TestCase):
                           now=reactor.seconds())
 
     @defer.inlineCallbacks
+    def test_invitation_matches_the_login_whatever_the_case(self):
+        # The admin invites ALICE@LOCALHOST; alice signs in as "alice" or "ALICE".
+        yield self.running_conference(invited=("bob@localhost",))
+        admin = HttpsClient(reactor, self.url, ClientTlsPolicy(self.ca))
+        self.addCleanup(admin.close)
+        admin_token = issue_access_token(
+            self.keys, issuer=ISSUER, subject="admin@localhost", audience=ISSUER,
+            client_id="admin", scopes=["admin", "kd"], now=reactor.seconds(), lifetime=300)
+        invitations = f"/v1/conferences/{CONFERENCE}/invitations"
+        code, body, _ = yield defer.ensureDeferred(admin.json(
+            "POST", invitations, {"identity": "ALICE@LOCALHOST"}, token=admin_token))
+        self.assertEqual(code, 200, body)
+        self.assertEqual(sorted(body["invited"]), [ALICE, "bob@localhost"])
+        code, body, _ = yield defer.ensureDeferred(admin.json(
+            "PUT", f"/v1/conferences/{CONFERENCE}/roster",
+            {"epoch": 1, "members": [{"identity": "Alice@Localhost", "ssrcs": [5]}]},
+            token=admin_token))
+        self.assertEqual(code, 200, body)
+        for name in ("alice", "ALICE"):
+            client = self.client()
+            yield defer.ensureDeferred(client.login(name, PASSWORD))
+            self.assertEqual(client.subject, ALICE)
+            code, body, _ = yield defer.ensureDeferred(admin.json(
+                "GET", f"{invitations}/{client.subject}", token=admin_token))
+            self.assertEqual((code, body["identity"], body["invited"]), (200, ALICE, True))
+            roster = yield defer.ensureDeferred(
+                client.verified_roster(CONFERENCE, now=reactor.seconds()))
+            self.assertEqual(roster.identity_of(5), ALICE)
+        # the KD may ask in any case; uninviting in another case removes the invitation
+        code, body, _ = yield defer.ensureDeferred(admin.json(
+            "GET", f"{invitations}/aLiCe@LocalHost", token=admin_token))
+        self.assertEqual((code, body["identity"], body["invited"]), (200, ALICE, True))
+        code, body, _ = yield defer.ensureDeferred(admin.json(
+            "DELETE", f"{invitations}/Alice@localhost", token=admin_token))
+        self.assertEqual((code, body["invited"]), (200, ["bob@localhost"]))
+        with self.assertRaises(KmfRefused) as raised:
+            yield defer.ensureDeferred(client.roster(CONFERENCE))
+        self.assertEqual(raised.exception.status, 403)
+        audit = yield self.store.audit(CONFERENCE)
+        self.assertEqual([(e.kind, e.identity) for e in audit if e.identity == ALICE],
+                         [("invited", ALICE), ("uninvited", ALICE)])
+
+    @defer.inlineCallbacks
     def test_roster_refused_when_not_invited(self):
         yield self.running_conference(invited=("bob@localhost",))
         client = self.client()

@@ -33,6 +33,7 @@ from perc_daemons.protocol.identity import (
     decode_sdp_identity,
     encode_sdp_identity,
     format_fingerprints,
+    normalize_identity,
     parse_fingerprint,
 )
 from perc_daemons.protocol.jose import InvalidJwks, parse_jwks, public_jwk
@@ -157,6 +158,19 @@ class SdpIdentityTestCase(unittest.TestCase):
         self.assertIsInstance(text, str)
 
 
+class NormalizeIdentityTestCase(unittest.TestCase):
+    def test_ascii_lower_case_of_the_whole_identity(self) -> None:
+        self.assertEqual(normalize_identity("USER@LOCALHOST"), "user@localhost")
+        self.assertEqual(normalize_identity("Bob.O'Neil+X@Xn--Bcher-Kva.Example"),
+                         "bob.o'neil+x@xn--bcher-kva.example")
+        self.assertEqual(normalize_identity("a%40B@example.com"), "a%40b@example.com")
+
+    def test_non_ascii_refused(self) -> None:
+        # U+212A KELVIN SIGN lower-cases to "k" under Unicode rules: not folded, refused
+        for bad in ("b\u00f6b@example.com", "\u212aate@example.com", "bob@b\u00fccher.de", 7, None):
+            self.assertRaises(ValueError, normalize_identity, bad)
+
+
 class CreateAssertionTestCase(unittest.TestCase):
     def test_shape(self) -> None:
         outer = json.loads(assertion())
@@ -180,8 +194,14 @@ class CreateAssertionTestCase(unittest.TestCase):
         verifier = JwksIdentityVerifier(DOMAIN, keys.jwks(T0))
         self.assertEqual(verify(assertion(keys=keys), verifier=verifier), "alice@example.com")
 
+    def test_asserts_the_normal_form(self) -> None:
+        outer = json.loads(assertion(identity="Alice@EXAMPLE.com"))
+        claims = jwt.decode(outer["assertion"], options={"verify_signature": False})
+        self.assertEqual(claims["sub"], "alice@example.com")
+
     def test_refuses_bad_arguments(self) -> None:
         self.assertRaises(ValueError, assertion, identity="mallory@evil.example")
+        self.assertRaises(ValueError, assertion, identity="b\u00f6b@example.com")
         self.assertRaises(ValueError, assertion, identity="a@b@example.com")
         self.assertRaises(ValueError, assertion, identity="a%41@example.com")
         self.assertRaises(ValueError, assertion, fingerprints=[])
@@ -261,7 +281,13 @@ class VerifyTestCase(unittest.TestCase):
     def test_domain_comparison_ignores_case(self) -> None:
         verifier = JwksIdentityVerifier(["other.example", "EXAMPLE.com"], jwks_of(KEY))
         text = crafted({"sub": "bob@Example.COM"})
-        self.assertEqual(verify(text, verifier=verifier), "bob@Example.COM")
+        self.assertEqual(verify(text, verifier=verifier), "bob@example.com")
+
+    def test_identity_comes_out_in_normal_form(self) -> None:
+        # An IdP asserting "BOB@EXAMPLE.COM" means the bob invited as bob@example.com.
+        self.assertEqual(verify(crafted({"sub": "BOB@EXAMPLE.COM"})), "bob@example.com")
+        self.assertRaises(ForeignIdentity, verify, crafted({"sub": "b\u00f6b@example.com"}))
+        self.assertRaises(MalformedAssertion, verify, crafted({"sub": 7}))
 
     def test_foreign_identity(self) -> None:
         self.assertRaises(ForeignIdentity, verify, crafted({"sub": "mallory@evil.example"}))

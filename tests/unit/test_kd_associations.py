@@ -108,7 +108,9 @@ class Harness:
                 if ep is not None:
                     ep.conn.receive_datagram(m.dtls_message, self.now)
 
-    def run(self, steps: int = 200) -> None:
+    def run(self, steps: int = 200, *, grant: bool = True) -> None:
+        """Until quiet; with ``grant``, waiting joiners get the current key, as the
+        service does once their invitations are re-checked."""
         for _ in range(steps):
             busy = False
             for ep in list(self.endpoints.values()):
@@ -117,6 +119,10 @@ class Harness:
                 for d in ep.conn.datagrams_to_send(self.now):
                     busy = True
                     self.deliver(self.kd.tunneled_dtls(ep.aid, d, self.now))
+            if grant:
+                for conference in self.kd.take_grants():
+                    busy = True
+                    self.deliver(self.kd.grant(conference, self.now))
             if not busy:
                 return
         raise AssertionError("no quiescence")
@@ -257,6 +263,70 @@ class TestJoin(unittest.TestCase):
                          [self.h.keys.issued[(CONF, 1)]])
         self.assertEqual(self.bob.of(EktKeyReceived)[-1].params,
                          self.h.keys.issued[(CONF, 2)])
+
+    def test_no_key_before_the_grant(self) -> None:
+        """A finished handshake gets MediaKeys, but the EKTKey waits for grant(): the
+        service re-checks the invitation first (membership checked where a key leaves)."""
+        carol = Endpoint("carol")
+        self.h.expect(carol)
+        self.h.endpoints[carol.aid] = carol
+        carol.conn.connect(self.h.now)
+        self.h.run(grant=False)
+        self.assertEqual(len(carol.of(HandshakeComplete)), 1)
+        self.assertEqual(len(self.h.md(MediaKeys, carol.aid)), 1)
+        self.assertEqual(carol.of(EktKeyReceived), [])
+        self.assertNotIn(("carol", carol.fingerprint), self.h.kd.admitted(CONF))
+        self.assertEqual(self.h.kd.identities(CONF), ["alice", "bob", "carol"])
+        self.assertEqual(self.h.kd.take_grants(), [CONF])
+        self.assertEqual(self.h.kd.take_grants(), [])
+        self.h.deliver(self.h.kd.grant(CONF, self.h.now))
+        self.h.run()
+        self.assertEqual([e.params for e in carol.of(EktKeyReceived)],
+                         [self.h.keys.issued[(CONF, 1)]])
+        self.assertIn(("carol", carol.fingerprint), self.h.kd.admitted(CONF))
+        self.assertEqual(self.h.kd.grant(CONF, self.h.now), [])  # nobody waits now
+
+    def test_admitted_lists_identity_and_certificate_of_keyed_members(self) -> None:
+        self.assertEqual(self.h.kd.admitted(CONF), [("alice", self.alice.fingerprint),
+                                                    ("bob", self.bob.fingerprint)])
+        self.h.deliver(self.h.kd.endpoint_disconnect(self.alice.aid, self.h.now))
+        self.assertEqual(self.h.kd.admitted(CONF), [("bob", self.bob.fingerprint)])
+
+    def test_removed_identity_is_closed_and_gets_no_later_key(self) -> None:
+        second = Endpoint("alice")  # alice from a second device
+        self.h.expect(second)
+        self.h.join(second)
+        pending = Endpoint("alice")  # and a third, signed but not connected yet
+        self.h.expect(pending)
+        self.h.to_md.clear()
+        out = self.h.kd.remove_identity(CONF, "alice", self.h.now)
+        self.h.deliver(out)
+        self.h.run()
+        self.assertEqual({m.association_id for m in out if isinstance(m, EndpointDisconnect)},
+                         {self.alice.aid, second.aid, pending.aid})
+        for ep in (self.alice, second):
+            self.assertEqual(len(ep.of(ConnectionClosed)), 1)  # close_notify reached it
+            self.assertFalse(self.h.kd.knows(ep.aid))
+        self.assertFalse(self.h.kd.knows(pending.aid))
+        self.assertEqual(self.h.kd.identities(CONF), ["bob"])
+        self.assertEqual(self.h.kd.take_rekeys(), [CONF])  # a keyed member is gone
+        self.h.new_epoch()
+        epoch2 = self.h.keys.issued[(CONF, 2)]
+        self.assertEqual(self.bob.of(EktKeyReceived)[-1].params, epoch2)
+        for ep in (self.alice, second):
+            self.assertNotIn(epoch2, [e.params for e in ep.of(EktKeyReceived)])
+        self.assertEqual(self.h.kd.remove_identity(CONF, "alice", self.h.now), [])
+
+    def test_removing_an_unkeyed_identity_needs_no_rekey(self) -> None:
+        carol = Endpoint("carol")
+        self.h.expect(carol)
+        self.h.endpoints[carol.aid] = carol
+        carol.conn.connect(self.h.now)
+        self.h.run(grant=False)  # handshake done, key not granted yet
+        self.h.deliver(self.h.kd.remove_identity(CONF, "carol", self.h.now))
+        self.assertEqual(self.h.kd.take_rekeys(), [])
+        self.assertEqual(self.h.kd.grant(CONF, self.h.now), [])
+        self.assertEqual(carol.of(EktKeyReceived), [])
 
     def test_end_conference(self) -> None:
         out = self.h.kd.end_conference(CONF, self.h.now)

@@ -12,6 +12,7 @@ datagrams travel inside TunneledDtls.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -504,6 +505,75 @@ class KdHandlerTests(unittest.TestCase):
         self.assertFalse(self.core.knows(alice.aid))
         self.assertIsNone(self.core.current_params(CONF))
 
+    # --- withdrawn invitations (issue 10 item 1) ----------------------------------------
+
+    @defer.inlineCallbacks
+    def test_invitation_withdrawn_event_closes_and_rekeys_without_them(self):
+        yield self.kmf.conference()
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        self.handler.start_events(min_delay=0.05, max_delay=0.5)
+        yield wait_for(lambda: self.handler.events_connected, "event stream")
+        yield self.kmf.call("DELETE", f"/v1/conferences/{CONF}/invitations/{BOB}")
+        yield wait_for(lambda: self.peer.of(EndpointDisconnect, bob.aid), "EndpointDisconnect")
+        self.pump()
+        self.assertEqual(len(bob.of(ConnectionClosed)), 1)  # close_notify reached bob
+        self.assertFalse(self.core.knows(bob.aid))
+        params = yield self.wait_key(alice, 2)
+        epoch2, key2 = yield self.kmf.current_key()
+        self.assertEqual(params.key, key2)
+        self.assertEqual(len(bob.of(EktKeyReceived)), 1)  # never the new epoch's key
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        admitted = yield self.kmf.store.admitted(CONF)
+        self.assertEqual(admitted, (epoch2, frozenset({(ALICE, alice.fingerprint)})))
+
+    @defer.inlineCallbacks
+    def test_rekey_rechecks_invitations_without_the_event(self):
+        """Defence in depth: with no event stream (missed event, another KMF), the
+        next epoch key still goes to nobody whose invitation was withdrawn."""
+        yield self.kmf.conference()
+        alice, bob, carol = (Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222),
+                             Endpoint("carol", CAROL, 3333))
+        for ep in (alice, bob, carol):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())  # behind the KD's back
+        self.handler.tunnel_message(self.peer, EndpointDisconnect(carol.aid))  # a rekey
+        params = yield self.wait_key(alice, 2)
+        self.assertTrue(self.peer.of(EndpointDisconnect, bob.aid))
+        self.pump()
+        self.assertEqual(len(bob.of(ConnectionClosed)), 1)
+        self.assertNotIn(params, [e.params for e in bob.of(EktKeyReceived)])
+        self.assertEqual(self.core.epoch(CONF), 2)  # one epoch, not one per removal
+
+    @defer.inlineCallbacks
+    def test_joiner_uninvited_after_signing_gets_no_key(self):
+        yield self.kmf.conference()
+        bob = Endpoint("bob", BOB, 2222)
+        _, ack = yield self.sign(bob)
+        self.assertEqual(ack.status, SIGN_STATUS_OK)
+        yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())
+        self.endpoints[bob.aid] = bob
+        bob.start(self.credentials.fingerprint, KD_TLS_ID)
+        bob.conn.connect(reactor.seconds())
+        self.pump()
+        yield wait_for(lambda: self.peer.of(EndpointDisconnect, bob.aid), "EndpointDisconnect")
+        self.pump()
+        self.assertEqual(bob.of(EktKeyReceived), [])
+        self.assertFalse(self.core.knows(bob.aid))
+
+    @defer.inlineCallbacks
+    def test_roster_report_carries_the_admitted_certificates(self):
+        yield self.kmf.conference()
+        alice = Endpoint("alice", ALICE, 1111)
+        yield self.join(alice)
+        yield self.wait_key(alice, 1)
+        yield wait_for(lambda: self.handler._jobs == {}, "roster PUT")
+        self.assertEqual((yield self.kmf.store.admitted(CONF)),
+                         (1, frozenset({(ALICE, alice.fingerprint)})))
+
     @defer.inlineCallbacks
     def test_unknown_and_foreign_associations(self):
         stray = uuid.uuid4().bytes
@@ -713,6 +783,46 @@ class OfferTests(unittest.TestCase):
                          "offer needs exactly one sha-256 fingerprint")
         bad_identity = offer.replace("a=identity:", "a=identity:e30")
         self.assertEqual(self.rejected(bad_identity).status, SIGN_STATUS_BAD_OFFER)
+
+    def browser_offer(self) -> str:
+        """The endpoint's offer as a browser makes it: plus a bundled data channel."""
+        data = ["m=application 9 UDP/DTLS/SCTP webrtc-datachannel", "c=IN IP4 0.0.0.0",
+                "a=ice-ufrag:EsAw", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+                f"a=fingerprint:sha-256 {format_fingerprint(self.ep.fingerprint)}",
+                "a=setup:actpass", "a=mid:1", "a=sctp-port:5000"]  # no a=tls-id
+        offer = self.ep.offer(self.assertion).replace("a=group:BUNDLE 0",
+                                                      "a=group:BUNDLE 0 1")
+        return offer + "".join(line + "\r\n" for line in data)
+
+    def test_browser_offer_data_channel_stays_rejected(self) -> None:
+        offer = self.browser_offer()
+        facts = inspect_offer(offer)  # the data channel is not looked at
+        self.assertEqual((facts.tls_id, facts.ssrcs), (self.ep.tls_id, (1111,)))
+        kd_fp = b"\x09" * 32
+        answer = finish_answer(draft_answer(offer, kd_fp), offer, kd_fingerprint=kd_fp,
+                               kd_tls_id=KD_TLS_ID)
+        self.assertEqual([(m.mid, m.media, m.port, m.tls_id) for m in answer.media],
+                         [("0", "audio", 9, KD_TLS_ID), ("1", "application", 0, None)])
+        self.assertEqual(answer.bundle, ("0",))
+        # an MD whose draft accepts the data channel, or keeps it bundled, is refused
+        draft = sdp.parse(draft_answer(offer, kd_fp))
+        audio = draft.media[0]
+        accepts_data = dataclasses.replace(draft, media=(audio, dataclasses.replace(
+            audio, media="application", proto="UDP/DTLS/SCTP", formats=("webrtc-datachannel",),
+            attributes=tuple(a if a.name != "mid" else sdp.Attribute("mid", "1")
+                             for a in audio.attributes))))
+        error = self.assertRaises(OfferRejected, finish_answer, accepts_data.serialize(), offer,
+                                  kd_fingerprint=kd_fp, kd_tls_id=KD_TLS_ID)
+        self.assertEqual(error.status, SIGN_STATUS_BAD_OFFER)
+        self.assertIn("accepts mid 1, which the MD cannot relay", error.reason)
+        still_bundled = draft.with_bundle(["0", "1"])
+        error = self.assertRaises(OfferRejected, finish_answer, still_bundled.serialize(),
+                                  offer, kd_fingerprint=kd_fp, kd_tls_id=KD_TLS_ID)
+        self.assertEqual(error.reason,
+                         "draft answer keeps a rejected m= section in its BUNDLE group")
+        only_data = offer.replace("m=audio 9", "m=audio 0")
+        self.assertEqual(self.rejected(only_data).reason,
+                         "offer has no m= section the MD can relay")
 
     def test_finish_answer(self) -> None:
         offer = self.ep.offer(self.assertion)

@@ -30,6 +30,7 @@ from perc_daemons.kmf.api import KmfApi, kmf_site
 from perc_daemons.kmf.kek import KeyEncryptionKey
 from perc_daemons.kmf.signing import SigningKeys
 from perc_daemons.kmf.tokens import issue_access_token
+from perc_daemons.protocol.dtls.crypto import format_fingerprint
 from perc_daemons.protocol.identity import JwksIdentityVerifier
 from perc_daemons.protocol.roster import verify_roster
 from perc_daemons.store import ConferenceState
@@ -186,6 +187,15 @@ class KmfApiTests(unittest.TestCase):
         _, started = yield self.ok("POST", f"/v1/conferences/{cid}/start", token=self.admin())
         return started
 
+    @defer.inlineCallbacks
+    def admit(self, epoch: int, members: list[tuple[str, Cert]], cid: str = "conf-1"):
+        """What the KD reports once it has admitted ``members`` over DTLS."""
+        yield self.ok("PUT", f"/v1/conferences/{cid}/roster", token=self.kd(), body={
+            "epoch": epoch, "members": [
+                {"identity": who, "ssrcs": [n + 1],
+                 "fingerprints": [format_fingerprint(cert.digest)]}
+                for n, (who, cert) in enumerate(members)]})
+
     def parse_key(self, response) -> tuple[str, bytes]:
         [header] = response.headers.getRawHeaders("encryption-key")
         match = ENCRYPTION_KEY.fullmatch(header)
@@ -288,6 +298,13 @@ class KmfApiTests(unittest.TestCase):
         yield self.problem("POST", path, 400, "malformed-json", token=token, raw=b"[1]")
         yield self.problem("POST", path, 400, "malformed-json", token=token, raw=b"\xff")
         yield self.problem("POST", path, 400, "malformed-json", token=token, raw=b'{"a":NaN}')
+        # nesting deeper than the parser's stack: 400, not a 500 with a traceback
+        for raw in (b"[" * (MAX_BODY - 1), b'{"a":[' * (MAX_BODY // 6)):
+            _, problem = yield self.problem("POST", path, 400, "malformed-json", token=token,
+                                            raw=raw)
+            self.assertIn("nested deeper than", problem["detail"])
+            yield self.problem("POST", "/v1/conferences", 400, "malformed-json",
+                               token=self.admin(), raw=raw)
         yield self.problem("POST", path, 415, "unsupported-media-type", token=token,
                            raw=b"{}", content_type="text/plain")
         yield self.problem("POST", path, 413, "body-too-large", token=token,
@@ -382,6 +399,7 @@ class KmfApiTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_key_service(self):
         yield self.running_conference()
+        yield self.admit(1, [(ALICE, self.alice_cert)])
         response, body = yield self.ok("POST", "/v1/conferences/conf-1/keys",
                                        token=self.alice())
         self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
@@ -402,6 +420,10 @@ class KmfApiTests(unittest.TestCase):
         # a new epoch (KD) changes the key
         _, epoch = yield self.ok("POST", "/v1/conferences/conf-1/epochs", 201, token=self.kd())
         self.assertEqual((epoch["epoch"], epoch["spi"]), (2, (stored.spi + 1) & 0xFFFF))
+        # not before the KD reports whom it admitted to epoch 2
+        yield self.problem("POST", "/v1/conferences/conf-1/keys", 403, "not-admitted",
+                           token=self.alice())
+        yield self.admit(2, [(ALICE, self.alice_cert)])
         response, _ = yield self.ok("POST", "/v1/conferences/conf-1/keys", token=self.alice())
         keyid2, key2 = self.parse_key(response)
         self.assertEqual(keyid2, "conf-1/2")
@@ -435,13 +457,91 @@ class KmfApiTests(unittest.TestCase):
                            "conference-not-running", token=self.kd())
         yield self.problem("POST", "/v1/conferences/conf-1/epochs", 403, "insufficient-scope",
                            token=self.alice())
-        # Bob is invited: works from his certificate only
+        # Bob is invited: works once admitted, from his certificate only
         bob = self.token(["keys"], subject=BOB, bound_to=self.other_cert)
+        yield self.problem("POST", path, 403, "not-admitted", token=bob, cert=self.other_cert)
+        yield self.admit(1, [(BOB, self.other_cert)])
         yield self.ok("POST", path, token=bob, cert=self.other_cert)
+
+    @defer.inlineCallbacks
+    def test_key_service_only_for_admitted_members(self):
+        """Issue 10 item 2: invited is not enough; the KD must have admitted the
+        identity, with the certificate the token is bound to, to the current epoch."""
+        yield self.running_conference(invited=(ALICE, BOB))
+        path = "/v1/conferences/conf-1/keys"
+        bob = self.token(["keys"], subject=BOB, bound_to=self.other_cert)
+        # an invitee who never joined (absent from the roster) gets nothing
+        yield self.admit(1, [(ALICE, self.alice_cert)])
+        _, problem = yield self.problem("POST", path, 403, "not-admitted", token=bob,
+                                        cert=self.other_cert)
+        self.assertIn("current member", problem["detail"])
+        yield self.ok("POST", path, token=self.alice())
+        # admitted with another certificate: a token bound to this one gets nothing
+        bob_as_alice_cert = self.token(["keys"], subject=BOB, bound_to=self.alice_cert)
+        yield self.admit(1, [(ALICE, self.alice_cert), (BOB, self.other_cert)])
+        yield self.problem("POST", path, 403, "not-admitted", token=bob_as_alice_cert)
+        yield self.ok("POST", path, token=bob, cert=self.other_cert)
+        # Alice leaves: the KD starts epoch 2 without her; logging in again gets her nothing
+        yield self.ok("POST", "/v1/conferences/conf-1/epochs", 201, token=self.kd())
+        yield self.admit(2, [(BOB, self.other_cert)])
+        fresh = self.token(["keys"], bound_to=self.alice_cert, now=self.now - 1)
+        yield self.problem("POST", path, 403, "not-admitted", token=fresh)
+        response, _ = yield self.ok("POST", path, token=bob, cert=self.other_cert)
+        self.assertEqual(self.parse_key(response)[0], "conf-1/2")
+        # an old epoch's report cannot bring her back
+        yield self.admit(1, [(ALICE, self.alice_cert)])
+        yield self.problem("POST", path, 403, "not-admitted", token=fresh)
+
+    @defer.inlineCallbacks
+    def test_roster_fingerprints_are_checked(self):
+        yield self.running_conference(invited=(ALICE,))
+        path = "/v1/conferences/conf-1/roster"
+        for fingerprints in (["zz"], "AB:CD", [format_fingerprint(b"\x01" * 20)],
+                             [format_fingerprint(b"\x01" * 32)] * 17):
+            yield self.problem("PUT", path, 400, "invalid-request", token=self.kd(), body={
+                "epoch": 1, "members": [{"identity": ALICE, "ssrcs": [1],
+                                         "fingerprints": fingerprints}]})
+        yield self.problem("PUT", path, 400, "invalid-request", token=self.kd(), body={
+            "epoch": 1, "members": [{"identity": ALICE, "ssrcs": [1], "extra": 1}]})
+
+    @defer.inlineCallbacks
+    def test_invitation_check(self):
+        yield self.running_conference(invited=(ALICE,))
+        path = "/v1/conferences/conf-1/invitation-check"
+        _, body = yield self.ok("POST", path, token=self.kd(),
+                                body={"identities": [ALICE, BOB, ALICE]})
+        self.assertEqual(body, {"conference": "conf-1", "state": "running",
+                                "invited": [ALICE], "not_invited": [BOB]})
+        yield self.problem("POST", path, 403, "insufficient-scope", token=self.alice())
+        yield self.problem("POST", path, 400, "invalid-request", token=self.kd(),
+                           body={"identities": ["not an identity"]})
+        yield self.problem("POST", path, 400, "invalid-request", token=self.kd(),
+                           body={"identities": "x"})
+        yield self.problem("POST", "/v1/conferences/nope/invitation-check", 404, "not-found",
+                           token=self.kd(), body={"identities": []})
+
+    @defer.inlineCallbacks
+    def test_uninvite_publishes_invitation_withdrawn(self):
+        seen = []
+        self.api.events.subscribe(lambda _id, kind, data: seen.append((kind, data)))
+        yield self.running_conference(invited=(ALICE, BOB))
+        seen.clear()
+        yield self.ok("DELETE", f"/v1/conferences/conf-1/invitations/{BOB}",
+                      token=self.admin())
+        self.assertEqual(seen, [("invitation-withdrawn",
+                                 {"conference": "conf-1", "identity": BOB})])
+        # a scheduled conference has nobody to remove
+        yield self.ok("POST", "/v1/conferences", 201, token=self.admin(),
+                      body={"id": "later", "invited": [ALICE]})
+        seen.clear()
+        yield self.ok("DELETE", f"/v1/conferences/later/invitations/{ALICE}",
+                      token=self.admin())
+        self.assertEqual(seen, [])
 
     @defer.inlineCallbacks
     def test_end_wipes_keys_and_refuses_key_requests(self):
         yield self.running_conference()
+        yield self.admit(1, [(ALICE, self.alice_cert)])
         yield self.ok("POST", "/v1/conferences/conf-1/keys", token=self.alice())
         yield self.ok("POST", "/v1/conferences/conf-1/end", token=self.admin())
         self.assertEqual((yield self.store.epochs("conf-1")), [])

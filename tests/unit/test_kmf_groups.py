@@ -302,6 +302,8 @@ class GroupInvitationTests(LdapTestMixin, unittest.TestCase):
     ok = test_kmf_api.KmfApiTests.ok
     problem = test_kmf_api.KmfApiTests.problem
     parse_key = test_kmf_api.KmfApiTests.parse_key
+    admit = test_kmf_api.KmfApiTests.admit
+    kd = test_kmf_api.KmfApiTests.kd
 
     async def setUp(self):
         self.ldap_server, ldap_port = self.start_ldap()
@@ -316,12 +318,35 @@ class GroupInvitationTests(LdapTestMixin, unittest.TestCase):
         return self.token([scope], subject=subject, bound_to=self.alice_cert)
 
     async def conference(self, groups: list[str], invited: list[str] = (DIRECT,),
-                         cid: str = "conf-g") -> str:
+                         cid: str = "conf-g", admit: bool = True) -> str:
         await self.ok("POST", "/v1/conferences", 201, token=self.admin(),
                       body={"id": cid, "title": "Groups", "invited": list(invited),
                             "invited_groups": groups})
         await self.ok("POST", f"/v1/conferences/{cid}/start", token=self.admin())
+        # The key service also wants the KD to have admitted the caller: report
+        # everyone these tests use as admitted, so that invitation decides.
+        if admit:
+            await self.admit(1, [(who, self.alice_cert)
+                                 for who in (ALICE, BOB, DIRECT, ALICIA)], cid=cid)
         return f"/v1/conferences/{cid}"
+
+    async def test_sweep_publishes_withdrawal_when_a_group_member_leaves_the_group(self):
+        """Issue 10 item 1: removal from an invited group reaches the KD (an
+        invitation-withdrawn event) once the group cache refreshes."""
+        clock = task.Clock()
+        directory = {BOB: {"ops"}, ALICE: {"eng"}, ALICIA: {"Ops"}}
+        self.api.groups = GroupCache(lambda who: defer.succeed(directory.get(who, set())),
+                                     clock=clock, ttl=60)
+        await self.conference(["ops", "eng"])
+        seen = []
+        self.api.events.subscribe(lambda _id, kind, data: seen.append((kind, data)))
+        self.assertEqual(await self.api.sweep_invitations(), 0)
+        directory[BOB] = {"sales"}  # bob leaves ops
+        self.assertEqual(await self.api.sweep_invitations(), 0)  # cached: not seen yet
+        clock.advance(60)
+        self.assertEqual(await self.api.sweep_invitations(), 1)
+        self.assertEqual(seen, [("invitation-withdrawn",
+                                 {"conference": "conf-g", "identity": BOB})])
 
     async def test_group_member_gets_the_key(self):
         path = await self.conference(["ops"])
@@ -381,7 +406,7 @@ class GroupInvitationTests(LdapTestMixin, unittest.TestCase):
         await self.ok("POST", path + "/keys", token=self.bound(DIRECT))
 
     async def test_roster_honours_groups(self):
-        path = await self.conference(["ops"])
+        path = await self.conference(["ops"], admit=False)
         await self.problem("GET", path + "/roster", 404, "no-roster", token=self.bound(BOB))
         await self.problem("GET", path + "/roster", 403, "not-invited",
                            token=self.bound(ALICIA))

@@ -31,6 +31,7 @@ from perc_daemons.kmf.clients import Client, ClientAuthLimiter, ClientRegistry, 
 from perc_daemons.kmf.kek import KeyEncryptionKey
 from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import SigningKeys
+from perc_daemons.kmf.tokens import issue_access_token
 from perc_daemons.store import StoreUnavailable
 from perc_daemons.store.grants_redis import RedisGrantStore
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
@@ -386,6 +387,16 @@ class OAuthHttpTests(unittest.TestCase):
             self.assertEqual(response.code, 201, content)
             response, content = yield self.call("POST", "/v1/conferences/c-1/start",
                                                 cert=None, headers=bearer)
+            self.assertEqual(response.code, 200, content)
+            # the KD reports alice admitted (its own token: not what is measured here)
+            kd = issue_access_token(self.keys, issuer=ISSUER, subject="kd", audience=ISSUER,
+                                    client_id="kd", scopes=["kd"], now=reactor.seconds())
+            response, content = yield self.call(
+                "PUT", "/v1/conferences/c-1/roster", cert=None,
+                headers={"Authorization": "Bearer " + kd}, content_type="application/json",
+                raw=json.dumps({"epoch": 1, "members": [{
+                    "identity": f"alice@{DOMAIN}", "ssrcs": [1],
+                    "fingerprints": [self.alice_cert.fingerprint]}]}).encode())
             self.assertEqual(response.code, 200, content)
             response, content = yield self.call(
                 "POST", "/v1/conferences/c-1/keys",

@@ -18,6 +18,7 @@ import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, ssl, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
@@ -60,6 +61,23 @@ def offer(ufrag: str = "EpUf") -> str:
         "a=tls-id:abc3de65cddef001be82", "a=mid:0", "a=sendrecv", "a=rtcp-mux",
         "a=rtpmap:111 opus/48000/2", "a=ssrc:1001 cname:user@example",
     ]
+    return "".join(line + "\r\n" for line in lines)
+
+
+def browser_offer(*, media: bool = True) -> str:
+    """A browser's offer: audio, video and a data channel (RFC 8841), all bundled."""
+    common = ["c=IN IP4 0.0.0.0", "a=ice-ufrag:EpUf", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+              f"a=fingerprint:sha-256 {ENDPOINT_FP}", "a=setup:actpass",
+              "a=tls-id:abc3de65cddef001be82"]
+    audio = ["m=audio 9 UDP/TLS/RTP/SAVPF 111", *common, "a=mid:0", "a=sendrecv",
+             "a=rtcp-mux", "a=rtpmap:111 opus/48000/2", "a=ssrc:1001 cname:user@example"]
+    video = ["m=video 9 UDP/TLS/RTP/SAVPF 96", *common, "a=mid:1", "a=sendrecv",
+             "a=rtcp-mux", "a=rtpmap:96 VP8/90000", "a=ssrc:1002 cname:user@example"]
+    data = ["m=application 9 UDP/DTLS/SCTP webrtc-datachannel", *common, "a=mid:2",
+            "a=sctp-port:5000"]
+    bundle = "a=group:BUNDLE 0 1 2" if media else "a=group:BUNDLE 2"
+    lines = ["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", bundle,
+             *(audio + video if media else []), *data]
     return "".join(line + "\r\n" for line in lines)
 
 
@@ -274,6 +292,26 @@ class MdServiceTests(unittest.TestCase):
         self.assertEqual(code, 201)
 
     @defer.inlineCallbacks
+    def test_token_file_made_readable_is_refused_at_the_next_use(self):
+        # The token was read and cached; then someone runs chmod 0644 on the file.
+        code, _ = yield self.create()
+        self.assertEqual(code, 201)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        os.chmod(self.token_path, 0o644)
+        code, body = yield self.create()
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body["type"], "urn:perc:problem:provider-token-unavailable")
+        [text] = [formatEvent(e) for e in events if e.get("path") == self.token_path]
+        self.assertIn(self.token_path, text)
+        self.assertIn("mode 0644 is too open", text)
+        self.assertNotIn(PROVIDER_TOKEN, text)
+        os.chmod(self.token_path, 0o600)
+        code, _ = yield self.create()
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
     def test_body_limits_and_errors(self):
         yield self.create()
         code, _ = yield self.request(
@@ -286,6 +324,20 @@ class MdServiceTests(unittest.TestCase):
         self.assertEqual(code, 405)
         code, _ = yield self.request("GET", "/nothing")
         self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_deeply_nested_json_is_400_and_the_md_keeps_serving(self):
+        # An unauthenticated endpoint posts 30000 nested arrays/objects to the join route.
+        yield self.create()
+        for raw in (b"[" * 30000, b'{"a":' * 12000):  # within the MD's body limit
+            code, body = yield self.request("POST", "/v1/conferences/c1/participants", raw=raw)
+            self.assertEqual((code, body["type"]), (400, "urn:perc:problem:malformed-json"))
+            self.assertIn("nested deeper than", body["detail"])
+            code, body = yield self.request("POST", "/v1/conferences", raw=raw,
+                                            token=PROVIDER_TOKEN)
+            self.assertEqual((code, body["type"]), (400, "urn:perc:problem:malformed-json"))
+        code, _ = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 200)
 
     # -- joins ------------------------------------------------------------------------
 
@@ -330,6 +382,25 @@ class MdServiceTests(unittest.TestCase):
         code, body = yield self.join()
         self.assertEqual((code, body["type"]), (504, "urn:perc:problem:kd-timeout"))
         self.assertEqual(len(self.conferences.participants()), 1)
+
+    @defer.inlineCallbacks
+    def test_browser_offer_data_channel_is_rejected_in_the_draft(self):
+        yield self.create()
+        yield self.connect_kd()
+        code, body = yield self.join(text=browser_offer())
+        self.assertEqual(code, 201, body)
+        request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+        draft = sdp.parse(request.answer_sdp)
+        self.assertEqual([(m.mid, m.media, m.port != 0) for m in draft.media],
+                         [("0", "audio", True), ("1", "video", True),
+                          ("2", "application", False)])
+        self.assertEqual(draft.bundle, ("0", "1"))
+        # nothing the MD can relay: refused before the KD is asked
+        code, body = yield self.join(text=browser_offer(media=False))
+        self.assertEqual((code, body["type"]), (400, "urn:perc:problem:bad-offer"))
+        self.assertIn("no m= section the MD can relay", body["detail"])
+        self.assertIn("mid 2 (application UDP/DTLS/SCTP)", body["detail"])
+        self.assertEqual(len([m for m in self.kd.messages if isinstance(m, SignAnswer)]), 1)
 
     @defer.inlineCallbacks
     def test_late_ok_after_timeout_is_disconnected(self):

@@ -148,6 +148,9 @@ class RawKd:
             self.events.append(event)
         return [TunneledDtls(aid, d) for d in connection.datagrams_to_send(now)]
 
+    def take_grants(self) -> list[str]:
+        return []  # a bare DTLS server: it sends no EKTKey of its own accord
+
     def next_timer(self) -> float | None:
         timers = [t for c in self.connections.values() if (t := c.get_timer()) is not None]
         return min(timers) if timers else None
@@ -321,6 +324,10 @@ class Net:
             elif self.to_kd:
                 aid, data = self.to_kd.popleft()
                 self.from_kd(self.kd.tunneled_dtls(aid, data, self.now))
+            elif grants := self.kd.take_grants():
+                # the KD service's step: invitations re-checked, then the current key
+                for conference in grants:
+                    self.from_kd(self.kd.grant(conference, self.now))
             else:
                 return
         raise AssertionError("the network never went quiet")

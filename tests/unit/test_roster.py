@@ -56,6 +56,16 @@ class RosterTestCase(unittest.TestCase):
             headers={"kid": self.keys.active.kid, "typ": ROSTER_TYP},
         )
 
+    def test_identities_in_normal_form(self) -> None:
+        roster = self.verify(self.sign(members=[("Bob@Example.COM", [7])]))
+        self.assertEqual(roster.identity_of(7), "bob@example.com")
+        # a roster signed before the rule still reads in the normal form
+        claims = {"iss": ISSUER, "conference": "conf-1", "epoch": 4, "iat": T0,
+                  "members": [{"identity": "ALICE@example.com", "ssrcs": [1]}]}
+        self.assertEqual(self.verify(self.resign(claims)).identity_of(1), "alice@example.com")
+        self.assertRaises(ValueError, self.sign,
+                          members=[("bob@example.com", [1]), ("BOB@example.com", [2])])
+
     def test_valid(self) -> None:
         token = self.sign()
         self.assertEqual(

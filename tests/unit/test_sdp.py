@@ -101,6 +101,20 @@ OFFER_LINES = [
     "a=ssrc:2002 cname:user@example",
 ]
 OFFER = "".join(line + "\r\n" for line in OFFER_LINES)
+#: A browser's data channel section (RFC 8841), bundled with the media.
+DATACHANNEL_LINES = [
+    "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+    "c=IN IP4 0.0.0.0",
+    "a=ice-ufrag:EsAw",
+    "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+    f"a=fingerprint:sha-256 {FP_OFFER_TEXT}",
+    "a=setup:actpass",
+    "a=mid:2",
+    "a=sctp-port:5000",
+    "a=max-message-size:262144",
+]
+BROWSER_OFFER = OFFER.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 1 2") + "".join(
+    line + "\r\n" for line in DATACHANNEL_LINES)
 
 OUR_FP = bytes(range(100, 132))
 OUR_TLS_ID = "KD-tls-id_0123456789+/"
@@ -559,6 +573,49 @@ class AnswerTests(unittest.TestCase):
         a = answer(rejected)
         self.assertEqual(a.media[1].port, 0)
         self.assertEqual(a.bundle, ("0",))
+
+    def test_browser_offer_data_channel_rejected_and_unbundled(self) -> None:
+        # audio + video + data channel, all bundled: the MD cannot relay SCTP
+        offer = parse(BROWSER_OFFER)
+        a = answer(offer)
+        self.assertEqual(parse(a.serialize()), a)
+        self.assertEqual([(m.mid, m.media) for m in a.media],
+                         [("0", "audio"), ("1", "video"), ("2", "application")])
+        audio, video, data = a.media
+        self.assertNotEqual(audio.port, 0)
+        self.assertNotEqual(video.port, 0)
+        self.assertEqual((data.port, data.proto, data.formats),
+                         (0, "UDP/DTLS/SCTP", ("webrtc-datachannel",)))
+        self.assertEqual(data.attributes, (Attribute("mid", "2"),))
+        self.assertEqual(a.bundle, ("0", "1"))
+        self.assertEqual(a.serialize().count("\r\nm="), 3)
+        # the data channel offered first: the answerer-tagged section is the next one
+        # (RFC 8843 s7.3.1) and the data channel still leaves the group
+        first = parse(BROWSER_OFFER.replace("a=mid:2", "a=mid:9").replace(
+            "a=group:BUNDLE 0 1 2", "a=group:BUNDLE 9 0 1"))
+        self.assertEqual(answer(first).bundle, ("0", "1"))
+
+    def test_sections_the_md_cannot_relay_are_rejected(self) -> None:
+        for old, new, why in (
+                ("m=video 9 UDP/TLS/RTP/SAVPF", "m=video 9 RTP/AVP", "not DTLS-SRTP"),
+                ("m=video 9 UDP/TLS/RTP/SAVPF", "m=video 9 TCP/TLS/RTP/SAVPF", "not DTLS"),
+                ("m=video 9 UDP/TLS/RTP/SAVPF 96 97", "m=text 9 UDP/TLS/RTP/SAVPF 96 97",
+                 "not audio or video"),
+                ("a=sendonly\r\na=rtcp-mux\r\n", "a=sendonly\r\n", "rtcp-mux")):
+            a = answer(parse(offer_with(old, new)))
+            self.assertEqual([m.port != 0 for m in a.media], [True, False], why)
+            self.assertEqual(a.bundle, ("0",))
+            self.assertIn(why, sdp.unrelayable(parse(offer_with(old, new)).media[1]))
+
+    def test_offer_with_nothing_to_relay_is_refused(self) -> None:
+        only_data = MINIMAL + "a=group:BUNDLE 2\r\n" + "".join(
+            line + "\r\n" for line in DATACHANNEL_LINES)
+        e = self.assertRaises(OfferRefused, answer, parse(only_data))
+        self.assertIn("no m= section the MD can relay", str(e))
+        self.assertIn("mid 2 (application UDP/DTLS/SCTP): m=application is not audio or video",
+                      str(e))
+        e = self.assertRaises(OfferRefused, answer, self.offer, codecs=["G722"])
+        self.assertIn("mid 1 (video UDP/TLS/RTP/SAVPF): none of the MD's codecs", str(e))
 
     def test_no_ice_lite_and_no_bundle(self) -> None:
         a = answer(parse(offer_with("a=group:BUNDLE 0 1\r\n", "")), ice_lite=False)

@@ -297,6 +297,10 @@ class StoreTestsMixin:
         """Every byte the back-end keeps on disk."""
         raise NotImplementedError
 
+    def store_invitation_as_given(self, cid: str, identity: str) -> defer.Deferred[None]:
+        """Write an invitation as a store before identity normalisation did: unchanged."""
+        raise NotImplementedError
+
     @defer.inlineCallbacks
     def setUp(self):
         self.kek = KeyEncryptionKey(os.urandom(32))
@@ -453,6 +457,39 @@ class StoreTestsMixin:
             [("invited", "dave@example.net", T0 + 1), ("uninvited", "dave@example.net", T0 + 2)],
         )
 
+    @defer.inlineCallbacks
+    def test_identities_are_stored_lower_case(self):
+        yield self.store.create(conference(initiator="Alice@Example.COM",
+                                           invited=frozenset({"BOB@EXAMPLE.COM"})))
+        c = yield self.store.get("conf-1")
+        self.assertEqual((c.initiator, c.invited), ("alice@example.com", {"bob@example.com"}))
+        yield self.store.invite("conf-1", "Dave@Example.NET", T0 + 1)
+        yield self.store.invite("conf-1", "dave@example.net", T0 + 2)  # the same: no event
+        yield self.store.record_admission("conf-1", "DAVE@example.net", [5], 1, T0 + 3)
+        yield self.store.uninvite("conf-1", "dave@EXAMPLE.net", T0 + 4)
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, {"bob@example.com"})
+        events = yield self.store.audit("conf-1")
+        self.assertEqual([(e.kind, e.identity) for e in events[1:]],
+                         [("invited", "dave@example.net"), ("admitted", "dave@example.net"),
+                          ("uninvited", "dave@example.net")])
+
+    @defer.inlineCallbacks
+    def test_mixed_case_invitations_stored_before_normalisation_match(self):
+        yield self.store.create(conference(invited=frozenset()))
+        yield self.store_invitation_as_given("conf-1", "Erin@Example.ORG")
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, {"erin@example.org"})
+        yield self.store.invite("conf-1", "ERIN@example.org", T0 + 1)  # already: no event
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, {"erin@example.org"})
+        yield self.store.uninvite("conf-1", "erin@example.org", T0 + 2)
+        c = yield self.store.get("conf-1")
+        self.assertEqual(c.invited, frozenset())
+        events = yield self.store.audit("conf-1")
+        self.assertEqual([(e.kind, e.identity) for e in events[1:]],
+                         [("uninvited", "erin@example.org")])
+
     # epochs
 
     @defer.inlineCallbacks
@@ -583,6 +620,33 @@ class StoreTestsMixin:
         roster = yield self.store.roster("conf-1")
         self.assertEqual(roster, (3, "h.p.sig3b"))
 
+    @defer.inlineCallbacks
+    def test_admitted_kept_with_the_roster_and_wiped_at_the_end(self):
+        fp_a, fp_b = os.urandom(32), os.urandom(32)
+        yield self.store.create(conference())
+        self.assertIsNone((yield self.store.admitted("conf-1")))
+        yield self.store.set_roster("conf-1", 1, "h.p.s1")  # admitted defaults to nobody
+        self.assertEqual((yield self.store.admitted("conf-1")), (1, frozenset()))
+        yield self.store.set_roster("conf-1", 2, "h.p.s2",
+                                    [("bob@example.com", fp_a), ("carol@example.com", fp_b)])
+        self.assertEqual((yield self.store.admitted("conf-1")),
+                         (2, frozenset({("bob@example.com", fp_a),
+                                        ("carol@example.com", fp_b)})))
+        # an older epoch's report changes neither the roster nor the admitted set
+        yield self.store.set_roster("conf-1", 1, "h.p.old", [("eve@example.com", fp_a)])
+        self.assertEqual((yield self.store.admitted("conf-1"))[0], 2)
+        self.assertNotIn("eve@example.com",
+                         {i for i, _ in (yield self.store.admitted("conf-1"))[1]})
+        yield self.store.set_roster("conf-1", 3, "h.p.s3", [("carol@example.com", fp_b)])
+        self.assertEqual((yield self.store.admitted("conf-1")),
+                         (3, frozenset({("carol@example.com", fp_b)})))
+        for bad in ([("carol@example.com", b"short")], [("no-at-sign", fp_a)], "x",
+                    [("carol@example.com",)]):
+            yield self.assertFails(self.store.set_roster("conf-1", 4, "h.p.s4", bad),
+                                   ValueError)
+        yield self.store.end("conf-1", T0 + 9)
+        self.assertIsNone((yield self.store.admitted("conf-1")))
+
     # at rest
 
     @defer.inlineCallbacks
@@ -595,7 +659,7 @@ class StoreTestsMixin:
         for n, key in enumerate(keys, 1):
             yield self.store.add_epoch("conf-1", n, self.wrapped("conf-1", n, key), T0 + 3)
         yield self.store.record_admission("conf-1", "bob@example.com", [11, 12], 3, T0 + 4)
-        yield self.store.set_roster("conf-1", 3, "h.p.s")
+        yield self.store.set_roster("conf-1", 3, "h.p.s", [("bob@example.com", b"\x01" * 32)])
         yield self.store.end("second", T0 + 5)
         before = yield self.snapshot()
 
@@ -624,6 +688,7 @@ class StoreTestsMixin:
                 (yield self.store.current_epoch(cid)),
                 (yield self.store.audit(cid)),
                 (yield self.store.roster(cid)),
+                (yield self.store.admitted(cid)),
             )
         return out
 
@@ -672,6 +737,13 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
                 data += f.read()
         return data
 
+    def store_invitation_as_given(self, cid: str, identity: str) -> defer.Deferred[None]:
+        with sqlite3.connect(self.path) as db:
+            db.execute("INSERT INTO invited (conference_id, identity) VALUES (?, ?)",
+                       (cid, identity))
+        db.close()
+        return defer.succeed(None)
+
     def test_file_modes(self):
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
@@ -688,6 +760,27 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"x")
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o755)
+
+    @defer.inlineCallbacks
+    def test_version_1_database_upgraded(self):
+        """A KMF database of schema 1 (no admitted column) opens, keeps its roster,
+        and reports nobody admitted until the KD reports again."""
+        yield self.store.close()
+        os.remove(self.path)
+        for name in glob.glob(self.path + "-*"):
+            os.remove(name)
+        from perc_daemons.store.sqlite import _SCHEMA_V1
+        with sqlite3.connect(self.path) as db:
+            db.executescript(_SCHEMA_V1)
+            db.execute("INSERT INTO conference VALUES ('conf-1', 't', 'alice@example.com',"
+                       " 'running', NULL, NULL, 0, 1.0, 2)")
+            db.execute("INSERT INTO roster VALUES ('conf-1', 2, 'h.p.s')")
+            db.execute("PRAGMA user_version = 1")
+        self.store = yield self.open_store()
+        self.assertEqual((yield self.store.roster("conf-1")), (2, "h.p.s"))
+        self.assertEqual((yield self.store.admitted("conf-1")), (2, frozenset()))
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
 
     @defer.inlineCallbacks
     def test_newer_schema_refused(self):
@@ -771,6 +864,11 @@ class RedisStoreTestsBase(StoreTestsMixin):
                                            **options)
         self.addCleanup(conn.disconnect)
         return conn
+
+    @defer.inlineCallbacks
+    def store_invitation_as_given(self, cid: str, identity: str):
+        raw = yield self.raw()
+        yield raw.sadd(f"{self.namespace}:conf:{cid}:invited", identity)
 
     @defer.inlineCallbacks
     def test_keys_namespaced(self):

@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from perc_daemons.interfaces import IAuthenticator
+from perc_daemons.protocol.identity import normalize_identity
 
 __all__ = [
     "AuthenticationFailed",
@@ -135,16 +136,21 @@ class RateLimited(Exception):
 
 
 def make_identity(user: str, domain: str) -> str:
-    """The RFC 8827 identity ``user@domain``, in lower case.
+    """The RFC 8827 identity ``user@domain``, in its normal form (lower case).
 
     '%' and '@' in the user part are percent-encoded so the identity has
-    exactly one '@' and decodes unambiguously.  Identities are lower-cased
-    so that invitation lists match whatever case a directory or provider
-    returns ("Bob@Example.com" is "bob@example.com").
+    exactly one '@' and decodes unambiguously.  Identities are normalised
+    (:func:`~perc_daemons.protocol.identity.normalize_identity`: ASCII lower
+    case) so that invitation lists match whatever case a directory or
+    provider returns ("Bob@Example.com" is "bob@example.com"); a non-ASCII
+    name cannot sign in (:class:`AuthenticationFailed`).
     """
     if not user or not domain or "@" in domain:
         raise ValueError("an identity needs a user part and a domain")
-    return (user.replace("%", "%25").replace("@", "%40") + "@" + domain).lower()
+    try:
+        return normalize_identity(user.replace("%", "%25").replace("@", "%40") + "@" + domain)
+    except ValueError as e:
+        raise AuthenticationFailed(str(e)) from None
 
 
 def split_identity(identity: str) -> tuple[str, str]:

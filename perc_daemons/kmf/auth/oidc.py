@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import hmac
 import ipaddress
-import json
 import math
 from collections.abc import Sequence
 from urllib.parse import quote_plus, urlencode, urlsplit, urlunsplit
@@ -49,6 +48,7 @@ from perc_daemons.kmf.auth import (
     UnsupportedCredentials,
     make_identity,
 )
+from perc_daemons.protocol import jsontext
 
 log = Logger()
 
@@ -135,7 +135,7 @@ class OidcAuthenticator:
         await treq.collect(response, collect)  # read even an error body: frees the connection
         if response.code != 200:
             raise BackendUnavailable(f"oidc: JWKS fetch answered {response.code}")
-        document = json.loads(b"".join(chunks))
+        document = jsontext.loads(b"".join(chunks))
         keys: dict[str | None, jwt.PyJWK] = {}
         for jwk in document.get("keys", []):
             if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
@@ -384,8 +384,8 @@ class OidcLogin:
         except _TooLarge as e:
             raise TokenEndpointError(str(e)) from None
         try:
-            document = json.loads(b"".join(chunks))
-        except ValueError:
+            document = jsontext.loads(b"".join(chunks))
+        except jsontext.JsonError:
             document = None
         if response.code != 200:
             error = document.get("error") if isinstance(document, dict) else None
