@@ -104,6 +104,7 @@ def run(reactor, args):
         admin = yield kmf.admin_token()
         yield kmf.conference(CONFERENCE, admin["access_token"])
         user = yield kmf.user_tokens()  # bound to kmf.alice_cert
+        yield kmf.admit(CONFERENCE, 1)  # the KD's report: the key service serves members only
         kind = ("$sha256$" if hasher is None else f"argon2id t={hasher.time_cost} "
                 f"m={hasher.memory_cost} KiB p={hasher.parallelism} (legacy)")
         print(f"perc-kmf (twistd, SQLite) on {kmf.base}, Python {platform.python_version()}, "
