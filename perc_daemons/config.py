@@ -275,6 +275,12 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
                                           _positive),
         "code_lifetime": Setting(int, 60, "Authorization code lifetime, seconds.", _positive),
         "form_lifetime": Setting(int, 600, "Validity of a login form, seconds.", _positive),
+        "client_failure_limit": Setting(int, 20, "Failed client authentications per client "
+                                        "id per window.", _positive),
+        "client_address_failure_limit": Setting(int, 20, "Failed client authentications per "
+                                                "address per window.", _positive),
+        "client_failure_window": Setting(int, 60, "Failed client authentication window, "
+                                         "seconds.", _positive),
     },
     "auth": {
         "backends": Setting(list, ["file"], "User authentication back-ends, in order.",

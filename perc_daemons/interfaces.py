@@ -110,7 +110,8 @@ class IIdentityVerifier(Interface):
 
 
 class IGrantStore(Interface):
-    """The OAuth 2.0 server's persistent grants: authorization codes, refresh tokens.
+    """The OAuth 2.0 server's persistent state: authorization codes, refresh tokens,
+    the revocation list of access tokens and the one-time values already used.
 
     Only SHA-256 hashes of codes and tokens are stored (a leaked store cannot be
     replayed).  Every method returns a Deferred; implementations: SQLite and
@@ -138,6 +139,23 @@ class IGrantStore(Interface):
 
     def refresh_token(token_hash, now):
         """The live grant of a refresh token, or None (unknown, expired, revoked)."""
+
+    def revoke_access_token(jti_hash, expires_at, now):
+        """Put an access token on the revocation list until ``expires_at`` (its ``exp``).
+
+        ``jti_hash`` is the SHA-256 of the token's ``jti`` (RFC 7009; RFC 9068
+        tokens are self-contained, so resources look the list up).  Idempotent.
+        """
+
+    def access_token_revoked(jti_hash, now):
+        """Whether that access token is on the revocation list (one key look-up)."""
+
+    def use_once(key_hash, expires_at, now):
+        """Fires True the first time ``key_hash`` is used, False ever after (until ``expires_at``).
+
+        Atomic across every KMF sharing the store: one-time values such as
+        login form tokens and OpenID Connect states are accepted once.
+        """
 
 
 class ITunnelPeer(Interface):

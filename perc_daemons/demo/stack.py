@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from perc_daemons.devpki import DevPki
 from perc_daemons.kmf.auth.file import add_user
+from perc_daemons.kmf.clients import hash_client_secret, new_client_secret
 from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import certificate_fingerprint, format_fingerprint
 
@@ -60,7 +61,7 @@ ENDPOINT_CLIENT = "perc-endpoint"
 ENDPOINT_REDIRECT = "http://127.0.0.1/callback"
 KD_CLIENT = "kd"
 ADMIN_CLIENT = "perc-admin"
-#: argon2id made cheap: the demo's users and clients are throw-away.
+#: argon2id made cheap: the demo's users are throw-away.
 CHEAP_HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -167,8 +168,8 @@ class LocalStack:
         self.tap: Any = None
         self.children: dict[str, Child] = {}
         self.earlier: list[Child] = []  # daemons that were restarted: their earlier runs
-        self.kd_secret = secrets.token_urlsafe(24)
-        self.admin_secret = secrets.token_urlsafe(24)
+        self.kd_secret = new_client_secret()
+        self.admin_secret = new_client_secret()
         self.provider_token = secrets.token_urlsafe(24)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self._admin_token: str | None = None
@@ -210,10 +211,10 @@ class LocalStack:
             'grant_types = ["authorization_code", "refresh_token"]\n'
             f'redirect_uris = ["{ENDPOINT_REDIRECT}"]\nscopes = ["identity", "keys"]\n\n'
             f'[client.{KD_CLIENT}]\ntype = "confidential"\n'
-            f'secret_hash = "{CHEAP_HASH.hash(self.kd_secret)}"\n'
+            f'secret_hash = "{hash_client_secret(self.kd_secret)}"\n'
             'grant_types = ["client_credentials"]\nscopes = ["kd"]\n\n'
             f'[client.{ADMIN_CLIENT}]\ntype = "confidential"\n'
-            f'secret_hash = "{CHEAP_HASH.hash(self.admin_secret)}"\n'
+            f'secret_hash = "{hash_client_secret(self.admin_secret)}"\n'
             'grant_types = ["client_credentials"]\nscopes = ["admin"]\n'))
         kd_secret_file = os.path.join(self.dir, "kd-client.secret")
         _write_private(kd_secret_file, self.kd_secret + "\n")
