@@ -13,9 +13,11 @@ reported, not failures.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 from twisted.internet import defer, reactor, task
 
+from perc_daemons.protocol.participant import DecryptFailed
 from tests.e2e.conference_support import RecordingEndpoint, StackTestCase
 
 #: Churners, one starting every SPACING seconds, each in the call STAY seconds.
@@ -57,11 +59,13 @@ class ChurnTests(StackTestCase):
                     + e.unattributed_decrypt_failures for e in everyone}
         no_key = sum(s.no_key for e in everyone for s in e.senders.values())
         failed = sum(failures.values())
+        reasons = Counter(e.reason for endpoint in everyone for _, e in endpoint.events
+                          if isinstance(e, DecryptFailed))
         sys.stderr.write(
             f"\nchurn: {CHURNERS} churners over {elapsed:.1f} s, {epochs} epochs "
             f"({epochs / elapsed:.1f}/s) at a stayer; {received} packets decrypted, "
             f"{failed} decrypt failures ({failed / max(1, received + failed):.3%}), "
-            f"{no_key} no-key\n")
+            f"{no_key} no-key; by reason {dict(reasons)}\n")
         self.assertGreaterEqual(epochs / elapsed, 2.0, "not enough churn to mean anything")
         self.assertEqual({k: v for k, v in failures.items() if v}, {},
                          "members that hold the keys failed to decrypt")
