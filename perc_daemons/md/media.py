@@ -26,6 +26,13 @@ Per datagram, demultiplexed by its first byte (RFC 7983 section 7):
 * RTCP: hop-by-hop only (RFC 8723 section 6): unprotect with the sender's
   inbound session, protect for each other keyed leg.
 
+Datagrams of any size up to 65535 bytes are relayed (the daemon's port reads
+them whole): what pylibsrtp's 1500-byte buffer cannot take goes through the
+same libsrtp session on a larger buffer
+(:func:`~perc_daemons.protocol.srtp.libsrtp_large`).  A packet that cannot
+be sealed for, or sent to, one receiver is counted on that receiver's leg
+(``seal_failed``, ``send_failed``) and still goes to the others.
+
 Conferences share the port: each leg belongs to a *group* (the conference
 id; ``None`` is a group too) and media only ever goes to keyed legs of the
 sender's group.  One shared UDP port rather than one socket per conference:
@@ -56,13 +63,18 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from twisted.internet import task
+from twisted.internet import error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
 from perc_daemons.protocol.double import DOUBLE_PROFILES, Relay
 from perc_daemons.protocol.errors import ProtocolError
-from perc_daemons.protocol.srtp import LibSrtpError, Session, libsrtp_error, libsrtp_session
+from perc_daemons.protocol.srtp import (
+    Session,
+    hop_protect_rtcp,
+    hop_unprotect_rtcp,
+    libsrtp_session,
+)
 from perc_daemons.protocol.stun import (
     ATTR_USERNAME,
     BINDING_SUCCESS,
@@ -101,6 +113,7 @@ LEG_DROP_REASONS = (
     "ekt_malformed",    # EKTField framing
     "malformed",        # any other ProtocolError
     "seal_failed",      # could not protect toward this (receiving) leg
+    "send_failed",      # the socket refused the datagram for this leg (e.g. EAGAIN, EMSGSIZE)
     "stun_rejected",    # a check for this leg answered with an error (e.g. 401)
     "stun_malformed",   # a check for this leg that could not be parsed
     "unknown_kind",     # ZRTP, TURN channel data or an unassigned first byte
@@ -382,9 +395,9 @@ class MediaPlane:
             src.drops["not_keyed"] += 1
             return []
         try:
-            plain = inbound.unprotect_rtcp(data)
-        except LibSrtpError as e:
-            src.drops[_drop_reason(libsrtp_error(e))] += 1
+            plain = hop_unprotect_rtcp(inbound, data)
+        except ProtocolError as e:
+            src.drops[_drop_reason(e)] += 1
             return []
         if len(plain) < 8:
             src.drops["malformed"] += 1
@@ -398,12 +411,18 @@ class MediaPlane:
             if not should_forward(src_id, dst.leg_id, ssrc):
                 continue
             try:
-                out.append((dst.outbound.protect_rtcp(plain), dst.address))  # type: ignore[union-attr, arg-type]
-            except LibSrtpError:
+                out.append((hop_protect_rtcp(dst.outbound, plain), dst.address))  # type: ignore[arg-type]
+            except ProtocolError:
                 dst.drops["seal_failed"] += 1
                 continue
             dst.counters["rtcp_out"] += 1
         return out
+
+    def send_failed(self, address: Address) -> None:
+        """The socket refused a datagram for ``address``: counted on its leg."""
+        leg = self._by_address.get(address)
+        if leg is not None:
+            leg.drops["send_failed"] += 1
 
     def send_dtls(self, leg_id: LegId, data: bytes) -> Output:
         """A DTLS record from the KD (over the tunnel) for this leg's endpoint."""
@@ -474,7 +493,12 @@ class MediaPlaneProtocol(DatagramProtocol):
         if transport is None:
             return
         for data, address in outputs:
-            transport.write(data, address)  # type: ignore[attr-defined]
+            try:
+                transport.write(data, address)  # type: ignore[attr-defined]
+            except (OSError, error.MessageLengthError):
+                # One receiver's refusal (full buffer, too large for its path) must not
+                # cost the others their copy.
+                self.plane.send_failed(address)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self._write(self.plane.datagram_received(datagram, addr, self.clock.seconds()))
