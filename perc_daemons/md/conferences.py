@@ -103,7 +103,6 @@ __all__ = [
     "Participant",
     "TooManyJoins",
     "UnknownConference",
-    "UnknownParticipant",
 ]
 
 #: Counted tunnel and plane events (``MdConferences.events``).
@@ -140,10 +139,6 @@ class UnknownConference(ConferenceError):
 
 class ConferenceConflict(ConferenceError):
     """The conference exists with another KD fingerprint (409)."""
-
-
-class UnknownParticipant(ConferenceError):
-    """No such association in that conference (404)."""
 
 
 class LeaveRefused(ConferenceError):
@@ -446,18 +441,26 @@ class MdConferences:
             return "the answer is signed for another association"
         return None
 
-    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> None:
-        """The endpoint leaves (token checked in constant time); its KD is told."""
-        conference = self.conference(conference_id)
-        participant = conference.participants.get(aid)
+    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> bool:
+        """The endpoint leaves (token checked in constant time); its KD is told.
+
+        Idempotent: a participant that is already gone (it left, the KD ended
+        it, its consent lapsed, its conference was deleted) is not an error,
+        and False is returned; nothing is kept of it to check a token against,
+        and there is nothing left to remove.  Raises :class:`LeaveRefused`
+        when the participant is here and the token is not its own.
+        """
+        conference = self._conferences.get(conference_id)
+        participant = conference.participants.get(aid) if conference is not None else None
         if participant is None:
-            raise UnknownParticipant("no such participant")
+            return False
         if not hmac.compare_digest(leave_token.encode("utf-8", "replace"),
                                    participant.leave_token.encode("ascii")):
             raise LeaveRefused("the leave token does not match")
         self._end(aid, tell_kd=True)
         self.log.info("perc-md: {association} left conference {conference}",
                       association=participant.association, conference=conference_id)
+        return True
 
     def _end(self, aid: bytes, *, tell_kd: bool) -> Participant | None:
         participant = self._participants.pop(aid, None)

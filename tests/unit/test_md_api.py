@@ -488,7 +488,44 @@ class MdServiceTests(unittest.TestCase):
         yield self.kd.wait_for(disconnect_of(aid))
         self.assertEqual(self.conferences.participants(), [])
         self.assertEqual(self.conferences.plane.legs(), [])
-        code, _ = yield self.request("DELETE", path, token=body["leave_token"])
+
+    @defer.inlineCallbacks
+    def test_leave_is_idempotent_and_still_needs_the_token_of_a_present_leg(self):
+        yield self.create()
+        yield self.connect_kd()
+        _, first = yield self.join()
+        _, second = yield self.join(text=offer("EpU2"))
+
+        def path(body: dict) -> str:
+            return f"/v1/conferences/c1/participants/{body['association']}"
+
+        # Leaving twice: the second is a success too, and the KD heard of it once.
+        for _ in range(2):
+            code, _ = yield self.request("DELETE", path(first), token=first["leave_token"])
+            self.assertEqual(code, 204)
+        aid = uuid.UUID(first["association"]).bytes
+        self.assertEqual(len([m for m in self.kd.messages if disconnect_of(aid)(m)]), 1)
+        # Another participant's token still cannot remove a present leg.
+        code, _ = yield self.request("DELETE", path(second), token=first["leave_token"])
+        self.assertEqual(code, 403)
+        self.assertEqual([p.association for p in self.conferences.participants()],
+                         [second["association"]])
+        # The KD ended it (e.g. after its DTLS close_notify): the endpoint's leave is a success.
+        self.kd.peer.send(EndpointDisconnect(uuid.UUID(second["association"]).bytes))
+        yield self.eventually(lambda: not self.conferences.participants(), "KD ended it")
+        code, _ = yield self.request("DELETE", path(second), token=second["leave_token"])
+        self.assertEqual(code, 204)
+        # Gone with its conference: a success as well; without a bearer token still 401.
+        _, third = yield self.join(text=offer("EpU3"))
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 204)
+        code, _ = yield self.request("DELETE", path(third), token=third["leave_token"])
+        self.assertEqual(code, 204)
+        code, _ = yield self.request("DELETE", path(third))
+        self.assertEqual(code, 401)
+        # A path that cannot name a participant is still 404.
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1/participants/not-a-uuid",
+                                     token=third["leave_token"])
         self.assertEqual(code, 404)
 
     @defer.inlineCallbacks
