@@ -34,7 +34,12 @@ conference cannot key, reach or end this one's participants.  DTLS from an
 endpoint goes to its KD; consent expiry (RFC 7675), a leave and a conference
 deletion send the KD ``EndpointDisconnect``.  A disconnect that cannot be
 sent while the KD's tunnel is down is kept (bounded) and sent when it comes
-back, so the KD learns of every departure and rekeys (RFC 8871 section 6).
+back, so the KD learns of every departure and rekeys (RFC 8871 section 6);
+once no conference names that KD (and it is not pinned) it can no longer
+connect, and its queue is dropped.  Nothing else of a participant outlives
+it (see :meth:`~perc_daemons.md.media.MediaPlane.remove_leg` for the one
+exception, in the other legs' libsrtp sessions), and a leave of a participant
+that is already gone is not an error.
 
 When a tunnel goes down participants stay: the KD reconnects, and their legs
 keep forwarding with the keys they have.  Joins waiting on that tunnel fail
@@ -327,9 +332,13 @@ class MdConferences:
             del self._kd_use[fp]
         self.log.info("perc-md: conference {conference} deleted ({count} participants ended)",
                       conference=conference_id, count=count)
-        peer = self._peers.get(fp)
-        if peer is not None and not self.is_trusted_kd(fp):
-            peer.close("no conference names this KD any more")
+        if not self.is_trusted_kd(fp):
+            # It may not connect any more: its queued disconnects would wait forever (a
+            # later conference naming it again gets them through Associations instead).
+            self._queued.pop(fp, None)
+            peer = self._peers.get(fp)
+            if peer is not None:
+                peer.close("no conference names this KD any more")
         return count
 
     # -- participants -----------------------------------------------------------------

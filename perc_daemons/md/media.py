@@ -150,7 +150,7 @@ class Leg:
     """One endpoint's leg: ICE credentials, learnt address, hop-by-hop sessions, counters."""
 
     __slots__ = ("_pwd", "address", "counters", "drops", "group", "inbound", "last_consent",
-                 "leg_id", "outbound", "peers", "skipped", "ufrag")
+                 "leg_id", "outbound", "peers", "skipped", "ufrag", "withheld")
 
     def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None,
                  group: Hashable = None) -> None:
@@ -164,6 +164,9 @@ class Leg:
         #: sender SSRC -> packets the selective-forwarding hook kept from this leg;
         #: empty (and never consulted) while everything is forwarded.
         self.skipped: dict[int, int] = {}
+        #: SSRCs of this leg's packets the hook kept from some receiver: their entries
+        #: in the receivers' ``skipped`` go when this leg does.
+        self.withheld: set[int] = set()
         self.address: Address | None = None
         self.inbound: Session | None = None
         self.outbound: Session | None = None
@@ -247,7 +250,18 @@ class MediaPlane:
         self._rebuild(leg.group)
 
     def remove_leg(self, leg_id: LegId) -> Leg | None:
-        """Forget a leg (its sessions, address and credentials); returns it, or None."""
+        """Forget a leg (its sessions, address and credentials); returns it, or None.
+
+        Nothing of it stays in the plane's tables nor in the other legs, except
+        one thing by design: the per-SSRC stream state that the other legs'
+        outbound libsrtp sessions created for its SSRCs (some 270 bytes each),
+        which lives as long as the receiving leg's key.  That state is what
+        keeps (SSRC, packet index) and (SSRC, SRTCP index), the GCM nonces, from
+        repeating under the receiver's key (RFC 3711 s3.3.1, s3.4; RFC 7714
+        s8.1, s9.1) when the SSRC is heard again: an endpoint rejoining with
+        the same SSRC continues its sequence numbers (RFC 3550 s5.1), and a
+        fresh stream would also restart the SRTCP index at 1.
+        """
         leg = self._legs.pop(leg_id, None)
         if leg is None:
             return None
@@ -255,11 +269,14 @@ class MediaPlane:
         if leg.address is not None and self._by_address.get(leg.address) is leg:
             del self._by_address[leg.address]
         leg.inbound = leg.outbound = None
-        members = self._groups.get(leg.group)
-        if members is not None:
+        members = self._groups.get(leg.group, [])
+        if leg in members:
             members.remove(leg)
-            if not members:
-                del self._groups[leg.group]
+        if not members:
+            self._groups.pop(leg.group, None)
+        for other in members:  # its SSRCs' gaps: a later packet of them is just newer
+            for ssrc in leg.withheld:
+                other.skipped.pop(ssrc, None)
         leg.peers = ()
         self._rebuild(leg.group)
         return leg
@@ -370,6 +387,7 @@ class MediaPlane:
             if selective and not should_forward(src_id, dst.leg_id, ssrc):
                 skipped = dst.skipped
                 skipped[ssrc] = skipped.get(ssrc, 0) + 1
+                src.withheld.add(ssrc)
                 continue
             try:
                 if dst.skipped and (gap := dst.skipped.get(ssrc)):

@@ -463,6 +463,16 @@ class SelectiveForwardingTests(unittest.TestCase):
         self.assertEqual(self.f.plane.leg("b").skipped, {self.a.ssrc: 4})
         self.assertEqual(self.f.plane.leg("c").skipped, {})
 
+    def test_a_senders_gaps_go_with_it(self) -> None:
+        self.f.plane.should_forward = lambda src, dst, ssrc: dst != "b"
+        for name in "ac":
+            ep = self.f.eps[name]
+            self.f.plane.datagram_received(ep.sender.protect(ep.rtp(1, b"g" * 10), 0.0),
+                                           ep.address, 0.0)
+        self.assertEqual(self.f.plane.leg("b").skipped, {self.a.ssrc: 1, self.c.ssrc: 1})
+        self.f.plane.remove_leg("a")
+        self.assertEqual(self.f.plane.leg("b").skipped, {self.c.ssrc: 1})
+
 
 # Payload sizes for the size sweeps: every size across pylibsrtp's 1500-byte buffer limits
 # (protect refused above 1356 bytes, unprotect above 1500), coarser steps from the
