@@ -34,7 +34,12 @@ conference cannot key, reach or end this one's participants.  DTLS from an
 endpoint goes to its KD; consent expiry (RFC 7675), a leave and a conference
 deletion send the KD ``EndpointDisconnect``.  A disconnect that cannot be
 sent while the KD's tunnel is down is kept (bounded) and sent when it comes
-back, so the KD learns of every departure and rekeys (RFC 8871 section 6).
+back, so the KD learns of every departure and rekeys (RFC 8871 section 6);
+once no conference names that KD (and it is not pinned) it can no longer
+connect, and its queue is dropped.  Nothing else of a participant outlives
+it (see :meth:`~perc_daemons.md.media.MediaPlane.remove_leg` for the one
+exception, in the other legs' libsrtp sessions), and a leave of a participant
+that is already gone is not an error.
 
 When a tunnel goes down participants stay: the KD reconnects, and their legs
 keep forwarding with the keys they have.  Joins waiting on that tunnel fail
@@ -103,7 +108,6 @@ __all__ = [
     "Participant",
     "TooManyJoins",
     "UnknownConference",
-    "UnknownParticipant",
 ]
 
 #: Counted tunnel and plane events (``MdConferences.events``).
@@ -140,10 +144,6 @@ class UnknownConference(ConferenceError):
 
 class ConferenceConflict(ConferenceError):
     """The conference exists with another KD fingerprint (409)."""
-
-
-class UnknownParticipant(ConferenceError):
-    """No such association in that conference (404)."""
 
 
 class LeaveRefused(ConferenceError):
@@ -332,9 +332,13 @@ class MdConferences:
             del self._kd_use[fp]
         self.log.info("perc-md: conference {conference} deleted ({count} participants ended)",
                       conference=conference_id, count=count)
-        peer = self._peers.get(fp)
-        if peer is not None and not self.is_trusted_kd(fp):
-            peer.close("no conference names this KD any more")
+        if not self.is_trusted_kd(fp):
+            # It may not connect any more: its queued disconnects would wait forever (a
+            # later conference naming it again gets them through Associations instead).
+            self._queued.pop(fp, None)
+            peer = self._peers.get(fp)
+            if peer is not None:
+                peer.close("no conference names this KD any more")
         return count
 
     # -- participants -----------------------------------------------------------------
@@ -446,18 +450,26 @@ class MdConferences:
             return "the answer is signed for another association"
         return None
 
-    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> None:
-        """The endpoint leaves (token checked in constant time); its KD is told."""
-        conference = self.conference(conference_id)
-        participant = conference.participants.get(aid)
+    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> bool:
+        """The endpoint leaves (token checked in constant time); its KD is told.
+
+        Idempotent: a participant that is already gone (it left, the KD ended
+        it, its consent lapsed, its conference was deleted) is not an error,
+        and False is returned; nothing is kept of it to check a token against,
+        and there is nothing left to remove.  Raises :class:`LeaveRefused`
+        when the participant is here and the token is not its own.
+        """
+        conference = self._conferences.get(conference_id)
+        participant = conference.participants.get(aid) if conference is not None else None
         if participant is None:
-            raise UnknownParticipant("no such participant")
+            return False
         if not hmac.compare_digest(leave_token.encode("utf-8", "replace"),
                                    participant.leave_token.encode("ascii")):
             raise LeaveRefused("the leave token does not match")
         self._end(aid, tell_kd=True)
         self.log.info("perc-md: {association} left conference {conference}",
                       association=participant.association, conference=conference_id)
+        return True
 
     def _end(self, aid: bytes, *, tell_kd: bool) -> Participant | None:
         participant = self._participants.pop(aid, None)

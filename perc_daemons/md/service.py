@@ -53,6 +53,7 @@ from perc_daemons.md.media import (
 )
 from perc_daemons.md.tunnel import MdTunnelServer
 from perc_daemons.protocol.dtls import parse_fingerprint
+from perc_daemons.protocol.srtp import MAX_DATAGRAM
 
 __all__ = ["MdCollector", "Options", "advertised_host", "makeService", "md_service"]
 
@@ -140,8 +141,9 @@ class MediaService(ListeningService):
         self._conferences = conferences
 
     def listen(self) -> IListeningPort:
+        # Any datagram whole (Twisted's default of 8192 would cut jumbo-frame media).
         return self._reactor.listenUDP(self._port_number, self.protocol,
-                                       interface=self._bind)
+                                       interface=self._bind, maxPacketSize=MAX_DATAGRAM)
 
     def listening(self, address: Any) -> None:
         self._conferences.media_port = address.port

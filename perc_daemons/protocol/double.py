@@ -55,6 +55,7 @@ from perc_daemons.protocol.srtp import (
     Session,
     SrtpContext,
     libsrtp_error,
+    libsrtp_large,
     libsrtp_session,
 )
 
@@ -282,7 +283,12 @@ class Relay:
     optionally :meth:`edit`, then :meth:`seal` once per receiver (endpoint leg
     or cascade link) with that hop's outbound session.  The hop sessions are
     libsrtp sessions (:func:`~perc_daemons.protocol.srtp.libsrtp_session`): the
-    outer layer is plain RFC 7714 SRTP, done in C.
+    outer layer is plain RFC 7714 SRTP, done in C, for packets of any size up
+    to a UDP datagram (those beyond pylibsrtp's 1500-byte buffer through
+    :func:`~perc_daemons.protocol.srtp.libsrtp_large`, in the same session).
+    :meth:`open` and :meth:`seal` raise nothing but
+    :class:`~perc_daemons.protocol.errors.ProtocolError`: a packet that cannot
+    be sealed for one receiver can still be sealed for the others.
 
     The MD holds only outer (hop-by-hop) keys: the inner ciphertext, inner
     tag, OHB originals and EKTField pass through without it being able to
@@ -317,6 +323,8 @@ class Relay:
             plain = inbound.unprotect(packet[:end])
         except LibSrtpError as e:
             raise libsrtp_error(e) from None
+        except ValueError:  # beyond pylibsrtp's buffer
+            plain = libsrtp_large(inbound, Session.unprotect, packet[:end])
         if len(plain) < RTP_HEADER_LENGTH + TAG_LENGTH + 1:
             raise MalformedSrtp("too short for a double-protected payload")
         self.packet = plain
@@ -356,6 +364,8 @@ class Relay:
             return outbound.protect(self.packet) + self.ekt_field
         except LibSrtpError as e:
             raise libsrtp_error(e) from None
+        except ValueError:  # beyond pylibsrtp's buffer
+            return libsrtp_large(outbound, Session.protect, self.packet) + self.ekt_field
 
 
 def edit_ohb(header: bytes, tail: bytes | memoryview, length: int, pt: int | None = None,
