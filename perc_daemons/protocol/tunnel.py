@@ -821,7 +821,7 @@ class Liveness:
         return self._ping(now)
 
     def pong(self, message: Pong, now: float) -> None:
-        """The peer answered; raises :class:`UnexpectedPong` if no Ping with its nonce is in flight."""
+        """The peer answered; :class:`UnexpectedPong` if no Ping with its nonce is in flight."""
         if self._in_flight is None or message.nonce != self._in_flight:
             raise UnexpectedPong(f"Pong {message.nonce} answers no Ping in flight")
         self._in_flight = None
