@@ -167,6 +167,16 @@ def _sha256_fingerprints(value: list) -> str | None:
     return None
 
 
+def _liveness_settings() -> dict[str, Setting]:
+    """``[tunnel]`` keys of both tunnel ends: our Ping/Pong check (docs/PROTOCOL.md)."""
+    return {
+        "liveness_interval": Setting(float, 15.0, "Seconds between a Pong and the next Ping "
+                                     "on an up tunnel.", _positive),
+        "liveness_timeout": Setting(float, 5.0, "Seconds a Ping may go unanswered before "
+                                    "the tunnel is closed.", _positive),
+    }
+
+
 def _replay_window(value: int) -> str | None:
     return None if 64 <= value <= 32767 else "must be 64-32767 packets"
 
@@ -214,6 +224,7 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
                         _port),
         "kd_fingerprints": Setting(list, [], "SHA-256 fingerprints of KD certificates trusted "
                                    "for every conference.", _sha256_fingerprints),
+        **_liveness_settings(),
     },
 }
 
@@ -399,6 +410,7 @@ _KD_SCHEMA: dict[str, dict[str, Setting]] = {
         "ca_file": Setting(str, "/etc/perc/tls/ca.crt",
                            "PEM CA certificate(s) the MDs' certificates must chain to.",
                            _absolute_path),
+        **_liveness_settings(),
     },
     "kmf": {
         "url": Setting(str, "https://localhost:8443", "Base URL of the KMF's HTTPS API.",
@@ -512,6 +524,9 @@ def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
         values: dict[str, Any] = {}
         for key, setting in settings.items():
             value = given.get(key, setting.default)
+            # A number of seconds may be written `10` as well as `10.0`.
+            if setting.kind is float and type(value) is int:
+                value = float(value)
             # bool is a subclass of int: refuse `port = true`.
             if not isinstance(value, setting.kind) or (
                 setting.kind is not bool and isinstance(value, bool)

@@ -207,7 +207,9 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                                 certificate=cfg.api.certificate,
                                 private_key=cfg.api.private_key,
                                 is_trusted_kd=conferences.is_trusted_kd, handler=conferences,
-                                metrics=top.metrics)  # type: ignore[attr-defined]
+                                metrics=top.metrics,  # type: ignore[attr-defined]
+                                liveness_interval=cfg.tunnel.liveness_interval,
+                                liveness_timeout=cfg.tunnel.liveness_timeout)
     except tls.TlsFileError as e:
         raise _error(cfg, "api.certificate", str(e)) from None
     api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor)
