@@ -66,6 +66,22 @@ def _admin_section(port: int) -> dict[str, Setting]:
     }
 
 
+def _connections_section() -> dict[str, Setting]:
+    """``[connections]``: the limits every listener of the daemon applies
+    (perc_daemons.listening.ConnectionLimits)."""
+    return {
+        "handshake_timeout": Setting(
+            float, 10.0, "Seconds a connection has to complete its TLS handshake (plain HTTP: "
+            "its first request) before it is closed.", _positive),
+        "idle_timeout": Setting(
+            float, 60.0, "Seconds an HTTP connection may stay open receiving nothing "
+            "while no request is handled.", _positive),
+        "max_per_address": Setting(
+            int, 64, "Connections one address (IPv6: one /64) may have open on each "
+            "listener; more are closed at once.", _positive),
+    }
+
+
 def _absolute_path(value: str) -> str | None:
     return None if value.startswith("/") else "must be an absolute path"
 
@@ -187,6 +203,7 @@ def _advertise(value: str) -> str | None:
 
 _MD_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9461),
+    "connections": _connections_section(),
     "api": {
         "bind": Setting(str, "0.0.0.0", "Address of the HTTPS conference API listener.",
                         _ip_address),
@@ -231,6 +248,7 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
 
 _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9463),
+    "connections": _connections_section(),
     "https": {
         "bind": Setting(str, "0.0.0.0", "Address of the HTTPS API listener.", _ip_address),
         "port": Setting(int, 8443, "TCP port of the HTTPS API listener (0 picks a free port).",
@@ -396,6 +414,7 @@ def _client_id(value: str) -> str | None:
 
 _KD_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9462),
+    "connections": _connections_section(),
     "tunnel": {
         "mds": Setting(list, [], 'Media Distributors to keep a tunnel to, as "name:port" '
                        "(name is connected to and checked against the MD's certificate).",

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Callable
-from typing import Any
 from typing import Protocol as TypingProtocol
 
 from prometheus_client import Counter, Gauge
@@ -54,6 +53,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from perc_daemons.interfaces import ITunnelPeer
+from perc_daemons.listening import LOG_INTERVAL, RateLimitedLog
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.tunnel import (
     MAX_BODY_LENGTH,
@@ -85,8 +85,6 @@ __all__ = [
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the peer has to answer our TLS close_notify before the TCP connection is aborted.
 CLOSE_TIMEOUT = 5.0
-#: Seconds between two log events of the same rate-limited kind.
-LOG_INTERVAL = 10.0
 
 log = Logger()
 
@@ -94,36 +92,6 @@ log = Logger()
 def format_fingerprint(fingerprint: bytes | None) -> str:
     """``AA:BB:..`` (upper-case hex, as in SDP a=fingerprint), or ``-`` when unknown."""
     return fingerprint.hex(":").upper() if fingerprint else "-"
-
-
-class RateLimitedLog:
-    """Emits at most one event per ``key`` every ``interval`` seconds of ``clock``.
-
-    The next event after a quiet interval carries ``suppressed``, the number
-    of events dropped meanwhile.  Keys are reason labels (a small fixed set),
-    so the state stays bounded.
-    """
-
-    def __init__(self, logger: Logger, clock: IReactorTime,
-                 interval: float = LOG_INTERVAL) -> None:
-        self._log = logger
-        self._clock = clock
-        self._interval = interval
-        self._state: dict[str, tuple[float, int]] = {}
-
-    def warn(self, key: str, format: str, **kwargs: Any) -> bool:
-        """Log ``format`` at warn level unless ``key`` was logged recently; True if logged."""
-        now = self._clock.seconds()
-        last = self._state.get(key)
-        if last is not None and now - last[0] < self._interval:
-            self._state[key] = (last[0], last[1] + 1)
-            return False
-        suppressed = last[1] if last is not None else 0
-        self._state[key] = (now, 0)
-        if suppressed:
-            format += " ({suppressed} similar events suppressed)"
-        self._log.warn(format, suppressed=suppressed, log_key=key, **kwargs)
-        return True
 
 
 class TunnelMetrics:

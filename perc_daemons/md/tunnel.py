@@ -59,8 +59,9 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 
-from perc_daemons import tls, tunnel_link
+from perc_daemons import tls
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
+from perc_daemons.listening import ConnectionGuard, ConnectionLimits
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.tunnel import (
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
@@ -128,7 +129,8 @@ class MdTunnelServer(Service):
                  private_key: str, is_trusted_kd: Callable[[bytes], bool],
                  handler: ITunnelHandler, metrics: Metrics | None,
                  max_body_length: int = MAX_BODY_LENGTH,
-                 liveness_interval: float = 15.0, liveness_timeout: float = 5.0) -> None:
+                 liveness_interval: float = 15.0, liveness_timeout: float = 5.0,
+                 limits: ConnectionLimits | None = None) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor  # type: ignore[assignment]
         self.bind = bind
@@ -143,6 +145,8 @@ class MdTunnelServer(Service):
         if not (liveness_interval > 0 and liveness_timeout > 0):
             raise ValueError("liveness interval and timeout must be positive")
         self._liveness = (liveness_interval, liveness_timeout)
+        self._limits = limits or ConnectionLimits()
+        self._guard_metrics = metrics
         self._listening: IListeningPort | None = None
         self._connections: set[TunnelLink] = set()
         #: KD fingerprint -> its one registered (up) tunnel, in registration order.
@@ -176,9 +180,12 @@ class MdTunnelServer(Service):
         # (see perc_daemons.listening).
         super().startService()
         try:
+            guard = ConnectionGuard(LinkFactory(self._build_link), listener="md-tunnel",
+                                    limits=self._limits, clock=self._clock,
+                                    metrics=self._guard_metrics, tls=True,
+                                    what="perc-md tunnel")
             self._listening = self._reactor.listenSSL(
-                self._port_number, LinkFactory(self._build_link), self._context_factory,
-                interface=self.bind)
+                self._port_number, guard, self._context_factory, interface=self.bind)
         except BaseException:
             self.running = 0
             raise
@@ -204,9 +211,10 @@ class MdTunnelServer(Service):
     # -- TunnelSide ---------------------------------------------------------------------
 
     def _build_link(self) -> TunnelLink:
+        # No setup timeout of its own: the listener's guard bounds the TLS handshake,
+        # pinning is immediate, and a held duplicate waits at most liveness_timeout.
         link = TunnelLink(self, clock=self._clock, errors_log=self._errors_log,
-                          metrics=self._metrics, max_body_length=self._max_body_length,
-                          setup_timeout=tunnel_link.HANDSHAKE_TIMEOUT)
+                          metrics=self._metrics, max_body_length=self._max_body_length)
         self._connections.add(link)
         return link
 

@@ -28,6 +28,7 @@ from perc_daemons import tunnel_link
 from perc_daemons.devpki import DevPki, Issued
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
 from perc_daemons.kd.tunnel import KdTunnelClient
+from perc_daemons.listening import ConnectionLimits, RateLimitedLog
 from perc_daemons.md.tunnel import MD_PROFILES, MdTunnelServer, md_tunnel_context_factory
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.tunnel import (
@@ -45,7 +46,7 @@ from perc_daemons.protocol.tunnel import (
     new_association_id,
 )
 from perc_daemons.tls import TlsFileError
-from perc_daemons.tunnel_link import RateLimitedLog, TunnelLink
+from perc_daemons.tunnel_link import TunnelLink
 
 
 def fingerprint_of(issued: Issued) -> bytes:
@@ -451,15 +452,40 @@ class TimeoutTests(TunnelTestBase):
 
     @defer.inlineCallbacks
     def test_silent_connection_dropped_after_handshake_timeout(self):
-        self.patch(tunnel_link, "HANDSHAKE_TIMEOUT", 0.05)
-        md = self.start_md()
+        md = self.start_md(limits=ConnectionLimits(handshake_timeout=0.05))
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", md.port)
         raw = yield endpoint.connect(Factory.forProtocol(RawPeer))  # plain TCP, no TLS
         reason = yield raw.when_lost()
         self.assertIsNotNone(reason)
-        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_errors_total",
-                                     reason="tunnel_handshake_timeout"), 1)
+        self.assertEqual(self.sample(self.md_metrics, "perc_connections_closed_total",
+                                     listener="md-tunnel", reason="handshake_timeout"), 1)
         self.assertEqual(self.md_handler.up_count, 0)
+        self.assertEqual(md._connections, set())
+
+    @defer.inlineCallbacks
+    def test_kd_gives_up_on_an_md_that_never_sends_supported_profiles(self):
+        self.patch(tunnel_link, "HANDSHAKE_TIMEOUT", 0.3)
+        connections: list[RawPeer] = []
+
+        class MuteMdFactory(Factory):
+            def buildProtocol(self, addr: object) -> RawPeer:
+                peer = RawPeer()
+                connections.append(peer)
+                return peer
+
+        port = reactor.listenSSL(0, MuteMdFactory(), md_tunnel_context_factory(
+            str(self.md_cert.certificate), str(self.md_cert.private_key)),
+            interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        kd = self.start_kd(port.getHost().port, min_delay=5.0)
+        link = yield kd.when_connected()
+        reason = yield link.when_lost()
+        self.assertIn("tunnel not up within 0.3 s", reason)
+        self.assertEqual(self.sample(self.kd_metrics, "perc_tunnel_errors_total",
+                                     reason="tunnel_handshake_timeout"), 1)
+        yield kd.stopService()
+        for connection in connections:
+            yield connection.when_lost()
 
 
 class KdVersionTests(TunnelTestBase):
