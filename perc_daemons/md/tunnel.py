@@ -122,7 +122,9 @@ class MdTunnelServer(Service):
     registered tunnel is Pinged ``liveness_interval`` seconds after its last
     Pong and closed when a Pong is ``liveness_timeout`` seconds late; a
     newer connection of the same KD waits at most that long for the check
-    (module docstring).
+    (module docstring).  ``limits`` (the daemon's ``[connections]``) bound
+    the TLS handshake and the connections per address
+    (:class:`~perc_daemons.listening.ConnectionGuard`, listener ``md-tunnel``).
     """
 
     def __init__(self, reactor: IReactorSSL, *, bind: str, port: int, certificate: str,
