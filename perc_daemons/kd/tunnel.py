@@ -246,7 +246,7 @@ class KdTunnelClient(Service):
     def link_lost(self, link: TunnelLink, reason: str) -> None:
         self._links.discard(link)
         if not link.up:
-            if link.peer_fingerprint is not None:
+            if link.peer_fingerprint is not None and link.closing_reason is None:
                 # TLS worked both ways, then the MD hung up before SupportedProfiles.
                 reason += (" (closed by the MD before the tunnel was up: is this KD's "
                            "certificate pinned there, or does another live tunnel use it?)")
