@@ -178,10 +178,15 @@ class ITunnelHandler(Interface):
     """What a daemon gives its tunnel ends: the MD's and the KD's tunnel logic."""
 
     def tunnel_up(peer):
-        """``peer`` (an ITunnelPeer) is connected and the version is agreed."""
+        """``peer`` (an ITunnelPeer) is connected and the version is agreed.
+
+        At the MD: ``peer`` is the KD certificate's one registered tunnel
+        (a second connection with that certificate never gets here while it
+        answers; see :mod:`perc_daemons.md.tunnel`).
+        """
 
     def tunnel_message(peer, message):
-        """A decoded message (not SupportedProfiles/UnsupportedVersion) from ``peer``."""
+        """A decoded message (not SupportedProfiles/UnsupportedVersion/Ping/Pong) from ``peer``."""
 
     def tunnel_down(peer, reason):
         """``peer`` is gone (closed by either side, failed, or refused); ``reason`` is text."""

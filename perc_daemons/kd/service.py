@@ -775,7 +775,10 @@ class KdService(MultiService):
                                ca_certificate=cfg.tunnel.ca_file,
                                certificate=cfg.tunnel.certificate,
                                private_key=cfg.tunnel.private_key,
-                               handler=self.handler, metrics=metrics).setServiceParent(self)
+                               handler=self.handler, metrics=metrics,
+                               liveness_interval=cfg.tunnel.liveness_interval,
+                               liveness_timeout=cfg.tunnel.liveness_timeout,
+                               ).setServiceParent(self)
             except tls.TlsFileError as e:
                 self.problem = f"tunnel to md {item}: {e}"
 

@@ -440,7 +440,9 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
         sweeper.setName("invitation-sweep")
         sweeper.setServiceParent(top)
     HttpsService(reactor, "https", "perc-kmf HTTPS API", cfg.https.bind, cfg.https.port,
-                 kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)
+                 kmf_site(api, max_body=cfg.https.max_body), context,
+                 limits=top.limits, metrics=top.metrics,  # type: ignore[attr-defined]
+                 ).setServiceParent(top)
     return top
 
 

@@ -257,7 +257,7 @@ class MdConferences:
         self._conferences: dict[str, Conference] = {}
         self._participants: dict[bytes, Participant] = {}
         self._kd_use: dict[bytes, int] = {}  # kd fingerprint -> conferences naming it
-        self._peers: dict[bytes, Any] = {}  # kd fingerprint -> ITunnelPeer (latest)
+        self._peers: dict[bytes, Any] = {}  # kd fingerprint -> its registered ITunnelPeer
         self._pending: dict[bytes, _PendingJoin] = {}
         self._queued: dict[bytes, dict[bytes, None]] = {}  # kd fp -> aids to disconnect
 

@@ -209,7 +209,10 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                                 certificate=cfg.api.certificate,
                                 private_key=cfg.api.private_key,
                                 is_trusted_kd=conferences.is_trusted_kd, handler=conferences,
-                                metrics=top.metrics)  # type: ignore[attr-defined]
+                                metrics=top.metrics,  # type: ignore[attr-defined]
+                                liveness_interval=cfg.tunnel.liveness_interval,
+                                liveness_timeout=cfg.tunnel.liveness_timeout,
+                                limits=top.limits)  # type: ignore[attr-defined]
     except tls.TlsFileError as e:
         raise _error(cfg, "api.certificate", str(e)) from None
     api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor)
@@ -220,7 +223,9 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                  conferences).setServiceParent(top)
     tunnel.setServiceParent(top)
     HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,
-                 cfg.api.port, md_site(api), context).setServiceParent(top)
+                 cfg.api.port, md_site(api), context,
+                 limits=top.limits, metrics=top.metrics,  # type: ignore[attr-defined]
+                 ).setServiceParent(top)
     top.conferences = conferences  # type: ignore[attr-defined]
     top.api = api  # type: ignore[attr-defined]
     top.media = protocol  # type: ignore[attr-defined]
