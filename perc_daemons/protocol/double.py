@@ -474,10 +474,14 @@ _MAX_UNKEYED = 4096
 
 #: End-to-end keys a receiver keeps per sender SSRC at most (see :class:`DoubleReceiver`).
 KEPT_KEYS = 4
-#: Seconds a sender's older key is still accepted once a newer one was learnt: the
-#: sender's old-key hold (RFC 8870 s4.3.1, 250 ms) plus network jitter.  After that a
-#: packet under it is refused: a departed member knows it and could forge with it.
+#: Seconds a sender's older key is still accepted once a newer one decrypted one of its
+#: packets (the sender switched: its old-key hold, RFC 8870 s4.3.1, is over): late and
+#: reordered packets.  After that a packet under it is refused: a departed member knows
+#: it and could forge with it.  The clock starts at the switch *as this receiver sees
+#: it*, so a receiver that stalls still decrypts the old-key packets queued before it.
 OLD_KEY_ACCEPT = 1.0
+#: ... and at the latest this long after a newer key was learnt, switch seen or not.
+OLD_KEY_MAX = 10.0
 
 
 class _InnerKey:
@@ -497,7 +501,8 @@ class DoubleReceiver:
     ``outer`` is the endpoint's server_write outer context (what the MD
     protects toward it).  For each sender SSRC it keeps the end-to-end keys
     it learnt: the newest, and older ones for :data:`OLD_KEY_ACCEPT` seconds
-    after a newer one arrived (at most :data:`KEPT_KEYS`, never dropping the
+    after a newer one decrypted a packet of the sender (:data:`OLD_KEY_MAX`
+    after a newer one was learnt at most; at most :data:`KEPT_KEYS` keys, never dropping the
     one that decrypted the sender's last packet), so packets sent
     under an older key during a rekey still decrypt (trial decryption, RFC
     8870 s4.3.2) and no longer.  More than two are needed: when epochs follow
@@ -533,7 +538,7 @@ class DoubleReceiver:
         keys = self._inner.setdefault(ssrc, [])
         for older in keys:
             if older.retire_at is None:
-                older.retire_at = now + OLD_KEY_ACCEPT
+                older.retire_at = now + OLD_KEY_MAX
         keys.insert(0, _InnerKey(context))
         if len(keys) > KEPT_KEYS:
             # Drop the oldest key but the one in use: keys announced in between and
@@ -583,7 +588,7 @@ class DoubleReceiver:
                 context.set_roc(ssrc, learned.roc)
                 self._learn(ssrc, context, now)
         keys = self._inner.get(ssrc)
-        if keys and keys[-1].retire_at is not None and now >= keys[-1].retire_at:
+        if keys and any(k.retire_at is not None and now >= k.retire_at for k in keys):
             self._retire(ssrc, keys, now)
         if not keys:
             raise UnknownSender(f"no end-to-end key for SSRC 0x{ssrc:08x} yet")
@@ -619,5 +624,10 @@ class DoubleReceiver:
             raise InnerAuthenticationFailed("end-to-end authentication failed")
         if key is not last:
             self._last_good[ssrc] = key
+            # the sender switched to this key: the older ones go soon
+            deadline = now + OLD_KEY_ACCEPT
+            for older in keys[keys.index(key) + 1:]:
+                if older.retire_at is None or older.retire_at > deadline:
+                    older.retire_at = deadline
         original = (bytes((b0, orig_b1)) + _SEQ.pack(orig_seq) + packet[4:h] + payload)
         return ReceivedPacket(original, ssrc, b1 & 0x7F, seq, b1 >> 7, h)

@@ -17,7 +17,7 @@ from collections import Counter
 
 from twisted.internet import defer, reactor, task
 
-from perc_daemons.protocol.participant import DecryptFailed
+from perc_daemons.protocol.participant import NO_KEY_REASONS, DecryptFailed
 from tests.e2e.conference_support import RecordingEndpoint, StackTestCase
 
 #: Churners, one starting every SPACING seconds, each in the call STAY seconds.
@@ -66,9 +66,29 @@ class ChurnTests(StackTestCase):
             f"({epochs / elapsed:.1f}/s) at a stayer; {received} packets decrypted, "
             f"{failed} decrypt failures ({failed / max(1, received + failed):.3%}), "
             f"{no_key} no-key; by reason {dict(reasons)}\n")
+        if failed:
+            sys.stderr.write(self._explain(everyone, started))
         self.assertGreaterEqual(epochs / elapsed, 2.0, "not enough churn to mean anything")
         self.assertEqual({k: v for k, v in failures.items() if v}, {},
                          "members that hold the keys failed to decrypt")
         for endpoint in stayers.values():
             heard = {s.ssrc for s in endpoint.senders.values() if s.packets}
             self.assertGreaterEqual(len(heard), CHURNERS // 2, endpoint.label)
+
+    @staticmethod
+    def _explain(everyone: list[RecordingEndpoint], t0: float) -> str:
+        """Who failed to decrypt whom, when, next to the EKT keys each installed."""
+        by_ssrc = {e.ssrc: e for e in everyone}
+        lines = ["decrypt failures (time from start, receiver <- sender: reason):"]
+        for endpoint in everyone:
+            for t, event in endpoint.events:
+                if isinstance(event, DecryptFailed) and event.reason not in NO_KEY_REASONS:
+                    sender = by_ssrc.get(event.ssrc)
+                    lines.append(f"  {t - t0:7.3f} {endpoint.label} <- "
+                                 f"{sender.label if sender else event.ssrc}: {event.reason}")
+                    if len(lines) > 40:
+                        break
+        for endpoint in everyone:
+            installs = " ".join(f"{t - t0:.3f}:{spi}" for t, spi in endpoint.installed())
+            lines.append(f"  {endpoint.label} installed {installs}")
+        return "\n".join(lines) + "\n"

@@ -445,8 +445,30 @@ class RekeyTests(unittest.TestCase):
         late = Relay()
         late.open(old_wires[1], conf.md1_from_a)  # a packet under the old key, 1.6 s later
         wire = late.seal(conf.md1_to_b)
-        with self.assertRaises(InnerAuthenticationFailed):
-            receiver.unprotect(wire, 1.0 + double.OLD_KEY_ACCEPT + 0.01)
+        with self.assertRaises(InnerAuthenticationFailed):  # the switch was by 1.52
+            receiver.unprotect(wire, 1.54 + double.OLD_KEY_ACCEPT)
+
+    def test_a_stalled_receiver_still_decrypts_what_was_queued_under_the_old_key(self) -> None:
+        """The old key's clock starts when this receiver sees the sender switch, not when
+        it learnt the new key: a receiver that stalls for seconds (a loaded host) and then
+        reads its socket buffer in order loses nothing."""
+        conf = Conference(P128, seed=11)
+        receiver = conf.receivers["b"]
+        self.assertEqual(self.deliver(conf, receiver, 0, 0.0), b"m0")
+        params = self.params(conf, 8)
+        receiver.ekt.add_parameter_set(params, 1.0)
+        conf.ekt_a.rekey(params, 1.0)
+        queued = []
+        for i in range(1, 40):  # sent 1.0 .. 1.76: the hold, then the new key
+            wire = conf.sender.protect(conf.packet(i, b"m%d" % i), 1.0 + (i - 1) * 0.02)
+            relay = Relay()
+            relay.open(wire, conf.md1_from_a)
+            queued.append(relay.seal(conf.md1_to_b))
+        # the first three (FullEKTFields: the new key is learnt) are read at once,
+        # the rest, which the hold keeps under the old key at first, 2-3 s late
+        got = [receiver.unprotect(wire, 1.0 + n * 0.02 if n < 3 else 4.0 + n * 0.0001).payload
+               for n, wire in enumerate(queued)]
+        self.assertEqual(got, [b"m%d" % i for i in range(1, 40)])
 
     def test_sender_on_a_key_under_an_ektkey_we_lack_is_no_key(self) -> None:
         """Its FullEKTFields under an SPI we do not hold fail (RFC 8870 s4.3.2 step 2);
