@@ -7,7 +7,10 @@ pool, i.e. one set of up to C kept-alive connections, per phase):
 
 * token issuance: ``POST /oauth/token`` ``grant_type=client_credentials``
   with HTTP Basic client authentication (the client's secret is checked
-  against its argon2id hash, production parameters unless ``--cheap-hash``);
+  against its ``$sha256$`` hash, or with ``--argon2`` against a legacy
+  argon2id hash with production parameters, as before issue 10);
+* bogus token requests: the same with a wrong secret for that client
+  (answered 401, then 429 beyond the failure limit): what a flood costs;
 * key requests: ``POST /v1/conferences/{id}/keys`` of an invited identity,
   with its certificate-bound access token (PKCE flow) and its TLS client
   certificate; each answer's ``Encryption-Key`` is checked.
@@ -17,7 +20,7 @@ open the connections.  It prints requests/s (wall time) and p50/p99 latency
 of each phase.  The KMF process and the temporary directory are always
 removed at the end.
 
-Usage: python bench/kmf.py [--requests N] [--concurrency C] [--cheap-hash]
+Usage: python bench/kmf.py [--requests N] [--concurrency C] [--argon2]
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from tests.e2e.test_kmf_restart import (
     ADMIN_ID,
     ADMIN_SECRET,
     ENCRYPTION_KEY,
-    FAST,
     FORM,
     Kmf,
     Policy,
@@ -89,22 +91,24 @@ def measure(reactor, name: str, one, requests: int, concurrency: int):
 @defer.inlineCallbacks
 def run(reactor, args):
     directory = tempfile.mkdtemp(prefix="perc-kmf-bench-")
-    hasher = FAST if args.cheap_hash else PasswordHasher()
+    hasher = PasswordHasher() if args.argon2 else None
     pools = [HTTPConnectionPool(reactor, persistent=True) for _ in range(2)]
     for pool in pools:
         pool.maxPersistentPerHost = args.concurrency
         pool.retryAutomatically = False
     kmf = None
     try:
-        kmf = Kmf(os.path.join(directory, "kmf"), client_hasher=hasher)
+        kmf = Kmf(os.path.join(directory, "kmf"),
+                  **({"client_secret_hash": hasher.hash} if hasher is not None else {}))
         yield kmf.start()
         admin = yield kmf.admin_token()
         yield kmf.conference(CONFERENCE, admin["access_token"])
         user = yield kmf.user_tokens()  # bound to kmf.alice_cert
+        yield kmf.admit(CONFERENCE, 1)  # the KD's report: the key service serves members only
+        kind = ("$sha256$" if hasher is None else f"argon2id t={hasher.time_cost} "
+                f"m={hasher.memory_cost} KiB p={hasher.parallelism} (legacy)")
         print(f"perc-kmf (twistd, SQLite) on {kmf.base}, Python {platform.python_version()}, "
-              f"{os.cpu_count()} CPUs; client secret argon2id "
-              f"t={hasher.time_cost} m={hasher.memory_cost} KiB p={hasher.parallelism}",
-              flush=True)
+              f"{os.cpu_count()} CPUs; client secret {kind}", flush=True)
 
         token_agent = Agent(reactor, contextFactory=Policy(kmf.server_cert, None),
                             pool=pools[0])
@@ -118,6 +122,17 @@ def run(reactor, args):
             body = yield treq.json_content(response)
             if response.code != 200 or "access_token" not in body:
                 raise RuntimeError(f"token: {response.code} {body!r}")
+
+        bogus_headers = {"Authorization": basic(ADMIN_ID, ADMIN_SECRET[:-1] + "!"),
+                         "Content-Type": FORM}
+
+        @defer.inlineCallbacks
+        def bogus():
+            response = yield treq.post(kmf.base + "/oauth/token", data=token_body,
+                                       headers=bogus_headers, agent=token_agent, timeout=30)
+            yield treq.content(response)
+            if response.code not in (401, 429):
+                raise RuntimeError(f"bogus token request: {response.code}")
 
         key_agent = Agent(reactor, contextFactory=Policy(kmf.server_cert, kmf.alice_cert),
                           pool=pools[1])
@@ -135,6 +150,7 @@ def run(reactor, args):
                 raise RuntimeError(f"key: {response.code} {header!r} {content[:300]!r}")
 
         yield measure(reactor, "token issuance", token, args.requests, args.concurrency)
+        yield measure(reactor, "bogus tokens", bogus, args.requests, args.concurrency)
         yield measure(reactor, "key requests", key,
                       args.requests, args.concurrency)
     finally:
@@ -156,9 +172,9 @@ def main() -> None:
                         help=f"requests per phase (default {REQUESTS})")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
                         help=f"requests in flight (default {CONCURRENCY})")
-    parser.add_argument("--cheap-hash", action="store_true",
-                        help="hash the client secret with argon2id t=1 m=1 MiB p=1 "
-                             "(shows the cost of everything but argon2)")
+    parser.add_argument("--argon2", action="store_true",
+                        help="give the client a legacy argon2id secret_hash (t=3 m=64 MiB p=4, "
+                             "the form before issue 10)")
     args = parser.parse_args()
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")

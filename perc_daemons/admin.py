@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.web import resource, server
 
 from perc_daemons import __version__
-from perc_daemons.listening import ListeningService
+from perc_daemons.listening import ConnectionGuard, ConnectionLimits, ListeningService
 from perc_daemons.metrics import Metrics
 
 
@@ -66,21 +66,27 @@ def admin_site(daemon: str, metrics: Metrics, is_healthy: Callable[[], bool]) ->
 class AdminService(ListeningService):
     """Listens for admin HTTP on ``bind:port`` and logs the address it got.
 
-    A taken port stops start-up (see :mod:`perc_daemons.listening`).
+    A taken port stops start-up (see :mod:`perc_daemons.listening`);
+    connections are guarded by ``limits`` (listener ``admin`` in the metrics).
     """
 
     def __init__(self, reactor: IReactorTCP, daemon: str, bind: str, port: int,
-                 metrics: Metrics, is_healthy: Callable[[], bool] = lambda: True) -> None:
+                 metrics: Metrics, is_healthy: Callable[[], bool] = lambda: True, *,
+                 limits: ConnectionLimits | None = None) -> None:
         super().__init__("admin")
         self._reactor = reactor
         self._daemon = daemon
         self._bind = bind
         self._port_number = port
         self._site = admin_site(daemon, metrics, is_healthy)
+        self.guard = ConnectionGuard(self._site, listener="admin",
+                                     limits=limits or ConnectionLimits(),
+                                     clock=reactor,  # type: ignore[arg-type]
+                                     metrics=metrics, tls=False, what=f"{daemon} admin HTTP")
 
     def listen(self) -> IListeningPort:
         # listenTCP handles IPv6 interfaces too (as TCP6ServerEndpoint does).
-        return self._reactor.listenTCP(self._port_number, self._site, interface=self._bind)
+        return self._reactor.listenTCP(self._port_number, self.guard, interface=self._bind)
 
     def listening(self, address) -> None:
         self.log.info(

@@ -66,6 +66,22 @@ def _admin_section(port: int) -> dict[str, Setting]:
     }
 
 
+def _connections_section() -> dict[str, Setting]:
+    """``[connections]``: the limits every listener of the daemon applies
+    (perc_daemons.listening.ConnectionLimits)."""
+    return {
+        "handshake_timeout": Setting(
+            float, 10.0, "Seconds a connection has to complete its TLS handshake (plain HTTP: "
+            "its first request) before it is closed.", _positive),
+        "idle_timeout": Setting(
+            float, 60.0, "Seconds an HTTP connection may stay open receiving nothing "
+            "while no request is handled.", _positive),
+        "max_per_address": Setting(
+            int, 64, "Connections one address (IPv6: one /64) may have open on each "
+            "listener; more are closed at once.", _positive),
+    }
+
+
 def _absolute_path(value: str) -> str | None:
     return None if value.startswith("/") else "must be an absolute path"
 
@@ -167,6 +183,16 @@ def _sha256_fingerprints(value: list) -> str | None:
     return None
 
 
+def _liveness_settings() -> dict[str, Setting]:
+    """``[tunnel]`` keys of both tunnel ends: our Ping/Pong check (docs/PROTOCOL.md)."""
+    return {
+        "liveness_interval": Setting(float, 15.0, "Seconds between a Pong and the next Ping "
+                                     "on an up tunnel.", _positive),
+        "liveness_timeout": Setting(float, 5.0, "Seconds a Ping may go unanswered before "
+                                    "the tunnel is closed.", _positive),
+    }
+
+
 def _replay_window(value: int) -> str | None:
     return None if 64 <= value <= 32767 else "must be 64-32767 packets"
 
@@ -177,6 +203,7 @@ def _advertise(value: str) -> str | None:
 
 _MD_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9461),
+    "connections": _connections_section(),
     "api": {
         "bind": Setting(str, "0.0.0.0", "Address of the HTTPS conference API listener.",
                         _ip_address),
@@ -214,12 +241,14 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
                         _port),
         "kd_fingerprints": Setting(list, [], "SHA-256 fingerprints of KD certificates trusted "
                                    "for every conference.", _sha256_fingerprints),
+        **_liveness_settings(),
     },
 }
 
 
 _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9463),
+    "connections": _connections_section(),
     "https": {
         "bind": Setting(str, "0.0.0.0", "Address of the HTTPS API listener.", _ip_address),
         "port": Setting(int, 8443, "TCP port of the HTTPS API listener (0 picks a free port).",
@@ -275,6 +304,12 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
                                           _positive),
         "code_lifetime": Setting(int, 60, "Authorization code lifetime, seconds.", _positive),
         "form_lifetime": Setting(int, 600, "Validity of a login form, seconds.", _positive),
+        "client_failure_limit": Setting(int, 20, "Failed client authentications per client "
+                                        "id per window.", _positive),
+        "client_address_failure_limit": Setting(int, 20, "Failed client authentications per "
+                                                "address per window.", _positive),
+        "client_failure_window": Setting(int, 60, "Failed client authentication window, "
+                                         "seconds.", _positive),
     },
     "auth": {
         "backends": Setting(list, ["file"], "User authentication back-ends, in order.",
@@ -385,6 +420,7 @@ def _client_id(value: str) -> str | None:
 
 _KD_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9462),
+    "connections": _connections_section(),
     "tunnel": {
         "mds": Setting(list, [], 'Media Distributors to keep a tunnel to, as "name:port" '
                        "(name is connected to and checked against the MD's certificate).",
@@ -399,6 +435,7 @@ _KD_SCHEMA: dict[str, dict[str, Setting]] = {
         "ca_file": Setting(str, "/etc/perc/tls/ca.crt",
                            "PEM CA certificate(s) the MDs' certificates must chain to.",
                            _absolute_path),
+        **_liveness_settings(),
     },
     "kmf": {
         "url": Setting(str, "https://localhost:8443", "Base URL of the KMF's HTTPS API.",
@@ -512,6 +549,9 @@ def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
         values: dict[str, Any] = {}
         for key, setting in settings.items():
             value = given.get(key, setting.default)
+            # A number of seconds may be written `10` as well as `10.0`.
+            if setting.kind is float and type(value) is int:
+                value = float(value)
             # bool is a subclass of int: refuse `port = true`.
             if not isinstance(value, setting.kind) or (
                 setting.kind is not bool and isinstance(value, bool)

@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from perc_daemons import config as config_module
 from perc_daemons.admin import AdminService
+from perc_daemons.listening import ConnectionLimits
 from perc_daemons.metrics import Metrics
 
 #: Exit status for configuration errors (as documented in README and the units).
@@ -105,7 +106,9 @@ class ConfigReloader(Service):
 def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiService:
     """The MultiService every daemon starts from: metrics and the admin listener.
 
-    The returned service has ``metrics`` set, for the daemon's own parts.
+    The returned service has ``metrics`` set, for the daemon's own parts, and
+    ``limits``, the :class:`~perc_daemons.listening.ConnectionLimits` of
+    ``[connections]`` for every listener of the daemon.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -113,7 +116,9 @@ def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiS
         reactor = global_reactor
     top = MultiService()
     top.metrics = Metrics(f"perc-{daemon}")  # type: ignore[attr-defined]
+    top.limits = ConnectionLimits.from_config(cfg)  # type: ignore[attr-defined]
     AdminService(reactor, f"perc-{daemon}", cfg.admin.bind, cfg.admin.port,
-                 top.metrics).setServiceParent(top)  # type: ignore[attr-defined]
+                 top.metrics,  # type: ignore[attr-defined]
+                 limits=top.limits).setServiceParent(top)  # type: ignore[attr-defined]
     ConfigReloader(daemon, cfg, reactor).setServiceParent(top)
     return top

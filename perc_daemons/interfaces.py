@@ -110,7 +110,8 @@ class IIdentityVerifier(Interface):
 
 
 class IGrantStore(Interface):
-    """The OAuth 2.0 server's persistent grants: authorization codes, refresh tokens.
+    """The OAuth 2.0 server's persistent state: authorization codes, refresh tokens,
+    the revocation list of access tokens and the one-time values already used.
 
     Only SHA-256 hashes of codes and tokens are stored (a leaked store cannot be
     replayed).  Every method returns a Deferred; implementations: SQLite and
@@ -139,6 +140,23 @@ class IGrantStore(Interface):
     def refresh_token(token_hash, now):
         """The live grant of a refresh token, or None (unknown, expired, revoked)."""
 
+    def revoke_access_token(jti_hash, expires_at, now):
+        """Put an access token on the revocation list until ``expires_at`` (its ``exp``).
+
+        ``jti_hash`` is the SHA-256 of the token's ``jti`` (RFC 7009; RFC 9068
+        tokens are self-contained, so resources look the list up).  Idempotent.
+        """
+
+    def access_token_revoked(jti_hash, now):
+        """Whether that access token is on the revocation list (one key look-up)."""
+
+    def use_once(key_hash, expires_at, now):
+        """Fires True the first time ``key_hash`` is used, False ever after (until ``expires_at``).
+
+        Atomic across every KMF sharing the store: one-time values such as
+        login form tokens and OpenID Connect states are accepted once.
+        """
+
 
 class ITunnelPeer(Interface):
     """One end of an established MD<->KD tunnel connection (RFC 9185 over TLS 1.3).
@@ -160,10 +178,15 @@ class ITunnelHandler(Interface):
     """What a daemon gives its tunnel ends: the MD's and the KD's tunnel logic."""
 
     def tunnel_up(peer):
-        """``peer`` (an ITunnelPeer) is connected and the version is agreed."""
+        """``peer`` (an ITunnelPeer) is connected and the version is agreed.
+
+        At the MD: ``peer`` is the KD certificate's one registered tunnel
+        (a second connection with that certificate never gets here while it
+        answers; see :mod:`perc_daemons.md.tunnel`).
+        """
 
     def tunnel_message(peer, message):
-        """A decoded message (not SupportedProfiles/UnsupportedVersion) from ``peer``."""
+        """A decoded message (not SupportedProfiles/UnsupportedVersion/Ping/Pong) from ``peer``."""
 
     def tunnel_down(peer, reason):
         """``peer`` is gone (closed by either side, failed, or refused); ``reason`` is text."""

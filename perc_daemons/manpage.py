@@ -31,7 +31,8 @@ def _endpoint_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-TOOLS["perc-admin"] = (_admin_parser, "operate a perc-kmf: conferences, rosters, users, keys", {
+TOOLS["perc-admin"] = (_admin_parser, "operate a perc-kmf: conferences, rosters, users, keys, "
+                                      "client secrets", {
     "EXIT STATUS": "0 on success, 1 when the KMF refused or could not be reached, "
                    "2 for usage and configuration errors.",
     "FILES": "/etc/perc/admin.toml, /etc/perc/kmf.toml, /var/lib/perc/users.jsonl",

@@ -138,7 +138,7 @@ def read_json(request: server.Request) -> dict[str, Any]:
 class Response:
     status: int = 200
     body: Any = None  # JSON-serialisable, bytes written as they are, or None for no body
-    headers: dict[bytes, bytes] | None = None
+    headers: dict[bytes, Any] | None = None  # bytes, or a list of bytes for several values
 
 
 Handler = Callable[..., Awaitable["Response | None"]]
@@ -150,8 +150,9 @@ class JsonApi(resource.Resource):
 
     A handler gets the request and the pattern's named groups (percent-decoded)
     and returns a :class:`Response`, or None when it wrote the response itself
-    (streams).  HEAD is served by GET.  An exception becomes a problem through
-    :meth:`problem_for`, which subclasses extend for their own errors.
+    (streams); :meth:`prepare` runs before it.  HEAD is served by GET.  An
+    exception becomes a problem through :meth:`problem_for`, which subclasses
+    extend for their own errors.
     """
 
     isLeaf = True
@@ -177,12 +178,24 @@ class JsonApi(resource.Resource):
                     headers={b"allow": b", ".join(sorted(methods))}))
                 return server.NOT_DONE_YET
             args = {k: unquote(v) for k, v in match.groupdict().items()}
-            d = defer.ensureDeferred(handler(request, **args))
+            d = defer.ensureDeferred(self._handle(request, handler, args))
             d.addCallbacks(lambda response: self._respond(request, response),
                            lambda f: self._fail(request, f))
             return server.NOT_DONE_YET
         write_problem(request, Problem(404, "not-found", "Not found", "no such resource"))
         return server.NOT_DONE_YET
+
+    async def _handle(self, request: server.Request, handler: Handler,
+                      args: dict[str, str]) -> Response | None:
+        await self.prepare(request)
+        return await handler(request, **args)
+
+    async def prepare(self, request: server.Request) -> None:
+        """Runs before the route's handler; what it raises answers the request.
+
+        Subclasses look up here what their (synchronous) checks need, such as
+        the revocation of the request's bearer token.
+        """
 
     def _respond(self, request: server.Request, response: Response | None) -> None:
         if response is None or request.finished or getattr(request, "_disconnected", False):
@@ -190,7 +203,11 @@ class JsonApi(resource.Resource):
         request.setResponseCode(response.status)
         request.setHeader(b"cache-control", b"no-store")
         for name, value in (response.headers or {}).items():
-            request.setHeader(name, value)
+            if isinstance(value, list):  # several values (Set-Cookie)
+                for one in value:
+                    request.responseHeaders.addRawHeader(name, one)
+            else:
+                request.setHeader(name, value)
         if isinstance(response.body, bytes):
             request.write(response.body)
         elif response.body is not None:

@@ -19,7 +19,19 @@ both ends (:mod:`perc_daemons.md.tunnel`, the TLS server, and
 * once the TLS handshake is done (``IHandshakeListener.handshakeCompleted``)
   :attr:`TunnelLink.peer_fingerprint` is the SHA-256 of the peer
   certificate's DER, which the MD pins (RFC 9185 §5.2 asks for a mutually
-  authenticated TLS connection and leaves the trust model to us).
+  authenticated TLS connection and leaves the trust model to us);
+* the side calls :meth:`TunnelLink.mark_up` when the tunnel is usable (MD:
+  the KD is pinned and this is its registered tunnel; KD: SupportedProfiles
+  accepted).  A link built with a ``setup_timeout`` is failed
+  (``tunnel_handshake_timeout``) if that does not happen in time;
+* :meth:`TunnelLink.start_liveness` runs our private keepalive
+  (:class:`~perc_daemons.protocol.tunnel.Liveness`, Ping/Pong 0xF3/0xF4,
+  docs/PROTOCOL.md): Pings are answered here on an up link, never handed to
+  the side; a missing Pong fails the link (``tunnel_liveness_timeout``) and
+  aborts the TCP connection at once, since a peer that does not answer will
+  not answer a close_notify either.  :meth:`TunnelLink.probe` asks now
+  (the MD checks a registered tunnel before it lets another connection of the
+  same KD replace it).
 
 Nothing here logs message contents or key material: log events carry the
 peer address, the peer certificate fingerprint (public) and reason strings.
@@ -30,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Callable
-from typing import Any
 from typing import Protocol as TypingProtocol
 
 from prometheus_client import Counter, Gauge
@@ -42,10 +53,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from perc_daemons.interfaces import ITunnelPeer
+from perc_daemons.listening import LOG_INTERVAL, RateLimitedLog
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.tunnel import (
     MAX_BODY_LENGTH,
+    Liveness,
     Message,
+    Ping,
+    Pong,
     TunnelDecoder,
     TunnelError,
 )
@@ -65,12 +80,11 @@ __all__ = [
     "tunnel_metrics",
 ]
 
-#: Seconds a peer has to finish the TLS handshake before the connection is aborted.
+#: KD: seconds from the TCP connection to an up tunnel (TLS handshake, then the MD's
+#: SupportedProfiles) before the connection is failed and tried again.
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the peer has to answer our TLS close_notify before the TCP connection is aborted.
 CLOSE_TIMEOUT = 5.0
-#: Seconds between two log events of the same rate-limited kind.
-LOG_INTERVAL = 10.0
 
 log = Logger()
 
@@ -80,43 +94,16 @@ def format_fingerprint(fingerprint: bytes | None) -> str:
     return fingerprint.hex(":").upper() if fingerprint else "-"
 
 
-class RateLimitedLog:
-    """Emits at most one event per ``key`` every ``interval`` seconds of ``clock``.
-
-    The next event after a quiet interval carries ``suppressed``, the number
-    of events dropped meanwhile.  Keys are reason labels (a small fixed set),
-    so the state stays bounded.
-    """
-
-    def __init__(self, logger: Logger, clock: IReactorTime,
-                 interval: float = LOG_INTERVAL) -> None:
-        self._log = logger
-        self._clock = clock
-        self._interval = interval
-        self._state: dict[str, tuple[float, int]] = {}
-
-    def warn(self, key: str, format: str, **kwargs: Any) -> bool:
-        """Log ``format`` at warn level unless ``key`` was logged recently; True if logged."""
-        now = self._clock.seconds()
-        last = self._state.get(key)
-        if last is not None and now - last[0] < self._interval:
-            self._state[key] = (last[0], last[1] + 1)
-            return False
-        suppressed = last[1] if last is not None else 0
-        self._state[key] = (now, 0)
-        if suppressed:
-            format += " ({suppressed} similar events suppressed)"
-        self._log.warn(format, suppressed=suppressed, log_key=key, **kwargs)
-        return True
-
-
 class TunnelMetrics:
     """The tunnel's Prometheus collectors in one daemon's registry (see :func:`tunnel_metrics`).
 
     * ``perc_tunnel_errors_total{reason}``: connections closed for a protocol error;
     * ``perc_tunnel_refused_total``: MD: TLS-authenticated KDs refused as not pinned;
     * ``perc_tunnel_kds_connected``: MD: pinned KD connections up;
-    * ``perc_tunnel_mds_connected``: KD: tunnels to MDs up (version agreed).
+    * ``perc_tunnel_mds_connected``: KD: tunnels to MDs up (version agreed);
+    * ``perc_tunnel_duplicates_total{outcome}``: MD: connections of a KD that
+      already had a registered tunnel: ``refused`` (that tunnel answered its
+      Ping) or ``replaced`` (it did not, or was gone).
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -134,6 +121,10 @@ class TunnelMetrics:
         self.mds_connected = Gauge(
             "perc_tunnel_mds_connected", "Tunnels to Media Distributors up (KD)",
             registry=registry)
+        self.duplicates = Counter(
+            "perc_tunnel_duplicates",
+            "Connections of a KD that already had a tunnel, by outcome (refused, replaced)",
+            ["outcome"], registry=registry)
 
 
 _METRICS: weakref.WeakKeyDictionary[Metrics, TunnelMetrics] = weakref.WeakKeyDictionary()
@@ -181,7 +172,7 @@ class TunnelLink(Protocol):
                  errors_log: RateLimitedLog, metrics: TunnelMetrics | None = None,
                  peer_name: str | None = None,
                  max_body_length: int = MAX_BODY_LENGTH,
-                 handshake_timeout: float | None = None,
+                 setup_timeout: float | None = None,
                  close_timeout: float | None = None) -> None:
         self.side = side
         self.peer_fingerprint: bytes | None = None
@@ -193,12 +184,14 @@ class TunnelLink(Protocol):
         self._errors_log = errors_log
         self._metrics = metrics
         self._decoder = TunnelDecoder(max_body_length)
-        self._handshake_timeout = (
-            HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout)
+        self._setup_timeout = setup_timeout
         self._close_timeout = CLOSE_TIMEOUT if close_timeout is None else close_timeout
         self._handshake_done = False
         self._timer: IDelayedCall | None = None
         self._lost_waiters: list[defer.Deferred[str]] = []
+        self._liveness: Liveness | None = None
+        self._liveness_timer: IDelayedCall | None = None
+        self._probe_waiters: list[defer.Deferred[bool]] = []
 
     def __repr__(self) -> str:
         return (f"<TunnelLink peer={self.peer_name or self.peer_address} "
@@ -221,6 +214,30 @@ class TunnelLink(Protocol):
         """Whether messages can still be sent (connected and not closing)."""
         return bool(self.connected) and self.closing_reason is None
 
+    def mark_up(self) -> None:
+        """The side found the tunnel usable: ``up`` is set, the setup timeout ends."""
+        self.up = True
+        self._cancel_timer()
+
+    def start_liveness(self, interval: float, timeout: float) -> None:
+        """Ping every ``interval`` s after the last Pong; fail if one is ``timeout`` s late."""
+        self._liveness = Liveness(interval, timeout, self._clock.seconds())
+        self._schedule_liveness()
+
+    def probe(self) -> defer.Deferred[bool]:
+        """Fires True when the peer answers a Ping (sent now unless one is in flight),
+        False if the connection is gone first (a late Pong fails it)."""
+        if self.lost_reason is not None:
+            return defer.succeed(False)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._probe_waiters.append(d)
+        if self._liveness is not None and self.is_open:
+            ping = self._liveness.probe(self._clock.seconds())
+            if ping is not None:
+                self.send(ping)
+                self._schedule_liveness()
+        return d
+
     def when_lost(self) -> defer.Deferred[str]:
         """Fires with the close reason once the connection is gone."""
         if self.lost_reason is not None:
@@ -239,12 +256,14 @@ class TunnelLink(Protocol):
             return
         self.transport.write(message.encode())
 
-    def close(self, reason: str, *, quiet: bool = False) -> None:
+    def close(self, reason: str, *, quiet: bool = False, abort: bool = False) -> None:
         """Close this connection (TLS close_notify, then abort after a timeout).
 
         ``reason`` is logged (at info level unless ``quiet``: callers that
         already logged, rate-limited, pass ``quiet=True``) and handed to the
-        side's ``link_lost``.  Data received afterwards is discarded.
+        side's ``link_lost``.  Data received afterwards is discarded.  With
+        ``abort`` the TCP connection is aborted at once (a peer that stopped
+        answering will not complete a TLS shutdown).
         """
         if self.closing_reason is not None or self.lost_reason is not None:
             return
@@ -256,10 +275,14 @@ class TunnelLink(Protocol):
         if self.transport is None:
             return
         self._cancel_timer()
-        self._timer = self._clock.callLater(self._close_timeout, self._abort)
+        self._cancel_liveness()
         self.transport.loseConnection()
+        if abort:
+            self._abort()
+        else:
+            self._timer = self._clock.callLater(self._close_timeout, self._abort)
 
-    def fail(self, reason: str, detail: str) -> None:
+    def fail(self, reason: str, detail: str, *, abort: bool = False) -> None:
         """Close for a protocol error: counted by ``reason``, logged (rate-limited)."""
         if self.closing_reason is not None or self.lost_reason is not None:
             return
@@ -269,17 +292,17 @@ class TunnelLink(Protocol):
             reason, "tunnel {peer} ({fingerprint}): protocol error {reason}: {detail}",
             peer=self.peer_address, fingerprint=format_fingerprint(self.peer_fingerprint),
             reason=reason, detail=detail)
-        self.close(f"{reason}: {detail}", quiet=True)
+        self.close(f"{reason}: {detail}", quiet=True, abort=abort)
 
     # -- Protocol ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
+        if self._setup_timeout is not None:
+            self._timer = self._clock.callLater(self._setup_timeout, self._setup_expired)
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: TLS is up; learn the peer certificate, tell the side."""
         self._handshake_done = True
-        self._cancel_timer()
         # A failed service_identity check aborts the transport inside the
         # handshake, and Twisted still reports completion: ignore that.
         if self.transport is None or self.transport.disconnecting:
@@ -309,14 +332,18 @@ class TunnelLink(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancel_timer()
+        self._cancel_liveness()
         text = self.closing_reason or _describe(reason)
         self.lost_reason = text
         waiters, self._lost_waiters = self._lost_waiters, []
+        probes, self._probe_waiters = self._probe_waiters, []
         try:
             self.side.link_lost(self, text)
         finally:
             for d in waiters:
                 d.callback(text)
+            for probe in probes:
+                probe.callback(False)
 
     # -- internals --------------------------------------------------------------------
 
@@ -324,7 +351,57 @@ class TunnelLink(Protocol):
         for message in messages:
             if self.closing_reason is not None:
                 return
-            self.side.link_message(self, message)
+            if isinstance(message, Ping | Pong):
+                self._liveness_message(message)
+            else:
+                self.side.link_message(self, message)
+
+    def _liveness_message(self, message: Ping | Pong) -> None:
+        """Ping: answered at once on an up tunnel.  Pong: must answer our Ping in flight."""
+        if not self.up:
+            self.fail("tunnel_unexpected_message",
+                      f"{type(message).__name__} before the tunnel was up")
+            return
+        if isinstance(message, Ping):
+            self.send(Pong(message.nonce))
+            return
+        if self._liveness is None:
+            self.fail("tunnel_unexpected_pong", "Pong without a Ping")
+            return
+        try:
+            self._liveness.pong(message, self._clock.seconds())
+        except TunnelError as error:
+            self.fail(error.reason, str(error))
+            return
+        self._schedule_liveness()
+        probes, self._probe_waiters = self._probe_waiters, []
+        for probe in probes:
+            probe.callback(True)
+
+    def _schedule_liveness(self) -> None:
+        self._cancel_liveness()
+        if self._liveness is not None and self.is_open:
+            delay = max(0.0, self._liveness.deadline - self._clock.seconds())
+            self._liveness_timer = self._clock.callLater(delay, self._liveness_due)
+
+    def _cancel_liveness(self) -> None:
+        if self._liveness_timer is not None:
+            if self._liveness_timer.active():
+                self._liveness_timer.cancel()
+            self._liveness_timer = None
+
+    def _liveness_due(self) -> None:
+        self._liveness_timer = None
+        if self._liveness is None or not self.is_open:
+            return
+        try:
+            ping = self._liveness.poll(self._clock.seconds())
+        except TunnelError as error:
+            self.fail(error.reason, str(error), abort=True)
+            return
+        if ping is not None:
+            self.send(ping)
+        self._schedule_liveness()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -332,10 +409,10 @@ class TunnelLink(Protocol):
                 self._timer.cancel()
             self._timer = None
 
-    def _handshake_expired(self) -> None:
+    def _setup_expired(self) -> None:
         self._timer = None
-        self.fail("tunnel_handshake_timeout",
-                  f"TLS handshake not completed within {self._handshake_timeout:g} s")
+        what = "tunnel not up" if self._handshake_done else "TLS handshake not completed"
+        self.fail("tunnel_handshake_timeout", f"{what} within {self._setup_timeout:g} s")
 
     def _abort(self) -> None:
         self._timer = None

@@ -52,6 +52,7 @@ from perc_daemons.protocol.double import (
     InnerAuthenticationFailed,
     LayerKeys,
     Relay,
+    UnknownSender,
     exporter_length,
     parse_ohb,
     split_keying_material,
@@ -601,7 +602,7 @@ class Demo:
             to_c = conf.md2_open(conf.md1_to_link(md1)).seal(conf.md2_to_c)
             try:
                 got_c = conf.receivers["C"].unprotect(to_c, now)
-            except (UnknownSpi, InnerAuthenticationFailed) as exc:
+            except (UnknownSpi, UnknownSender, InnerAuthenticationFailed) as exc:
                 c_result = f"{type(exc).__name__}"
             else:
                 check(got_c.payload == frame_payload(frame), "C decrypted garbage")
@@ -615,6 +616,8 @@ class Demo:
         self.rekey_result = f"B {b_ok}/{REKEY_FRAMES}, C {c_ok}/{REKEY_FRAMES}"
         out(f"  B decrypted {b_ok} of {REKEY_FRAMES} frames, C {c_ok}.  UnknownSpi: C has no "
             f"EKT key for SPI {new.spi};")
+        out("  UnknownSender: the new E2E key was announced under that EKT key, so C never "
+            "learnt it;")
         out("  InnerAuthenticationFailed: C has no E2E key that opens the inner layer.")
         out("  (\"protected with\" was found by trial decryption by this demo, which holds "
             "every key.)")

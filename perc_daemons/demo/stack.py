@@ -20,7 +20,12 @@ ports each daemon logs are read back into :attr:`LocalStack.ports` and
 written into its configuration, so a restart comes back on the same ones.
 With ``tap=True`` the KD reaches the MD through a
 :class:`~perc_daemons.demo.tap.TunnelTap`, which records every byte the MD
-was sent over the tunnel.
+was sent over the tunnel.  ``settings`` adds configuration keys the stack
+does not set itself (daemon -> section -> key -> value, e.g.
+``{"kd": {"tunnel": {"liveness_interval": 0.5}}}``).
+:meth:`LocalStack.start_kd_copy` runs a second perc-kd with the KD's
+certificate, key and KMF client (a replacement KD, or someone holding a copy
+of the KD's key).
 
 Nothing here is fit for production: the CA key sits beside the certificates.
 """
@@ -50,6 +55,7 @@ from zope.interface import implementer
 
 from perc_daemons.devpki import DevPki
 from perc_daemons.kmf.auth.file import add_user
+from perc_daemons.kmf.clients import hash_client_secret, new_client_secret
 from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import certificate_fingerprint, format_fingerprint
 
@@ -60,7 +66,7 @@ ENDPOINT_CLIENT = "perc-endpoint"
 ENDPOINT_REDIRECT = "http://127.0.0.1/callback"
 KD_CLIENT = "kd"
 ADMIN_CLIENT = "perc-admin"
-#: argon2id made cheap: the demo's users and clients are throw-away.
+#: argon2id made cheap: the demo's users are throw-away.
 CHEAP_HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -155,7 +161,8 @@ class LocalStack:
     def __init__(self, directory: str, reactor: Any, *,
                  users: Iterable[str] = ("alice", "bob", "carol", "dave"),
                  password: str | None = None, tap: bool = False,
-                 python: str = sys.executable, consent_timeout: int = 30) -> None:
+                 python: str = sys.executable, consent_timeout: int = 30,
+                 settings: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
         self.dir = os.path.abspath(directory)
         self.reactor = reactor
         self.python = python
@@ -163,12 +170,14 @@ class LocalStack:
         self.password = password or secrets.token_urlsafe(12)
         self.ports = Ports()
         self.consent_timeout = consent_timeout
+        self.settings = settings or {}
+        self.copies: dict[str, int] = {}  # start_kd_copy label -> its admin port
         self.tap_enabled = tap
         self.tap: Any = None
         self.children: dict[str, Child] = {}
         self.earlier: list[Child] = []  # daemons that were restarted: their earlier runs
-        self.kd_secret = secrets.token_urlsafe(24)
-        self.admin_secret = secrets.token_urlsafe(24)
+        self.kd_secret = new_client_secret()
+        self.admin_secret = new_client_secret()
         self.provider_token = secrets.token_urlsafe(24)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self._admin_token: str | None = None
@@ -210,10 +219,10 @@ class LocalStack:
             'grant_types = ["authorization_code", "refresh_token"]\n'
             f'redirect_uris = ["{ENDPOINT_REDIRECT}"]\nscopes = ["identity", "keys"]\n\n'
             f'[client.{KD_CLIENT}]\ntype = "confidential"\n'
-            f'secret_hash = "{CHEAP_HASH.hash(self.kd_secret)}"\n'
+            f'secret_hash = "{hash_client_secret(self.kd_secret)}"\n'
             'grant_types = ["client_credentials"]\nscopes = ["kd"]\n\n'
             f'[client.{ADMIN_CLIENT}]\ntype = "confidential"\n'
-            f'secret_hash = "{CHEAP_HASH.hash(self.admin_secret)}"\n'
+            f'secret_hash = "{hash_client_secret(self.admin_secret)}"\n'
             'grant_types = ["client_credentials"]\nscopes = ["admin"]\n'))
         kd_secret_file = os.path.join(self.dir, "kd-client.secret")
         _write_private(kd_secret_file, self.kd_secret + "\n")
@@ -261,9 +270,20 @@ class LocalStack:
                 f'client_secret_file = "{f["kd_secret"]}"\n'
                 f'[idp]\ndomain = "{DOMAIN}"\n')
 
+    def _with_settings(self, name: str, text: str) -> str:
+        """``text`` with the :attr:`settings` of daemon ``name`` added to their sections."""
+        for section, values in self.settings.get(name, {}).items():
+            lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+            header = f"[{section}]\n"
+            if header in text:
+                text = text.replace(header, header + lines, 1)
+            else:
+                text += header + lines
+        return text
+
     def _write_config(self, name: str) -> None:
         with open(self.configs[name], "w", encoding="utf-8") as f:
-            f.write(self._render(name))
+            f.write(self._with_settings(name, self._render(name)))
 
     def _learn_ports(self, name: str, child: Child) -> bool:
         """Read the ports ``child`` logged into :attr:`ports`; True once all are known."""
@@ -279,17 +299,49 @@ class LocalStack:
     # --- processes ------------------------------------------------------------------
 
     def admin_port(self, name: str) -> int:
+        if name in self.copies:
+            return self.copies[name]
         return {"kmf": self.ports.kmf_admin, "kd": self.ports.kd_admin,
                 "md": self.ports.md_admin}[name]
 
-    @defer.inlineCallbacks
-    def start(self, name: str):
+    def start(self, name: str) -> defer.Deferred:
         """Spawn ``perc-<name>`` and wait until its /healthz answers 200."""
+        self._write_config(name)  # ports learnt at the first start are kept for restarts
+        return self._spawn(name, name, self.configs[name], lambda child: self._learn_ports(
+            name, child))
+
+    def start_kd_copy(self, label: str = "kd-copy") -> defer.Deferred:
+        """Another perc-kd with this KD's certificate, key and KMF client, connecting
+        straight to the MD's tunnel port: ``children[label]`` (stop it with ``stop(label)``).
+
+        What the MD sees is a second connection with the pinned KD certificate: a
+        replacement KD, or someone holding a copy of the KD's key.
+        """
+        config = os.path.join(self.dir, f"{label}.toml")
+        text = self._with_settings("kd", self._render("kd"))
+        text = re.sub(r"(\[admin\]\nbind = \S+\nport = )\d+", r"\g<1>0", text, count=1)
+        text = re.sub(r'mds = \["localhost:\d+"\]',
+                      f'mds = ["localhost:{self.ports.md_tunnel}"]', text, count=1)
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(text)
+        self.copies[label] = 0
+
+        def learn(child: Child) -> bool:
+            match = re.search(_PORT_LINES["kd"]["kd_admin"], child.text())
+            if match is not None:
+                self.copies[label] = int(match.group(1))
+            return match is not None
+
+        return self._spawn(label, "kd", config, learn)
+
+    @defer.inlineCallbacks
+    def _spawn(self, name: str, daemon: str, config: str, learn: Any):
+        """Run ``twistd perc-<daemon> --config <config>`` as ``children[name]``; wait for
+        ``learn(child)`` (its ports logged) and its /healthz."""
         if name in self.children and self.children[name].running:
             raise StackError(f"perc-{name} is already running")
         if name in self.children:  # a restart: keep the earlier run's output for logs()
             self.earlier.append(self.children[name])
-        self._write_config(name)  # ports learnt at the first start are kept for restarts
         child = Child(name)
         self.children[name] = child
         rundir = os.path.join(self.dir, f"run-{name}")
@@ -299,13 +351,13 @@ class LocalStack:
         env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
         self.reactor.spawnProcess(
             child, self.python,
-            [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", f"perc-{name}",
-             "--config", self.configs[name]], env=env, path=rundir)
+            [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", f"perc-{daemon}",
+             "--config", config], env=env, path=rundir)
         deadline = self.reactor.seconds() + START_TIMEOUT
         while True:
             if not child.running:
                 raise StackError(f"perc-{name} exited during start-up:\n{child.text()}")
-            if self._learn_ports(name, child):
+            if learn(child):
                 url = f"http://127.0.0.1:{self.admin_port(name)}/healthz"
                 try:
                     response = yield treq.get(url, pool=self.pool, timeout=2)
@@ -370,8 +422,8 @@ class LocalStack:
 
     @defer.inlineCallbacks
     def stop_all(self):
-        """Stop every daemon (KD first) and the tap; close HTTP connections."""
-        for name in ("kd", "md", "kmf"):
+        """Stop every daemon (KDs first) and the tap; close HTTP connections."""
+        for name in ("kd", *self.copies, "md", "kmf"):
             yield self.stop(name)
         if self.tap is not None:
             yield self.tap.close()

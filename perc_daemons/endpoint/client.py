@@ -22,8 +22,9 @@
    (double encryption, RFC 8723), received media counted per sender SSRC
    and, when asked, written to one WAV file per sender;
 7. the KD-signed roster from the KMF, verified with the KMF's JWKS, fetched
-   at join, on every new EKT key and periodically; every SSRC we decrypted
-   must belong to a roster member, else it is recorded as a failure;
+   at join, on every new EKT key and periodically; every SSRC we received
+   packets from (decrypted or not) must belong to a roster member, else it is
+   recorded as a failure (an unknown sender in the conference);
 8. leave: close_notify to the KD (DTLS), then DELETE at the MD with the
    leave token;
 9. rejoin when orphaned (:class:`OrphanWatch`): a verified roster of a newer
@@ -902,9 +903,18 @@ class Endpoint:
     def _roster_problems(self) -> list[str]:
         problems = []
         for ssrc, stats in sorted(self.senders.items()):
-            if stats.packets and ssrc not in self.identities:
+            if ssrc in self.identities:
+                continue
+            if stats.packets:
                 problems.append(f"decrypted media from SSRC {ssrc:#010x}, which no "
                                 f"verified roster lists")
+            elif stats.no_key or stats.decrypt_failures:
+                # Packets in our conference from a sender no roster of it names: an
+                # intruder's leg (a cross-conference join) or an MD injecting; never
+                # counted away as "no key" (issue 10 item 3).
+                problems.append(f"unknown sender in the conference: SSRC {ssrc:#010x} "
+                                f"sent {stats.no_key + stats.decrypt_failures} packet(s) "
+                                f"no verified roster accounts for")
         if self.roster is None:
             problems.append("no verified roster")
         elif self.roster.identity_of(self.ssrc) != self.identity:

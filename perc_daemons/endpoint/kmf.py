@@ -7,8 +7,11 @@ the KMF's public client ``perc-endpoint``: OAuth 2.0 authorization code grant
 1. ``GET /oauth/authorize?response_type=code&client_id&redirect_uri&scope&
    state&code_challenge&code_challenge_method=S256`` returns the HTML login
    form; every hidden input of the form that has the password field is kept
-   (the request parameters and the KMF's ``csrf_token``);
-2. the form is posted back with ``username`` and ``password``; the answer is a
+   (the request parameters and the KMF's ``csrf_token``), and so are the
+   cookies the page sets (``__Host-perc-login`` binds the form to this
+   client, as it does to a browser);
+2. the form is posted back with ``username`` and ``password`` and those
+   cookies (each form works once); the answer is a
    302 to ``redirect_uri`` whose query carries ``code``, ``state`` (must be
    ours: RFC 6749 s10.12) and ``iss`` (must be the KMF's issuer from its RFC
    8414 metadata: RFC 9207 s2.4).  The login page shown again means the
@@ -162,6 +165,19 @@ def parse_login_form(page: str) -> tuple[LoginForm | None, list[str], list[str]]
     return form, parser.alerts, parser.paragraphs
 
 
+def _cookies(headers: Any) -> dict[str, str]:
+    """``name -> value`` of the cookies a response sets (RFC 6265 s4.1), for the login POST."""
+    cookies: dict[str, str] = {}
+    for line in headers.getRawHeaders("set-cookie") or []:
+        name, sep, rest = line.partition("=")
+        value = rest.split(";", 1)[0].strip()
+        name = name.strip()
+        if sep and name and all(c.isalnum() or c in "-_." for c in name) and all(
+                0x21 <= ord(c) <= 0x7E and c not in '",;\\' for c in value):
+            cookies[name] = value
+    return cookies
+
+
 def _bearer(token: str) -> str:
     return f"Bearer {token}"
 
@@ -244,13 +260,17 @@ class KmfClient:
             self._callback(headers, state, issuer)  # raises: no code without a login
             raise KmfError("the KMF issued a code without a login")
         form = self._form(code, content)
+        cookies = _cookies(headers)
         fields = dict(form.hidden)
         fields.update(username=username, password=password)
         action = urllib.parse.urljoin(self.http.base + "/oauth/authorize", form.action or "")
         if not action.startswith(self.http.base + "/"):
             raise KmfError(f"the login form posts elsewhere ({action!r})")
+        post_headers = {"Content-Type": _FORM, "Accept": "text/html"}
+        if cookies:
+            post_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
         code, headers, content = await self.http.request(
-            "POST", action, headers={"Content-Type": _FORM, "Accept": "text/html"},
+            "POST", action, headers=post_headers,
             data=urllib.parse.urlencode(fields).encode("utf-8"))
         if code in (200, 401, 429):
             _, alerts, _ = parse_login_form(content.decode("utf-8", "replace"))

@@ -98,7 +98,7 @@ class MdClient:
                             body["leave_token"])
 
     async def leave(self, conference_id: str, joined: JoinResponse) -> None:
-        """DELETE our participant (204; 404 = already gone, accepted)."""
+        """DELETE our participant (204, also when already gone; an older MD's 404 accepted)."""
         path = (f"/v1/conferences/{quote(conference_id, safe='')}/participants/"
                 f"{joined.association}")
         code, _, content = await self.http.request(

@@ -57,6 +57,7 @@ from perc_daemons.protocol.tunnel import EndpointDisconnect, MediaKeys, Tunneled
 __all__ = [
     "DEFAULT_EKT_CIPHERS",
     "DEFAULT_PROFILES",
+    "DtlsRefusal",
     "EpochError",
     "KeyDistributorCore",
     "NoCurrentEpoch",
@@ -75,6 +76,25 @@ DEFAULT_EKT_CIPHERS: Mapping[int, EktCipher] = {
     Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM: EktCipher.AESKW_128,
     Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM: EktCipher.AESKW_256,
 }
+
+
+@dataclass(frozen=True)
+class DtlsRefusal:
+    """An association that ended before it was admitted (issue 10: say why).
+
+    ``cause`` is a short slug for metrics: the DTLS failure's (e.g.
+    ``dtls_no_srtp_profile`` -- no DOUBLE profile --, ``dtls_no_ekt``,
+    ``dtls_wrong_tls_id``, ``dtls_wrong_certificate``), ``peer_alert``,
+    ``timeout``, ``no_dtls`` (the endpoint never sent DTLS), ``kd_check``
+    (the KD's own re-check refused the finished handshake); ``detail`` a
+    sentence for the log.  Never any key material.
+    """
+
+    association_id: bytes
+    conference_id: str
+    identity: str
+    cause: str
+    detail: str
 
 
 class EpochError(ValueError):
@@ -104,6 +124,9 @@ class _Association:
     identity: str
     fingerprint: bytes
     tls_id: bytes
+    #: The KD's own tls-id for this association (RFC 8842 s5.3: new and unique per
+    #: DTLS association), its external_session_id (RFC 8844).
+    kd_tls_id: bytes = b""
     ssrcs: tuple[int, ...] = ()
     connection: DtlsConnection | None = None
     #: without a handshake by then, the expectation is dropped (None: never)
@@ -128,7 +151,7 @@ class KeyDistributorCore:
     """Every tunnelled DTLS association of one KD, and each conference's epochs."""
 
     def __init__(self, certificate: bytes, private_key: ec.EllipticCurvePrivateKey,
-                 tls_id: bytes, cookie_secret: bytes, *,
+                 cookie_secret: bytes, *,
                  profiles: Sequence[int] = DEFAULT_PROFILES,
                  ekt_ciphers: Mapping[int, EktCipher] = DEFAULT_EKT_CIPHERS,
                  initial_retransmit: float = 1.0,
@@ -137,13 +160,10 @@ class KeyDistributorCore:
             raise ValueError("profiles must be a non-empty list of DOUBLE profiles")
         if any(p not in ekt_ciphers for p in profiles):
             raise ValueError("every profile needs an EKT cipher")
-        if not 20 <= len(tls_id) <= 255:
-            raise ValueError("tls_id must be 20 to 255 bytes")
         if len(cookie_secret) < 16:
             raise ValueError("cookie_secret must be at least 16 bytes")
         self._certificate = certificate
         self._private_key = private_key
-        self._tls_id = tls_id
         self._cookie_secret = cookie_secret
         self._profiles = [int(p) for p in profiles]
         self._ekt_ciphers = {int(p): EktCipher(c) for p, c in ekt_ciphers.items()}
@@ -156,17 +176,13 @@ class KeyDistributorCore:
         self._rekeys: dict[str, None] = {}  # ordered set
         self._roster_updates: dict[str, None] = {}
         self._grants: dict[str, None] = {}
+        self._refusals: list[DtlsRefusal] = []
 
     def __repr__(self) -> str:
         return (f"<KeyDistributorCore associations={len(self._associations)} "
                 f"conferences={len(self._conferences)}>")
 
     # -- queries -----------------------------------------------------------------------
-
-    @property
-    def tls_id(self) -> bytes:
-        """The KD's own tls-id (RFC 8842), its DTLS external_session_id (RFC 8844)."""
-        return self._tls_id
 
     def members(self, conference_id: str) -> list[tuple[str, bytes]]:
         """(identity, association id) of each keyed member, in join order."""
@@ -250,6 +266,11 @@ class KeyDistributorCore:
         """Conferences whose keyed membership grew without a new epoch, each once."""
         due, self._roster_updates = list(self._roster_updates), {}
         return due
+
+    def take_refusals(self) -> list[DtlsRefusal]:
+        """Associations that ended before admission since the last call, with why."""
+        refusals, self._refusals = self._refusals, []
+        return refusals
 
     def take_grants(self) -> list[str]:
         """Conferences with members waiting for the current epoch's key, each once:
@@ -342,8 +363,13 @@ class KeyDistributorCore:
 
     def expect(self, association_id: bytes, conference_id: str, identity: str,
                fingerprint: bytes, tls_id: bytes, ssrcs: Sequence[int] = (), *,
-               now: float | None = None) -> None:
+               kd_tls_id: bytes, now: float | None = None) -> None:
         """Admit an association, as learnt from the offer of a verified SignAnswer.
+
+        ``tls_id`` is the endpoint's (from the offer), ``kd_tls_id`` the KD's own for
+        this association alone (in the answer; RFC 8842 s5.3 wants a new one per
+        DTLS association): the handshake must carry both as external_session_id
+        (RFC 8844), so an endpoint's DTLS binds to this one answer.
 
         The conference must have a current epoch (:class:`NoCurrentEpoch`
         otherwise): the service installs one first.  With ``now``, an
@@ -355,8 +381,8 @@ class KeyDistributorCore:
             raise ValueError("association_id must be 16 bytes")
         if len(fingerprint) != 32:
             raise ValueError("fingerprint must be a SHA-256 digest (32 bytes)")
-        if not 20 <= len(tls_id) <= 255:
-            raise ValueError("tls_id must be 20 to 255 bytes")
+        if not 20 <= len(tls_id) <= 255 or not 20 <= len(kd_tls_id) <= 255:
+            raise ValueError("tls_id and kd_tls_id must be 20 to 255 bytes")
         if not conference_id or not identity:
             raise ValueError("conference_id and identity must not be empty")
         ssrc_tuple = tuple(dict.fromkeys(int(s) for s in ssrcs))
@@ -368,7 +394,7 @@ class KeyDistributorCore:
         if existing is not None and existing.connection is not None:
             raise ValueError("association already has a DTLS connection")
         self._associations[association_id] = _Association(
-            association_id, conference_id, identity, fingerprint, tls_id, ssrc_tuple,
+            association_id, conference_id, identity, fingerprint, tls_id, kd_tls_id, ssrc_tuple,
             expires_at=None if now is None else now + self._expect_timeout)
 
     def tunneled_dtls(self, association_id: bytes, data: bytes,
@@ -381,6 +407,8 @@ class KeyDistributorCore:
             connection = self._new_connection(association)
             if connection is None:
                 del self._associations[association_id]
+                self._refused(association, "no_profile",
+                              "no DOUBLE profile for the conference's EKT cipher")
                 return [EndpointDisconnect(association_id)]
             association.connection = connection
         association.connection.receive_datagram(data, now)
@@ -430,6 +458,8 @@ class KeyDistributorCore:
                 if expires_at is not None and now >= expires_at:
                     # A signed answer its endpoint never used (RFC 9185 s5.4)
                     del self._associations[association.association_id]
+                    self._refused(association, "no_dtls",
+                                  "no DTLS from the endpoint within the expect timeout")
                     out.append(EndpointDisconnect(association.association_id))
                 continue
             timer = connection.get_timer()
@@ -476,7 +506,7 @@ class KeyDistributorCore:
             srtp_profiles=profiles,
             ekt_ciphers=[cipher],
             expected_peer_fingerprint=association.fingerprint,
-            external_session_id=self._tls_id,
+            external_session_id=association.kd_tls_id,
             expected_peer_external_session_id=association.tls_id,
             cookie_secret=self._cookie_secret,
             peer_id=association.association_id,
@@ -496,24 +526,37 @@ class KeyDistributorCore:
         assert connection is not None
         aid = association.association_id
         first: list[TunnelMessage] = []
-        closed = False
+        closed: ConnectionClosed | None = None
+        refused_here = False
         while (event := connection.next_event()) is not None:
             if isinstance(event, HandshakeComplete):
                 media_keys = self._admit(association, event, now)
                 if media_keys is None:
+                    refused_here = True
                     connection.close()
                 else:
                     first.append(media_keys)
             elif isinstance(event, EktKeyAcknowledged):
                 association.acknowledged_spis.append(event.spi)
             elif isinstance(event, ConnectionClosed):
-                closed = True
+                closed = event
         out = first + [TunneledDtls(aid, d) for d in connection.datagrams_to_send(now)]
-        if closed and self._associations.get(aid) is association:
+        if closed is not None and self._associations.get(aid) is association:
             del self._associations[aid]
             out.append(EndpointDisconnect(aid))
+            if refused_here:
+                self._refused(association, "kd_check",
+                              "the finished handshake failed the KD's own checks")
+            elif not association.member:
+                self._refused(association, closed.cause or "dtls_error", closed.reason)
             self._left(association)
         return out
+
+    def _refused(self, association: _Association, cause: str, detail: str) -> None:
+        if len(self._refusals) < 10_000:  # the service takes them after every input
+            self._refusals.append(DtlsRefusal(association.association_id,
+                                              association.conference_id,
+                                              association.identity, cause, detail))
 
     def _admit(self, association: _Association, event: HandshakeComplete,
                now: float) -> MediaKeys | None:

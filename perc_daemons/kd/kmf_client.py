@@ -259,6 +259,9 @@ class KmfClient:
         self._agent: Agent | None = None
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 4
+        # Drop idle connections before the KMF does ([connections] idle_timeout, 60 s by
+        # default), so that a request is not sent on one the KMF is just closing.
+        self._pool.cachedConnectionTimeout = 30
         self._stream_pool = HTTPConnectionPool(reactor, persistent=False)
         self._token: str | None = None
         self._token_expires = 0.0

@@ -134,6 +134,12 @@ def _relayable(offer: sdp.SessionDescription) -> list[sdp.MediaDescription]:
     return [m for m in offer.media if sdp.unrelayable(m) is None]
 
 
+#: What a WebRTC client without PERC support is told (issue 10 item 15).
+PERC_REQUIRED = ("PERC is required (RFC 8871): the endpoint must send an identity assertion "
+                 "(a=identity, RFC 8827) and a=tls-id (RFC 8842), and support DTLS-SRTP with "
+                 "a DOUBLE protection profile (RFC 8723) and EKT (RFC 8870)")
+
+
 def inspect_offer(offer_sdp: str) -> OfferFacts:
     """The facts of an offer, or :class:`OfferRejected` (BAD_OFFER / REFUSED)."""
     try:
@@ -143,6 +149,13 @@ def inspect_offer(offer_sdp: str) -> OfferFacts:
     accepted = _relayable(offer)
     if not accepted:
         raise _bad("offer has no m= section the MD can relay")
+    missing = [name for name, absent in (("a=identity", offer.identity is None),
+                                         ("a=tls-id", any(m.tls_id is None for m in accepted)))
+               if absent]
+    if missing:
+        # A plain WebRTC offer: say what PERC needs, not only what is missing.
+        refuse = _refused if "a=identity" in missing else _bad
+        raise refuse(f"{PERC_REQUIRED}; this offer has no {' and no '.join(missing)}")
     digests: set[bytes] = set()
     for media in accepted:
         sha256 = {d for algorithm, d in offer.fingerprints_for(media) if algorithm == "sha-256"}
@@ -156,8 +169,7 @@ def inspect_offer(offer_sdp: str) -> OfferFacts:
         raise _bad("offer needs one a=tls-id")
     ssrcs = tuple(dict.fromkeys(s for m in accepted for s in m.ssrcs()))
     encoded = offer.identity
-    if encoded is None:
-        raise _refused("offer has no identity assertion")
+    assert encoded is not None  # checked above
     try:
         assertion = decode_sdp_identity(encoded)
     except MalformedAssertion:

@@ -54,7 +54,6 @@ retried (the file is read whenever a token is needed).
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ from perc_daemons.protocol.answer import sign_answer
 from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerprint
 from perc_daemons.protocol.identity import JwksIdentityVerifier
 from perc_daemons.protocol.jose import InvalidJwks, parse_jwks
+from perc_daemons.protocol.sdp import new_tls_id
 from perc_daemons.protocol.tunnel import (
     MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
@@ -183,6 +183,11 @@ class KdMetrics:
                                     ["status"], registry=registry)
         self.kmf_errors = Counter("perc_kd_kmf_errors", "Failed KMF requests by operation",
                                   ["operation"], registry=registry)
+        self.dtls_refusals = Counter(
+            "perc_kd_dtls_refusals", "Associations that ended before admission, by reason "
+            "(dtls_no_srtp_profile: no DOUBLE profile, dtls_no_ekt, dtls_wrong_tls_id, "
+            "dtls_wrong_certificate, no_dtls, timeout, peer_alert, kd_check, ...)",
+            ["reason"], registry=registry)
 
 
 # --- the handler ------------------------------------------------------------------------
@@ -214,7 +219,6 @@ class KdHandler:
         self.kmf = kmf
         self.idp_domain = idp_domain
         self.credentials = credentials
-        self.tls_id = core.tls_id.decode("ascii")
         self.metrics = KdMetrics(metrics, core) if metrics is not None else None
         self._peers: dict[str, ITunnelPeer] = {}  # MD name -> its up tunnel
         self._owner: dict[bytes, str] = {}  # association -> MD name
@@ -379,6 +383,15 @@ class KdHandler:
                 peer.send(message)
 
     def _after_core(self) -> None:
+        for refusal in self.core.take_refusals():
+            # once per association: each ends once (issue 10 item 15)
+            log.info("association {association} of {identity} in {conference} refused "
+                     "before admission: {cause} ({detail})",
+                     association=_aid(refusal.association_id), identity=refusal.identity,
+                     conference=refusal.conference_id, cause=refusal.cause,
+                     detail=refusal.detail)
+            if self.metrics is not None:
+                self.metrics.dtls_refusals.labels(refusal.cause).inc()
         for conference in self.core.take_rekeys():
             self._schedule(conference, new_epoch=True)
         for conference in self.core.take_roster_updates():
@@ -466,6 +479,12 @@ class KdHandler:
             self._signing.add(aid)
             facts = inspect_offer(message.offer_sdp)
             conference = facts.conference_id
+            if message.conference_id != conference:
+                # The MD would add the leg to another conference's media group than
+                # the one the identity assertion is for (issue 10: cross-conference).
+                raise OfferRejected(SIGN_STATUS_REFUSED,
+                                    f"the identity assertion is for conference "
+                                    f"{conference!r}, not {message.conference_id!r}")
             verifier = await self._verifier_for(facts.kid)
             identity = verify_identity(verifier, facts, self.reactor.seconds())
             try:
@@ -484,9 +503,10 @@ class KdHandler:
                 if e.status in (409, 410):
                     raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running") from None
                 raise
+            kd_tls_id = new_tls_id()  # one per association (RFC 8842 s5.3)
             answer = finish_answer(message.answer_sdp, message.offer_sdp,
                                    kd_fingerprint=self.credentials.fingerprint,
-                                   kd_tls_id=self.tls_id)
+                                   kd_tls_id=kd_tls_id)
             signed = sign_answer(answer, message.offer_sdp, association_id=aid,
                                  conference_id=conference, identity=identity,
                                  certificate_chain=list(self.credentials.chain),
@@ -500,6 +520,7 @@ class KdHandler:
                 invitation.get("late_joiners_get_earlier_epochs", False)))
             self.core.expect(aid, conference, identity, facts.fingerprint,
                              facts.tls_id.encode("ascii"), facts.ssrcs,
+                             kd_tls_id=kd_tls_id.encode("ascii"),
                              now=self.reactor.seconds())
             self._owner[aid] = str(peer.peer_name)
             self._reschedule_timer()  # the expectation expires unless the endpoint connects
@@ -740,9 +761,8 @@ class KdService(MultiService):
         except tls.TlsFileError as e:
             self.problem = f"KD certificate/key: {e}"
             return
-        tls_id = secrets.token_urlsafe(24)  # 32 characters of the RFC 8842 alphabet
         core = KeyDistributorCore(credentials.chain[0], credentials.private_key,
-                                  tls_id.encode("ascii"), os.urandom(32))
+                                  os.urandom(32))
         self.handler = KdHandler(reactor, core=core, kmf=self.kmf,
                                  idp_domain=cfg.idp.domain, credentials=credentials,
                                  metrics=metrics)
@@ -755,7 +775,10 @@ class KdService(MultiService):
                                ca_certificate=cfg.tunnel.ca_file,
                                certificate=cfg.tunnel.certificate,
                                private_key=cfg.tunnel.private_key,
-                               handler=self.handler, metrics=metrics).setServiceParent(self)
+                               handler=self.handler, metrics=metrics,
+                               liveness_interval=cfg.tunnel.liveness_interval,
+                               liveness_timeout=cfg.tunnel.liveness_timeout,
+                               ).setServiceParent(self)
             except tls.TlsFileError as e:
                 self.problem = f"tunnel to md {item}: {e}"
 
@@ -767,9 +790,8 @@ class KdService(MultiService):
             return
         if self.problem is not None:
             log.error("perc-kd: {problem}", problem=self.problem)
-        log.info("perc-kd: certificate {fingerprint}, tls-id {tls_id}",
-                 fingerprint=format_fingerprint(self.handler.credentials.fingerprint),
-                 tls_id=self.handler.tls_id)
+        log.info("perc-kd: certificate {fingerprint}",
+                 fingerprint=format_fingerprint(self.handler.credentials.fingerprint))
         if not self.cfg.tunnel.mds:
             log.info("perc-kd: no [tunnel] mds configured: idle")
             return

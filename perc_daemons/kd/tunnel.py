@@ -9,8 +9,18 @@ The MD speaks first (§5.5): SupportedProfiles.  With version 0 and a DOUBLE
 profile (RFC 8723) among the profiles the tunnel is up and the handler's
 ``tunnel_up`` is called; with another version the KD answers
 UnsupportedVersion(0) and closes (§5.5).  Any other message before that is a
-protocol error.  The connection is re-established with jittered exponential
+protocol error, and a tunnel not up within
+:data:`~perc_daemons.tunnel_link.HANDSHAKE_TIMEOUT` of the TCP connection
+(TLS, then SupportedProfiles: an MD holds a second connection of a KD while
+it checks the first one, see :mod:`perc_daemons.md.tunnel`) is dropped and
+tried again.  The connection is re-established with jittered exponential
 back-off (Twisted's ``ClientService`` and ``backoffPolicy``).
+
+An up tunnel is Pinged every ``liveness_interval`` seconds after the last
+Pong (our private liveness, 0xF3/0xF4, docs/PROTOCOL.md; RFC 9185 has no
+keepalive): a Pong ``liveness_timeout`` seconds late means the MD is gone or
+no longer serves this connection (it registered another one with this
+certificate), and the tunnel is closed and connected again.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
-from perc_daemons import tls
+from perc_daemons import tls, tunnel_link
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.double import DOUBLE_PROFILES
@@ -109,16 +119,21 @@ class KdTunnelClient(Service):
     ``.peer`` is the up tunnel (an ITunnelPeer) or None; :meth:`when_up`
     fires with it.  Reconnection delays grow from ``min_delay`` to
     ``max_delay`` seconds (factor 2) plus a random jitter of up to
-    ``min_delay``.
+    ``min_delay``.  ``liveness_interval`` and ``liveness_timeout`` (seconds)
+    drive the Ping/Pong check of the up tunnel (module docstring).
     """
 
     def __init__(self, reactor: IReactorTCP, *, host: str, port: int, name: str,
                  ca_certificate: str, certificate: str, private_key: str,
                  handler: ITunnelHandler, metrics: Metrics | None,
                  min_delay: float = 0.5, max_delay: float = 30.0,
-                 max_body_length: int = MAX_BODY_LENGTH) -> None:
+                 max_body_length: int = MAX_BODY_LENGTH,
+                 liveness_interval: float = 15.0, liveness_timeout: float = 5.0) -> None:
         if not 0 < min_delay <= max_delay:
             raise ValueError("need 0 < min_delay <= max_delay")
+        if not (liveness_interval > 0 and liveness_timeout > 0):
+            raise ValueError("liveness interval and timeout must be positive")
+        self._liveness = (liveness_interval, liveness_timeout)
         self._clock: IReactorTime = reactor  # type: ignore[assignment]
         self.host = host
         self.port = port
@@ -181,7 +196,8 @@ class KdTunnelClient(Service):
     def _build_link(self) -> TunnelLink:
         link = TunnelLink(self, clock=self._clock, errors_log=self._errors_log,
                           metrics=self._metrics, peer_name=self.md_name,
-                          max_body_length=self._max_body_length)
+                          max_body_length=self._max_body_length,
+                          setup_timeout=tunnel_link.HANDSHAKE_TIMEOUT)
         self._links.add(link)
         return link
 
@@ -206,7 +222,8 @@ class KdTunnelClient(Service):
             link.fail("tunnel_no_double_profile",
                       "the MD supports no DOUBLE SRTP protection profile")
             return
-        link.up = True
+        link.mark_up()
+        link.start_liveness(*self._liveness)
         self.peer = link
         if self._metrics is not None:
             self._metrics.mds_connected.inc()
@@ -229,6 +246,10 @@ class KdTunnelClient(Service):
     def link_lost(self, link: TunnelLink, reason: str) -> None:
         self._links.discard(link)
         if not link.up:
+            if link.peer_fingerprint is not None and link.closing_reason is None:
+                # TLS worked both ways, then the MD hung up before SupportedProfiles.
+                reason += (" (closed by the MD before the tunnel was up: is this KD's "
+                           "certificate pinned there, or does another live tunnel use it?)")
             log.info("tunnel to md {name} at {host} port {port} failed: {reason}",
                      name=self.md_name, host=self.host, port=self.port, reason=reason)
             return

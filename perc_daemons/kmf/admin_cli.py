@@ -15,6 +15,15 @@ Local commands change files on the KMF's host (run them as the daemon's user)::
     perc-admin users add|passwd NAME [--password-file F]
     perc-admin users disable|enable NAME
     perc-admin keys rotate
+    perc-admin clients new-secret --secret-file F
+    perc-admin clients hash --secret-file F
+
+``clients new-secret`` writes a new confidential client secret (32 random
+bytes, base64url) to a new file (mode 0600) and ``clients hash`` reads one;
+both print the ``secret_hash = "$sha256$..."`` line to put in the client's
+table of the KMF's client file (kmf-clients.toml).  ``hash`` refuses secrets
+shorter than 43 characters (256 bits): client secrets are checked with a fast
+hash, which is only safe for secrets nobody can guess.
 
 The token comes from ``--token-file`` (a ready access token), or from the
 KMF's ``POST /oauth/token`` with the client-credentials grant (scope
@@ -402,7 +411,8 @@ def _global_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options()
     parser = _Parser(prog="perc-admin", parents=[common],
-                     description="Operate a perc-kmf: conferences, rosters, users, keys.")
+                     description="Operate a perc-kmf: conferences, rosters, users, keys, "
+                                 "client secrets.")
     groups = parser.add_subparsers(dest="category", required=True, metavar="COMMAND",
                                    parser_class=_Parser)
 
@@ -444,6 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = groups.add_parser("keys", help="signing keys").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     command(keys, "rotate", "make a new signing key, retire the active one")
+
+    clients = groups.add_parser("clients", help="OAuth client secrets").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    p = command(clients, "new-secret", "write a new client secret to a new file (mode 0600) "
+                "and print its secret_hash")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="the file to create (it must not exist)")
+    p = command(clients, "hash", "print the secret_hash of the client secret in a file "
+                "(at least 43 characters)")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="file holding the secret on its first line (mode 0600)")
     return parser
 
 
@@ -671,9 +692,36 @@ def _keys_rotate(args: argparse.Namespace, io: Io) -> None:
             "key refresh\n")
 
 
+def _clients(args: argparse.Namespace, io: Io) -> None:
+    from perc_daemons.kmf.clients import hash_client_secret, new_client_secret
+
+    path = args.secret_file
+    if args.action == "new-secret":
+        secret = new_client_secret()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise OperationError("clients new-secret failed",
+                                 f"{path}: {e.strerror or e}") from None
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secret + "\n")
+    else:
+        secret = read_secret_file(path, path, "--secret-file")
+    try:
+        secret_hash = hash_client_secret(secret)
+    except ValueError as e:
+        raise OperationError("clients hash failed", f"{path}: {e}; make a new one with "
+                             "perc-admin clients new-secret") from None
+    io.emit({"secret_hash": secret_hash, "secret_file": path},
+            f'secret_hash = "{secret_hash}"\n')
+
+
 def _local(args: argparse.Namespace, io: Io) -> None:
     if args.category == "users":
         _users(args, io)
+    elif args.category == "clients":
+        _clients(args, io)
     else:
         _keys_rotate(args, io)
 
@@ -716,7 +764,7 @@ def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str]
 
 
 def is_local(args: argparse.Namespace) -> bool:
-    return args.category in ("users", "keys")
+    return args.category in ("users", "keys", "clients")
 
 
 async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = None,

@@ -38,10 +38,21 @@ Basic`` for ``invalid_client``).  Clients authenticate with HTTP Basic
 (``client_secret_basic``, percent-decoded id and secret, RFC 6749 s2.3.1) or,
 public clients, with ``client_id`` in the body; ``client_secret`` in the body
 is refused.  ``/oauth/authorize`` serves a self-contained HTML login form
-(CSP ``default-src 'none'``, no framing) whose hidden fields carry the
-request, signed with an HMAC over the parameters and the time the form was
-made (``form_lifetime`` seconds) under a per-process secret; a POST without a
-valid signature is refused (403) before any credential is checked.
+(CSP ``default-src 'none'``, no framing, ``Referrer-Policy: same-origin`` so
+that the browser sends its ``Origin`` on the POST) whose hidden fields carry
+the request and a ``csrf_token``: the time the form was made, a random nonce
+and an HMAC (under a per-process secret) over them, the parameters and a
+browser binding.  The binding is the value of a ``__Host-perc-login`` cookie
+(``Secure; HttpOnly; SameSite=Lax; Path=/``, no ``Domain``, ``Max-Age``
+``form_lifetime``) set with the form and kept while the browser has it: a
+form works only from the browser it was shown to, and a cross-site POST does
+not carry the cookie.  The POST is refused (403) before any credential is
+checked when its ``Origin`` is present but not the KMF's own (``public_url``,
+or ``https://`` + the request's ``Host``), when the cookie is missing, or the
+token is not valid for that cookie and parameters, or is older than
+``form_lifetime`` seconds, or was used before: each form token is accepted
+once, remembered in the grant store (:meth:`use_once`, shared by every KMF
+sharing the store) until it expires; a refused login shows a new form.
 
 With an :class:`~perc_daemons.kmf.auth.oidc.OidcLogin` (``oidc_login``) the
 login page also offers "Sign in with <provider>": that form posts the same
@@ -51,7 +62,8 @@ authorization endpoint (code flow, PKCE S256, ``nonce``, ``scope``
 ``state`` sent there is the pending request, signed (HMAC under the form
 secret) with its issue time (valid ``form_lifetime`` seconds) and a random id
 from which the PKCE verifier and the nonce are derived; a ``__Host-`` cookie
-holding that id binds it to the browser, and each state is accepted once.
+holding that id binds it to the browser, and each state is accepted once
+(remembered in the grant store like form tokens).
 ``GET /oauth/oidc/callback`` checks state and cookie (else an HTML error page:
 nothing can be trusted), revalidates the request, exchanges the code at the
 provider's token endpoint and validates the ID token (with the nonce); then it
@@ -78,7 +90,11 @@ new epoch and the KD's roster report for it (moments: retry).
 "bound" means the access token must carry ``cnf`` (RFC 8705) matching the TLS
 client certificate of the request; any token with ``cnf`` is refused from
 another certificate.  Access tokens are checked with the KMF's own signing
-keys; issuer and audience are both ``[idp] issuer``.
+keys; issuer and audience are both ``[idp] issuer``.  An access token revoked
+at ``/oauth/revoke`` (here or at another KMF sharing the grant store) is
+refused (401 ``invalid_token``): before the handler runs, :meth:`KmfApi.prepare`
+looks the bearer token's ``jti`` up on the grant store's revocation list (one
+key look-up per request; 503 if the store cannot answer).
 
 The key service answers 200 with an empty body and::
 
@@ -113,13 +129,14 @@ from twisted.web import server
 from perc_daemons.kmf.auth import AuthenticationFailed, BackendUnavailable, UnsupportedCredentials
 from perc_daemons.kmf.auth.oidc import TokenEndpointError
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
-from perc_daemons.kmf.oauth import LoginFailed, LoginRateLimited, OAuthError
+from perc_daemons.kmf.oauth import ClientAuthRateLimited, LoginFailed, LoginRateLimited, OAuthError
 from perc_daemons.kmf.signing import SigningKeys
 from perc_daemons.kmf.tokens import (
     AccessToken,
     CertificateMismatch,
     InsufficientScope,
     TokenError,
+    unverified_jti,
     verify_access_token,
 )
 from perc_daemons.problems import (
@@ -158,6 +175,9 @@ AUTHORIZE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "stat
 API_SCOPES = ("admin", "identity", "kd", "keys")
 _FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 _CSP_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+_LOGIN_COOKIE = b"__Host-perc-login"
+_BINDING = re.compile(r"[A-Za-z0-9_-]{22}")  # base64url of 16 random bytes
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 MAX_FINGERPRINTS = 16
 MAX_MEMBERS = 10_000
 ASSERTION_LIFETIME = 120
@@ -254,6 +274,11 @@ def _unauthorized(detail: str, error: str = "invalid_token") -> Problem:
                    headers={b"www-authenticate": challenge})
 
 
+def _host(request: server.Request) -> str | None:
+    """The request's source address (for rate limits), if it has one."""
+    return getattr(request.getClientAddress(), "host", None)
+
+
 def _forbidden(slug: str, title: str, detail: str) -> Problem:
     return Problem(403, slug, title, detail)
 
@@ -296,7 +321,6 @@ class KmfApi(JsonApi):
                  groups: GroupCache | None = None, oidc_login: Any = None) -> None:
         super().__init__()
         self.oidc_login = oidc_login
-        self._used_states: OrderedDict[str, float] = OrderedDict()
         self.groups = groups
         self.store = store
         self.kek = kek
@@ -367,6 +391,16 @@ class KmfApi(JsonApi):
             problem = super().problem_for(request, failure)
         return problem
 
+    async def prepare(self, request: server.Request) -> None:
+        """Look the bearer token's ``jti`` up on the revocation list, for :meth:`authorize`."""
+        header = request.getHeader(b"authorization")
+        if self.oauth is None or header is None or not request.path.startswith(b"/v1/"):
+            return  # only the /v1 routes take bearer tokens
+        kind, _, token = header.decode("latin-1").partition(" ")
+        jti = unverified_jti(token.strip()) if kind.lower() == "bearer" else None
+        if jti is not None and await self.oauth.access_token_revoked(jti, self.now()):
+            request.perc_token_revoked = True  # type: ignore[attr-defined]
+
     def authorize(self, request: server.Request, scopes: tuple[str, ...], *,
                   bound: bool = False) -> AccessToken:
         """The request's verified token, holding at least one of ``scopes``."""
@@ -388,6 +422,8 @@ class KmfApi(JsonApi):
             raise _unauthorized(f"certificate binding: {e}") from None
         except TokenError as e:
             raise _unauthorized(str(e)) from None
+        if getattr(request, "perc_token_revoked", False):  # looked up by prepare()
+            raise _unauthorized("the token has been revoked")
         if not verified.scopes.intersection(scopes):
             raise Problem(403, "insufficient-scope", "Insufficient scope",
                           "the token needs scope " + " or ".join(scopes),
@@ -817,7 +853,9 @@ class KmfApi(JsonApi):
         """RFC 6749 s5.2 JSON error response."""
         status = error.status if 400 <= error.status < 500 else 400
         headers = {b"content-type": b"application/json", b"pragma": b"no-cache"}
-        if error.error == "invalid_client":
+        if isinstance(error, ClientAuthRateLimited):
+            headers[b"retry-after"] = str(max(1, math.ceil(error.retry_after))).encode()
+        elif error.error == "invalid_client":
             status = 401
             headers[b"www-authenticate"] = b'Basic realm="perc-kmf", charset="UTF-8"'
         return Response(status, error.response(), headers)
@@ -914,7 +952,8 @@ class KmfApi(JsonApi):
             if not grant_type:
                 raise OAuthError("invalid_request", "missing grant_type")
             body = await self.oauth.token(grant_type, params, client_auth,
-                                          peer_certificate_der(request.transport), self.now())
+                                          peer_certificate_der(request.transport), self.now(),
+                                          source_address=_host(request))
         except OAuthError as e:
             return self.oauth_error(e)
         return Response(200, body, {b"pragma": b"no-cache"})
@@ -924,7 +963,8 @@ class KmfApi(JsonApi):
             params = self._form(request)
             client_auth = self._client_auth(request, params)
             await self.oauth.revoke(params.get("token"), params.get("token_type_hint"),
-                                    client_auth, self.now(), client_id=params.get("client_id"))
+                                    client_auth, self.now(), client_id=params.get("client_id"),
+                                    source_address=_host(request))
         except OAuthError as e:
             return self.oauth_error(e)
         return Response(200, None, {b"pragma": b"no-cache"})
@@ -933,33 +973,85 @@ class KmfApi(JsonApi):
         try:
             params = self._form(request)
             client_auth = self._client_auth(request, params)
-            body = await self.oauth.introspect(params.get("token"), client_auth, self.now())
+            body = await self.oauth.introspect(params.get("token"), client_auth, self.now(),
+                                               source_address=_host(request))
         except OAuthError as e:
             return self.oauth_error(e)
         return Response(200, body, {b"pragma": b"no-cache"})
 
     # login form
 
-    def _form_token(self, params: dict[str, str], issued: int) -> str:
-        message = json.dumps([issued] + [params.get(n, "") for n in AUTHORIZE_PARAMS])
+    def _form_token(self, params: dict[str, str], issued: int, nonce: str,
+                    binding: str) -> str:
+        """``issued.nonce.mac``: the form's time and one-time nonce, bound to the browser."""
+        message = json.dumps([issued, nonce, binding]
+                             + [params.get(n, "") for n in AUTHORIZE_PARAMS])
         mac = hmac.new(self.form_secret, b"perc-kmf login form\0" + message.encode(),
                        hashlib.sha256).digest()
-        return f"{issued}.{b64url_encode(mac)}"
+        return f"{issued}.{nonce}.{b64url_encode(mac)}"
 
-    def _form_token_valid(self, params: dict[str, str], token: str | None) -> bool:
-        if not token or len(token) > 128:
-            return False
-        issued_text, _, _ = token.partition(".")
-        if not issued_text.isascii() or not issued_text.isdigit():  # int() refuses e.g. "²"
-            return False
+    def _form_token_open(self, params: dict[str, str], token: str | None,
+                         binding: str) -> tuple[int, str] | None:
+        """``(issued, nonce)`` of a valid, unexpired token for these parameters and browser."""
+        if not token or len(token) > 128 or token.count(".") != 2:
+            return None
+        issued_text, nonce, _ = token.split(".")
+        if (not issued_text.isascii() or not issued_text.isdigit()  # int() takes e.g. "²"
+                or not _BINDING.fullmatch(nonce)):
+            return None
         issued = int(issued_text)
         age = self.now() - issued
         if age < -5 or age > self.form_lifetime:
+            return None
+        expected = self._form_token(params, issued, nonce, binding)
+        return (issued, nonce) if hmac.compare_digest(token.encode(), expected.encode()) else None
+
+    @staticmethod
+    def _binding(request: server.Request) -> str | None:
+        """The browser binding of the request's ``__Host-perc-login`` cookie, if well formed."""
+        value = request.getCookie(_LOGIN_COOKIE)
+        text = value.decode("latin-1") if value is not None else ""
+        return text if _BINDING.fullmatch(text) else None
+
+    def _login_cookie(self, binding: str) -> bytes:
+        # __Host-: Secure, Path=/, no Domain (RFC 6265bis s4.1.3.2).  Lax, not Strict: the
+        # form is usually reached by a cross-site redirect from the client, which must
+        # carry the cookie so that several tabs share one binding; a cross-site POST never does.
+        return (_LOGIN_COOKIE + b"=" + binding.encode("ascii")
+                + f"; Path=/; Max-Age={self.form_lifetime}; Secure; HttpOnly; SameSite=Lax"
+                .encode())
+
+    @staticmethod
+    def _origin_key(origin: str) -> tuple[str, str, int] | None:
+        try:
+            parts = urllib.parse.urlsplit(origin)
+            port = parts.port
+        except ValueError:
+            return None
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return None
+        return parts.scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[parts.scheme]
+
+    def _same_origin(self, request: server.Request) -> bool:
+        """False when the request's ``Origin`` is present and not the KMF's own.
+
+        Own origins: that of ``public_url``, and ``https://`` + the ``Host`` the
+        browser asked for.  ``Origin: null`` (opaque) is not the KMF's.
+        """
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True
+        got = self._origin_key(origin.decode("latin-1").strip())
+        if got is None:
             return False
-        return hmac.compare_digest(token.encode(), self._form_token(params, issued).encode())
+        own = {self._origin_key(self.public_url)}
+        host = request.getHeader(b"host")
+        if host is not None:
+            own.add(self._origin_key("https://" + host.decode("latin-1").strip()))
+        return got in own
 
     def _html(self, status: int, title: str, body: str, *, form_origin: str | None = None,
-              headers: dict[bytes, bytes] | None = None) -> Response:
+              headers: dict[bytes, Any] | None = None) -> Response:
         # form-action also governs the redirect after the POST (CSP 3): allow the client's origin
         form_action = "'self'" + (f" {form_origin}" if form_origin else "")
         page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -972,7 +1064,8 @@ class KmfApi(JsonApi):
                 "base-uri 'none'").encode(),
             b"x-frame-options": b"DENY",
             b"x-content-type-options": b"nosniff",
-            b"referrer-policy": b"no-referrer",
+            # not no-referrer: the browser would then send "Origin: null" with the POST
+            b"referrer-policy": b"same-origin",
             b"pragma": b"no-cache",
         }
         all_headers.update(headers or {})
@@ -987,13 +1080,22 @@ class KmfApi(JsonApi):
         origin = f"{parts.scheme}://{parts.netloc}"
         return origin if _CSP_ORIGIN.fullmatch(origin) else None
 
-    def _login_page(self, params: dict[str, str], *, status: int = 200, message: str = "",
-                    headers: dict[bytes, bytes] | None = None) -> Response:
+    def _login_page(self, request: server.Request, params: dict[str, str], *,
+                    status: int = 200, message: str = "",
+                    headers: dict[bytes, Any] | None = None) -> Response:
+        """The login form, bound to the browser's ``__Host-perc-login`` cookie (set, or renewed)."""
         e = html.escape
         fields = "".join(
             f'<input type="hidden" name="{n}" value="{e(params[n])}">\n'
             for n in AUTHORIZE_PARAMS if n in params)
-        token = self._form_token(params, int(self.now()))
+        binding = self._binding(request) or b64url_encode(secrets.token_bytes(16))
+        nonce = b64url_encode(secrets.token_bytes(16))
+        token = self._form_token(params, int(self.now()), nonce, binding)
+        cookies = [self._login_cookie(binding)]
+        headers = dict(headers or {})
+        if b"set-cookie" in headers:
+            cookies.append(headers[b"set-cookie"])
+        headers[b"set-cookie"] = cookies
         notice = f'<p role="alert">{e(message)}</p>\n' if message else ""
         upstream = ""
         form_origin = self._origin(params.get("redirect_uri", ""))
@@ -1021,6 +1123,10 @@ class KmfApi(JsonApi):
         return self._html(status, "Sign in", body, form_origin=form_origin or None,
                           headers=headers)
 
+    def _form_refused(self, status: int, message: str) -> Response:
+        return self._error_page(status, message + "; go back to the application and start "
+                                                  "again.")
+
     async def _checked_authorize(self, params: dict[str, str], username: str | None,
                                  password: str | None, address: str | None) -> str:
         return await self.oauth.authorize(
@@ -1045,34 +1151,50 @@ class KmfApi(JsonApi):
             # (absent) login with LoginFailed, which here means "valid: show the form".
             await self._checked_authorize(params, None, None, None)
         except LoginFailed:
-            return self._login_page(params)
+            return self._login_page(request, params)
         except OAuthError as e:
             return self._authorize_refused(e)
         raise AssertionError("authorize succeeded without credentials")  # pragma: no cover
 
     async def authorize_login(self, request: server.Request) -> Response:
+        if not self._same_origin(request):  # login CSRF: a form posted from another site
+            self.log.info("login form POST refused: Origin {origin}",
+                          origin=(request.getHeader(b"origin") or b"")[:100])
+            return self._form_refused(403, "This sign-in form was sent from another site")
         try:
             form = self._form(request)
         except OAuthError as e:
             return self._error_page(400, f"The request is invalid: {e.description}.")
         params = {k: v for k, v in form.items() if k in AUTHORIZE_PARAMS}
-        if not self._form_token_valid(params, form.get("csrf_token")):
-            return self._error_page(403, "This sign-in form is invalid or has expired; "
-                                         "go back to the application and start again.")
+        binding = self._binding(request)
+        if binding is None:
+            return self._form_refused(403, "This sign-in needs cookies, and must be completed "
+                                           "in the browser it started in")
+        opened = self._form_token_open(params, form.get("csrf_token"), binding)
+        if opened is None:
+            return self._form_refused(403, "This sign-in form is invalid or has expired")
+        issued, nonce = opened
+        try:
+            first = await self.oauth.first_use("login form", nonce,
+                                               issued + self.form_lifetime + 10, self.now())
+        except StoreUnavailable:
+            self.log.warn("login form refused: the grant store is unavailable")
+            return self._error_page(503, "Sign-in is unavailable at the moment; try again "
+                                         "later.")
+        if not first:
+            return self._form_refused(403, "This sign-in form has already been used")
         if form.get("login") == "oidc":
             return await self._oidc_start(params)
-        address = request.getClientAddress()
         try:
             url = await self._checked_authorize(params, form.get("username"),
-                                                form.get("password"),
-                                                getattr(address, "host", None))
+                                                form.get("password"), _host(request))
         except LoginRateLimited as e:
             wait = str(max(1, math.ceil(e.retry_after))).encode()
-            return self._login_page(params, status=429,
+            return self._login_page(request, params, status=429,
                                     message="Too many failed sign-ins; try again later.",
                                     headers={b"retry-after": wait})
         except LoginFailed:
-            return self._login_page(params, message="Invalid username or password.")
+            return self._login_page(request, params, message="Invalid username or password.")
         except OAuthError as e:
             return self._authorize_refused(e)
         return Response(302, None, {b"location": url.encode("utf-8")})
@@ -1113,19 +1235,6 @@ class KmfApi(JsonApi):
         if version != 1 or age < -5 or age > self.form_lifetime:
             return None
         return state_id, params
-
-    def _state_used(self, state_id: str) -> bool:
-        """Whether ``state_id`` was seen before; records it (one-time states)."""
-        now = self.now()
-        while self._used_states:
-            oldest, expires = next(iter(self._used_states.items()))
-            if expires > now and len(self._used_states) < 100_000:
-                break
-            del self._used_states[oldest]
-        if state_id in self._used_states:
-            return True
-        self._used_states[state_id] = now + self.form_lifetime + 10
-        return False
 
     async def _oidc_start(self, params: dict[str, str]) -> Response:
         if self.oidc_login is None:
@@ -1168,7 +1277,14 @@ class KmfApi(JsonApi):
         if cookie is None or not hmac.compare_digest(cookie, state_id.encode("ascii")):
             return self._error_page(403, "This sign-in was started in another browser; "
                                          "go back to the application and start again.")
-        if self._state_used(state_id):
+        try:
+            first = await self.oauth.first_use("oidc state", state_id,
+                                               self.now() + self.form_lifetime + 10, self.now())
+        except StoreUnavailable:
+            self.log.warn("oidc sign-in refused: the grant store is unavailable")
+            return self._error_page(503, "Sign-in is unavailable at the moment; try again "
+                                         "later.")
+        if not first:
             return self._error_page(400, "This sign-in has already been used; "
                                          "go back to the application and start again.")
         clear = {b"set-cookie": self._STATE_COOKIE
@@ -1205,9 +1321,8 @@ class KmfApi(JsonApi):
             except (AuthenticationFailed, UnsupportedCredentials) as e:
                 self.log.info("oidc sign-in refused: {reason}",
                               reason=getattr(e, "reason", type(e).__name__))
-                page = self._login_page(params, message=f"Sign-in with {name} failed.")
-                page.headers = {**(page.headers or {}), **clear}
-                return page
+                return self._login_page(request, params, message=f"Sign-in with {name} failed.",
+                                        headers=clear)
             url = await self.oauth.complete(pending, identity, self.now())
         except OAuthError as e:
             refused = self._authorize_refused(e)

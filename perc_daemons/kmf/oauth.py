@@ -51,7 +51,13 @@ from perc_daemons.kmf.auth import (
     UnsupportedCredentials,
     UsernamePassword,
 )
-from perc_daemons.kmf.clients import GRANT_TYPES, SCOPE_TOKEN, Client, InvalidClient
+from perc_daemons.kmf.clients import (
+    GRANT_TYPES,
+    SCOPE_TOKEN,
+    Client,
+    ClientRateLimited,
+    InvalidClient,
+)
 from perc_daemons.kmf.tokens import (
     CertificateMismatch,
     TokenError,
@@ -61,8 +67,8 @@ from perc_daemons.kmf.tokens import (
 )
 from perc_daemons.store.grant_errors import InvalidGrant, RefreshTokenReused, token_hash
 
-__all__ = ["AuthorizationRequest", "AuthorizationServer", "LoginFailed", "LoginRateLimited",
-           "OAuthError"]
+__all__ = ["AuthorizationRequest", "AuthorizationServer", "ClientAuthRateLimited",
+           "LoginFailed", "LoginRateLimited", "OAuthError"]
 
 log = Logger()
 
@@ -138,6 +144,18 @@ class LoginFailed(OAuthError):
 
     def __init__(self) -> None:
         super().__init__("access_denied", "invalid credentials", 401)
+
+
+class ClientAuthRateLimited(OAuthError):
+    """Too many failed client authentications for this client id or address (429).
+
+    ``error`` is ``invalid_client``: the client was not authenticated.
+    """
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("invalid_client", "too many failed client authentications; "
+                         "try again later", 429)
+        self.retry_after = retry_after
 
 
 class LoginRateLimited(OAuthError):
@@ -321,15 +339,14 @@ class AuthorizationServer:
                      now: float) -> str:
         if not isinstance(username, str) or not isinstance(password, str) or not username:
             raise LoginFailed()
-        try:
-            self.rate_limiter.check(username, address, now)
+        try:  # counted before it is evaluated: concurrent guesses count too
+            self.rate_limiter.attempt(username, address, now)
         except RateLimited as e:
             raise LoginRateLimited(e.retry_after) from None
         try:
             identity = await defer.maybeDeferred(
                 self.authenticator.authenticate, UsernamePassword(username, password))
         except (AuthenticationFailed, UnsupportedCredentials) as e:
-            self.rate_limiter.record_failure(username, address, now)
             log.info("login refused: {reason}", reason=getattr(e, "reason", type(e).__name__))
             raise LoginFailed() from None
         self.rate_limiter.record_success(username, address, now)
@@ -337,13 +354,16 @@ class AuthorizationServer:
 
     # -- client authentication
 
-    async def _client(self, client_id: object, client_auth: tuple[str, str] | None) -> Client:
+    async def _client(self, client_id: object, client_auth: tuple[str, str] | None,
+                      address: str | None = None) -> Client:
         if client_auth is not None:
             cid, secret = client_auth
             if client_id is not None and client_id != cid:
                 raise OAuthError("invalid_request", "client_id differs from the authenticated one")
             try:
-                return await self.clients.authenticate(cid, secret)
+                return await self.clients.authenticate(cid, secret, address)
+            except ClientRateLimited as e:
+                raise ClientAuthRateLimited(e.retry_after) from None
             except InvalidClient:
                 raise OAuthError("invalid_client", "client authentication failed", 401) from None
         client = self.clients.get(client_id)
@@ -355,21 +375,26 @@ class AuthorizationServer:
 
     def token(self, grant_type: object, params: dict[str, Any],
               client_auth: tuple[str, str] | None, client_certificate: bytes | None,
-              now: float) -> defer.Deferred[dict[str, Any]]:
+              now: float, *, source_address: str | None = None
+              ) -> defer.Deferred[dict[str, Any]]:
         """The token response (RFC 6749 s5.1) for ``grant_type``, or fail with OAuthError.
 
         ``params`` are the other form parameters; ``client_auth`` the HTTP
         Basic credentials of a confidential client (public clients send
         ``client_id`` in ``params``); ``client_certificate`` the DER of the
-        TLS client certificate of the request, if any.
+        TLS client certificate of the request, if any; ``source_address`` the
+        request's, for the limit on failed client authentications
+        (:class:`ClientAuthRateLimited`, 429).
         """
         return defer.Deferred.fromCoroutine(
-            self._token(grant_type, params, client_auth, client_certificate, now))
+            self._token(grant_type, params, client_auth, client_certificate, now,
+                        source_address))
 
     async def _token(self, grant_type: object, params: dict[str, Any],
                      client_auth: tuple[str, str] | None, client_certificate: bytes | None,
-                     now: float) -> dict[str, Any]:
-        client = await self._client(_param(params, "client_id", required=False), client_auth)
+                     now: float, source_address: str | None) -> dict[str, Any]:
+        client = await self._client(_param(params, "client_id", required=False), client_auth,
+                                    source_address)
         if grant_type not in GRANT_TYPES:
             raise OAuthError("unsupported_grant_type", "unsupported grant_type")
         if grant_type not in client.grant_types:
@@ -482,29 +507,36 @@ class AuthorizationServer:
 
     def revoke(self, token: object, token_type_hint: object,
                client_auth: tuple[str, str] | None, now: float, *,
-               client_id: str | None = None) -> defer.Deferred[None]:
-        """Revoke a refresh token and its whole family; fires None (HTTP 200).
+               client_id: str | None = None,
+               source_address: str | None = None) -> defer.Deferred[None]:
+        """Revoke a refresh token (and its whole family) or an access token; fires None (200).
 
         Public clients identify themselves with ``client_id``, confidential ones
         with ``client_auth``.  Unknown, expired, already revoked tokens and
-        tokens of other clients are ignored (200, RFC 7009 s2.2).  Access
-        tokens are self-contained JWTs and cannot be revoked one by one: they
-        are ignored too and stay valid until their ``exp`` (keep
-        ``access_token_lifetime`` short); revoking the refresh token stops new
-        ones.  ``token_type_hint`` is only a hint and unknown values are
-        ignored.
+        tokens of other clients are ignored (200, RFC 7009 s2.2).  An access
+        token (a JWT that verifies) goes on the grant store's revocation list,
+        keyed by its ``jti``, until its ``exp``: every resource of every KMF
+        sharing the store then refuses it (:meth:`access_token_revoked`) and
+        introspection calls it inactive.  Access tokens already issued from a
+        revoked refresh token are not revoked with it (revoke them too).
+        ``token_type_hint`` is only a hint and unknown values are ignored.
         """
         return defer.Deferred.fromCoroutine(
-            self._revoke(token, token_type_hint, client_auth, now, client_id))
+            self._revoke(token, token_type_hint, client_auth, now, client_id, source_address))
 
     async def _revoke(self, token: object, token_type_hint: object,
                       client_auth: tuple[str, str] | None, now: float,
-                      client_id: str | None) -> None:
-        client = await self._client(client_id, client_auth)
+                      client_id: str | None, source_address: str | None) -> None:
+        client = await self._client(client_id, client_auth, source_address)
         if not isinstance(token, str) or not token or len(token) > _MAX_PARAM:
             raise OAuthError("invalid_request", "missing token")
         if token.count(".") == 2:
-            return None  # a JWT access token: cannot be revoked individually
+            claims = self._verified_claims(token, now)
+            if claims is not None and claims.get("client_id") == client.client_id:
+                await self.grants.revoke_access_token(token_hash(claims["jti"]),
+                                                      claims["exp"], now)
+                log.info("access token of {client} revoked", client=client.client_id)
+            return None
         h = token_hash(token)
         grant = await self.grants.refresh_token(h, now)
         if grant is not None and grant.get("client_id") == client.client_id:
@@ -514,33 +546,32 @@ class AuthorizationServer:
     # -- /introspect (RFC 7662)
 
     def introspect(self, token: object, client_auth: tuple[str, str] | None,
-                   now: float) -> defer.Deferred[dict[str, Any]]:
+                   now: float, *, source_address: str | None = None
+                   ) -> defer.Deferred[dict[str, Any]]:
         """RFC 7662 s2.2 response; only authenticated confidential clients may ask.
 
         Anything invalid, expired or revoked is ``{"active": false}``.  Access
-        tokens are verified with the signing keys (a certificate-bound token is
+        tokens are verified with the signing keys and looked up on the
+        revocation list (a certificate-bound token is
         active: the caller checks the binding, ``cnf`` is returned); refresh
         tokens are active only when asked about by the client they belong to.
         """
-        return defer.Deferred.fromCoroutine(self._introspect(token, client_auth, now))
+        return defer.Deferred.fromCoroutine(
+            self._introspect(token, client_auth, now, source_address))
 
     async def _introspect(self, token: object, client_auth: tuple[str, str] | None,
-                          now: float) -> dict[str, Any]:
+                          now: float, source_address: str | None) -> dict[str, Any]:
         if client_auth is None:
             raise OAuthError("invalid_client", "client authentication required", 401)
-        client = await self._client(None, client_auth)
+        client = await self._client(None, client_auth, source_address)
         inactive: dict[str, Any] = {"active": False}
         if not isinstance(token, str) or not token or len(token) > _MAX_PARAM:
             return inactive
         if token.count(".") == 2:
-            try:
-                verify_access_token(token, self.keys, issuer=self.issuer,
-                                    audience=self._one_audience(), now=now)
-            except CertificateMismatch:
-                pass  # raised last: everything else was verified
-            except TokenError:
+            claims = self._verified_claims(token, now)
+            if claims is None or await self.grants.access_token_revoked(
+                    token_hash(claims["jti"]), now):
                 return inactive
-            claims = jwt.decode(token, options={"verify_signature": False})
             result = {"active": True, "token_type": "Bearer"}
             for name in ("scope", "client_id", "sub", "exp", "iat", "iss", "aud", "jti", "cnf"):
                 if name in claims:
@@ -554,6 +585,27 @@ class AuthorizationServer:
         if grant.get("exp") is not None:
             result["exp"] = int(grant["exp"])
         return result
+
+    def first_use(self, label: str, value: str, expires_at: float,
+                  now: float) -> defer.Deferred[bool]:
+        """Whether this is the first use of the one-time ``value`` (a login form's nonce, an
+        OpenID Connect state) at any KMF sharing the grant store; kept until ``expires_at``."""
+        return self.grants.use_once(token_hash(f"{label}\0{value}"), expires_at, now)
+
+    def access_token_revoked(self, jti: str, now: float) -> defer.Deferred[bool]:
+        """Whether the access token with this ``jti`` was revoked (one store look-up)."""
+        return self.grants.access_token_revoked(token_hash(jti), now)
+
+    def _verified_claims(self, token: str, now: float) -> dict[str, Any] | None:
+        """The claims of an access token of ours that verifies (binding not checked), or None."""
+        try:
+            verify_access_token(token, self.keys, issuer=self.issuer,
+                                audience=self._one_audience(), now=now)
+        except CertificateMismatch:
+            pass  # raised last: everything else was verified
+        except TokenError:
+            return None
+        return jwt.decode(token, options={"verify_signature": False})
 
     def _one_audience(self) -> str:
         return self.audience if isinstance(self.audience, str) else self.audience[0]

@@ -52,7 +52,7 @@ from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
 from perc_daemons.kmf.auth.file import FileAuthenticator
 from perc_daemons.kmf.auth.ldap import LdapAuthenticator
 from perc_daemons.kmf.auth.oidc import OidcAuthenticator, OidcLogin
-from perc_daemons.kmf.clients import ClientFileError, ClientRegistry
+from perc_daemons.kmf.clients import ClientAuthLimiter, ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
 from perc_daemons.kmf.oauth import AuthorizationServer
 from perc_daemons.kmf.signing import INDEX_NAME, SigningKeyError, SigningKeys
@@ -314,14 +314,17 @@ def authorization_server(cfg: config_module.Config, keys: SigningKeys, issuer: s
     """
     oauth, auth = cfg.oauth, cfg.auth
     path = oauth.clients_file
+    client_limiter = ClientAuthLimiter(client_limit=oauth.client_failure_limit,
+                                       address_limit=oauth.client_address_failure_limit,
+                                       window=float(oauth.client_failure_window))
     try:
-        clients = ClientRegistry.load(path, reactor=reactor)
+        clients = ClientRegistry.load(path, reactor=reactor, limiter=client_limiter)
     except ClientFileError as e:
         if e.key != "" or e.reason != "file not found":
             raise
         Logger().warn("perc-kmf: no OAuth client file {path}: no clients configured",
                       path=path)
-        clients = ClientRegistry([], reactor=reactor)
+        clients = ClientRegistry([], reactor=reactor, limiter=client_limiter)
     if backends is None:
         backends = auth_backends(cfg, reactor)
     limiter = LoginRateLimiter(user_limit=auth.user_limit, address_limit=auth.address_limit,
@@ -437,7 +440,9 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
         sweeper.setName("invitation-sweep")
         sweeper.setServiceParent(top)
     HttpsService(reactor, "https", "perc-kmf HTTPS API", cfg.https.bind, cfg.https.port,
-                 kmf_site(api, max_body=cfg.https.max_body), context).setServiceParent(top)
+                 kmf_site(api, max_body=cfg.https.max_body), context,
+                 limits=top.limits, metrics=top.metrics,  # type: ignore[attr-defined]
+                 ).setServiceParent(top)
     return top
 
 

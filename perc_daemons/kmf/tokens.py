@@ -10,6 +10,10 @@ when the client proved possession of its DTLS certificate, ``cnf``
 ``{"x5t#S256": base64url(SHA-256(certificate DER))}`` (RFC 8705 §3.1): such a
 token is refused with any other certificate, or with none.
 
+Revocation (RFC 7009) is a list of revoked ``jti`` values kept by the KMF's
+grant store until each token's ``exp``; :func:`unverified_jti` reads the
+``jti`` of a token cheaply to look it up (the token is verified anyway).
+
 PyJWT checks the signature (ES256 only: never ``none`` nor HS*), ``iss``,
 ``aud`` and required claims; ``exp``/``iat``/``nbf`` are checked here against
 the explicit ``now`` (PyJWT would read the wall clock).  Replaying a bearer
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -50,6 +55,7 @@ __all__ = [
     "WrongIssuer",
     "certificate_thumbprint",
     "issue_access_token",
+    "unverified_jti",
     "verify_access_token",
 ]
 
@@ -166,6 +172,22 @@ def issue_access_token(
         algorithm="ES256",
         headers={"kid": active.kid, "typ": ACCESS_TOKEN_TYP},
     )
+
+
+def unverified_jti(token: str) -> str | None:
+    """The ``jti`` claim of a compact JWS, without verifying it; None if it has none.
+
+    Only for looking the token up on the revocation list: whatever it says
+    matters only if the token then verifies.
+    """
+    if not isinstance(token, str) or len(token) > 8192 or token.count(".") != 2:
+        return None
+    try:
+        claims = json.loads(b64url_decode(token.split(".")[1]))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    jti = claims.get("jti") if isinstance(claims, dict) else None
+    return jti if isinstance(jti, str) and 0 < len(jti) <= 256 else None
 
 
 def _bound_thumbprint(claims: Mapping[str, Any]) -> bytes | None:

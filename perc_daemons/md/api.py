@@ -23,8 +23,10 @@ document with ``type`` ``urn:perc:problem:<slug>``, ``title``, ``status``,
   (or the KD's BAD_OFFER), 403 the KD refused (``detail`` = its reason), 503
   no tunnel to the conference's KD (or too many joins waiting), 504 the KD
   did not answer within ``[api] join_timeout``, 502 another KD status.
-* leave -> 204; 401 without ``Authorization: Bearer``, 403 wrong token, 404
-  unknown participant.
+* leave -> 204, also when the participant is already gone (it left, the KD
+  or its consent ended it, the conference was deleted): a leave is idempotent;
+  401 without ``Authorization: Bearer``, 403 a token that is not the (present)
+  participant's own.
 
 The provider token (``[api] provider_token_file``, :class:`ProviderToken`)
 is compared in constant time; without it the provider routes answer 401,
@@ -62,7 +64,6 @@ from perc_daemons.md.conferences import (
     MdConferences,
     Participant,
     UnknownConference,
-    UnknownParticipant,
 )
 from perc_daemons.md.media import LEG_COUNTERS
 from perc_daemons.problems import JsonApi, LimitedRequest, Problem, Response, Routes, read_json
@@ -201,8 +202,6 @@ class MdApi(JsonApi):
         error = failure.value
         if isinstance(error, UnknownConference):
             problem = Problem(404, "not-found", "Not found", "no such conference")
-        elif isinstance(error, UnknownParticipant):
-            problem = Problem(404, "not-found", "Not found", "no such participant")
         elif isinstance(error, ConferenceConflict):
             problem = Problem(409, "conference-exists", "Conference exists", str(error))
         elif isinstance(error, LeaveRefused):

@@ -14,12 +14,16 @@ Join (draft-roach-perc-webrtc flow, DESIGN.md "Join flow" steps 3-4):
    conference's KD fingerprint, a random placeholder tls-id (the KD puts its
    own), fresh ICE credentials and one host candidate on the shared media
    port;
-2. ``SignAnswer(aid, offer verbatim, draft)`` goes to the conference's KD
+2. ``SignAnswer(aid, conference id, offer verbatim, draft)`` goes to the conference's KD
    over its tunnel (the peer whose certificate fingerprint is the
    conference's), and the join waits for the ``SignAnswerAck`` of that
    association id from that same peer, at most ``join_timeout`` seconds;
-3. on OK the leg is added to the media plane (group = conference id) and the
-   KD's text is returned verbatim: the MD neither parses nor keeps it.
+3. on OK the MD checks the signed answer (:func:`~perc_daemons.protocol.answer.
+   verify_pinned_answer`: signed by the conference's pinned KD certificate,
+   for this offer, this association and *this conference*, so that an
+   identity admitted to another conference never joins this one's media
+   group), then adds the leg to the media plane (group = conference id) and
+   returns the KD's text verbatim.
 
 Tunnel messages (RFC 9185 section 6): ``MediaKeys`` key the leg (outer
 halves of a DOUBLE profile only; anything else is refused and the
@@ -30,7 +34,12 @@ conference cannot key, reach or end this one's participants.  DTLS from an
 endpoint goes to its KD; consent expiry (RFC 7675), a leave and a conference
 deletion send the KD ``EndpointDisconnect``.  A disconnect that cannot be
 sent while the KD's tunnel is down is kept (bounded) and sent when it comes
-back, so the KD learns of every departure and rekeys (RFC 8871 section 6).
+back, so the KD learns of every departure and rekeys (RFC 8871 section 6);
+once no conference names that KD (and it is not pinned) it can no longer
+connect, and its queue is dropped.  Nothing else of a participant outlives
+it (see :meth:`~perc_daemons.md.media.MediaPlane.remove_leg` for the one
+exception, in the other legs' libsrtp sessions), and a leave of a participant
+that is already gone is not an error.
 
 When a tunnel goes down participants stay: the KD reconnects, and their legs
 keep forwarding with the keys they have.  Joins waiting on that tunnel fail
@@ -64,6 +73,7 @@ from zope.interface import implementer
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
 from perc_daemons.md.media import Leg, MediaPlane
 from perc_daemons.protocol import sdp
+from perc_daemons.protocol.answer import AnswerError, verify_pinned_answer
 from perc_daemons.protocol.double import DOUBLE_PROFILES
 from perc_daemons.protocol.dtls import format_fingerprint
 from perc_daemons.protocol.tunnel import (
@@ -98,7 +108,6 @@ __all__ = [
     "Participant",
     "TooManyJoins",
     "UnknownConference",
-    "UnknownParticipant",
 ]
 
 #: Counted tunnel and plane events (``MdConferences.events``).
@@ -109,6 +118,7 @@ EVENTS = (
     "dtls_no_tunnel",        # endpoint DTLS while its KD's tunnel is down (dropped)
     "dtls_no_media",         # KD DTLS before the media port is up (dropped)
     "late_answer",           # SignAnswerAck after the join gave up (the KD is told to forget)
+    "answer_refused",        # a signed answer not for this conference/association/offer
     "unexpected_message",    # a message the KD should not send (e.g. SignAnswer)
     "disconnects_queued",    # EndpointDisconnect kept for a KD whose tunnel is down
     "disconnects_dropped",   # ... beyond MAX_QUEUED_DISCONNECTS
@@ -134,10 +144,6 @@ class UnknownConference(ConferenceError):
 
 class ConferenceConflict(ConferenceError):
     """The conference exists with another KD fingerprint (409)."""
-
-
-class UnknownParticipant(ConferenceError):
-    """No such association in that conference (404)."""
 
 
 class LeaveRefused(ConferenceError):
@@ -213,6 +219,8 @@ class _PendingJoin:
     ufrag: str
     pwd: str = field(repr=False)
     waiter: defer.Deferred
+    offer: str = field(repr=False)
+    kd_fingerprint: bytes = field(repr=False)
     timer: IDelayedCall | None = None
 
 
@@ -249,7 +257,7 @@ class MdConferences:
         self._conferences: dict[str, Conference] = {}
         self._participants: dict[bytes, Participant] = {}
         self._kd_use: dict[bytes, int] = {}  # kd fingerprint -> conferences naming it
-        self._peers: dict[bytes, Any] = {}  # kd fingerprint -> ITunnelPeer (latest)
+        self._peers: dict[bytes, Any] = {}  # kd fingerprint -> its registered ITunnelPeer
         self._pending: dict[bytes, _PendingJoin] = {}
         self._queued: dict[bytes, dict[bytes, None]] = {}  # kd fp -> aids to disconnect
 
@@ -324,9 +332,13 @@ class MdConferences:
             del self._kd_use[fp]
         self.log.info("perc-md: conference {conference} deleted ({count} participants ended)",
                       conference=conference_id, count=count)
-        peer = self._peers.get(fp)
-        if peer is not None and not self.is_trusted_kd(fp):
-            peer.close("no conference names this KD any more")
+        if not self.is_trusted_kd(fp):
+            # It may not connect any more: its queued disconnects would wait forever (a
+            # later conference naming it again gets them through Associations instead).
+            self._queued.pop(fp, None)
+            peer = self._peers.get(fp)
+            if peer is not None:
+                peer.close("no conference names this KD any more")
         return count
 
     # -- participants -----------------------------------------------------------------
@@ -359,11 +371,12 @@ class MdConferences:
             raise TooManyJoins("too many joins in progress")
         aid = new_association_id()
         try:
-            message = SignAnswer(aid, offer_text, draft.serialize())
+            message = SignAnswer(aid, conference_id, offer_text, draft.serialize())
         except TunnelError as e:
             raise BadOffer(f"the offer is too large: {e}") from None
         waiter: defer.Deferred = defer.Deferred()
-        pending = _PendingJoin(conference_id, peer, ufrag, pwd, waiter)
+        pending = _PendingJoin(conference_id, peer, ufrag, pwd, waiter, offer_text,
+                               conference.kd_fingerprint)
         self._pending[aid] = pending
         pending.timer = self.clock.callLater(self.join_timeout, self._fail_pending, aid,
                                              KdTimeout("the KD did not answer in time"))
@@ -395,6 +408,15 @@ class MdConferences:
             pending.timer.cancel()
         aid = ack.association_id
         if ack.status == SIGN_STATUS_OK:
+            refusal = self._answer_refusal(pending, aid, ack.text)
+            if refusal is not None:
+                self.events["answer_refused"] += 1
+                self.log.warn("perc-md: the KD's answer for {association} cannot be used: "
+                              "{reason}", association=str(uuid.UUID(bytes=aid)),
+                              reason=refusal)
+                peer.send(EndpointDisconnect(aid))
+                pending.waiter.errback(KdFailed(SIGN_STATUS_OK, refusal))
+                return
             conference = self._conferences[pending.conference_id]
             leg = self.plane.add_leg(aid, pending.ufrag, pending.pwd,
                                      group=pending.conference_id, now=self.clock.seconds())
@@ -413,18 +435,41 @@ class MdConferences:
         else:
             pending.waiter.errback(KdFailed(ack.status, ack.text))
 
-    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> None:
-        """The endpoint leaves (token checked in constant time); its KD is told."""
-        conference = self.conference(conference_id)
-        participant = conference.participants.get(aid)
+    def _answer_refusal(self, pending: _PendingJoin, aid: bytes, text: str) -> str | None:
+        """Why the signed answer must not add a leg, or None (issue 10 item 3)."""
+        try:
+            verified = verify_pinned_answer(text, pending.offer,
+                                            kd_fingerprint=pending.kd_fingerprint,
+                                            now=self.clock.seconds())
+        except AnswerError as e:
+            return f"{e.reason}: {e}"
+        if verified.conference_id != pending.conference_id:
+            return (f"the answer is signed for conference {verified.conference_id!r}, "
+                    f"not {pending.conference_id!r}")
+        if verified.association_id != aid:
+            return "the answer is signed for another association"
+        return None
+
+    def leave(self, conference_id: str, aid: bytes, leave_token: str) -> bool:
+        """The endpoint leaves (token checked in constant time); its KD is told.
+
+        Idempotent: a participant that is already gone (it left, the KD ended
+        it, its consent lapsed, its conference was deleted) is not an error,
+        and False is returned; nothing is kept of it to check a token against,
+        and there is nothing left to remove.  Raises :class:`LeaveRefused`
+        when the participant is here and the token is not its own.
+        """
+        conference = self._conferences.get(conference_id)
+        participant = conference.participants.get(aid) if conference is not None else None
         if participant is None:
-            raise UnknownParticipant("no such participant")
+            return False
         if not hmac.compare_digest(leave_token.encode("utf-8", "replace"),
                                    participant.leave_token.encode("ascii")):
             raise LeaveRefused("the leave token does not match")
         self._end(aid, tell_kd=True)
         self.log.info("perc-md: {association} left conference {conference}",
                       association=participant.association, conference=conference_id)
+        return True
 
     def _end(self, aid: bytes, *, tell_kd: bool) -> Participant | None:
         participant = self._participants.pop(aid, None)

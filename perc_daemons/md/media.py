@@ -26,6 +26,13 @@ Per datagram, demultiplexed by its first byte (RFC 7983 section 7):
 * RTCP: hop-by-hop only (RFC 8723 section 6): unprotect with the sender's
   inbound session, protect for each other keyed leg.
 
+Datagrams of any size up to 65535 bytes are relayed (the daemon's port reads
+them whole): what pylibsrtp's 1500-byte buffer cannot take goes through the
+same libsrtp session on a larger buffer
+(:func:`~perc_daemons.protocol.srtp.libsrtp_large`).  A packet that cannot
+be sealed for, or sent to, one receiver is counted on that receiver's leg
+(``seal_failed``, ``send_failed``) and still goes to the others.
+
 Conferences share the port: each leg belongs to a *group* (the conference
 id; ``None`` is a group too) and media only ever goes to keyed legs of the
 sender's group.  One shared UDP port rather than one socket per conference:
@@ -56,13 +63,18 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from twisted.internet import task
+from twisted.internet import error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
 from perc_daemons.protocol.double import DOUBLE_PROFILES, Relay
 from perc_daemons.protocol.errors import ProtocolError
-from perc_daemons.protocol.srtp import LibSrtpError, Session, libsrtp_error, libsrtp_session
+from perc_daemons.protocol.srtp import (
+    Session,
+    hop_protect_rtcp,
+    hop_unprotect_rtcp,
+    libsrtp_session,
+)
 from perc_daemons.protocol.stun import (
     ATTR_USERNAME,
     BINDING_SUCCESS,
@@ -101,6 +113,7 @@ LEG_DROP_REASONS = (
     "ekt_malformed",    # EKTField framing
     "malformed",        # any other ProtocolError
     "seal_failed",      # could not protect toward this (receiving) leg
+    "send_failed",      # the socket refused the datagram for this leg (e.g. EAGAIN, EMSGSIZE)
     "stun_rejected",    # a check for this leg answered with an error (e.g. 401)
     "stun_malformed",   # a check for this leg that could not be parsed
     "unknown_kind",     # ZRTP, TURN channel data or an unassigned first byte
@@ -137,7 +150,7 @@ class Leg:
     """One endpoint's leg: ICE credentials, learnt address, hop-by-hop sessions, counters."""
 
     __slots__ = ("_pwd", "address", "counters", "drops", "group", "inbound", "last_consent",
-                 "leg_id", "outbound", "peers", "skipped", "ufrag")
+                 "leg_id", "outbound", "peers", "skipped", "ufrag", "withheld")
 
     def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None,
                  group: Hashable = None) -> None:
@@ -151,6 +164,9 @@ class Leg:
         #: sender SSRC -> packets the selective-forwarding hook kept from this leg;
         #: empty (and never consulted) while everything is forwarded.
         self.skipped: dict[int, int] = {}
+        #: SSRCs of this leg's packets the hook kept from some receiver: their entries
+        #: in the receivers' ``skipped`` go when this leg does.
+        self.withheld: set[int] = set()
         self.address: Address | None = None
         self.inbound: Session | None = None
         self.outbound: Session | None = None
@@ -234,7 +250,18 @@ class MediaPlane:
         self._rebuild(leg.group)
 
     def remove_leg(self, leg_id: LegId) -> Leg | None:
-        """Forget a leg (its sessions, address and credentials); returns it, or None."""
+        """Forget a leg (its sessions, address and credentials); returns it, or None.
+
+        Nothing of it stays in the plane's tables nor in the other legs, except
+        one thing by design: the per-SSRC stream state that the other legs'
+        outbound libsrtp sessions created for its SSRCs (some 270 bytes each),
+        which lives as long as the receiving leg's key.  That state is what
+        keeps (SSRC, packet index) and (SSRC, SRTCP index), the GCM nonces, from
+        repeating under the receiver's key (RFC 3711 s3.3.1, s3.4; RFC 7714
+        s8.1, s9.1) when the SSRC is heard again: an endpoint rejoining with
+        the same SSRC continues its sequence numbers (RFC 3550 s5.1), and a
+        fresh stream would also restart the SRTCP index at 1.
+        """
         leg = self._legs.pop(leg_id, None)
         if leg is None:
             return None
@@ -242,11 +269,14 @@ class MediaPlane:
         if leg.address is not None and self._by_address.get(leg.address) is leg:
             del self._by_address[leg.address]
         leg.inbound = leg.outbound = None
-        members = self._groups.get(leg.group)
-        if members is not None:
+        members = self._groups.get(leg.group, [])
+        if leg in members:
             members.remove(leg)
-            if not members:
-                del self._groups[leg.group]
+        if not members:
+            self._groups.pop(leg.group, None)
+        for other in members:  # its SSRCs' gaps: a later packet of them is just newer
+            for ssrc in leg.withheld:
+                other.skipped.pop(ssrc, None)
         leg.peers = ()
         self._rebuild(leg.group)
         return leg
@@ -357,6 +387,7 @@ class MediaPlane:
             if selective and not should_forward(src_id, dst.leg_id, ssrc):
                 skipped = dst.skipped
                 skipped[ssrc] = skipped.get(ssrc, 0) + 1
+                src.withheld.add(ssrc)
                 continue
             try:
                 if dst.skipped and (gap := dst.skipped.get(ssrc)):
@@ -382,9 +413,9 @@ class MediaPlane:
             src.drops["not_keyed"] += 1
             return []
         try:
-            plain = inbound.unprotect_rtcp(data)
-        except LibSrtpError as e:
-            src.drops[_drop_reason(libsrtp_error(e))] += 1
+            plain = hop_unprotect_rtcp(inbound, data)
+        except ProtocolError as e:
+            src.drops[_drop_reason(e)] += 1
             return []
         if len(plain) < 8:
             src.drops["malformed"] += 1
@@ -398,12 +429,18 @@ class MediaPlane:
             if not should_forward(src_id, dst.leg_id, ssrc):
                 continue
             try:
-                out.append((dst.outbound.protect_rtcp(plain), dst.address))  # type: ignore[union-attr, arg-type]
-            except LibSrtpError:
+                out.append((hop_protect_rtcp(dst.outbound, plain), dst.address))  # type: ignore[arg-type]
+            except ProtocolError:
                 dst.drops["seal_failed"] += 1
                 continue
             dst.counters["rtcp_out"] += 1
         return out
+
+    def send_failed(self, address: Address) -> None:
+        """The socket refused a datagram for ``address``: counted on its leg."""
+        leg = self._by_address.get(address)
+        if leg is not None:
+            leg.drops["send_failed"] += 1
 
     def send_dtls(self, leg_id: LegId, data: bytes) -> Output:
         """A DTLS record from the KD (over the tunnel) for this leg's endpoint."""
@@ -474,7 +511,12 @@ class MediaPlaneProtocol(DatagramProtocol):
         if transport is None:
             return
         for data, address in outputs:
-            transport.write(data, address)  # type: ignore[attr-defined]
+            try:
+                transport.write(data, address)  # type: ignore[attr-defined]
+            except (OSError, error.MessageLengthError):
+                # One receiver's refusal (full buffer, too large for its path) must not
+                # cost the others their copy.
+                self.plane.send_failed(address)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self._write(self.plane.datagram_received(datagram, addr, self.clock.seconds()))

@@ -53,6 +53,7 @@ from perc_daemons.md.media import (
 )
 from perc_daemons.md.tunnel import MdTunnelServer
 from perc_daemons.protocol.dtls import parse_fingerprint
+from perc_daemons.protocol.srtp import MAX_DATAGRAM
 
 __all__ = ["MdCollector", "Options", "advertised_host", "makeService", "md_service"]
 
@@ -140,8 +141,9 @@ class MediaService(ListeningService):
         self._conferences = conferences
 
     def listen(self) -> IListeningPort:
+        # Any datagram whole (Twisted's default of 8192 would cut jumbo-frame media).
         return self._reactor.listenUDP(self._port_number, self.protocol,
-                                       interface=self._bind)
+                                       interface=self._bind, maxPacketSize=MAX_DATAGRAM)
 
     def listening(self, address: Any) -> None:
         self._conferences.media_port = address.port
@@ -207,7 +209,10 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                                 certificate=cfg.api.certificate,
                                 private_key=cfg.api.private_key,
                                 is_trusted_kd=conferences.is_trusted_kd, handler=conferences,
-                                metrics=top.metrics)  # type: ignore[attr-defined]
+                                metrics=top.metrics,  # type: ignore[attr-defined]
+                                liveness_interval=cfg.tunnel.liveness_interval,
+                                liveness_timeout=cfg.tunnel.liveness_timeout,
+                                limits=top.limits)  # type: ignore[attr-defined]
     except tls.TlsFileError as e:
         raise _error(cfg, "api.certificate", str(e)) from None
     api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor)
@@ -218,7 +223,9 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                  conferences).setServiceParent(top)
     tunnel.setServiceParent(top)
     HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,
-                 cfg.api.port, md_site(api), context).setServiceParent(top)
+                 cfg.api.port, md_site(api), context,
+                 limits=top.limits, metrics=top.metrics,  # type: ignore[attr-defined]
+                 ).setServiceParent(top)
     top.conferences = conferences  # type: ignore[attr-defined]
     top.api = api  # type: ignore[attr-defined]
     top.media = protocol  # type: ignore[attr-defined]

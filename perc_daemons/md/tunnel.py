@@ -13,6 +13,36 @@ RFC 8723) first (§5.5: the MD's first message sets the version), then the
 handler's ``tunnel_up``.  From a KD, UnsupportedVersion (§6.3) and
 SupportedProfiles are not for the handler: the first is logged and the
 connection closed, the second is a protocol error.
+
+**One registered tunnel per KD certificate.**  Anyone holding a copy of a
+pinned KD's certificate and key can connect; they must not be able to make
+the genuine KD's tunnel silently useless, and a genuine KD that restarted
+must take over promptly.  So a second connection of a KD that already has
+an up tunnel is held (TLS up, nothing sent to it, nothing accepted from it)
+while the MD Pings the registered tunnel (our private liveness, 0xF3/0xF4,
+docs/PROTOCOL.md):
+
+* the registered tunnel answers: the newcomer is refused (closed, counted
+  ``perc_tunnel_duplicates_total{outcome="refused"}``, logged rate-limited);
+  the KD that holds the tunnel keeps it;
+* it does not answer within ``liveness_timeout``, or is gone (a restarted
+  KD's old connection): it is closed and the newcomer registered in its
+  place (``outcome="replaced"``).
+
+Refusing rather than replacing is deliberate: with replace-newest, two
+holders of one certificate (an attacker with a stolen copy, or two KDs
+misconfigured with the same one) would take the tunnel from each other at
+every reconnection; here the live holder keeps it and the other is told no
+at each attempt, visibly on both sides.  A stolen key still lets its holder
+be the KD whenever the genuine one is not connected: the remedy is a new KD
+certificate and the old fingerprint unpinned.  Nothing is ever open and
+registered-looking without being the one tunnel the MD uses: only the
+registered tunnel gets SupportedProfiles, the handler's ``tunnel_up``
+(hence the ``Associations`` listing) and answers to its Pings, so a KD
+whose tunnel is not (or no longer) the MD's notices from its own liveness
+check and reconnects.  Every registered tunnel is also Pinged every
+``liveness_interval`` seconds, so one whose KD vanished is closed after at
+most ``liveness_interval + liveness_timeout``.
 """
 
 from __future__ import annotations
@@ -31,6 +61,7 @@ from twisted.logger import Logger
 
 from perc_daemons import tls
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
+from perc_daemons.listening import ConnectionGuard, ConnectionLimits
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.tunnel import (
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
@@ -87,13 +118,21 @@ class MdTunnelServer(Service):
     0600/0640).  ``is_trusted_kd(sha256_of_der) -> bool`` pins KDs.  The
     handler sees ``tunnel_up`` / ``tunnel_message`` / ``tunnel_down`` for
     pinned connections only (``tunnel_down`` follows every ``tunnel_up``).
-    ``max_body_length`` bounds a frame body (RFC 9185 allows 65535).
+    ``max_body_length`` bounds a frame body (RFC 9185 allows 65535).  Each
+    registered tunnel is Pinged ``liveness_interval`` seconds after its last
+    Pong and closed when a Pong is ``liveness_timeout`` seconds late; a
+    newer connection of the same KD waits at most that long for the check
+    (module docstring).  ``limits`` (the daemon's ``[connections]``) bound
+    the TLS handshake and the connections per address
+    (:class:`~perc_daemons.listening.ConnectionGuard`, listener ``md-tunnel``).
     """
 
     def __init__(self, reactor: IReactorSSL, *, bind: str, port: int, certificate: str,
                  private_key: str, is_trusted_kd: Callable[[bytes], bool],
                  handler: ITunnelHandler, metrics: Metrics | None,
-                 max_body_length: int = MAX_BODY_LENGTH) -> None:
+                 max_body_length: int = MAX_BODY_LENGTH,
+                 liveness_interval: float = 15.0, liveness_timeout: float = 5.0,
+                 limits: ConnectionLimits | None = None) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor  # type: ignore[assignment]
         self.bind = bind
@@ -105,9 +144,17 @@ class MdTunnelServer(Service):
             tunnel_metrics(metrics) if metrics is not None else None)
         self._max_body_length = max_body_length
         self._errors_log = RateLimitedLog(log, self._clock)
+        if not (liveness_interval > 0 and liveness_timeout > 0):
+            raise ValueError("liveness interval and timeout must be positive")
+        self._liveness = (liveness_interval, liveness_timeout)
+        self._limits = limits or ConnectionLimits()
+        self._guard_metrics = metrics
         self._listening: IListeningPort | None = None
         self._connections: set[TunnelLink] = set()
-        self._up: list[TunnelLink] = []
+        #: KD fingerprint -> its one registered (up) tunnel, in registration order.
+        self._registered: dict[bytes, TunnelLink] = {}
+        #: KD fingerprint -> a newer connection waiting on the registered one's Pong.
+        self._challengers: dict[bytes, TunnelLink] = {}
         self.setName("md-tunnel")
 
     # -- public -------------------------------------------------------------------------
@@ -120,15 +167,13 @@ class MdTunnelServer(Service):
         return self._port_number
 
     def peers(self) -> list[ITunnelPeer]:
-        """The pinned KD connections that are up, oldest first."""
-        return list(self._up)
+        """The registered KD tunnels (one per KD certificate), oldest first."""
+        return list(self._registered.values())
 
     def peer_for(self, fingerprint: bytes) -> ITunnelPeer | None:
-        """The newest up connection of the KD whose certificate SHA-256 is ``fingerprint``."""
-        for link in reversed(self._up):
-            if link.peer_fingerprint == fingerprint and link.is_open:
-                return link
-        return None
+        """The registered tunnel of the KD whose certificate SHA-256 is ``fingerprint``."""
+        link = self._registered.get(fingerprint)
+        return link if link is not None and link.is_open else None
 
     # -- Service ------------------------------------------------------------------------
 
@@ -137,9 +182,12 @@ class MdTunnelServer(Service):
         # (see perc_daemons.listening).
         super().startService()
         try:
+            guard = ConnectionGuard(LinkFactory(self._build_link), listener="md-tunnel",
+                                    limits=self._limits, clock=self._clock,
+                                    metrics=self._guard_metrics, tls=True,
+                                    what="perc-md tunnel")
             self._listening = self._reactor.listenSSL(
-                self._port_number, LinkFactory(self._build_link), self._context_factory,
-                interface=self.bind)
+                self._port_number, guard, self._context_factory, interface=self.bind)
         except BaseException:
             self.running = 0
             raise
@@ -165,6 +213,8 @@ class MdTunnelServer(Service):
     # -- TunnelSide ---------------------------------------------------------------------
 
     def _build_link(self) -> TunnelLink:
+        # No setup timeout of its own: the listener's guard bounds the TLS handshake,
+        # pinning is immediate, and a held duplicate waits at most liveness_timeout.
         link = TunnelLink(self, clock=self._clock, errors_log=self._errors_log,
                           metrics=self._metrics, max_body_length=self._max_body_length)
         self._connections.add(link)
@@ -187,11 +237,62 @@ class MdTunnelServer(Service):
                 peer=link.peer_address, fingerprint=format_fingerprint(fingerprint))
             link.close("KD certificate not pinned", quiet=True)
             return
-        link.up = True
-        self._up.append(link)
+        registered = self._registered.get(fingerprint)
+        if registered is None:
+            self._register(link)
+        elif fingerprint in self._challengers:
+            self._refuse_duplicate(link, registered, "another connection of this KD "
+                                   "is already waiting for it")
+        else:
+            # Held, nothing sent: is the registered tunnel still answering?
+            self._challengers[fingerprint] = link
+            log.info("tunnel from kd {peer} ({fingerprint}): this KD already has a tunnel "
+                     "from {registered}: checking that it answers",
+                     peer=link.peer_address, fingerprint=format_fingerprint(fingerprint),
+                     registered=registered.peer_address)
+            registered.probe().addCallback(self._checked, link, registered)
+
+    def _checked(self, answered: bool, link: TunnelLink, registered: TunnelLink) -> None:
+        """The registered tunnel's answer to the Ping a newer connection ``link`` caused."""
+        fingerprint = link.peer_fingerprint
+        assert fingerprint is not None
+        if self._challengers.get(fingerprint) is link:
+            del self._challengers[fingerprint]
+        if not link.is_open:
+            return  # the newcomer left meanwhile
+        current = self._registered.get(fingerprint)
+        if current is not None:
+            # It answered (or, not reachable, another tunnel got registered meanwhile).
+            self._refuse_duplicate(link, current, "the KD's registered tunnel answers")
+            return
+        if self._metrics is not None:
+            self._metrics.duplicates.labels(outcome="replaced").inc()
+        log.warn("tunnel from kd {peer} ({fingerprint}) replaces the one from {registered}: "
+                 "{reason}", peer=link.peer_address, fingerprint=format_fingerprint(fingerprint),
+                 registered=registered.peer_address,
+                 reason=registered.lost_reason or "it did not answer")
+        self._register(link)
+
+    def _refuse_duplicate(self, link: TunnelLink, registered: TunnelLink, why: str) -> None:
+        if self._metrics is not None:
+            self._metrics.duplicates.labels(outcome="refused").inc()
+        self._errors_log.warn(
+            "tunnel_duplicate_kd",
+            "tunnel from {peer}: refused KD certificate {fingerprint}: {why} (registered "
+            "tunnel from {registered}); a copy of this KD's key may be in other hands",
+            peer=link.peer_address, fingerprint=format_fingerprint(link.peer_fingerprint),
+            why=why, registered=registered.peer_address)
+        link.close("another live tunnel holds this KD certificate", quiet=True)
+
+    def _register(self, link: TunnelLink) -> None:
+        fingerprint = link.peer_fingerprint
+        assert fingerprint is not None and fingerprint not in self._registered
+        link.mark_up()
+        self._registered[fingerprint] = link
         if self._metrics is not None:
             self._metrics.kds_connected.inc()
         link.send(SupportedProfiles(MD_PROFILES))
+        link.start_liveness(*self._liveness)
         log.info("tunnel from kd up: {peer} ({fingerprint})",
                  peer=link.peer_address, fingerprint=format_fingerprint(fingerprint))
         call_handler("tunnel_up", self.handler.tunnel_up, link)
@@ -213,10 +314,14 @@ class MdTunnelServer(Service):
 
     def link_lost(self, link: TunnelLink, reason: str) -> None:
         self._connections.discard(link)
+        fingerprint = link.peer_fingerprint
+        if fingerprint is not None and self._challengers.get(fingerprint) is link:
+            del self._challengers[fingerprint]
         if not link.up:
             return
         link.up = False
-        self._up.remove(link)
+        if fingerprint is not None and self._registered.get(fingerprint) is link:
+            del self._registered[fingerprint]
         if self._metrics is not None:
             self._metrics.kds_connected.dec()
         log.info("tunnel from kd down: {peer} ({fingerprint}): {reason}",

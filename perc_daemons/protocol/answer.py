@@ -64,7 +64,7 @@ import hmac
 import math
 import re
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,7 @@ __all__ = [
     "UntrustedKd",
     "VerifiedAnswer",
     "sign_answer",
+    "verify_pinned_answer",
     "verify_signed_answer",
 ]
 
@@ -440,12 +441,50 @@ def verify_signed_answer(
     enterprise CA certificate(s); ``kd_names`` the DNS names a KD may have.
     Raises an :class:`AnswerError` subclass for anything untrustworthy, and
     ValueError/TypeError only for bad local arguments (no roots or names,
-    ``offer_sdp`` not a str).
+    ``offer_sdp`` not a str).  The caller checks that ``conference_id`` and
+    ``association_id`` of the result are the ones it asked for.
     """
-    if not isinstance(offer_sdp, str):
-        raise TypeError("offer_sdp must be the offer text (str)")
     if not trust_roots or not kd_names or isinstance(kd_names, str):
         raise ValueError("need at least one trust root and a collection of KD names")
+    return _verify(signed_answer, offer_sdp, now,
+                   lambda chain: _trusted_name(chain, trust_roots, kd_names, now))
+
+
+def verify_pinned_answer(
+    signed_answer: str,
+    offer_sdp: str,
+    *,
+    kd_fingerprint: bytes,
+    now: float,
+) -> VerifiedAnswer:
+    """As :func:`verify_signed_answer`, for the MD, which trusts no CA but pins the
+    conference's KD certificate: step 3 becomes "the leaf is an EC P-256
+    certificate whose SHA-256 fingerprint is ``kd_fingerprint``"
+    (:class:`UntrustedKd` otherwise); ``kd_name`` of the result is empty.
+
+    The MD checks with it, before it adds a leg to a conference's media
+    group, that the KD signed this answer for that conference and
+    association (issue 10: a cross-conference join).
+    """
+    if not isinstance(kd_fingerprint, bytes) or len(kd_fingerprint) != 32:
+        raise ValueError("kd_fingerprint is a SHA-256 digest (32 bytes)")
+
+    def pinned(chain: list[x509.Certificate]) -> str:
+        leaf = chain[0]
+        digest = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).digest()
+        if not hmac.compare_digest(digest, kd_fingerprint):
+            raise UntrustedKd("the answer is not signed by the conference's KD")
+        if not _is_p256(leaf):
+            raise UntrustedKd("the KD certificate's key is not ECDSA P-256")
+        return ""
+
+    return _verify(signed_answer, offer_sdp, now, pinned)
+
+
+def _verify(signed_answer: str, offer_sdp: str, now: float,
+            trusted: Callable[[list[x509.Certificate]], str]) -> VerifiedAnswer:
+    if not isinstance(offer_sdp, str):
+        raise TypeError("offer_sdp must be the offer text (str)")
     if not isinstance(signed_answer, str | bytes):
         raise MalformedSignedAnswer("a signed answer is SDP text")
     try:
@@ -454,7 +493,7 @@ def verify_signed_answer(
         raise MalformedSignedAnswer(f"the signed answer is not valid SDP: {e}") from None
     token = _signature_token(signed)
     chain = _header_chain(token)
-    kd_name = _trusted_name(chain, trust_roots, kd_names, now)
+    kd_name = trusted(chain)
     claims = _claims(token, chain[0])
     association_id, expires_at = _check_claims(claims, now)
 

@@ -28,7 +28,15 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from perc_daemons.protocol.ekt import FULL_EKT_TYPE, EktReceiver, EktSender, ekt_field_length
+from perc_daemons.protocol.ekt import (
+    FULL_EKT_TYPE,
+    EktReceiver,
+    EktSender,
+    ExpiredEktKey,
+    FullEktField,
+    UnknownSpi,
+    ekt_field_length,
+)
 from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.rtp import (
     RTP_HEADER_LENGTH,
@@ -47,6 +55,7 @@ from perc_daemons.protocol.srtp import (
     Session,
     SrtpContext,
     libsrtp_error,
+    libsrtp_large,
     libsrtp_session,
 )
 
@@ -257,7 +266,7 @@ class DoubleSender:
         key, field = self.ekt.next_packet(now, roc, keyframe)
         inner = self._inner.get(key)
         if inner is None:
-            inner = SrtpContext(key, self.ekt.master_salt, replay_window=self._replay_window)
+            inner = SrtpContext(key, self.ekt.salt_of(key), replay_window=self._replay_window)
             inner.set_roc(ssrc, roc)
             for old in self._inner.values():
                 old.close()
@@ -274,7 +283,12 @@ class Relay:
     optionally :meth:`edit`, then :meth:`seal` once per receiver (endpoint leg
     or cascade link) with that hop's outbound session.  The hop sessions are
     libsrtp sessions (:func:`~perc_daemons.protocol.srtp.libsrtp_session`): the
-    outer layer is plain RFC 7714 SRTP, done in C.
+    outer layer is plain RFC 7714 SRTP, done in C, for packets of any size up
+    to a UDP datagram (those beyond pylibsrtp's 1500-byte buffer through
+    :func:`~perc_daemons.protocol.srtp.libsrtp_large`, in the same session).
+    :meth:`open` and :meth:`seal` raise nothing but
+    :class:`~perc_daemons.protocol.errors.ProtocolError`: a packet that cannot
+    be sealed for one receiver can still be sealed for the others.
 
     The MD holds only outer (hop-by-hop) keys: the inner ciphertext, inner
     tag, OHB originals and EKTField pass through without it being able to
@@ -309,6 +323,8 @@ class Relay:
             plain = inbound.unprotect(packet[:end])
         except LibSrtpError as e:
             raise libsrtp_error(e) from None
+        except ValueError:  # beyond pylibsrtp's buffer
+            plain = libsrtp_large(inbound, Session.unprotect, packet[:end])
         if len(plain) < RTP_HEADER_LENGTH + TAG_LENGTH + 1:
             raise MalformedSrtp("too short for a double-protected payload")
         self.packet = plain
@@ -348,6 +364,8 @@ class Relay:
             return outbound.protect(self.packet) + self.ekt_field
         except LibSrtpError as e:
             raise libsrtp_error(e) from None
+        except ValueError:  # beyond pylibsrtp's buffer
+            return libsrtp_large(outbound, Session.protect, self.packet) + self.ekt_field
 
 
 def edit_ohb(header: bytes, tail: bytes | memoryview, length: int, pt: int | None = None,
@@ -451,30 +469,94 @@ class ReceivedPacket:
         return self.packet[self.header_length:]
 
 
+#: Senders remembered as "announced a key under an EKTKey we lack" at most.
+_MAX_UNKEYED = 4096
+
+#: End-to-end keys a receiver keeps per sender SSRC at most (see :class:`DoubleReceiver`).
+KEPT_KEYS = 4
+#: Seconds a sender's older key is still accepted once a newer one decrypted one of its
+#: packets (the sender switched: its old-key hold, RFC 8870 s4.3.1, is over): late and
+#: reordered packets.  After that a packet under it is refused: a departed member knows
+#: it and could forge with it.  The clock starts at the switch *as this receiver sees
+#: it*, so a receiver that stalls still decrypts the old-key packets queued before it.
+OLD_KEY_ACCEPT = 1.0
+#: ... and at the latest this long after a newer key was learnt, switch seen or not.
+OLD_KEY_MAX = 10.0
+
+
+class _InnerKey:
+    """One learnt end-to-end key of a sender: its context, and until when it is
+    accepted (None: the newest, no limit)."""
+
+    __slots__ = ("context", "retire_at")
+
+    def __init__(self, context: SrtpContext) -> None:
+        self.context = context
+        self.retire_at: float | None = None
+
+
 class DoubleReceiver:
     """An endpoint's receive side: outer layer, EKT key learning, inner layer.
 
     ``outer`` is the endpoint's server_write outer context (what the MD
-    protects toward it).  For each sender SSRC it keeps the current and the
-    previous end-to-end key, so packets sent under the old key during a rekey
-    (RFC 8870 section 4.3.1: 250 ms) still decrypt (trial decryption, s4.3.2).
+    protects toward it).  For each sender SSRC it keeps the end-to-end keys
+    it learnt: the newest, and older ones for :data:`OLD_KEY_ACCEPT` seconds
+    after a newer one decrypted a packet of the sender (:data:`OLD_KEY_MAX`
+    after a newer one was learnt at most; at most :data:`KEPT_KEYS` keys, never dropping the
+    one that decrypted the sender's last packet), so packets sent
+    under an older key during a rekey still decrypt (trial decryption, RFC
+    8870 s4.3.2) and no longer.  More than two are needed: when epochs follow
+    each other faster than a sender's 250 ms old-key hold (s4.3.1), it
+    announces a key per epoch while its media stays on the key from before
+    the first (issue 10: rekeys under churn).  The key that decrypted the
+    sender's last packet is tried first, so steady state costs one attempt
+    per packet.
     """
 
     def __init__(self, outer: SrtpContext, ekt: EktReceiver, *, replay_window: int = 128) -> None:
         self.outer = outer
         self.ekt = ekt
         self._replay_window = replay_window
-        self._inner: dict[int, list[SrtpContext]] = {}
+        self._inner: dict[int, list[_InnerKey]] = {}
+        self._last_good: dict[int, _InnerKey] = {}
+        #: ssrc -> EKT SPI of its newest FullEKTField, when we do not hold that EKTKey
+        self._unkeyed: dict[int, int] = {}
 
     def forget(self, ssrc: int) -> None:
         """Drop the end-to-end keys learnt for ``ssrc`` (e.g. the sender left)."""
-        for context in self._inner.pop(ssrc, ()):
-            context.close()
+        self._last_good.pop(ssrc, None)
+        self._unkeyed.pop(ssrc, None)
+        for key in self._inner.pop(ssrc, ()):
+            key.context.close()
 
     def close(self) -> None:
         for ssrc in list(self._inner):
             self.forget(ssrc)
         self.outer.close()
+
+    def _learn(self, ssrc: int, context: SrtpContext, now: float) -> None:
+        keys = self._inner.setdefault(ssrc, [])
+        for older in keys:
+            if older.retire_at is None:
+                older.retire_at = now + OLD_KEY_MAX
+        keys.insert(0, _InnerKey(context))
+        if len(keys) > KEPT_KEYS:
+            # Drop the oldest key but the one in use: keys announced in between and
+            # superseded before they protected anything are never used.
+            last = self._last_good.get(ssrc)
+            victim = next(k for k in reversed(keys) if k is not last)
+            victim.context.close()
+            keys.remove(victim)
+
+    def _retire(self, ssrc: int, keys: list[_InnerKey], now: float) -> None:
+        kept = [k for k in keys if k.retire_at is None or now < k.retire_at]
+        if len(kept) != len(keys):
+            for key in keys:
+                if key not in kept:
+                    key.context.close()
+                    if self._last_good.get(ssrc) is key:
+                        del self._last_good[ssrc]
+            keys[:] = kept
 
     def unprotect(self, packet: bytes, now: float) -> ReceivedPacket:
         n = ekt_field_length(packet)
@@ -489,19 +571,28 @@ class DoubleReceiver:
         # 2. EKT (the field is not covered by either tag; see RFC 8870 s4.3.2).
         # Extension types (3-254) are framed by their length and skipped (s4.1).
         if packet[-1] == FULL_EKT_TYPE:
-            learned = self.ekt.process(ssrc, view[end:], now)
+            try:
+                learned = self.ekt.process(ssrc, view[end:], now)
+            except (UnknownSpi, ExpiredEktKey) as e:
+                # s4.3.2 step 2: the packet fails.  The sender announced a key under
+                # an EKTKey we do not hold (yet): until one of its FullEKTFields
+                # works again, its packets are "no key" here, not integrity failures.
+                self._unkeyed[ssrc] = FullEktField.decode(view[end:]).spi
+                if len(self._unkeyed) > _MAX_UNKEYED:
+                    self._unkeyed.pop(next(iter(self._unkeyed)))
+                raise e
+            self._unkeyed.pop(ssrc, None)
             if learned is not None:
                 context = SrtpContext(learned.master_key, learned.master_salt,
                                       replay_window=self._replay_window)
                 context.set_roc(ssrc, learned.roc)
-                contexts = self._inner.setdefault(ssrc, [])
-                contexts.insert(0, context)
-                for old in contexts[2:]:
-                    old.close()
-                del contexts[2:]
-        contexts = self._inner.get(ssrc)
-        if not contexts:
+                self._learn(ssrc, context, now)
+        keys = self._inner.get(ssrc)
+        if keys and any(k.retire_at is not None and now >= k.retire_at for k in keys):
+            self._retire(ssrc, keys, now)
+        if not keys:
             raise UnknownSender(f"no end-to-end key for SSRC 0x{ssrc:08x} yet")
+        unkeyed = self._unkeyed.get(ssrc)
         # 3. OHB back into a synthetic header (X cleared, extensions removed)
         ohb_len, o_pt, o_seq, o_marker = parse_ohb(plaintext)
         orig_seq = seq if o_seq is None else o_seq
@@ -511,11 +602,14 @@ class DoubleReceiver:
         fixed_rest = packet[4:base]
         synthetic_header = bytes((b0 & 0xEF, orig_b1)) + _SEQ.pack(orig_seq) + fixed_rest
         inner = memoryview(plaintext)[:len(plaintext) - ohb_len]
-        # 4. inner layer with the sender's end-to-end key (current, then previous)
+        # 4. inner layer with the sender's end-to-end key: the one that worked last,
+        #    then the others, newest first
         replayed: ReplayError | None = None
-        for context in contexts:
+        last = self._last_good.get(ssrc)
+        for key in (keys if last is None or last is keys[0]
+                    else [last, *(k for k in keys if k is not last)]):
             try:
-                payload = context.open(ssrc, orig_seq, synthetic_header, inner)
+                payload = key.context.open(ssrc, orig_seq, synthetic_header, inner)
                 break
             except AuthenticationFailed:
                 continue
@@ -524,6 +618,16 @@ class DoubleReceiver:
         else:
             if replayed is not None:
                 raise replayed
+            if unkeyed is not None:
+                raise UnknownSender(f"SSRC 0x{ssrc:08x} moved to a key announced under EKT "
+                                    f"SPI {unkeyed}, whose EKTKey we do not hold")
             raise InnerAuthenticationFailed("end-to-end authentication failed")
+        if key is not last:
+            self._last_good[ssrc] = key
+            # the sender switched to this key: the older ones go soon
+            deadline = now + OLD_KEY_ACCEPT
+            for older in keys[keys.index(key) + 1:]:
+                if older.retire_at is None or older.retire_at > deadline:
+                    older.retire_at = deadline
         original = (bytes((b0, orig_b1)) + _SEQ.pack(orig_seq) + packet[4:h] + payload)
         return ReceivedPacket(original, ssrc, b1 & 0x7F, seq, b1 >> 7, h)

@@ -587,10 +587,13 @@ class EktSender:
         # The key announced in Full tags, and whether any packet carried it yet.
         self._key = self._draw_key()
         self._key_bytes = bytes(self._key)
+        # A key goes with the salt of the EKTKey it is announced under (s4.3.2 step 4).
+        self._key_salt = self.master_salt
         self._key_sent = False
         # The key still protecting packets while receivers learn the new one.
         self._old_key: bytearray | None = None
         self._old_key_bytes: bytes | None = None
+        self._old_key_salt = b""
         self._hold_until: float | None = None
         self._full_remaining = full_repeats
         self._last_full_at: float | None = None
@@ -626,6 +629,14 @@ class EktSender:
     def master_salt(self) -> bytes:
         """The SRTP (inner) master salt: first 12 bytes of the EKTKey salt (§4.3.2 step 4)."""
         return self._params.master_salt[:INNER_SALT_LENGTH]
+
+    def salt_of(self, key: bytes) -> bytes:
+        """The inner master salt that goes with ``key`` (one :meth:`next_packet` gave):
+        the salt of the EKTKey under which it was announced, which is not the
+        current one for the old key held across a rekey (issue 10: churn)."""
+        if self._old_key_bytes is not None and hmac.compare_digest(key, self._old_key_bytes):
+            return self._old_key_salt
+        return self._key_salt
 
     @property
     def expires_at(self) -> float:
@@ -673,21 +684,22 @@ class EktSender:
     def _install_new_key(self, now: float) -> None:
         if self._hold_until is not None and now >= self._hold_until:
             self._drop_old_key()
-        if self._key_sent:
-            if self._old_key is None:
-                # Receivers decrypt with the current key: keep it for the hold.
-                self._old_key = self._key
-                self._old_key_bytes = self._key_bytes
-            else:
-                # The current key was announced but never protected media;
-                # media stays on the old key, the unused one is dropped.
-                _wipe(self._key)
+        if self._key_sent and self._old_key is None:
+            # Receivers decrypt with the current key: keep it for the hold, which
+            # starts when the new key is first sent.
+            self._old_key = self._key
+            self._old_key_bytes = self._key_bytes
+            self._old_key_salt = self._key_salt
+            self._hold_until = None
         else:
-            # Nobody has seen this key: just replace it.
+            # The current key was never sent, or announced but never protected media
+            # (media stays on the old key): drop it.  A hold already running keeps
+            # its deadline: epochs faster than the hold must not keep media on a key
+            # a departed member knows (issue 10: rekeys under churn).
             _wipe(self._key)
-        self._hold_until = None  # starts when the new key is first sent
         self._key = self._draw_key()
         self._key_bytes = bytes(self._key)
+        self._key_salt = self.master_salt
         self._key_sent = False
         self._full_remaining = self._full_repeats
         self._cached_roc = None
@@ -713,7 +725,7 @@ class EktSender:
             self._last_full_at = now
             if not self._key_sent:
                 self._key_sent = True
-                if self._old_key is not None:
+                if self._old_key is not None and self._hold_until is None:
                     self._hold_until = now + self._old_key_hold
             if roc != self._cached_roc:
                 _check_u32("ROC", roc)

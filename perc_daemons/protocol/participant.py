@@ -104,6 +104,7 @@ from perc_daemons.protocol.rtp import (
     parse_fixed_header,
     receiver_report,
 )
+from perc_daemons.protocol.sdp import new_tls_id
 from perc_daemons.protocol.srtp import (
     LAYER_KEY_LENGTH,
     AuthenticationFailed,
@@ -397,11 +398,6 @@ def new_ice_credentials() -> tuple[str, str]:
     ufrag = base64.b64encode(os.urandom(6)).decode("ascii")
     pwd = base64.b64encode(os.urandom(18)).decode("ascii")
     return ufrag, pwd
-
-
-def new_tls_id() -> str:
-    """A fresh a=tls-id (RFC 8842 s4): 192 random bits, 32 base64url characters."""
-    return base64.urlsafe_b64encode(os.urandom(24)).decode("ascii")
 
 
 def build_offer(*, assertion_json: str, fingerprint: bytes, tls_id: str, ice_ufrag: str,

@@ -34,8 +34,10 @@ line ends; :meth:`SessionDescription.serialize` always writes CRLF.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import dataclasses
+import os
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -941,3 +943,12 @@ def make_answer(
     for m in answer.media:
         _check_attributes(m.attributes, media=True)
     return answer
+
+
+def new_tls_id() -> str:
+    """A fresh a=tls-id (RFC 8842 s4): 192 random bits, 32 base64url characters.
+
+    RFC 8842 s5.3: a new, unique value for every new DTLS association (the
+    endpoint for each offer, the KD for each answer).
+    """
+    return base64.urlsafe_b64encode(os.urandom(24)).decode("ascii")

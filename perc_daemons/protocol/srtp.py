@@ -34,6 +34,8 @@ drops the AEAD objects.  Python gives no stronger guarantee than that.
 from __future__ import annotations
 
 import struct
+import threading
+from collections.abc import Callable
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
@@ -41,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pylibsrtp import Error as LibSrtpError
 from pylibsrtp import Policy, Session
+from pylibsrtp._binding import ffi as _libsrtp_ffi
 
 from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.rtp import header_info
@@ -461,6 +464,12 @@ class SrtpContext:
 _LIBSRTP_PROFILES = {16: Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
                      32: Policy.SRTP_PROFILE_AEAD_AES_256_GCM}
 
+#: The largest UDP datagram (RFC 768 length field): a hop session takes any packet up to it.
+MAX_DATAGRAM = 65535
+# What libsrtp may append beyond the packet: SRTCP index + tag + MKI (pylibsrtp's
+# SRTP_MAX_SRTCP_TRAILER_LEN, the larger of its two trailers).
+_LIBSRTP_TRAILER = 4 + 16 + 128
+
 
 class LibSrtpSession(Session):
     """A pylibsrtp :class:`Session` whose every refusal is a :class:`LibSrtpError`.
@@ -505,6 +514,9 @@ def libsrtp_session(master_key: bytes, master_salt: bytes, *, inbound: bool,
     The media relay uses these for the outer layer (RFC 8723 section 5.2),
     which is plain RFC 7714 SRTP: libsrtp does it in C, in place.  Tests check
     that libsrtp and :class:`SrtpContext` produce and accept the same bytes.
+    Use it through :func:`hop_protect` and the three functions beside it (or
+    :class:`~perc_daemons.protocol.double.Relay`): they take packets of any
+    size and raise only :class:`SrtpError`.
     """
     if len(master_key) not in _LIBSRTP_PROFILES or len(master_salt) != SALT_LENGTH:
         raise ValueError("SRTP master key must be 16 or 32 bytes and the salt 12 bytes")
@@ -525,3 +537,78 @@ def libsrtp_error(error: LibSrtpError) -> SrtpError:
     if message.startswith("replay"):
         return ReplayError(f"SRTP replay (libsrtp: {message})")
     return MalformedSrtp(f"libsrtp refused the packet: {message}")
+
+
+class _Scratch(threading.local):
+    """One buffer per thread for packets beyond pylibsrtp's own (allocated on first use)."""
+
+    def __init__(self) -> None:
+        self.cdata = _libsrtp_ffi.new("char[]", MAX_DATAGRAM + _LIBSRTP_TRAILER)
+        self.buffer = _libsrtp_ffi.buffer(self.cdata)
+
+
+_scratch = _Scratch()
+
+
+def libsrtp_large(session: Session, operation: Callable[[Session, bytes], bytes],
+                  packet: bytes) -> bytes:
+    """``operation(session, packet)`` for a packet pylibsrtp's buffer cannot take.
+
+    pylibsrtp copies every packet into a fixed 1500-byte buffer and refuses
+    (``ValueError``) what does not fit with its trailer: protect above 1356
+    bytes, unprotect above 1500.  Real senders go up to the path MTU (jumbo
+    frames: 9000).  The session's own C state must still do the work, so that
+    one packet index, replay list and SRTCP index cover every packet of an
+    SSRC whatever its size (RFC 3711 sections 3.3.1, 3.3.2 and 3.4: another
+    context for large packets would repeat (SSRC, index) pairs, hence GCM
+    nonces, under the same key).  So libsrtp runs in place on a larger
+    buffer, lent to the session for this one call.  Raises only
+    :class:`SrtpError`.
+    """
+    if len(packet) > MAX_DATAGRAM:
+        raise MalformedSrtp(f"{len(packet)} bytes: larger than a UDP datagram")
+    if not hasattr(session, "_cdata") or not hasattr(session, "_buffer"):
+        raise MalformedSrtp(f"this pylibsrtp cannot take packets of {len(packet)} bytes")
+    saved = session._cdata, session._buffer
+    scratch = _scratch
+    session._cdata, session._buffer = scratch.cdata, scratch.buffer
+    try:
+        return operation(session, packet)
+    except LibSrtpError as e:
+        raise libsrtp_error(e) from None
+    except (TypeError, ValueError) as e:
+        raise MalformedSrtp(f"libsrtp refused the packet: {e}") from None
+    finally:
+        session._cdata, session._buffer = saved
+
+
+def _hop(session: Session, operation: Callable[[Session, bytes], bytes],
+         packet: bytes) -> bytes:
+    try:
+        return operation(session, packet)
+    except LibSrtpError as e:
+        raise libsrtp_error(e) from None
+    except ValueError:  # beyond pylibsrtp's buffer
+        return libsrtp_large(session, operation, packet)
+    except TypeError as e:
+        raise MalformedSrtp(f"libsrtp refused the packet: {e}") from None
+
+
+def hop_protect(session: Session, packet: bytes) -> bytes:
+    """RTP → SRTP with a hop's libsrtp session, any size; raises only :class:`SrtpError`."""
+    return _hop(session, Session.protect, packet)
+
+
+def hop_unprotect(session: Session, packet: bytes) -> bytes:
+    """SRTP → RTP with a hop's libsrtp session, any size; raises only :class:`SrtpError`."""
+    return _hop(session, Session.unprotect, packet)
+
+
+def hop_protect_rtcp(session: Session, packet: bytes) -> bytes:
+    """RTCP → SRTCP with a hop's libsrtp session, any size; raises only :class:`SrtpError`."""
+    return _hop(session, Session.protect_rtcp, packet)
+
+
+def hop_unprotect_rtcp(session: Session, packet: bytes) -> bytes:
+    """SRTCP → RTCP with a hop's libsrtp session, any size; raises only :class:`SrtpError`."""
+    return _hop(session, Session.unprotect_rtcp, packet)

@@ -46,6 +46,11 @@ each at most :data:`MAX_SDP_LENGTH` bytes, so a frame always fits:
   appears at most once.  Sent on every tunnel (re)connection: the admitted
   participants of the conferences that name this KD, so that a KD that lost
   its state (restart) learns which members it can no longer reach.
+* **0xF3 Ping** (either way): ``uint64 nonce``.  **0xF4 Pong** (either way):
+  ``uint64 nonce``, the nonce of the Ping it answers.  RFC 9185 has no
+  keepalive; ours is :class:`Liveness` (one Ping in flight at a time, a Pong
+  due within a timeout).  Each side answers every Ping of an up tunnel at
+  once; a Pong that answers no Ping in flight is a protocol error.
 
 Validation is shared by construction and decoding: a message that could not
 be encoded (a bad UUID, an empty profile list, a key of 0 or 256 bytes, a
@@ -91,16 +96,21 @@ __all__ = [
     "DecoderFailed",
     "EndpointDisconnect",
     "FrameTooLarge",
+    "Liveness",
+    "LivenessTimeout",
     "MalformedFrame",
     "MediaKeys",
     "Message",
     "MessageType",
+    "Ping",
+    "Pong",
     "SignAnswer",
     "SignAnswerAck",
     "SupportedProfiles",
     "TunnelDecoder",
     "TunnelError",
     "TunneledDtls",
+    "UnexpectedPong",
     "UnknownMessageType",
     "UnsupportedProtocolVersion",
     "UnsupportedVersion",
@@ -148,6 +158,8 @@ class MessageType(IntEnum):
     SIGN_ANSWER = 0xF0  # private (ours)
     SIGN_ANSWER_ACK = 0xF1  # private (ours)
     ASSOCIATIONS = 0xF2  # private (ours)
+    PING = 0xF3  # private (ours)
+    PONG = 0xF4  # private (ours)
 
 
 # -- errors ----------------------------------------------------------------------
@@ -205,6 +217,18 @@ class UnsupportedProtocolVersion(TunnelError):
     def __init__(self, version: int) -> None:
         super().__init__(f"unsupported tunnel protocol version {version}")
         self.version = version
+
+
+class LivenessTimeout(TunnelError):
+    """The peer did not answer our Ping in time (:class:`Liveness`)."""
+
+    reason = "tunnel_liveness_timeout"
+
+
+class UnexpectedPong(TunnelError):
+    """A Pong that answers no Ping in flight."""
+
+    reason = "tunnel_unexpected_pong"
 
 
 class DecoderFailed(TunnelError):
@@ -472,29 +496,43 @@ class EndpointDisconnect:
 
 @dataclass(frozen=True, slots=True)
 class SignAnswer:
-    """Ours (0xF0), MD -> KD: check this endpoint's offer, sign the answer."""
+    """Ours (0xF0), MD -> KD: check this endpoint's offer, sign the answer.
+
+    ``conference_id`` is the conference whose media group the MD will add the
+    leg to (the one in the join URL): the KD refuses an offer whose identity
+    assertion is for another conference (issue 10: a cross-conference join).
+    """
 
     msg_type: ClassVar[int] = MessageType.SIGN_ANSWER
 
     association_id: bytes
+    conference_id: str
     offer_sdp: str
     answer_sdp: str
 
     def __post_init__(self) -> None:
         _check_association_id(self.association_id)
+        _check_conference_id(self.conference_id)
         _check_text("offer_sdp", self.offer_sdp, 1)
         _check_text("answer_sdp", self.answer_sdp, 1)
 
     def encode(self) -> bytes:
+        conference = self.conference_id.encode("utf-8")
         offer = self.offer_sdp.encode("utf-8")
         answer = self.answer_sdp.encode("utf-8")
-        body = (self.association_id + len(offer).to_bytes(2, "big") + offer
+        body = (self.association_id + len(conference).to_bytes(1, "big") + conference
+                + len(offer).to_bytes(2, "big") + offer
                 + len(answer).to_bytes(2, "big") + answer)
         return _frame(self.msg_type, body)
 
     @classmethod
     def _decode(cls, r: _Reader) -> SignAnswer:
-        return cls(r.association_id(), r.text(), r.text())
+        aid = r.association_id()
+        try:
+            conference = r.vector(1).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedFrame("conference id is not UTF-8") from exc
+        return cls(aid, conference, r.text(), r.text())
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,13 +644,51 @@ class Associations:
         return cls(tuple(entries))
 
 
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Ours (0xF3), either way: is the other end still serving this tunnel?"""
+
+    msg_type: ClassVar[int] = MessageType.PING
+
+    nonce: int
+
+    def __post_init__(self) -> None:
+        _check_uint("nonce", self.nonce, 64)
+
+    def encode(self) -> bytes:
+        return _frame(self.msg_type, self.nonce.to_bytes(8, "big"))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Ping:
+        return cls(r.uint(8))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Ours (0xF4), either way: the answer to the Ping with the same nonce."""
+
+    msg_type: ClassVar[int] = MessageType.PONG
+
+    nonce: int
+
+    def __post_init__(self) -> None:
+        _check_uint("nonce", self.nonce, 64)
+
+    def encode(self) -> bytes:
+        return _frame(self.msg_type, self.nonce.to_bytes(8, "big"))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Pong:
+        return cls(r.uint(8))
+
+
 Message = (SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls
-           | EndpointDisconnect | SignAnswer | SignAnswerAck | Associations)
+           | EndpointDisconnect | SignAnswer | SignAnswerAck | Associations | Ping | Pong)
 
 _DECODERS = {
     cls.msg_type: cls._decode
     for cls in (SupportedProfiles, UnsupportedVersion, MediaKeys, TunneledDtls,
-                EndpointDisconnect, SignAnswer, SignAnswerAck, Associations)
+                EndpointDisconnect, SignAnswer, SignAnswerAck, Associations, Ping, Pong)
 }
 
 
@@ -704,3 +780,70 @@ class TunnelDecoder:
             view = view[need:]
             self._header = None
             out.append(decode_message(msg_type, body))
+
+
+# -- liveness ------------------------------------------------------------------------
+
+
+class Liveness:
+    """When to Ping the other end of an up tunnel, and when it has failed to answer.
+
+    RFC 9185 has no keepalive: a tunnel whose other end has gone (a crashed
+    host, a cut network) or no longer serves it (an MD that registered
+    another connection with the same KD certificate) would look healthy
+    forever.  Ours: a :class:`Ping` goes ``interval`` seconds after the tunnel
+    came up or after the last answer, or at once on :meth:`probe`; its
+    :class:`Pong` is due within ``timeout`` seconds, else :meth:`poll` raises
+    :class:`LivenessTimeout` and the tunnel is to be closed.  At most one Ping
+    is in flight; nonces count up from 1.
+
+    Times are the caller's clock in seconds (``now``); the caller calls
+    :meth:`poll` at :attr:`deadline` and sends what the methods return.
+    """
+
+    def __init__(self, interval: float, timeout: float, now: float) -> None:
+        if not (interval > 0 and timeout > 0):
+            raise ValueError("liveness interval and timeout must be positive")
+        self.interval = interval
+        self.timeout = timeout
+        self._next_nonce = 1
+        self._in_flight: int | None = None
+        self._deadline = now + interval
+
+    @property
+    def deadline(self) -> float:
+        """When :meth:`poll` has something to do: the next Ping, or the Pong's due time."""
+        return self._deadline
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a Ping is in flight."""
+        return self._in_flight is not None
+
+    def poll(self, now: float) -> Ping | None:
+        """The Ping due at ``now``, if any; raises :class:`LivenessTimeout` if a Pong is late."""
+        if now < self._deadline:
+            return None
+        if self._in_flight is not None:
+            raise LivenessTimeout(f"no Pong within {self.timeout:g} s")
+        return self._ping(now)
+
+    def probe(self, now: float) -> Ping | None:
+        """Ask now: a Ping to send, or None when one is already in flight (its due time holds)."""
+        if self._in_flight is not None:
+            return None
+        return self._ping(now)
+
+    def pong(self, message: Pong, now: float) -> None:
+        """The peer answered; :class:`UnexpectedPong` if no Ping with its nonce is in flight."""
+        if self._in_flight is None or message.nonce != self._in_flight:
+            raise UnexpectedPong(f"Pong {message.nonce} answers no Ping in flight")
+        self._in_flight = None
+        self._deadline = now + self.interval
+
+    def _ping(self, now: float) -> Ping:
+        nonce = self._next_nonce
+        self._next_nonce = nonce + 1 if nonce < (1 << 64) - 1 else 1
+        self._in_flight = nonce
+        self._deadline = now + self.timeout
+        return Ping(nonce)

@@ -1,4 +1,4 @@
-"""OAuth grants (authorization codes, refresh tokens) in Redis.
+"""OAuth grants (authorization codes, refresh tokens, revoked access tokens) in Redis.
 
 :class:`RedisGrantStore` implements :class:`~perc_daemons.interfaces.IGrantStore`
 with the rules of :mod:`perc_daemons.store.grant_errors`, over the same
@@ -8,13 +8,17 @@ connection handling as :class:`~perc_daemons.store.redis.RedisConferenceStore`
     {ns}:oauth:code:{sha256 hex}     string "<expires_at> <grant JSON>"
     {ns}:oauth:rt:{sha256 hex}       hash: state (live|rotated) family grant exp
     {ns}:oauth:rtfam:{family}        set of the family's token hashes (hex)
+    {ns}:oauth:revoked:{sha256 hex}  string "<expires_at>": a revoked access token's jti
+    {ns}:oauth:used:{sha256 hex}     string "1": a one-time value already used
 
-``take_code`` is one ``GETDEL``; saving, rotating and revoking refresh tokens
-are Lua scripts, atomic against every other client.  A script's refusal
-does not undo what it wrote, which is how detecting reuse revokes the family
-and still fails.  Expiry is checked against the caller's ``now``; keys also
-get a Redis expiry (``EXPIREAT`` a minute after ``expires_at``, on the
-server's clock) so that dead grants go away by themselves.  The scripts name
+``take_code`` is one ``GETDEL``, ``access_token_revoked`` one ``GET``,
+``use_once`` one ``SET NX``; saving,
+rotating and revoking refresh tokens are Lua scripts, atomic against every
+other client.  A script's refusal does not undo what it wrote, which is how
+detecting reuse revokes the family and still fails.  Expiry is checked
+against the caller's ``now``; keys also get a Redis expiry (``EXPIREAT`` a
+minute after ``expires_at``, on the server's clock) so that dead grants go
+away by themselves.  The scripts name
 family members they did not receive as KEYS: fine on one server or a
 replicated pair, not on Redis Cluster.
 """
@@ -121,6 +125,8 @@ class RedisGrantStore:
         self._code = f"{base}:code:"
         self._rt = f"{base}:rt:"
         self._fam = f"{base}:rtfam:"
+        self._revoked = f"{base}:revoked:"
+        self._used = f"{base}:used:"
 
     @classmethod
     def open(cls, *args: Any, **kwargs: Any) -> defer.Deferred[RedisGrantStore]:
@@ -220,3 +226,31 @@ class RedisGrantStore:
             return d.addCallback(parse, when)
 
         return self._call(lambda: (check_hash(token_hash), check_time("now", now)), run)
+
+    def revoke_access_token(self, jti_hash: bytes, expires_at: float,
+                            now: float) -> defer.Deferred[None]:
+        def run(redis: Any, h: bytes, exp: float, when: float) -> defer.Deferred[None]:
+            if exp <= when:
+                return defer.succeed(None)  # expired: refused anyway
+            d = redis.execute_command("SET", self._revoked + h.hex(), repr(exp),
+                                      "EXAT", str(_exat(exp)))
+            return d.addCallback(lambda _: None)
+
+        return self._call(lambda: (check_hash(jti_hash), check_time("expires_at", expires_at),
+                                   check_time("now", now)), run)
+
+    def access_token_revoked(self, jti_hash: bytes, now: float) -> defer.Deferred[bool]:
+        def run(redis: Any, h: bytes, when: float) -> defer.Deferred[bool]:
+            d = redis.get(self._revoked + h.hex())
+            return d.addCallback(lambda exp: exp is not None and float(exp) > when)
+
+        return self._call(lambda: (check_hash(jti_hash), check_time("now", now)), run)
+
+    def use_once(self, key_hash: bytes, expires_at: float, now: float) -> defer.Deferred[bool]:
+        def run(redis: Any, h: bytes, exp: float, when: float) -> defer.Deferred[bool]:
+            d = redis.execute_command("SET", self._used + h.hex(), "1", "NX",
+                                      "EXAT", str(_exat(max(exp, when))))
+            return d.addCallback(lambda reply: reply is not None)
+
+        return self._call(lambda: (check_hash(key_hash), check_time("expires_at", expires_at),
+                                   check_time("now", now)), run)

@@ -1,15 +1,17 @@
-"""OAuth grants (authorization codes, refresh tokens) in SQLite.
+"""OAuth grants (authorization codes, refresh tokens, revoked access tokens) in SQLite.
 
 :class:`SqliteGrantStore` implements :class:`~perc_daemons.interfaces.IGrantStore`
 with the rules of :mod:`perc_daemons.store.grant_errors`.  It may share the
 conference store's file (default ``/var/lib/perc/kmf.sqlite3``): its tables
-(``oauth_code``, ``oauth_refresh``) are created with ``IF NOT EXISTS`` and it
-leaves ``PRAGMA user_version`` to the conference store.  Same plumbing as
+(``oauth_code``, ``oauth_refresh``, ``oauth_revoked``: the revoked access
+tokens' ``jti`` hashes, ``oauth_used``: one-time values already used) are
+created with ``IF NOT EXISTS`` and it leaves ``PRAGMA user_version`` to the
+conference store.  Same plumbing as
 :mod:`perc_daemons.store.sqlite`: adbapi with one connection, WAL,
 ``synchronous=FULL``, ``secure_delete``, every operation one transaction
 (``BEGIN IMMEDIATE`` for writes, so two processes on one file serialise).
 Expired rows are purged by the writes that know the time (``take_code``,
-``rotate_refresh_token``).
+``rotate_refresh_token``, ``revoke_access_token``, ``use_once``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ CREATE TABLE IF NOT EXISTS oauth_refresh (
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS oauth_refresh_by_family ON oauth_refresh (family);
+CREATE TABLE IF NOT EXISTS oauth_revoked (
+    hash BLOB PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS oauth_used (
+    hash BLOB PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -199,6 +209,37 @@ class SqliteGrantStore:
             return None if row is None else load_grant(row[1], row[0])
 
         return self._run(lambda: (check_hash(token_hash), check_time("now", now)), txn_get)
+
+    def revoke_access_token(self, jti_hash: bytes, expires_at: float,
+                            now: float) -> defer.Deferred[None]:
+        def txn_revoke(txn: Any, h: bytes, exp: float, when: float) -> None:
+            txn.execute("BEGIN IMMEDIATE")
+            txn.execute("INSERT INTO oauth_revoked (hash, expires_at) VALUES (?, ?)"
+                        " ON CONFLICT (hash) DO UPDATE SET expires_at ="
+                        " max(expires_at, excluded.expires_at)", (h, exp))
+            txn.execute("DELETE FROM oauth_revoked WHERE expires_at <= ?", (when,))
+
+        return self._run(lambda: (check_hash(jti_hash), check_time("expires_at", expires_at),
+                                  check_time("now", now)), txn_revoke)
+
+    def access_token_revoked(self, jti_hash: bytes, now: float) -> defer.Deferred[bool]:
+        def txn_get(txn: Any, h: bytes, when: float) -> bool:
+            row = txn.execute("SELECT 1 FROM oauth_revoked WHERE hash = ? AND expires_at > ?",
+                              (h, when)).fetchone()
+            return row is not None
+
+        return self._run(lambda: (check_hash(jti_hash), check_time("now", now)), txn_get)
+
+    def use_once(self, key_hash: bytes, expires_at: float, now: float) -> defer.Deferred[bool]:
+        def txn_use(txn: Any, h: bytes, exp: float, when: float) -> bool:
+            txn.execute("BEGIN IMMEDIATE")
+            txn.execute("DELETE FROM oauth_used WHERE expires_at <= ?", (when,))
+            cursor = txn.execute("INSERT INTO oauth_used (hash, expires_at) VALUES (?, ?)"
+                                 " ON CONFLICT (hash) DO NOTHING", (h, exp))
+            return cursor.rowcount == 1
+
+        return self._run(lambda: (check_hash(key_hash), check_time("expires_at", expires_at),
+                                  check_time("now", now)), txn_use)
 
     def close(self) -> defer.Deferred[None]:
         """Close the connection (idempotent)."""

@@ -10,7 +10,8 @@
   ``stack.logs()`` to ``<stack dir>/stack-logs.txt`` and its tail to stderr.
   Class attributes to override: ``users``, ``invited``, ``conference``,
   ``late_joiners_get_earlier_epochs``, ``tap``, ``create_conference``
-  (False: no conference is created), ``timeout``.
+  (False: no conference is created), ``settings`` (extra configuration keys,
+  see :class:`~perc_daemons.demo.stack.LocalStack`), ``timeout``.
 * :class:`RecordingEndpoint`: the reference endpoint, recording every
   datagram it wrote to the MD with its send time (:attr:`~RecordingEndpoint.sent`),
   every session event with its time (:attr:`~RecordingEndpoint.events`) and
@@ -387,11 +388,13 @@ class StackTestCase(unittest.TestCase):
     late_joiners_get_earlier_epochs = False
     tap = True
     create_conference = True
+    settings: dict[str, dict[str, dict[str, Any]]] = {}
 
     async def setUp(self) -> None:
         self.endpoints: list[RecordingEndpoint] = []
         for attempt in range(1, START_ATTEMPTS + 1):
-            self.stack = LocalStack(self.mktemp(), reactor, users=self.users, tap=self.tap)
+            self.stack = LocalStack(self.mktemp(), reactor, users=self.users, tap=self.tap,
+                                    settings=self.settings)
             try:
                 self.stack.prepare()
                 await self.stack.start_all()
@@ -450,7 +453,8 @@ class StackTestCase(unittest.TestCase):
         endpoint = RecordingEndpoint(
             reactor, kmf_url=stack.kmf_url, md_url=stack.md_url, ca=stack.ca_path,
             conference_id=kwargs.pop("conference_id", self.conference), user=user,
-            password=stack.password, kd_names=[KD_NAME], source=source, label=user, **kwargs)
+            password=stack.password, kd_names=[KD_NAME], source=source,
+            label=kwargs.pop("label", user), **kwargs)
         self.endpoints.append(endpoint)
         return endpoint
 

@@ -8,7 +8,8 @@ import socket
 import sys
 
 import treq
-from twisted.internet import defer, error, reactor, task
+from twisted.internet import defer, error, reactor, ssl, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
@@ -54,7 +55,9 @@ class Daemon(ProcessProtocol):
         return (self.stdout + self.stderr).decode(errors="replace")
 
 
-class DaemonTests(unittest.TestCase):
+class DaemonTestBase(unittest.TestCase):
+    """Spawning and watching daemons (no tests of its own)."""
+
     timeout = 60
 
     def setUp(self) -> None:
@@ -206,6 +209,8 @@ class DaemonTests(unittest.TestCase):
                                "daemon is restarted")
         yield self.wait_healthy(proto, port)  # still serving on the running port
 
+
+class DaemonTests(DaemonTestBase):
     def test_lifecycle_all_daemons(self):
         """perc-md, perc-kd and perc-kmf, started concurrently."""
         return defer.gatherResults(
@@ -277,3 +282,52 @@ class DaemonTests(unittest.TestCase):
         exit_code, sig = yield self.wait_exit(proto)
         self.assertEqual((exit_code, sig), (1, None), proto.output())
         self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", proto.output())
+
+
+class _Client(Protocol):
+    """A TCP or TLS client recording what it got and when the server closed it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(None)
+
+
+class ConnectionLimitTests(DaemonTestBase):
+    """perc-md's HTTPS API with short [connections] limits, against hand-written clients."""
+
+    @defer.inlineCallbacks
+    def test_md_api_closes_silent_and_idle_connections(self):
+        admin = free_port()
+        path = self.write_config(
+            f'[admin]\nbind = "127.0.0.1"\nport = {admin}\n'
+            "[connections]\nhandshake_timeout = 0.5\nidle_timeout = 1.0\n"
+            + self.extra_config("md"))
+        proto = self.spawn("perc-md", path)
+        yield self.wait_healthy(proto, admin)
+        line = "perc-md HTTPS conference API listening on https://127.0.0.1:"
+        yield self.wait_output(proto, line)
+        api = int(proto.output().split(line)[1].split("/")[0])
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", api)
+
+        # Connects and never sends a ClientHello: closed by the handshake timeout.
+        silent = yield endpoint.connect(Factory.forProtocol(_Client))
+        yield silent.lost.addTimeout(EXIT_TIMEOUT, reactor)
+        self.assertEqual(silent.data, b"")
+        _, metrics = yield self.get(f"http://127.0.0.1:{admin}/metrics")
+        self.assertIn(b'perc_connections_closed_total{listener="md-api",'
+                      b'reason="handshake_timeout"} 1.0', metrics)
+
+        # A real HTTPS client is served, then closed once idle (keep-alive).
+        tls_endpoint = wrapClientTLS(ssl.CertificateOptions(), endpoint)  # self-signed MD
+        client = yield tls_endpoint.connect(Factory.forProtocol(_Client))
+        client.transport.write(b"GET /v1/conferences HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        yield client.lost.addTimeout(EXIT_TIMEOUT, reactor)
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 "), client.data[:100])
+        self.assertEqual(client.data.count(b"HTTP/1.1 "), 1)
+        self.assertNotIn("Traceback", proto.output())

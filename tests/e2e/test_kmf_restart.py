@@ -27,6 +27,7 @@ import secrets
 import signal
 import sys
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -37,6 +38,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from perc_daemons.kmf.auth.file import add_user
+from perc_daemons.kmf.clients import hash_client_secret
 from tests.e2e.test_daemons import Daemon, free_port
 from tests.unit.test_kmf_api import ENCRYPTION_KEY, Cert, Policy
 from tests.unit.test_store import RedisServer
@@ -55,9 +57,9 @@ ISSUER = f"https://{DOMAIN}"
 ALICE = f"alice@{DOMAIN}"
 PASSWORD = "correct horse battery"
 ADMIN_ID = "perc-admin"
-ADMIN_SECRET = "admin-" + "s3cret" * 4
+ADMIN_SECRET = "admin-" + "s3cret" * 7  # >= 43 characters: a $sha256$ entry
 KD_ID = "perc-kd"
-KD_SECRET = "kd-" + "s3cret" * 5
+KD_SECRET = "kd-" + "s3cret" * 7
 REDIRECT = "http://127.0.0.1:8400/cb"
 VERIFIER = "v" * 20 + "-._~" + "A1b2C3d4e5F6g7H8i9J0k"
 CHALLENGE = base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()
@@ -84,11 +86,13 @@ class Kmf:
     """A perc-kmf state directory and its configuration; runs it as a real twistd child.
 
     ``store`` is the TOML of the ``[store]`` table (default: SQLite in the
-    state directory).  ``client_hasher`` hashes the admin client's secret.
+    state directory).  ``client_secret_hash`` makes the admin and KD clients'
+    ``secret_hash`` (default the ``$sha256$`` form; ``PasswordHasher().hash``
+    for a legacy argon2id entry).
     """
 
     def __init__(self, directory: str, *, store: str | None = None,
-                 client_hasher: PasswordHasher = FAST,
+                 client_secret_hash: Callable[[str], str] = hash_client_secret,
                  pool: HTTPConnectionPool | None = None) -> None:
         self.dir = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -107,10 +111,10 @@ class Kmf:
                 'grant_types = ["authorization_code", "refresh_token"]\n'
                 f'redirect_uris = ["{REDIRECT}"]\nscopes = ["identity", "keys"]\n\n'
                 f'[client.{ADMIN_ID}]\ntype = "confidential"\n'
-                f'secret_hash = "{client_hasher.hash(ADMIN_SECRET)}"\n'
+                f'secret_hash = "{client_secret_hash(ADMIN_SECRET)}"\n'
                 'grant_types = ["client_credentials"]\nscopes = ["admin"]\n\n'
                 f'[client.{KD_ID}]\ntype = "confidential"\n'
-                f'secret_hash = "{client_hasher.hash(KD_SECRET)}"\n'
+                f'secret_hash = "{client_secret_hash(KD_SECRET)}"\n'
                 'grant_types = ["client_credentials"]\nscopes = ["kd"]\n')
         if store is None:
             store = f'sqlite_path = "{directory}/store/kmf.sqlite3"\n'
@@ -245,8 +249,9 @@ class Kmf:
         if response.code != 200:
             raise KmfFailure(f"login form: {response.code}: {page[:500]!r}")
         fields = {n: html.unescape(v) for n, v in HIDDEN.findall(page.decode("utf-8"))}
+        cookies = [c.split(";")[0] for c in response.headers.getRawHeaders("set-cookie") or []]
         response, content = yield self.call(
-            "POST", "/oauth/authorize", cert=cert,
+            "POST", "/oauth/authorize", cert=cert, headers={"Cookie": "; ".join(cookies)},
             form=dict(fields, username="alice", password=PASSWORD))
         location = (response.headers.getRawHeaders("location") or [""])[0]
         if response.code != 302 or not location.startswith(REDIRECT + "?"):

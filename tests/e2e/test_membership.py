@@ -7,6 +7,11 @@ A real perc-kmf, perc-md and perc-kd (twistd) and reference endpoints, as in
   association at once (the KMF's invitation-withdrawn event reaches the KD),
   the others move to a new epoch without it, and it gets no later EKTKey:
   nothing sent after the uninvite is under a key it holds;
+* a user invited to one conference cannot join another's media group with
+  that conference's identity assertion (the MD names its conference in
+  SignAnswer, the KD refuses the mismatch, the MD checks the signed answer),
+  and a sender no roster of the conference names is reported as a failure by
+  the reference endpoint, not counted away;
 * the KMF's HTTPS key service (seed 1 section 6.3) serves the EKT key a member
   holds, used as a user agent would (after the join, its DTLS certificate as
   TLS client certificate), and nobody else: an invitee who never joined, a
@@ -16,15 +21,30 @@ A real perc-kmf, perc-md and perc-kd (twistd) and reference endpoints, as in
 
 from __future__ import annotations
 
+import os
 from urllib.parse import quote
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from perc_daemons.endpoint.https import load_ca
 from perc_daemons.endpoint.kmf import KmfClient, KmfRefused
-from perc_daemons.protocol.dtls import generate_certificate
-from perc_daemons.protocol.participant import MediaReceived
-from tests.e2e.conference_support import StackTestCase, full_ekt_spi, is_rtp, wait_for
+from perc_daemons.endpoint.md import JoinRefused, MdClient
+from perc_daemons.protocol.dtls import certificate_fingerprint, generate_certificate
+from perc_daemons.protocol.participant import (
+    DecryptFailed,
+    MediaReceived,
+    build_offer,
+    new_ice_credentials,
+    new_tls_id,
+)
+from tests.e2e.conference_support import (
+    ColludingMd,
+    StackTestCase,
+    full_ekt_spi,
+    is_rtp,
+    rtp_header,
+    wait_for,
+)
 
 
 class MembershipTests(StackTestCase):
@@ -150,3 +170,63 @@ class MembershipTests(StackTestCase):
         self.assertEqual(key2, alice.session._ekt_params[alice.current_spi].key)
         bob_again = await self._login("bob", bob_certificate)
         await self.assertNotAdmitted(bob_again)
+
+    async def test_cross_conference_join_refused(self) -> None:
+        """dave, invited only to "other", posts an offer with his "other" assertion to
+        the MD's route for this conference: refused, no leg; at "other" it works."""
+        await self.stack.create_conference("other", ["dave"])
+        await self.stack.wait_for_kd("other")
+        alice = (await self.join("alice"))["alice"]
+        dave = await self._login("dave", certificate := generate_certificate("test dave"))
+        assertion = await dave.assertion("other")
+        md = MdClient(reactor, self.stack.md_url, ca=load_ca(self.stack.ca_path))
+        self.addCleanup(md.close)
+
+        def offer() -> str:
+            ufrag, pwd = new_ice_credentials()
+            return build_offer(assertion_json=assertion,
+                               fingerprint=certificate_fingerprint(certificate[0]),
+                               tls_id=new_tls_id(), ice_ufrag=ufrag, ice_pwd=pwd,
+                               ssrc=int.from_bytes(os.urandom(4), "big"), cname="dave")
+
+        error = await self.assertFailure(defer.ensureDeferred(md.join(self.conference,
+                                                                      offer())), JoinRefused)
+        self.assertEqual(error.status, 403, str(error))
+        self.assertIn("for conference 'other'", error.detail, str(error))
+        self.assertEqual([p["association"] for p in await self.md_participants()],
+                         [alice.joined.association])
+        # control: the same kind of offer at the conference it is for is admitted
+        joined = await md.join("other", offer())
+        await md.leave("other", joined)
+
+    async def test_unknown_sender_in_the_conference_is_a_failure(self) -> None:
+        """Packets from an SSRC that no roster of the conference lists (an intruder's
+        leg, an MD injecting) are a failure at the receiver, not "no key"."""
+        eps = await self.join("alice", "bob")
+        alice, bob = eps["alice"], eps["bob"]
+        await alice.run_media(1.0)
+        await wait_for(lambda: bob.received(alice.ssrc), "bob decrypts alice")
+        self.assertEqual(await bob.check_roster(), [])  # control: all senders known
+        md = ColludingMd(self.stack.tap)
+        sender, receiver = alice.joined.association, bob.joined.association
+        datagrams = alice.rtp_sent()
+        self.assertGreater(len(datagrams), 10)
+        for datagram in datagrams[:-5]:  # the colluding MD saw what the MD saw
+            md.forward(datagram, sender, receiver)
+        stranger = (alice.ssrc ^ 0x5A5A5A5A) or 1
+
+        def as_stranger(relay) -> None:
+            packet = bytearray(relay.packet)
+            packet[8:12] = stranger.to_bytes(4, "big")
+            relay.packet = bytes(packet)
+
+        seq = rtp_header(datagrams[-1]).sequence
+        forged = [md.forward(d, sender, receiver, seq=(seq + 100 + n) & 0xFFFF,
+                             tamper=as_stranger) for n, d in enumerate(datagrams[-5:])]
+        events = bob.inject(forged)
+        failures = [e for e in events if isinstance(e, DecryptFailed)]
+        self.assertEqual({e.ssrc for e in failures}, {stranger}, events)
+        problems = await bob.check_roster()
+        self.assertTrue(any("unknown sender" in p and f"{stranger:#010x}" in p
+                            for p in problems), problems)
+        self.assertIn(problems[0], bob.failures)

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
@@ -489,6 +490,51 @@ class AdminCliTests(unittest.TestCase):
                                     "--password-file", password)
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(set(read_users(users)), {"dave"})
+
+    # --- local: client secrets -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_clients_new_secret_and_hash(self):
+        from perc_daemons.kmf.clients import Client, ClientRegistry, InvalidClient
+
+        path = os.path.join(self.dir, "kd-client.secret")
+        code, out, err = self.local("clients", "new-secret", "--secret-file", path)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as f:
+            secret = f.read().strip()
+        self.assertEqual(len(secret), 43)
+        self.assertNotIn(secret, out)
+        match = re.fullmatch(r'secret_hash = "(\$sha256\$[A-Za-z0-9_-]{43})"\n', out)
+        self.assertIsNotNone(match, out)
+        # the hash is the form the KMF checks, and it checks this secret
+        registry = ClientRegistry([Client("kd", "confidential", frozenset({"client_credentials"}),
+                                          (), frozenset({"kd"}), match[1])])
+        self.assertEqual((yield registry.authenticate("kd", secret)).client_id, "kd")
+        with self.assertRaises(InvalidClient):
+            yield registry.authenticate("kd", secret[:-1] + "x")
+        self.assertEqual(registry.slow_verifications, 0)
+        # hash: the same line from the file; JSON too
+        code, out2, err = self.local("clients", "hash", "--secret-file", path, "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out2), {"secret_hash": match[1], "secret_file": path})
+        # never over an existing file; short secrets and readable files refused
+        code, _, err = self.local("clients", "new-secret", "--secret-file", path)
+        self.assertEqual(code, 1)
+        self.assertIn("exists", err)
+        with open(path) as f:
+            self.assertEqual(f.read().strip(), secret)
+        short = write_private(os.path.join(self.dir, "short.secret"), "s3cret-only-24-chars-xxx\n")
+        code, out, err = self.local("clients", "hash", "--secret-file", short)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("at least 43 characters", err)
+        self.assertIn("clients new-secret", err)
+        self.assertNotIn("s3cret", err)
+        readable = write_private(os.path.join(self.dir, "open.secret"), secret + "\n", 0o644)
+        code, _, err = self.local("clients", "hash", "--secret-file", readable)
+        self.assertEqual(code, 2)
+        code, _, err = self.local("clients", "hash")
+        self.assertEqual(code, 2)
 
     # --- local: keys -----------------------------------------------------------------------
 

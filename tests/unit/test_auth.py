@@ -1134,6 +1134,38 @@ class AuthenticateLimitedTests(unittest.TestCase):
         with self.assertRaises(RateLimited):  # same answer as for an existing user
             await self.attempt("nobody", "guess")
 
+    async def test_concurrent_attempts_counted_before_evaluation(self):
+        """40 concurrent wrong passwords, one address: limits 5 per user, 20 per address.
+
+        Checking, then awaiting the back-end, then recording the failure let
+        all 40 be evaluated; each attempt must count before it is evaluated.
+        """
+        async def flood(user_of):
+            limiter = LoginRateLimiter(user_limit=5, address_limit=20, window=900)
+            self.hasher.verified.clear()
+            attempts = [authenticate_limited(self.chain, limiter,
+                                             UsernamePassword(user_of(i), f"guess-{i}"),
+                                             "192.0.2.1", self.clock) for i in range(40)]
+            results = await defer.DeferredList(attempts, consumeErrors=True)
+            outcomes = sorted(type(f.value).__name__ for ok, f in results if not ok)
+            self.assertEqual(len(outcomes), 40)
+            return outcomes, len(self.hasher.verified)
+
+        outcomes, verified = await flood(lambda i: "alice")
+        self.assertEqual(outcomes, ["AuthenticationFailed"] * 5 + ["RateLimited"] * 35)
+        self.assertEqual(verified, 5)
+        outcomes, verified = await flood(lambda i: f"user{i}")
+        self.assertEqual(outcomes, ["AuthenticationFailed"] * 20 + ["RateLimited"] * 20)
+        self.assertEqual(verified, 20)
+
+    async def test_success_takes_its_attempt_back(self):
+        limiter = LoginRateLimiter(user_limit=3, address_limit=3, window=60)
+        for _ in range(5):  # successes do not use up the address's allowance
+            self.assertEqual(await authenticate_limited(
+                self.chain, limiter, UsernamePassword("alice", "alice-pw"), "192.0.2.1",
+                self.clock), "alice@example.com")
+        self.assertEqual(limiter.tracked, (0, 0))
+
     async def test_id_tokens_limited_per_address(self):
         chain = AuthenticatorChain([_Fake(AuthenticationFailed("bad token"))])
         limiter = LoginRateLimiter(address_limit=2, window=60)

@@ -198,11 +198,13 @@ class LoadTests(unittest.TestCase):
 
     def test_unknown_section(self) -> None:
         path = self.write("[nope]\nx = 1\n")
-        self.assertConfigError(path, "nope", "unknown section (known: admin, api, media, tunnel)")
+        self.assertConfigError(path, "nope",
+                               "unknown section (known: admin, api, connections, media, tunnel)")
 
     def test_top_level_key_is_unknown_section(self) -> None:
         path = self.write("port = 1\n")
-        self.assertConfigError(path, "port", "unknown section (known: admin, api, media, tunnel)")
+        self.assertConfigError(path, "port",
+                               "unknown section (known: admin, api, connections, media, tunnel)")
 
     def test_section_not_a_table(self) -> None:
         path = self.write("admin = 1\n")
@@ -224,6 +226,19 @@ class LoadTests(unittest.TestCase):
     def test_port_float(self) -> None:
         path = self.write("[admin]\nport = 9461.0\n")
         self.assertConfigError(path, "admin.port", "must be an integer, not float")
+
+    def test_seconds_as_integer_or_float(self) -> None:
+        path = self.write("[tunnel]\nliveness_interval = 2\nliveness_timeout = 0.5\n")
+        cfg = config.load("kd", path)
+        self.assertEqual((cfg.tunnel.liveness_interval, cfg.tunnel.liveness_timeout), (2.0, 0.5))
+        self.assertIsInstance(cfg.tunnel.liveness_interval, float)
+        path = self.write("[tunnel]\nliveness_timeout = true\n")
+        self.assertConfigError(path, "tunnel.liveness_timeout", "must be a number, not bool",
+                               daemon="kd")
+        path = self.write('[tunnel]\nliveness_timeout = "5"\n')
+        self.assertConfigError(path, "tunnel.liveness_timeout", "must be a number, not str")
+        path = self.write("[tunnel]\nliveness_interval = 0\n")
+        self.assertConfigError(path, "tunnel.liveness_interval", "must be positive (got 0.0)")
 
     def test_bind_not_string(self) -> None:
         path = self.write("[admin]\nbind = 127\n")

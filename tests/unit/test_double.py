@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from perc_daemons.protocol import double
 from perc_daemons.protocol.double import (
+    DoubleError,
     DoubleReceiver,
     DoubleSender,
     InnerAuthenticationFailed,
@@ -380,6 +381,117 @@ class RekeyTests(unittest.TestCase):
         self.assertEqual(delivered, [b"m%d" % i for i in range(40)])
         self.assertNotEqual(conf.ekt_a.current_key, first_key)
         self.assertEqual(conf.ekt_a.spi, 8)
+
+    def params(self, conf: Conference, spi: int) -> EktParameterSet:
+        return EktParameterSet(key=conf.rng.randbytes(16), cipher=EktCipher.AESKW_128,
+                               master_salt=conf.rng.randbytes(12), spi=spi, ttl=600)
+
+    def deliver(self, conf: Conference, receiver: DoubleReceiver, i: int, now: float) -> bytes:
+        wire = conf.sender.protect(conf.packet(i, b"m%d" % i), now)
+        relay = Relay()
+        relay.open(wire, conf.md1_from_a)
+        return receiver.unprotect(relay.seal(conf.md1_to_b), now).payload
+
+    def test_epochs_faster_than_the_hold_lose_nothing(self) -> None:
+        """Issue 10 item 17: an epoch every 40 ms for 0.4 s, media every 20 ms: the
+        receiver holds every EKTKey and decrypts every packet (the held key is older
+        than the two newest announced ones; each key keeps the salt of the EKTKey it
+        was announced under)."""
+        conf = Conference(P128, seed=7)
+        receiver = conf.receivers["b"]
+        delivered = []
+        spi = 8
+        for i in range(60):
+            now = 1.0 + i * 0.02
+            if 10 <= i < 30 and i % 2 == 0:
+                params = self.params(conf, spi)
+                receiver.ekt.add_parameter_set(params, now)
+                conf.ekt_a.rekey(params, now)
+                spi += 1
+            delivered.append(self.deliver(conf, receiver, i, now))
+        self.assertEqual(delivered, [b"m%d" % i for i in range(60)])
+
+    def test_old_key_held_across_a_rekey_keeps_its_salt(self) -> None:
+        conf = Conference(P128, seed=8)
+        receiver = conf.receivers["b"]
+        self.deliver(conf, receiver, 0, 0.0)
+        first = self.params(conf, 8)
+        receiver.ekt.add_parameter_set(first, 1.0)
+        conf.ekt_a.rekey(first, 1.0)
+        self.assertEqual(self.deliver(conf, receiver, 1, 1.0), b"m1")  # key 2 announced
+        # the hold ends exactly when the next epoch comes: key 2 becomes the held key,
+        # announced under SPI 8, while the sender's EKTKey is SPI 9's
+        second = self.params(conf, 9)
+        receiver.ekt.add_parameter_set(second, 1.25)
+        conf.ekt_a.rekey(second, 1.25)
+        for i in range(2, 30):
+            self.assertEqual(self.deliver(conf, receiver, i, 1.25 + i * 0.02), b"m%d" % i)
+
+    def test_older_keys_expire_a_second_after_a_newer_one(self) -> None:
+        """A departed member knows an older key: it is accepted only during the hold
+        plus jitter (OLD_KEY_ACCEPT), not for ever."""
+        conf = Conference(P128, seed=9)
+        receiver = conf.receivers["b"]
+        old_wires = []
+        for i in range(3):
+            old_wires.append(conf.sender.protect(conf.packet(i, b"old"), i * 0.02))
+        relay = Relay()
+        relay.open(old_wires[0], conf.md1_from_a)
+        receiver.unprotect(relay.seal(conf.md1_to_b), 0.0)
+        params = self.params(conf, 8)
+        receiver.ekt.add_parameter_set(params, 1.0)
+        conf.ekt_a.rekey(params, 1.0)
+        for i in range(3, 30):  # the new key is learnt, then used
+            self.deliver(conf, receiver, i, 1.0 + (i - 3) * 0.02)
+        late = Relay()
+        late.open(old_wires[1], conf.md1_from_a)  # a packet under the old key, 1.6 s later
+        wire = late.seal(conf.md1_to_b)
+        with self.assertRaises(InnerAuthenticationFailed):  # the switch was by 1.52
+            receiver.unprotect(wire, 1.54 + double.OLD_KEY_ACCEPT)
+
+    def test_a_stalled_receiver_still_decrypts_what_was_queued_under_the_old_key(self) -> None:
+        """The old key's clock starts when this receiver sees the sender switch, not when
+        it learnt the new key: a receiver that stalls for seconds (a loaded host) and then
+        reads its socket buffer in order loses nothing."""
+        conf = Conference(P128, seed=11)
+        receiver = conf.receivers["b"]
+        self.assertEqual(self.deliver(conf, receiver, 0, 0.0), b"m0")
+        params = self.params(conf, 8)
+        receiver.ekt.add_parameter_set(params, 1.0)
+        conf.ekt_a.rekey(params, 1.0)
+        queued = []
+        for i in range(1, 40):  # sent 1.0 .. 1.76: the hold, then the new key
+            wire = conf.sender.protect(conf.packet(i, b"m%d" % i), 1.0 + (i - 1) * 0.02)
+            relay = Relay()
+            relay.open(wire, conf.md1_from_a)
+            queued.append(relay.seal(conf.md1_to_b))
+        # the first three (FullEKTFields: the new key is learnt) are read at once,
+        # the rest, which the hold keeps under the old key at first, 2-3 s late
+        got = [receiver.unprotect(wire, 1.0 + n * 0.02 if n < 3 else 4.0 + n * 0.0001).payload
+               for n, wire in enumerate(queued)]
+        self.assertEqual(got, [b"m%d" % i for i in range(1, 40)])
+
+    def test_sender_on_a_key_under_an_ektkey_we_lack_is_no_key(self) -> None:
+        """Its FullEKTFields under an SPI we do not hold fail (RFC 8870 s4.3.2 step 2);
+        its later packets under the key we could not learn are "no key"
+        (e2e_key_unknown), not integrity failures."""
+        conf = Conference(P128, seed=10)
+        receiver = conf.receivers["b"]
+        self.deliver(conf, receiver, 0, 0.0)
+        conf.ekt_a.rekey(self.params(conf, 8), 1.0)  # the receiver never gets SPI 8
+        reasons = []
+        for i in range(1, 30):
+            try:
+                self.deliver(conf, receiver, i, 1.0 + i * 0.02)
+                reasons.append("ok")
+            except EktError as e:
+                reasons.append(e.reason)
+            except DoubleError as e:
+                reasons.append(e.reason)
+        self.assertIn("ok", reasons)  # during the hold, the old key still works
+        self.assertIn("ekt_unknown_spi", reasons)
+        self.assertNotIn("e2e_auth", reasons)
+        self.assertEqual(reasons[-1], "e2e_key_unknown")
 
     def test_departed_member_cannot_decrypt_new_epoch(self) -> None:
         conf = Conference(P128, seed=6)

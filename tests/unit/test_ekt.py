@@ -436,10 +436,24 @@ class EktSenderTests(unittest.TestCase):
         key, field = sender.next_packet(T0 + 1.1, roc=0)  # key 03 announced
         self.assertEqual(key, b"\x01" * 16)
         self.assertEqual(unwrap_field(make_params(spi=9), field)[1].master_key, b"\x03" * 16)
-        key, _ = sender.next_packet(T0 + 1.3, roc=0)
-        self.assertEqual(key, b"\x01" * 16)  # hold counts from 1.1
-        key, _ = sender.next_packet(T0 + 1.36, roc=0)
+        key, _ = sender.next_packet(T0 + 1.2, roc=0)
+        self.assertEqual(key, b"\x01" * 16)
+        # The hold counts from the first announcement (1.0), not the last: epochs
+        # faster than the hold must not keep media on key 01, which a departed
+        # member knows.
+        key, _ = sender.next_packet(T0 + 1.26, roc=0)
         self.assertEqual(key, b"\x03" * 16)
+
+    def test_epochs_faster_than_the_hold_do_not_starve_the_switch(self) -> None:
+        sender = self.make()
+        sender.next_packet(T0, roc=0)  # key 01 in use
+        used = []
+        for n in range(10):  # an epoch every 50 ms for half a second
+            now = T0 + 1.0 + 0.05 * n
+            sender.rekey(make_params(spi=8 + n), now)
+            used.append(sender.next_packet(now, roc=0)[0])
+        self.assertEqual(used[:5], [b"\x01" * 16] * 5)  # 1.0 .. 1.2: the hold
+        self.assertNotIn(b"\x01" * 16, used[6:])  # from 1.3 on: never the old key
 
     def test_new_master_key(self) -> None:
         sender = self.make()

@@ -149,6 +149,42 @@ class GrantStoreTestsMixin:
         self.assertEqual((yield self.store.refresh_token(other, T0)), {"family": "g"})
 
     @defer.inlineCallbacks
+    def test_access_token_revocation_list(self):
+        jti, other = h(), h()
+        self.assertFalse((yield self.store.access_token_revoked(jti, T0)))
+        yield self.store.revoke_access_token(jti, T0 + 300, T0)
+        yield self.store.revoke_access_token(jti, T0 + 300, T0 + 1)  # idempotent
+        self.assertTrue((yield self.store.access_token_revoked(jti, T0 + 2)))
+        self.assertFalse((yield self.store.access_token_revoked(other, T0 + 2)))
+        # another connection (another KMF on the same store) sees it too
+        peer = yield self.open_store()
+        self.assertTrue((yield peer.access_token_revoked(jti, T0 + 299)))
+        # listed until the token's own expiry, which refuses it from then on anyway
+        self.assertFalse((yield peer.access_token_revoked(jti, T0 + 300)))
+        yield self.store.revoke_access_token(other, T0 + 10, T0 + 20)  # already expired
+        self.assertFalse((yield self.store.access_token_revoked(other, T0 + 20)))
+        yield self.restart()
+        self.assertTrue((yield self.store.access_token_revoked(jti, T0 + 3)))
+        yield self.assertFails(self.store.revoke_access_token(b"short", T0, T0), ValueError)
+        yield self.assertFails(self.store.access_token_revoked(jti, float("inf")), ValueError)
+
+    @defer.inlineCallbacks
+    def test_use_once(self):
+        key, other = h(), h()
+        self.assertTrue((yield self.store.use_once(key, T0 + 60, T0)))
+        self.assertFalse((yield self.store.use_once(key, T0 + 60, T0 + 1)))
+        self.assertTrue((yield self.store.use_once(other, T0 + 60, T0 + 1)))
+        peer = yield self.open_store()  # another KMF on the same store
+        self.assertFalse((yield peer.use_once(key, T0 + 60, T0 + 2)))
+        fresh = h()
+        results = yield defer.gatherResults(
+            [s.use_once(fresh, T0 + 60, T0) for s in (self.store, peer, self.store, peer)])
+        self.assertEqual(sorted(results), [False, False, False, True])
+        yield self.restart()
+        self.assertFalse((yield self.store.use_once(key, T0 + 60, T0 + 3)))
+        yield self.assertFails(self.store.use_once(b"short", T0, T0), ValueError)
+
+    @defer.inlineCallbacks
     def test_concurrent_rotation(self):
         t1 = h()
         yield self.store.save_refresh_token(t1, {"family": "f"}, T0 + 600)

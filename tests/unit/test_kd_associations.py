@@ -31,7 +31,6 @@ from perc_daemons.protocol.tunnel import EndpointDisconnect, MediaKeys, Tunneled
 
 KD_CERT, KD_KEY = generate_certificate("key-distributor")
 KD_FP = certificate_fingerprint(KD_CERT)
-KD_TLS_ID = b"K" * 24
 CERTS = {name: generate_certificate(name) for name in ("alice", "bob", "carol", "mallory")}
 P128 = Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM
 CONF = "conf-1"
@@ -51,16 +50,21 @@ class KeySource:
 
 
 class Endpoint:
-    def __init__(self, name: str, *, cert_name: str | None = None) -> None:
+    def __init__(self, name: str, *, cert_name: str | None = None,
+                 kd_tls_id: bytes | None = None, srtp_profiles: list[int] | None = None,
+                 ekt_ciphers: list[int] | None = None) -> None:
         cert, key = CERTS[cert_name or name]
         self.name = name
         self.aid = uuid.uuid4().bytes
         self.tls_id = name.encode().ljust(20, b"-") + os.urandom(4)
+        #: what the KD's answer for this association carries (RFC 8842 s5.3)
+        self.kd_tls_id = kd_tls_id or b"KD-" + os.urandom(12).hex().encode()
         self.fingerprint = certificate_fingerprint(CERTS[name][0])
         self.conn = DtlsConnection(Role.CLIENT, DtlsConfiguration(
-            cert, key, srtp_profiles=[P128], ekt_ciphers=[EktCipher.AESKW_128],
+            cert, key, srtp_profiles=srtp_profiles or [P128],
+            ekt_ciphers=[EktCipher.AESKW_128] if ekt_ciphers is None else ekt_ciphers,
             expected_peer_fingerprint=KD_FP, external_session_id=self.tls_id,
-            expected_peer_external_session_id=KD_TLS_ID))
+            expected_peer_external_session_id=self.kd_tls_id))
         self.events: list[object] = []
 
     def of(self, kind: type) -> list:
@@ -71,7 +75,7 @@ class Harness:
     def __init__(self) -> None:
         self.now = 0.0
         self.keys = KeySource()
-        self.kd = KeyDistributorCore(KD_CERT, KD_KEY, KD_TLS_ID, b"c" * 32)
+        self.kd = KeyDistributorCore(KD_CERT, KD_KEY, b"c" * 32)
         self.endpoints: dict[bytes, Endpoint] = {}
         self.to_md: list[object] = []
         self.drop_to_endpoint = False
@@ -92,7 +96,7 @@ class Harness:
         if self.kd.epoch(conference) == 0:
             self.new_epoch(conference)
         self.kd.expect(ep.aid, conference, ep.name, ep.fingerprint, ep.tls_id,
-                       ssrcs=[0x1000 + len(self.endpoints)])
+                       ssrcs=[0x1000 + len(self.endpoints)], kd_tls_id=ep.kd_tls_id)
 
     def join(self, ep: Endpoint) -> None:
         self.endpoints[ep.aid] = ep
@@ -178,6 +182,7 @@ class TestJoin(unittest.TestCase):
     def test_unused_expectation_expires(self) -> None:
         carol = Endpoint("carol")
         self.h.kd.expect(carol.aid, CONF, "carol", carol.fingerprint, carol.tls_id,
+                         kd_tls_id=carol.kd_tls_id,
                          now=self.h.now)
         self.assertEqual(self.h.kd.next_timer(), self.h.now + DEFAULT_EXPECT_TIMEOUT)
         self.assertEqual(self.h.kd.handle_timers(self.h.now + DEFAULT_EXPECT_TIMEOUT - 1), [])
@@ -191,6 +196,7 @@ class TestJoin(unittest.TestCase):
     def test_expectation_used_in_time_stays(self) -> None:
         carol = Endpoint("carol")
         self.h.kd.expect(carol.aid, CONF, "carol", carol.fingerprint, carol.tls_id,
+                         kd_tls_id=carol.kd_tls_id,
                          now=self.h.now)
         self.h.join(carol)
         self.h.kd.handle_timers(self.h.now + 2 * DEFAULT_EXPECT_TIMEOUT)
@@ -362,7 +368,12 @@ class TestJoin(unittest.TestCase):
 
 
 class TestRefusals(unittest.TestCase):
-    def assertRefused(self, h: Harness, ep: Endpoint) -> None:
+    def assertRefused(self, h: Harness, ep: Endpoint, cause: str | None = None) -> None:
+        if cause is not None:  # the reason the KD logs and counts (issue 10 item 15)
+            [refusal] = h.kd.take_refusals()
+            self.assertEqual((refusal.association_id, refusal.identity, refusal.cause),
+                             (ep.aid, ep.name, cause))
+            self.assertEqual(h.kd.take_refusals(), [])
         self.assertEqual(ep.of(EktKeyReceived), [])
         self.assertEqual(ep.of(HandshakeComplete), [])
         self.assertEqual(len(ep.of(ConnectionClosed)), 1)
@@ -377,15 +388,61 @@ class TestRefusals(unittest.TestCase):
         ep = Endpoint("alice", cert_name="mallory")
         h.expect(ep)
         h.join(ep)
-        self.assertRefused(h, ep)
+        self.assertRefused(h, ep, "dtls_wrong_certificate")
+
+    def test_no_double_profile(self) -> None:
+        """A WebRTC client without PERC: plain AES-GCM SRTP only (RFC 7714)."""
+        h = Harness()
+        ep = Endpoint("alice", srtp_profiles=[0x0007])
+        h.expect(ep)
+        h.join(ep)
+        self.assertRefused(h, ep, "dtls_no_srtp_profile")
+
+    def test_no_ekt(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice", ekt_ciphers=[])
+        h.expect(ep)
+        h.join(ep)
+        self.assertRefused(h, ep, "dtls_no_ekt")
+
+    def test_unused_expectation_is_a_refusal_too(self) -> None:
+        h = Harness()
+        ep = Endpoint("alice")
+        h.expect(ep)
+        h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, ep.tls_id, kd_tls_id=ep.kd_tls_id,
+                    now=0.0)
+        h.kd.handle_timers(DEFAULT_EXPECT_TIMEOUT)
+        [refusal] = h.kd.take_refusals()
+        self.assertEqual(refusal.cause, "no_dtls")
 
     def test_wrong_tls_id(self) -> None:
         h = Harness()
         ep = Endpoint("alice")
         h.new_epoch()
-        h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, b"x" * 20)
+        h.kd.expect(ep.aid, CONF, "alice", ep.fingerprint, b"x" * 20, kd_tls_id=ep.kd_tls_id)
         h.join(ep)
-        self.assertRefused(h, ep)
+        self.assertRefused(h, ep, "dtls_wrong_tls_id")
+
+    def test_each_association_has_its_own_kd_tls_id(self) -> None:
+        """RFC 8842 s5.3 / RFC 8844: the KD's external_session_id is the tls-id of this
+        association's answer, so an endpoint bound to another answer is refused."""
+        h = Harness()
+        alice, bob = Endpoint("alice"), Endpoint("bob")
+        for ep in (alice, bob):
+            h.expect(ep)
+            h.join(ep)
+        self.assertNotEqual(alice.kd_tls_id, bob.kd_tls_id)
+        for ep in (alice, bob):
+            [done] = ep.of(HandshakeComplete)
+            self.assertEqual(done.peer_external_session_id, ep.kd_tls_id)
+        # carol's DTLS expects the tls-id of bob's answer: the KD's for hers differs
+        carol = Endpoint("carol", kd_tls_id=bob.kd_tls_id)
+        h.kd.expect(carol.aid, CONF, "carol", carol.fingerprint, carol.tls_id,
+                    kd_tls_id=b"KD-for-carol-" + os.urandom(8).hex().encode())
+        h.join(carol)
+        self.assertEqual(carol.of(HandshakeComplete), [])
+        self.assertEqual(carol.of(EktKeyReceived), [])
+        self.assertFalse(h.kd.knows(carol.aid))
 
     def test_unexpected_association(self) -> None:
         h = Harness()
@@ -469,11 +526,11 @@ class TestEpochs(unittest.TestCase):
         kd = Harness().kd
         ep = Endpoint("alice")
         self.assertRaises(NoCurrentEpoch, kd.expect, ep.aid, CONF, "alice", ep.fingerprint,
-                          ep.tls_id, [1])
+                          ep.tls_id, [1], kd_tls_id=ep.kd_tls_id)
         self.assertFalse(kd.knows(ep.aid))
         kd.set_policy(CONF, rekey_on_join=True)  # a policy is not an epoch
         self.assertRaises(NoCurrentEpoch, kd.expect, ep.aid, CONF, "alice", ep.fingerprint,
-                          ep.tls_id, [1])
+                          ep.tls_id, [1], kd_tls_id=ep.kd_tls_id)
 
     def test_end_conference_forgets_due_rekeys_and_epochs(self) -> None:
         h = Harness()

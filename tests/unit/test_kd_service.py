@@ -22,6 +22,7 @@ from typing import Any
 import treq
 from argon2 import PasswordHasher
 from twisted.internet import defer, reactor, ssl, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
@@ -32,7 +33,7 @@ from perc_daemons.devpki import DevPki
 from perc_daemons.interfaces import IKeySource, ITunnelHandler, ITunnelPeer
 from perc_daemons.kd.associations import KeyDistributorCore
 from perc_daemons.kd.kmf_client import KmfClient, KmfRefused, KmfUnavailable
-from perc_daemons.kd.offers import OfferRejected, finish_answer, inspect_offer
+from perc_daemons.kd.offers import PERC_REQUIRED, OfferRejected, finish_answer, inspect_offer
 from perc_daemons.kd.service import KdHandler, KdService, load_credentials
 from perc_daemons.kmf.api import KmfApi, kmf_site
 from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
@@ -138,10 +139,11 @@ class Endpoint:
         ]
         return "".join(line + "\r\n" for line in lines)
 
-    def start(self, kd_fingerprint: bytes, kd_tls_id: str) -> None:
+    def start(self, kd_fingerprint: bytes, kd_tls_id: str, *,
+              srtp_profiles: list[int] | None = None) -> None:
         self.conn = DtlsConnection(Role.CLIENT, DtlsConfiguration(
             self.cert, self.key,
-            srtp_profiles=[Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM],
+            srtp_profiles=srtp_profiles or [Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM],
             ekt_ciphers=[EktCipher.AESKW_256], expected_peer_fingerprint=kd_fingerprint,
             external_session_id=self.tls_id.encode(),
             expected_peer_external_session_id=kd_tls_id.encode()))
@@ -242,6 +244,12 @@ class KmfFixture:
                                 now=reactor.seconds() if now is None else now)
 
 
+def answer_tls_id(ack: SignAnswerAck) -> str:
+    """The KD's a=tls-id in a signed answer (the same in every accepted section)."""
+    [tls_id] = {m.tls_id for m in sdp.parse(ack.signed_answer).media if m.port}
+    return tls_id
+
+
 @defer.inlineCallbacks
 def wait_for(predicate, what: str, timeout: float = 10.0):
     """Poll ``predicate`` (no timing asserted: the deadline only ends a hung test)."""
@@ -271,7 +279,7 @@ class KdHandlerTests(unittest.TestCase):
         issued = self.pki.issue("kd", ["kd.localhost"])
         self.credentials = load_credentials(str(issued.certificate), str(issued.private_key))
         self.core = KeyDistributorCore(self.credentials.chain[0], self.credentials.private_key,
-                                       KD_TLS_ID.encode(), os.urandom(32))
+                                       os.urandom(32))
         self.metrics = Metrics("perc-kd")
         self.handler = KdHandler(reactor, core=self.core, kmf=self.client, idp_domain=DOMAIN,
                                  credentials=self.credentials, metrics=self.metrics)
@@ -310,10 +318,15 @@ class KdHandlerTests(unittest.TestCase):
         raise AssertionError("no quiescence")
 
     @defer.inlineCallbacks
-    def sign(self, ep: Endpoint, assertion: str | None = None, *, draft: str | None = None):
+    def sign(self, ep: Endpoint, assertion: str | None = None, *, draft: str | None = None,
+             conference: str | None = None):
+        """SignAnswer as the MD sends it; ``conference`` (the MD's route) defaults to
+        the one the assertion is for."""
         offer = ep.offer(assertion or self.kmf.assertion(ep.identity, ep.fingerprint))
         answer = draft or draft_answer(offer, self.credentials.fingerprint)
-        self.handler.tunnel_message(self.peer, SignAnswer(ep.aid, offer, answer))
+        if conference is None:
+            conference = inspect_offer(offer).conference_id
+        self.handler.tunnel_message(self.peer, SignAnswer(ep.aid, conference, offer, answer))
         yield wait_for(lambda: self.peer.of(SignAnswerAck, ep.aid), "SignAnswerAck")
         [ack] = self.peer.of(SignAnswerAck, ep.aid)
         return offer, ack
@@ -323,7 +336,7 @@ class KdHandlerTests(unittest.TestCase):
         offer, ack = yield self.sign(ep)
         self.assertEqual((ack.status, ack.ok), (SIGN_STATUS_OK, True), ack.text)
         self.endpoints[ep.aid] = ep
-        ep.start(self.credentials.fingerprint, KD_TLS_ID)
+        ep.start(self.credentials.fingerprint, answer_tls_id(ack))
         ep.conn.connect(reactor.seconds())
         self.pump()
         return offer, ack
@@ -357,13 +370,17 @@ class KdHandlerTests(unittest.TestCase):
         self.assertEqual((verified.association_id, verified.conference_id, verified.identity),
                          (alice.aid, CONF, ALICE))
         self.assertEqual(verified.kd_fingerprint, self.credentials.fingerprint)
-        self.assertEqual(verified.kd_tls_id, KD_TLS_ID)
+        self.assertEqual(len(verified.kd_tls_id), 32)
         self.assertTrue(self.core.knows(alice.aid))
+        # RFC 8842 s5.3: a new tls-id for every new association, never repeated
+        bob = Endpoint("bob", BOB, 2222)
+        _, ack2 = yield self.sign(bob)
+        self.assertNotEqual(answer_tls_id(ack2), verified.kd_tls_id)
         # The conference's epoch came from the KMF (started there by /start).
         epoch, key = yield self.kmf.current_key()
         self.assertEqual(self.core.epoch(CONF), epoch)
         self.assertEqual(self.core.current_params(CONF).key, key)
-        self.assertEqual(self.sample("perc_kd_sign_answers_total", {"status": "ok"}), 1)
+        self.assertEqual(self.sample("perc_kd_sign_answers_total", {"status": "ok"}), 2)
 
     @defer.inlineCallbacks
     def test_uninvited_is_refused(self):
@@ -401,6 +418,24 @@ class KdHandlerTests(unittest.TestCase):
         carol = Endpoint("carol", CAROL, 3333)
         _, ack = yield self.sign(carol, self.kmf.assertion(CAROL, carol.fingerprint, "nope"))
         self.assertRefused(ack, SIGN_STATUS_REFUSED, "unknown conference", carol.aid)
+
+    @defer.inlineCallbacks
+    def test_offer_for_another_conference_than_the_mds_is_refused(self):
+        """Issue 10 item 3: bob, invited to conf-2 only, posts his conf-2 assertion to
+        the MD's route for conf-1: the KD refuses, whatever the invitations say."""
+        yield self.kmf.conference()
+        yield self.kmf.conference("conf-2", invited=(BOB,))
+        bob = Endpoint("bob", BOB, 2222)
+        _, ack = yield self.sign(bob, self.kmf.assertion(BOB, bob.fingerprint, "conf-2"),
+                                 conference=CONF)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED,
+                           f"the identity assertion is for conference 'conf-2', not {CONF!r}",
+                           bob.aid)
+        # and alice, invited to conf-1, cannot use her conf-1 assertion at conf-2's route
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice, conference="conf-2")
+        self.assertEqual(ack.status, SIGN_STATUS_REFUSED)
+        self.assertFalse(self.core.knows(alice.aid))
 
     @defer.inlineCallbacks
     def test_conference_not_running_is_refused(self):
@@ -505,6 +540,35 @@ class KdHandlerTests(unittest.TestCase):
         self.assertFalse(self.core.knows(alice.aid))
         self.assertIsNone(self.core.current_params(CONF))
 
+    @defer.inlineCallbacks
+    def test_dtls_refusal_is_logged_once_and_counted_by_reason(self):
+        """Issue 10 item 15: a handshake without a DOUBLE profile is refused with a reason
+        in the log (once) and in perc_kd_dtls_refusals_total."""
+        yield self.kmf.conference()
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice)
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            text = formatEvent(event)
+            if "refused before admission" in text:
+                lines.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.endpoints[alice.aid] = alice
+        alice.start(self.credentials.fingerprint, answer_tls_id(ack),
+                    srtp_profiles=[Profile.AEAD_AES_256_GCM])  # WebRTC without PERC
+        alice.conn.connect(reactor.seconds())
+        self.pump()
+        self.assertTrue(self.peer.of(EndpointDisconnect, alice.aid))
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("dtls_no_srtp_profile", lines[0])
+        self.assertIn(ALICE, lines[0])
+        self.assertEqual(self.sample("perc_kd_dtls_refusals_total",
+                                     {"reason": "dtls_no_srtp_profile"}), 1)
+        self.assertEqual(alice.of(EktKeyReceived), [])
+
     # --- withdrawn invitations (issue 10 item 1) ----------------------------------------
 
     @defer.inlineCallbacks
@@ -556,7 +620,7 @@ class KdHandlerTests(unittest.TestCase):
         self.assertEqual(ack.status, SIGN_STATUS_OK)
         yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())
         self.endpoints[bob.aid] = bob
-        bob.start(self.credentials.fingerprint, KD_TLS_ID)
+        bob.start(self.credentials.fingerprint, answer_tls_id(ack))
         bob.conn.connect(reactor.seconds())
         self.pump()
         yield wait_for(lambda: self.peer.of(EndpointDisconnect, bob.aid), "EndpointDisconnect")
@@ -624,7 +688,7 @@ class KdHandlerTests(unittest.TestCase):
     def restart(self) -> None:
         """A fresh KD (new core, new handler) on the same KMF; the MD keeps its state."""
         self.core = KeyDistributorCore(self.credentials.chain[0], self.credentials.private_key,
-                                       KD_TLS_ID.encode(), os.urandom(32))
+                                       os.urandom(32))
         self.handler = KdHandler(reactor, core=self.core, kmf=self.client, idp_domain=DOMAIN,
                                  credentials=self.credentials)
         self.addCleanup(self.handler.stop)
@@ -774,9 +838,18 @@ class OfferTests(unittest.TestCase):
         self.assertEqual(self.rejected("v=0\r\n").status, SIGN_STATUS_BAD_OFFER)
         no_identity = re.sub(r"a=identity:[^\r]*\r\n", "", offer)
         self.assertEqual((self.rejected(no_identity).status, self.rejected(no_identity).reason),
-                         (SIGN_STATUS_REFUSED, "offer has no identity assertion"))
+                         (SIGN_STATUS_REFUSED, f"{PERC_REQUIRED}; this offer has no a=identity"))
         no_tls_id = re.sub(r"a=tls-id:[^\r]*\r\n", "", offer)
-        self.assertEqual(self.rejected(no_tls_id).reason, "offer needs one a=tls-id")
+        self.assertEqual(self.rejected(no_tls_id).reason,
+                         f"{PERC_REQUIRED}; this offer has no a=tls-id")
+        # a plain WebRTC client's offer (no assertion, no tls-id): told that PERC is needed
+        plain = re.sub(r"a=tls-id:[^\r]*\r\n", "", no_identity)
+        refusal = self.rejected(plain)
+        self.assertEqual(refusal.status, SIGN_STATUS_REFUSED)
+        self.assertIn("PERC is required", refusal.reason)
+        self.assertIn("DOUBLE", refusal.reason)
+        self.assertIn("EKT", refusal.reason)
+        self.assertIn("no a=identity and no a=tls-id", refusal.reason)
         two_fps = offer.replace("a=setup:actpass", "a=fingerprint:sha-256 "
                                 + format_fingerprint(b"\x05" * 32) + "\r\na=setup:actpass")
         self.assertEqual(self.rejected(two_fps).reason,
@@ -933,7 +1006,6 @@ class KdServiceStartTests(unittest.TestCase):
             "ca_file": str(pki.ca_certificate_path)}})
         service = KdService(reactor, cfg, Metrics("perc-kd"))
         self.assertIsNotNone(service.handler)
-        self.assertEqual(len(service.handler.tls_id), 32)
         service.startService()
         yield service.stopService()
 
@@ -1001,7 +1073,7 @@ class KdServiceTunnelTests(unittest.TestCase):
         yield wait_for(lambda: md_side.peer is not None, "tunnel up")
         alice = Endpoint("alice", ALICE, 1111)
         offer = alice.offer(kmf.assertion(ALICE, alice.fingerprint))
-        md_side.peer.send(SignAnswer(alice.aid, offer, draft_answer(offer, kd_fp)))
+        md_side.peer.send(SignAnswer(alice.aid, CONF, offer, draft_answer(offer, kd_fp)))
         yield wait_for(lambda: md_side.received, "SignAnswerAck")
         [ack] = md_side.received
         self.assertEqual(ack.status, SIGN_STATUS_OK, ack.text)
@@ -1009,9 +1081,9 @@ class KdServiceTunnelTests(unittest.TestCase):
                                         trust_roots=[pki.ca_certificate],
                                         kd_names=["kd.localhost"], now=reactor.seconds())
         self.assertEqual(verified.identity, ALICE)
-        self.assertEqual(verified.kd_tls_id, service.handler.tls_id)
+        self.assertEqual(verified.kd_tls_id, answer_tls_id(ack))
         # The DTLS handshake through the tunnel ends with MediaKeys at the MD.
-        alice.start(kd_fp, service.handler.tls_id)
+        alice.start(kd_fp, verified.kd_tls_id)
         alice.conn.connect(reactor.seconds())
 
         seen = [0]

@@ -8,10 +8,13 @@ endpoint is a UDP socket sending real STUN checks.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import random
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import treq
@@ -31,6 +34,8 @@ from perc_daemons.interfaces import ITunnelHandler
 from perc_daemons.kd.tunnel import KdTunnelClient
 from perc_daemons.md.service import md_service
 from perc_daemons.protocol import sdp
+from perc_daemons.protocol.answer import sign_answer
+from perc_daemons.protocol.ekt import EktCipher, EktParameterSet
 from perc_daemons.protocol.stun import BINDING_SUCCESS, StunMessage
 from perc_daemons.protocol.tunnel import (
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
@@ -46,7 +51,7 @@ from perc_daemons.protocol.tunnel import (
     SignAnswerAck,
     TunneledDtls,
 )
-from tests.unit.test_md_media import Collector, binding_request
+from tests.unit.test_md_media import P128, Collector, Endpoint, binding_request, rtcp_rr
 
 PROVIDER_TOKEN = "provider-secret-0123456789"
 ENDPOINT_FP = ":".join(f"{b:02X}" for b in range(32))
@@ -95,16 +100,29 @@ class TrustCa:
 
 @implementer(ITunnelHandler)
 class PlayKd:
-    """The KD's side of the tunnel, scripted by the test."""
+    """The KD's side of the tunnel, scripted by the test; it signs answers for real
+    (protocol.answer.sign_answer) with ``issued``'s certificate and key."""
 
-    def __init__(self) -> None:
-        self.mode = "ok"  # ok | refuse | bad | silent
+    def __init__(self, issued: Any) -> None:
+        # ok | refuse | bad | silent | other-conference | other-association
+        self.mode = "ok"
         self.messages: list[Any] = []
         self.peer: Any = None
         self._waiters: list[tuple[Any, defer.Deferred]] = []
+        self.answers: dict[bytes, str] = {}
+        self._chain = [x509.load_pem_x509_certificate(issued.certificate.read_bytes())
+                       .public_bytes(serialization.Encoding.DER)]
+        self._key = serialization.load_pem_private_key(issued.private_key.read_bytes(), None)
 
-    def signed(self, request: SignAnswer) -> str:
-        return request.answer_sdp + "a=x-test-signed-by:kd\r\n"
+    def signed(self, request: SignAnswer, conference: str | None = None,
+               association: bytes | None = None) -> str:
+        text = sign_answer(sdp.parse(request.answer_sdp), request.offer_sdp,
+                           association_id=association or request.association_id,
+                           conference_id=conference or request.conference_id,
+                           identity="alice@example.com", certificate_chain=self._chain,
+                           private_key=self._key, now=reactor.seconds())
+        self.answers[request.association_id] = text
+        return text
 
     def tunnel_up(self, peer: Any) -> None:
         self.peer = peer
@@ -118,6 +136,12 @@ class PlayKd:
             aid = message.association_id
             if self.mode == "ok":
                 peer.send(SignAnswerAck(aid, SIGN_STATUS_OK, self.signed(message)))
+            elif self.mode == "other-conference":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_OK,
+                                        self.signed(message, conference="c-other")))
+            elif self.mode == "other-association":
+                peer.send(SignAnswerAck(aid, SIGN_STATUS_OK,
+                                        self.signed(message, association=uuid.uuid4().bytes)))
             elif self.mode == "refuse":
                 peer.send(SignAnswerAck(aid, SIGN_STATUS_REFUSED, "alice is not invited"))
             elif self.mode == "bad":
@@ -138,6 +162,56 @@ class PlayKd:
 
 def disconnect_of(aid: bytes):
     return lambda m: isinstance(m, EndpointDisconnect) and m.association_id == aid
+
+
+_TABLES = (dict, set, frozenset, list, tuple, collections.deque)
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    names = set(getattr(obj, "__dict__", ()))
+    for cls in type(obj).__mro__:
+        slots = getattr(cls, "__slots__", ())
+        names.update((slots,) if isinstance(slots, str) else slots)
+    return {name: getattr(obj, name) for name in sorted(names) if hasattr(obj, name)}
+
+
+def md_tables(md: Any) -> dict[str, int]:
+    """The size of every table (dict, set, list, tuple...) the MD's objects hold.
+
+    Found by looking, not from a list: every container attribute of the
+    conference state (:class:`MdConferences` and each conference), the media
+    plane and each of its legs, the KD tunnel server, the API and the media
+    protocol, and the containers held one level inside them (the disconnects
+    queued per KD, the legs per group).  A table added later is counted
+    without touching this helper.  Not countable from here: the per-SSRC
+    streams inside libsrtp sessions (see MediaPlane.remove_leg).
+    """
+    conferences = md.conferences
+    objects = [("conferences", conferences), ("plane", conferences.plane),
+               ("tunnel", md.tunnel), ("api", md.api), ("media", md.media)]
+    objects += [(f"conference {c.conference_id}", c) for c in conferences.conferences()]
+    objects += [(f"leg {leg.leg_id.hex()}", leg) for leg in conferences.plane.legs()]
+    sizes = {}
+    for where, obj in objects:
+        for name, value in _attributes(obj).items():
+            if isinstance(value, _TABLES):
+                sizes[f"{where}.{name}"] = len(value)
+                inner = value.items() if isinstance(value, dict) else enumerate(value)
+                for key, item in inner:
+                    if isinstance(item, _TABLES):
+                        sizes[f"{where}.{name}[{key!r}]"] = len(item)
+    return sizes
+
+
+@dataclass
+class MediaParticipant:
+    """A joined, keyed participant: the MD's answer, its UDP socket and its SRTP sides."""
+
+    aid: bytes
+    body: dict[str, Any]
+    endpoint: Endpoint
+    sock: Any
+    collector: Collector
 
 
 class MdServiceTests(unittest.TestCase):
@@ -176,7 +250,7 @@ class MdServiceTests(unittest.TestCase):
         with open(self.ca_path, "rb") as f:
             self.http = treq.client.HTTPClient(
                 Agent(reactor, contextFactory=TrustCa(f.read()), pool=self.pool))
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         self.pki = pki
 
     def write_token(self, token: str) -> None:
@@ -246,6 +320,46 @@ class MdServiceTests(unittest.TestCase):
         port = reactor.listenUDP(0, collector, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port, collector
+
+    @defer.inlineCallbacks
+    def media_participant(self, cid: str = "c1", kd: PlayKd | None = None):
+        """Join ``cid`` over HTTP, ICE-check from a real UDP socket, have ``kd`` key the leg."""
+        kd = kd or self.kd
+        if not hasattr(self, "rng"):
+            self.rng = random.Random(18)
+            self.params = EktParameterSet(key=self.rng.randbytes(16),
+                                          cipher=EktCipher.AESKW_128,
+                                          master_salt=self.rng.randbytes(12), spi=1, ttl=600)
+        n = self.joined_count = getattr(self, "joined_count", 0) + 1
+        code, body = yield self.join(cid, offer(f"EpU{n:03d}"))
+        self.assertEqual(code, 201, body)
+        aid = uuid.UUID(body["association"]).bytes
+        media = sdp.parse(body["answer"]).media[0]
+        sock, collector = self.udp_endpoint()
+        endpoint = Endpoint(str(n), self.rng, self.params, ("127.0.0.1", sock.getHost().port))
+        endpoint.md_ufrag, endpoint.md_pwd = media.ice_ufrag, media.ice_pwd
+        waiting = collector.next()
+        sock.write(endpoint.stun(), self.media_address)
+        yield waiting
+        k = endpoint.keys
+        kd.peer.send(MediaKeys(aid, int(P128), b"", k.client_outer.key, k.server_outer.key,
+                               k.client_outer.salt, k.server_outer.salt))
+        leg = self.conferences.plane.leg(aid)
+        yield self.eventually(lambda: leg.keyed, "leg keyed")
+        return MediaParticipant(aid, body, endpoint, sock, collector)
+
+    @defer.inlineCallbacks
+    def send_media(self, participant: MediaParticipant, seq: int):
+        """One SRTP packet (and one SRTCP report) from ``participant``, relayed by the MD."""
+        ep = participant.endpoint
+        leg = self.conferences.plane.leg(participant.aid)
+        before = leg.counters["rtp_in"], leg.counters["rtcp_in"]
+        participant.sock.write(ep.sender.protect(ep.rtp(seq, b"m" * 200), seq * 0.02),
+                               self.media_address)
+        participant.sock.write(ep.rtcp_out.protect_rtcp(rtcp_rr(ep.ssrc, seq)),
+                               self.media_address)
+        yield self.eventually(lambda: (leg.counters["rtp_in"], leg.counters["rtcp_in"])
+                              == (before[0] + 1, before[1] + 1), "media relayed")
 
     # -- conferences ------------------------------------------------------------------
 
@@ -362,7 +476,7 @@ class MdServiceTests(unittest.TestCase):
                          [("sha-256", bytes.fromhex(self.kd_fp.replace(":", "")))])
         self.assertEqual(draft.media[0].candidates(),
                          [f"1 1 udp 2130706431 127.0.0.1 {self.conferences.media_port} typ host"])
-        self.assertEqual(body["answer"], self.kd.signed(request))  # the KD's text, verbatim
+        self.assertEqual(body["answer"], self.kd.answers[request.association_id])  # verbatim
         self.assertEqual(str(uuid.UUID(bytes=request.association_id)), body["association"])
         self.assertTrue(body["leave_token"])
         code, conf = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
@@ -382,6 +496,27 @@ class MdServiceTests(unittest.TestCase):
         code, body = yield self.join()
         self.assertEqual((code, body["type"]), (504, "urn:perc:problem:kd-timeout"))
         self.assertEqual(len(self.conferences.participants()), 1)
+
+    @defer.inlineCallbacks
+    def test_answer_signed_for_another_conference_adds_no_leg(self):
+        """Issue 10 item 3: the MD asks the KD for conference c1 (SignAnswer carries
+        it) and adds the leg only if the signed answer is for c1 and this association."""
+        yield self.create()
+        yield self.connect_kd()
+        code, _ = yield self.join()
+        self.assertEqual(code, 201)
+        request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+        self.assertEqual(request.conference_id, "c1")
+        before = len(self.conferences.participants())
+        for mode in ("other-conference", "other-association"):
+            self.kd.mode = mode
+            self.kd.messages.clear()
+            code, body = yield self.join()
+            self.assertEqual((code, body["type"]), (502, "urn:perc:problem:kd-failed"), body)
+            self.assertEqual(len(self.conferences.participants()), before)
+            request = next(m for m in self.kd.messages if isinstance(m, SignAnswer))
+            yield self.kd.wait_for(disconnect_of(request.association_id))  # KD told to forget
+        self.assertEqual(self.conferences.events["answer_refused"], 2)
 
     @defer.inlineCallbacks
     def test_browser_offer_data_channel_is_rejected_in_the_draft(self):
@@ -447,8 +582,140 @@ class MdServiceTests(unittest.TestCase):
         yield self.kd.wait_for(disconnect_of(aid))
         self.assertEqual(self.conferences.participants(), [])
         self.assertEqual(self.conferences.plane.legs(), [])
-        code, _ = yield self.request("DELETE", path, token=body["leave_token"])
+
+    @defer.inlineCallbacks
+    def test_leave_is_idempotent_and_still_needs_the_token_of_a_present_leg(self):
+        yield self.create()
+        yield self.connect_kd()
+        _, first = yield self.join()
+        _, second = yield self.join(text=offer("EpU2"))
+
+        def path(body: dict) -> str:
+            return f"/v1/conferences/c1/participants/{body['association']}"
+
+        # Leaving twice: the second is a success too, and the KD heard of it once.
+        for _ in range(2):
+            code, _ = yield self.request("DELETE", path(first), token=first["leave_token"])
+            self.assertEqual(code, 204)
+        aid = uuid.UUID(first["association"]).bytes
+        self.assertEqual(len([m for m in self.kd.messages if disconnect_of(aid)(m)]), 1)
+        # Another participant's token still cannot remove a present leg.
+        code, _ = yield self.request("DELETE", path(second), token=first["leave_token"])
+        self.assertEqual(code, 403)
+        self.assertEqual([p.association for p in self.conferences.participants()],
+                         [second["association"]])
+        # The KD ended it (e.g. after its DTLS close_notify): the endpoint's leave is a success.
+        self.kd.peer.send(EndpointDisconnect(uuid.UUID(second["association"]).bytes))
+        yield self.eventually(lambda: not self.conferences.participants(), "KD ended it")
+        code, _ = yield self.request("DELETE", path(second), token=second["leave_token"])
+        self.assertEqual(code, 204)
+        # Gone with its conference: a success as well; without a bearer token still 401.
+        _, third = yield self.join(text=offer("EpU3"))
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 204)
+        code, _ = yield self.request("DELETE", path(third), token=third["leave_token"])
+        self.assertEqual(code, 204)
+        code, _ = yield self.request("DELETE", path(third))
+        self.assertEqual(code, 401)
+        # A path that cannot name a participant is still 404.
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1/participants/not-a-uuid",
+                                     token=third["leave_token"])
         self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_every_way_a_participant_ends_leaves_no_state_behind(self):
+        """Legs that join, send media and end, each way a leg can end: every table of
+        the MD (see md_tables) is back to its size before they joined."""
+        yield self.create()
+        client = yield self.connect_kd()
+        stayer = yield self.media_participant()
+        plane = self.conferences.plane
+        # Selective forwarding keeps everyone's media from the stayer: the stayer's leg
+        # counts a gap per sender SSRC, which must go with the sender.
+        plane.should_forward = lambda src, dst, ssrc: dst != stayer.aid
+        yield self.send_media(stayer, 0)
+        baseline = md_tables(self.md)
+        seq = 1
+
+        @defer.inlineCallbacks
+        def join_and_talk(cid: str = "c1", kd: PlayKd | None = None, n: int = 3):
+            nonlocal seq
+            legs = []
+            for _ in range(n):
+                legs.append((yield self.media_participant(cid, kd)))
+            for _ in range(2):
+                for talker in (*legs, stayer):
+                    yield self.send_media(talker, seq)
+                seq += 1
+            self.assertNotEqual(md_tables(self.md), baseline)
+            return legs
+
+        @defer.inlineCallbacks
+        def back_to_baseline(how: str):
+            for _ in range(500):
+                if md_tables(self.md) == baseline:
+                    break
+                yield task.deferLater(reactor, 0.01, lambda: None)
+            now = md_tables(self.md)
+            self.assertEqual({k: now.get(k) for k in now.keys() | baseline.keys()
+                              if now.get(k) != baseline.get(k)},
+                             {k: baseline.get(k) for k in now.keys() | baseline.keys()
+                              if now.get(k) != baseline.get(k)}, how)
+
+        # 1. Leave requests.
+        for p in (yield join_and_talk()):
+            code, _ = yield self.request(
+                "DELETE", f"/v1/conferences/c1/participants/{p.body['association']}",
+                token=p.body["leave_token"])
+            self.assertEqual(code, 204)
+        yield back_to_baseline("after leave requests")
+        # 2. EndpointDisconnect from the KD.
+        for p in (yield join_and_talk()):
+            self.kd.peer.send(EndpointDisconnect(p.aid))
+        yield back_to_baseline("after the KD's EndpointDisconnect")
+        # 3. Consent (ICE) lapses: no STUN check for longer than [media] consent_timeout.
+        legs = yield join_and_talk()
+        stayer.sock.write(stayer.endpoint.stun(), self.media_address)
+        for p in legs:
+            plane.leg(p.aid).last_consent -= 3600.0
+        yield back_to_baseline("after consent expiry")
+        # 4. The KD sends keys the MD refuses (not DOUBLE): the association is ended.
+        for p in (yield join_and_talk()):
+            self.kd.peer.send(MediaKeys(p.aid, SRTP_AEAD_AES_128_GCM, b"", os.urandom(16),
+                                        os.urandom(16), os.urandom(12), os.urandom(12)))
+        yield back_to_baseline("after refused MediaKeys")
+        # 5. Tunnel loss: joins waiting on it fail; legs that leave meanwhile are queued
+        #    for the KD and delivered when it is back.
+        legs = yield join_and_talk()
+        self.kd.mode = "silent"
+        pending = [self.join(text=offer(f"Pend{i}")) for i in range(3)]
+        yield self.eventually(lambda: self.conferences.pending_joins == 3, "joins waiting")
+        yield client.stopService()
+        for code, _ in (yield defer.gatherResults(pending)):
+            self.assertEqual(code, 503)
+        for p in legs:
+            code, _ = yield self.request(
+                "DELETE", f"/v1/conferences/c1/participants/{p.body['association']}",
+                token=p.body["leave_token"])
+            self.assertEqual(code, 204)
+        self.kd = PlayKd(self.kd_cert)
+        client = yield self.connect_kd()
+        for p in legs:
+            yield self.kd.wait_for(disconnect_of(p.aid))
+        yield back_to_baseline("after tunnel loss and return")
+        # 6. Conference end, its KD's tunnel down: no conference names that KD any more,
+        #    so nothing is kept for it either.
+        other, other_fp = self.other_kd()
+        yield self.create("c2", fp=other_fp)
+        kd2 = PlayKd(other)
+        client2 = yield self.connect_kd(other, kd2)
+        yield join_and_talk("c2", kd2)
+        yield client2.stopService()
+        yield self.eventually(lambda: self.conferences.kd_tunnels == 1, "KD 2 gone")
+        code, _ = yield self.request("DELETE", "/v1/conferences/c2", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 204)
+        yield back_to_baseline("after the end of a conference")
+        self.assertEqual(plane.leg(stayer.aid).counters["rtp_out"], 0)  # the hook held
 
     @defer.inlineCallbacks
     def test_delete_conference_disconnects_every_participant(self):
@@ -555,7 +822,7 @@ class MdServiceTests(unittest.TestCase):
         yield self.create()
         yield self.create("c2", fp=hashlib.sha256(der).digest().hex(":").upper())
         yield self.connect_kd()
-        kd2 = PlayKd()
+        kd2 = PlayKd(other)
         yield self.connect_kd(other, kd2)
         _, body = yield self.join()
         aid = uuid.UUID(body["association"]).bytes
@@ -586,7 +853,7 @@ class MdServiceTests(unittest.TestCase):
             "DELETE", f"/v1/conferences/c1/participants/{body['association']}",
             token=body["leave_token"])
         self.assertEqual(code, 204)
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         yield self.connect_kd()
         yield self.kd.wait_for(disconnect_of(uuid.UUID(body["association"]).bytes))
 
@@ -607,7 +874,7 @@ class MdServiceTests(unittest.TestCase):
         # Nobody yet: one empty Associations.
         empty = yield self.kd.wait_for(lambda m: isinstance(m, Associations))
         self.assertEqual(empty, Associations())
-        kd2 = PlayKd()
+        kd2 = PlayKd(other)
         yield self.connect_kd(other, kd2)
         yield kd2.wait_for(lambda m: isinstance(m, Associations))
         joined = []
@@ -631,7 +898,7 @@ class MdServiceTests(unittest.TestCase):
             "DELETE", f"/v1/conferences/c1/participants/{gone['association']}",
             token=gone["leave_token"])
         self.assertEqual(code, 204)
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         yield self.connect_kd()
         message = yield self.kd.wait_for(lambda m: isinstance(m, Associations))
         self.assertIsInstance(self.kd.messages[0], EndpointDisconnect)
@@ -661,7 +928,7 @@ class MdServiceTests(unittest.TestCase):
             [self.conferences.join("c1", offer(f"U{i:03d}")) for i in
              range(MAX_ASSOCIATIONS + 1)], consumeErrors=True)
         yield client.stopService()
-        self.kd = PlayKd()
+        self.kd = PlayKd(self.kd_cert)
         yield self.connect_kd()
         yield self.kd.wait_for(lambda m: isinstance(m, Associations)
                                and len(m.entries) < MAX_ASSOCIATIONS)

@@ -11,10 +11,13 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
+from perc_daemons.md.conferences import MdConferences
 from perc_daemons.md.media import MediaPlane, MediaPlaneProtocol
+from perc_daemons.md.service import MediaService
 from perc_daemons.protocol import double
 from perc_daemons.protocol.double import DoubleReceiver, DoubleSender, split_keying_material
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, EktReceiver, EktSender
+from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.rtp import (
     RtcpPacket,
     RtpPacket,
@@ -22,7 +25,7 @@ from perc_daemons.protocol.rtp import (
     build_compound,
     sender_report,
 )
-from perc_daemons.protocol.srtp import Profile
+from perc_daemons.protocol.srtp import LAYER_KEY_LENGTH, Profile
 from perc_daemons.protocol.stun import (
     ATTR_ICE_CONTROLLING,
     ATTR_PRIORITY,
@@ -39,6 +42,7 @@ from perc_daemons.protocol.stun import (
 from perc_daemons.protocol.tunnel import MediaKeys
 
 P128 = Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM
+P256 = Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM
 
 
 def binding_request(md_ufrag: str, ep_ufrag: str, pwd: str, tid: bytes | None = None) -> bytes:
@@ -60,16 +64,19 @@ class Endpoint:
     """One endpoint: its DTLS-SRTP keys with the KD, an address, its send/receive sides."""
 
     def __init__(self, name: str, rng: random.Random, params: EktParameterSet,
-                 address: tuple[str, int]) -> None:
+                 address: tuple[str, int], profile: Profile = P128) -> None:
         self.name = name
-        self.keys = split_keying_material(P128, rng.randbytes(double.exporter_length(P128)))
+        self.profile = profile
+        self.keys = split_keying_material(profile,
+                                          rng.randbytes(double.exporter_length(profile)))
         self.address = address
         self.md_ufrag, self.md_pwd = f"md{name}", f"pwd-{name}-0123456789abcdef"
         self.ufrag = f"ep{name}"
         self.ssrc = rng.getrandbits(32)
-        ekt_sender = EktSender(self.ssrc, 16, params, 0.0, random_bytes=rng.randbytes)
+        key_length = LAYER_KEY_LENGTH[profile]
+        ekt_sender = EktSender(self.ssrc, key_length, params, 0.0, random_bytes=rng.randbytes)
         self.sender = DoubleSender(self.keys.client_outer.context(), ekt_sender)
-        ekt = EktReceiver(16)
+        ekt = EktReceiver(key_length)
         ekt.add_parameter_set(params, 0.0)
         self.receiver = DoubleReceiver(self.keys.server_outer.context(), ekt)
         self.rtcp_out = self.keys.client_outer.context()
@@ -78,7 +85,7 @@ class Endpoint:
     def media_keys(self) -> MediaKeys:
         """What the KD sends the MD: outer halves only (RFC 9185, RFC 8723)."""
         k = self.keys
-        return MediaKeys(uuid.uuid4().bytes, int(P128), b"",
+        return MediaKeys(uuid.uuid4().bytes, int(self.profile), b"",
                          k.client_outer.key, k.server_outer.key,
                          k.client_outer.salt, k.server_outer.salt)
 
@@ -92,15 +99,18 @@ class Endpoint:
 
 class Fixture:
     def __init__(self, names: str = "abc", seed: int = 1,
-                 groups: dict[str, str] | None = None) -> None:
+                 groups: dict[str, str] | None = None, profile: Profile = P128) -> None:
         self.rng = random.Random(seed)
-        self.params = EktParameterSet(key=self.rng.randbytes(16), cipher=EktCipher.AESKW_128,
-                                      master_salt=self.rng.randbytes(12), spi=7, ttl=600)
+        wide = profile == P256
+        self.params = EktParameterSet(
+            key=self.rng.randbytes(32 if wide else 16),
+            cipher=EktCipher.AESKW_256 if wide else EktCipher.AESKW_128,
+            master_salt=self.rng.randbytes(12), spi=7, ttl=600)
         self.dtls: list[tuple[object, bytes]] = []
         self.plane = MediaPlane(on_dtls=lambda leg, data: self.dtls.append((leg, data)))
         self.eps = {}
         for i, name in enumerate(names):
-            ep = Endpoint(name, self.rng, self.params, ("192.0.2.1", 40000 + i))
+            ep = Endpoint(name, self.rng, self.params, ("192.0.2.1", 40000 + i), profile)
             self.eps[name] = ep
             self.plane.add_leg(name, ep.md_ufrag, ep.md_pwd,
                                group=(groups or {}).get(name))
@@ -476,3 +486,177 @@ class SelectiveForwardingTests(unittest.TestCase):
         self.assertEqual(seqs_b, list(range(1000, 1000 + len(seqs_b))))
         self.assertEqual(self.f.plane.leg("b").skipped, {self.a.ssrc: 4})
         self.assertEqual(self.f.plane.leg("c").skipped, {})
+
+    def test_a_senders_gaps_go_with_it(self) -> None:
+        self.f.plane.should_forward = lambda src, dst, ssrc: dst != "b"
+        for name in "ac":
+            ep = self.f.eps[name]
+            self.f.plane.datagram_received(ep.sender.protect(ep.rtp(1, b"g" * 10), 0.0),
+                                           ep.address, 0.0)
+        self.assertEqual(self.f.plane.leg("b").skipped, {self.a.ssrc: 1, self.c.ssrc: 1})
+        self.f.plane.remove_leg("a")
+        self.assertEqual(self.f.plane.leg("b").skipped, {self.c.ssrc: 1})
+
+
+# Payload sizes for the size sweeps: every size across pylibsrtp's 1500-byte buffer limits
+# (protect refused above 1356 bytes, unprotect above 1500), coarser steps from the
+# smallest packet to beyond a 9000-byte jumbo frame, and on to the largest IPv4 datagram.
+SWEEP = sorted({*range(0, 1280, 37), *range(1280, 1620), *range(1620, 9300, 53),
+                *range(9300, 65400, 4099), *range(65440, 65470)})
+MAX_IPV4_DATAGRAM = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
+
+
+def app_packet(ssrc: int, data: bytes) -> bytes:
+    """An RTCP APP packet (RFC 3550 s6.7) carrying ``data`` (a multiple of 4 bytes)."""
+    return struct.pack("!BBHI4s", 0x80, 204, 2 + len(data) // 4, ssrc, b"PERC") + data
+
+
+class LargePacketTests(unittest.TestCase):
+    """Every SRTP/SRTCP datagram a UDP socket can deliver is relayed (issue 10, item 9).
+
+    pylibsrtp copies packets into a fixed 1500-byte buffer; the relay must still take
+    MTU-sized and jumbo-frame packets, through the same libsrtp sessions, byte for byte
+    what our own SRTP layer (:class:`~perc_daemons.protocol.srtp.SrtpContext`) produces.
+    """
+
+    def sweep_rtp(self, profile: Profile) -> None:
+        f = Fixture(profile=profile, seed=int(profile))
+        f.connect()
+        a, b, c = (f.eps[n] for n in "abc")
+        # What the MD should produce, computed with our own layer code.
+        from_a = a.keys.client_outer.context()
+        to = {b.address: b.keys.server_outer.context(), c.address: c.keys.server_outer.context()}
+        # c misses every seventh packet (selective forwarding): its copies are renumbered,
+        # the original SEQ recorded in the OHB, two bytes longer than b's.
+        f.plane.should_forward = lambda src, dst, ssrc: not (dst == "c" and seq % 7 == 3)
+        gap = 0
+        for seq, size in enumerate(SWEEP):
+            original = a.rtp(seq, f.rng.randbytes(size))
+            wire = a.sender.protect(original, seq * 0.02)
+            if len(wire) > MAX_IPV4_DATAGRAM - 2:  # c's renumbered copy must fit too
+                break
+            largest = len(wire)
+            out = dict((address, data) for data, address in
+                       f.plane.datagram_received(wire, a.address, seq * 0.02))
+            end = len(wire) - double.ekt_field_length(wire)
+            plain = from_a.unprotect(wire[:end])
+            expected = {b.address: to[b.address].protect(plain) + wire[end:]}
+            if seq % 7 == 3:
+                gap += 1
+            else:
+                edited = double.Relay()
+                edited.packet = plain
+                if gap:
+                    edited.edit(seq=(seq - gap) & 0xFFFF)
+                expected[c.address] = to[c.address].protect(edited.packet) + wire[end:]
+            self.assertEqual(out, expected, f"{len(wire)}-byte datagram")
+            for receiver in (b, c):
+                if receiver.address in out:
+                    got = receiver.receiver.unprotect(out[receiver.address], seq * 0.02)
+                    self.assertEqual(got.packet, original)
+        self.assertGreater(largest, MAX_IPV4_DATAGRAM - 100)
+        self.assertEqual(f.plane.leg("a").counters["rtp_in"], seq)
+        self.assertEqual(sum(sum(f.plane.leg(n).drops.values()) for n in "abc"), 0)
+
+    def test_rtp_of_every_size_relayed_byte_identical_128(self) -> None:
+        self.sweep_rtp(P128)
+
+    def test_rtp_of_every_size_relayed_byte_identical_256(self) -> None:
+        self.sweep_rtp(P256)
+
+    def sweep_rtcp(self, profile: Profile) -> None:
+        f = Fixture(profile=profile, seed=int(profile))
+        f.connect()
+        a, b, c = (f.eps[n] for n in "abc")
+        to = {b.address: b.keys.server_outer.context(), c.address: c.keys.server_outer.context()}
+        for size in SWEEP:
+            rtcp = app_packet(a.ssrc, f.rng.randbytes(size & ~3))
+            wire = a.rtcp_out.protect_rtcp(rtcp)
+            if len(wire) > MAX_IPV4_DATAGRAM:
+                break
+            out = dict((address, data) for data, address in
+                       f.plane.datagram_received(wire, a.address, 0.0))
+            self.assertEqual(out, {address: context.protect_rtcp(rtcp)
+                                   for address, context in to.items()}, f"{len(wire)} bytes")
+            self.assertEqual(b.rtcp_in.unprotect_rtcp(out[b.address]), rtcp)
+        self.assertEqual(f.plane.leg("a").counters["rtcp_in"], f.plane.leg("c").counters[
+            "rtcp_out"])
+        self.assertGreater(f.plane.leg("c").counters["rtcp_out"], len(SWEEP) - 5)
+
+    def test_rtcp_of_every_size_relayed_byte_identical_128(self) -> None:
+        self.sweep_rtcp(P128)
+
+    def test_rtcp_of_every_size_relayed_byte_identical_256(self) -> None:
+        self.sweep_rtcp(P256)
+
+    def test_junk_of_any_size_is_counted_never_raised(self) -> None:
+        """A sender (or a spoofer of its address) sends garbage up to the largest datagram."""
+        f = Fixture()
+        f.connect()
+        a = f.eps["a"]
+        drops = f.plane.leg("a").drops
+        for size in (*SWEEP, 65535):
+            for first in (b"\x80\x60", b"\x80\xc8"):  # RTP, RTCP
+                junk = first + f.rng.randbytes(size) + b"\x00"
+                self.assertEqual(f.plane.datagram_received(junk, a.address, 0.0), [])
+        self.assertEqual(sum(drops.values()), 2 * (len(SWEEP) + 1))
+        relay = double.Relay()
+        self.assertRaises(ProtocolError, relay.open, b"\x80" * 70_000 + b"\x00",
+                          f.plane.leg("a").inbound)
+        relay.packet = a.rtp(1, bytes(70_000))
+        self.assertRaises(ProtocolError, relay.seal, f.plane.leg("b").outbound)
+
+    @defer.inlineCallbacks
+    def test_jumbo_datagrams_over_the_md_media_port(self) -> None:
+        """The daemon's media port (MediaService) reads any datagram whole, and a datagram
+        the socket refuses toward one receiver still reaches the others."""
+        rng = random.Random(9000)
+        params = EktParameterSet(key=rng.randbytes(16), cipher=EktCipher.AESKW_128,
+                                 master_salt=rng.randbytes(12), spi=1, ttl=600)
+        plane = MediaPlane()
+        protocol = MediaPlaneProtocol(plane, reactor)
+        service = MediaService(reactor, "127.0.0.1", 0, protocol,
+                               MdConferences(plane, reactor, media_host="127.0.0.1"))
+        service.startService()
+        self.addCleanup(service.stopService)
+        md = ("127.0.0.1", service.port.getHost().port)
+        eps, sockets = {}, {}
+        for name in "abc":
+            collector = Collector()
+            sock = reactor.listenUDP(0, collector, interface="127.0.0.1", maxPacketSize=65535)
+            self.addCleanup(sock.stopListening)
+            ep = Endpoint(name, rng, params, ("127.0.0.1", sock.getHost().port))
+            eps[name], sockets[name] = ep, (sock, collector)
+            plane.add_leg(name, ep.md_ufrag, ep.md_pwd)
+            waiting = collector.next()
+            sock.write(ep.stun(), md)
+            yield waiting
+            plane.install_keys(name, ep.media_keys())
+        a, b, c = (eps[n] for n in "abc")
+
+        def send(seq: int, size: int) -> tuple[bytes, bytes, defer.Deferred]:
+            original = a.rtp(seq, rng.randbytes(size))
+            wire = a.sender.protect(original, seq * 0.02, keyframe=True)  # a FullEKTField
+            waiting = sockets["c"][1].next()
+            sockets["a"][0].write(wire, md)
+            return original, wire, waiting
+
+        # A jumbo frame's worth of media (beyond Twisted's default 8192-byte reads).
+        original, wire, waiting = send(1, 9000)
+        self.assertEqual(c.receiver.unprotect((yield waiting), 0.02).packet, original)
+        self.assertEqual(b.receiver.unprotect(sockets["b"][1].received[-1], 0.02).packet,
+                         original)
+        # b misses one packet: its next copy is renumbered and two bytes longer...
+        plane.should_forward = lambda src, dst, ssrc: dst != "b"
+        _, _, waiting = send(2, 100)
+        yield waiting
+        plane.should_forward = lambda src, dst, ssrc: True
+        # ... so a largest IPv4 datagram, relayed, is too large for b's copy only.
+        size = MAX_IPV4_DATAGRAM - (len(wire) - 9000)
+        original, wire, waiting = send(3, size)
+        self.assertEqual(len(wire), MAX_IPV4_DATAGRAM)
+        data = yield waiting
+        self.assertEqual(len(data), MAX_IPV4_DATAGRAM)
+        self.assertEqual(c.receiver.unprotect(data, 0.06).packet, original)
+        self.assertEqual(plane.leg("b").drops["send_failed"], 1)
+        self.assertEqual(plane.leg("b").counters["rtp_out"], 2)

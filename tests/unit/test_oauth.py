@@ -11,17 +11,23 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 from twisted.internet import defer
+from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
 from perc_daemons.config import ConfigError
 from perc_daemons.kmf.auth import LoginRateLimiter
 from perc_daemons.kmf.auth.file import FileAuthenticator, add_user
 from perc_daemons.kmf.clients import (
+    MIN_SECRET_LENGTH,
     Client,
+    ClientAuthLimiter,
     ClientFileError,
+    ClientRateLimited,
     ClientRegistry,
     InvalidClient,
     check_redirect_uri,
+    hash_client_secret,
+    new_client_secret,
 )
 from perc_daemons.kmf.oauth import (
     AuthorizationServer,
@@ -41,8 +47,8 @@ T0 = 1_800_000_000.0
 ISSUER = "https://idp.example.com"
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 PASSWORD = "correct horse battery staple"
-ROOM_SECRET = "room-secret-" + "x" * 20
-RS_SECRET = "rs-secret-" + "y" * 20
+ROOM_SECRET = "room-secret-" + "x" * 32  # a $sha256$ entry: at least 43 characters
+RS_SECRET = "rs-secret-" + "y" * 20  # a legacy argon2id entry
 WEB_CB = "https://conf.example.com/cb?tenant=a"
 CERT = b"0\x82\x01\x00 the client's DTLS certificate"
 OTHER_CERT = b"0\x82\x01\x00 another certificate"
@@ -99,11 +105,15 @@ class ClientRegistryTests(unittest.TestCase):
         return write_file(os.path.join(self.dir, "kmf-clients.toml"), text, mode)
 
     def good(self) -> str:
-        return CLIENTS.format(web_cb=WEB_CB, room_hash=FAST.hash(ROOM_SECRET),
+        return CLIENTS.format(web_cb=WEB_CB, room_hash=hash_client_secret(ROOM_SECRET),
                               rs_hash=FAST.hash(RS_SECRET))
 
     def test_load(self):
-        registry = ClientRegistry.load(self.write(self.good(), 0o640), hasher=FAST)
+        with capturedLogs() as events:
+            registry = ClientRegistry.load(self.write(self.good(), 0o640), hasher=FAST)
+        # the legacy argon2id entry (and only it) is accepted with a warning to re-hash it
+        warnings = [e for e in events if "argon2id" in e.get("log_format", "")]
+        self.assertEqual([e["client_id"] for e in warnings], ["rs"])
         self.assertEqual(len(registry), 4)
         web = registry.get("web")
         self.assertFalse(web.confidential)
@@ -132,6 +142,10 @@ class ClientRegistryTests(unittest.TestCase):
             ('[client.web]\ntype = "secret"\n', "client.web.type"),
             (web + 'secret_hash = "$argon2id$x"\nredirect_uris = ["https://a/cb"]\n',
              "client.web.secret_hash"),
+            ('[client.s]\ntype = "confidential"\ngrant_types = ["client_credentials"]\n'
+             'secret_hash = "$sha256$abc"\n', "client.s.secret_hash"),
+            ('[client.s]\ntype = "confidential"\ngrant_types = ["client_credentials"]\n'
+             'secret_hash = "plain-secret"\n', "client.s.secret_hash"),
             (web, "client.web.redirect_uris"),
             (web + 'redirect_uris = ["http://a.example.com/cb"]\n', "client.web.redirect_uris"),
             (web + 'redirect_uris = ["https://a/cb#frag"]\n', "client.web.redirect_uris"),
@@ -160,20 +174,81 @@ class ClientRegistryTests(unittest.TestCase):
                     "https://a/c b", "https://a:99999/cb", "", None):
             self.assertIsNotNone(check_redirect_uri(bad), bad)
 
+    def test_secret_hash(self):
+        secret = new_client_secret()
+        self.assertEqual(len(secret), MIN_SECRET_LENGTH)
+        self.assertEqual(len(base64.urlsafe_b64decode(secret + "=")), 32)
+        self.assertNotEqual(secret, new_client_secret())
+        made = hash_client_secret(secret)
+        self.assertEqual(made, "$sha256$" + b64(hashlib.sha256(secret.encode()).digest()))
+        self.assertEqual(hash_client_secret(ROOM_SECRET + " é"),
+                         "$sha256$" + b64(hashlib.sha256((ROOM_SECRET + " é").encode())
+                                          .digest()))
+        for bad in (secret[:-1], "", "x" * 42, ROOM_SECRET + "\n", "x" * 1025, None):
+            self.assertRaises(ValueError, hash_client_secret, bad)
+
     @defer.inlineCallbacks
     def test_authenticate(self):
         registry = ClientRegistry.load(self.write(self.good()), hasher=FAST)
         client = yield registry.authenticate("room-101", ROOM_SECRET)
         self.assertEqual(client.client_id, "room-101")
-        for cid, secret in (("room-101", "wrong"), ("nobody", ROOM_SECRET),
-                            ("web", ROOM_SECRET), ("room-101", ""), ("room-101", None)):
+        for cid, secret in (("room-101", "wrong"), ("room-101", ROOM_SECRET[:-1]),
+                            ("nobody", ROOM_SECRET), ("web", ROOM_SECRET), ("room-101", ""),
+                            ("room-101", None), ("rs", ROOM_SECRET)):
             with self.assertRaises(InvalidClient):
                 yield registry.authenticate(cid, secret)
-        # even a secret matching the dummy hash does not make an unknown client
-        registry._dummy_hash = FAST.hash("dummy")
+        self.assertEqual(registry.slow_verifications, 1)  # rs only: a legacy argon2id entry
+        # the migration path: the legacy entry still works, through argon2id
+        client = yield registry.authenticate("rs", RS_SECRET)
+        self.assertEqual((client.client_id, registry.slow_verifications), ("rs", 2))
+        # the fast path is synchronous: no thread, no reactor turn
+        d = registry.authenticate("room-101", ROOM_SECRET)
+        self.assertEqual(self.successResultOf(d).client_id, "room-101")
+        self.failureResultOf(registry.authenticate("nobody", ROOM_SECRET), InvalidClient)
+        self.failureResultOf(registry.authenticate("room-101", "x" * 60), InvalidClient)
+        # even a secret matching the dummy digest does not make an unknown client
+        registry._dummy_digest = hashlib.sha256(b"dummy" * 10).digest()
         for cid in ("nobody", "web"):
-            with self.assertRaises(InvalidClient):
-                yield registry.authenticate(cid, "dummy")
+            self.failureResultOf(registry.authenticate(cid, "dummy" * 10), InvalidClient)
+        # a $sha256$ entry never matches a short secret, even if someone hashed one
+        short = Client("short", "confidential", frozenset({"client_credentials"}), (),
+                       frozenset(), "$sha256$" + b64(hashlib.sha256(b"short").digest()))
+        self.failureResultOf(ClientRegistry([short]).authenticate("short", "short"),
+                             InvalidClient)
+
+    @defer.inlineCallbacks
+    def test_failed_authentications_are_limited(self):
+        limiter = ClientAuthLimiter(client_limit=3, address_limit=5, window=60)
+        registry = ClientRegistry.load(self.write(self.good()), hasher=FAST, limiter=limiter)
+        a, b = "192.0.2.1", "198.51.100.7"
+        for _ in range(3):
+            self.failureResultOf(registry.authenticate("room-101", "wrong", a), InvalidClient)
+        f = self.failureResultOf(registry.authenticate("room-101", "wrong", b),
+                                 ClientRateLimited)
+        self.assertGreater(f.value.retry_after, 0)
+        # the right secret of a $sha256$ entry is never refused: a flood naming the
+        # client cannot lock it out
+        self.assertEqual(self.successResultOf(
+            registry.authenticate("room-101", ROOM_SECRET, b)).client_id, "room-101")
+        # per address: unknown client ids count too
+        for i in range(5):
+            self.failureResultOf(registry.authenticate(f"nobody-{i}", "x", "203.0.113.9"),
+                                 InvalidClient)
+        self.failureResultOf(registry.authenticate("other", "x", "203.0.113.9"),
+                             ClientRateLimited)
+        self.failureResultOf(registry.authenticate("other", "x", "203.0.113.10"),
+                             InvalidClient)
+        # a legacy argon2id entry: concurrent wrong secrets are counted before they are
+        # verified, and beyond the limit nothing is verified, not even the right secret
+        results = yield defer.DeferredList(
+            [registry.authenticate("rs", f"wrong-{i}", f"192.0.2.{10 + i}") for i in range(10)],
+            consumeErrors=True)
+        refused = sorted(type(f.value).__name__ for _, f in results)
+        self.assertEqual(refused, ["ClientRateLimited"] * 7 + ["InvalidClient"] * 3)
+        self.assertEqual(registry.slow_verifications, 3)
+        with self.assertRaises(ClientRateLimited):
+            yield registry.authenticate("rs", RS_SECRET, "192.0.2.99")
+        self.assertEqual(registry.slow_verifications, 3)
 
 
 class OAuthTests(unittest.TestCase):
@@ -186,7 +261,7 @@ class OAuthTests(unittest.TestCase):
         add_user(users, "alice", PASSWORD, hasher=FAST)
         add_user(users, "bob", PASSWORD, hasher=FAST)
         self.authenticator = FileAuthenticator(users, "example.com", hasher=FAST)
-        text = CLIENTS.format(web_cb=WEB_CB, room_hash=FAST.hash(ROOM_SECRET),
+        text = CLIENTS.format(web_cb=WEB_CB, room_hash=hash_client_secret(ROOM_SECRET),
                               rs_hash=FAST.hash(RS_SECRET))
         self.clients = ClientRegistry.load(write_file(str(base / "clients.toml"), text),
                                            hasher=FAST)
@@ -559,7 +634,7 @@ class OAuthTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_refresh_token_introspected_by_its_client(self):
         # a confidential client with refresh tokens: its own refresh token is active
-        text = CLIENTS.format(web_cb=WEB_CB, room_hash=FAST.hash(ROOM_SECRET),
+        text = CLIENTS.format(web_cb=WEB_CB, room_hash=hash_client_secret(ROOM_SECRET),
                               rs_hash=FAST.hash(RS_SECRET)).replace(
             '[client.rs]\ntype = "confidential"',
             '[client.rs]\ntype = "confidential"\nredirect_uris = ["https://rs.example/cb"]'

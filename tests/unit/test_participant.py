@@ -81,7 +81,6 @@ from perc_daemons.protocol.tunnel import (
 T0 = 1_700_000_000.0
 CONF = "conf-1"
 KD_NAME = "kd.localhost"
-KD_TLS_ID = "kd-tls-id-" + "K" * 22
 MD_ADDR = ("198.51.100.7", 5000)
 P128 = Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM
 P256 = Profile.DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM
@@ -127,21 +126,21 @@ class RawKd:
         self.certificate = certificate
         self.private_key = private_key
         self.config = config
-        self.expected: dict[bytes, tuple[bytes, bytes]] = {}
+        self.expected: dict[bytes, tuple[bytes, bytes, bytes]] = {}
         self.connections: dict[bytes, DtlsConnection] = {}
         self.events: list[Any] = []
 
     def expect(self, aid: bytes, conference: str, identity: str, fingerprint: bytes,
-               tls_id: bytes, ssrcs: object = ()) -> None:
-        self.expected[aid] = (fingerprint, tls_id)
+               tls_id: bytes, ssrcs: object = (), *, kd_tls_id: bytes) -> None:
+        self.expected[aid] = (fingerprint, tls_id, kd_tls_id)
 
     def tunneled_dtls(self, aid: bytes, data: bytes, now: float) -> list[Any]:
         connection = self.connections.get(aid)
         if connection is None:
-            fingerprint, tls_id = self.expected[aid]
+            fingerprint, tls_id, kd_tls_id = self.expected[aid]
             connection = self.connections[aid] = DtlsConnection(Role.SERVER, DtlsConfiguration(
                 self.certificate, self.private_key, expected_peer_fingerprint=fingerprint,
-                external_session_id=KD_TLS_ID.encode(),
+                external_session_id=kd_tls_id,
                 expected_peer_external_session_id=tls_id, **self.config))
         connection.receive_datagram(data, now)
         while (event := connection.next_event()) is not None:
@@ -181,7 +180,7 @@ class Net:
         self.kd: Any
         if raw_kd is None:
             self.kd = KeyDistributorCore(self.kd_der, self.kd_key,  # type: ignore[arg-type]
-                                         KD_TLS_ID.encode(), os.urandom(32))
+                                         os.urandom(32))
         else:
             self.kd = RawKd(self.kd_der, self.kd_key, **raw_kd)
         self.plane = MediaPlane(on_dtls=self._on_dtls)
@@ -261,11 +260,13 @@ class Net:
             sdp.parse(offer), fingerprint=self.kd_fingerprint, tls_id=new_tls_id(),
             ice_ufrag=md_ufrag, ice_pwd=md_pwd,
             candidates=[f"1 1 udp 2130706431 {MD_ADDR[0]} {MD_ADDR[1]} typ host"])
-        # KD: its tls-id in every accepted section, admit, sign
+        # KD: its own tls-id for this association in every accepted section, admit, sign
+        kd_tls_id = new_tls_id()
         answer = sdp.SessionDescription(
             draft.origin, draft.session_name, draft.fields, draft.attributes,
-            tuple(m.with_tls_id(KD_TLS_ID) if m.port else m for m in draft.media))
-        self.kd.expect(aid, CONF, identity, fingerprint, tls_id.encode(), [ssrc])
+            tuple(m.with_tls_id(kd_tls_id) if m.port else m for m in draft.media))
+        self.kd.expect(aid, CONF, identity, fingerprint, tls_id.encode(), [ssrc],
+                       kd_tls_id=kd_tls_id.encode())
         signed = sign_answer(answer, offer, association_id=aid, conference_id=CONF,
                              identity=identity, certificate_chain=[self.kd_der],
                              private_key=self.kd_key, now=self.now)  # type: ignore[arg-type]
@@ -695,7 +696,8 @@ class RekeyTests(unittest.TestCase):
         failures = c.of(DecryptFailed)
         self.assertGreaterEqual(len(failures), len(late))
         self.assertEqual({f.ssrc for f in failures}, {a.ssrc, b.ssrc})
-        self.assertLessEqual({f.reason for f in failures}, {"ekt_unknown_spi", "e2e_auth"})
+        self.assertLessEqual({f.reason for f in failures},
+                             {"ekt_unknown_spi", "e2e_auth", "e2e_key_unknown"})
         self.assertIn("ekt_unknown_spi", {f.reason for f in failures})
         # Everyone rotated its inner key: the new ones reached the others, not carol.
         for p, other in ((a, b), (b, a)):

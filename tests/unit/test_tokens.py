@@ -26,6 +26,7 @@ from perc_daemons.kmf.tokens import (
     WrongIssuer,
     certificate_thumbprint,
     issue_access_token,
+    unverified_jti,
     verify_access_token,
 )
 
@@ -104,6 +105,13 @@ class TokenTestCase(unittest.TestCase):
     def test_jti_random_or_given(self) -> None:
         self.assertNotEqual(self.claims(self.issue())["jti"], self.claims(self.issue())["jti"])
         self.assertEqual(self.verify(self.issue(jti="one-time-1")).jti, "one-time-1")
+
+    def test_unverified_jti(self) -> None:
+        self.assertEqual(unverified_jti(self.issue(jti="j-1")), "j-1")
+        for token in ("", "a.b", "a.b.c.d", craft({}, {"jti": 7}), craft({}, {"sub": "x"}),
+                      craft({}, {"jti": ""}), craft({}, {"jti": "x" * 257}),
+                      "e30.!!!.e30", "e30.WzFd.e30", "x" * 9000):
+            self.assertIsNone(unverified_jti(token), token[:40])
 
     def test_issue_refuses_bad_arguments(self) -> None:
         self.assertRaises(ValueError, self.issue, lifetime=601)  # beyond key retention

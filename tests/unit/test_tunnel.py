@@ -26,15 +26,20 @@ from perc_daemons.protocol.tunnel import (
     DecoderFailed,
     EndpointDisconnect,
     FrameTooLarge,
+    Liveness,
+    LivenessTimeout,
     MalformedFrame,
     MediaKeys,
     MessageType,
+    Ping,
+    Pong,
     SignAnswer,
     SignAnswerAck,
     SupportedProfiles,
     TunnelDecoder,
     TunneledDtls,
     TunnelError,
+    UnexpectedPong,
     UnknownMessageType,
     UnsupportedProtocolVersion,
     UnsupportedVersion,
@@ -72,12 +77,16 @@ def samples() -> list:
         TunneledDtls(AID, b"\x16\xfe\xfd" + bytes(50)),
         TunneledDtls(AID2, b"x"),
         EndpointDisconnect(AID),
-        SignAnswer(AID, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\ns=é☃\r\n"),
+        SignAnswer(AID, "conf-1", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\ns=é☃\r\n"),
+        SignAnswer(AID2, "é" * 127, "o", "a"),
         SignAnswerAck(AID, SIGN_STATUS_OK, "v=0\r\na=identity:abc\r\n"),
         SignAnswerAck(AID2, SIGN_STATUS_REFUSED, ""),
         SignAnswerAck(AID2, 0xFFFF, "fingerprint mismatch"),
         Associations(),
         Associations(((AID, "conf-1"), (AID2, "é☃" + "x" * 250))),
+        Ping(0),
+        Ping(2**64 - 1),
+        Pong(7),
     ]
 
 
@@ -107,7 +116,7 @@ class WorkedExampleTests(unittest.TestCase):
         self.assertEqual(DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, 0x0009)
         self.assertEqual(DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM, 0x000A)
         self.assertEqual([int(t) for t in MessageType],
-                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1, 0xF2])
+                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1, 0xF2, 0xF3, 0xF4])
 
 
 class EncodingTests(unittest.TestCase):
@@ -154,8 +163,15 @@ class EncodingTests(unittest.TestCase):
         self.assertEqual(EndpointDisconnect(AID).encode(), b"\x05\x00\x10" + AID)
         self.assertEqual(TunneledDtls(AID, b"ab").encode(),
                          b"\x04\x00\x14" + AID + b"\x00\x02ab")
-        self.assertEqual(SignAnswer(AID, "o", "é").encode(),
-                         b"\xf0\x00\x17" + AID + b"\x00\x01o\x00\x02\xc3\xa9")
+        self.assertEqual(SignAnswer(AID, "c1", "o", "é").encode(),
+                         b"\xf0\x00\x1a" + AID + b"\x02c1\x00\x01o\x00\x02\xc3\xa9")
+        for bad in ("", "x" * 256):
+            with self.assertRaises(MalformedFrame):
+                SignAnswer(AID, bad, "o", "a")
+        # a conference id that is not UTF-8 on the wire
+        frame = b"\xf0\x00\x18" + AID + b"\x01\xff\x00\x01o\x00\x01a"
+        with self.assertRaises(MalformedFrame):
+            TunnelDecoder().feed(frame)
         self.assertEqual(SignAnswerAck(AID, 2, "no").encode(),
                          b"\xf1\x00\x16" + AID + b"\x00\x02\x00\x02no")
         self.assertEqual(Associations().encode(), b"\xf2\x00\x02\x00\x00")
@@ -164,9 +180,10 @@ class EncodingTests(unittest.TestCase):
 
     def test_largest_messages_fit_a_frame(self) -> None:
         big = "a" * MAX_SDP_LENGTH
-        data = SignAnswer(AID, big, big).encode()
+        longest_cid = "c" * MAX_CONFERENCE_ID_LENGTH
+        data = SignAnswer(AID, longest_cid, big, big).encode()
         self.assertLessEqual(len(data), HEADER_LENGTH + MAX_BODY_LENGTH)
-        self.assertEqual(TunnelDecoder().feed(data), [SignAnswer(AID, big, big)])
+        self.assertEqual(TunnelDecoder().feed(data), [SignAnswer(AID, longest_cid, big, big)])
         dtls = TunneledDtls(AID, bytes(MAX_BODY_LENGTH - 18))
         self.assertEqual(len(dtls.encode()), HEADER_LENGTH + MAX_BODY_LENGTH)
         self.assertEqual(TunnelDecoder().feed(dtls.encode()), [dtls])
@@ -249,7 +266,7 @@ class ValidationTests(unittest.TestCase):
         self.assertFalse(is_uuid4(str(uuid.UUID(bytes=AID))))
 
     def test_unknown_types(self) -> None:
-        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF3, 0xFF):
+        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF5, 0xFF):
             with self.assertRaises(UnknownMessageType) as cm:
                 decode_message(msg_type, b"")
             self.assertEqual(cm.exception.msg_type, msg_type)
@@ -273,10 +290,11 @@ class ValidationTests(unittest.TestCase):
                               frame(msg.msg_type, body + b"\x00"))
 
     def test_sign_messages_text(self) -> None:
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "", "v=0")
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "v=0", "")
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "a" * (MAX_SDP_LENGTH + 1), "v")
-        self.assertRaises(MalformedFrame, SignAnswer, AID, "\ud800", "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "", "v=0")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "v=0", "")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "a" * (MAX_SDP_LENGTH + 1), "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "\ud800", "v")
+        self.assertRaises(MalformedFrame, SignAnswer, AID, "\ud800", "v", "v")
         self.assertRaises(MalformedFrame, SignAnswerAck, AID, SIGN_STATUS_OK, "")
         self.assertRaises(MalformedFrame, SignAnswerAck, AID, 0x10000, "x")
         bad_utf8 = AID + b"\x00\x01\xff\x00\x01v"
@@ -321,13 +339,74 @@ class ValidationTests(unittest.TestCase):
 
     def test_errors_are_typed_protocol_errors(self) -> None:
         classes = (MalformedFrame, UnknownMessageType, FrameTooLarge, BadAssociationId,
-                   UnsupportedProtocolVersion, DecoderFailed)
+                   UnsupportedProtocolVersion, DecoderFailed, LivenessTimeout, UnexpectedPong)
         reasons = set()
         for cls in classes:
             self.assertTrue(issubclass(cls, TunnelError))
             self.assertTrue(issubclass(cls, ProtocolError))
             reasons.add(cls.reason)
         self.assertEqual(len(reasons | {TunnelError.reason}), len(classes) + 1)
+
+
+class PingPongTests(unittest.TestCase):
+    def test_layout(self) -> None:
+        self.assertEqual(Ping(0x0102030405060708).encode(),
+                         b"\xf3\x00\x08\x01\x02\x03\x04\x05\x06\x07\x08")
+        self.assertEqual(Pong(1).encode(), b"\xf4\x00\x08" + bytes(7) + b"\x01")
+        self.assertEqual(decode_message(0xF4, bytes(7) + b"\x01"), Pong(1))
+
+    def test_bounds(self) -> None:
+        for cls in (Ping, Pong):
+            self.assertRaises(MalformedFrame, cls, -1)
+            self.assertRaises(MalformedFrame, cls, 2**64)
+            self.assertRaises(TypeError, cls, True)
+            self.assertRaises(MalformedFrame, decode_message, cls.msg_type, bytes(7))
+            self.assertRaises(MalformedFrame, decode_message, cls.msg_type, bytes(9))
+
+
+class LivenessTests(unittest.TestCase):
+    def test_ping_every_interval_after_the_last_answer(self) -> None:
+        live = Liveness(interval=15.0, timeout=5.0, now=100.0)
+        self.assertEqual(live.deadline, 115.0)
+        self.assertIsNone(live.poll(114.9))
+        self.assertFalse(live.waiting)
+        self.assertEqual(live.poll(115.0), Ping(1))
+        self.assertTrue(live.waiting)
+        self.assertEqual(live.deadline, 120.0)
+        self.assertIsNone(live.poll(119.0))
+        live.pong(Pong(1), 117.0)
+        self.assertFalse(live.waiting)
+        self.assertEqual(live.deadline, 132.0)
+        self.assertEqual(live.poll(132.0), Ping(2))
+
+    def test_late_pong_is_a_timeout(self) -> None:
+        live = Liveness(interval=1.0, timeout=2.0, now=0.0)
+        self.assertEqual(live.poll(1.0), Ping(1))
+        with self.assertRaises(LivenessTimeout) as cm:
+            live.poll(3.0)
+        self.assertEqual(cm.exception.reason, "tunnel_liveness_timeout")
+        self.assertIn("2 s", str(cm.exception))
+
+    def test_probe_pings_at_once_unless_one_is_in_flight(self) -> None:
+        live = Liveness(interval=15.0, timeout=5.0, now=0.0)
+        self.assertEqual(live.probe(1.0), Ping(1))
+        self.assertEqual(live.deadline, 6.0)
+        self.assertIsNone(live.probe(2.0))  # the first one's due time holds
+        self.assertEqual(live.deadline, 6.0)
+        self.assertRaises(LivenessTimeout, live.poll, 6.0)
+
+    def test_pong_must_answer_the_ping_in_flight(self) -> None:
+        live = Liveness(interval=1.0, timeout=1.0, now=0.0)
+        self.assertRaises(UnexpectedPong, live.pong, Pong(1), 0.5)  # none in flight
+        live.poll(1.0)
+        self.assertRaises(UnexpectedPong, live.pong, Pong(2), 1.5)
+        self.assertTrue(live.waiting)
+        live.pong(Pong(1), 1.5)
+        self.assertRaises(UnexpectedPong, live.pong, Pong(1), 1.6)  # answered already
+
+    def test_bad_parameters(self) -> None:
+        self.assertRaises(ValueError, Liveness, 0.0, 1.0, 0.0)
+        self.assertRaises(ValueError, Liveness, 1.0, -1.0, 0.0)
 
 
 class DecoderTests(unittest.TestCase):
@@ -428,11 +507,13 @@ messages = st.one_of(
               opaque, opaque, opaque, opaque),
     st.builds(TunneledDtls, uuid4s, st.binary(min_size=1, max_size=300)),
     st.builds(EndpointDisconnect, uuid4s),
-    st.builds(SignAnswer, uuid4s, sdp, sdp),
+    st.builds(SignAnswer, uuid4s, st.text(min_size=1, max_size=60), sdp, sdp),
     st.builds(SignAnswerAck, uuid4s, st.just(SIGN_STATUS_OK), sdp),
     st.builds(SignAnswerAck, uuid4s, st.integers(1, 0xFFFF), st.text(max_size=40)),
     st.dictionaries(uuid4s, st.text(min_size=1, max_size=20), max_size=6).map(
         lambda entries: Associations(tuple(entries.items()))),
+    st.integers(0, 2**64 - 1).map(Ping),
+    st.integers(0, 2**64 - 1).map(Pong),
 )
 pieces = st.lists(st.one_of(messages.map(lambda m: m.encode()), st.binary(max_size=40)),
                   max_size=8)

@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
@@ -28,6 +28,7 @@ from perc_daemons import tunnel_link
 from perc_daemons.devpki import DevPki, Issued
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
 from perc_daemons.kd.tunnel import KdTunnelClient
+from perc_daemons.listening import ConnectionLimits, RateLimitedLog
 from perc_daemons.md.tunnel import MD_PROFILES, MdTunnelServer, md_tunnel_context_factory
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.tunnel import (
@@ -35,6 +36,8 @@ from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_REFUSED,
     EndpointDisconnect,
     MediaKeys,
+    Ping,
+    Pong,
     SignAnswer,
     SignAnswerAck,
     SupportedProfiles,
@@ -43,7 +46,7 @@ from perc_daemons.protocol.tunnel import (
     new_association_id,
 )
 from perc_daemons.tls import TlsFileError
-from perc_daemons.tunnel_link import RateLimitedLog, TunnelLink
+from perc_daemons.tunnel_link import TunnelLink
 
 
 def fingerprint_of(issued: Issued) -> bytes:
@@ -142,14 +145,14 @@ class TunnelTestBase(unittest.TestCase):
 
     def start_kd(self, port: int, certificate: Issued | None = None, name: str = "localhost",
                  ca: Path | None = None, handler: Recorder | None = None,
-                 min_delay: float = 0.05) -> KdTunnelClient:
+                 min_delay: float = 0.05, **kwargs: Any) -> KdTunnelClient:
         certificate = certificate or self.kd_cert
         client = KdTunnelClient(
             reactor, host="127.0.0.1", port=port, name=name,
             ca_certificate=str(ca or self.pki.ca_certificate_path),
             certificate=str(certificate.certificate), private_key=str(certificate.private_key),
             handler=handler or self.kd_handler, metrics=self.kd_metrics,
-            min_delay=min_delay, max_delay=max(1.0, min_delay))
+            min_delay=min_delay, max_delay=max(1.0, min_delay), **kwargs)
         client.startService()
         self.addCleanup(client.stopService)
         return client
@@ -214,7 +217,7 @@ class TunnelUpTests(TunnelTestBase):
                  SignAnswerAck(aid, SIGN_STATUS_OK, "v=0\r\n" + "a=x\r\n" * 2000),
                  SignAnswerAck(aid, SIGN_STATUS_REFUSED, "not invited")]
         to_kd = [TunneledDtls(aid, bytes(range(256)) * 200),
-                 SignAnswer(aid, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\n"),
+                 SignAnswer(aid, "conf-1", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n", "v=0\r\n"),
                  EndpointDisconnect(aid)]
         for message in to_md:
             kd_peer.send(message)
@@ -417,6 +420,9 @@ class BadPeerTests(TunnelTestBase):
     def test_unsupported_version_from_kd(self):
         return self.bad_kd(UnsupportedVersion(0).encode(), "tunnel_kd_unsupported_version")
 
+    def test_pong_that_answers_no_ping(self):
+        return self.bad_kd(Pong(5).encode(), "tunnel_unexpected_pong")
+
     @defer.inlineCallbacks
     def test_messages_before_bad_frame_are_delivered(self):
         md = self.start_md()
@@ -446,15 +452,40 @@ class TimeoutTests(TunnelTestBase):
 
     @defer.inlineCallbacks
     def test_silent_connection_dropped_after_handshake_timeout(self):
-        self.patch(tunnel_link, "HANDSHAKE_TIMEOUT", 0.05)
-        md = self.start_md()
+        md = self.start_md(limits=ConnectionLimits(handshake_timeout=0.05))
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", md.port)
         raw = yield endpoint.connect(Factory.forProtocol(RawPeer))  # plain TCP, no TLS
         reason = yield raw.when_lost()
         self.assertIsNotNone(reason)
-        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_errors_total",
-                                     reason="tunnel_handshake_timeout"), 1)
+        self.assertEqual(self.sample(self.md_metrics, "perc_connections_closed_total",
+                                     listener="md-tunnel", reason="handshake_timeout"), 1)
         self.assertEqual(self.md_handler.up_count, 0)
+        self.assertEqual(md._connections, set())
+
+    @defer.inlineCallbacks
+    def test_kd_gives_up_on_an_md_that_never_sends_supported_profiles(self):
+        self.patch(tunnel_link, "HANDSHAKE_TIMEOUT", 0.3)
+        connections: list[RawPeer] = []
+
+        class MuteMdFactory(Factory):
+            def buildProtocol(self, addr: object) -> RawPeer:
+                peer = RawPeer()
+                connections.append(peer)
+                return peer
+
+        port = reactor.listenSSL(0, MuteMdFactory(), md_tunnel_context_factory(
+            str(self.md_cert.certificate), str(self.md_cert.private_key)),
+            interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        kd = self.start_kd(port.getHost().port, min_delay=5.0)
+        link = yield kd.when_connected()
+        reason = yield link.when_lost()
+        self.assertIn("tunnel not up within 0.3 s", reason)
+        self.assertEqual(self.sample(self.kd_metrics, "perc_tunnel_errors_total",
+                                     reason="tunnel_handshake_timeout"), 1)
+        yield kd.stopService()
+        for connection in connections:
+            yield connection.when_lost()
 
 
 class KdVersionTests(TunnelTestBase):
@@ -508,6 +539,181 @@ class KdVersionTests(TunnelTestBase):
         self.assertEqual(peer.data, b"")
         self.assertEqual(self.kd_handler.up_count, 0)
         self.assertEqual(self.kd_handler.message_count, 0)
+
+
+def first_of(*ds: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """Fires when the first of ``ds`` does (the others keep running)."""
+    return defer.DeferredList(list(ds), fireOnOneCallback=True, consumeErrors=True)
+
+
+def wait_until(predicate: Any, interval: float = 0.02) -> defer.Deferred[None]:
+    """Polls ``predicate`` on the reactor until it is true (the test's timeout bounds it)."""
+    @defer.inlineCallbacks
+    def poll():
+        while not predicate():
+            yield task.deferLater(reactor, interval, lambda: None)
+    return poll()
+
+
+PING_HEADER = b"\xf3\x00\x08"
+
+
+class DuplicateKdTests(TunnelTestBase):
+    """A second connection presenting a pinned KD's certificate (docs/PROTOCOL.md).
+
+    The attacker holds a copy of the KD's certificate and key; the genuine
+    KD's tunnel must neither be taken over while it answers nor become
+    silently useless, and a genuine KD that restarted must take over.
+    """
+
+    @defer.inlineCallbacks
+    def test_attacker_with_the_kd_key_refused_while_the_kd_tunnel_answers(self):
+        md = self.start_md()
+        kd = self.start_kd(md.port)
+        genuine = yield kd.when_up()
+        md_side = yield self.md_handler.ups.get()
+
+        attacker = yield self.raw_kd(md.port, self.kd_cert)
+        yield first_of(attacker.first_data, attacker.when_lost())
+        # Refused before anything was sent to it: no SupportedProfiles, no Associations.
+        self.assertEqual(attacker.data, b"")
+        yield attacker.when_lost()
+        self.assertEqual(self.md_handler.up_count, 1)
+        self.assertEqual(md.peers(), [md_side])
+        self.assertIs(md.peer_for(fingerprint_of(self.kd_cert)), md_side)
+        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_duplicates_total",
+                                     outcome="refused"), 1)
+        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_kds_connected"), 1)
+        # The attacker has gone: the genuine tunnel is still the registered one, both ways.
+        self.assertEqual(len(self.md_handler.downs.pending), 0)
+        self.assertIs(kd.peer, genuine)
+        aid = new_association_id()
+        genuine.send(EndpointDisconnect(aid))
+        peer, message = yield self.md_handler.messages.get()
+        self.assertIs(peer, md_side)
+        self.assertEqual(message, EndpointDisconnect(aid))
+        md_side.send(TunneledDtls(aid, b"to the kd"))
+        _, message = yield self.kd_handler.messages.get()
+        self.assertEqual(message, TunneledDtls(aid, b"to the kd"))
+
+    @defer.inlineCallbacks
+    def test_kd_refused_while_an_answering_attacker_holds_the_tunnel_then_takes_over(self):
+        md = self.start_md()
+        attacker_handler = Recorder()
+        attacker = self.start_kd(md.port, handler=attacker_handler)
+        yield attacker.when_up()
+        attacker_md_side = yield self.md_handler.ups.get()
+
+        kd = self.start_kd(md.port)  # the genuine KD, second
+        yield wait_until(lambda: self.sample(
+            self.md_metrics, "perc_tunnel_duplicates_total", outcome="refused") >= 2)
+        self.assertIsNone(kd.peer)
+        self.assertEqual(md.peers(), [attacker_md_side])
+        self.assertEqual(self.md_handler.up_count, 1)
+
+        yield attacker.stopService()  # the attacker leaves: the KD's next attempt gets in
+        genuine = yield kd.when_up()
+        md_side = yield self.md_handler.ups.get()
+        self.assertEqual(md.peers(), [md_side])
+        genuine.send(EndpointDisconnect(new_association_id()))
+        peer, _ = yield self.md_handler.messages.get()
+        self.assertIs(peer, md_side)
+
+    @defer.inlineCallbacks
+    def test_restarted_kd_replaces_its_old_connection_that_no_longer_answers(self):
+        md = self.start_md(liveness_interval=30.0, liveness_timeout=0.3)
+        old = yield self.raw_kd(md.port, self.kd_cert)  # up, then never answers again
+        yield old.first_data
+        old_md_side = yield self.md_handler.ups.get()
+
+        kd = self.start_kd(md.port)
+        yield kd.when_up()
+        md_side = yield self.md_handler.ups.get()
+        self.assertIsNot(md_side, old_md_side)
+        self.assertEqual(md.peers(), [md_side])
+        peer, reason = yield self.md_handler.downs.get()
+        self.assertIs(peer, old_md_side)
+        self.assertTrue(reason.startswith("tunnel_liveness_timeout"), reason)
+        yield old.when_lost()
+        self.assertIn(PING_HEADER, old.data)  # it was asked
+        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_duplicates_total",
+                                     outcome="replaced"), 1)
+        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_kds_connected"), 1)
+
+    @defer.inlineCallbacks
+    def test_newcomer_registered_as_soon_as_the_old_connection_goes(self):
+        md = self.start_md(liveness_interval=600.0, liveness_timeout=600.0)
+        old = yield self.raw_kd(md.port, self.kd_cert)
+        yield old.first_data
+        yield self.md_handler.ups.get()
+
+        kd = self.start_kd(md.port)
+        yield wait_until(lambda: PING_HEADER in old.data)  # the MD checks the old one
+        self.assertIsNone(kd.peer)
+        old.transport.abortConnection()  # e.g. the kernel closing a killed KD's socket
+        yield kd.when_up()  # long before the 600 s liveness timeout
+        md_side = yield self.md_handler.ups.get()
+        self.assertEqual(md.peers(), [md_side])
+
+
+class LivenessTests(TunnelTestBase):
+    @defer.inlineCallbacks
+    def test_pings_answered_both_ways_keep_the_tunnel_up(self):
+        md = self.start_md(liveness_interval=0.05, liveness_timeout=0.2)
+        kd = self.start_kd(md.port, liveness_interval=0.05, liveness_timeout=0.2)
+        peer = yield kd.when_up()
+        md_side = yield self.md_handler.ups.get()
+        yield task.deferLater(reactor, 1.0, lambda: None)  # many Ping rounds
+        self.assertIs(kd.peer, peer)
+        self.assertEqual(md.peers(), [md_side])
+        self.assertEqual((len(self.md_handler.downs.pending),
+                          len(self.kd_handler.downs.pending)), (0, 0))
+        self.assertEqual(self.md_handler.message_count + self.kd_handler.message_count, 0)
+        self.assertTrue(md_side.is_open and peer.is_open)
+
+    @defer.inlineCallbacks
+    def test_md_closes_a_registered_tunnel_that_stops_answering(self):
+        md = self.start_md(liveness_interval=0.1, liveness_timeout=0.2)
+        raw = yield self.raw_kd(md.port, self.kd_cert)
+        yield raw.first_data
+        md_side = yield self.md_handler.ups.get()
+        peer, reason = yield self.md_handler.downs.get()
+        self.assertIs(peer, md_side)
+        self.assertTrue(reason.startswith("tunnel_liveness_timeout"), reason)
+        yield raw.when_lost()
+        self.assertEqual(raw.data, SupportedProfiles(MD_PROFILES).encode() + Ping(1).encode())
+        self.assertEqual(md.peers(), [])
+        self.assertEqual(self.sample(self.md_metrics, "perc_tunnel_errors_total",
+                                     reason="tunnel_liveness_timeout"), 1)
+
+    @defer.inlineCallbacks
+    def test_kd_reconnects_when_the_md_stops_serving_its_tunnel(self):
+        # An MD that greets, then never answers: gone, or serving another connection.
+        connections: list[RawPeer] = []
+
+        class SilentMdFactory(Factory):
+            def buildProtocol(self, addr: object) -> RawPeer:
+                peer = RawPeer(SupportedProfiles(MD_PROFILES).encode())
+                connections.append(peer)
+                return peer
+
+        port = reactor.listenSSL(0, SilentMdFactory(), md_tunnel_context_factory(
+            str(self.md_cert.certificate), str(self.md_cert.private_key)),
+            interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        kd = self.start_kd(port.getHost().port, liveness_interval=0.1, liveness_timeout=0.2)
+        first = yield kd.when_up()
+        peer, reason = yield self.kd_handler.downs.get()
+        self.assertIs(peer, first)
+        self.assertTrue(reason.startswith("tunnel_liveness_timeout"), reason)
+        second = yield kd.when_up()  # connected again
+        self.assertIsNot(second, first)
+        self.assertIn(Ping(1).encode(), connections[0].data)
+        self.assertEqual(self.sample(self.kd_metrics, "perc_tunnel_errors_total",
+                                     reason="tunnel_liveness_timeout"), 1)
+        yield kd.stopService()
+        for connection in connections:
+            yield connection.when_lost()
 
 
 class RateLimitedLogTests(unittest.TestCase):

@@ -14,6 +14,9 @@ goes wrong, callers see one :class:`AuthenticationFailed` whose message is
 always ``"invalid credentials"``; the cause is kept in ``reason`` for logs
 only (never a password).  :class:`LoginRateLimiter` limits failed logins per
 user and per source address; :func:`authenticate_limited` glues the two.
+An attempt is counted before it is evaluated (:meth:`LoginRateLimiter.attempt`)
+and taken back only when it succeeds, so attempts still being evaluated count
+against the limits: concurrency never buys extra guesses.
 
 Decisions:
 
@@ -263,6 +266,18 @@ class _Windows:
     def clear(self, key: str) -> None:
         self._entries.pop(key, None)
 
+    def discard(self, key: str, when: float) -> None:
+        """Take back one entry made at ``when`` (if it is still there)."""
+        times = self._entries.get(key)
+        if times is None:
+            return
+        try:
+            times.remove(when)
+        except ValueError:
+            return
+        if not times:
+            del self._entries[key]
+
     def _make_room(self, now: float) -> None:
         # Entries are ordered by their newest failure, so expired ones come first.
         while self._entries:
@@ -285,6 +300,12 @@ class LoginRateLimiter:
     beyond that, expired entries and then the least recently failing ones
     are forgotten.  Each entry keeps at most ``limit`` times, so memory is
     bounded by ``max_keys * (limit + overhead)`` per table.
+
+    Use :meth:`attempt` before evaluating credentials: it checks and counts
+    the attempt as a failure in one step (nothing can run in between), so
+    attempts still being evaluated count too; :meth:`record_success` takes
+    a successful attempt back.  Checking, awaiting the back-end and only then
+    recording the failure would let N concurrent attempts all pass the check.
 
     Per-user limits let anyone lock a user out for a window by failing on
     purpose; the defaults keep the window short and it is configurable.
@@ -338,6 +359,16 @@ class LoginRateLimiter:
         if wait > 0:
             raise RateLimited(wait, scope)
 
+    def attempt(self, username: str | None, address: str | None, now: float) -> None:
+        """Count an attempt before it is evaluated; :class:`RateLimited` if it must wait.
+
+        A refused attempt counts nothing.  An admitted one counts as a failure
+        of the user and the address at ``now`` until :meth:`record_success`
+        (with the same ``now``) takes it back.
+        """
+        self.check(username, address, now)
+        self.record_failure(username, address, now)
+
     def record_failure(self, username: str | None, address: str | None, now: float) -> None:
         user, addr = self._user_key(username), self._address_key(address)
         if user is not None:
@@ -346,11 +377,17 @@ class LoginRateLimiter:
             self._addresses.add(addr, now)
 
     def record_success(self, username: str | None, address: str | None, now: float) -> None:
-        """Forget the user's failures (not the address's: one valid account must
-        not let an address reset its own limit between guesses)."""
-        user = self._user_key(username)
+        """The attempt of :meth:`attempt` at ``now`` succeeded.
+
+        Forgets the user's failures, and takes back this one attempt of the
+        address (only this one: one valid account must not let an address
+        reset its own limit between guesses).
+        """
+        user, addr = self._user_key(username), self._address_key(address)
         if user is not None:
             self._users.clear(user)
+        if addr is not None:
+            self._addresses.discard(addr, now)
 
 
 async def _authenticate_limited(
@@ -360,15 +397,11 @@ async def _authenticate_limited(
     address: str | None,
     clock: IReactorTime | None,
 ) -> str:
-    now = (lambda: clock.seconds()) if clock is not None else time.time
+    started = clock.seconds() if clock is not None else time.time()
     username = getattr(credentials, "username", None)
-    limiter.check(username, address, now())
-    try:
-        identity = await defer.maybeDeferred(authenticator.authenticate, credentials)
-    except AuthenticationFailed:
-        limiter.record_failure(username, address, now())
-        raise
-    limiter.record_success(username, address, now())
+    limiter.attempt(username, address, started)  # counted before it is evaluated
+    identity = await defer.maybeDeferred(authenticator.authenticate, credentials)
+    limiter.record_success(username, address, started)
     return identity
 
 
@@ -379,10 +412,11 @@ def authenticate_limited(
     address: str | None,
     clock: IReactorTime | None = None,
 ) -> defer.Deferred[str]:
-    """Authenticate through ``limiter``: check, then record the outcome.
+    """Authenticate through ``limiter``: count the attempt, then evaluate it.
 
     Fails with :class:`RateLimited` before asking ``authenticator`` when the
-    user (if the credentials name one) or the address must wait.
+    user (if the credentials name one) or the address must wait.  The attempt
+    counts as a failure from the start; a success takes it back.
     """
     return defer.Deferred.fromCoroutine(
         _authenticate_limited(authenticator, limiter, credentials, address, clock)

@@ -70,11 +70,36 @@ class HandshakeFailure(DtlsError):
     alert = AlertDescription.HANDSHAKE_FAILURE
 
 
+class NoCommonSrtpProfile(HandshakeFailure):
+    """The client offers no use_srtp, or none of our profiles (with PERC: no DOUBLE
+    profile, RFC 8723 s4)."""
+
+    reason = "dtls_no_srtp_profile"
+
+
+class NoCommonEktCipher(HandshakeFailure):
+    """The client offers no supported_ekt_ciphers we take (RFC 8870 s5.1)."""
+
+    reason = "dtls_no_ekt"
+
+
+class ExternalSessionIdMismatch(HandshakeFailure):
+    """external_session_id (RFC 8844) is not the tls-id signalled in SDP (RFC 8842)."""
+
+    reason = "dtls_wrong_tls_id"
+
+
 class BadCertificate(DtlsError):
     """The peer's certificate is malformed or does not match the expected fingerprint."""
 
     reason = "dtls_bad_certificate"
     alert = AlertDescription.BAD_CERTIFICATE
+
+
+class FingerprintMismatch(BadCertificate):
+    """The peer's certificate is not the one whose fingerprint SDP signalled."""
+
+    reason = "dtls_wrong_certificate"
 
 
 class DecryptError(DtlsError):

@@ -41,12 +41,15 @@ from perc_daemons.protocol.dtls import handshake as hs
 from perc_daemons.protocol.dtls.alerts import (
     AlertDescription,
     AlertLevel,
-    BadCertificate,
     DecodeError,
     DecryptError,
     DtlsError,
+    ExternalSessionIdMismatch,
+    FingerprintMismatch,
     HandshakeFailure,
     IllegalParameter,
+    NoCommonEktCipher,
+    NoCommonSrtpProfile,
     ProtocolVersionError,
     UnexpectedMessage,
 )
@@ -197,6 +200,10 @@ class ConnectionClosed:
     alert: int | None
     reason: str
     by_peer: bool
+    #: A short slug for metrics: the DtlsError's ``reason`` when we failed the
+    #: connection (e.g. ``dtls_no_srtp_profile``), ``peer_alert``,
+    #: ``close_notify``, ``timeout`` or ``closed_locally``.
+    cause: str = ""
 
 
 Event = (HandshakeComplete | EktKeyReceived | EktKeyAcknowledged | ApplicationDataReceived
@@ -309,7 +316,8 @@ class DtlsConnection:
         if self._timer is None or now < self._timer:
             return
         if self._retransmissions >= _MAX_RETRANSMISSIONS:
-            self._close(None, "peer did not answer: retransmissions exhausted", by_peer=False)
+            self._close(None, "peer did not answer: retransmissions exhausted", by_peer=False,
+                        cause="timeout")
             return
         self._retransmissions += 1
         self._timeout = min(self._timeout * 2, self.config.max_retransmit)
@@ -355,7 +363,8 @@ class DtlsConnection:
         if self._state is _State.CLOSED:
             return
         self._send_alert(AlertLevel.WARNING, AlertDescription.CLOSE_NOTIFY)
-        self._close(AlertDescription.CLOSE_NOTIFY, "closed locally", by_peer=False)
+        self._close(AlertDescription.CLOSE_NOTIFY, "closed locally", by_peer=False,
+                    cause="closed_locally")
 
     # -- input ---------------------------------------------------------------------------
 
@@ -449,13 +458,15 @@ class DtlsConnection:
         if description == AlertDescription.CLOSE_NOTIFY:
             if self._state is not _State.CLOSED:
                 self._send_alert(AlertLevel.WARNING, AlertDescription.CLOSE_NOTIFY)
-            self._close(description, "peer sent close_notify", by_peer=True)
+            self._close(description, "peer sent close_notify", by_peer=True,
+                        cause="close_notify")
         elif level == AlertLevel.FATAL:
             try:
                 name = AlertDescription(description).name
             except ValueError:
                 name = str(description)
-            self._close(description, f"peer sent fatal alert {name}", by_peer=True)
+            self._close(description, f"peer sent fatal alert {name}", by_peer=True,
+                        cause="peer_alert")
 
     def _receive_ack(self, payload: bytes) -> None:
         if self._ekt_pending is None:
@@ -765,13 +776,13 @@ class DtlsConnection:
         srtp_ext = hs.find_extension(extensions, ExtensionType.USE_SRTP)
         if config.srtp_profiles:
             if srtp_ext is None:
-                raise HandshakeFailure("client did not offer use_srtp")
+                raise NoCommonSrtpProfile("client did not offer use_srtp")
             profiles, mki = hs.decode_use_srtp(srtp_ext)
             if mki:
                 raise IllegalParameter("SRTP MKI is not supported (and forbidden with EKT)")
             profile = next((p for p in config.srtp_profiles if p in profiles), None)
             if profile is None:
-                raise HandshakeFailure("no common SRTP protection profile")
+                raise NoCommonSrtpProfile("no common SRTP protection profile")
             self._srtp_profile = int(profile)
             answer.append((ExtensionType.USE_SRTP, hs.encode_use_srtp([profile])))
         ekt_ext = hs.find_extension(extensions, ExtensionType.SUPPORTED_EKT_CIPHERS)
@@ -779,7 +790,7 @@ class DtlsConnection:
             offered = hs.decode_ekt_ciphers_client(ekt_ext) if ekt_ext is not None else []
             cipher = next((c for c in config.ekt_ciphers if c in offered), None)
             if cipher is None:
-                raise HandshakeFailure("no common EKT cipher")
+                raise NoCommonEktCipher("no common EKT cipher")
             self._ekt_cipher = int(cipher)
             answer.append((ExtensionType.SUPPORTED_EKT_CIPHERS,
                            hs.encode_ekt_cipher_server(cipher)))
@@ -865,14 +876,15 @@ class DtlsConnection:
         fingerprint = certificate_fingerprint(certificate)
         expected = self.config.expected_peer_fingerprint
         if expected is not None and not hmac.compare_digest(fingerprint, expected):
-            raise BadCertificate("peer certificate does not match the expected fingerprint")
+            raise FingerprintMismatch("peer certificate does not match the expected fingerprint")
         self._peer_key = peer_public_key(certificate)
         self._peer_certificate = certificate
 
     def _check_peer_external_session_id(self) -> None:
         expected = self.config.expected_peer_external_session_id
         if expected is not None and self._peer_external_session_id != expected:
-            raise HandshakeFailure("external_session_id does not match the signalled tls-id")
+            raise ExternalSessionIdMismatch(
+                "external_session_id does not match the signalled tls-id")
 
     def _derive_keys(self, pre_master: bytes) -> None:
         suite = self._suite
@@ -995,16 +1007,16 @@ class DtlsConnection:
         if self._state is _State.CLOSED:
             return
         self._send_alert(AlertLevel.FATAL, error.alert)
-        self._close(error.alert, str(error), by_peer=False)
+        self._close(error.alert, str(error), by_peer=False, cause=error.reason)
 
-    def _close(self, alert: int | None, reason: str, by_peer: bool) -> None:
+    def _close(self, alert: int | None, reason: str, by_peer: bool, *, cause: str) -> None:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
         self._timer = None
         self._flight = []
         self._key_share = None
-        self._events.append(ConnectionClosed(alert, reason, by_peer))
+        self._events.append(ConnectionClosed(alert, reason, by_peer, cause))
 
 
 def _name(msg_type: int) -> str:
