@@ -353,8 +353,8 @@ def _build_double_plain() -> Bench:
         receiver.outer = srtp.SrtpContext(_OUTER_KEY, _OUTER_SALT)  # no outer replay state
         accepted = _attempt(ProtocolError, receiver.unprotect, wire, MEDIA_NOW) is not _FAILED
         for ssrc in list(receiver._inner):  # keep the learnt keys, not their replay state
-            for context in receiver._inner[ssrc]:
-                context._streams.clear()
+            for key in receiver._inner[ssrc]:
+                key.context._streams.clear()
         inbound = srtp.libsrtp_session(_OUTER_KEY, _OUTER_SALT, inbound=True)
         return _relay(wire, inbound) or accepted
 
