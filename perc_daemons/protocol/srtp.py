@@ -471,42 +471,6 @@ MAX_DATAGRAM = 65535
 _LIBSRTP_TRAILER = 4 + 16 + 128
 
 
-class LibSrtpSession(Session):
-    """A pylibsrtp :class:`Session` whose every refusal is a :class:`LibSrtpError`.
-
-    pylibsrtp copies each packet into a 1500-byte buffer and raises
-    ``ValueError`` (not its ``Error``) for one that does not fit, with room for
-    the trailer when protecting: over 1500 bytes to unprotect, over 1356 (RTP)
-    or 1352 (RTCP) to protect.  A peer can send such a datagram, so it is
-    refused like any other packet libsrtp refuses (:func:`libsrtp_error`:
-    :class:`MalformedSrtp`).
-    """
-
-    def protect(self, packet: bytes) -> bytes:
-        try:
-            return super().protect(packet)
-        except ValueError as e:
-            raise LibSrtpError(str(e)) from None
-
-    def protect_rtcp(self, packet: bytes) -> bytes:
-        try:
-            return super().protect_rtcp(packet)
-        except ValueError as e:
-            raise LibSrtpError(str(e)) from None
-
-    def unprotect(self, packet: bytes) -> bytes:
-        try:
-            return super().unprotect(packet)
-        except ValueError as e:
-            raise LibSrtpError(str(e)) from None
-
-    def unprotect_rtcp(self, packet: bytes) -> bytes:
-        try:
-            return super().unprotect_rtcp(packet)
-        except ValueError as e:
-            raise LibSrtpError(str(e)) from None
-
-
 def libsrtp_session(master_key: bytes, master_salt: bytes, *, inbound: bool,
                     replay_window: int = DEFAULT_REPLAY_WINDOW) -> Session:
     """A libsrtp (pylibsrtp) session for one direction of one hop, any SSRC.
@@ -526,7 +490,7 @@ def libsrtp_session(master_key: bytes, master_salt: bytes, *, inbound: bool,
                     ssrc_type=Policy.SSRC_ANY_INBOUND if inbound else Policy.SSRC_ANY_OUTBOUND,
                     srtp_profile=_LIBSRTP_PROFILES[len(master_key)])
     policy.window_size = replay_window
-    return LibSrtpSession(policy)
+    return Session(policy)
 
 
 def libsrtp_error(error: LibSrtpError) -> SrtpError:

@@ -246,30 +246,6 @@ class RelayTests(unittest.TestCase):
         self.assertDropped(bytes(rr), self.a.address, drops, "srtp_auth")
         self.assertEqual(self.f.plane.leg("a").counters["rtp_in"], 1)
 
-    def test_datagrams_too_long_for_libsrtp_dropped_and_counted(self) -> None:
-        """Found by make fuzz: pylibsrtp raises ValueError, not its Error, for a packet
-        that does not fit its 1500-byte buffer (with the trailer when protecting), and
-        the MD let it escape instead of dropping the packet."""
-        drops = self.f.plane.leg("a").drops
-        rtp = self.a.sender.protect(self.a.rtp(20, b"r" * 1500), 0.0)
-        self.assertDropped(rtp, self.a.address, drops, "srtp_malformed")
-        rtp = self.a.sender.protect(self.a.rtp(21, b"r" * 1340), 0.0)  # opens, cannot be sealed
-        self.assertLess(len(rtp), 1500)
-        seal_failed = self.f.plane.leg("b").drops["seal_failed"]
-        self.assertEqual(self.f.plane.datagram_received(rtp, self.a.address, 0.0), [])
-        self.assertEqual(self.f.plane.leg("b").drops["seal_failed"], seal_failed + 1)
-        padded = rtcp_rr(self.a.ssrc, 1) + RtcpPacket(204, b"name" + bytes(1500)).serialize()
-        self.assertDropped(self.a.rtcp_out.protect_rtcp(padded), self.a.address, drops,
-                           "srtp_malformed")
-        padded = rtcp_rr(self.a.ssrc, 1) + RtcpPacket(204, b"name" + bytes(1356)).serialize()
-        rtcp = self.a.rtcp_out.protect_rtcp(padded)
-        self.assertLess(len(rtcp), 1500)
-        seal_failed = self.f.plane.leg("c").drops["seal_failed"]
-        self.assertEqual(self.f.plane.datagram_received(rtcp, self.a.address, 0.0), [])
-        self.assertEqual(self.f.plane.leg("c").drops["seal_failed"], seal_failed + 1)
-        self.assertEqual(len(self.f.plane.datagram_received(
-            self.a.sender.protect(self.a.rtp(22, b"r" * 300), 0.0), self.a.address, 0.0)), 2)
-
     def test_unkeyed_leg_dropped(self) -> None:
         f = Fixture("ab")
         a = f.eps["a"]
