@@ -645,10 +645,10 @@ class Associations:
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
-    """Ours (0xF3), either way: is the other end still serving this tunnel?"""
+class _NonceMessage:
+    """Ping and Pong: one ``uint64 nonce`` body."""
 
-    msg_type: ClassVar[int] = MessageType.PING
+    msg_type: ClassVar[int]
 
     nonce: int
 
@@ -659,27 +659,22 @@ class Ping:
         return _frame(self.msg_type, self.nonce.to_bytes(8, "big"))
 
     @classmethod
-    def _decode(cls, r: _Reader) -> Ping:
+    def _decode(cls, r: _Reader) -> _NonceMessage:
         return cls(r.uint(8))
 
 
 @dataclass(frozen=True, slots=True)
-class Pong:
+class Ping(_NonceMessage):
+    """Ours (0xF3), either way: is the other end still serving this tunnel?"""
+
+    msg_type: ClassVar[int] = MessageType.PING
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_NonceMessage):
     """Ours (0xF4), either way: the answer to the Ping with the same nonce."""
 
     msg_type: ClassVar[int] = MessageType.PONG
-
-    nonce: int
-
-    def __post_init__(self) -> None:
-        _check_uint("nonce", self.nonce, 64)
-
-    def encode(self) -> bytes:
-        return _frame(self.msg_type, self.nonce.to_bytes(8, "big"))
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Pong:
-        return cls(r.uint(8))
 
 
 Message = (SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls
