@@ -493,6 +493,21 @@ class KmfApiTests(unittest.TestCase):
         yield self.problem("POST", path, 403, "not-admitted", token=fresh)
 
     @defer.inlineCallbacks
+    def test_key_service_refuses_a_member_of_another_conference(self):
+        """Alice, invited to and admitted in conf-1, asks for conf-2's key: refused."""
+        yield self.running_conference(invited=(ALICE,))
+        yield self.running_conference("conf-2", invited=(BOB,))
+        yield self.admit(1, [(ALICE, self.alice_cert)])
+        yield self.ok("POST", "/v1/conferences/conf-1/keys", token=self.alice())
+        yield self.problem("POST", "/v1/conferences/conf-2/keys", 403,
+                                        "not-invited", token=self.alice())
+        # even if conf-2 invited her, she is not admitted there
+        yield self.ok("POST", "/v1/conferences/conf-2/invitations", token=self.admin(),
+                      body={"identity": ALICE})
+        yield self.problem("POST", "/v1/conferences/conf-2/keys", 403, "not-admitted",
+                           token=self.alice())
+
+    @defer.inlineCallbacks
     def test_roster_fingerprints_are_checked(self):
         yield self.running_conference(invited=(ALICE,))
         path = "/v1/conferences/conf-1/roster"
