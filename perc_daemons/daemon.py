@@ -7,10 +7,13 @@ subclass of :class:`DaemonOptions` and ``makeService`` building on
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -21,6 +24,10 @@ from perc_daemons.metrics import Metrics
 
 #: Exit status for configuration errors (as documented in README and the units).
 EXIT_CONFIG = 2
+#: Exit status when a listener cannot bind its address (taken, or not on this
+#: host): like a configuration error, restarting does not fix it (the units'
+#: RestartPreventExitStatus=).
+EXIT_CANNOT_LISTEN = 3
 
 
 class DaemonOptions(usage.Options):
@@ -103,6 +110,60 @@ class ConfigReloader(Service):
         return changed
 
 
+def listener_setting(cfg: config_module.Config, error: CannotListenError) -> str:
+    """The ``[section] bind/port`` of ``cfg`` that ``error`` is about ("" if none matches)."""
+    for section in cfg:
+        values = cfg[section]
+        if "bind" in values and "port" in values and values["port"] == error.port \
+                and values["bind"] == (error.interface or values["bind"]):
+            return f"[{section}] bind = {values['bind']!r}, port = {values['port']}"
+    return ""
+
+
+def cannot_listen_message(daemon: str, cfg: config_module.Config,
+                          error: CannotListenError) -> str:
+    """One line: the address, the setting of ``cfg`` that names it, and why."""
+    cause = error.socketError
+    number = getattr(cause, "errno", None)
+    if number is None and getattr(cause, "args", None) and isinstance(cause.args[0], int):
+        number = cause.args[0]
+    reason = os.strerror(number) if isinstance(number, int) else str(cause)
+    hint = {errno.EADDRINUSE: "another process holds it (ss -ltnup shows which)",
+            errno.EADDRNOTAVAIL: "no interface of this host has that address",
+            errno.EACCES: "ports below 1024 need privileges the units do not grant"
+            }.get(number, "")
+    setting = listener_setting(cfg, error)
+    where = f" ({setting} in {cfg.path})" if setting else f" (see {cfg.path})"
+    host = f"[{error.interface}]" if ":" in (error.interface or "") else error.interface
+    return (f"perc-{daemon}: cannot listen on {host or '*'}:{error.port}{where}: {reason}"
+            + (f"; {hint}" if hint else "") + f"; exiting with status {EXIT_CANNOT_LISTEN}")
+
+
+class DaemonService(MultiService):
+    """The top service of a daemon: a listener that cannot bind ends start-up.
+
+    twistd would print the CannotListenError's traceback and exit with status
+    1, which systemd restarts every RestartSec for ever; instead the daemon
+    logs one line naming the address and the setting and exits with status
+    :data:`EXIT_CANNOT_LISTEN`, which the units do not restart on.
+    """
+
+    log = Logger()
+
+    def __init__(self, daemon: str, cfg: config_module.Config) -> None:
+        super().__init__()
+        self._daemon = daemon
+        self._cfg = cfg
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            message = cannot_listen_message(self._daemon, self._cfg, e)
+            self.log.critical("{message}", message=message, interface=e.interface, port=e.port)
+            raise SystemExit(EXIT_CANNOT_LISTEN) from None
+
+
 def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiService:
     """The MultiService every daemon starts from: metrics and the admin listener.
 
@@ -114,7 +175,7 @@ def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiS
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    top = MultiService()
+    top = DaemonService(daemon, cfg)
     top.metrics = Metrics(f"perc-{daemon}")  # type: ignore[attr-defined]
     top.limits = ConnectionLimits.from_config(cfg)  # type: ignore[attr-defined]
     AdminService(reactor, f"perc-{daemon}", cfg.admin.bind, cfg.admin.port,

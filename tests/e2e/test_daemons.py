@@ -271,17 +271,43 @@ class DaemonTests(DaemonTestBase):
                 f"(chmod 0600 {open_state}/kmf.key)"),
         ], consumeErrors=True).addErrback(first_error)
 
+    def assert_cannot_listen(self, output: str, port: int, setting: str, config: str) -> None:
+        """One line naming the address, the setting and the reason; no traceback."""
+        lines = [line for line in output.splitlines() if "cannot listen" in line]
+        self.assertEqual(len(lines), 1, output)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port} ({setting} in {config}): "
+                      "Address already in use", lines[0])
+        self.assertIn("exiting with status 3", lines[0])
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("CannotListenError", output)
+
     @defer.inlineCallbacks
     def test_admin_port_in_use(self):
-        """A taken admin port stops start-up instead of running without /healthz."""
+        """A taken admin port stops start-up, status 3 (not restarted by the units)."""
         taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
         port = taken.getHost().port
-        proto = self.spawn("perc-md", self.write_config(f"[admin]\nport = {port}\n"
-                                                        + self.extra_config("md")))
+        config = self.write_config(f"[admin]\nport = {port}\n" + self.extra_config("md"))
+        proto = self.spawn("perc-md", config)
         exit_code, sig = yield self.wait_exit(proto)
-        self.assertEqual((exit_code, sig), (1, None), proto.output())
-        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", proto.output())
+        self.assertEqual((exit_code, sig), (3, None), proto.output())
+        self.assert_cannot_listen(proto.output(), port,
+                                  f"[admin] bind = '127.0.0.1', port = {port}", config)
+
+    @defer.inlineCallbacks
+    def test_api_port_in_use(self):
+        """The same for a listener after the admin one (the MD's HTTPS API)."""
+        taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        extra = self.extra_config("md").replace('[api]\nbind = "127.0.0.1"\nport = 0\n',
+                                                f'[api]\nbind = "127.0.0.1"\nport = {port}\n')
+        config = self.write_config(f"[admin]\nport = {free_port()}\n" + extra)
+        proto = self.spawn("perc-md", config)
+        exit_code, sig = yield self.wait_exit(proto)
+        self.assertEqual((exit_code, sig), (3, None), proto.output())
+        self.assert_cannot_listen(proto.output(), port,
+                                  f"[api] bind = '127.0.0.1', port = {port}", config)
 
 
 class _Client(Protocol):
