@@ -3,7 +3,8 @@
 Remote commands talk to the KMF's HTTPS API (``[https]`` of kmf.toml) with an
 ``admin`` access token::
 
-    perc-admin conferences create ID --title T [--invite user@domain ...] [--group G ...]
+    perc-admin conferences create ID --title T [--initiator user@domain]
+                                     [--invite user@domain ...] [--group G ...]
                                      [--late-joiners-get-earlier-epochs]
     perc-admin conferences list [--state scheduled|running|ended]
     perc-admin conferences show|start|end ID
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(conf, "create", "create a conference")
     p.add_argument("id")
     p.add_argument("--title", required=True)
+    p.add_argument("--initiator", metavar="IDENTITY",
+                   help="the conference's owner, user@domain (invited too); default: the "
+                        "first --invite")
     p.add_argument("--invite", action="append", default=[], metavar="IDENTITY")
     p.add_argument("--group", action="append", default=[])
     p.add_argument("--late-joiners-get-earlier-epochs", action="store_true")
@@ -521,9 +525,21 @@ def _cid(value: str) -> str:
     return quote(value, safe="")
 
 
+def _owner_and_invited(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The conference's owner (``--initiator``, else the first ``--invite``) and the
+    invited identities, the owner first: the owner takes part, so is invited."""
+    owner = args.initiator or (args.invite[0] if args.invite else "")
+    if not owner:
+        raise UsageError("conferences create: name the conference's owner with --initiator "
+                         "user@domain (or invite someone with --invite: the first is the owner)")
+    invited = list(dict.fromkeys([owner, *args.invite]))
+    return owner, invited
+
+
 async def _create(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
                   ) -> None:
-    body = {"id": args.id, "title": args.title, "invited": args.invite,
+    owner, invited = _owner_and_invited(args)
+    body = {"id": args.id, "title": args.title, "initiator": owner, "invited": invited,
             "invited_groups": args.group,
             "late_joiners_get_earlier_epochs": args.late_joiners_get_earlier_epochs}
     created = await client.call("POST", "/v1/conferences", body)

@@ -522,11 +522,19 @@ class KmfApi(JsonApi):
         for name in ("invited", "invited_groups"):
             if not isinstance(body.get(name, []), list):
                 raise _bad_request(f"{name} must be a list")
+        initiator = body.get("initiator")
+        if initiator is None:
+            try:
+                initiator = check_identity(token.subject)
+            except ValueError:
+                raise _bad_request(
+                    f"initiator: name the conference's owner (user@domain); this token's "
+                    f"subject {token.subject!r} is a client, not a user") from None
         try:
             conference = Conference(
                 conference_id=body.get("id"),
                 title=body.get("title", ""),
-                initiator=body.get("initiator", token.subject),
+                initiator=initiator,
                 invited=frozenset(body.get("invited", [])),
                 invited_groups=frozenset(body.get("invited_groups", [])),
                 starts_at=body.get("starts_at"),

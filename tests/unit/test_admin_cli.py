@@ -39,6 +39,7 @@ DOMAIN = "example.com"
 ISSUER = "https://example.com"
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
+CAROL = "carol@example.com"
 CLIENT_ID = "ops cli:1"
 CLIENT_SECRET = "s3cr%t:with/odd chars+é"
 
@@ -130,7 +131,8 @@ class AdminCliTests(unittest.TestCase):
 
     # --- helpers -------------------------------------------------------------------------
 
-    def token(self, scopes: list[str], subject: str = "admin@example.com") -> str:
+    def token(self, scopes: list[str], subject: str = "perc-admin") -> str:
+        # Subject as the KMF's client-credentials grant sets it: the client id.
         return issue_access_token(self.keys, issuer=ISSUER, subject=subject, audience=ISSUER,
                                   client_id="perc-admin", scopes=scopes, now=self.now)
 
@@ -152,6 +154,18 @@ class AdminCliTests(unittest.TestCase):
         self.assertNotIn(self.admin_token, out.getvalue() + err.getvalue())
         self.assertNotIn("Traceback", err.getvalue())
         return code, out.getvalue(), err.getvalue()
+
+    @defer.inlineCallbacks
+    def raw_post(self, path: str, body: Any):
+        """POST ``body`` as JSON with the admin token, past the CLI: (status, JSON body)."""
+        client = admin_cli.KmfClient(reactor, self.url,
+                                     admin_cli._trust_root(self.cert, self.config))
+        self.addCleanup(lambda: defer.ensureDeferred(client.close()))
+        code, content = yield defer.ensureDeferred(client.raw(
+            "POST", path, headers={"Authorization": f"Bearer {self.admin_token}",
+                                   "Content-Type": "application/json"},
+            data=json.dumps(body).encode()))
+        return code, json.loads(content)
 
     @defer.inlineCallbacks
     def ok_json(self, *argv: str):
@@ -201,12 +215,35 @@ class AdminCliTests(unittest.TestCase):
         self.assertEqual(stored.invited, frozenset({ALICE, BOB}))
         self.assertEqual(stored.invited_groups, frozenset({"ops"}))
         self.assertTrue(stored.late_joiners_get_earlier_epochs)
-        self.assertEqual(stored.initiator, "admin@example.com")
+        self.assertEqual(stored.initiator, ALICE)  # the first --invite
+
+    @defer.inlineCallbacks
+    def test_create_names_its_owner(self):
+        """The admin client is not a user: the owner is --initiator (invited too)."""
+        created = yield self.ok_json("conferences", "create", "conf-1", "--title", "t",
+                                     "--initiator", CAROL, "--invite", ALICE)
+        self.assertEqual((created["initiator"], created["invited"]), (CAROL, [ALICE, CAROL]))
+        code, out, err = yield self.cli("conferences", "create", "conf-2", "--title", "t")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--initiator user@domain", err)
+        code, out, err = yield self.cli("conferences", "create", "conf-2", "--title", "t",
+                                        "--initiator", "perc-admin")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("Invalid request (400)", err)
+
+    @defer.inlineCallbacks
+    def test_kmf_refuses_a_client_token_as_owner(self):
+        """Without "initiator" the KMF would take the client id: a clear 400 instead."""
+        code, body = yield self.raw_post("/v1/conferences", {"id": "c-1", "title": "t"})
+        self.assertEqual(code, 400)
+        self.assertIn("initiator", body["detail"])
+        self.assertIn("'perc-admin' is a client, not a user", body["detail"])
 
     @defer.inlineCallbacks
     def test_list_table_and_state_filter(self):
         yield self.running("conf-1")
-        yield self.ok_json("conferences", "create", "conf-2", "--title", "Später")
+        yield self.ok_json("conferences", "create", "conf-2", "--title", "Später",
+                           "--initiator", ALICE)
         code, out, err = yield self.cli("conferences", "list")
         self.assertEqual((code, err), (0, ""))
         lines = out.splitlines()
@@ -227,15 +264,16 @@ class AdminCliTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_show_invite_uninvite_start_end(self):
-        yield self.ok_json("conferences", "create", "conf-1", "--title", "Weekly")
+        yield self.ok_json("conferences", "create", "conf-1", "--title", "Weekly",
+                           "--initiator", CAROL)
         shown = yield self.ok_json("conferences", "show", "conf-1")
         self.assertEqual((shown["state"], shown["epoch"], shown["invited"]),
-                         ("scheduled", None, []))
+                         ("scheduled", None, [CAROL]))
         invited = yield self.ok_json("conferences", "invite", "conf-1", ALICE, BOB)
-        self.assertEqual(invited["invited"], [ALICE, BOB])
+        self.assertEqual(invited["invited"], [ALICE, BOB, CAROL])
         left = yield self.ok_json("conferences", "uninvite", "conf-1", ALICE)
-        self.assertEqual(left["invited"], [BOB])
-        self.assertEqual((yield self.store.get("conf-1")).invited, frozenset({BOB}))
+        self.assertEqual(left["invited"], [BOB, CAROL])
+        self.assertEqual((yield self.store.get("conf-1")).invited, frozenset({BOB, CAROL}))
         code, out, _ = yield self.cli("conferences", "start", "conf-1")
         self.assertEqual(code, 0)
         self.assertIn("state:", out)
@@ -260,8 +298,9 @@ class AdminCliTests(unittest.TestCase):
         code, out, err = yield self.cli("conferences", "show", "nope")
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(err, "perc-admin: Not found (404): no such conference\n")
-        yield self.ok_json("conferences", "create", "conf-1", "--title", "x")
-        code, _, err = yield self.cli("conferences", "create", "conf-1", "--title", "x")
+        yield self.ok_json("conferences", "create", "conf-1", "--title", "x", "--invite", ALICE)
+        code, _, err = yield self.cli("conferences", "create", "conf-1", "--title", "x",
+                                      "--invite", ALICE)
         self.assertEqual(code, 1)
         self.assertIn("Conference exists (409)", err)
         code, _, err = yield self.cli("conferences", "invite", "conf-1", "not an identity")
@@ -358,6 +397,7 @@ class AdminCliTests(unittest.TestCase):
         config = self.write_config("cc.toml", url=self.url, ca_file=self.cert,
                                    client_id=CLIENT_ID, client_secret_file=secret)
         code, out, err = yield self.cli("conferences", "create", "c-1", "--title", "t",
+                                        "--initiator", ALICE,
                                         "--json", config=config, token=False)
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(json.loads(out)["id"], "c-1")
