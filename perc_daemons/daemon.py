@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.error import CannotListenError
@@ -61,10 +62,12 @@ class DaemonOptions(usage.Options):
 class ConfigReloader(Service):
     """Handles SIGHUP (``systemctl reload``): re-reads and checks the configuration.
 
-    Without a handler SIGHUP would end the daemon.  Nothing in the daemons can
-    be changed live yet, so a reload validates the file and reports: a broken
-    file is logged (the running configuration is kept); changed keys are
-    logged as taking effect at the next restart.
+    Without a handler SIGHUP would end the daemon.  The configuration file
+    itself is not applied live: a reload validates it and reports (a broken
+    file is logged and the running configuration kept; changed keys are
+    logged as taking effect at the next restart).  Files a daemon can take
+    live (the KMF's client registry) register a hook with :meth:`add_hook`;
+    each hook runs on every reload, logs its own outcome and must not raise.
     """
 
     log = Logger()
@@ -74,7 +77,12 @@ class ConfigReloader(Service):
         self._running_config = cfg
         self._reactor = reactor
         self._previous_handler = None
+        self._hooks: list[Callable[[], object]] = []
         self.setName("config-reloader")
+
+    def add_hook(self, hook: Callable[[], object]) -> None:
+        """Run ``hook()`` on every reload, after the configuration check."""
+        self._hooks.append(hook)
 
     def startService(self) -> None:
         super().startService()
@@ -90,7 +98,13 @@ class ConfigReloader(Service):
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> list[str]:
-        """Check the configuration file again; returns the changed dotted keys."""
+        """Check the configuration file again and run the hooks; returns the changed keys."""
+        changed = self._check_config()
+        for hook in self._hooks:
+            hook()
+        return changed
+
+    def _check_config(self) -> list[str]:
         path = self._running_config.path
         try:
             new = config_module.load(self._daemon, path)
@@ -167,7 +181,8 @@ class DaemonService(MultiService):
 def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiService:
     """The MultiService every daemon starts from: metrics and the admin listener.
 
-    The returned service has ``metrics`` set, for the daemon's own parts, and
+    The returned service has ``metrics`` set, for the daemon's own parts,
+    ``reloader`` (the :class:`ConfigReloader`, for reload hooks) and
     ``limits``, the :class:`~perc_daemons.listening.ConnectionLimits` of
     ``[connections]`` for every listener of the daemon.
     """
@@ -181,5 +196,6 @@ def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiS
     AdminService(reactor, f"perc-{daemon}", cfg.admin.bind, cfg.admin.port,
                  top.metrics,  # type: ignore[attr-defined]
                  limits=top.limits).setServiceParent(top)  # type: ignore[attr-defined]
-    ConfigReloader(daemon, cfg, reactor).setServiceParent(top)
+    top.reloader = ConfigReloader(daemon, cfg, reactor)  # type: ignore[attr-defined]
+    top.reloader.setServiceParent(top)  # type: ignore[attr-defined]
     return top

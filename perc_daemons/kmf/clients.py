@@ -341,6 +341,21 @@ class ClientRegistry:
             raise ClientFileError(path, "client", "must be a table of clients")
         return cls([_client(path, cid, value) for cid, value in table.items()], **kwargs)
 
+    def reload(self, path: str) -> tuple[list[str], list[str], list[str]]:
+        """Take the clients of ``path`` in place of the current ones, all at once.
+
+        Returns the client ids (added, removed, changed).  A file that does
+        not load raises :class:`ClientFileError` and changes nothing; the
+        failure limits carry over.
+        """
+        fresh = ClientRegistry.load(path, reactor=self._reactor)._clients
+        old = self._clients
+        added = sorted(set(fresh) - set(old))
+        removed = sorted(set(old) - set(fresh))
+        changed = sorted(cid for cid in set(fresh) & set(old) if fresh[cid] != old[cid])
+        self._clients = fresh
+        return added, removed, changed
+
     def __len__(self) -> int:
         return len(self._clients)
 

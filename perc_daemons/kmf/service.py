@@ -397,6 +397,24 @@ def refresh_signing_keys(keys: SigningKeys) -> bool:
     return changed
 
 
+def reload_clients(clients: ClientRegistry, path: str) -> bool:
+    """``systemctl reload perc-kmf``: take the client registry ``path`` as it is now.
+
+    A file that does not load is logged and the clients in use are kept.
+    """
+    try:
+        added, removed, changed = clients.reload(path)
+    except ClientFileError as e:
+        Logger().error("perc-kmf: OAuth clients not reloaded, keeping the {count} in use: "
+                       "{error}", count=len(clients), error=str(e))
+        return False
+    Logger().info("perc-kmf: OAuth clients reloaded from {path}: {count} client(s); added "
+                  "{added}, removed {removed}, changed {changed}", path=path,
+                  count=len(clients), added=", ".join(added) or "none",
+                  removed=", ".join(removed) or "none", changed=", ".join(changed) or "none")
+    return True
+
+
 def _sweep_invitations(api: KmfApi) -> defer.Deferred[None]:
     d = defer.ensureDeferred(api.sweep_invitations())
     d.addErrback(lambda f: Logger().failure("perc-kmf: invitation sweep failed", f))
@@ -421,6 +439,8 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     grants = GrantStoreHolder(oauth)
     store, probe = open_store(cfg, grants)
     top = base_service("kmf", cfg, reactor)
+    top.reloader.add_hook(  # type: ignore[attr-defined]
+        lambda: reload_clients(oauth.clients, cfg.oauth.clients_file))
     refresher = TimerService(KEY_REFRESH_INTERVAL, refresh_signing_keys, keys)
     refresher.clock = reactor
     refresher.setName("signing-key-refresh")

@@ -218,6 +218,66 @@ class DaemonTests(DaemonTestBase):
         ).addErrback(first_error)
 
     @defer.inlineCallbacks
+    def test_kmf_reload_takes_the_client_registry(self):
+        """systemctl reload perc-kmf: clients added and removed in kmf-clients.toml take
+        effect at once; a broken file keeps those in use."""
+        from perc_daemons.kmf.clients import hash_client_secret, new_client_secret
+
+        secrets_ = {name: new_client_secret() for name in ("ops-a", "ops-b")}
+
+        def clients_file(*names: str) -> str:
+            return "".join(f'[client.{n}]\ntype = "confidential"\n'
+                           f'secret_hash = "{hash_client_secret(secrets_[n])}"\n'
+                           'grant_types = ["client_credentials"]\nscopes = ["admin"]\n'
+                           for n in names)
+
+        clients = os.path.abspath(self.mktemp())
+        with open(clients, "w") as f:
+            f.write(clients_file("ops-a"))
+        os.chmod(clients, 0o600)
+        port = free_port()
+        extra = self.extra_config("kmf") + f'[oauth]\nclients_file = "{clients}"\n'
+        https_port = int(extra.split("port = ")[1].split("\n")[0])
+        proto = self.spawn("perc-kmf", self.write_config(
+            f'[admin]\nbind = "127.0.0.1"\nport = {port}\n' + extra))
+        yield self.wait_healthy(proto, port)
+        yield self.wait_output(proto, "perc-kmf HTTPS API listening")
+        agent = self.agent_trusting(extra.split('certificate = "')[1].split('"')[0])
+
+        @defer.inlineCallbacks
+        def token_status(name: str):
+            response = yield treq.post(
+                f"https://127.0.0.1:{https_port}/oauth/token",
+                data={"grant_type": "client_credentials", "scope": "admin"},
+                auth=(name, secrets_[name]), timeout=5,
+                agent=agent)
+            yield treq.content(response)
+            return response.code
+
+        self.assertEqual([(yield token_status("ops-a")), (yield token_status("ops-b"))],
+                         [200, 401])
+        with open(clients, "w") as f:
+            f.write(clients_file("ops-b"))
+        os.kill(proto.transport.pid, signal.SIGHUP)
+        yield self.wait_output(proto, f"OAuth clients reloaded from {clients}: 1 client(s); "
+                                      "added ops-b, removed ops-a, changed none")
+        self.assertEqual([(yield token_status("ops-a")), (yield token_status("ops-b"))],
+                         [401, 200])
+        with open(clients, "w") as f:
+            f.write("[client.broken]\ntype = 'nonsense'\n")
+        os.kill(proto.transport.pid, signal.SIGHUP)
+        yield self.wait_output(proto, "OAuth clients not reloaded, keeping the 1 in use")
+        self.assertEqual((yield token_status("ops-b")), 200)
+
+    def agent_trusting(self, certificate: str):
+        """An HTTPS agent trusting exactly ``certificate`` (the KMF's self-signed one)."""
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+        with open(certificate, "rb") as f:
+            root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
+        return Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(root), pool=self.pool)
+
+    @defer.inlineCallbacks
     def config_error(self, plugin: str, path: str, expected_line: str):
         proto = self.spawn(plugin, path)
         exit_code, sig = yield self.wait_exit(proto)

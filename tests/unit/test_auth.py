@@ -194,6 +194,31 @@ class UserFileAdminTests(unittest.TestCase):
         self.assertNotIn("correct horse", open(self.path).read())
         self.assertTrue(FAST.verify(rows[0]["hash"], "correct horse"))
 
+    def owner(self, path: str) -> tuple[int, int, int]:
+        st = os.stat(path)
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    def test_root_writes_the_file_for_the_directory_owner(self):
+        """perc-admin users add run as root: perc-kmf (the directory's owner) can read it."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (CI runs as root)")
+        os.chown(self.dir, 4242, 4343)
+        authfile.add_user(self.path, "alice", "pw", hasher=FAST)
+        self.assertEqual(self.owner(self.path), (4242, 4343, 0o600))
+        self.assertEqual(self.owner(self.path + ".lock"), (4242, 4343, 0o600))
+        # what earlier versions left: a root-owned file in perc's directory
+        os.chown(self.path, 0, 0)
+        os.chown(self.path + ".lock", 0, 0)
+        authfile.set_password(self.path, "alice", "pw2")
+        self.assertEqual(self.owner(self.path), (4242, 4343, 0o600))
+        self.assertEqual(self.owner(self.path + ".lock"), (4242, 4343, 0o600))
+        # in a root-owned directory of the daemon's group: readable by that group
+        other = os.path.join(self.dir, "etc")
+        os.mkdir(other)
+        os.chown(other, 0, 4343)
+        authfile.add_user(os.path.join(other, "users.jsonl"), "bob", "pw", hasher=FAST)
+        self.assertEqual(self.owner(os.path.join(other, "users.jsonl")), (0, 4343, 0o640))
+
     def test_default_hasher_is_argon2id_rfc9106(self):
         authfile.add_user(self.path, "alice", "pw")
         params = extract_parameters(self.lines()[0]["hash"])

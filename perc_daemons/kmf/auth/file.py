@@ -128,15 +128,42 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def file_owner(path: str) -> tuple[int, int, int] | None:
+    """(uid, gid, mode) a user file (or its lock) written by root must get, or None.
+
+    ``perc-admin users add`` is run as root as often as as the daemon's user;
+    a file it created owned by root (mode 0600) could not be read by perc-kmf,
+    whose logins would then all fail.  So a file written by root belongs to
+    the owner of its directory (``/var/lib/perc``: perc), as the KMF writes
+    it: an existing file keeps its owner unless that is root in a directory
+    owned by someone else (what earlier versions left).  A file in a
+    root-owned directory stays root's, readable by the directory's group
+    (mode 0640).  Run as anyone else, the file is simply that user's (None).
+    """
+    if os.geteuid() != 0:
+        return None
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (st.st_uid != 0 or directory.st_uid == 0):
+        uid, gid = st.st_uid, st.st_gid
+    else:
+        uid, gid = directory.st_uid, directory.st_gid
+    return uid, gid, 0o640 if uid == 0 and gid != 0 else 0o600
+
+
 def write_users(path: str, users: dict[str, UserRecord]) -> None:
-    """Replace the user file atomically (mode 0600)."""
+    """Replace the user file atomically (mode 0600; owner: :func:`file_owner`)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     try:
         os.fchmod(fd, 0o600)
-        with contextlib.suppress(FileNotFoundError, PermissionError):
-            st = os.stat(path)
-            os.fchown(fd, st.st_uid, st.st_gid)
+        owner = file_owner(path)
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+            os.fchmod(fd, owner[2])
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for name in sorted(users):
                 rec = users[name]
@@ -156,6 +183,10 @@ def write_users(path: str, users: dict[str, UserRecord]) -> None:
 def _locked(path: str) -> Iterator[None]:
     fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        owner = file_owner(path + ".lock")
+        if owner is not None:  # the KMF takes this lock too when it re-hashes
+            os.fchown(fd, owner[0], owner[1])
+            os.fchmod(fd, owner[2])
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -257,7 +288,12 @@ class FileAuthenticator:
             try:
                 users = read_users(self.path)
             except UserFileError as e:
-                log.error("user file unusable, refusing logins: {error}", error=str(e))
+                hint = ""
+                if isinstance(e.__cause__, PermissionError):
+                    hint = (f" (perc-kmf runs as uid {os.geteuid()}: chown it to that user, "
+                            "or run perc-admin users as root, which does)")
+                log.error("user file unusable, refusing logins: {error}{hint}",
+                          error=str(e), hint=hint)
                 self._stamp = None
                 raise BackendUnavailable(f"user file: {e}") from e
             if stat.S_IMODE(st.st_mode) & 0o007:
