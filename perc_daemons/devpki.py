@@ -25,10 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from perc_daemons.pki import CertificateAuthority
 
 __all__ = ["DevPki", "Issued"]
 
@@ -48,11 +45,6 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 class DevPki:
     """A CA in ``directory`` (created with its key on first use) that issues leaves."""
 
@@ -65,33 +57,14 @@ class DevPki:
         self.ca_certificate_path = self.directory / "ca.crt"
         ca_key_path = self.directory / "ca.key"
         if self.ca_certificate_path.exists() and ca_key_path.exists():
-            self._ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-            self.ca_certificate = x509.load_pem_x509_certificate(
-                self.ca_certificate_path.read_bytes())
-            return
-        self._ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "perc-daemons dev CA")])
-        start = self.now()
-        public = self._ca_key.public_key()
-        self.ca_certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start - datetime.timedelta(hours=1))
-            .not_valid_after(start + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(self._ca_key, hashes.SHA256())
-        )
-        _write_private(ca_key_path, _pem_key(self._ca_key))  # type: ignore[arg-type]
-        self.ca_certificate_path.write_bytes(
-            self.ca_certificate.public_bytes(serialization.Encoding.PEM))
+            self._ca = CertificateAuthority.load(self.ca_certificate_path.read_bytes(),
+                                                 ca_key_path.read_bytes())
+        else:
+            self._ca = CertificateAuthority.create("perc-daemons dev CA", days=days,
+                                                   now=self.now())
+            _write_private(ca_key_path, self._ca.key_pem)
+            self.ca_certificate_path.write_bytes(self._ca.certificate_pem)
+        self.ca_certificate = self._ca.certificate
 
     def now(self) -> datetime.datetime:
         return self._now or datetime.datetime.now(datetime.UTC)
@@ -99,40 +72,11 @@ class DevPki:
     def issue(self, name: str, dns_names: Sequence[str] = (),
               ip_addresses: Sequence[str] = ()) -> Issued:
         """A leaf ``<name>.crt``/``<name>.key`` for these names (replaced if present)."""
-        if not dns_names and not ip_addresses:
-            raise ValueError("a leaf needs at least one DNS name or IP address")
-        key = ec.generate_private_key(ec.SECP256R1())
-        san: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
-        san += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-        start = self.now()
-        common_name = dns_names[0] if dns_names else ip_addresses[0]
-        ca_public = self.ca_certificate.public_key()
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.ca_certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start - datetime.timedelta(hours=1))
-            .not_valid_after(start + datetime.timedelta(days=self.days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=False, crl_sign=False,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_public), critical=False)  # type: ignore[arg-type]
-            .sign(self._ca_key, hashes.SHA256())  # type: ignore[arg-type]
-        )
+        certificate, key = self._ca.issue(dns_names, ip_addresses, days=self.days,
+                                          now=self.now())
         issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
-        _write_private(issued.private_key, _pem_key(key))
-        issued.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        _write_private(issued.private_key, key)
+        issued.certificate.write_bytes(certificate)
         return issued
 
 

@@ -11,8 +11,9 @@ Remote commands talk to the KMF's HTTPS API (``[https]`` of kmf.toml) with an
     perc-admin conferences invite|uninvite ID IDENTITY...
     perc-admin roster show ID
 
-Local commands change files on the KMF's host (run them as the daemon's user)::
+Local commands change files on the KMF's host (run them as root or the daemon's user)::
 
+    perc-admin setup [--domain D] [--host-name N ...] [--ca-certificate F --ca-key F]
     perc-admin users add|passwd NAME [--password-file F]
     perc-admin users disable|enable NAME
     perc-admin keys rotate
@@ -469,6 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
                 "(at least 43 characters)")
     p.add_argument("--secret-file", required=True, metavar="FILE",
                    help="file holding the secret on its first line (mode 0600)")
+
+    p = command(groups, "setup", "first run of this host: make the CA, certificates, OAuth "
+                "clients, secrets and configuration files the daemons need (as root)")
+    p.set_defaults(action="setup")
+    p.add_argument("--etc-dir", default="/etc/perc", metavar="DIR",
+                   help="the configuration directory")
+    p.add_argument("--user", default="perc", help="the daemons' user (group readers of keys)")
+    p.add_argument("--domain", default="localhost",
+                   help="the identity domain ([idp] domain of kmf.toml and kd.toml); the KD's "
+                        "certificate is for kd.DOMAIN")
+    p.add_argument("--host-name", action="append", default=[], dest="host_names",
+                   metavar="NAME", help="DNS name of this host for the KMF's and MD's "
+                                        "certificates (repeatable; default: its FQDN), "
+                                        "besides localhost")
+    p.add_argument("--ca-certificate", default="", metavar="FILE",
+                   help="the site CA's certificate, to issue from it instead of a new CA")
+    p.add_argument("--ca-key", default="", metavar="FILE",
+                   help="that CA's private key (read, not copied)")
     return parser
 
 
@@ -733,8 +752,40 @@ def _clients(args: argparse.Namespace, io: Io) -> None:
             f'secret_hash = "{secret_hash}"\n')
 
 
+_NEXT_STEPS = """
+Next:
+  systemctl enable --now perc-kmf perc-kd perc-md
+  perc-admin users add alice            # and the other participants
+  perc-admin conferences create weekly --title "Weekly" --invite alice@{domain} \\
+      --invite bob@{domain} --md https://localhost:9443
+  perc-endpoint --ca {etc}/tls/ca.crt --conference weekly --user alice --tone 440
+Endpoints trust {etc}/tls/ca.crt (copy it to them); docs/OPERATIONS.md has the rest.
+"""
+
+
+def _setup(args: argparse.Namespace, io: Io) -> None:
+    from perc_daemons.site_setup import SetupError, SetupOptions, setup
+
+    options = SetupOptions(etc_dir=args.etc_dir, user=args.user, domain=args.domain,
+                           host_names=tuple(args.host_names),
+                           ca_certificate=args.ca_certificate, ca_key=args.ca_key)
+    try:
+        steps = setup(options)
+    except SetupError as e:
+        raise OperationError("setup failed", str(e)) from None
+    except OSError as e:
+        raise OperationError("setup failed", f"{e.filename}: {e.strerror or e}") from None
+    width = max(len(step.path) for step in steps)
+    lines = [f"{step.action:<9}{step.path:<{width}}  {step.detail}".rstrip() for step in steps]
+    io.emit({"steps": [{"action": s.action, "path": s.path, "detail": s.detail}
+                       for s in steps]},
+            "\n".join(lines) + "\n" + _NEXT_STEPS.format(domain=args.domain, etc=args.etc_dir))
+
+
 def _local(args: argparse.Namespace, io: Io) -> None:
-    if args.category == "users":
+    if args.category == "setup":
+        _setup(args, io)
+    elif args.category == "users":
         _users(args, io)
     elif args.category == "clients":
         _clients(args, io)
@@ -780,7 +831,7 @@ def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str]
 
 
 def is_local(args: argparse.Namespace) -> bool:
-    return args.category in ("users", "keys", "clients")
+    return args.category in ("users", "keys", "clients", "setup")
 
 
 async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = None,
