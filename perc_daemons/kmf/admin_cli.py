@@ -49,11 +49,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import getpass as getpass_module
-import json
 import os
-import re
 import sys
 import time
 import tomllib
@@ -63,9 +60,21 @@ from typing import IO, Any
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 from perc_daemons import config as config_module
-from perc_daemons import tls
+from perc_daemons.cli import (
+    ApiClient,
+    Io,
+    OperationError,
+    Parser,
+    UsageError,
+    fields,
+    read_secret_file,
+    report,
+    table,
+    time_text,
+    trust_root,
+    unexpected,
+)
 from perc_daemons.config import ConfigError
-from perc_daemons.problems import parse_problem
 from perc_daemons.protocol import jsontext
 
 __all__ = ["AdminConfig", "OperationError", "fetch_client_token", "load_admin_config", "main",
@@ -75,22 +84,7 @@ DEFAULT_CONFIG = "/etc/perc/admin.toml"
 DEFAULT_KMF_CONFIG = "/etc/perc/kmf.toml"
 DEFAULT_USERS_FILE = "/var/lib/perc/users.jsonl"
 DEFAULT_URL = "https://localhost:8443"
-REQUEST_TIMEOUT = 30.0
 _STATES = ("scheduled", "running", "ended")
-
-
-class OperationError(Exception):
-    """The KMF (or a local operation) refused: exit status 1."""
-
-    def __init__(self, title: str, detail: str = "", status: int | None = None) -> None:
-        super().__init__(f"{title}: {detail}" if detail else title)
-        self.title = title
-        self.detail = detail
-        self.status = status
-
-
-class UsageError(Exception):
-    """Bad command line: exit status 2."""
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -165,108 +159,7 @@ def load_admin_config(path: str, *, required: bool) -> AdminConfig:
     return AdminConfig(path, **values)
 
 
-def read_secret_file(path: str, config_path: str, key: str) -> str:
-    """The first line of a private (no group/other access) file, stripped."""
-    try:
-        return tls.read_secret_line(path, forbidden=0o077)
-    except tls.TlsFileError as e:
-        raise ConfigError(config_path, key, f"{path}: {e}") from None
-
-
 # --- HTTP -----------------------------------------------------------------------------------
-
-
-def _trust_root(path: str, config_path: str) -> Any:
-    from twisted.internet import ssl
-
-    try:
-        with open(path, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        raise ConfigError(config_path, "ca_file", f"{path}: {e.strerror}") from None
-    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem,
-                        re.DOTALL)
-    if not blocks:
-        raise ConfigError(config_path, "ca_file", f"{path}: no PEM certificate")
-    try:
-        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception:
-        raise ConfigError(config_path, "ca_file", f"{path}: not a usable PEM certificate"
-                          ) from None
-    return ssl.trustRootFromCertificates(certificates)
-
-
-def _problem(code: int, content: bytes) -> OperationError:
-    """An error answer (RFC 9457 problem, or anything else) as an OperationError."""
-    problem = parse_problem(code, content)
-    return OperationError(f"{problem.title} ({code})", problem.detail, status=code)
-
-
-class KmfClient:
-    """The KMF's HTTPS API with a bearer token (``token`` set later for client credentials)."""
-
-    def __init__(self, reactor: Any, url: str, trust_root: Any = None) -> None:
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-
-        self.reactor = reactor
-        self.base = url.rstrip("/")
-        self.token: str | None = None
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust_root),
-                           pool=self.pool)
-
-    async def close(self) -> None:
-        await self.pool.closeCachedConnections()
-
-    async def raw(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                  data: bytes | None = None) -> tuple[int, bytes]:
-        import treq
-        from twisted.internet import error as net_error
-        from twisted.web import _newclient
-
-        try:
-            response = await treq.request(method, self.base + path, headers=headers or {},
-                                          data=data, agent=self.agent, timeout=REQUEST_TIMEOUT,
-                                          reactor=self.reactor, allow_redirects=False)
-            content = await treq.content(response)
-        except (net_error.ConnectError, net_error.DNSLookupError) as e:
-            raise OperationError(f"cannot connect to {self.base}", str(e)) from None
-        except net_error.TimeoutError:
-            raise OperationError(f"{self.base} did not answer", "timed out") from None
-        except _newclient.ResponseNeverReceived as e:
-            reasons = "; ".join(_reason(f) for f in e.reasons)
-            raise OperationError(f"no response from {self.base}", reasons) from None
-        except _newclient.RequestTransmissionFailed as e:
-            reasons = "; ".join(_reason(f) for f in e.reasons)
-            raise OperationError(f"cannot send to {self.base}", reasons) from None
-        return response.code, content
-
-    async def call(self, method: str, path: str, body: Any = None) -> Any:
-        headers = {"Accept": "application/json"}
-        if self.token is not None:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode()
-        code, content = await self.raw(method, path, headers=headers, data=data)
-        if code >= 400:
-            raise _problem(code, content)
-        if not content.strip():
-            return None
-        try:
-            return jsontext.loads(content)
-        except jsontext.JsonError:
-            raise OperationError("bad response from the KMF",
-                                 f"{method} {path}: not JSON") from None
-
-
-def _reason(failure: Any) -> str:
-    value = getattr(failure, "value", failure)
-    text = str(value) or type(value).__name__
-    if "certificate verify failed" in text or "verify" in text.lower():
-        return f"TLS certificate not trusted ({text})"
-    return text
 
 
 # --- client credentials (POST /oauth/token) ---------------------------------------------------
@@ -307,7 +200,7 @@ def parse_token_response(code: int, content: bytes) -> str:
     return body["access_token"]
 
 
-async def fetch_client_token(client: KmfClient, client_id: str, client_secret: str) -> str:
+async def fetch_client_token(client: ApiClient, client_id: str, client_secret: str) -> str:
     """An ``admin`` access token from the KMF's token endpoint (client credentials)."""
     headers, body = token_request(client_id, client_secret)
     code, content = await client.raw("POST", "/oauth/token", headers=headers, data=body)
@@ -315,39 +208,6 @@ async def fetch_client_token(client: KmfClient, client_id: str, client_secret: s
 
 
 # --- output ----------------------------------------------------------------------------------
-
-
-def _ascii(value: Any) -> str:
-    """``value`` as printable ASCII (other characters escaped)."""
-    if value is None:
-        return "-"
-    text = str(value)
-    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
-
-
-def _time(value: Any) -> str:
-    if value is None:
-        return "-"
-    try:
-        moment = datetime.datetime.fromtimestamp(float(value), datetime.UTC)
-    except (TypeError, ValueError, OverflowError):
-        return _ascii(value)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_ascii(h) for h in headers]] + [[_ascii(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
-
-
-def fields(pairs: Sequence[tuple[str, Any]]) -> str:
-    width = max(len(name) for name, _ in pairs)
-    return "".join(f"{(name + ':').ljust(width + 1)} {_ascii(value)}\n" for name, value in pairs)
 
 
 def conference_text(c: dict[str, Any]) -> str:
@@ -360,9 +220,9 @@ def conference_text(c: dict[str, Any]) -> str:
         ("groups", ", ".join(c.get("invited_groups") or []) or "-"),
         ("late joiners get earlier epochs",
          "yes" if c.get("late_joiners_get_earlier_epochs") else "no"),
-        ("starts at", _time(c.get("starts_at"))),
-        ("ends at", _time(c.get("ends_at"))),
-        ("created at", _time(c.get("created_at"))),
+        ("starts at", time_text(c.get("starts_at"))),
+        ("ends at", time_text(c.get("ends_at"))),
+        ("created at", time_text(c.get("created_at"))),
     ]
     if "epoch" in c:
         pairs.append(("epoch", c["epoch"]))
@@ -371,7 +231,7 @@ def conference_text(c: dict[str, Any]) -> str:
 
 def conferences_text(body: dict[str, Any]) -> str:
     rows = [(c.get("id"), c.get("state"), c.get("title"), c.get("initiator"),
-             len(c.get("invited") or []), _time(c.get("created_at")))
+             len(c.get("invited") or []), time_text(c.get("created_at")))
             for c in body.get("conferences", [])]
     if not rows:
         return "no conferences\n"
@@ -379,11 +239,6 @@ def conferences_text(body: dict[str, Any]) -> str:
 
 
 # --- command line ----------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
 
 
 _GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -394,7 +249,7 @@ _GLOBAL_DEFAULTS: dict[str, Any] = {
 
 def _global_options() -> argparse.ArgumentParser:
     # SUPPRESS: the value given before or after the subcommand is kept, not reset.
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     s = argparse.SUPPRESS
     common.add_argument("--json", action="store_true", default=s,
                         help="print JSON instead of tables")
@@ -412,17 +267,17 @@ def _global_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options()
-    parser = _Parser(prog="perc-admin", parents=[common],
+    parser = Parser(prog="perc-admin", parents=[common],
                      description="Operate a perc-kmf: conferences, rosters, users, keys, "
                                  "client secrets.")
     groups = parser.add_subparsers(dest="category", required=True, metavar="COMMAND",
-                                   parser_class=_Parser)
+                                   parser_class=Parser)
 
     def command(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], help=help_, description=help_)
 
     conf = groups.add_parser("conferences", help="manage conferences").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+        dest="action", required=True, metavar="ACTION", parser_class=Parser)
     p = command(conf, "create", "create a conference")
     p.add_argument("id")
     p.add_argument("--title", required=True)
@@ -443,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("identities", nargs="+", metavar="IDENTITY")
 
     roster = groups.add_parser("roster", help="conference rosters").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+        dest="action", required=True, metavar="ACTION", parser_class=Parser)
     command(roster, "show", "fetch, verify and show the signed roster").add_argument("id")
 
     users = groups.add_parser("users", help="local user file").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+        dest="action", required=True, metavar="ACTION", parser_class=Parser)
     for name, help_ in (("add", "add a user"), ("passwd", "set a user's password")):
         p = command(users, name, help_)
         p.add_argument("name")
@@ -457,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         command(users, name, help_).add_argument("name")
 
     keys = groups.add_parser("keys", help="signing keys").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+        dest="action", required=True, metavar="ACTION", parser_class=Parser)
     command(keys, "rotate", "make a new signing key, retire the active one")
 
     clients = groups.add_parser("clients", help="OAuth client secrets").add_subparsers(
-        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+        dest="action", required=True, metavar="ACTION", parser_class=Parser)
     p = command(clients, "new-secret", "write a new client secret to a new file (mode 0600) "
                 "and print its secret_hash")
     p.add_argument("--secret-file", required=True, metavar="FILE",
@@ -499,20 +354,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-@dataclass
-class Io:
-    stdout: IO[str]
-    stderr: IO[str]
-    getpass: Callable[[str], str]
-    as_json: bool = False
-
-    def emit(self, data: Any, text: str) -> None:
-        if self.as_json:
-            self.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        else:
-            self.stdout.write(text)
-
-
 # --- remote commands -------------------------------------------------------------------------
 
 
@@ -521,7 +362,7 @@ async def _remote(args: argparse.Namespace, io: Io, reactor: Any) -> None:
     url = args.url or config.url
     if args.url is not None and _check_url(url) is not None:
         raise UsageError(f"--url: {_check_url(url)}")
-    trust = _trust_root(config.ca_file, config.path) if config.ca_file else None
+    trust = trust_root(config.ca_file, config.path) if config.ca_file else None
     token = None
     if args.token_file is not None:
         token = read_secret_file(args.token_file, args.token_file, "--token-file")
@@ -530,7 +371,7 @@ async def _remote(args: argparse.Namespace, io: Io, reactor: Any) -> None:
             if not getattr(config, key):
                 raise ConfigError(config.path, key, "not set (or use --token-file)")
         secret = read_secret_file(config.client_secret_file, config.path, "client_secret_file")
-    client = KmfClient(reactor, url, trust)
+    client = ApiClient(reactor, url, trust)
     try:
         if token is None:
             token = await fetch_client_token(client, config.client_id, secret)
@@ -555,7 +396,7 @@ def _owner_and_invited(args: argparse.Namespace) -> tuple[str, list[str]]:
     return owner, invited
 
 
-async def _create(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                   ) -> None:
     owner, invited = _owner_and_invited(args)
     body = {"id": args.id, "title": args.title, "initiator": owner, "invited": invited,
@@ -565,7 +406,7 @@ async def _create(client: KmfClient, args: argparse.Namespace, io: Io, config: A
     io.emit(created, conference_text(created))
 
 
-async def _list(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+async def _list(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                 ) -> None:
     path = "/v1/conferences" + (f"?state={args.state}" if args.state else "")
     body = await client.call("GET", path)
@@ -573,14 +414,14 @@ async def _list(client: KmfClient, args: argparse.Namespace, io: Io, config: Adm
 
 
 def _simple(method: str, suffix: str):
-    async def run(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+    async def run(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                   ) -> None:
         body = await client.call(method, f"/v1/conferences/{_cid(args.id)}{suffix}")
         io.emit(body, conference_text(body))
     return run
 
 
-async def _invite(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+async def _invite(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                   ) -> None:
     body = None
     for identity in args.identities:
@@ -589,7 +430,7 @@ async def _invite(client: KmfClient, args: argparse.Namespace, io: Io, config: A
     io.emit(body, conference_text(body))
 
 
-async def _uninvite(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+async def _uninvite(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                     ) -> None:
     body = None
     for identity in args.identities:
@@ -598,7 +439,7 @@ async def _uninvite(client: KmfClient, args: argparse.Namespace, io: Io, config:
     io.emit(body, conference_text(body))
 
 
-async def _roster(client: KmfClient, args: argparse.Namespace, io: Io, config: AdminConfig
+async def _roster(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                   ) -> None:
     from perc_daemons.protocol.roster import RosterError, verify_roster
 
@@ -620,7 +461,7 @@ async def _roster(client: KmfClient, args: argparse.Namespace, io: Io, config: A
             "members": [{"identity": m.identity, "ssrcs": list(m.ssrcs)}
                         for m in roster.members]}
     text = fields([("conference", roster.conference_id), ("epoch", roster.epoch),
-                   ("issued at", _time(roster.issued_at)),
+                   ("issued at", time_text(roster.issued_at)),
                    ("signature", "verified with the KMF's JWKS")])
     rows = [(m.identity, " ".join(f"{s:#010x}" for s in m.ssrcs) or "-")
             for m in roster.members]
@@ -796,25 +637,6 @@ def _local(args: argparse.Namespace, io: Io) -> None:
 # --- entry points ----------------------------------------------------------------------------
 
 
-def _report(io: Io, error: BaseException) -> int:
-    if isinstance(error, UsageError):
-        io.stderr.write(f"{error}\n")
-        return 2
-    if isinstance(error, ConfigError):
-        io.stderr.write(f"perc-admin: {error}\n")
-        return 2
-    assert isinstance(error, OperationError)
-    detail = f": {error.detail}" if error.detail else ""
-    io.stderr.write(f"perc-admin: {_ascii(error.title)}{_ascii(detail)}\n")
-    return 1
-
-
-def _unexpected(io: Io, error: BaseException) -> int:
-    io.stderr.write(f"perc-admin: unexpected error: {type(error).__name__}: "
-                    f"{_ascii(error)}\n")
-    return 1
-
-
 def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str] | None,
              getpass: Callable[[str], str] | None
              ) -> tuple[Io, argparse.Namespace | None, int]:
@@ -847,9 +669,9 @@ async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = Non
         else:
             await _remote(args, io, reactor)
     except (UsageError, ConfigError, OperationError) as e:
-        return _report(io, e)
+        return report(io, e, "perc-admin")
     except Exception as e:  # never a traceback for the operator
-        return _unexpected(io, e)
+        return unexpected(io, e, "perc-admin")
     return 0
 
 
@@ -863,9 +685,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
         try:
             _local(args, io)
         except (UsageError, ConfigError, OperationError) as e:
-            return _report(io, e)
+            return report(io, e, "perc-admin")
         except Exception as e:
-            return _unexpected(io, e)
+            return unexpected(io, e, "perc-admin")
         return 0
 
     from twisted.internet import defer, task
@@ -878,9 +700,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None,
                 await _remote(args, io, reactor)
                 result.append(0)
             except (UsageError, ConfigError, OperationError) as e:
-                result.append(_report(io, e))
+                result.append(report(io, e, "perc-admin"))
             except Exception as e:
-                result.append(_unexpected(io, e))
+                result.append(unexpected(io, e, "perc-admin"))
         return defer.ensureDeferred(remote())
 
     try:

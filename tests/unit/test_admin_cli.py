@@ -23,8 +23,9 @@ from twisted.web import resource, server
 
 from perc_daemons import config as config_module
 from perc_daemons import tls
+from perc_daemons.cli import ApiClient, trust_root
 from perc_daemons.kmf import admin_cli
-from perc_daemons.kmf.admin_cli import KmfClient, OperationError, run
+from perc_daemons.kmf.admin_cli import OperationError, run
 from perc_daemons.kmf.api import KmfApi, kmf_site
 from perc_daemons.kmf.auth.file import read_users
 from perc_daemons.kmf.kek import KeyEncryptionKey
@@ -158,8 +159,8 @@ class AdminCliTests(unittest.TestCase):
     @defer.inlineCallbacks
     def raw_post(self, path: str, body: Any):
         """POST ``body`` as JSON with the admin token, past the CLI: (status, JSON body)."""
-        client = admin_cli.KmfClient(reactor, self.url,
-                                     admin_cli._trust_root(self.cert, self.config))
+        client = ApiClient(reactor, self.url,
+                                     trust_root(self.cert, self.config))
         self.addCleanup(lambda: defer.ensureDeferred(client.close()))
         code, content = yield defer.ensureDeferred(client.raw(
             "POST", path, headers={"Authorization": f"Bearer {self.admin_token}",
@@ -181,7 +182,7 @@ class AdminCliTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def put_roster(self, cid: str, members: list[dict[str, Any]]):
-        client = KmfClient(reactor, self.url, admin_cli._trust_root(self.cert, "test"))
+        client = ApiClient(reactor, self.url, trust_root(self.cert, "test"))
         client.token = self.token(["kd"], subject="kd-1@example.com")
         try:
             body = yield defer.ensureDeferred(client.call(
