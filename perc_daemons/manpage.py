@@ -31,11 +31,23 @@ def _endpoint_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
+def _provider_parser() -> argparse.ArgumentParser:
+    from perc_daemons.md.provider_cli import build_parser
+
+    return build_parser()
+
+
 TOOLS["perc-admin"] = (_admin_parser, "operate a perc-kmf: conferences, rosters, users, keys, "
                                       "client secrets", {
     "EXIT STATUS": "0 on success, 1 when the KMF refused or could not be reached, "
                    "2 for usage and configuration errors.",
     "FILES": "/etc/perc/admin.toml, /etc/perc/kmf.toml, /var/lib/perc/users.jsonl",
+})
+TOOLS["perc-provider"] = (_provider_parser, "the conference provider's command line for "
+                                            "perc-md", {
+    "EXIT STATUS": "0 on success, 1 when the MD refused or could not be reached, "
+                   "2 for usage and configuration errors.",
+    "FILES": "/etc/perc/provider.toml, /etc/perc/md-provider.token",
 })
 TOOLS["perc-endpoint"] = (_endpoint_parser, "the reference PERC endpoint and load generator", {
     "EXIT STATUS": "0 on success; 1 when joining was refused, the answer was not signed by "
