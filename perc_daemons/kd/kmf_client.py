@@ -482,6 +482,15 @@ class KmfClient:
             raise KmfUnavailable("invitation check answer is malformed")
         return body["state"], frozenset(body["invited"])
 
+    async def media_distributors(self) -> list[str]:
+        """``GET /v1/media-distributors``: the ``host:port`` tunnel addresses of the MDs
+        serving conferences that have not ended (draft-roach slides 4.1.1 step 11)."""
+        _, body = await self._call("GET", "/v1/media-distributors")
+        items = body.get("media_distributors") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise KmfUnavailable("media distributor list is malformed")
+        return items
+
     async def jwks(self) -> dict[str, Any]:
         """``GET /.well-known/jwks.json`` (public)."""
         response = await self._send("GET", "/.well-known/jwks.json",

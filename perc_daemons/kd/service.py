@@ -26,6 +26,13 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
   associations (EndpointDisconnect to the MD); ``epoch`` newer than ours (an
   epoch another KD started) is fetched and installed.  After a reconnection
   every known conference is re-checked, as events may have been missed.
+* MDs: besides ``[tunnel] mds``, the KD keeps a tunnel to each MD the KMF
+  names for a conference that has not ended (draft-roach-perc-webrtc slides
+  4.1.1 step 11: the MD's tunnel address, recorded at the KMF by
+  ``perc-admin conferences create --md``): the ``media-distributor`` event
+  adds one, and the KMF's whole list (``GET /v1/media-distributors``, fetched
+  whenever the event stream connects and after a conference ends) adds the
+  missing ones and closes the tunnels no conference needs any more.
 * Associations belong to the MD they came from (by its configured name), not
   to one TLS connection: when a tunnel drops they are kept (the MD keeps
   forwarding with the keys it has, and sends the disconnects that happened
@@ -47,15 +54,16 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
 
 Start-up: a missing or unusable certificate/key means the KD cannot serve:
 it logs that and runs only the admin listener (so a fresh install starts).
-With no ``[tunnel] mds`` it idles.  A missing KMF client secret is logged and
-retried (the file is read whenever a token is needed).
+With no ``[tunnel] mds`` it waits for the KMF to name MDs.  A missing KMF
+client secret is logged and retried (the file is read whenever a token is
+needed).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +247,9 @@ class KdHandler:
         self._events: KmfEventStream | None = None
         self._connections = 0
         self._stopped = False
+        #: Called with the MD tunnel addresses the KMF names (a list and whether it
+        #: is complete): a new conference's MD (event), or all of them (on connect).
+        self.on_media_distributors: Callable[[list[str], bool], None] | None = None
 
     def __repr__(self) -> str:
         return f"<KdHandler peers={len(self._peers)} {self.core!r}>"
@@ -704,6 +715,13 @@ class KdHandler:
             if conference in self.core.conferences():
                 log.info("KMF: conference {conference} ended", conference=conference)
             self.end_conference(conference)
+            self._fetch_media_distributors()  # its MDs may be needed no more
+        elif kind == "media-distributor":
+            tunnel = data.get("tunnel")
+            if isinstance(tunnel, str) and self.on_media_distributors is not None:
+                log.info("KMF: conference {conference} is served by the MD at {tunnel}",
+                         conference=conference, tunnel=tunnel)
+                self.on_media_distributors([tunnel], False)
         elif kind == "invitation-withdrawn":
             identity = data.get("identity")
             if isinstance(identity, str) and conference in self.core.conferences():
@@ -714,7 +732,26 @@ class KdHandler:
                     and epoch > self.core.epoch(conference)):
                 self._schedule(conference, sync=True)
 
+    def _fetch_media_distributors(self) -> None:
+        """Ask the KMF for every conference's MDs (complete list) in the background."""
+        if self.on_media_distributors is None or self._stopped:
+            return
+
+        async def fetch() -> None:
+            try:
+                addresses = await self.kmf.media_distributors()
+            except KmfError as e:  # unreachable, or a KMF without the route
+                log.warn("KMF: media distributor list not fetched: {error}", error=str(e))
+                return
+            if self.on_media_distributors is not None and not self._stopped:
+                self.on_media_distributors(addresses, True)
+
+        d = defer.ensureDeferred(fetch())
+        self._running.add(d)
+        d.addBoth(lambda _: self._running.discard(d))
+
     def _events_connected(self) -> None:
+        self._fetch_media_distributors()
         self._connections += 1
         if self._connections > 1:  # events may have been missed: check every conference
             for conference in self.core.conferences():
@@ -766,21 +803,59 @@ class KdService(MultiService):
         self.handler = KdHandler(reactor, core=core, kmf=self.kmf,
                                  idp_domain=cfg.idp.domain, credentials=credentials,
                                  metrics=metrics)
+        self._metrics = metrics
+        #: "host:port" -> its tunnel client: ``[tunnel] mds`` (kept for ever) and the
+        #: MDs the KMF names for conferences (dropped when no conference needs them).
+        self.md_clients: dict[str, Any] = {}
+        self._static = set(cfg.tunnel.mds)
+        for item in cfg.tunnel.mds:
+            problem = self._add_md(item)
+            if problem is not None:
+                self.problem = problem
+        self.handler.on_media_distributors = self.media_distributors
+
+    def _add_md(self, address: str) -> str | None:
+        """Start a tunnel client to the MD at ``host:port``; a problem text, or None."""
         from perc_daemons.kd.tunnel import KdTunnelClient
 
-        for item in cfg.tunnel.mds:
-            host, port = _md_address(item)
-            try:
-                KdTunnelClient(reactor, host=host, port=port, name=host,
-                               ca_certificate=cfg.tunnel.ca_file,
-                               certificate=cfg.tunnel.certificate,
-                               private_key=cfg.tunnel.private_key,
-                               handler=self.handler, metrics=metrics,
-                               liveness_interval=cfg.tunnel.liveness_interval,
-                               liveness_timeout=cfg.tunnel.liveness_timeout,
-                               ).setServiceParent(self)
-            except tls.TlsFileError as e:
-                self.problem = f"tunnel to md {item}: {e}"
+        if address in self.md_clients:
+            return None
+        try:
+            host, port = _md_address(address)
+            if not 0 < port < 65536:
+                raise ValueError(address)
+        except ValueError:
+            return f"tunnel to md {address!r}: not a host:port address"
+        try:
+            client = KdTunnelClient(self.reactor, host=host, port=port, name=host,
+                                    ca_certificate=self.cfg.tunnel.ca_file,
+                                    certificate=self.cfg.tunnel.certificate,
+                                    private_key=self.cfg.tunnel.private_key,
+                                    handler=self.handler, metrics=self._metrics,
+                                    liveness_interval=self.cfg.tunnel.liveness_interval,
+                                    liveness_timeout=self.cfg.tunnel.liveness_timeout)
+        except tls.TlsFileError as e:
+            return f"tunnel to md {address}: {e}"
+        self.md_clients[address] = client
+        client.setServiceParent(self)  # started now if the KD is running
+        return None
+
+    def media_distributors(self, addresses: list[str], complete: bool) -> None:
+        """Connect to the MDs the KMF names; with the ``complete`` list, drop the others
+        (those no conference needs any more; ``[tunnel] mds`` stay)."""
+        for address in addresses:
+            if address not in self.md_clients:
+                problem = self._add_md(address)
+                if problem is None:
+                    log.info("perc-kd: connecting to the MD at {address}", address=address)
+                else:
+                    log.error("perc-kd: {problem}", problem=problem)
+        if complete:
+            for address in sorted(set(self.md_clients) - set(addresses) - self._static):
+                client = self.md_clients.pop(address)
+                log.info("perc-kd: no conference is served by the MD at {address} any "
+                         "more: tunnel closed", address=address)
+                client.disownServiceParent()
 
     def startService(self) -> None:
         super().startService()
@@ -793,8 +868,8 @@ class KdService(MultiService):
         log.info("perc-kd: certificate {fingerprint}",
                  fingerprint=format_fingerprint(self.handler.credentials.fingerprint))
         if not self.cfg.tunnel.mds:
-            log.info("perc-kd: no [tunnel] mds configured: idle")
-            return
+            log.info("perc-kd: no [tunnel] mds configured: connecting to the MDs the KMF "
+                     "names for conferences")
         if not os.path.exists(self.cfg.kmf.client_secret_file):
             log.error("perc-kd: KMF client secret file {path} is missing; retrying until "
                       "it appears", path=self.cfg.kmf.client_secret_file)

@@ -36,7 +36,20 @@ or ``--config``), flat TOML keys:
 * ``ca_file``: PEM certificate(s) to trust for it ("" = the system's CAs);
 * ``client_id``, ``client_secret_file`` (mode 0600);
 * ``issuer``: the KMF's ``[idp] issuer``, checked in signed rosters;
-  "" means ``https://<host of url>``.
+  "" means ``https://<host of url>``;
+* ``kd_certificate``: the KD's certificate, whose fingerprint ``conferences
+  create --md`` gives the MD (default ``/etc/perc/tls/kd.crt``);
+* ``provider_config``: the conference provider's config (perc-provider's:
+  the MD's URL, CA and provider token) that ``--md`` uses (default
+  ``/etc/perc/provider.toml``).
+
+``conferences create ID ... --md URL`` carries out the conference
+establishment of draft-roach-perc-webrtc (slides 4.1.1 steps 7-11) in one
+command: it creates the conference at the KMF (and starts it with
+``--start``), creates it at the MD with the KD's fingerprint (steps 7-9),
+records the MD's tunnel address at the KMF, which tells the KD (steps 10-11),
+and waits until the MD reports the KD's tunnel up (``--wait`` seconds, 0 not
+to wait).  A conference ended at the KMF is then ended at the MD by the KD.
 
 ``roster show`` verifies the roster with the KMF's JWKS and refuses to print
 one that does not verify.  ``--json`` (anywhere on the line) prints JSON
@@ -84,6 +97,7 @@ DEFAULT_CONFIG = "/etc/perc/admin.toml"
 DEFAULT_KMF_CONFIG = "/etc/perc/kmf.toml"
 DEFAULT_USERS_FILE = "/var/lib/perc/users.jsonl"
 DEFAULT_URL = "https://localhost:8443"
+DEFAULT_KD_CERTIFICATE = "/etc/perc/tls/kd.crt"
 _STATES = ("scheduled", "running", "ended")
 
 
@@ -98,6 +112,8 @@ class AdminConfig:
     client_id: str = ""
     client_secret_file: str = ""
     issuer: str = ""
+    kd_certificate: str = ""
+    provider_config: str = ""
 
     @property
     def effective_issuer(self) -> str:
@@ -115,6 +131,13 @@ def _check_url(value: str) -> str | None:
     return None
 
 
+def _md_url(value: str) -> str:
+    reason = _check_url(value)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(reason)
+    return value
+
+
 def _check_optional_path(value: str) -> str | None:
     return None if value == "" or value.startswith("/") else "must be an absolute path"
 
@@ -125,6 +148,8 @@ _ADMIN_KEYS: dict[str, Callable[[str], str | None]] = {
     "client_id": lambda v: None,
     "client_secret_file": _check_optional_path,
     "issuer": lambda v: None if v == "" or _check_url(v) is None else "must be an https:// URL",
+    "kd_certificate": _check_optional_path,
+    "provider_config": _check_optional_path,
 }
 
 
@@ -210,7 +235,7 @@ async def fetch_client_token(client: ApiClient, client_id: str, client_secret: s
 # --- output ----------------------------------------------------------------------------------
 
 
-def conference_text(c: dict[str, Any]) -> str:
+def conference_text(c: dict[str, Any], extra: Sequence[tuple[str, Any]] = ()) -> str:
     pairs = [
         ("id", c.get("id")),
         ("title", c.get("title")),
@@ -226,7 +251,9 @@ def conference_text(c: dict[str, Any]) -> str:
     ]
     if "epoch" in c:
         pairs.append(("epoch", c["epoch"]))
-    return fields(pairs)
+    if c.get("media_distributors"):
+        pairs.append(("media distributors", ", ".join(c["media_distributors"])))
+    return fields([*pairs, *extra])
 
 
 def conferences_text(body: dict[str, Any]) -> str:
@@ -287,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invite", action="append", default=[], metavar="IDENTITY")
     p.add_argument("--group", action="append", default=[])
     p.add_argument("--late-joiners-get-earlier-epochs", action="store_true")
+    p.add_argument("--start", action="store_true", help="start it too")
+    p.add_argument("--md", metavar="URL", type=_md_url,
+                   help="the MD's conference API: create it there for our KD and have the KD "
+                        "connect (draft-roach conference establishment)")
+    p.add_argument("--wait", type=float, default=20.0, metavar="SECONDS",
+                   help="with --md: how long to wait for the KD's tunnel (0: do not wait)")
     p = command(conf, "list", "list conferences")
     p.add_argument("--state", choices=_STATES)
     for name, help_ in (("show", "show a conference"), ("start", "start a conference"),
@@ -403,7 +436,55 @@ async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: A
             "invited_groups": args.group,
             "late_joiners_get_earlier_epochs": args.late_joiners_get_earlier_epochs}
     created = await client.call("POST", "/v1/conferences", body)
-    io.emit(created, conference_text(created))
+    cid = _cid(args.id)
+    if args.start:
+        created = await client.call("POST", f"/v1/conferences/{cid}/start")
+    extra: list[tuple[str, Any]] = []
+    if args.md is not None:
+        created, extra = await _establish_at_md(client, args, config, created)
+    io.emit(created, conference_text(created, extra))
+
+
+async def _establish_at_md(client: ApiClient, args: argparse.Namespace, config: AdminConfig,
+                           created: dict[str, Any]
+                           ) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """Steps 7-11 of draft-roach's conference establishment for the MD at ``args.md``."""
+    from perc_daemons.md import provider_cli
+
+    provider = provider_cli.load_provider_config(
+        config.provider_config or provider_cli.DEFAULT_CONFIG,
+        required=bool(config.provider_config))
+    fingerprint = provider_cli.kd_fingerprint(config.kd_certificate or DEFAULT_KD_CERTIFICATE)
+    md = await provider_cli.md_client(provider, client.reactor, url=args.md)
+    try:
+        md_conference = await provider_cli.create_md_conference(md, args.id, fingerprint)
+        tunnel = provider_cli.tunnel_address(md_conference)
+        created = await client.call("POST", f"/v1/conferences/{_cid(args.id)}/"
+                                    "media-distributors", {"tunnel": tunnel})
+        extra: list[tuple[str, Any]] = [("md", f"{args.md} (KD tunnel {tunnel})")]
+        if args.wait > 0:
+            await _wait_for_kd(md, args.id, args.wait)
+            extra.append(("kd connected to md", "yes"))
+    finally:
+        await md.close()
+    return created, extra
+
+
+async def _wait_for_kd(md: ApiClient, conference_id: str, timeout: float) -> None:
+    """Until the MD reports the conference's KD tunnel up (step 14), or OperationError."""
+    from twisted.internet import task
+
+    deadline = md.reactor.seconds() + timeout
+    while True:
+        body = await md.call("GET", f"/v1/conferences/{_cid(conference_id)}")
+        if isinstance(body, dict) and body.get("kd_connected"):
+            return
+        if md.reactor.seconds() >= deadline:
+            raise OperationError(
+                f"conference {conference_id} is set up, but the KD has not connected to the "
+                f"MD within {timeout:g} s",
+                "see perc-kd's log (journalctl -u perc-kd) and perc-admin doctor")
+        await task.deferLater(md.reactor, 0.2, lambda: None)
 
 
 async def _list(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
