@@ -4,14 +4,15 @@ Used by ``make demo`` (:mod:`perc_daemons.demo.conference`), the end-to-end
 tests and ``bench/conference.py``.  :class:`LocalStack` writes, in one
 directory:
 
-* ``pki/``: a development CA (:mod:`perc_daemons.devpki`) and leaves for the
-  KMF and the MD (``localhost``, 127.0.0.1) and the KD (``kd.localhost``);
+* ``etc/``: what ``perc-admin setup`` makes on a real host
+  (:mod:`perc_daemons.site_setup`): a CA and certificates for the KMF and
+  the MD (``localhost``, 127.0.0.1, ::1) and the KD (``kd.localhost``), the
+  OAuth client registry (``perc-endpoint`` public with PKCE, ``kd`` and
+  ``perc-admin`` confidential), the KD's and perc-admin's client secrets, the
+  MD's conference-provider token, admin.toml and provider.toml;
 * ``kmf/``: the KMF's state (SQLite store, key-encryption key, signing
-  keys), a user file (cheap argon2id: development only) and the OAuth client
-  registry: ``perc-endpoint`` (public, PKCE), ``kd`` and ``perc-admin``
-  (confidential, client credentials);
-* ``kmf.toml``, ``kd.toml``, ``md.toml``, the KD's client secret and the
-  MD's conference-provider token (mode 0600);
+  keys) and a user file (cheap argon2id: development only);
+* ``kmf.toml``, ``kd.toml``, ``md.toml``;
 
 then runs each daemon with ``twistd --nodaemon perc-<name> --config ...``
 and waits for its ``/healthz``.  Every port is 0 at the first start (the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import re
 import secrets
 import signal
@@ -43,6 +45,7 @@ import sys
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import treq
@@ -53,19 +56,20 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from perc_daemons.devpki import DevPki
+from perc_daemons.devpki import Issued
 from perc_daemons.kmf.auth.file import add_user
-from perc_daemons.kmf.clients import hash_client_secret, new_client_secret
 from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import certificate_fingerprint, format_fingerprint
+from perc_daemons.site_setup import (
+    ADMIN_CLIENT,
+    KD_CLIENT,
+    SetupOptions,
+    setup,
+)
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 DOMAIN = "localhost"
 KD_NAME = "kd.localhost"
-ENDPOINT_CLIENT = "perc-endpoint"
-ENDPOINT_REDIRECT = "http://127.0.0.1/callback"
-KD_CLIENT = "kd"
-ADMIN_CLIENT = "perc-admin"
 #: argon2id made cheap: the demo's users are throw-away.
 CHEAP_HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 START_TIMEOUT = 30.0
@@ -81,6 +85,11 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _first_line(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.readline().strip()
 
 
 def _write_private(path: str, text: str) -> None:
@@ -176,9 +185,7 @@ class LocalStack:
         self.tap: Any = None
         self.children: dict[str, Child] = {}
         self.earlier: list[Child] = []  # daemons that were restarted: their earlier runs
-        self.kd_secret = new_client_secret()
-        self.admin_secret = new_client_secret()
-        self.provider_token = secrets.token_urlsafe(24)
+        self.kd_secret = self.admin_secret = self.provider_token = ""  # prepare() reads them
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self._admin_token: str | None = None
 
@@ -196,40 +203,36 @@ class LocalStack:
         return f"{user}@{DOMAIN}"
 
     def prepare(self) -> None:
-        """Write the PKI, state, secrets and the three configuration files."""
+        """Write the site's files (``perc-admin setup``), state, users and the configs."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        pki = DevPki(os.path.join(self.dir, "pki"))
-        self.ca_path = str(pki.ca_certificate_path)
+        etc = os.path.join(self.dir, "etc")
+        os.makedirs(etc, mode=0o700, exist_ok=True)
+        # What an admin runs first on a real host: CA, certificates, OAuth clients,
+        # secrets (as the daemons' user: the current one).
+        setup(SetupOptions(etc_dir=etc, user=pwd.getpwuid(os.geteuid()).pw_name,
+                           domain=DOMAIN, host_names=("localhost",)))
+        tls_dir = Path(etc, "tls")
+        self.ca_path = str(tls_dir / "ca.crt")
         with open(self.ca_path, "rb") as f:
             self.ca_pem = f.read()
-        self.kmf_cert = pki.issue("kmf", ["localhost"], ["127.0.0.1"])
-        self.md_cert = pki.issue("md", ["localhost"], ["127.0.0.1"])
-        self.kd_cert = pki.issue("kd", [KD_NAME])
+        self.kmf_cert, self.md_cert, self.kd_cert = (
+            Issued(tls_dir / f"{name}.crt", tls_dir / f"{name}.key")
+            for name in ("kmf", "md", "kd"))
         kd_der = ssl.Certificate.loadPEM(self.kd_cert.certificate.read_bytes()).dump()
         self.kd_fingerprint = certificate_fingerprint(kd_der)
+        self.kd_secret = _first_line(os.path.join(etc, "kd-client.secret"))
+        self.admin_secret = _first_line(os.path.join(etc, "admin-client.secret"))
+        self.provider_token = _first_line(os.path.join(etc, "md-provider.token"))
         kmf = os.path.join(self.dir, "kmf")
         os.makedirs(kmf, mode=0o700, exist_ok=True)
         users_file = os.path.join(kmf, "users.jsonl")
         if not os.path.exists(users_file):
             for user in self.users:
                 add_user(users_file, user, self.password, hasher=CHEAP_HASH)
-        clients = os.path.join(kmf, "clients.toml")
-        _write_private(clients, (
-            f'[client.{ENDPOINT_CLIENT}]\ntype = "public"\n'
-            'grant_types = ["authorization_code", "refresh_token"]\n'
-            f'redirect_uris = ["{ENDPOINT_REDIRECT}"]\nscopes = ["identity", "keys"]\n\n'
-            f'[client.{KD_CLIENT}]\ntype = "confidential"\n'
-            f'secret_hash = "{hash_client_secret(self.kd_secret)}"\n'
-            'grant_types = ["client_credentials"]\nscopes = ["kd"]\n\n'
-            f'[client.{ADMIN_CLIENT}]\ntype = "confidential"\n'
-            f'secret_hash = "{hash_client_secret(self.admin_secret)}"\n'
-            'grant_types = ["client_credentials"]\nscopes = ["admin"]\n'))
-        kd_secret_file = os.path.join(self.dir, "kd-client.secret")
-        _write_private(kd_secret_file, self.kd_secret + "\n")
-        provider_token_file = os.path.join(self.dir, "md-provider.token")
-        _write_private(provider_token_file, self.provider_token + "\n")
-        self._files = {"kmf": kmf, "clients": clients, "users": users_file,
-                       "provider_token": provider_token_file, "kd_secret": kd_secret_file}
+        self._files = {"kmf": kmf, "clients": os.path.join(etc, "kmf-clients.toml"),
+                       "users": users_file,
+                       "provider_token": os.path.join(etc, "md-provider.token"),
+                       "kd_secret": os.path.join(etc, "kd-client.secret")}
         self.configs = {name: os.path.join(self.dir, f"{name}.toml")
                         for name in ("kmf", "md", "kd")}
 
