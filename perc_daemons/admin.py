@@ -14,6 +14,7 @@ from twisted.web import resource, server
 
 from perc_daemons import __version__
 from perc_daemons.listening import ConnectionGuard, ConnectionLimits, ListeningService
+from perc_daemons.logs import AccessLogSite
 from perc_daemons.metrics import Metrics
 
 
@@ -57,7 +58,7 @@ def admin_site(daemon: str, metrics: Metrics, is_healthy: Callable[[], bool]) ->
     root = resource.Resource()
     root.putChild(b"healthz", HealthResource(daemon, is_healthy))
     root.putChild(b"metrics", MetricsResource(metrics))
-    site = server.Site(root)
+    site = AccessLogSite(root)
     site.displayTracebacks = False
     site.noisy = False
     return site

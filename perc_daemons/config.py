@@ -82,6 +82,17 @@ def _connections_section() -> dict[str, Setting]:
     }
 
 
+def _logging_section() -> dict[str, Setting]:
+    """``[logging]``: where and what the daemon logs (perc_daemons.logs)."""
+    return {
+        "format": Setting(str, "auto", "\"journal\" (fields, via journald's socket), "
+                          "\"json\" or \"text\" lines on stdout, or \"auto\" (journal when "
+                          "run by systemd).", _one_of("auto", "journal", "json", "text")),
+        "level": Setting(str, "info", "Least severe level logged: debug (adds HTTP access "
+                         "lines), info, warn, error.", _one_of("debug", "info", "warn", "error")),
+    }
+
+
 def _absolute_path(value: str) -> str | None:
     return None if value.startswith("/") else "must be an absolute path"
 
@@ -203,6 +214,7 @@ def _advertise(value: str) -> str | None:
 
 _MD_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9461),
+    "logging": _logging_section(),
     "connections": _connections_section(),
     "api": {
         "bind": Setting(str, "0.0.0.0", "Address of the HTTPS conference API listener.",
@@ -248,6 +260,7 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
 
 _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9463),
+    "logging": _logging_section(),
     "connections": _connections_section(),
     "https": {
         "bind": Setting(str, "0.0.0.0", "Address of the HTTPS API listener.", _ip_address),
@@ -420,6 +433,7 @@ def _client_id(value: str) -> str | None:
 
 _KD_SCHEMA: dict[str, dict[str, Setting]] = {
     "admin": _admin_section(9462),
+    "logging": _logging_section(),
     "connections": _connections_section(),
     "tunnel": {
         "mds": Setting(list, [], 'Media Distributors to keep a tunnel to, as "name:port" '

@@ -57,6 +57,20 @@ class DaemonOptions(usage.Options):
             sys.stderr.write(f"perc-{self.daemon}: configuration error: {e}\n")
             sys.stderr.flush()
             raise SystemExit(EXIT_CONFIG) from None
+        self._install_log_observer()
+
+    def _install_log_observer(self) -> None:
+        """Make ``[logging]`` twistd's log observer (unless twistd was told another)."""
+        parent = getattr(self, "parent", None)
+        if parent is None or parent.get("logger") or parent.get("logfile") not in (None, "-") \
+                or parent.get("syslog"):
+            return
+        from perc_daemons import logs
+
+        logs.configure(f"perc-{self.daemon}", format=self.loaded.logging.format,
+                       level=self.loaded.logging.level)
+        # twistd imports the observer factory by name, after these options
+        parent["logger"] = "perc_daemons.logs.configured_observer"
 
 
 class ConfigReloader(Service):

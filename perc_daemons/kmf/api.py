@@ -139,6 +139,7 @@ from perc_daemons.kmf.tokens import (
     unverified_jti,
     verify_access_token,
 )
+from perc_daemons.logs import AccessLogSite
 from perc_daemons.problems import (
     JsonApi,
     LimitedRequest,
@@ -1340,7 +1341,7 @@ class KmfApi(JsonApi):
 
 
 def kmf_site(api: KmfApi, *, max_body: int = 65536) -> server.Site:
-    site = server.Site(api, requestFactory=LimitedRequest)
+    site = AccessLogSite(api, requestFactory=LimitedRequest)
     site.max_body = max_body  # type: ignore[attr-defined]
     site.displayTracebacks = False
     site.noisy = False

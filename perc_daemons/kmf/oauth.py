@@ -71,6 +71,8 @@ __all__ = ["AuthorizationRequest", "AuthorizationServer", "ClientAuthRateLimited
            "LoginFailed", "LoginRateLimited", "OAuthError"]
 
 log = Logger()
+#: Seconds between two log lines about rate-limited logins (the rest are counted).
+RATE_LIMITED_LOG_INTERVAL = 60.0
 
 _CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest, no padding
 _VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 s4.1
@@ -236,6 +238,8 @@ class AuthorizationServer:
         self.refresh_token_lifetime = refresh_token_lifetime
         self.code_lifetime = code_lifetime
         self._random = random
+        self._limited_logged_at = float("-inf")
+        self._limited_suppressed = 0
 
     def _secret(self) -> str:
         return self._random.token_urlsafe(32)
@@ -339,15 +343,28 @@ class AuthorizationServer:
                      now: float) -> str:
         if not isinstance(username, str) or not isinstance(password, str) or not username:
             raise LoginFailed()
+        user = "".join(c if c.isprintable() else "?" for c in username[:64])
         try:  # counted before it is evaluated: concurrent guesses count too
             self.rate_limiter.attempt(username, address, now)
         except RateLimited as e:
+            if now - self._limited_logged_at >= RATE_LIMITED_LOG_INTERVAL:
+                log.warn("login refused for {user} from {address}: too many failed logins "
+                         "({suppressed} more such refusals not logged)", user=user,
+                         address=address or "-", reason="rate_limited",
+                         suppressed=self._limited_suppressed)
+                self._limited_logged_at, self._limited_suppressed = now, 0
+            else:
+                self._limited_suppressed += 1
             raise LoginRateLimited(e.retry_after) from None
         try:
             identity = await defer.maybeDeferred(
                 self.authenticator.authenticate, UsernamePassword(username, password))
         except (AuthenticationFailed, UnsupportedCredentials) as e:
-            log.info("login refused: {reason}", reason=getattr(e, "reason", type(e).__name__))
+            # A security event (fail2ban and the like match it): at most user_limit
+            # per user and address_limit per address in a window, the limiter's.
+            log.warn("login refused for {user} from {address}: {reason}", user=user,
+                     address=address or "-",
+                     reason=getattr(e, "reason", type(e).__name__))
             raise LoginFailed() from None
         self.rate_limiter.record_success(username, address, now)
         return identity

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from perc_daemons import tls
+from perc_daemons.logs import AccessLogSite
 from perc_daemons.md.conferences import (
     BadOffer,
     Conference,
@@ -303,7 +304,7 @@ class MdApi(JsonApi):
 
 
 def md_site(api: MdApi, *, max_body: int = MAX_BODY) -> server.Site:
-    site = server.Site(api, requestFactory=LimitedRequest)
+    site = AccessLogSite(api, requestFactory=LimitedRequest)
     site.max_body = max_body  # type: ignore[attr-defined]
     site.displayTracebacks = False
     site.noisy = False

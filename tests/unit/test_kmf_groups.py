@@ -142,7 +142,7 @@ class ConfigTests(LdapTestMixin, unittest.TestCase):
                                "token_endpoint)")
         self.assertConfigError("[nope]\n", "nope",
                                "unknown section (known: admin, auth, connections, https, "
-                               "idp, keys, oauth, store)")
+                               "idp, keys, logging, oauth, store)")
 
     def test_ldap_settings_unused_without_the_backend(self):
         cfg = config.load("kmf", self.write('[auth.ldap]\nhost = "h"\n'))

@@ -449,11 +449,22 @@ class OAuthTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_rate_limited_after_bad_passwords(self):
         _, challenge = pkce()
-        for _ in range(3):
-            with self.assertRaises(LoginFailed):
-                yield self.authorize(code_challenge=challenge, password="wrong")
-        with self.assertRaises(LoginRateLimited) as cm:  # even with the right password
-            yield self.authorize(code_challenge=challenge)
+        with capturedLogs() as events:
+            for _ in range(3):
+                with self.assertRaises(LoginFailed):
+                    yield self.authorize(code_challenge=challenge, password="wrong")
+            with self.assertRaises(LoginRateLimited) as cm:  # even with the right password
+                yield self.authorize(code_challenge=challenge)
+            with self.assertRaises(LoginRateLimited):
+                yield self.authorize(code_challenge=challenge)
+        # security events: warnings with the user and address as fields; the second
+        # refusal by the limiter within a minute is counted, not logged
+        refused = [e for e in events if "login refused" in e["log_format"]]
+        self.assertEqual([(e["log_level"].name, e["user"], e["address"], e["reason"])
+                          for e in refused],
+                         [("warn", "alice", "192.0.2.7", "wrong password for alice")] * 3
+                         + [("warn", "alice", "192.0.2.7", "rate_limited")])
+        self.assertNotIn(PASSWORD, repr(events))
         self.assertEqual(cm.exception.status, 429)
         self.assertGreater(cm.exception.retry_after, 0)
         # another user from the same address still may; and alice after the window
