@@ -233,7 +233,7 @@ class LocalStack:
                        "users": users_file,
                        "provider_token": os.path.join(etc, "md-provider.token"),
                        "kd_secret": os.path.join(etc, "kd-client.secret")}
-        self.configs = {name: os.path.join(self.dir, f"{name}.toml")
+        self.configs = {name: os.path.join(etc, f"{name}.toml")
                         for name in ("kmf", "md", "kd")}
 
     def _render(self, name: str) -> str:
@@ -310,8 +310,13 @@ class LocalStack:
     def start(self, name: str) -> defer.Deferred:
         """Spawn ``perc-<name>`` and wait until its /healthz answers 200."""
         self._write_config(name)  # ports learnt at the first start are kept for restarts
-        return self._spawn(name, name, self.configs[name], lambda child: self._learn_ports(
+        d = self._spawn(name, name, self.configs[name], lambda child: self._learn_ports(
             name, child))
+
+        def written(child: Child) -> Child:
+            self._write_config(name)  # the file says where it listens (perc-admin doctor)
+            return child
+        return d.addCallback(written)
 
     def start_kd_copy(self, label: str = "kd-copy") -> defer.Deferred:
         """Another perc-kd with this KD's certificate, key and KMF client, connecting

@@ -14,6 +14,7 @@ Remote commands talk to the KMF's HTTPS API (``[https]`` of kmf.toml) with an
 Local commands change files on the KMF's host (run them as root or the daemon's user)::
 
     perc-admin setup [--domain D] [--host-name N ...] [--ca-certificate F --ca-key F]
+    perc-admin doctor [--no-network]
     perc-admin users add|passwd NAME [--password-file F]
     perc-admin users disable|enable NAME
     perc-admin keys rotate
@@ -376,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the site CA's certificate, to issue from it instead of a new CA")
     p.add_argument("--ca-key", default="", metavar="FILE",
                    help="that CA's private key (read, not copied)")
+
+    p = command(groups, "doctor", "check this host's configuration, certificates, "
+                "permissions, ports and the daemons' reachability, and print what to fix")
+    p.set_defaults(action="doctor")
+    p.add_argument("--etc-dir", default="/etc/perc", metavar="DIR",
+                   help="the configuration directory")
+    p.add_argument("--user", default="perc", help="the daemons' user")
+    p.add_argument("--no-network", action="store_true",
+                   help="only the files: no /healthz, port or TLS checks")
     return parser
 
 
@@ -704,8 +714,28 @@ def _setup(args: argparse.Namespace, io: Io) -> None:
             "\n".join(lines) + "\n" + _NEXT_STEPS.format(domain=args.domain, etc=args.etc_dir))
 
 
+def _doctor(args: argparse.Namespace, io: Io) -> None:
+    from perc_daemons.doctor import diagnose
+
+    findings = diagnose(args.etc_dir, args.user, network=not args.no_network)
+    lines = []
+    for f in findings:
+        label = {"ok": "ok", "warn": "warn", "fail": "FAIL"}[f.status]
+        lines.append(f"{label:<6}{f.what}: {f.detail}" if f.detail else f"{label:<6}{f.what}")
+        if f.fix and f.status != "ok":
+            lines.append(f"      fix: {f.fix}")
+    failed = sum(f.status == "fail" for f in findings)
+    warned = sum(f.status == "warn" for f in findings)
+    lines.append(f"{failed} problem(s), {warned} warning(s)")
+    io.emit({"findings": [vars(f) for f in findings]}, "\n".join(lines) + "\n")
+    if failed:
+        raise OperationError(f"doctor found {failed} problem(s)", "see FAIL lines above")
+
+
 def _local(args: argparse.Namespace, io: Io) -> None:
-    if args.category == "setup":
+    if args.category == "doctor":
+        _doctor(args, io)
+    elif args.category == "setup":
         _setup(args, io)
     elif args.category == "users":
         _users(args, io)
@@ -734,7 +764,7 @@ def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str]
 
 
 def is_local(args: argparse.Namespace) -> bool:
-    return args.category in ("users", "keys", "clients", "setup")
+    return args.category in ("users", "keys", "clients", "setup", "doctor")
 
 
 async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = None,
