@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from perc_daemons.protocol.tunnel_address import TunnelAddressError, check_tunnel_address
+
 
 class ConfigError(Exception):
     """A configuration problem: which file, which key, and why."""
@@ -404,17 +406,16 @@ def _kmf_cross_checks(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, s
     return None
 
 def _md_list(value: list) -> str | None:
-    """``["name:port", ...]``: each MD's DNS name (connected to and verified) and tunnel port."""
+    """``["host:port", ...]``: MD tunnel addresses (:mod:`.protocol.tunnel_address`)."""
+    seen = set()
     for item in value:
-        if not isinstance(item, str):
-            return 'must be a list of "name:port" strings'
-        name, sep, port = item.rpartition(":")
-        if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
-            return f'{item!r} is not "name:port" with a port 1-65535'
-        if _domain(name) is not None and _ip_address(name) is not None:
-            return f"{item!r}: {name!r} is not a DNS name or IP address"
-    if len(set(value)) != len(value):
-        return "must not name an MD twice"
+        try:
+            address = check_tunnel_address(item)
+        except TunnelAddressError as e:
+            return str(e)
+        if address in seen:
+            return "must not name an MD twice"
+        seen.add(address)
     return None
 
 
@@ -436,8 +437,9 @@ _KD_SCHEMA: dict[str, dict[str, Setting]] = {
     "logging": _logging_section(),
     "connections": _connections_section(),
     "tunnel": {
-        "mds": Setting(list, [], 'Media Distributors to keep a tunnel to, as "name:port" '
-                       "(name is connected to and checked against the MD's certificate).",
+        "mds": Setting(list, [], 'Media Distributors to keep a tunnel to, as "host:port" '
+                       "(a DNS name, IPv4 or [IPv6] address, connected to and checked "
+                       "against the MD's certificate).",
                        _md_list),
         "certificate": Setting(str, "/etc/perc/tls/kd.crt",
                                "PEM certificate chain of the KD (ECDSA P-256, leaf first): "

@@ -74,8 +74,30 @@ class IConferenceStore(Interface):
         """``(epoch, frozenset of (identity, fingerprint))`` reported with the newest
         roster, or None."""
 
+    def add_media_distributor(conference_id, tunnel, now):
+        """Record that the MD whose KD tunnel listener is ``tunnel`` ("host:port")
+        serves the conference (draft-roach-perc-webrtc slides 4.1.1 steps 9-11).
+
+        Idempotent; fires True when the list changed (then audited
+        "media-distributor-added").  ``tunnel`` is validated and kept in its
+        canonical form (ValueError otherwise); fails with ConferenceEnded once
+        the conference has ended.
+        """
+
+    def remove_media_distributor(conference_id, tunnel, now):
+        """Take ``tunnel`` off the conference's list; idempotent, True when it was on it
+        (then audited "media-distributor-removed").  ConferenceEnded once ended."""
+
+    def media_distributors(conference_id):
+        """The conference's tunnel addresses, sorted (empty once it has ended)."""
+
+    def active_media_distributors():
+        """The sorted union of the tunnel addresses of every conference not ended:
+        the MDs a KD should keep a tunnel to."""
+
     def end(conference_id, now):
-        """End the conference: state ENDED and every epoch key deleted."""
+        """End the conference: state ENDED, every epoch key, the roster and the
+        list of Media Distributors deleted."""
 
     def close():
         """Release connections; returns a Deferred."""

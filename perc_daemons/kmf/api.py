@@ -14,6 +14,9 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.problems`):
 ``DELETE /v1/conferences/{id}/invitations/{identity}``       ``admin``
 ``POST   /v1/conferences/{id}/start``                        ``admin``
 ``POST   /v1/conferences/{id}/end``                          ``admin``
+``POST   /v1/conferences/{id}/media-distributors``           ``admin``
+``DELETE /v1/conferences/{id}/media-distributors/{tunnel}``  ``admin``
+``GET    /v1/media-distributors``                            ``kd``
 ``POST   /v1/conferences/{id}/epochs``                       ``kd`` or ``admin``
 ``POST   /v1/conferences/{id}/keys``                         ``keys`` bound + admitted, or ``kd``
 ``GET    /v1/conferences/{id}/roster``                       ``keys`` (invited), ``kd``, ``admin``
@@ -72,6 +75,15 @@ completes the request as a password login does (302 to the client with
 failures are redirected to the client as RFC 6749 s4.1.2.1 errors
 (``access_denied``, ``temporarily_unavailable``, ``server_error``); an ID
 token that is refused shows the login page again.
+
+The Media Distributors of a conference are the tunnel addresses ("host:port",
+:mod:`~perc_daemons.protocol.tunnel_address`) of the MDs' KD tunnel
+listeners, which an MD gives back when it acknowledges a conference
+(draft-roach-perc-webrtc slides 4.1.1 steps 9-11).  Adding one publishes the
+``media-distributor`` event (``{"conference", "tunnel"}``) so that a KD
+following ``/v1/events`` connects there; ``GET /v1/media-distributors`` is
+every address of the conferences not ended, which a KD reads whenever its
+event stream (re)connects.
 
 "invited" means the token's subject is in the conference's ``invited``
 list or, when the KMF has an LDAP back-end (``groups``, a :class:`GroupCache`),
@@ -153,6 +165,7 @@ from perc_daemons.protocol.encryption_key import format_encryption_key
 from perc_daemons.protocol.identity import create_assertion, normalize_identity, parse_fingerprint
 from perc_daemons.protocol.jose import b64url_encode
 from perc_daemons.protocol.roster import DuplicateSsrc, sign_roster
+from perc_daemons.protocol.tunnel_address import TunnelAddressError, check_tunnel_address
 from perc_daemons.store import (
     Conference,
     ConferenceEnded,
@@ -300,6 +313,7 @@ def conference_json(c: Conference) -> dict[str, Any]:
         "ends_at": c.ends_at,
         "late_joiners_get_earlier_epochs": c.late_joiners_get_earlier_epochs,
         "created_at": c.created_at,
+        "media_distributors": sorted(c.media_distributors),
     }
 
 
@@ -346,6 +360,10 @@ class KmfApi(JsonApi):
              {b"GET": self.invitation, b"DELETE": self.uninvite}),
             (re.compile(conf + r"/start"), {b"POST": self.start}),
             (re.compile(conf + r"/end"), {b"POST": self.end}),
+            (re.compile(conf + r"/media-distributors"), {b"POST": self.add_media_distributor}),
+            (re.compile(conf + r"/media-distributors/(?P<tunnel>[^/]+)"),
+             {b"DELETE": self.remove_media_distributor}),
+            (re.compile(r"/v1/media-distributors"), {b"GET": self.list_media_distributors}),
             (re.compile(conf + r"/epochs"), {b"POST": self.new_epoch}),
             (re.compile(conf + r"/keys"), {b"POST": self.conference_key}),
             (re.compile(conf + r"/roster"), {b"GET": self.get_roster, b"PUT": self.put_roster}),
@@ -688,6 +706,49 @@ class KmfApi(JsonApi):
         if before.state is not ConferenceState.ENDED:
             self.events.publish("conference-ended", {"conference": cid})
         return Response(200, conference_json(await self.store.get(cid)))
+
+    # --- Media Distributors (draft-roach-perc-webrtc slides 4.1.1 steps 9-11) ----
+
+    @staticmethod
+    def _tunnel(value: object) -> str:
+        try:
+            return check_tunnel_address(value)
+        except TunnelAddressError as e:
+            raise _bad_request(f"tunnel: {e}") from None
+
+    async def add_media_distributor(self, request: server.Request, cid: str) -> Response:
+        """Record the MD whose KD tunnel listener is ``tunnel`` for the conference and
+        tell the KDs (event ``media-distributor``), so that one connects there."""
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        body = read_json(request)
+        unknown = set(body) - {"tunnel"}
+        if unknown:
+            raise _bad_request("unknown member(s): " + ", ".join(sorted(unknown)))
+        tunnel = self._tunnel(body.get("tunnel"))
+        if await self.store.add_media_distributor(cid, tunnel, self.now()):
+            self.log.info("conference {conference}: media distributor {tunnel} added",
+                          conference=cid, tunnel=tunnel)
+        self.events.publish("media-distributor", {"conference": cid, "tunnel": tunnel})
+        return Response(200, conference_json(await self.store.get(cid)))
+
+    async def remove_media_distributor(self, request: server.Request, cid: str,
+                                       tunnel: str) -> Response:
+        """Take ``tunnel`` (percent-decoded path segment) off the conference's list."""
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        tunnel = self._tunnel(tunnel)
+        if await self.store.remove_media_distributor(cid, tunnel, self.now()):
+            self.log.info("conference {conference}: media distributor {tunnel} removed",
+                          conference=cid, tunnel=tunnel)
+        return Response(200, conference_json(await self.store.get(cid)))
+
+    async def list_media_distributors(self, request: server.Request) -> Response:
+        """Every tunnel address of the conferences not ended, for a KD whose event
+        stream has (re)connected."""
+        self.authorize(request, ("kd",))
+        return Response(200, {"media_distributors":
+                              await self.store.active_media_distributors()})
 
     # --- epochs and keys ------------------------------------------------------
 

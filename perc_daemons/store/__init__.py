@@ -12,11 +12,21 @@ Rules both follow:
   ENDED is final.
 - Epochs are numbered from 1, one more than the last one ever given out.
 - Ending a conference (``end()``, or ``set_state(..., ENDED)``) deletes every
-  stored epoch key and the roster, keeps the conference (state ended), its
-  invitations and the audit trail, and adds one "ended" audit event.  Ending
-  it again changes nothing.  After that, anything that would add to it
-  (``invite``, ``uninvite``, ``add_epoch``, ``record_admission``,
-  ``set_roster``) fails with :class:`ConferenceEnded`.
+  stored epoch key, the roster and its list of Media Distributors, keeps the
+  conference (state ended), its invitations and the audit trail, and adds one
+  "ended" audit event.  Ending it again changes nothing.  After that, anything
+  that would add to it (``invite``, ``uninvite``, ``add_epoch``,
+  ``record_admission``, ``set_roster``, ``add_media_distributor``,
+  ``remove_media_distributor``) fails with :class:`ConferenceEnded`.
+- A conference lists the Media Distributors that serve it by the tunnel
+  address their KD tunnel listener acknowledged the conference with
+  (draft-roach-perc-webrtc slides 4.1.1 steps 9-11): "host:port", checked and
+  kept in canonical form by
+  :func:`~perc_daemons.protocol.tunnel_address.check_tunnel_address`.  Adding
+  and removing are idempotent, audited ("media-distributor-added",
+  "media-distributor-removed", detail ``{"tunnel": ...}``) only when the list
+  changes.  ``active_media_distributors()`` is the union of the lists of the
+  conferences not ended: where a KD must keep a tunnel.
 - ``set_roster`` keeps the roster of the newest epoch only: a roster of an
   older epoch than the one stored is ignored.  With it the KD reports whom it
   has admitted (identity and DTLS certificate fingerprint of every keyed
@@ -43,6 +53,7 @@ from enum import StrEnum
 from typing import Any
 
 from perc_daemons.protocol.identity import normalize_identity
+from perc_daemons.protocol.tunnel_address import check_tunnel_address
 
 __all__ = [
     "AUDIT_KINDS",
@@ -77,7 +88,8 @@ TRANSITIONS: dict[ConferenceState, frozenset[ConferenceState]] = {
 }
 
 #: The kinds of :class:`AuditEvent`.
-AUDIT_KINDS = frozenset({"created", "invited", "uninvited", "state", "epoch", "admitted", "ended"})
+AUDIT_KINDS = frozenset({"created", "invited", "uninvited", "state", "epoch", "admitted", "ended",
+                         "media-distributor-added", "media-distributor-removed"})
 
 CONFERENCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 IDENTITY = re.compile(
@@ -176,7 +188,9 @@ class Conference:
     ``invited`` holds identities ("user@domain"), ``invited_groups`` LDAP
     groups whose members are invited too.  ``late_joiners_get_earlier_epochs``
     is the policy of whether an endpoint admitted late may be given the keys
-    of epochs before its admission (default: no).
+    of epochs before its admission (default: no).  ``media_distributors``
+    holds the tunnel addresses ("host:port", canonical form) of the Media
+    Distributors serving it.
     """
 
     conference_id: str
@@ -189,6 +203,7 @@ class Conference:
     ends_at: float | None = None
     late_joiners_get_earlier_epochs: bool = False
     created_at: float = 0.0
+    media_distributors: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         check_conference_id(self.conference_id)
@@ -211,6 +226,10 @@ class Conference:
         if not isinstance(self.late_joiners_get_earlier_epochs, bool):
             raise ValueError("late_joiners_get_earlier_epochs must be a bool")
         object.__setattr__(self, "created_at", _check_time("created_at", self.created_at))
+        if isinstance(self.media_distributors, str):
+            raise ValueError("media_distributors must be a collection, not a string")
+        object.__setattr__(self, "media_distributors",
+                           frozenset(map(check_tunnel_address, self.media_distributors)))
 
 
 @dataclass(frozen=True)
@@ -315,6 +334,13 @@ def check_now(now: object) -> float:
     return _check_time("now", now)  # type: ignore[return-value]
 
 
+def check_media_distributor_args(conference_id: object, tunnel: object,
+                                 now: object) -> tuple[str, str, float]:
+    """Validate :meth:`IConferenceStore.add_media_distributor` arguments: the tunnel
+    address comes back in canonical form."""
+    return check_conference_id(conference_id), check_tunnel_address(tunnel), check_now(now)
+
+
 def created_detail(c: Conference) -> dict[str, Any]:
     """The detail of a conference's "created" audit event."""
     return {
@@ -325,4 +351,5 @@ def created_detail(c: Conference) -> dict[str, Any]:
         "starts_at": c.starts_at,
         "ends_at": c.ends_at,
         "late_joiners_get_earlier_epochs": c.late_joiners_get_earlier_epochs,
+        "media_distributors": sorted(c.media_distributors),
     }

@@ -12,12 +12,16 @@ Keys, all under a namespace (default ``perc``; conference ids cannot contain
                                KEK-wrapped key), "created_at"}
     {ns}:conf:{id}:audit       list of {"t", "k", "i", "d"} JSON entries
     {ns}:conf:{id}:roster      hash: epoch, jws, admitted
+    {ns}:conf:{id}:mds         set of tunnel addresses (its Media Distributors)
+    {ns}:media-distributors    hash tunnel address -> how many conferences not
+                               ended list it (active_media_distributors)
 
 Every change is one Lua script (EVALSHA, falling back to EVAL), so each is
 atomic against every other client of the server: create refuses a taken id,
 add_epoch increments ``last_epoch``, stores the key and appends the audit
-entry in one step and refuses an ended conference, end wipes the epochs and
-the roster and appends the audit entry in one step.  Reads that need several
+entry in one step and refuses an ended conference, end wipes the epochs, the
+roster and the conference's Media Distributors (taking them off the counts of
+``{ns}:media-distributors``) and appends the audit entry in one step.  Reads that need several
 keys are scripts too, so they see one consistent state.
 
 Connections: a txredisapi pool that reconnects by itself (exponential
@@ -72,6 +76,7 @@ from perc_daemons.store import (
     check_conference_id,
     check_epoch_args,
     check_identity,
+    check_media_distributor_args,
     check_now,
     check_roster_args,
     created_detail,
@@ -81,7 +86,7 @@ NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _REFUSAL = re.compile(r"(?:ERR )?PERC_([A-Z]+)(?: (\w+))?$")
 
 # KEYS of every per-conference script, in this order.
-_K = ("conf", "invited", "groups", "epochs", "audit", "roster", "index")
+_K = ("conf", "invited", "groups", "epochs", "audit", "roster", "index", "mds", "active")
 
 _PRELUDE = """
 local function audit(t, kind, ident, detail)
@@ -90,10 +95,20 @@ local function audit(t, kind, ident, detail)
 end
 local function conference()
   return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2]),
-          redis.call('SMEMBERS', KEYS[3])}
+          redis.call('SMEMBERS', KEYS[3]), redis.call('SMEMBERS', KEYS[8])}
+end
+local function count_md(tunnel, delta)
+  if redis.call('HINCRBY', KEYS[9], tunnel, delta) <= 0 then
+    redis.call('HDEL', KEYS[9], tunnel)
+  end
+end
+local function drop_mds()
+  for _, tunnel in ipairs(redis.call('SMEMBERS', KEYS[8])) do count_md(tunnel, -1) end
+  redis.call('DEL', KEYS[8])
 end
 local function finish(t)
   local n = redis.call('HLEN', KEYS[4])
+  drop_mds()
   redis.call('DEL', KEYS[4], KEYS[6])
   redis.call('HSET', KEYS[1], 'state', 'ended')
   audit(t, 'ended', 'null', '{"epochs_wiped":' .. n .. '}')
@@ -104,16 +119,23 @@ local state = redis.call('HGET', KEYS[1], 'state')
 _NOT_FOUND = "if not state then return redis.error_reply('PERC_NOTFOUND') end\n"
 _OPEN = _NOT_FOUND + "if state == 'ended' then return redis.error_reply('PERC_ENDED') end\n"
 
-# ARGV: id, audit entry, 2n, n hash field/value pairs, m, m identities, groups...
+# ARGV: id, audit entry, 2n, n hash field/value pairs, m, m identities, g, g groups,
+# tunnel addresses...
 _CREATE = _PRELUDE + """
 if state then return redis.error_reply('PERC_EXISTS') end
+drop_mds()
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 local n = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
 local i = 4 + n
 local m = tonumber(ARGV[i])
 for j = i + 1, i + m do redis.call('SADD', KEYS[2], ARGV[j]) end
-for j = i + m + 1, #ARGV do redis.call('SADD', KEYS[3], ARGV[j]) end
+i = i + m + 1
+local g = tonumber(ARGV[i])
+for j = i + 1, i + g do redis.call('SADD', KEYS[3], ARGV[j]) end
+for j = i + g + 1, #ARGV do
+  if redis.call('SADD', KEYS[8], ARGV[j]) == 1 then count_md(ARGV[j], 1) end
+end
 redis.call('ZADD', KEYS[7], 0, ARGV[1])
 redis.call('RPUSH', KEYS[5], ARGV[2])
 return 1
@@ -191,6 +213,21 @@ return 1
 _ROSTER = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'jws')\n"
 
 _ADMITTED = _PRELUDE + _NOT_FOUND + "return redis.call('HMGET', KEYS[6], 'epoch', 'admitted')\n"
+
+# ARGV: tunnel address, audit entry, "1" to add or "0" to remove
+_MEDIA_DISTRIBUTOR = _PRELUDE + _OPEN + """
+if ARGV[3] == '1' then
+  if redis.call('SADD', KEYS[8], ARGV[1]) == 0 then return 0 end
+  count_md(ARGV[1], 1)
+else
+  if redis.call('SREM', KEYS[8], ARGV[1]) == 0 then return 0 end
+  count_md(ARGV[1], -1)
+end
+redis.call('RPUSH', KEYS[5], ARGV[2])
+return 1
+"""
+
+_MEDIA_DISTRIBUTORS = _PRELUDE + _NOT_FOUND + "return redis.call('SMEMBERS', KEYS[8])\n"
 
 # ARGV: time
 _END = _PRELUDE + _NOT_FOUND + """
@@ -417,7 +454,12 @@ class RedisConferenceStore:
     def _keys(self, conference_id: str) -> list[str]:
         base = f"{self.namespace}:conf:{conference_id}"
         return [base, f"{base}:invited", f"{base}:groups", f"{base}:epochs", f"{base}:audit",
-                f"{base}:roster", f"{self.namespace}:conferences"]
+                f"{base}:roster", f"{self.namespace}:conferences", f"{base}:mds",
+                self._active_key]
+
+    @property
+    def _active_key(self) -> str:
+        return f"{self.namespace}:media-distributors"
 
     def _map(self, f: Failure, conference_id: str | None = None,
              target: str | None = None) -> Failure:
@@ -482,6 +524,7 @@ class RedisConferenceStore:
             ends_at=_opt_float(fields.get("ends_at")),
             late_joiners_get_earlier_epochs=fields.get("late") == "1",
             created_at=float(fields["created_at"]),
+            media_distributors=frozenset(reply[3]),
         )
 
     def _epoch(self, conference_id: str, epoch: str, value: str) -> EpochKey:
@@ -510,12 +553,14 @@ class RedisConferenceStore:
             "last_epoch", "0",
         ]
         invited = sorted(c.invited)
+        groups = sorted(c.invited_groups)
         args = [
             c.conference_id,
             _audit_entry(c.created_at, "created", c.initiator, created_detail(c)),
             len(fields), *fields,
             len(invited), *invited,
-            *sorted(c.invited_groups),
+            len(groups), *groups,
+            *sorted(c.media_distributors),
         ]
         d = self._script(_CREATE, c.conference_id, args)
         return d.addCallback(lambda _: c)
@@ -662,6 +707,35 @@ class RedisConferenceStore:
                 lambda r: None if r[0] is None else (int(r[0]), admitted_set(r[1])))
 
         return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def _media_distributor(self, conference_id: str, tunnel: str, now: float,
+                           add: bool) -> defer.Deferred[bool]:
+        def run(args: tuple[str, str, float]) -> defer.Deferred[bool]:
+            cid, address, when = args
+            kind = "media-distributor-added" if add else "media-distributor-removed"
+            entry = _audit_entry(when, kind, None, {"tunnel": address})
+            d = self._script(_MEDIA_DISTRIBUTOR, cid, [address, entry, "1" if add else "0"])
+            return d.addCallback(lambda changed: int(changed) == 1)
+
+        return self._validated(lambda: check_media_distributor_args(conference_id, tunnel, now),
+                               run)
+
+    def add_media_distributor(self, conference_id: str, tunnel: str,
+                              now: float) -> defer.Deferred[bool]:
+        return self._media_distributor(conference_id, tunnel, now, True)
+
+    def remove_media_distributor(self, conference_id: str, tunnel: str,
+                                 now: float) -> defer.Deferred[bool]:
+        return self._media_distributor(conference_id, tunnel, now, False)
+
+    def media_distributors(self, conference_id: str) -> defer.Deferred[list[str]]:
+        def run(cid: str) -> defer.Deferred[list[str]]:
+            return self._script(_MEDIA_DISTRIBUTORS, cid).addCallback(sorted)
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def active_media_distributors(self) -> defer.Deferred[list[str]]:
+        return self._call(lambda r: r.hkeys(self._active_key)).addCallback(sorted)
 
     def end(self, conference_id: str, now: float) -> defer.Deferred[None]:
         def check() -> tuple[str, float]:

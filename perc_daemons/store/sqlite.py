@@ -46,13 +46,14 @@ from perc_daemons.store import (
     check_conference_id,
     check_epoch_args,
     check_identity,
+    check_media_distributor_args,
     check_now,
     check_roster_args,
     created_detail,
 )
 
 DEFAULT_PATH = "/var/lib/perc/kmf.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE conference (
@@ -105,7 +106,17 @@ _SCHEMA_V2 = """
 ALTER TABLE roster ADD COLUMN admitted TEXT NOT NULL DEFAULT '[]'
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+# v3: the Media Distributors serving each conference, by tunnel address (canonical form)
+_SCHEMA_V3 = """
+CREATE TABLE media_distributor (
+    conference_id TEXT NOT NULL REFERENCES conference (id) ON DELETE CASCADE,
+    tunnel TEXT NOT NULL,
+    PRIMARY KEY (conference_id, tunnel)
+) WITHOUT ROWID;
+CREATE INDEX media_distributor_by_tunnel ON media_distributor (tunnel)
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 _CONFERENCE_COLUMNS = (
     "id, title, initiator, state, starts_at, ends_at, late_joiners_get_earlier_epochs, created_at"
@@ -195,7 +206,16 @@ def _conference(txn: Any, row: tuple[Any, ...]) -> Conference:
         ends_at=row[5],
         late_joiners_get_earlier_epochs=bool(row[6]),
         created_at=row[7],
+        media_distributors=frozenset(_media_distributors(txn, cid)),
     )
+
+
+def _media_distributors(txn: Any, conference_id: str) -> list[str]:
+    rows = txn.execute(
+        "SELECT tunnel FROM media_distributor WHERE conference_id = ? ORDER BY tunnel",
+        (conference_id,),
+    )
+    return [r[0] for r in rows.fetchall()]
 
 
 def _get(txn: Any, conference_id: str) -> Conference:
@@ -215,6 +235,7 @@ def _end(txn: Any, conference_id: str, now: float) -> None:
     ).fetchone()[0]
     txn.execute("DELETE FROM epoch WHERE conference_id = ?", (conference_id,))
     txn.execute("DELETE FROM roster WHERE conference_id = ?", (conference_id,))
+    txn.execute("DELETE FROM media_distributor WHERE conference_id = ?", (conference_id,))
     txn.execute("UPDATE conference SET state = 'ended' WHERE id = ?", (conference_id,))
     _audit(txn, conference_id, now, "ended", None, {"epochs_wiped": wiped})
 
@@ -330,6 +351,10 @@ class SqliteConferenceStore:
             txn.executemany(
                 "INSERT INTO invited_group (conference_id, grp) VALUES (?, ?)",
                 [(c.conference_id, g) for g in sorted(c.invited_groups)],
+            )
+            txn.executemany(
+                "INSERT INTO media_distributor (conference_id, tunnel) VALUES (?, ?)",
+                [(c.conference_id, t) for t in sorted(c.media_distributors)],
             )
             _audit(txn, c.conference_id, c.created_at, "created", c.initiator, created_detail(c))
             return c
@@ -541,6 +566,61 @@ class SqliteConferenceStore:
 
         return self._checked(lambda: check_conference_id(conference_id),
                              lambda cid: self._run(txn_admitted, cid))
+
+    def _media_distributor(self, conference_id: str, tunnel: str, now: float,
+                           add: bool) -> defer.Deferred[bool]:
+        def txn_media_distributor(txn: Any, args: tuple[str, str, float]) -> bool:
+            cid, address, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            _open_state(txn, cid)
+            if add:
+                cur = txn.execute(
+                    "INSERT INTO media_distributor (conference_id, tunnel) VALUES (?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (cid, address),
+                )
+            else:
+                cur = txn.execute(
+                    "DELETE FROM media_distributor WHERE conference_id = ? AND tunnel = ?",
+                    (cid, address),
+                )
+            if not cur.rowcount:
+                return False
+            kind = "media-distributor-added" if add else "media-distributor-removed"
+            _audit(txn, cid, when, kind, None, {"tunnel": address})
+            return True
+
+        return self._checked(lambda: check_media_distributor_args(conference_id, tunnel, now),
+                             lambda args: self._run(txn_media_distributor, args))
+
+    def add_media_distributor(self, conference_id: str, tunnel: str,
+                              now: float) -> defer.Deferred[bool]:
+        return self._media_distributor(conference_id, tunnel, now, True)
+
+    def remove_media_distributor(self, conference_id: str, tunnel: str,
+                                 now: float) -> defer.Deferred[bool]:
+        return self._media_distributor(conference_id, tunnel, now, False)
+
+    def media_distributors(self, conference_id: str) -> defer.Deferred[list[str]]:
+        def txn_media_distributors(txn: Any, cid: str) -> list[str]:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            return _media_distributors(txn, cid)
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_media_distributors, cid))
+
+    def active_media_distributors(self) -> defer.Deferred[list[str]]:
+        def txn_active(txn: Any) -> list[str]:
+            txn.execute("BEGIN")
+            rows = txn.execute(
+                "SELECT DISTINCT m.tunnel FROM media_distributor AS m"
+                " JOIN conference AS c ON c.id = m.conference_id"
+                " WHERE c.state != 'ended' ORDER BY m.tunnel"
+            ).fetchall()
+            return sorted(r[0] for r in rows)
+
+        return self._run(txn_active)
 
     def end(self, conference_id: str, now: float) -> defer.Deferred[None]:
         def check() -> tuple[str, float]:

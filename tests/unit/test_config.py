@@ -140,14 +140,30 @@ class LoadTests(unittest.TestCase):
         self.assertEqual((cfg.kmf.url, cfg.kmf.client_id, cfg.idp.domain),
                          ("https://kmf.example.com:8443", "kd-1", "example.com"))
         self.assertConfigError(self.write('[tunnel]\nmds = ["md1.example.com"]\n'),
-                               "tunnel.mds", "'md1.example.com' is not \"name:port\" with a "
+                               "tunnel.mds", "'md1.example.com' is not \"host:port\" with a "
                                "port 1-65535 (got ['md1.example.com'])", daemon="kd")
         self.assertConfigError(self.write('[tunnel]\nmds = ["md1:\u00b2"]\n'),  # isdigit()
-                               "tunnel.mds", "'md1:\u00b2' is not \"name:port\" with a "
+                               "tunnel.mds", "'md1:\u00b2' is not \"host:port\" with a "
                                "port 1-65535 (got ['md1:\u00b2'])", daemon="kd")
         self.assertConfigError(self.write('[kmf]\nurl = "http://kmf:8443"\n'),
                                "kmf.url", "must be an https:// URL without query or fragment "
                                "(got 'http://kmf:8443')", daemon="kd")
+
+    def test_kd_mds_are_tunnel_addresses(self) -> None:
+        """tunnel.mds is checked by the validator the KMF's MD list uses too."""
+        cfg = config.load("kd", self.write('[tunnel]\nmds = ["[2001:db8::1]:4443"]\n'))
+        self.assertEqual(cfg.tunnel.mds, ["[2001:db8::1]:4443"])
+        self.assertConfigError(
+            self.write('[tunnel]\nmds = ["::1:4443"]\n'), "tunnel.mds",
+            "'::1:4443' has '::1', which is not a DNS name, an IPv4 address or an [IPv6] "
+            "address (got ['::1:4443'])", daemon="kd")
+        self.assertConfigError(
+            self.write('[tunnel]\nmds = ["md1.example.com:4443", "MD1.example.com:04443"]\n'),
+            "tunnel.mds", "must not name an MD twice (got ['md1.example.com:4443', "
+            "'MD1.example.com:04443'])", daemon="kd")
+        self.assertConfigError(
+            self.write('[tunnel]\nmds = [4443]\n'), "tunnel.mds",
+            'a tunnel address is a "host:port" string, not int (got [4443])', daemon="kd")
 
     def test_partial_section_fills_defaults(self) -> None:
         cfg = config.load("kmf", self.write("[admin]\nport = 0\n"))

@@ -382,7 +382,9 @@ class KmfApiTests(unittest.TestCase):
                              ("GET", "/v1/conferences/c"), ("POST", "/v1/conferences/c/start"),
                              ("POST", "/v1/conferences/c/end"),
                              ("POST", "/v1/conferences/c/invitations"),
-                             ("DELETE", f"/v1/conferences/c/invitations/{BOB}")):
+                             ("DELETE", f"/v1/conferences/c/invitations/{BOB}"),
+                             ("POST", "/v1/conferences/c/media-distributors"),
+                             ("DELETE", "/v1/conferences/c/media-distributors/md1:4443")):
             yield self.problem(method, path, 401, "unauthorized", body={})
             yield self.problem(method, path, 403, "insufficient-scope", token=self.kd(),
                                body={})
@@ -569,6 +571,158 @@ class KmfApiTests(unittest.TestCase):
                            token=self.kd())
         yield self.problem("POST", "/v1/conferences/conf-1/epochs", 410, "conference-ended",
                            token=self.kd())
+
+    # --- Media Distributors (draft-roach-perc-webrtc slides 4.1.1 steps 9-11) ---------
+
+    def events_seen(self) -> list[tuple[str, dict]]:
+        seen: list[tuple[str, dict]] = []
+        self.addCleanup(self.api.events.subscribe(
+            lambda _id, kind, data: seen.append((kind, data))))
+        return seen
+
+    @defer.inlineCallbacks
+    def test_media_distributors(self):
+        seen = self.events_seen()
+        admin = self.admin()
+        _, created = yield self.ok("POST", "/v1/conferences", 201, token=admin,
+                                   body={"id": "conf-1", "invited": [ALICE]})
+        self.assertEqual(created["media_distributors"], [])
+        path = "/v1/conferences/conf-1/media-distributors"
+        _, body = yield self.ok("POST", path, token=admin, body={"tunnel": "MD1.example.com:4443"})
+        self.assertEqual(body["media_distributors"], ["md1.example.com:4443"])
+        self.assertEqual({k: v for k, v in body.items() if k != "media_distributors"},
+                         {k: v for k, v in created.items() if k != "media_distributors"})
+        self.assertEqual(seen, [("media-distributor", {"conference": "conf-1",
+                                                       "tunnel": "md1.example.com:4443"})])
+        _, body = yield self.ok("POST", path, token=admin, body={"tunnel": "[2001:DB8::2]:4443"})
+        self.assertEqual(body["media_distributors"], ["[2001:db8::2]:4443",
+                                                      "md1.example.com:4443"])
+        # adding it again changes nothing, and tells the KDs again
+        _, again = yield self.ok("POST", path, token=admin,
+                                 body={"tunnel": "md1.example.com:4443"})
+        self.assertEqual(again, body)
+        self.assertEqual([kind for kind, _ in seen], ["media-distributor"] * 3)
+        _, shown = yield self.ok("GET", "/v1/conferences/conf-1", token=admin)
+        self.assertEqual(shown["media_distributors"], body["media_distributors"])
+        _, listed = yield self.ok("GET", "/v1/conferences", token=admin)
+        self.assertEqual(listed["conferences"][0]["media_distributors"],
+                         body["media_distributors"])
+        yield self.running_conference("conf-2")
+        yield self.ok("POST", "/v1/conferences/conf-2/media-distributors", token=admin,
+                      body={"tunnel": "192.0.2.3:9444"})
+        _, active = yield self.ok("GET", "/v1/media-distributors", token=self.kd())
+        self.assertEqual(active, {"media_distributors": [
+            "192.0.2.3:9444", "[2001:db8::2]:4443", "md1.example.com:4443"]})
+        # remove, by the address percent-encoded in the path (idempotent)
+        for _ in range(2):
+            _, body = yield self.ok("DELETE", path + "/%5B2001%3Adb8%3A%3A2%5D%3A4443",
+                                    token=admin)
+            self.assertEqual(body["media_distributors"], ["md1.example.com:4443"])
+        _, body = yield self.ok("DELETE", path + "/MD1.example.com:4443", token=admin)
+        self.assertEqual(body["media_distributors"], [])
+        _, active = yield self.ok("GET", "/v1/media-distributors", token=self.kd())
+        self.assertEqual(active, {"media_distributors": ["192.0.2.3:9444"]})
+        # conf-2's start publishes its first epoch; removals publish nothing
+        self.assertEqual([kind for kind, _ in seen],
+                         ["media-distributor"] * 3 + ["epoch", "media-distributor"])
+
+    @defer.inlineCallbacks
+    def test_media_distributor_bad_addresses(self):
+        seen = self.events_seen()
+        admin = self.admin()
+        yield self.ok("POST", "/v1/conferences", 201, token=admin, body={"id": "conf-1"})
+        path = "/v1/conferences/conf-1/media-distributors"
+        for bad in ({}, {"tunnel": None}, {"tunnel": 4443}, {"tunnel": ["md1:1"]},
+                    {"tunnel": "md1.example.com"}, {"tunnel": "md1:0"}, {"tunnel": "md1:65536"},
+                    {"tunnel": "::1:4443"}, {"tunnel": "[fe80::1%eth0]:4443"},
+                    {"tunnel": "md_1:80"}, {"tunnel": "https://md1:80"},
+                    {"tunnel": "a" * 300 + ":80"}, {"tunnel": "md1:80", "extra": 1}):
+            _, problem = yield self.problem("POST", path, 400, "invalid-request", token=admin,
+                                            body=bad)
+            self.assertTrue(problem["detail"])
+        for bad in ("md1.example.com", "md1:0", "%3A%3A1%3A4443", "md1%0A:80", "%5B%3A%3A1%5D"):
+            yield self.problem("DELETE", f"{path}/{bad}", 400, "invalid-request", token=admin)
+        yield self.problem("POST", path, 400, "malformed-json", token=admin, raw=b'{"tunnel":')
+        yield self.problem("POST", path, 415, "unsupported-media-type", token=admin,
+                           raw=b'{"tunnel": "md1:80"}', content_type="text/plain")
+        # unknown conference (a good address): 404
+        yield self.problem("POST", "/v1/conferences/nope/media-distributors", 404, "not-found",
+                           token=admin, body={"tunnel": "md1:80"})
+        yield self.problem("POST", "/v1/conferences/no%20pe/media-distributors", 404,
+                           "not-found", token=admin, body={"tunnel": "md1:80"})
+        yield self.problem("DELETE", "/v1/conferences/nope/media-distributors/md1:80", 404,
+                           "not-found", token=admin)
+        self.assertEqual(seen, [])
+        self.assertEqual((yield self.store.media_distributors("conf-1")), [])
+        self.assertEqual([e.kind for e in (yield self.store.audit("conf-1"))], ["created"])
+
+    @defer.inlineCallbacks
+    def test_an_endpoint_or_a_kd_cannot_point_the_kds_at_an_md(self):
+        """Who is not an administrator (an invited endpoint, with its bound token; a
+        KD; no token at all) cannot add an MD, which the KDs would connect to and
+        whose certificate would then be the one they trust with the conference."""
+        seen = self.events_seen()
+        yield self.running_conference(invited=(ALICE,))
+        path = "/v1/conferences/conf-1/media-distributors"
+        body = {"tunnel": "evil.example.net:4443"}
+        yield self.problem("POST", path, 401, "unauthorized", body=body)
+        for token in (self.alice("keys"), self.alice("identity"), self.kd(),
+                      self.token(["keys", "identity", "kd"], bound_to=self.alice_cert)):
+            yield self.problem("POST", path, 403, "insufficient-scope", token=token, body=body)
+            yield self.problem("DELETE", path + "/evil.example.net:4443", 403,
+                               "insufficient-scope", token=token)
+        yield self.problem("DELETE", path + "/evil.example.net:4443", 401, "unauthorized")
+        self.assertEqual([kind for kind, _ in seen], ["epoch"])
+        self.assertEqual((yield self.store.media_distributors("conf-1")), [])
+        # the KDs' list is for KDs: neither an administrator nor an endpoint reads it
+        yield self.problem("GET", "/v1/media-distributors", 401, "unauthorized")
+        for token in (self.admin(), self.alice("keys"), self.alice("identity")):
+            yield self.problem("GET", "/v1/media-distributors", 403, "insufficient-scope",
+                               token=token)
+
+    @defer.inlineCallbacks
+    def test_media_distributors_of_an_ended_conference(self):
+        """An ended conference takes no MD and drops its own from the KDs' list."""
+        admin = self.admin()
+        for cid in ("conf-1", "conf-2"):
+            yield self.running_conference(cid)
+        yield self.ok("POST", "/v1/conferences/conf-1/media-distributors", token=admin,
+                      body={"tunnel": "md1.example.com:4443"})
+        yield self.ok("POST", "/v1/conferences/conf-2/media-distributors", token=admin,
+                      body={"tunnel": "md2.example.com:4443"})
+        _, ended = yield self.ok("POST", "/v1/conferences/conf-1/end", token=admin)
+        self.assertEqual(ended["media_distributors"], [])
+        _, active = yield self.ok("GET", "/v1/media-distributors", token=self.kd())
+        self.assertEqual(active, {"media_distributors": ["md2.example.com:4443"]})
+        seen = self.events_seen()
+        yield self.problem("POST", "/v1/conferences/conf-1/media-distributors", 410,
+                           "conference-ended", token=admin, body={"tunnel": "md3:4443"})
+        yield self.problem("DELETE", "/v1/conferences/conf-1/media-distributors/md3:4443", 410,
+                           "conference-ended", token=admin)
+        self.assertEqual(seen, [])
+        yield self.ok("POST", "/v1/conferences/conf-2/end", token=admin)
+        _, active = yield self.ok("GET", "/v1/media-distributors", token=self.kd())
+        self.assertEqual(active, {"media_distributors": []})
+
+    @defer.inlineCallbacks
+    def test_media_distributor_event_on_the_stream(self):
+        """What the KD sees on GET /v1/events when an MD is added."""
+        yield self.ok("POST", "/v1/conferences", 201, token=self.admin(), body={"id": "conf-1"})
+        agent = Agent(reactor, contextFactory=Policy(self.server_cert, None), pool=self.pool)
+        response = yield treq.get(self.base + "/v1/events", agent=agent,
+                                  headers={"Authorization": f"Bearer {self.kd()}"})
+        self.assertEqual(response.code, 200)
+        reader = StreamReader()
+        response.deliverBody(reader)
+        yield self.wait_for(lambda: len(self.api.events) == 1)
+        yield self.ok("POST", "/v1/conferences/conf-1/media-distributors", token=self.admin(),
+                      body={"tunnel": "[::1]:4443"})
+        yield self.wait_for(lambda: b"event: media-distributor" in reader.data)
+        [event] = [block for block in reader.data.decode().split("\n\n") if "event:" in block]
+        self.assertRegex(event, r'^id: \d+\nevent: media-distributor\n'
+                         r'data: \{"conference": "conf-1", "tunnel": "\[::1\]:4443"\}$')
+        reader.transport.stopProducing()
+        yield reader.done
 
     # --- roster ---------------------------------------------------------------------
 

@@ -46,6 +46,9 @@ from perc_daemons.store.sqlite import SCHEMA_VERSION, SqliteConferenceStore, pre
 
 REDIS_SERVER = "/usr/bin/redis-server"
 T0 = 1_790_000_000.123456
+MD1 = "md1.example.com:4443"
+MD2 = "[2001:db8::2]:4443"
+MD3 = "192.0.2.3:9444"
 
 S = ConferenceState
 
@@ -362,6 +365,8 @@ class StoreTestsMixin:
                   s.add_epoch("nope", 1, b"x" * 40, T0), s.current_epoch("nope"),
                   s.epochs("nope"), s.record_admission("nope", "bob@example.com", [1], 1, T0),
                   s.audit("nope"), s.set_roster("nope", 1, "a.b.c"), s.roster("nope"),
+                  s.add_media_distributor("nope", MD1, T0),
+                  s.remove_media_distributor("nope", MD1, T0), s.media_distributors("nope"),
                   s.end("nope", T0)]:
             yield self.assertFails(d, ConferenceNotFound)
         listed = yield s.list()
@@ -568,6 +573,133 @@ class StoreTestsMixin:
         c = yield self.store.get("conf-1")
         self.assertEqual(c.invited, conference().invited)
 
+    # Media Distributors
+
+    @defer.inlineCallbacks
+    def test_media_distributors(self):
+        """Idempotent, canonical, audited when the list changes; the active list is the
+        union over the conferences not ended."""
+        s = self.store
+        yield s.create(conference())
+        yield s.create(conference("conf-2"))
+        self.assertEqual((yield s.media_distributors("conf-1")), [])
+        self.assertEqual((yield s.active_media_distributors()), [])
+        self.assertIs((yield s.add_media_distributor("conf-1", "MD1.Example.com:4443", T0 + 1)),
+                      True)
+        # the same address in another spelling is the same MD
+        self.assertIs((yield s.add_media_distributor("conf-1", "md1.example.com:04443", T0 + 2)),
+                      False)
+        self.assertIs((yield s.add_media_distributor("conf-1", "[2001:DB8:0::2]:4443", T0 + 3)),
+                      True)
+        yield s.add_media_distributor("conf-2", MD1, T0 + 4)
+        yield s.add_media_distributor("conf-2", MD3, T0 + 5)
+        self.assertEqual((yield s.media_distributors("conf-1")), sorted([MD1, MD2]))
+        self.assertEqual((yield s.media_distributors("conf-2")), sorted([MD1, MD3]))
+        self.assertEqual((yield s.get("conf-1")).media_distributors, frozenset({MD1, MD2}))
+        self.assertEqual([c.media_distributors for c in (yield s.list())],
+                         [frozenset({MD1, MD2}), frozenset({MD1, MD3})])
+        self.assertEqual((yield s.active_media_distributors()), sorted([MD1, MD2, MD3]))
+        # removing it from one conference leaves it active for the other
+        self.assertIs((yield s.remove_media_distributor("conf-1", "MD1.example.com:4443",
+                                                        T0 + 6)), True)
+        self.assertIs((yield s.remove_media_distributor("conf-1", MD1, T0 + 7)), False)
+        self.assertEqual((yield s.media_distributors("conf-1")), [MD2])
+        self.assertEqual((yield s.active_media_distributors()), sorted([MD1, MD2, MD3]))
+        yield s.remove_media_distributor("conf-2", MD1, T0 + 8)
+        self.assertEqual((yield s.active_media_distributors()), sorted([MD2, MD3]))
+        events = yield s.audit("conf-1")
+        self.assertEqual(events[1:], [
+            AuditEvent("conf-1", T0 + 1, "media-distributor-added", None, {"tunnel": MD1}),
+            AuditEvent("conf-1", T0 + 3, "media-distributor-added", None, {"tunnel": MD2}),
+            AuditEvent("conf-1", T0 + 6, "media-distributor-removed", None, {"tunnel": MD1}),
+        ])
+
+    @defer.inlineCallbacks
+    def test_media_distributor_bad_arguments(self):
+        s = self.store
+        yield s.create(conference())
+        for bad in ("md1.example.com", "md1:0", "::1:4443", "[fe80::1%eth0]:1", "md_1:80",
+                    "", None, 4443, b"md1:80", "a" * 300 + ":80"):
+            for d in (s.add_media_distributor("conf-1", bad, T0),
+                      s.remove_media_distributor("conf-1", bad, T0)):
+                yield self.assertFails(d, ValueError)
+        for d in (s.add_media_distributor("bad/id", MD1, T0),
+                  s.add_media_distributor("conf-1", MD1, float("nan")),
+                  s.media_distributors("bad/id")):
+            yield self.assertFails(d, ValueError)
+        self.assertEqual((yield s.media_distributors("conf-1")), [])
+        self.assertEqual([e.kind for e in (yield s.audit("conf-1"))], ["created"])
+        self.assertRaises(ValueError, conference, media_distributors=frozenset({"md1"}))
+        self.assertRaises(ValueError, conference, media_distributors=MD1)
+
+    @defer.inlineCallbacks
+    def test_created_with_media_distributors(self):
+        c = conference(media_distributors=frozenset({"MD1.example.com:4443", MD3}))
+        self.assertEqual(c.media_distributors, frozenset({MD1, MD3}))
+        self.assertEqual((yield self.store.create(c)), c)
+        self.assertEqual((yield self.store.get("conf-1")), c)
+        self.assertEqual((yield self.store.active_media_distributors()), sorted([MD1, MD3]))
+        [created] = yield self.store.audit("conf-1")
+        self.assertEqual(created.detail["media_distributors"], sorted([MD1, MD3]))
+
+    @defer.inlineCallbacks
+    def test_end_drops_media_distributors(self):
+        """Ending (either way) deletes the conference's list and takes it out of the
+        active list; nothing more can be added or removed."""
+        s = self.store
+        for cid in ("conf-1", "conf-2", "conf-3"):
+            yield s.create(conference(cid))
+            yield s.add_media_distributor(cid, MD1, T0)
+        yield s.add_media_distributor("conf-1", MD2, T0)
+        yield s.add_media_distributor("conf-2", MD3, T0)
+        yield s.set_state("conf-1", S.RUNNING, T0)
+        yield s.end("conf-1", T0 + 1)
+        yield s.set_state("conf-2", S.ENDED, T0 + 1)  # cancelled before it started
+        self.assertEqual((yield s.media_distributors("conf-1")), [])
+        self.assertEqual((yield s.media_distributors("conf-2")), [])
+        self.assertEqual((yield s.get("conf-1")).media_distributors, frozenset())
+        self.assertEqual((yield s.active_media_distributors()), [MD1])  # conf-3's
+        for d in (s.add_media_distributor("conf-1", MD3, T0 + 2),
+                  s.add_media_distributor("conf-2", MD3, T0 + 2),
+                  s.remove_media_distributor("conf-1", MD2, T0 + 2)):
+            yield self.assertFails(d, ConferenceEnded)
+        yield s.end("conf-1", T0 + 3)  # again: nothing changes
+        self.assertEqual((yield s.active_media_distributors()), [MD1])
+        self.assertEqual((yield s.audit("conf-1"))[-1],
+                         AuditEvent("conf-1", T0 + 1, "ended", None, {"epochs_wiped": 0}))
+        yield s.end("conf-3", T0 + 4)
+        self.assertEqual((yield s.active_media_distributors()), [])
+
+    @defer.inlineCallbacks
+    def test_concurrent_media_distributor_changes(self):
+        """Adds, removes and ends from two clients at once leave the active list equal
+        to the union of the conferences' lists."""
+        other = yield self.open_store()
+        cids = [f"c{n}" for n in range(6)]
+        for cid in cids:
+            yield self.store.create(conference(cid))
+        mds = [MD1, MD2, MD3]
+        work = []
+        for n, cid in enumerate(cids):
+            for m, md in enumerate(mds):
+                store = (self.store, other)[(n + m) % 2]
+                work.append(store.add_media_distributor(cid, md, T0))
+                if (n + m) % 3 == 0:
+                    work.append(store.remove_media_distributor(cid, md, T0))
+        work += [other.end("c0", T0), self.store.end("c3", T0)]
+        # a change that comes after its conference's end is refused
+        work = [d.addErrback(lambda f: f.trap(ConferenceEnded)) for d in work]
+        yield defer.gatherResults(work, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure)
+        union = set()
+        for cid in cids:
+            union |= set((yield self.store.media_distributors(cid)))
+        active = yield other.active_media_distributors()
+        self.assertEqual(active, sorted(union))
+        for cid in cids:
+            yield self.store.end(cid, T0 + 1)
+        self.assertEqual((yield other.active_media_distributors()), [])
+
     # audit and roster
 
     @defer.inlineCallbacks
@@ -589,7 +721,7 @@ class StoreTestsMixin:
             AuditEvent(cid, T0, "created", "alice@example.com", {
                 "title": "Weekly sync", "state": "scheduled", "invited": ["bob@example.com"],
                 "invited_groups": [], "starts_at": T0 + 60, "ends_at": T0 + 3660,
-                "late_joiners_get_earlier_epochs": False}),
+                "late_joiners_get_earlier_epochs": False, "media_distributors": []}),
             AuditEvent(cid, T0 + 1, "invited", "carol@example.org", {}),
             AuditEvent(cid, T0 + 2, "state", None, {"state": "running"}),
             AuditEvent(cid, T0 + 3, "epoch", None, {"epoch": 1, "spi": 7}),
@@ -660,8 +792,11 @@ class StoreTestsMixin:
             yield self.store.add_epoch("conf-1", n, self.wrapped("conf-1", n, key), T0 + 3)
         yield self.store.record_admission("conf-1", "bob@example.com", [11, 12], 3, T0 + 4)
         yield self.store.set_roster("conf-1", 3, "h.p.s", [("bob@example.com", b"\x01" * 32)])
+        yield self.store.add_media_distributor("conf-1", MD1, T0 + 4)
+        yield self.store.add_media_distributor("second", MD2, T0 + 4)
         yield self.store.end("second", T0 + 5)
         before = yield self.snapshot()
+        self.assertEqual(before["active"], [MD1])
 
         yield self.restart()
 
@@ -680,6 +815,7 @@ class StoreTestsMixin:
         out = {}
         listed = yield self.store.list()
         out["list"] = listed
+        out["active"] = yield self.store.active_media_distributors()
         for c in listed:
             cid = c.conference_id
             out[cid] = (
@@ -689,6 +825,7 @@ class StoreTestsMixin:
                 (yield self.store.audit(cid)),
                 (yield self.store.roster(cid)),
                 (yield self.store.admitted(cid)),
+                (yield self.store.media_distributors(cid)),
             )
         return out
 
@@ -781,6 +918,63 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
         self.assertEqual((yield self.store.admitted("conf-1")), (2, frozenset()))
         with sqlite3.connect(self.path) as db:
             self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+
+    @defer.inlineCallbacks
+    def test_version_2_database_upgraded(self):
+        """A KMF database made with the schema-2 DDL opens, gains the media_distributor
+        table (version 3) and keeps everything it had."""
+        yield self.store.close()
+        os.remove(self.path)
+        for name in glob.glob(self.path + "-*"):
+            os.remove(name)
+        from perc_daemons.store.sqlite import _SCHEMA_V1, _SCHEMA_V2
+        with sqlite3.connect(self.path) as db:
+            db.executescript(_SCHEMA_V1)
+            db.executescript(_SCHEMA_V2)
+            db.execute("INSERT INTO conference VALUES ('conf-1', 't', 'alice@example.com',"
+                       " 'running', NULL, NULL, 0, 1.0, 2)")
+            db.execute("INSERT INTO invited VALUES ('conf-1', 'bob@example.com')")
+            db.execute("INSERT INTO roster VALUES ('conf-1', 2, 'h.p.s', '[]')")
+            db.execute("PRAGMA user_version = 2")
+            self.assertNotIn("media_distributor", [r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")])
+        db.close()
+        self.store = yield self.open_store()
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
+            self.assertIn("media_distributor", [r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")])
+        db.close()
+        c = yield self.store.get("conf-1")
+        self.assertEqual((c.invited, c.media_distributors),
+                         (frozenset({"bob@example.com"}), frozenset()))
+        self.assertEqual((yield self.store.roster("conf-1")), (2, "h.p.s"))
+        self.assertIs((yield self.store.add_media_distributor("conf-1", MD1, T0)), True)
+        self.assertEqual((yield self.store.active_media_distributors()), [MD1])
+
+    @defer.inlineCallbacks
+    def test_media_distributor_rows_go_with_their_conference(self):
+        """No row outlives its conference: end deletes them, and so does deleting the
+        conference row (a purge of old conferences, should one be written)."""
+        for cid in ("conf-1", "conf-2"):
+            yield self.store.create(conference(cid))
+            yield self.store.add_media_distributor(cid, MD1, T0)
+        yield self.store.end("conf-1", T0)
+
+        def rows() -> list[tuple[str, str]]:
+            with sqlite3.connect(self.path) as db:
+                found = db.execute("SELECT conference_id, tunnel FROM media_distributor"
+                                   " ORDER BY conference_id").fetchall()
+            db.close()
+            return found
+
+        self.assertEqual(rows(), [("conf-2", MD1)])
+        yield self.store.close()
+        with sqlite3.connect(self.path) as db:
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("DELETE FROM conference WHERE id = 'conf-2'")
+        db.close()
+        self.assertEqual(rows(), [])
 
     @defer.inlineCallbacks
     def test_newer_schema_refused(self):
@@ -886,6 +1080,26 @@ class RedisStoreTestsBase(StoreTestsMixin):
         other = yield self.open_store(namespace="elsewhere")
         listed = yield other.list()
         self.assertEqual(listed, [])
+
+    @defer.inlineCallbacks
+    def test_media_distributor_keys(self):
+        """A conference's set and the shared counts; end leaves neither behind."""
+        yield self.store.create(conference())
+        yield self.store.create(conference("conf-2"))
+        yield self.store.add_media_distributor("conf-1", MD1, T0)
+        yield self.store.add_media_distributor("conf-2", MD1, T0)
+        yield self.store.add_media_distributor("conf-2", MD2, T0)
+        raw = yield self.raw()
+        ns = self.namespace
+        self.assertEqual(sorted((yield raw.smembers(f"{ns}:conf:conf-1:mds"))), [MD1])
+        self.assertEqual((yield raw.hgetall(f"{ns}:media-distributors")),
+                         {MD1: "2", MD2: "1"})
+        yield self.store.end("conf-2", T0)
+        self.assertEqual((yield raw.exists(f"{ns}:conf:conf-2:mds")), 0)
+        self.assertEqual((yield raw.hgetall(f"{ns}:media-distributors")), {MD1: "1"})
+        yield self.store.remove_media_distributor("conf-1", MD1, T0)
+        self.assertEqual((yield raw.exists(f"{ns}:media-distributors")), 0)
+        self.assertEqual((yield raw.exists(f"{ns}:conf:conf-1:mds")), 0)
 
     @defer.inlineCallbacks
     def test_reconnects_after_server_restart(self):
