@@ -408,18 +408,29 @@ def setup(options: SetupOptions) -> list[Step]:
     etc = options.etc_dir
     _config_file(site, "admin.toml", (
         "# /etc/perc/admin.toml: configuration of perc-admin (made by perc-admin setup).\n"
-        "# The KMF's HTTPS API, the CA its certificate chains to, and perc-admin's\n"
-        "# OAuth client (registered in kmf-clients.toml).\n"
+        "# The KMF's HTTPS API (kmf.toml [https]):\n"
         'url = "https://localhost:8443"\n'
+        "# PEM CA certificate(s) the KMF's certificate chains to:\n"
         f'ca_file = "{etc}/tls/ca.crt"\n'
+        "# perc-admin's OAuth client (kmf-clients.toml) and its secret (mode 0600):\n"
         f'client_id = "{ADMIN_CLIENT}"\n'
         f'client_secret_file = "{etc}/admin-client.secret"\n'
-        f'issuer = "https://{options.domain}"\n'))
+        "# The KMF's issuer (kmf.toml [idp] issuer, default https://<domain>), checked in\n"
+        "# signed rosters:\n"
+        f'issuer = "https://{options.domain}"\n'
+        "# The KD's certificate: conferences create --md gives the MD its fingerprint.\n"
+        f'kd_certificate = "{etc}/tls/kd.crt"\n'
+        "# The conference provider's config (the MD's CA and provider token) that\n"
+        "# conferences create --md uses:\n"
+        f'provider_config = "{etc}/provider.toml"\n'))
     _config_file(site, "provider.toml", (
         "# /etc/perc/provider.toml: configuration of perc-provider, the conference\n"
         "# provider's command line for perc-md (made by perc-admin setup).\n"
+        "# The MD's HTTPS conference API (md.toml [api]):\n"
         'url = "https://localhost:9443"\n'
+        "# PEM CA certificate(s) the MD's certificate chains to:\n"
         f'ca_file = "{etc}/tls/ca.crt"\n'
+        "# The provider token (md.toml [api] provider_token_file):\n"
         f'token_file = "{etc}/md-provider.token"\n'))
     site.save_manifest()
     return site.steps

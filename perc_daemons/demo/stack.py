@@ -169,7 +169,7 @@ class LocalStack:
 
     def __init__(self, directory: str, reactor: Any, *,
                  users: Iterable[str] = ("alice", "bob", "carol", "dave"),
-                 password: str | None = None, tap: bool = False,
+                 password: str | None = None, tap: bool = False, static_mds: bool = True,
                  python: str = sys.executable, consent_timeout: int = 30,
                  settings: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
         self.dir = os.path.abspath(directory)
@@ -182,6 +182,7 @@ class LocalStack:
         self.settings = settings or {}
         self.copies: dict[str, int] = {}  # start_kd_copy label -> its admin port
         self.tap_enabled = tap
+        self.static_mds = static_mds
         self.tap: Any = None
         self.children: dict[str, Child] = {}
         self.earlier: list[Child] = []  # daemons that were restarted: their earlier runs
@@ -263,8 +264,10 @@ class LocalStack:
         if not p.md_tunnel or not p.kmf_https:
             raise StackError("perc-kd is started after perc-kmf and perc-md")
         md_tunnel = self.tap.port if self.tap is not None else p.md_tunnel
+        # static_mds=False: the KD learns its MDs from the KMF, per conference
+        mds = f'["localhost:{md_tunnel}"]' if self.static_mds else "[]"
         return (f'[admin]\nbind = "127.0.0.1"\nport = {p.kd_admin}\n'
-                f'[tunnel]\nmds = ["localhost:{md_tunnel}"]\n'
+                f'[tunnel]\nmds = {mds}\n'
                 f'certificate = "{self.kd_cert.certificate}"\n'
                 f'private_key = "{self.kd_cert.private_key}"\n'
                 f'ca_file = "{self.ca_path}"\n'

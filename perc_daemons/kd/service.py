@@ -101,6 +101,7 @@ from perc_daemons.protocol.tunnel import (
     SignAnswerAck,
     TunneledDtls,
 )
+from perc_daemons.protocol.tunnel_address import TunnelAddressError, parse_tunnel_address
 from perc_daemons.store import check_conference_id
 
 __all__ = ["KdCredentials", "KdHandler", "KdService", "Options", "load_credentials",
@@ -775,11 +776,6 @@ def _aid(association_id: bytes) -> str:
 # --- the service --------------------------------------------------------------------------
 
 
-def _md_address(item: str) -> tuple[str, int]:
-    name, _, port = item.rpartition(":")
-    return name.strip("[]"), int(port)
-
-
 class KdService(MultiService):
     """The KD: tunnels to the configured MDs, the core, the KMF client (module doc)."""
 
@@ -821,13 +817,12 @@ class KdService(MultiService):
         if address in self.md_clients:
             return None
         try:
-            host, port = _md_address(address)
-            if not 0 < port < 65536:
-                raise ValueError(address)
-        except ValueError:
-            return f"tunnel to md {address!r}: not a host:port address"
+            parsed = parse_tunnel_address(address)
+        except TunnelAddressError as e:
+            return f"tunnel to md {address!r}: {e}"
         try:
-            client = KdTunnelClient(self.reactor, host=host, port=port, name=host,
+            client = KdTunnelClient(self.reactor, host=parsed.host, port=parsed.port,
+                                    name=parsed.host,
                                     ca_certificate=self.cfg.tunnel.ca_file,
                                     certificate=self.cfg.tunnel.certificate,
                                     private_key=self.cfg.tunnel.private_key,

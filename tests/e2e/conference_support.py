@@ -9,7 +9,7 @@
   daemon and the tap, and, when the test did not pass, writes
   ``stack.logs()`` to ``<stack dir>/stack-logs.txt`` and its tail to stderr.
   Class attributes to override: ``users``, ``invited``, ``conference``,
-  ``late_joiners_get_earlier_epochs``, ``tap``, ``create_conference``
+  ``late_joiners_get_earlier_epochs``, ``tap``, ``static_mds``, ``create_conference``
   (False: no conference is created), ``settings`` (extra configuration keys,
   see :class:`~perc_daemons.demo.stack.LocalStack`), ``timeout``.
 * :class:`RecordingEndpoint`: the reference endpoint, recording every
@@ -387,6 +387,7 @@ class StackTestCase(unittest.TestCase):
     conference = "e2e"
     late_joiners_get_earlier_epochs = False
     tap = True
+    static_mds = True
     create_conference = True
     settings: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -394,7 +395,7 @@ class StackTestCase(unittest.TestCase):
         self.endpoints: list[RecordingEndpoint] = []
         for attempt in range(1, START_ATTEMPTS + 1):
             self.stack = LocalStack(self.mktemp(), reactor, users=self.users, tap=self.tap,
-                                    settings=self.settings)
+                                    static_mds=self.static_mds, settings=self.settings)
             try:
                 self.stack.prepare()
                 await self.stack.start_all()
