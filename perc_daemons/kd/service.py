@@ -33,6 +33,14 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
   adds one, and the KMF's whole list (``GET /v1/media-distributors``, fetched
   whenever the event stream connects and after a conference ends) adds the
   missing ones and closes the tunnels no conference needs any more.
+* A conference that has ended at the KMF (the event; a 410 to an epoch, key
+  or roster request; ``ended`` from an invitation check; a SignAnswer for it)
+  is also ended at the MDs: after those EndpointDisconnects, ConferenceEnded
+  (our 0xF5, docs/PROTOCOL.md) goes on every up tunnel, since the KD does
+  not know which MDs host the conference (the provider created it there).
+  Each MD ends it only if this KD is the conference's KD there.  A
+  conference merely unknown to the KMF or not started (404/409) is forgotten
+  here, but not ended at the MDs.
 * Associations belong to the MD they came from (by its configured name), not
   to one TLS connection: when a tunnel drops they are kept (the MD keeps
   forwarding with the keys it has, and sends the disconnects that happened
@@ -96,10 +104,12 @@ from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
     Associations,
+    ConferenceEnded,
     EndpointDisconnect,
     SignAnswer,
     SignAnswerAck,
     TunneledDtls,
+    TunnelError,
 )
 from perc_daemons.protocol.tunnel_address import TunnelAddressError, parse_tunnel_address
 from perc_daemons.store import check_conference_id
@@ -485,6 +495,7 @@ class KdHandler:
         aid = message.association_id
         conference: str | None = None
         identity: str | None = None
+        ended = False  # the KMF says the conference has ended: end it at the MDs after
         try:
             if self.core.knows(aid) or aid in self._signing:
                 raise OfferRejected(SIGN_STATUS_BAD_OFFER, "association id already in use")
@@ -508,11 +519,13 @@ class KdHandler:
             if not invitation["invited"]:
                 raise OfferRejected(SIGN_STATUS_REFUSED, "not invited")
             if invitation["state"] != "running":
+                ended = invitation["state"] == "ended"
                 raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running")
             try:
                 await self._ensure_epoch(conference)
             except KmfRefused as e:
                 if e.status in (409, 410):
+                    ended = e.status == 410
                     raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running") from None
                 raise
             kd_tls_id = new_tls_id()  # one per association (RFC 8842 s5.3)
@@ -562,6 +575,12 @@ class KdHandler:
             self.metrics.sign_answers.labels(STATUS_NAMES[ack.status]).inc()
         if self._live(peer):
             peer.send(ack)
+        if ended and conference is not None:
+            # An MD still hosts a conference the KMF has ended (this KD missed the
+            # event, e.g. it was not running then): end it there too.
+            log.info("SignAnswer {association}: conference {conference} has ended at the "
+                     "KMF", association=_aid(aid), conference=conference)
+            self.end_conference(conference)
 
     # -- KMF work per conference -------------------------------------------------------
 
@@ -605,7 +624,7 @@ class KdHandler:
                         log.info("conference {conference} is not running at the KMF "
                                  "({error}): forgotten", conference=conference,
                                  error=str(e))
-                        self.end_conference(conference)
+                        self.end_conference(conference, ended=False)
                         return
                     log.warn("KMF refused {operation} for {conference}: {error}",
                              operation=operation, conference=conference, error=str(e))
@@ -758,15 +777,35 @@ class KdHandler:
             for conference in self.core.conferences():
                 self._schedule(conference, sync=True)
 
-    def end_conference(self, conference: str) -> None:
-        """Close the conference's associations (EndpointDisconnect each) and wipe its keys."""
+    def end_conference(self, conference: str, *, ended: bool = True) -> None:
+        """Close the conference's associations (EndpointDisconnect each) and wipe its keys.
+
+        ``ended`` (it has ended at the KMF): then every MD with an up tunnel is
+        sent ConferenceEnded too, after those EndpointDisconnects.
+        """
         self._jobs.pop(conference, None)
         for lost in self._lost.values():
             for aid in [a for a, c in lost.items() if c == conference]:
                 del lost[aid]
         out = self.core.end_conference(conference, self.reactor.seconds())
         self._send(out, None)
+        if ended:
+            self._conference_ended_at_mds(conference)
         self._after_core()
+
+    def _conference_ended_at_mds(self, conference: str) -> None:
+        """ConferenceEnded on every up tunnel: which MDs host it is not known here."""
+        try:
+            message = ConferenceEnded(conference)
+        except TunnelError as e:  # not a conference id the KMF hands out
+            log.warn("conference {conference!r} ended, but cannot be named in "
+                     "ConferenceEnded: {error}", conference=conference, error=str(e))
+            return
+        peers = [peer for peer in self._peers.values() if self._live(peer)]
+        for peer in peers:
+            peer.send(message)
+        log.info("conference {conference} ended: told {count} MD(s)",
+                 conference=conference, count=len(peers))
 
 
 def _aid(association_id: bytes) -> str:

@@ -28,9 +28,19 @@ Join (draft-roach-perc-webrtc flow, DESIGN.md "Join flow" steps 3-4):
 Tunnel messages (RFC 9185 section 6): ``MediaKeys`` key the leg (outer
 halves of a DOUBLE profile only; anything else is refused and the
 association ended), ``TunneledDtls`` goes to the endpoint through the media
-plane, ``EndpointDisconnect`` ends the participant.  Every message must come
-from the KD of the association's conference: a KD trusted for another
-conference cannot key, reach or end this one's participants.  DTLS from an
+plane, ``EndpointDisconnect`` ends the participant, and ``ConferenceEnded``
+(our private 0xF5, docs/PROTOCOL.md) ends the conference exactly as the
+provider's ``DELETE /v1/conferences/{id}`` does (:meth:`MdConferences.delete`).
+Every message must come from the KD of the association's conference: a KD
+trusted for another conference cannot key, reach or end this one's
+participants, nor end the conference.  The KD that ends a conference tells
+every MD it has a tunnel to (it does not know which host it), so a
+ConferenceEnded for a conference this MD does not have is ignored quietly;
+one from another conference's KD is ignored, counted (``end_wrong_kd``) and
+logged, rate-limited.  The conference's KD is the one whose fingerprint the
+conference was created with, not any KD of ``[tunnel] kd_fingerprints``:
+those may connect at any time, but are no more the KD of another KD's
+conference than they are for its participants' messages.  DTLS from an
 endpoint goes to its KD; consent expiry (RFC 7675), a leave and a conference
 deletion send the KD ``EndpointDisconnect``.  A disconnect that cannot be
 sent while the KD's tunnel is down is kept (bounded) and sent when it comes
@@ -52,7 +62,9 @@ from it which members it can no longer reach, starts an epoch without them
 and reports a roster that omits them, so they rejoin.
 
 Unexpected input is counted in :attr:`MdConferences.events` (names in
-:data:`EVENTS`) and never logged per message.
+:data:`EVENTS`) and never logged per message; the one logged (a ConferenceEnded
+from another conference's KD, an attempt to end a conference) is logged at
+most once per :data:`~perc_daemons.listening.LOG_INTERVAL`.
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
+from perc_daemons.listening import RateLimitedLog
 from perc_daemons.md.media import Leg, MediaPlane
 from perc_daemons.protocol import sdp
 from perc_daemons.protocol.answer import AnswerError, verify_pinned_answer
@@ -83,6 +96,7 @@ from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_REFUSED,
     AssociationEntry,
     Associations,
+    ConferenceEnded,
     EndpointDisconnect,
     MediaKeys,
     SignAnswer,
@@ -120,6 +134,7 @@ EVENTS = (
     "late_answer",           # SignAnswerAck after the join gave up (the KD is told to forget)
     "answer_refused",        # a signed answer not for this conference/association/offer
     "unexpected_message",    # a message the KD should not send (e.g. SignAnswer)
+    "end_wrong_kd",          # ConferenceEnded from a KD that is not the conference's
     "disconnects_queued",    # EndpointDisconnect kept for a KD whose tunnel is down
     "disconnects_dropped",   # ... beyond MAX_QUEUED_DISCONNECTS
 )
@@ -260,6 +275,7 @@ class MdConferences:
         self._peers: dict[bytes, Any] = {}  # kd fingerprint -> its registered ITunnelPeer
         self._pending: dict[bytes, _PendingJoin] = {}
         self._queued: dict[bytes, dict[bytes, None]] = {}  # kd fp -> aids to disconnect
+        self._refusals_log = RateLimitedLog(self.log, clock)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -314,8 +330,12 @@ class MdConferences:
                       conference=conference_id, kd=format_fingerprint(kd_fingerprint))
         return conference, True
 
-    def delete(self, conference_id: str) -> int:
-        """End a conference: its KD is told of each participant; returns how many."""
+    def delete(self, conference_id: str, *, by: str = "the provider") -> int:
+        """End a conference: its KD is told of each participant; returns how many.
+
+        The provider's ``DELETE`` and the KD's ``ConferenceEnded`` both end up
+        here; ``by`` names who ended it, for the log.
+        """
         conference = self.conference(conference_id)
         for aid, pending in list(self._pending.items()):
             if pending.conference_id == conference_id:
@@ -330,8 +350,8 @@ class MdConferences:
         self._kd_use[fp] -= 1
         if not self._kd_use[fp]:
             del self._kd_use[fp]
-        self.log.info("perc-md: conference {conference} deleted ({count} participants ended)",
-                      conference=conference_id, count=count)
+        self.log.info("perc-md: conference {conference} deleted by {by} ({count} "
+                      "participants ended)", conference=conference_id, by=by, count=count)
         if not self.is_trusted_kd(fp):
             # It may not connect any more: its queued disconnects would wait forever (a
             # later conference naming it again gets them through Associations instead).
@@ -573,8 +593,26 @@ class MdConferences:
                                   conference=participant.conference_id)
         elif isinstance(message, SignAnswerAck):
             self._answered(peer, message)
+        elif isinstance(message, ConferenceEnded):
+            self._conference_ended(peer, message.conference_id)
         else:
             self.events["unexpected_message"] += 1
+
+    def _conference_ended(self, peer: ITunnelPeer, conference_id: str) -> None:
+        """ConferenceEnded: end the conference as DELETE does, if ``peer`` is its KD."""
+        conference = self._conferences.get(conference_id)
+        if conference is None:
+            return  # not hosted here: the KD tells every MD it is connected to
+        if peer.peer_fingerprint != conference.kd_fingerprint:
+            self.events["end_wrong_kd"] += 1
+            self._refusals_log.warn(
+                "md_end_wrong_kd",
+                "perc-md: ConferenceEnded for conference {conference} from KD {kd}, which "
+                "is not the conference's KD ({owner}): ignored",
+                conference=conference_id, kd=format_fingerprint(peer.peer_fingerprint),
+                owner=format_fingerprint(conference.kd_fingerprint))
+            return
+        self.delete(conference_id, by="its KD (ended at the KMF)")
 
     def _from_kd(self, peer: ITunnelPeer, aid: bytes) -> Participant | None:
         """The participant ``aid`` if ``peer`` is its conference's KD (else counted, None).

@@ -51,6 +51,13 @@ each at most :data:`MAX_SDP_LENGTH` bytes, so a frame always fits:
   keepalive; ours is :class:`Liveness` (one Ping in flight at a time, a Pong
   due within a timeout).  Each side answers every Ping of an up tunnel at
   once; a Pong that answers no Ping in flight is a protocol error.
+* **0xF5 ConferenceEnded** (KD -> MD): ``opaque conference_id<1..255>``
+  (1-byte length, UTF-8, as in SignAnswer and Associations).  The KD sends it
+  on every up tunnel when the KMF reports the conference ended, after the
+  EndpointDisconnects of its associations; an MD ends a conference it hosts
+  only if that tunnel's KD is the conference's, and ignores it otherwise.
+  An MD that predates the type refuses it as any unknown type
+  (:class:`UnknownMessageType`): that tunnel is closed and reconnected.
 
 Validation is shared by construction and decoding: a message that could not
 be encoded (a bad UUID, an empty profile list, a key of 0 or 256 bytes, a
@@ -93,6 +100,7 @@ __all__ = [
     "AssociationEntry",
     "Associations",
     "BadAssociationId",
+    "ConferenceEnded",
     "DecoderFailed",
     "EndpointDisconnect",
     "FrameTooLarge",
@@ -129,7 +137,8 @@ MAX_BODY_LENGTH = 0xFFFF
 ASSOCIATION_ID_LENGTH = 16
 #: Bound on each UTF-8 SDP string of our private messages (two always fit).
 MAX_SDP_LENGTH = 32000
-#: ``opaque conference_id<1..255>`` of :class:`Associations` (UTF-8 bytes).
+#: ``opaque conference_id<1..255>`` of :class:`SignAnswer`, :class:`Associations` and
+#: :class:`ConferenceEnded` (UTF-8 bytes).
 MAX_CONFERENCE_ID_LENGTH = 255
 #: Entries of one :class:`Associations`: even with the longest conference ids,
 #: ``2 + n * (16 + 1 + 255)`` bytes fit one body (240 entries, 65282 bytes).
@@ -160,6 +169,7 @@ class MessageType(IntEnum):
     ASSOCIATIONS = 0xF2  # private (ours)
     PING = 0xF3  # private (ours)
     PONG = 0xF4  # private (ours)
+    CONFERENCE_ENDED = 0xF5  # private (ours)
 
 
 # -- errors ----------------------------------------------------------------------
@@ -331,6 +341,14 @@ class _Reader:
             return self.vector(2).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise MalformedFrame("tunnel message string is not UTF-8") from exc
+
+    def conference_id(self) -> str:
+        """``opaque conference_id<0..255>`` (1-byte length) as text; bounds are the
+        message's to check (:func:`_check_conference_id`)."""
+        try:
+            return self.vector(1).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedFrame("conference id is not UTF-8") from exc
 
     def end(self) -> None:
         if self._pos != len(self._data):
@@ -528,11 +546,7 @@ class SignAnswer:
     @classmethod
     def _decode(cls, r: _Reader) -> SignAnswer:
         aid = r.association_id()
-        try:
-            conference = r.vector(1).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedFrame("conference id is not UTF-8") from exc
-        return cls(aid, conference, r.text(), r.text())
+        return cls(aid, r.conference_id(), r.text(), r.text())
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,11 +650,7 @@ class Associations:
         entries = []
         for _ in range(count):
             aid = r.association_id()
-            try:
-                cid = r.vector(1).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise MalformedFrame("conference id is not UTF-8") from exc
-            entries.append(AssociationEntry(aid, cid))
+            entries.append(AssociationEntry(aid, r.conference_id()))
         return cls(tuple(entries))
 
 
@@ -677,13 +687,40 @@ class Pong(_NonceMessage):
     msg_type: ClassVar[int] = MessageType.PONG
 
 
+@dataclass(frozen=True, slots=True)
+class ConferenceEnded:
+    """Ours (0xF5), KD -> MD: the conference has ended (at the KMF); end it here too.
+
+    Sent on every up tunnel, after the EndpointDisconnects of the conference's
+    associations: the KD does not know which MDs host the conference.  The MD
+    acts on it only when the tunnel's KD is the conference's own.
+    """
+
+    msg_type: ClassVar[int] = MessageType.CONFERENCE_ENDED
+
+    conference_id: str
+
+    def __post_init__(self) -> None:
+        _check_conference_id(self.conference_id)
+
+    def encode(self) -> bytes:
+        conference = self.conference_id.encode("utf-8")
+        return _frame(self.msg_type, bytes((len(conference),)) + conference)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> ConferenceEnded:
+        return cls(r.conference_id())
+
+
 Message = (SupportedProfiles | UnsupportedVersion | MediaKeys | TunneledDtls
-           | EndpointDisconnect | SignAnswer | SignAnswerAck | Associations | Ping | Pong)
+           | EndpointDisconnect | SignAnswer | SignAnswerAck | Associations | Ping | Pong
+           | ConferenceEnded)
 
 _DECODERS = {
     cls.msg_type: cls._decode
     for cls in (SupportedProfiles, UnsupportedVersion, MediaKeys, TunneledDtls,
-                EndpointDisconnect, SignAnswer, SignAnswerAck, Associations, Ping, Pong)
+                EndpointDisconnect, SignAnswer, SignAnswerAck, Associations, Ping, Pong,
+                ConferenceEnded)
 }
 
 

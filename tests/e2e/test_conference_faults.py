@@ -11,14 +11,17 @@ loopback ports) and the reference :class:`~perc_daemons.endpoint.client.Endpoint
   closed, sends no SRTP, and the MD never holds keys for it;
 * perc-kd restarted under a running conference; perc-md restarted and the
   endpoints joining again;
-* the conference ended at the KMF: keys revoked everywhere.
+* the conference ended at the KMF: keys revoked everywhere, and the
+  conference ended at the MD too (the KD's ConferenceEnded, 0xF5), within a
+  few seconds: the one bound asserted here, below.
 
 After a perc-kd restart the earlier members are orphaned (the new KD holds
 none of their associations); the reference endpoint notices from a newer
 roster without it and joins again by itself.  The test of that without a
 joiner needs perc-md to report its associations to the KD; it is trial
 ``todo`` until then (:data:`NO_ASSOCIATIONS_REPORT`).  No timing is
-asserted: waits have generous deadlines.
+asserted but :data:`MD_END_WITHIN` (the conference ends at the MD soon after
+the KMF): other waits have generous deadlines.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from perc_daemons.protocol.tunnel import (
 )
 
 DEADLINE = 30.0  # generous: waiting, never asserted
+#: Seconds from the end at the KMF to the conference's 404 at the MD (event, tunnel: ms).
+MD_END_WITHIN = 5.0
 MEDIA_SECONDS = 300.0  # "until told to stop" (leave() stops the sending)
 
 
@@ -210,6 +215,18 @@ class StackTestCase(unittest.TestCase):
             form={"grant_type": "client_credentials", "scope": "kd"},
             basic=(KD_CLIENT, self.stack.kd_secret))
         return body["access_token"]
+
+    async def md_metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.stack.ports.md_admin}/metrics"
+        response = await treq.get(url, pool=self.stack.pool, timeout=5)
+        return (await treq.content(response)).decode()
+
+    async def md_status(self) -> int:
+        """The status of ``GET /v1/conferences/{conference}`` at the MD."""
+        code, _ = await self.stack.request(
+            "GET", f"{self.stack.md_url}/v1/conferences/{self.conference}",
+            token=self.stack.provider_token)
+        return code
 
     async def kd_members(self) -> float:
         """The KD's perc_kd_members gauge (keyed associations it knows)."""
@@ -725,7 +742,8 @@ class MdRestartTests(StackTestCase):
 
 class ConferenceEndTests(StackTestCase):
     async def test_conference_end_revokes_keys(self) -> None:
-        """POST /end at the KMF: Closed everywhere, no more media, no join, keys gone (410)."""
+        """POST /end at the KMF: Closed everywhere, no more media, no join, keys gone (410),
+        and the conference gone from the MD (404, no leg left) within MD_END_WITHIN s."""
         stack = await self.start_stack("ending")
         alice, bob = self.endpoint("alice", tone=440), self.endpoint("bob", tone=660)
         for ep in (alice, bob):
@@ -736,27 +754,47 @@ class ConferenceEndTests(StackTestCase):
         code, _, _ = await alice.kmf.http.json("POST", kmf_path, {},
                                                token=alice.kmf._require_token())
         self.assertEqual(code, 200)  # the key service answers alice while it runs
+        self.assertIn("perc_md_participants 2.0", await self.md_metrics())
 
         await stack.end_conference(self.conference)
+        ended_at = reactor.seconds()
+        # The KD's ConferenceEnded: the MD ends the conference as a DELETE would.
+        await wait_until("the MD answers 404 for the ended conference", lambda: defer.
+                         ensureDeferred(self.md_status()).addCallback(lambda c: c == 404),
+                         timeout=MD_END_WITHIN, stack=stack)
+        self.assertLess(reactor.seconds() - ended_at, MD_END_WITHIN)
+        metrics = await self.md_metrics()
+        self.assertIn("perc_md_conferences 0.0", metrics)
+        self.assertIn("perc_md_participants 0.0", metrics)  # the legs are gone
+        self.assertNotIn(f'conference="{self.conference}"', metrics)
+        self.assertIn("perc_md_kd_tunnels 1.0", metrics)  # the pinned KD stays connected
         await wait_until("every endpoint got close_notify from the KD",
                          lambda: all(ep.closed_reason is not None for ep in (alice, bob)),
                          stack=stack)
         # run_media ends by itself: the session closed stops the sending.
         await defer.gatherResults(sending)
         sent = {ep.label: ep.rtp_sent() for ep in (alice, bob)}
-        await wait_until("the MD lists no keyed participant", lambda: defer.ensureDeferred(
-            self._none_keyed()), stack=stack)
         for ep in (alice, bob):
             self.assertEqual(ep.rtp_after_close, 0, ep.label)
             self.assertFalse(ep.session.ready, ep.label)
 
-        # A new join is refused by the KD: the conference is not running.
+        # A new join: the MD no longer has the conference.
         carol = self.endpoint("carol")
         with self.assertRaises(JoinRefused) as caught:
             await carol.join()
+        self.assertEqual(caught.exception.status, 404, caught.exception)
+        # A provider that creates it at the MD again: the KD refuses the join (the KMF
+        # says ended) and ends the conference at the MD once more.
+        await stack.create_md_conference(self.conference)
+        carol_again = self.endpoint("carol")
+        with self.assertRaises(JoinRefused) as caught:
+            await carol_again.join()
         self.assertEqual(caught.exception.status, 403, caught.exception)
         self.assertIn("conference not running", caught.exception.detail)
-        self.assertEqual(carol.sent, [])
+        await wait_until("the MD answers 404 again", lambda: defer.ensureDeferred(
+            self.md_status()).addCallback(lambda c: c == 404), timeout=MD_END_WITHIN,
+            stack=stack)
+        self.assertEqual((carol.sent, carol_again.sent), ([], []))
 
         # The KMF's key service: 410 for the conference, to a member and to the KD.
         code, body, _ = await alice.kmf.http.json("POST", kmf_path, {},
@@ -768,7 +806,4 @@ class ConferenceEndTests(StackTestCase):
         # Nothing was sent after the close while all this happened.
         self.assertEqual({ep.label: ep.rtp_sent() for ep in (alice, bob)}, sent)
         for ep in (alice, bob):
-            await ep.leave()
-
-    async def _none_keyed(self) -> bool:
-        return all(p["state"] != "keyed" for p in await self.participants())
+            await ep.leave()  # idempotent at the MD: the participant is gone already

@@ -465,6 +465,8 @@ def _tunnel_messages() -> list[Any]:
         tunnel.SignAnswerAck(aid(), tunnel.SIGN_STATUS_REFUSED, ""),
         tunnel.Associations(((aid(), "conf-1"), (aid(), "\u00e9t\u00e9"))),
         tunnel.Associations(()),
+        tunnel.ConferenceEnded("conf-1"),
+        tunnel.ConferenceEnded("\u00e9t\u00e9"),
     ]
 
 
@@ -486,6 +488,8 @@ def _tunnel_fields(frame: bytes) -> list[tuple[int, int]]:
         fields += [(19, 2), (21, 2)]
     elif msg_type == tunnel.MessageType.ASSOCIATIONS:
         fields += [(3, 2), (21, 1)]
+    elif msg_type == tunnel.MessageType.CONFERENCE_ENDED:
+        fields.append((3, 1))
     return fields
 
 

@@ -67,6 +67,7 @@ from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
     Associations,
+    ConferenceEnded,
     EndpointDisconnect,
     MediaKeys,
     SignAnswer,
@@ -332,8 +333,8 @@ class KdHandlerTests(unittest.TestCase):
         return offer, ack
 
     @defer.inlineCallbacks
-    def join(self, ep: Endpoint):
-        offer, ack = yield self.sign(ep)
+    def join(self, ep: Endpoint, assertion: str | None = None):
+        offer, ack = yield self.sign(ep, assertion)
         self.assertEqual((ack.status, ack.ok), (SIGN_STATUS_OK, True), ack.text)
         self.endpoints[ep.aid] = ep
         ep.start(self.credentials.fingerprint, answer_tls_id(ack))
@@ -443,6 +444,7 @@ class KdHandlerTests(unittest.TestCase):
         alice = Endpoint("alice", ALICE, 1111)
         _, ack = yield self.sign(alice)
         self.assertRefused(ack, SIGN_STATUS_REFUSED, "conference not running", alice.aid)
+        self.assertEqual(self.peer.of(ConferenceEnded), [])  # not started is not ended
 
     @defer.inlineCallbacks
     def test_draft_with_another_fingerprint_is_a_bad_offer(self):
@@ -533,12 +535,65 @@ class KdHandlerTests(unittest.TestCase):
         yield self.wait_key(alice, 1)
         self.handler.start_events(min_delay=0.05, max_delay=0.5)
         yield wait_for(lambda: self.handler.events_connected, "event stream")
+        # Two more MDs: one up (it hosts none of the conference's members), one down.
+        md2, md3 = RecordingPeer(), RecordingPeer()
+        md2.peer_name, md3.peer_name = "md2.example.com", "md3.example.com"
+        for md in (md2, md3):
+            self.handler.tunnel_up(md)
+        self.handler.tunnel_down(md3, "connection lost")
         yield self.kmf.call("POST", f"/v1/conferences/{CONF}/end")
-        yield wait_for(lambda: self.peer.of(EndpointDisconnect, alice.aid), "EndpointDisconnect")
+        yield wait_for(lambda: self.peer.of(ConferenceEnded), "ConferenceEnded")
+        # The MD hears of each association first, then of the conference; every MD
+        # whose tunnel is up hears of the conference (the KD does not know who hosts it).
+        sent = [m for m in self.peer.sent if not isinstance(m, TunneledDtls)]
+        self.assertEqual(sent[-2:], [EndpointDisconnect(alice.aid), ConferenceEnded(CONF)])
         self.pump()
         self.assertEqual(len(alice.of(ConnectionClosed)), 1)
         self.assertFalse(self.core.knows(alice.aid))
         self.assertIsNone(self.core.current_params(CONF))
+        self.assertEqual(md2.sent, [ConferenceEnded(CONF)])
+        self.assertEqual(md3.sent, [])
+
+    @defer.inlineCallbacks
+    def test_conference_found_ended_without_the_event_is_ended_at_the_mds(self):
+        """No event stream (missed): the KMF's answers to the KD's next request for the
+        conference show the end, and the MDs are told as for the event."""
+        yield self.kmf.conference()
+        yield self.kmf.conference("conf-2")
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        yield self.kmf.call("POST", f"/v1/conferences/{CONF}/end")
+        # bob leaves: the rekey's invitation check answers "ended".
+        self.handler.tunnel_message(self.peer, EndpointDisconnect(bob.aid))
+        yield wait_for(lambda: self.peer.of(ConferenceEnded), "ConferenceEnded")
+        self.assertEqual(self.peer.of(ConferenceEnded), [ConferenceEnded(CONF)])
+        self.assertFalse(self.core.knows(alice.aid))
+        self.assertTrue(self.peer.of(EndpointDisconnect, alice.aid))
+        # The last member of conf-2 leaves after its end: the epoch request gets 410.
+        new_epoch_refused = {"operation": "new_epoch"}
+        self.assertEqual(self.sample("perc_kd_kmf_errors_total", new_epoch_refused), 0)
+        carol = Endpoint("carol", CAROL, 3333)
+        yield self.join(carol, self.kmf.assertion(CAROL, carol.fingerprint, "conf-2"))
+        yield self.wait_key(carol, 1)
+        yield self.kmf.call("POST", "/v1/conferences/conf-2/end")
+        self.handler.tunnel_message(self.peer, EndpointDisconnect(carol.aid))
+        yield wait_for(lambda: len(self.peer.of(ConferenceEnded)) == 2, "ConferenceEnded")
+        self.assertEqual(self.peer.of(ConferenceEnded)[-1], ConferenceEnded("conf-2"))
+        self.assertEqual(self.sample("perc_kd_kmf_errors_total", new_epoch_refused), 1)
+        self.assertEqual(self.core.conferences(), [])
+
+    @defer.inlineCallbacks
+    def test_sign_answer_for_an_ended_conference_ends_it_at_the_mds(self):
+        """A KD that missed the end (it was down) learns it from a join the MD still
+        lets through: REFUSED, then ConferenceEnded so that the MD drops it too."""
+        yield self.kmf.conference()
+        yield self.kmf.call("POST", f"/v1/conferences/{CONF}/end")
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "conference not running", alice.aid)
+        self.assertEqual(self.peer.sent, [ack, ConferenceEnded(CONF)])
 
     @defer.inlineCallbacks
     def test_dtls_refusal_is_logged_once_and_counted_by_reason(self):

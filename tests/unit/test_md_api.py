@@ -45,6 +45,7 @@ from perc_daemons.protocol.tunnel import (
     SIGN_STATUS_REFUSED,
     SRTP_AEAD_AES_128_GCM,
     Associations,
+    ConferenceEnded,
     EndpointDisconnect,
     MediaKeys,
     SignAnswer,
@@ -715,6 +716,13 @@ class MdServiceTests(unittest.TestCase):
         code, _ = yield self.request("DELETE", "/v1/conferences/c2", token=PROVIDER_TOKEN)
         self.assertEqual(code, 204)
         yield back_to_baseline("after the end of a conference")
+        # 7. The conference's KD says it has ended (ConferenceEnded, after the KD's
+        #    EndpointDisconnects for some of its participants): as DELETE.
+        yield self.create("c3")
+        legs = yield join_and_talk("c3")
+        self.kd.peer.send(EndpointDisconnect(legs[0].aid))
+        self.kd.peer.send(ConferenceEnded("c3"))
+        yield back_to_baseline("after ConferenceEnded from the conference's KD")
         self.assertEqual(plane.leg(stayer.aid).counters["rtp_out"], 0)  # the hook held
 
     @defer.inlineCallbacks
@@ -737,6 +745,123 @@ class MdServiceTests(unittest.TestCase):
         self.assertEqual(code, 404)
         # No conference names this KD any more: its tunnel is closed.
         yield self.eventually(lambda: self.conferences.kd_tunnels == 0, "KD tunnel closed")
+
+    # -- ConferenceEnded (our 0xF5) from the tunnel ---------------------------------
+
+    def log_events(self) -> list[dict]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    @defer.inlineCallbacks
+    def metric(self, name: str) -> Any:
+        response = yield treq.get(self.admin + "/metrics", pool=self.pool)
+        text = yield response.text()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    @defer.inlineCallbacks
+    def test_conference_ended_by_its_kd_is_a_delete(self):
+        """The conference's KD sends ConferenceEnded: the conference ends exactly as after
+        the provider's DELETE (legs gone, joins in progress 404, GET 404, the KD told of
+        every participant it had not disconnected itself)."""
+        yield self.create()
+        yield self.create("c2")  # the same KD's other conference is untouched
+        yield self.connect_kd()
+        gone = yield self.media_participant()
+        stays = yield self.media_participant()
+        other = yield self.media_participant("c2")
+        code, body = yield self.join()
+        self.assertEqual(code, 201)
+        unkeyed = uuid.UUID(body["association"]).bytes
+        self.kd.mode = "silent"
+        pending = self.join()
+        yield self.eventually(lambda: self.conferences.pending_joins == 1, "join waiting")
+        # What the KD sends at the end: EndpointDisconnect for what it knew, then the end.
+        self.kd.peer.send(EndpointDisconnect(gone.aid))
+        self.kd.peer.send(ConferenceEnded("c1"))
+        code, problem = yield pending
+        self.assertEqual((code, problem["type"]), (404, "urn:perc:problem:not-found"))
+        code, _ = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 404)
+        for aid in (stays.aid, unkeyed):  # as DELETE: the KD hears of each
+            yield self.kd.wait_for(disconnect_of(aid))
+        # The KD ended that one itself: not told back.
+        self.assertEqual([m for m in self.kd.messages if disconnect_of(gone.aid)(m)], [])
+        self.assertEqual([leg.leg_id for leg in self.conferences.plane.legs()], [other.aid])
+        self.assertEqual([c.conference_id for c in self.conferences.conferences()], ["c2"])
+        code, _ = yield self.join()
+        self.assertEqual(code, 404)
+        yield self.send_media(other, 1)  # c2 still relays
+        self.assertEqual(self.conferences.kd_tunnels, 1)  # c2 still names the KD
+        # A second ConferenceEnded (the KMF event and a 410 both seen) and one for a
+        # conference this MD never had: nothing happens, nothing is counted.
+        self.kd.peer.send(ConferenceEnded("c1"))
+        self.kd.peer.send(ConferenceEnded("never-here"))
+        self.kd.peer.send(ConferenceEnded("c2"))
+        yield self.eventually(lambda: self.conferences.conferences() == [], "c2 ended")
+        self.assertEqual(self.conferences.plane.legs(), [])
+        self.assertEqual(self.conferences.events["end_wrong_kd"], 0)
+        self.assertEqual(self.conferences.events["unexpected_message"], 0)
+        # The last conference naming the (unpinned) KD is gone: as DELETE, its tunnel too.
+        yield self.eventually(lambda: self.conferences.kd_tunnels == 0, "KD tunnel closed")
+
+    @defer.inlineCallbacks
+    def test_another_conferences_kd_cannot_end_a_conference(self):
+        """The attack: KD 2 (its own certificate, trusted for c2 on this MD) sends
+        ConferenceEnded for c1, whose KD is KD 1: ignored, counted, logged once per
+        interval; c1 keeps serving.  KD 2 can still end its own c2."""
+        other, other_fp = self.other_kd()
+        yield self.create()
+        yield self.create("c2", fp=other_fp)
+        yield self.connect_kd()
+        kd2 = PlayKd(other)
+        yield self.connect_kd(other, kd2)
+        alice = yield self.media_participant()
+        bob = yield self.media_participant()
+        carol = yield self.media_participant("c2", kd2)
+        yield self.send_media(alice, 1)
+        events = self.log_events()
+        for _ in range(3):
+            kd2.peer.send(ConferenceEnded("c1"))
+        yield self.eventually(lambda: self.conferences.events["end_wrong_kd"] == 3,
+                              "refusals counted")
+        code, body = yield self.request("GET", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 200)
+        self.assertEqual(sorted(p["association"] for p in body["participants"]),
+                         sorted(str(uuid.UUID(bytes=p.aid)) for p in (alice, bob)))
+        self.assertTrue(all(p["state"] == "keyed" for p in body["participants"]))
+        yield self.send_media(alice, 2)
+        yield self.send_media(bob, 2)
+        self.assertEqual([m for m in self.kd.messages if isinstance(m, EndpointDisconnect)],
+                         [])
+        self.assertEqual(self.conferences.kd_tunnels, 2)
+        logged = [formatEvent(e) for e in events if e.get("log_key") == "md_end_wrong_kd"]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("ConferenceEnded for conference c1", logged[0])
+        self.assertIn(other_fp, logged[0])
+        self.assertIn(self.kd_fp, logged[0])
+        self.assertEqual((yield self.metric(
+            'perc_md_tunnel_events_total{event="end_wrong_kd"}')), 3.0)
+        # A KD pinned in [tunnel] kd_fingerprints is not another conference's KD either.
+        self.conferences.pinned = frozenset({bytes.fromhex(other_fp.replace(":", ""))})
+        kd2.peer.send(ConferenceEnded("c1"))
+        yield self.eventually(lambda: self.conferences.events["end_wrong_kd"] == 4,
+                              "pinned KD refused")
+        self.assertEqual(len(self.conferences.conferences()), 2)
+        # KD 2 ends its own conference: that one goes, c1 stays.
+        kd2.peer.send(ConferenceEnded("c2"))
+        yield self.eventually(lambda: [c.conference_id for c in self.conferences.conferences()]
+                              == ["c1"], "c2 ended")
+        code, _ = yield self.request("GET", "/v1/conferences/c2", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 404)
+        self.assertEqual(sorted(leg.leg_id for leg in self.conferences.plane.legs()),
+                         sorted((alice.aid, bob.aid)))
+        self.assertRaises(KeyError, self.conferences.plane.leg, carol.aid)
+        yield self.send_media(alice, 3)
 
     # -- media ------------------------------------------------------------------------
 

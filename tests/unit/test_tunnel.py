@@ -23,6 +23,7 @@ from perc_daemons.protocol.tunnel import (
     AssociationEntry,
     Associations,
     BadAssociationId,
+    ConferenceEnded,
     DecoderFailed,
     EndpointDisconnect,
     FrameTooLarge,
@@ -87,6 +88,8 @@ def samples() -> list:
         Ping(0),
         Ping(2**64 - 1),
         Pong(7),
+        ConferenceEnded("conf-1"),
+        ConferenceEnded("é" * 127 + "x"),  # 255 bytes
     ]
 
 
@@ -116,7 +119,7 @@ class WorkedExampleTests(unittest.TestCase):
         self.assertEqual(DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, 0x0009)
         self.assertEqual(DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM, 0x000A)
         self.assertEqual([int(t) for t in MessageType],
-                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1, 0xF2, 0xF3, 0xF4])
+                         [0x01, 0x02, 0x03, 0x04, 0x05, 0xF0, 0xF1, 0xF2, 0xF3, 0xF4, 0xF5])
 
 
 class EncodingTests(unittest.TestCase):
@@ -266,7 +269,7 @@ class ValidationTests(unittest.TestCase):
         self.assertFalse(is_uuid4(str(uuid.UUID(bytes=AID))))
 
     def test_unknown_types(self) -> None:
-        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF5, 0xFF):
+        for msg_type in (0x00, 0x06, 0x7F, 0xEF, 0xF6, 0xFF):
             with self.assertRaises(UnknownMessageType) as cm:
                 decode_message(msg_type, b"")
             self.assertEqual(cm.exception.msg_type, msg_type)
@@ -493,6 +496,35 @@ class DecoderTests(unittest.TestCase):
                          (SupportedProfiles((9, 10)), EndpointDisconnect(AID)))
 
 
+class ConferenceEndedTests(unittest.TestCase):
+    def test_layout(self) -> None:
+        self.assertEqual(ConferenceEnded("conf-1").encode(), b"\xf5\x00\x07\x06conf-1")
+        self.assertEqual(ConferenceEnded("été").encode(),
+                         b"\xf5\x00\x06\x05" + "été".encode())
+        self.assertEqual(decode_message(0xF5, b"\x01c"), ConferenceEnded("c"))
+        self.assertEqual(MessageType(0xF5), MessageType.CONFERENCE_ENDED)
+        longest = ConferenceEnded("x" * MAX_CONFERENCE_ID_LENGTH)
+        self.assertEqual(len(longest.encode()), 3 + 1 + MAX_CONFERENCE_ID_LENGTH)
+        self.assertEqual(TunnelDecoder().feed(longest.encode()), [longest])
+
+    def test_bounds(self) -> None:
+        # Empty, too long (in bytes, not characters), not encodable: as the other
+        # conference ids of the tunnel (SignAnswer, Associations).
+        self.assertRaises(MalformedFrame, ConferenceEnded, "")
+        self.assertRaises(MalformedFrame, ConferenceEnded, "x" * (MAX_CONFERENCE_ID_LENGTH + 1))
+        self.assertRaises(MalformedFrame, ConferenceEnded, "é" * 128)  # 256 bytes
+        self.assertRaises(MalformedFrame, ConferenceEnded, "\ud800")
+        self.assertRaises(TypeError, ConferenceEnded, b"conf-1")
+        self.assertRaises(TypeError, ConferenceEnded, None)
+
+    def test_decode_errors(self) -> None:
+        for body in (b"", b"\x00", b"\x02c", b"\x01\xff", b"\x02\xc3", b"\x01c\x00",
+                     b"\x03\xed\xa0\x80"):  # a UTF-8-encoded surrogate is not UTF-8
+            with self.assertRaises(MalformedFrame, msg=body):
+                decode_message(0xF5, body)
+            self.assertRaises(MalformedFrame, TunnelDecoder().feed, frame(0xF5, body))
+
+
 # -- property tests -------------------------------------------------------------------
 
 uuid4s = st.binary(min_size=16, max_size=16).map(
@@ -514,6 +546,7 @@ messages = st.one_of(
         lambda entries: Associations(tuple(entries.items()))),
     st.integers(0, 2**64 - 1).map(Ping),
     st.integers(0, 2**64 - 1).map(Pong),
+    st.text(min_size=1, max_size=63).map(ConferenceEnded),
 )
 pieces = st.lists(st.one_of(messages.map(lambda m: m.encode()), st.binary(max_size=40)),
                   max_size=8)
@@ -536,6 +569,17 @@ class PropertyTests(unittest.TestCase):
         self.assertEqual(decoder.buffered, 0)
         for msg in got:
             self.assertEqual(decode_message(msg.msg_type, msg.encode()[3:]), msg)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.binary(max_size=300))
+    def test_conference_ended_garbage_decodes_or_is_malformed(self, body) -> None:
+        """Any body under 0xF5 is a ConferenceEnded that re-encodes to it, or refused."""
+        try:
+            message = decode_message(0xF5, body)
+        except MalformedFrame:
+            return
+        self.assertIsInstance(message, ConferenceEnded)
+        self.assertEqual(message.encode(), frame(0xF5, body))
 
     @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(pieces, st.lists(st.integers(0, 10**6), max_size=10), st.integers(0, 400))
