@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # trial needs the project on the path; twisted/plugins/ is found through it too.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv check lint test bench fuzz demo demo-protocol deb clean
+.PHONY: all venv check lint test bench fuzz demo demo-protocol stack stack-down stack-status deb clean
 
 all: check
 
@@ -45,6 +45,18 @@ FUZZ_JOBS ?= 2
 fuzz: venv
 	$(PY) -m tests.fuzz --inputs $(FUZZ_N) --jobs $(FUZZ_JOBS) --progress 600 \
 	    --crash-dir fuzz-crashes
+
+# A persistent local stack (perc-admin devstack): fixed ports, saved credentials
+# (.devstack/credentials.txt), logs in .devstack/logs; it keeps running until
+# make stack-down, and make stack brings the same one back.
+stack: venv
+	$(PY) -m perc_daemons.kmf.admin_cli devstack up --dir .devstack
+
+stack-down: venv
+	$(PY) -m perc_daemons.kmf.admin_cli devstack down --dir .devstack
+
+stack-status: venv
+	$(PY) -m perc_daemons.kmf.admin_cli devstack status --dir .devstack
 
 # A whole conference: KMF, MD and KD as real twistd processes on loopback,
 # three endpoints, a leave, the end; nothing is left running.

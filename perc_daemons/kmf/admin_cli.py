@@ -15,6 +15,7 @@ Local commands change files on the KMF's host (run them as root or the daemon's 
 
     perc-admin setup [--domain D] [--host-name N ...] [--ca-certificate F --ca-key F]
     perc-admin doctor [--no-network]
+    perc-admin devstack up|down|status [--dir DIR]
     perc-admin users add|passwd NAME [--password-file F]
     perc-admin users disable|enable NAME
     perc-admin keys rotate
@@ -386,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="perc", help="the daemons' user")
     p.add_argument("--no-network", action="store_true",
                    help="only the files: no /healthz, port or TLS checks")
+
+    devstack = groups.add_parser(
+        "devstack", help="a persistent local stack for development (fixed ports)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
+    for name, help_ in (("up", "make (first time) and start the stack; print its "
+                               "credentials"),
+                        ("down", "stop the stack's daemons (files are kept)"),
+                        ("status", "which of the stack's daemons run")):
+        command(devstack, name, help_).add_argument(
+            "--dir", default=".devstack", help="the stack's directory (default .devstack)")
     return parser
 
 
@@ -732,8 +743,31 @@ def _doctor(args: argparse.Namespace, io: Io) -> None:
         raise OperationError(f"doctor found {failed} problem(s)", "see FAIL lines above")
 
 
+def _devstack(args: argparse.Namespace, io: Io) -> None:
+    from perc_daemons.demo import devstack
+
+    try:
+        if args.action == "up":
+            io.emit({"dir": os.path.abspath(args.dir), "up": True}, devstack.up(args.dir))
+        elif args.action == "down":
+            done = devstack.down(args.dir)
+            io.emit({"dir": os.path.abspath(args.dir), "down": done}, "\n".join(done) + "\n")
+        else:
+            states = devstack.status(args.dir)
+            io.emit({"daemons": [{"name": s.name, "pid": s.pid, "healthy": s.healthy}
+                                 for s in states]},
+                    "\n".join(s.text for s in states) + "\n")
+            if not all(s.healthy for s in states):
+                raise OperationError("the devstack is not (all) running",
+                                     f"perc-admin devstack up --dir {args.dir}")
+    except devstack.DevstackError as e:
+        raise OperationError(f"devstack {args.action} failed", str(e)) from None
+
+
 def _local(args: argparse.Namespace, io: Io) -> None:
-    if args.category == "doctor":
+    if args.category == "devstack":
+        _devstack(args, io)
+    elif args.category == "doctor":
         _doctor(args, io)
     elif args.category == "setup":
         _setup(args, io)
@@ -764,7 +798,7 @@ def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str]
 
 
 def is_local(args: argparse.Namespace) -> bool:
-    return args.category in ("users", "keys", "clients", "setup", "doctor")
+    return args.category in ("users", "keys", "clients", "setup", "doctor", "devstack")
 
 
 async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = None,
