@@ -41,7 +41,18 @@ TOOLS["perc-admin"] = (_admin_parser, "operate a perc-kmf: conferences, rosters,
                                       "client secrets", {
     "EXIT STATUS": "0 on success, 1 when the KMF refused or could not be reached, "
                    "2 for usage and configuration errors.",
-    "FILES": "/etc/perc/admin.toml, /etc/perc/kmf.toml, /var/lib/perc/users.jsonl",
+    "FILES": "Made by perc-admin setup (root-owned; \"perc\" = group perc may read): "
+             "/etc/perc/tls/ca.crt (0644, the CA the daemons and endpoints trust), "
+             "/etc/perc/tls/ca.key (0600, its key, when setup made the CA), "
+             "/etc/perc/tls/{kmf,md,kd}.crt (0644) and .key (perc 0640), "
+             "/etc/perc/kmf-clients.toml (perc 0640, the KMF's OAuth clients), "
+             "/etc/perc/kd-client.secret (perc 0640), /etc/perc/admin-client.secret (0600), "
+             "/etc/perc/admin.toml (perc 0640, this tool's configuration), "
+             "/etc/perc/md-provider.token (perc 0640), /etc/perc/provider.toml (perc 0640), "
+             "/etc/perc/.generated-by-perc-daemons (what the package made, for purge). "
+             "Shipped: /etc/perc/{kmf,kd,md}.toml (every key documented). "
+             "State: /var/lib/perc (the KMF's database, key-encryption key, signing keys, "
+             "users.jsonl). See /usr/share/doc/perc-daemons/OPERATIONS.md.gz and /etc/perc/README.",
 })
 TOOLS["perc-provider"] = (_provider_parser, "the conference provider's command line for "
                                             "perc-md", {
