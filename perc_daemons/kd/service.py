@@ -407,7 +407,7 @@ class KdHandler:
     def _after_core(self) -> None:
         for refusal in self.core.take_refusals():
             # once per association: each ends once (issue 10 item 15)
-            log.info("association {association} of {identity} in {conference} refused "
+            log.warn("association {association} of {identity} in {conference} refused "
                      "before admission: {cause} ({detail})",
                      association=_aid(refusal.association_id), identity=refusal.identity,
                      conference=refusal.conference_id, cause=refusal.cause,
@@ -554,7 +554,7 @@ class KdHandler:
                      association=_aid(aid), identity=identity, conference=conference)
         except OfferRejected as e:
             ack = SignAnswerAck(aid, e.status, e.reason)
-            log.info("SignAnswer {association}: {outcome} ({reason}); identity {identity}, "
+            log.warn("SignAnswer {association}: {outcome} ({reason}); identity {identity}, "
                      "conference {conference}", association=_aid(aid),
                      outcome=STATUS_NAMES[e.status], reason=e.reason, identity=identity,
                      conference=conference)

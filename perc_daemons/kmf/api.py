@@ -1228,7 +1228,7 @@ class KmfApi(JsonApi):
 
     async def authorize_login(self, request: server.Request) -> Response:
         if not self._same_origin(request):  # login CSRF: a form posted from another site
-            self.log.info("login form POST refused: Origin {origin}",
+            self.log.warn("login form POST refused: Origin {origin}",
                           origin=(request.getHeader(b"origin") or b"")[:100])
             return self._form_refused(403, "This sign-in form was sent from another site")
         try:
@@ -1364,7 +1364,7 @@ class KmfApi(JsonApi):
             pending = self._check_request(params)
             if "error" in query:
                 error = query["error"]
-                self.log.info("oidc sign-in refused by the provider: {error}", error=error[:64])
+                self.log.warn("oidc sign-in refused by the provider: {error}", error=error[:64])
                 if error == "temporarily_unavailable":
                     raise pending.refuse(error, f"{name} is temporarily unavailable")
                 if error == "server_error":
@@ -1389,7 +1389,7 @@ class KmfApi(JsonApi):
                 raise pending.refuse("temporarily_unavailable",
                                      f"{name} could not be checked") from None
             except (AuthenticationFailed, UnsupportedCredentials) as e:
-                self.log.info("oidc sign-in refused: {reason}",
+                self.log.warn("oidc sign-in refused: {reason}",
                               reason=getattr(e, "reason", type(e).__name__))
                 return self._login_page(request, params, message=f"Sign-in with {name} failed.",
                                         headers=clear)
