@@ -17,7 +17,7 @@ Run as root on the host (it reads what the daemons read).  Each check is a
 * the network (unless ``network=False``): each daemon's ``/healthz``, and
   when one is not running whether another process holds its ports; the
   KMF's HTTPS as the KD checks it (CA and host name), the MD's API as the
-  endpoints do.
+  endpoints do, and the MD's tunnel certificate as the KD checks it.
 
 Nothing is changed.  The checks read the configuration as the daemons do
 (:func:`perc_daemons.config.load`).
@@ -324,6 +324,11 @@ class _Doctor:
             host = "localhost"
             self.tls_check("an endpoint's view of the MD", f"https://{host}:{md.api.port}",
                            kd.kmf.ca_file, timeout)
+        if md is not None and kd is not None and os.path.exists(kd.tunnel.ca_file):
+            # the MD's half of the tunnel handshake, as the KD checks it (the MD then
+            # checks the KD's certificate against the conference's fingerprint)
+            self.tls_check("the KD's view of this MD's tunnel port",
+                           f"https://localhost:{md.tunnel.port}", kd.tunnel.ca_file, timeout)
 
     def tls_check(self, what: str, url: str, ca_file: str, timeout: float) -> None:
         parts = urlsplit(url)

@@ -28,6 +28,7 @@ class DoctorTests(StackTestCase):
         for text in ("perc-kmf running", "perc-kd running", "perc-md running",
                      "the KD's view of the KMF: TLS verified",
                      "an endpoint's view of the MD: TLS verified",
+                     "the KD's view of this MD's tunnel port: TLS verified",
                      "perc-kd's secret matches client 'kd'",
                      "perc-admin's secret matches client 'perc-admin'"):
             self.assertIn(text, ok)
