@@ -91,12 +91,18 @@ def _describe(st: os.stat_result) -> str:
 
 
 class _Doctor:
-    def __init__(self, etc_dir: str, user: str) -> None:
+    def __init__(self, etc_dir: str, user: str, roles: frozenset[str]) -> None:
+        self.roles = roles
         self.etc = etc_dir
         self.user = _user(user)
         self.user_name = user
         self.findings: list[Finding] = []
         self.configs: dict[str, config_module.Config] = {}
+
+    def ca_file(self) -> str:
+        """The CA the daemons' certificates are checked against: the KD's, else the site's."""
+        kd = self.configs.get("kd")
+        return kd.kmf.ca_file if kd is not None else os.path.join(self.etc, "tls", "ca.crt")
 
     def add(self, status: str, what: str, detail: str = "", fix: str = "") -> None:
         self.findings.append(Finding(status, what, detail, fix))
@@ -107,7 +113,7 @@ class _Doctor:
         if self.user is None:
             self.add("fail", f"user {self.user_name}", "does not exist",
                      "reinstall perc-daemons (its postinst makes the user)")
-        for daemon in DAEMONS:
+        for daemon in (d for d in DAEMONS if d in self.roles):
             path = os.path.join(self.etc, f"{daemon}.toml")
             try:
                 self.configs[daemon] = config_module.load(daemon, path)
@@ -199,8 +205,8 @@ class _Doctor:
 
         kmf, kd, md = (self.configs.get(d) for d in DAEMONS)
         ca_pem = b""
-        if kd is not None and os.path.exists(kd.kmf.ca_file):
-            with open(kd.kmf.ca_file, "rb") as f:
+        if os.path.exists(self.ca_file()):
+            with open(self.ca_file(), "rb") as f:
                 ca_pem = f.read()
         now = datetime.datetime.now(datetime.UTC)
         leaves = []
@@ -232,7 +238,7 @@ class _Doctor:
                          "issue a new one and restart the daemon")
             if ca_pem and name in ("KMF", "MD") and not chains_to(pem, ca_pem):
                 self.add("fail", cert_path, f"{name} certificate does not chain to "
-                         f"{kd.kmf.ca_file if kd else 'the CA'}: the KD and endpoints "
+                         f"{self.ca_file()}: the KD and endpoints "
                          "refuse it", "issue it from that CA (perc-admin setup does)")
             if host is not None and not _names(certificate, host):
                 self.add("fail", cert_path, f"{name} certificate is not for {host!r}, the "
@@ -266,7 +272,7 @@ class _Doctor:
         if kd is not None:
             pairs.append((kd.kmf.client_id, kd.kmf.client_secret_file, "perc-kd"))
         admin = os.path.join(self.etc, "admin.toml")
-        if os.path.exists(admin):
+        if os.path.exists(admin) and "kmf" in self.roles:
             from perc_daemons.kmf.admin_cli import load_admin_config
 
             try:
@@ -320,10 +326,9 @@ class _Doctor:
                              "ss -ltnup shows which; stop it or change the port")
         if kd is not None and kmf is not None and os.path.exists(kd.kmf.ca_file):
             self.tls_check("the KD's view of the KMF", kd.kmf.url, kd.kmf.ca_file, timeout)
-        if md is not None and kd is not None and os.path.exists(kd.kmf.ca_file):
-            host = "localhost"
-            self.tls_check("an endpoint's view of the MD", f"https://{host}:{md.api.port}",
-                           kd.kmf.ca_file, timeout)
+        if md is not None and os.path.exists(self.ca_file()):
+            self.tls_check("an endpoint's view of the MD", f"https://localhost:{md.api.port}",
+                           self.ca_file(), timeout)
         if md is not None and kd is not None and os.path.exists(kd.tunnel.ca_file):
             # the MD's half of the tunnel handshake, as the KD checks it (the MD then
             # checks the KD's certificate against the conference's fingerprint)
@@ -397,9 +402,10 @@ def _healthz(bind: str, port: int, timeout: float) -> bool:
 
 
 def diagnose(etc_dir: str = "/etc/perc", user: str = "perc", *, network: bool = True,
-             timeout: float = 3.0) -> list[Finding]:
-    """Every check of the module docstring, in order."""
-    doctor = _Doctor(etc_dir, user)
+             timeout: float = 3.0, roles: frozenset[str] = frozenset(DAEMONS)
+             ) -> list[Finding]:
+    """Every check of the module docstring, in order, for the daemons in ``roles``."""
+    doctor = _Doctor(etc_dir, user, roles)
     doctor.load_configs()
     doctor.files()
     doctor.certificates()

@@ -25,6 +25,10 @@ file (under /etc/perc)              owner mode  what
 ==================================  ==========  ================================
 
 ("perc 0640" is root:perc: readable by the daemons, writable by root.)
+``roles`` limits it to the daemons this host runs: a conference provider's
+MD host (``--roles md``) gets the CA (or imports its own), the MD's
+certificate, the provider token and provider.toml, and nothing of the
+enterprise's trust domain (no KD key, no KMF client secrets).
 
 Certificates: with ``ca_certificate`` and ``ca_key`` given, the site's own
 CA issues the leaves (its certificate becomes ``tls/ca.crt``; its key is used
@@ -89,6 +93,9 @@ class SetupOptions:
     host_names: Sequence[str] = ()
     ca_certificate: str = ""
     ca_key: str = ""
+    #: The daemons this host runs: its files only.  An MD run by a conference
+    #: provider gets no KD key, no KMF client secrets (other trust domain).
+    roles: frozenset[str] = frozenset({"kmf", "kd", "md"})
 
 
 @dataclass(frozen=True)
@@ -396,17 +403,37 @@ def setup(options: SetupOptions) -> list[Step]:
     site = _Site(options, owners)
     if not os.path.isdir(options.etc_dir):
         raise SetupError(f"{options.etc_dir}: no such directory (is perc-daemons installed?)")
+    roles = options.roles
+    if set(roles) - {"kmf", "kd", "md"} or not roles:
+        raise SetupError("roles are kmf, kd and md (got " + ", ".join(sorted(roles)) + ")")
     site.load_manifest()
     site.directory("tls")
     ca, bundle = _ca(site)
     hosts = _host_names(options)
-    _leaf(site, ca, bundle, "kmf", hosts, ["127.0.0.1", "::1"])
-    _leaf(site, ca, bundle, "md", hosts, ["127.0.0.1", "::1"])
-    _leaf(site, ca, bundle, "kd", [f"kd.{options.domain}"], [])
-    _clients(site)
-    _secret_file(site, "md-provider.token", "daemon")
+    if "kmf" in roles:
+        _leaf(site, ca, bundle, "kmf", hosts, ["127.0.0.1", "::1"])
+    if "md" in roles:
+        _leaf(site, ca, bundle, "md", hosts, ["127.0.0.1", "::1"])
+    if "kd" in roles:
+        _leaf(site, ca, bundle, "kd", [f"kd.{options.domain}"], [])
+    if "kmf" in roles:
+        _clients(site)
+    elif "kd" in roles:
+        _secret_file(site, "kd-client.secret", "daemon")
+        site.note("warning", "kd-client.secret", "register it at the KMF: perc-admin clients "
+                  "hash --secret-file this file, as client kd in kmf-clients.toml")
     etc = options.etc_dir
-    _config_file(site, "admin.toml", (
+    if "md" in roles:
+        _secret_file(site, "md-provider.token", "daemon")
+        _config_file(site, "provider.toml", _provider_toml(etc))
+    if "kmf" in roles:
+        _config_file(site, "admin.toml", _admin_toml(etc, options.domain))
+    site.save_manifest()
+    return site.steps
+
+
+def _admin_toml(etc: str, domain: str) -> str:
+    return (
         "# /etc/perc/admin.toml: configuration of perc-admin (made by perc-admin setup).\n"
         "# The KMF's HTTPS API (kmf.toml [https]):\n"
         'url = "https://localhost:8443"\n'
@@ -417,13 +444,16 @@ def setup(options: SetupOptions) -> list[Step]:
         f'client_secret_file = "{etc}/admin-client.secret"\n'
         "# The KMF's issuer (kmf.toml [idp] issuer, default https://<domain>), checked in\n"
         "# signed rosters:\n"
-        f'issuer = "https://{options.domain}"\n'
+        f'issuer = "https://{domain}"\n'
         "# The KD's certificate: conferences create --md gives the MD its fingerprint.\n"
         f'kd_certificate = "{etc}/tls/kd.crt"\n'
         "# The conference provider's config (the MD's CA and provider token) that\n"
         "# conferences create --md uses:\n"
-        f'provider_config = "{etc}/provider.toml"\n'))
-    _config_file(site, "provider.toml", (
+        f'provider_config = "{etc}/provider.toml"\n')
+
+
+def _provider_toml(etc: str) -> str:
+    return (
         "# /etc/perc/provider.toml: configuration of perc-provider, the conference\n"
         "# provider's command line for perc-md (made by perc-admin setup).\n"
         "# The MD's HTTPS conference API (md.toml [api]):\n"
@@ -431,6 +461,4 @@ def setup(options: SetupOptions) -> list[Step]:
         "# PEM CA certificate(s) the MD's certificate chains to:\n"
         f'ca_file = "{etc}/tls/ca.crt"\n'
         "# The provider token (md.toml [api] provider_token_file):\n"
-        f'token_file = "{etc}/md-provider.token"\n'))
-    site.save_manifest()
-    return site.steps
+        f'token_file = "{etc}/md-provider.token"\n')

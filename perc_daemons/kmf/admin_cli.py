@@ -133,6 +133,13 @@ def _check_url(value: str) -> str | None:
     return None
 
 
+def _roles(value: str) -> frozenset[str]:
+    roles = frozenset(r.strip() for r in value.split(",") if r.strip())
+    if not roles or roles - {"kmf", "kd", "md"}:
+        raise argparse.ArgumentTypeError("a comma-separated list of kmf, kd, md")
+    return roles
+
+
 def _md_url(value: str) -> str:
     reason = _check_url(value)
     if reason is not None:
@@ -378,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the site CA's certificate, to issue from it instead of a new CA")
     p.add_argument("--ca-key", default="", metavar="FILE",
                    help="that CA's private key (read, not copied)")
+    p.add_argument("--roles", default="kmf,kd,md", type=_roles, metavar="ROLES",
+                   help="the daemons this host runs, e.g. md on a provider's MD host "
+                        "(default kmf,kd,md)")
 
     p = command(groups, "doctor", "check this host's configuration, certificates, "
                 "permissions, ports and the daemons' reachability, and print what to fix")
@@ -387,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="perc", help="the daemons' user")
     p.add_argument("--no-network", action="store_true",
                    help="only the files: no /healthz, port or TLS checks")
+    p.add_argument("--roles", default="kmf,kd,md", type=_roles, metavar="ROLES",
+                   help="the daemons this host runs (default kmf,kd,md)")
 
     devstack = groups.add_parser(
         "devstack", help="a persistent local stack for development (fixed ports)"
@@ -711,7 +723,8 @@ def _setup(args: argparse.Namespace, io: Io) -> None:
 
     options = SetupOptions(etc_dir=args.etc_dir, user=args.user, domain=args.domain,
                            host_names=tuple(args.host_names),
-                           ca_certificate=args.ca_certificate, ca_key=args.ca_key)
+                           ca_certificate=args.ca_certificate, ca_key=args.ca_key,
+                           roles=args.roles)
     try:
         steps = setup(options)
     except SetupError as e:
@@ -728,7 +741,8 @@ def _setup(args: argparse.Namespace, io: Io) -> None:
 def _doctor(args: argparse.Namespace, io: Io) -> None:
     from perc_daemons.doctor import diagnose
 
-    findings = diagnose(args.etc_dir, args.user, network=not args.no_network)
+    findings = diagnose(args.etc_dir, args.user, network=not args.no_network,
+                        roles=args.roles)
     lines = []
     for f in findings:
         label = {"ok": "ok", "warn": "warn", "fail": "FAIL"}[f.status]

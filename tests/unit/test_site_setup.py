@@ -201,6 +201,16 @@ class SetupTests(unittest.TestCase):
             group = gid if mode(os.path.join(self.etc, relative)) == 0o640 else 0
             self.assertEqual((st.st_uid, st.st_gid), (0, group), relative)
 
+    def test_a_providers_md_host_gets_nothing_of_the_enterprise(self):
+        steps = self.run_setup(roles=frozenset({"md"}))
+        self.assertEqual(sorted(steps), ["md-provider.token", "provider.toml", "tls/ca.crt",
+                                         "tls/ca.key", "tls/md.crt"])
+        for relative in ("tls/kd.key", "tls/kmf.key", "kd-client.secret",
+                         "admin-client.secret", "kmf-clients.toml", "admin.toml"):
+            self.assertFalse(os.path.exists(os.path.join(self.etc, relative)), relative)
+        with self.assertRaisesRegex(SetupError, "roles are kmf, kd and md"):
+            self.run_setup(roles=frozenset({"sfu"}))
+
     def test_refuses_an_unknown_user(self):
         with self.assertRaisesRegex(SetupError, "no user 'no-such-perc-user'"):
             self.run_setup(user="no-such-perc-user")
