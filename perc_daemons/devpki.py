@@ -57,14 +57,14 @@ class DevPki:
         self.ca_certificate_path = self.directory / "ca.crt"
         ca_key_path = self.directory / "ca.key"
         if self.ca_certificate_path.exists() and ca_key_path.exists():
-            self._ca = CertificateAuthority.load(self.ca_certificate_path.read_bytes(),
+            self.ca = CertificateAuthority.load(self.ca_certificate_path.read_bytes(),
                                                  ca_key_path.read_bytes())
         else:
-            self._ca = CertificateAuthority.create("perc-daemons dev CA", days=days,
+            self.ca = CertificateAuthority.create("perc-daemons dev CA", days=days,
                                                    now=self.now())
-            _write_private(ca_key_path, self._ca.key_pem)
-            self.ca_certificate_path.write_bytes(self._ca.certificate_pem)
-        self.ca_certificate = self._ca.certificate
+            _write_private(ca_key_path, self.ca.key_pem)
+            self.ca_certificate_path.write_bytes(self.ca.certificate_pem)
+        self.ca_certificate = self.ca.certificate
 
     def now(self) -> datetime.datetime:
         return self._now or datetime.datetime.now(datetime.UTC)
@@ -72,7 +72,7 @@ class DevPki:
     def issue(self, name: str, dns_names: Sequence[str] = (),
               ip_addresses: Sequence[str] = ()) -> Issued:
         """A leaf ``<name>.crt``/``<name>.key`` for these names (replaced if present)."""
-        certificate, key = self._ca.issue(dns_names, ip_addresses, days=self.days,
+        certificate, key = self.ca.issue(dns_names, ip_addresses, days=self.days,
                                           now=self.now())
         issued = Issued(self.directory / f"{name}.crt", self.directory / f"{name}.key")
         _write_private(issued.private_key, key)

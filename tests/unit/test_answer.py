@@ -408,7 +408,7 @@ class SignerTests(AnswerTestsBase):
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(KD_NAME)]), critical=False)
-            .sign(self.pki._ca_key, hashes.SHA256())
+            .sign(self.pki.ca.key, hashes.SHA256())
         )
         der = certificate.public_bytes(serialization.Encoding.DER)
         error = self.assertRefused(UntrustedKd, self.forge(chain=[der]))
