@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
+import os
 import re
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from perc_daemons import tls
 from perc_daemons.config import ConfigError
@@ -24,6 +28,72 @@ from perc_daemons.problems import parse_problem
 from perc_daemons.protocol import jsontext
 
 REQUEST_TIMEOUT = 30.0
+
+
+# --- flat TOML configuration files (admin.toml, provider.toml) --------------------------------
+
+
+def check_https_url(value: str) -> str | None:
+    """None for an ``https://`` URL without query or fragment, else why not."""
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        return "must be an https:// URL without query or fragment"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "has a bad port"
+    return None
+
+
+def check_optional_path(value: str) -> str | None:
+    return None if value == "" or os.path.isabs(value) else "must be an absolute path"
+
+
+def load_flat_toml(path: str, keys: dict[str, Callable[[str], str | None]], *,
+                   required: bool) -> dict[str, str] | None:
+    """The string keys of a flat TOML file, each checked by ``keys[name]``.
+
+    None for a missing file unless ``required``; ConfigError (file, key, reason)
+    for anything else wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(path, "", "file not found") from None
+        return None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    values: dict[str, str] = {}
+    for key, value in raw.items():
+        if key not in keys:
+            raise ConfigError(path, key, "unknown key (known: " + ", ".join(sorted(keys)) + ")")
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"must be a string, not {type(value).__name__}")
+        reason = keys[key](value)
+        if reason is not None:
+            raise ConfigError(path, key, f"{reason} (got {value!r})")
+        values[key] = value
+    return values
+
+
+def healthz_ok(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a daemon's admin listener answers ``GET /healthz`` with 200."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
 
 class OperationError(Exception):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime
 import grp
-import http.client
 import os
 import pwd
 import socket
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from perc_daemons import config as config_module
+from perc_daemons.cli import healthz_ok
 
 __all__ = ["Finding", "diagnose"]
 
@@ -391,14 +391,7 @@ def _taken(bind: str, port: int, kind: int) -> bool:
 
 def _healthz(bind: str, port: int, timeout: float) -> bool:
     host = "127.0.0.1" if bind in ("0.0.0.0", "") else ("::1" if bind == "::" else bind)
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
+    return healthz_ok(host, port, timeout)
 
 
 def diagnose(etc_dir: str = "/etc/perc", user: str = "perc", *, network: bool = True,

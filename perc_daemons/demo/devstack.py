@@ -25,7 +25,6 @@ The KD has no ``[tunnel] mds``: it connects to the MD a conference names
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from perc_daemons.cli import healthz_ok
 from perc_daemons.demo.stack import DOMAIN, LocalStack, Ports
 
 __all__ = ["PORTS", "DevstackError", "down", "status", "up"]
@@ -95,14 +95,7 @@ def _pid(directory: str, name: str) -> int | None:
 
 
 def _healthy(ports: Ports, name: str) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", _admin_port(ports, name), timeout=2)
-    try:
-        connection.request("GET", "/healthz")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
+    return healthz_ok("127.0.0.1", _admin_port(ports, name))
 
 
 def _prepare(directory: str, ports: Ports) -> LocalStack:

@@ -68,7 +68,6 @@ import getpass as getpass_module
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -81,7 +80,10 @@ from perc_daemons.cli import (
     OperationError,
     Parser,
     UsageError,
+    check_https_url,
+    check_optional_path,
     fields,
+    load_flat_toml,
     read_secret_file,
     report,
     table,
@@ -122,17 +124,6 @@ class AdminConfig:
         return self.issuer or f"https://{urlsplit(self.url).hostname}"
 
 
-def _check_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
-        return "must be an https:// URL without query or fragment"
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return "has a bad port"
-    return None
-
-
 def _roles(value: str) -> frozenset[str]:
     roles = frozenset(r.strip() for r in value.split(",") if r.strip())
     if not roles or roles - {"kmf", "kd", "md"}:
@@ -141,56 +132,28 @@ def _roles(value: str) -> frozenset[str]:
 
 
 def _md_url(value: str) -> str:
-    reason = _check_url(value)
+    reason = check_https_url(value)
     if reason is not None:
         raise argparse.ArgumentTypeError(reason)
     return value
 
 
-def _check_optional_path(value: str) -> str | None:
-    return None if value == "" or value.startswith("/") else "must be an absolute path"
-
-
 _ADMIN_KEYS: dict[str, Callable[[str], str | None]] = {
-    "url": _check_url,
-    "ca_file": _check_optional_path,
+    "url": check_https_url,
+    "ca_file": check_optional_path,
     "client_id": lambda v: None,
-    "client_secret_file": _check_optional_path,
-    "issuer": lambda v: None if v == "" or _check_url(v) is None else "must be an https:// URL",
-    "kd_certificate": _check_optional_path,
-    "provider_config": _check_optional_path,
+    "client_secret_file": check_optional_path,
+    "issuer": lambda v: (None if v == "" or check_https_url(v) is None
+                         else "must be an https:// URL"),
+    "kd_certificate": check_optional_path,
+    "provider_config": check_optional_path,
 }
 
 
 def load_admin_config(path: str, *, required: bool) -> AdminConfig:
     """The admin config at ``path``; a missing file is defaults unless ``required``."""
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(path, "", "file not found") from None
-        return AdminConfig(path)
-    except PermissionError:
-        raise ConfigError(path, "", "permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(path, "", "is a directory, not a file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "", f"invalid TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(path, "", "not UTF-8 text") from None
-    values: dict[str, str] = {}
-    for key, value in raw.items():
-        if key not in _ADMIN_KEYS:
-            raise ConfigError(path, key, "unknown key (known: " + ", ".join(sorted(_ADMIN_KEYS))
-                              + ")")
-        if not isinstance(value, str):
-            raise ConfigError(path, key, f"must be a string, not {type(value).__name__}")
-        reason = _ADMIN_KEYS[key](value)
-        if reason is not None:
-            raise ConfigError(path, key, f"{reason} (got {value!r})")
-        values[key] = value
-    return AdminConfig(path, **values)
+    values = load_flat_toml(path, _ADMIN_KEYS, required=required)
+    return AdminConfig(path, **(values or {}))
 
 
 # --- HTTP -----------------------------------------------------------------------------------
@@ -426,8 +389,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 async def _remote(args: argparse.Namespace, io: Io, reactor: Any) -> None:
     config = load_admin_config(args.config or DEFAULT_CONFIG, required=args.config is not None)
     url = args.url or config.url
-    if args.url is not None and _check_url(url) is not None:
-        raise UsageError(f"--url: {_check_url(url)}")
+    if args.url is not None and check_https_url(url) is not None:
+        raise UsageError(f"--url: {check_https_url(url)}")
     trust = trust_root(config.ca_file, config.path) if config.ca_file else None
     token = None
     if args.token_file is not None:

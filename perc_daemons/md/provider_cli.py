@@ -33,9 +33,7 @@ usage or configuration error.  The token is never printed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -48,7 +46,10 @@ from perc_daemons.cli import (
     OperationError,
     Parser,
     UsageError,
+    check_https_url,
+    check_optional_path,
     fields,
+    load_flat_toml,
     report,
     table,
     time_text,
@@ -78,48 +79,18 @@ class ProviderConfig:
 
 
 def _check_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment \
-            or parts.path not in ("", "/"):
+    if urlsplit(value).path not in ("", "/"):
         return "must be an https:// URL without path, query or fragment"
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return "has a bad port"
-    return None
+    return check_https_url(value)
 
 
-def _check_path(value: str) -> str | None:
-    return None if value == "" or os.path.isabs(value) else "must be an absolute path"
-
-
-_KEYS = {"url": _check_url, "ca_file": _check_path, "token_file": _check_path}
+_KEYS = {"url": _check_url, "ca_file": check_optional_path, "token_file": check_optional_path}
 
 
 def load_provider_config(path: str, *, required: bool) -> ProviderConfig:
     """The provider config at ``path``; a missing file is the defaults unless ``required``."""
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(path, "", "file not found") from None
-        return ProviderConfig(path)
-    except PermissionError:
-        raise ConfigError(path, "", "permission denied") from None
-    except (IsADirectoryError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(path, "", f"not a TOML file: {e}") from None
-    values: dict[str, str] = {}
-    for key, value in raw.items():
-        if key not in _KEYS:
-            raise ConfigError(path, key, "unknown key (known: " + ", ".join(sorted(_KEYS)) + ")")
-        if not isinstance(value, str):
-            raise ConfigError(path, key, f"must be a string, not {type(value).__name__}")
-        reason = _KEYS[key](value)
-        if reason is not None:
-            raise ConfigError(path, key, f"{reason} (got {value!r})")
-        values[key] = value
-    return ProviderConfig(path, **values)
+    values = load_flat_toml(path, _KEYS, required=required)
+    return ProviderConfig(path, **(values or {}))
 
 
 def kd_fingerprint(certificate_path: str) -> str:
