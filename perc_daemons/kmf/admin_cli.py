@@ -672,7 +672,7 @@ def _clients(args: argparse.Namespace, io: Io) -> None:
 
 _NEXT_STEPS = """
 Next:
-  systemctl enable --now perc-kmf perc-kd perc-md
+  systemctl restart perc-kmf perc-md perc-kd     # they run with the new files
   perc-admin users add alice            # and the other participants
   perc-admin conferences create weekly --title "Weekly" --invite alice@{domain} \\
       --invite bob@{domain} --md https://localhost:9443

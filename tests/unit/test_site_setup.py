@@ -243,7 +243,7 @@ class SetupCommandTests(unittest.TestCase):
         text = out.getvalue()
         for relative in STEPS:
             self.assertRegex(text, rf"(?m)^made +{etc}/{relative}\b")
-        self.assertIn("systemctl enable --now perc-kmf perc-kd perc-md", text)
+        self.assertIn("systemctl restart perc-kmf perc-md perc-kd", text)
         self.assertNotIn(open(f"{etc}/kd-client.secret").read().strip(), text)
         code = admin_cli.main(["setup", "--etc-dir", etc + "/missing", "--user", ME],
                               stdout=io.StringIO(), stderr=err)
