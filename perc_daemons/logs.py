@@ -229,3 +229,16 @@ class AccessLogSite(server.Site):
 
 
 _ACCESS = Logger(namespace="perc.access")
+
+
+def quiet_pool(reactor: Any, *, persistent: bool) -> Any:
+    """An HTTPConnectionPool whose connection factories do not log "Starting factory"
+    and "Stopping factory" lines at info for every outgoing HTTP connection."""
+    from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+    class QuietFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = QuietFactory
+    return pool

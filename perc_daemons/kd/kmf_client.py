@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from perc_daemons import tls
 from perc_daemons.interfaces import IKeySource
+from perc_daemons.logs import quiet_pool
 from perc_daemons.problems import parse_problem
 from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import format_fingerprint
@@ -257,12 +258,12 @@ class KmfClient:
         self.client_secret_file = client_secret_file
         self.timeout = timeout
         self._agent: Agent | None = None
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = quiet_pool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 4
         # Drop idle connections before the KMF does ([connections] idle_timeout, 60 s by
         # default), so that a request is not sent on one the KMF is just closing.
         self._pool.cachedConnectionTimeout = 30
-        self._stream_pool = HTTPConnectionPool(reactor, persistent=False)
+        self._stream_pool = quiet_pool(reactor, persistent=False)
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_waiters: list[defer.Deferred[str]] | None = None
