@@ -287,9 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", action="append", default=[])
     p.add_argument("--late-joiners-get-earlier-epochs", action="store_true")
     p.add_argument("--start", action="store_true", help="start it too")
-    p.add_argument("--md", metavar="URL", type=_md_url,
+    p.add_argument("--md", metavar="URL", type=_md_url, action="append", default=[],
                    help="the MD's conference API: create it there for our KD and have the KD "
-                        "connect (draft-roach conference establishment)")
+                        "connect (draft-roach conference establishment); repeat for each MD "
+                        "of a cascaded conference")
     p.add_argument("--wait", type=float, default=20.0, metavar="SECONDS",
                    help="with --md: how long to wait for the KD's tunnel (0: do not wait)")
     p = command(conf, "list", "list conferences")
@@ -436,28 +437,28 @@ async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: A
     if args.start:
         created = await client.call("POST", f"/v1/conferences/{cid}/start")
     extra: list[tuple[str, Any]] = []
-    if args.md is not None:
-        created, extra = await _establish_at_md(client, args, config, created)
+    for md_url in args.md:
+        created, more = await _establish_at_md(client, args, config, md_url)
+        extra += more
     io.emit(created, conference_text(created, extra))
 
 
 async def _establish_at_md(client: ApiClient, args: argparse.Namespace, config: AdminConfig,
-                           created: dict[str, Any]
-                           ) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
-    """Steps 7-11 of draft-roach's conference establishment for the MD at ``args.md``."""
+                           md_url: str) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """Steps 7-11 of draft-roach's conference establishment for the MD at ``md_url``."""
     from perc_daemons.md import provider_cli
 
     provider = provider_cli.load_provider_config(
         config.provider_config or provider_cli.DEFAULT_CONFIG,
         required=bool(config.provider_config))
     fingerprint = provider_cli.kd_fingerprint(config.kd_certificate or DEFAULT_KD_CERTIFICATE)
-    md = await provider_cli.md_client(provider, client.reactor, url=args.md)
+    md = await provider_cli.md_client(provider, client.reactor, url=md_url)
     try:
         md_conference = await provider_cli.create_md_conference(md, args.id, fingerprint)
         tunnel = provider_cli.tunnel_address(md_conference)
         created = await client.call("POST", f"/v1/conferences/{_cid(args.id)}/"
                                     "media-distributors", {"tunnel": tunnel})
-        extra: list[tuple[str, Any]] = [("md", f"{args.md} (KD tunnel {tunnel})")]
+        extra: list[tuple[str, Any]] = [("md", f"{md_url} (KD tunnel {tunnel})")]
         if args.wait > 0:
             await _wait_for_kd(md, args.id, args.wait)
             extra.append(("kd connected to md", "yes"))
