@@ -197,7 +197,10 @@ class LinkTiming:
     ``key_overlap`` and ``switch_delay`` are used by the media plane: how long
     the previous inbound keys stay accepted after a rekey, and how long the
     server side keeps sending under the previous keys unless a packet under
-    the new ones arrives first.
+    the new ones arrives first.  The server completes a handshake one flight
+    before the client, so ``switch_delay`` covers a lost final flight (the
+    client resends its own after 1 s, RFC 6347 s4.2.4.1) and ``key_overlap``
+    must outlast it.
     """
 
     consent_interval: float = 5.0    # RFC 7675 section 5.1 (jittered 0.8-1.2)
@@ -208,7 +211,7 @@ class LinkTiming:
     backoff_max: float = 60.0
     rekey_interval: float | None = 3600.0
     key_overlap: float = 10.0
-    switch_delay: float = 2.0
+    switch_delay: float = 5.0
 
     def __post_init__(self) -> None:
         values = (self.consent_interval, self.consent_timeout, self.check_interval,
@@ -222,6 +225,8 @@ class LinkTiming:
             raise ValueError("consent_interval must be well below consent_timeout")
         if self.rekey_interval is not None and self.rekey_interval <= 0:
             raise ValueError("rekey_interval must be positive (or None)")
+        if self.key_overlap <= self.switch_delay:
+            raise ValueError("key_overlap must exceed switch_delay")
 
 
 @dataclass(frozen=True)
