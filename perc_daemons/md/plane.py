@@ -267,7 +267,8 @@ class MediaPlane:
     default).  ``on_link(link_id, event)`` is called with each
     :class:`~perc_daemons.protocol.cascade.LinkUp` /
     :class:`~perc_daemons.protocol.cascade.LinkDown`, after the plane has
-    applied it.
+    applied it (from inside :meth:`datagram_received`, :meth:`poll` or
+    :meth:`add_link`: it must not add or remove links itself).
     """
 
     def __init__(

@@ -358,7 +358,6 @@ class CascadeLink:
         self._last_consent = now
         # client
         self._transactions: dict[bytes, tuple[float, int]] = {}
-        self._attempt_started = now
         self._answered = False  # a check of this attempt was answered
         self._next_check = now
         self._retry_at: float | None = None
@@ -468,7 +467,7 @@ class CascadeLink:
             if self._retry_at is not None and now >= self._retry_at:
                 self._retry_at = None
                 self.state = CONNECTING
-                self._attempt_started = self._last_consent = now
+                self._last_consent = now  # the attempt's consent clock
                 self._answered = False
                 self._send_check(now)
             return

@@ -312,9 +312,31 @@ class LoopTests(CascadeTestCase):
         drops = {md: sum(leg.drops["ssrc_from_other_leg"] for leg in plane.legs())
                  for md, plane in net.planes.items()}
         self.assertEqual(drops, {"A": 0, "B": 3, "C": 3})
+        for plane in net.planes.values():  # never back where it came from
+            for leg in plane.legs():
+                self.assertNotIn(leg, leg.peers)
+                self.assertEqual(len(leg.peers), 2)  # one endpoint or link less than 3
         # the copy that went round: dropped on the B-C link legs
         self.assertEqual(net.planes["B"].leg("BC").drops["ssrc_from_other_leg"], 3)
         self.assertEqual(net.planes["C"].leg("BC").drops["ssrc_from_other_leg"], 3)
+
+    def test_owner_forgotten_when_its_leg_is_removed(self) -> None:
+        net = self.triangle()
+        original, wire = net.media("a1", 1)
+        self.assertReceived(net, "b1 c1", original, wire, "a1")
+        ssrc = net.eps["a1"].ssrc
+        b = net.planes["B"]
+        self.assertIs(b.leg("AB").owners[ssrc], b.leg("AB"))
+        net.emit("B", b.remove_link("AB"))
+        net.flush()
+        self.assertNotIn(ssrc, b.leg("BC").owners)
+        original, wire = net.media("a1", 2)  # now A-C-B, a tree
+        self.assertReceived(net, "b1 c1", original, wire, "a1")
+        self.assertIs(b.leg("BC").owners[ssrc], b.leg("BC"))
+        a = net.planes["A"]
+        self.assertIs(a.leg("a1").owners[ssrc], a.leg("a1"))
+        a.remove_leg("a1")
+        self.assertNotIn(ssrc, a.leg("CA").owners)
 
     def test_owner_forgotten_when_its_link_goes_down(self) -> None:
         """A-B fails: B forgets that a1's SSRC came over it, and takes it from C."""
