@@ -66,7 +66,7 @@ from perc_daemons.md.conferences import (
     Participant,
     UnknownConference,
 )
-from perc_daemons.md.media import LEG_COUNTERS
+from perc_daemons.md.plane import LEG_COUNTERS
 from perc_daemons.problems import JsonApi, LimitedRequest, Problem, Response, Routes, read_json
 from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
 from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH

@@ -47,7 +47,7 @@ sent while the KD's tunnel is down is kept (bounded) and sent when it comes
 back, so the KD learns of every departure and rekeys (RFC 8871 section 6);
 once no conference names that KD (and it is not pinned) it can no longer
 connect, and its queue is dropped.  Nothing else of a participant outlives
-it (see :meth:`~perc_daemons.md.media.MediaPlane.remove_leg` for the one
+it (see :meth:`~perc_daemons.md.plane.MediaPlane.remove_leg` for the one
 exception, in the other legs' libsrtp sessions), and a leave of a participant
 that is already gone is not an error.
 
@@ -84,7 +84,7 @@ from zope.interface import implementer
 
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
 from perc_daemons.listening import RateLimitedLog
-from perc_daemons.md.media import Leg, MediaPlane
+from perc_daemons.md.plane import Leg, MediaPlane
 from perc_daemons.protocol import sdp
 from perc_daemons.protocol.answer import AnswerError, verify_pinned_answer
 from perc_daemons.protocol.double import DOUBLE_PROFILES

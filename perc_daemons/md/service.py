@@ -44,12 +44,12 @@ from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
 from perc_daemons.listening import HttpsService, ListeningService, url_host
 from perc_daemons.md.api import MdApi, ProviderToken, md_site
 from perc_daemons.md.conferences import EVENTS, MdConferences
-from perc_daemons.md.media import (
+from perc_daemons.md.media import MediaPlaneProtocol
+from perc_daemons.md.plane import (
     LEG_COUNTERS,
     LEG_DROP_REASONS,
     PLANE_DROP_REASONS,
     MediaPlane,
-    MediaPlaneProtocol,
 )
 from perc_daemons.md.tunnel import MdTunnelServer
 from perc_daemons.protocol.dtls import parse_fingerprint

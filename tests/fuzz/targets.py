@@ -34,8 +34,10 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from perc_daemons.devpki import DevPki
 from perc_daemons.kd import offers
+from perc_daemons.md.plane import MediaPlane
 from perc_daemons.protocol import answer as answer_module
 from perc_daemons.protocol import (
+    cascade,
     double,
     ekt,
     encryption_key,
@@ -1267,6 +1269,259 @@ def _build_dtls_engine(role: Role) -> Bench:
     return Bench(seeds, parse, max_size=2048, pool=False)
 
 
+# -- cascade links (protocol/cascade.py) and their place in the plane (md/plane.py) ---------------
+
+class _SideOs:
+    """``os.urandom`` for the DTLS module while a cascade link is recorded or replayed:
+    one deterministic stream per side, so that one side replayed alone draws what it
+    drew while recorded with its peer."""
+
+    side = cascade.CLIENT
+    counters: dict[str, int] = {}
+
+    @classmethod
+    def urandom(cls, n: int) -> bytes:
+        i = cls.counters.get(cls.side, 0)
+        cls.counters[cls.side] = i + 1
+        stream = b"".join(hashlib.sha256(b"perc cascade %s %d %d" % (cls.side.encode(), i, j))
+                          .digest() for j in range(n // 32 + 1))
+        return stream[:n]
+
+
+@contextmanager
+def _cascade_dtls():
+    """As :func:`_deterministic_dtls`, with a random stream per side (rekeys need fresh
+    ClientHello randoms: the server takes the current association's again for a replay)."""
+    saved = dtls_connection.os, dtls_connection.KeyShare, dtls_connection.sign
+    dtls_connection.os = _SideOs  # type: ignore[assignment]
+    dtls_connection.KeyShare = _FixedKeyShare  # type: ignore[misc]
+    dtls_connection.sign = _deterministic_sign
+    _SideOs.counters = {}
+    try:
+        yield
+    finally:
+        dtls_connection.os, dtls_connection.KeyShare, dtls_connection.sign = saved
+
+
+_CLIENT_MD, _SERVER_MD, _ELSEWHERE = ("192.0.2.1", 3478), ("192.0.2.2", 3478), ("192.0.2.9", 9)
+_CLIENT_PWD = "pwd-of-the-client-md-0123"
+_LINK_TIMING = cascade.LinkTiming(consent_interval=1.0, consent_timeout=6.0,
+                                  check_interval=0.25, handshake_timeout=5.0, backoff_min=0.5,
+                                  backoff_max=2.0, rekey_interval=3.0, key_overlap=2.0,
+                                  switch_delay=1.0)
+_MD_CERTIFICATES: list[tuple[bytes, ec.EllipticCurvePrivateKey]] = []
+
+
+def _md_certificates() -> list[tuple[bytes, ec.EllipticCurvePrivateKey]]:
+    if not _MD_CERTIFICATES:
+        when = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+        _MD_CERTIFICATES.extend(generate_certificate(name, now=when) for name in ("a", "b"))
+    return _MD_CERTIFICATES
+
+
+def _cascade_link(role: str, now: float = 0.0) -> cascade.CascadeLink:
+    """The client MD's (ufrag mdA) or the server MD's (mdB, ice-pwd _PWD) end of one link."""
+    (cert_a, key_a), (cert_b, key_b) = _md_certificates()
+    client = role == cascade.CLIENT
+    return cascade.CascadeLink(
+        role, local_ufrag="mdA" if client else "mdB",
+        local_pwd=_CLIENT_PWD if client else _PWD, remote_ufrag="mdB" if client else "mdA",
+        remote_pwd=_PWD if client else _CLIENT_PWD, certificate=cert_a if client else cert_b,
+        private_key=key_a if client else key_b,
+        peer_fingerprint=hashlib.sha256(cert_b if client else cert_a).digest(),
+        profile=srtp.Profile.AEAD_AES_128_GCM, local_channel=0x4A01 if client else 0x4B02,
+        now=now, peer_address=_SERVER_MD if client else None, timing=_LINK_TIMING,
+        rng=random.Random(1 if client else 2))
+
+
+def _record_cascade() -> dict[str, Script]:
+    """Both ends from the first check through a rekey to close_notify, as
+    ("recv", datagram, source, now), ("timer", now) and ("close", now) per side."""
+    scripts: dict[str, Script] = {cascade.CLIENT: [], cascade.SERVER: []}
+    with _cascade_dtls():
+        ends = {}
+        for role in scripts:
+            _SideOs.side = role
+            ends[role] = _cascade_link(role)
+        address = {cascade.CLIENT: _CLIENT_MD, cascade.SERVER: _SERVER_MD}
+
+        def pump(now: float) -> None:
+            moved = True
+            while moved:
+                moved = False
+                for role, link in ends.items():
+                    _SideOs.side = role
+                    other = cascade.SERVER if role == cascade.CLIENT else cascade.CLIENT
+                    for datagram in link.datagrams_to_send(now):
+                        moved = True
+                        scripts[other].append(("recv", datagram, address[role], now))
+                        _SideOs.side = other
+                        ends[other].receive(datagram, address[role], now)
+                        _SideOs.side = role
+
+        now = 0.0
+        pump(now)
+        while now < 4.0:
+            now = min(t for t in (link.next_timer() for link in ends.values()) if t is not None)
+            for role, link in ends.items():
+                _SideOs.side = role
+                scripts[role].append(("timer", now))
+                link.handle_timer(now)
+            pump(now)
+        assert all(link.state == cascade.UP for link in ends.values())
+        assert ends[cascade.CLIENT].counters["rekeys"] == 1
+        _SideOs.side = cascade.CLIENT
+        scripts[cascade.CLIENT].append(("close", now))
+        ends[cascade.CLIENT].close()
+        pump(now)
+    return scripts
+
+
+def _replay_cascade(role: str, script: Script, slot: int, mutated: bytes,
+                    source: tuple[str, int] | None) -> bool:
+    """A fresh link end given the recorded steps, datagram ``slot`` replaced by
+    ``mutated`` (from ``source``, else from the peer) and then the original.
+    Nothing may escape CascadeLink; accepted: a LinkUp came out."""
+    with _cascade_dtls():
+        _SideOs.side = role
+        link = _cascade_link(role)
+        received = 0
+        up = False
+        for step in script:
+            kind, now = step[0], step[-1]
+            if kind == "recv":
+                if received == slot:
+                    link.receive(mutated, source or step[2], now)
+                link.receive(step[1], step[2], now)
+                received += 1
+            elif kind == "timer":
+                link.handle_timer(now)
+            else:
+                link.close()
+            link.datagrams_to_send(now)
+            link.next_timer()
+            while (event := link.next_event()) is not None:
+                up |= isinstance(event, cascade.LinkUp)
+        return up
+
+
+def _link_fields(datagram: bytes, base: int) -> tuple[tuple[int, int], ...]:
+    if datagram[0] <= 3:
+        return tuple((base + offset, size) for offset, size in _stun_fields(datagram))
+    return tuple(_dtls_datagram_fields(datagram, base))
+
+
+def _build_cascade(role: str) -> Bench:
+    script = _record_cascade()[role]
+    datagrams = [step[1] for step in script if step[0] == "recv"]
+    assert len(datagrams) < 64
+    seeds = [Seed(bytes((slot,)) + d, ((0, 1), *_link_fields(d, 1)))
+             for slot, d in enumerate(datagrams)]
+
+    def parse(data: bytes) -> bool:
+        """data[0]: the slot (low 6 bits), 0x40: from another address, 0x80: a STUN
+        message re-signed with the link's ice-pwd (so the checks behind it are reached)."""
+        if not data:
+            return False
+        mutated = data[1:]
+        if data[0] & 0x80:
+            mutated = _stun_fixup(mutated)
+        return _replay_cascade(role, script, (data[0] & 0x3F) % len(datagrams), mutated,
+                               _ELSEWHERE if data[0] & 0x40 else None)
+
+    return Bench(seeds, parse, max_size=2048, pool=False)
+
+
+class _LinkedPlanes:
+    """Two MediaPlanes with one up link and an endpoint leg each, keyed as the KD would:
+    the recorded datagrams of the link are the seeds of the plane's ChannelData path."""
+
+    def __init__(self) -> None:
+        (cert_a, key_a), (cert_b, key_b) = _md_certificates()
+        timing = cascade.LinkTiming(rekey_interval=None)
+        self._queue: list[tuple[bytes, tuple[str, int], Any]] = []
+        self.planes = {
+            _CLIENT_MD: MediaPlane(link_certificate=cert_a, link_private_key=key_a,
+                                   link_timing=timing, rng=random.Random(1)),
+            _SERVER_MD: MediaPlane(link_certificate=cert_b, link_private_key=key_b,
+                                   link_timing=timing, rng=random.Random(2))}
+        self.sent: list[bytes] = []
+        fingerprint = {a: hashlib.sha256(c).digest() for a, c in ((_CLIENT_MD, cert_a),
+                                                                   (_SERVER_MD, cert_b))}
+        self.deliver(_CLIENT_MD, self.planes[_CLIENT_MD].add_link(
+            "L", "conf", role=cascade.CLIENT, local_ufrag="mdA", local_pwd=_CLIENT_PWD,
+            remote_ufrag="mdB", remote_pwd=_PWD, peer_address=_SERVER_MD,
+            peer_fingerprint=fingerprint[_SERVER_MD], profile=srtp.Profile.AEAD_AES_128_GCM,
+            now=MEDIA_NOW))
+        self.deliver(_SERVER_MD, self.planes[_SERVER_MD].add_link(
+            "L", "conf", role=cascade.SERVER, local_ufrag="mdB", local_pwd=_PWD,
+            remote_ufrag="mdA", remote_pwd=_CLIENT_PWD, peer_address=None,
+            peer_fingerprint=fingerprint[_CLIENT_MD], profile=srtp.Profile.AEAD_AES_128_GCM,
+            now=MEDIA_NOW))
+        self.flush()
+        assert all(plane.link_state("L") == cascade.UP for plane in self.planes.values())
+        rng = random.Random(8871)
+        for address, name in ((_CLIENT_MD, "a"), (_SERVER_MD, "b")):
+            keys = double.split_keying_material(
+                double.Profile.DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, rng.randbytes(112))
+            plane = self.planes[address]
+            plane.add_leg(name, f"ep{name}", "endpoint-pwd-0123456789", group="conf")
+            ep_address = ("10.0.0.1" if name == "a" else "10.0.0.2", 5000)
+            plane.datagram_received(stun.StunMessage(stun.BINDING_REQUEST, rng.randbytes(12), [
+                (stun.ATTR_USERNAME, f"ep{name}:x".encode()),
+                (stun.ATTR_PRIORITY, b"\x00\x00\x00\x01")]).encode(
+                    integrity_key=b"endpoint-pwd-0123456789"), ep_address, MEDIA_NOW)
+            plane.install_keys(name, tunnel.MediaKeys(
+                uuid.UUID(int=rng.getrandbits(128), version=4).bytes, 0x0009, b"",
+                keys.client_outer.key, keys.server_outer.key,
+                keys.client_outer.salt, keys.server_outer.salt))
+            if name == "a":
+                sender = double.DoubleSender(keys.client_outer.context(), ekt.EktSender(
+                    SSRC, 16, _EKT_KEYS[0], 0.0, random_bytes=rng.randbytes))
+                for seq in range(4):
+                    packet = rtp.RtpPacket(payload_type=96, sequence_number=seq, ssrc=SSRC,
+                                           payload=rng.randbytes(60)).serialize()
+                    self.deliver(address, plane.datagram_received(
+                        sender.protect(packet, MEDIA_NOW), ep_address, MEDIA_NOW))
+                rr = struct.pack("!BBHI", 0x81, 201, 7, SSRC) + bytes(24)
+                self.deliver(address, plane.datagram_received(
+                    keys.client_outer.context().protect_rtcp(rr), ep_address, MEDIA_NOW))
+        self.flush()
+
+    def deliver(self, source: tuple[str, int], outputs: list[tuple[bytes, Any]]) -> None:
+        self._queue += [(data, source, to) for data, to in outputs]
+
+    def flush(self) -> None:
+        while self._queue:
+            data, source, to = self._queue.pop(0)
+            if to in self.planes:
+                if source == _CLIENT_MD:
+                    self.sent.append(data)
+                self.deliver(to, self.planes[to].datagram_received(data, source, MEDIA_NOW))
+
+
+def _build_plane_links() -> Bench:
+    linked = _LinkedPlanes()
+    server = linked.planes[_SERVER_MD]
+    seeds = []
+    for d in linked.sent:
+        if d[0] <= 3:  # STUN
+            seeds.append(Seed(d, _link_fields(d, 0)))
+        elif 20 <= d[4] <= 63:  # ChannelData: channel, length, then DTLS ...
+            seeds.append(Seed(d, ((0, 2), (2, 2), *_link_fields(d[4:], 4))))
+        else:  # ... or SRTP / SRTCP
+            seeds.append(Seed(d, ((0, 2), (2, 2))))
+    assert any(d[0] >> 4 == 4 and d[4] >= 128 for d in linked.sent)  # media crossed
+
+    def parse(data: bytes) -> bool:
+        """One datagram from the client MD's address into the server MD's plane (its
+        link and endpoint state persist between inputs, as a daemon's would).
+        Accepted: the plane sent something (relayed, or answered)."""
+        return bool(server.datagram_received(data, _CLIENT_MD, MEDIA_NOW))
+
+    return Bench(seeds, parse, max_size=2048, pool=False)
+
+
 # -- the list ------------------------------------------------------------------------------------
 
 _PROTOCOL = (ProtocolError,)
@@ -1320,4 +1575,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "a server DtlsConnection fed a recorded client with one datagram mutated", cost=20),
     Target("dtls.client", (), lambda: _build_dtls_engine(Role.CLIENT),
            "a client DtlsConnection fed a recorded server with one datagram mutated", cost=20),
+    Target("cascade.server", (), lambda: _build_cascade(cascade.SERVER),
+           "a cascade link's server end fed a recorded client MD, one datagram mutated",
+           cost=40),
+    Target("cascade.client", (), lambda: _build_cascade(cascade.CLIENT),
+           "a cascade link's client end fed a recorded server MD, one datagram mutated",
+           cost=40),
+    Target("md.plane.link", (), _build_plane_links,
+           "an MD plane with an up cascade link fed its peer MD's datagrams mutated", cost=2),
 )}

@@ -12,7 +12,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
 from perc_daemons.md.conferences import MdConferences
-from perc_daemons.md.media import MediaPlane, MediaPlaneProtocol
+from perc_daemons.md.media import MediaPlaneProtocol
+from perc_daemons.md.plane import MediaPlane
 from perc_daemons.md.service import MediaService
 from perc_daemons.protocol import double
 from perc_daemons.protocol.double import DoubleReceiver, DoubleSender, split_keying_material

@@ -26,7 +26,7 @@ from twisted.trial import unittest
 
 from perc_daemons.devpki import DevPki
 from perc_daemons.kd.associations import KeyDistributorCore
-from perc_daemons.md.media import MediaPlane
+from perc_daemons.md.plane import MediaPlane
 from perc_daemons.protocol import sdp
 from perc_daemons.protocol.answer import VerifiedAnswer, sign_answer, verify_signed_answer
 from perc_daemons.protocol.double import Relay, build_ohb
