@@ -66,6 +66,14 @@ from perc_daemons.md.conferences import (
     Participant,
     UnknownConference,
 )
+from perc_daemons.md.links import (
+    DEFAULT_PROFILE,
+    Link,
+    LinkConflict,
+    LinkError,
+    MdLinks,
+    UnknownLink,
+)
 from perc_daemons.md.plane import LEG_COUNTERS
 from perc_daemons.problems import JsonApi, LimitedRequest, Problem, Response, Routes, read_json
 from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
@@ -181,14 +189,22 @@ class MdApi(JsonApi):
     """
 
     def __init__(self, conferences: MdConferences, provider_token: ProviderToken, *,
-                 tunnel_port: Callable[[], int], clock: IReactorTime) -> None:
+                 tunnel_port: Callable[[], int], clock: IReactorTime,
+                 links: MdLinks | None = None, fingerprint: bytes = b"") -> None:
         super().__init__()
         self.conferences = conferences
         self.provider_token = provider_token
         self.tunnel_port = tunnel_port
         self.clock = clock
+        self.links = links
+        self.fingerprint = fingerprint
         cid = r"(?P<cid>[^/]+)"
         self._routes: Routes = [
+            (re.compile(r"/v1/md"), {b"GET": self.md_info}),
+            (re.compile(rf"/v1/conferences/{cid}/links"),
+             {b"GET": self.list_links, b"POST": self.create_link}),
+            (re.compile(rf"/v1/conferences/{cid}/links/(?P<link>[^/]+)"),
+             {b"PATCH": self.complete_link, b"DELETE": self.delete_link}),
             (re.compile(r"/v1/conferences"), {b"POST": self.create_conference}),
             (re.compile(rf"/v1/conferences/{cid}"),
              {b"GET": self.get_conference, b"DELETE": self.delete_conference}),
@@ -218,6 +234,12 @@ class MdApi(JsonApi):
             problem = Problem(504, "kd-timeout", "Key distributor timeout", str(error))
         elif isinstance(error, KdFailed):
             problem = Problem(502, "kd-failed", "Key distributor failure", str(error))
+        elif isinstance(error, UnknownLink):
+            problem = Problem(404, "not-found", "Not found", str(error))
+        elif isinstance(error, LinkConflict):
+            problem = Problem(409, "link-conflict", "Link conflict", str(error))
+        elif isinstance(error, LinkError):
+            problem = Problem(400, "invalid-request", "Invalid request", str(error))
         else:
             problem = super().problem_for(request, failure)
         return problem
@@ -280,6 +302,93 @@ class MdApi(JsonApi):
     async def delete_conference(self, request: server.Request, cid: str) -> Response:
         self._provider(request)
         self.conferences.delete(_conference_id(cid))
+        return Response(204)
+
+    # -- cascade links (md/links.py) ------------------------------------------------
+
+    def _media(self) -> dict[str, Any]:
+        return {"host": self.conferences.media_host, "port": self.conferences.media_port}
+
+    async def md_info(self, request: server.Request) -> Response:
+        """What another MD (and the provider linking them) needs to know of this one."""
+        self._provider(request)
+        host = request.getRequestHostname().decode("ascii", "replace")
+        return Response(200, {"fingerprint": format_fingerprint(self.fingerprint),
+                              "media": self._media(),
+                              "tunnel": {"host": host, "port": self.tunnel_port()}})
+
+    def _link_json(self, link: Link) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": link.link_id, "conference": link.conference_id, "role": link.role,
+            "srtp_profile": link.profile, "state": self._links().state(link),
+            "peer_fingerprint": format_fingerprint(link.peer_fingerprint),
+            "peer": ({"host": link.peer_address[0], "port": link.peer_address[1]}
+                     if link.peer_address else None),
+            "fingerprint": format_fingerprint(self.fingerprint), "media": self._media(),
+        }
+        # what the other MD's half needs (RFC 8445 section 5.3 credentials)
+        body["ice_ufrag"], body["ice_pwd"] = link.local_ufrag, link.local_pwd
+        return body
+
+    def _links(self) -> MdLinks:
+        if self.links is None:
+            raise Problem(404, "not-found", "Not found", "this MD has no cascade links")
+        return self.links
+
+    async def list_links(self, request: server.Request, cid: str) -> Response:
+        self._provider(request)
+        conference = self.conferences.conference(_conference_id(cid))
+        return Response(200, {"links": [self._link_json(link) for link in
+                                        self._links().links(conference.conference_id)]})
+
+    async def create_link(self, request: server.Request, cid: str) -> Response:
+        self._provider(request)
+        conference = self.conferences.conference(_conference_id(cid))
+        body = read_json(request)
+        allowed = {"role", "peer_fingerprint", "peer", "peer_ice_ufrag", "peer_ice_pwd",
+                   "srtp_profile"}
+        if set(body) - allowed:
+            raise LinkError("unknown member(s): " + ", ".join(sorted(set(body) - allowed)))
+        try:
+            if not isinstance(body.get("peer_fingerprint"), str):
+                raise ValueError
+            peer_fingerprint = parse_fingerprint(body["peer_fingerprint"])
+        except ValueError:
+            raise LinkError('"peer_fingerprint" must be the peer MD\'s SHA-256 certificate '
+                            'fingerprint "AA:BB:..."') from None
+        profile = body.get("srtp_profile", DEFAULT_PROFILE)
+        role = body.get("role")
+        if role == "server":
+            link = self._links().accept(conference.conference_id, peer_fingerprint,
+                                        profile=profile)
+        elif role == "client":
+            peer = body.get("peer")
+            if not isinstance(peer, dict):
+                raise LinkError('"peer" must be {"host", "port"}: the accepting MD\'s media '
+                                'address')
+            link = self._links().open(conference.conference_id, peer_fingerprint,
+                                      peer.get("host"), peer.get("port"),
+                                      body.get("peer_ice_ufrag"), body.get("peer_ice_pwd"),
+                                      profile=profile)
+        else:
+            raise LinkError('"role" must be "server" (accept the link) or "client" (open it)')
+        return Response(201, self._link_json(link),
+                        {b"location": f"/v1/conferences/{cid}/links/{link.link_id}".encode()})
+
+    async def complete_link(self, request: server.Request, cid: str, link: str) -> Response:
+        self._provider(request)
+        conference = self.conferences.conference(_conference_id(cid))
+        body = read_json(request)
+        if set(body) - {"peer_ice_ufrag", "peer_ice_pwd"}:
+            raise LinkError('only "peer_ice_ufrag" and "peer_ice_pwd" may be given')
+        done = self._links().complete(conference.conference_id, link,
+                                      body.get("peer_ice_ufrag"), body.get("peer_ice_pwd"))
+        return Response(200, self._link_json(done))
+
+    async def delete_link(self, request: server.Request, cid: str, link: str) -> Response:
+        self._provider(request)
+        conference = self.conferences.conference(_conference_id(cid))
+        self._links().remove(conference.conference_id, link)
         return Response(204)
 
     async def join(self, request: server.Request, cid: str) -> Response:

@@ -73,7 +73,7 @@ import base64
 import hmac
 import secrets
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +276,8 @@ class MdConferences:
         self._pending: dict[bytes, _PendingJoin] = {}
         self._queued: dict[bytes, dict[bytes, None]] = {}  # kd fp -> aids to disconnect
         self._refusals_log = RateLimitedLog(self.log, clock)
+        #: Called with the id of each conference deleted (by the provider or its KD).
+        self.on_deleted: Callable[[str], None] | None = None
 
     # -- queries ----------------------------------------------------------------------
 
@@ -346,6 +348,8 @@ class MdConferences:
             self._end(aid, tell_kd=True)
             count += 1
         del self._conferences[conference_id]
+        if self.on_deleted is not None:  # its cascade links (md/links.py)
+            self.on_deleted(conference_id)
         fp = conference.kd_fingerprint
         self._kd_use[fp] -= 1
         if not self._kd_use[fp]:

@@ -7,6 +7,9 @@ token::
     perc-provider conferences create ID (--kd-fingerprint FP | --kd-certificate FILE)
     perc-provider conferences show ID
     perc-provider conferences end ID
+    perc-provider links create ID --to URL     (cascade: this MD opens, URL's accepts)
+    perc-provider links list ID
+    perc-provider links delete ID LINK
 
 ``create`` is steps 7-9 of draft-roach-perc-webrtc's conference
 establishment (slides 4.1.1): the MD learns the fingerprint of the KD that
@@ -207,7 +210,65 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("show", "show a conference, its KD tunnel and participants"),
                         ("end", "end a conference at the MD")):
         conf.add_parser(name, parents=[common], help=help_, description=help_).add_argument("id")
+    links = groups.add_parser("links", help="cascade links between MDs").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=Parser)
+    p = links.add_parser("create", parents=[common],
+                         help="link a conference on this MD (it opens the link) to another MD",
+                         description="link a conference on this MD (--url; it opens the link, "
+                                     "as DTLS client) to the MD at --to (it accepts); the "
+                                     "conference must exist on both")
+    p.add_argument("id")
+    p.add_argument("--to", required=True, type=_md_api_url, metavar="URL",
+                   help="the other MD's conference API (same provider token and CA)")
+    p.add_argument("--srtp-profile", default="AEAD_AES_128_GCM",
+                   choices=("AEAD_AES_128_GCM", "AEAD_AES_256_GCM"),
+                   help="the link's RFC 7714 profile: the conference's outer half")
+    links.add_parser("list", parents=[common], help="a conference's links and their state",
+                     description="a conference's links and their state").add_argument("id")
+    p = links.add_parser("delete", parents=[common], help="remove a link at this MD",
+                         description="remove a link at this MD")
+    p.add_argument("id")
+    p.add_argument("link")
     return parser
+
+
+def _md_api_url(value: str) -> str:
+    reason = _check_url(value)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(reason)
+    return value.rstrip("/")
+
+
+def links_text(links: list[dict[str, Any]]) -> str:
+    if not links:
+        return "no links\n"
+    rows = [(link.get("id"), link.get("role"), link.get("state"),
+             (f"{link['peer']['host']}:{link['peer']['port']}" if link.get("peer") else "-"),
+             link.get("peer_fingerprint", "")[:23] + "...") for link in links]
+    return table(("LINK", "ROLE", "STATE", "PEER", "PEER FINGERPRINT"), rows)
+
+
+async def create_link(opener: ApiClient, acceptor: ApiClient, conference_id: str,
+                      profile: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both halves of a link (md/links.py): the acceptor's first, then the opener's."""
+    path = f"/v1/conferences/{_conference_id(conference_id)}/links"
+    opener_md = await opener.call("GET", "/v1/md")
+    accepted = await acceptor.call("POST", path, {
+        "role": "server", "peer_fingerprint": opener_md["fingerprint"],
+        "srtp_profile": profile})
+    try:
+        opened = await opener.call("POST", path, {
+            "role": "client", "peer": accepted["media"],
+            "peer_fingerprint": accepted["fingerprint"],
+            "peer_ice_ufrag": accepted["ice_ufrag"], "peer_ice_pwd": accepted["ice_pwd"],
+            "srtp_profile": profile})
+        accepted = await acceptor.call("PATCH", f"{path}/{quote(accepted['id'], safe='')}", {
+            "peer_ice_ufrag": opened["ice_ufrag"], "peer_ice_pwd": opened["ice_pwd"]})
+    except OperationError:  # leave nothing half made at the acceptor
+        await acceptor.raw("DELETE", f"{path}/{quote(accepted['id'], safe='')}",
+                           headers={"Authorization": f"Bearer {acceptor.token}"})
+        raise
+    return opened, accepted
 
 
 _DEFAULTS = {"json": False, "config": None, "url": None, "token_file": None}
@@ -239,7 +300,9 @@ async def _command(args: argparse.Namespace, io: Io, reactor: Any) -> None:
     client = await md_client(config, reactor, url=args.url, token_file=args.token_file)
     try:
         path = f"/v1/conferences/{_conference_id(args.id)}"
-        if args.action == "create":
+        if args.category == "links":
+            await _links(client, args, io, config, reactor)
+        elif args.action == "create":
             fingerprint = args.kd_fingerprint or kd_fingerprint(args.kd_certificate)
             body = await create_md_conference(client, args.id, fingerprint)
             io.emit(body, md_conference_text(body)
@@ -252,6 +315,28 @@ async def _command(args: argparse.Namespace, io: Io, reactor: Any) -> None:
             io.emit({"id": args.id, "ended": True}, f"conference {args.id}: ended at the MD\n")
     finally:
         await client.close()
+
+
+async def _links(client: ApiClient, args: argparse.Namespace, io: Io, config: ProviderConfig,
+                 reactor: Any) -> None:
+    path = f"/v1/conferences/{_conference_id(args.id)}/links"
+    if args.action == "create":
+        other = await md_client(config, reactor, url=args.to, token_file=args.token_file)
+        try:
+            opened, accepted = await create_link(client, other, args.id, args.srtp_profile)
+        finally:
+            await other.close()
+        io.emit({"opened": opened, "accepted": accepted},
+                f"conference {args.id}: link {opened['id']} ({client.base}, opens it) -> "
+                f"{accepted['id']} ({args.to} at {accepted['media']['host']}:"
+                f"{accepted['media']['port']}, accepts it)\n")
+    elif args.action == "list":
+        body = await client.call("GET", path)
+        io.emit(body, links_text(body.get("links", [])))
+    else:
+        await client.call("DELETE", f"{path}/{quote(args.link, safe='')}")
+        io.emit({"id": args.id, "link": args.link, "deleted": True},
+                f"conference {args.id}: link {args.link} removed\n")
 
 
 async def run(argv: Sequence[str], reactor: Any, *, stdout: IO[str] | None = None,

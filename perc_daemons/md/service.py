@@ -27,6 +27,7 @@ and the gauges ``perc_md_conferences``, ``perc_md_participants``,
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import sys
@@ -44,6 +45,7 @@ from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
 from perc_daemons.listening import HttpsService, ListeningService, url_host
 from perc_daemons.md.api import MdApi, ProviderToken, md_site
 from perc_daemons.md.conferences import EVENTS, MdConferences
+from perc_daemons.md.links import MdLinks
 from perc_daemons.md.media import MediaPlaneProtocol
 from perc_daemons.md.plane import (
     LEG_COUNTERS,
@@ -173,6 +175,26 @@ def tls_files(cfg: config_module.Config) -> tls.ServerContextFactory:
         raise _error(cfg, name, str(e)) from None
 
 
+def link_credentials(cfg: config_module.Config) -> tuple[bytes, Any]:
+    """The MD's certificate (DER) and key for cascade links (RFC 8871 s4.5.1): the API's.
+
+    Links need an ECDSA P-256 key (the DTLS engine's); with another kind of
+    key the key returned is None: the MD serves without links, and says so.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    with open(cfg.api.certificate, "rb") as f:
+        der = x509.load_pem_x509_certificate(f.read()).public_bytes(serialization.Encoding.DER)
+    key = serialization.load_pem_private_key(tls.read_private_file(cfg.api.private_key), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        MdApi.log.warn("perc-md: [api] private_key is not ECDSA P-256: cascade links are "
+                       "unavailable (the links API answers 404)")
+        return der, None
+    return der, key
+
+
 def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     """The whole daemon; raises ConfigError for unusable files.
 
@@ -196,7 +218,10 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                        "advertise", bind=cfg.media.bind, host=media_host)
 
     top = base_service("md", cfg, reactor)
-    plane = MediaPlane(replay_window=cfg.media.replay_window)
+    api_der, link_key = link_credentials(cfg)
+    plane = MediaPlane(replay_window=cfg.media.replay_window,
+                       link_certificate=api_der if link_key is not None else None,
+                       link_private_key=link_key)
     conferences = MdConferences(
         plane, reactor, media_host=media_host, media_port=cfg.media.port,
         pinned_kd_fingerprints=[parse_fingerprint(fp) for fp in cfg.tunnel.kd_fingerprints],
@@ -215,7 +240,12 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
                                 limits=top.limits)  # type: ignore[attr-defined]
     except tls.TlsFileError as e:
         raise _error(cfg, "api.certificate", str(e)) from None
-    api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor)
+    links = MdLinks(plane, reactor, media=lambda: conferences.media) \
+        if link_key is not None else None
+    if links is not None:
+        conferences.on_deleted = links.conference_deleted
+    api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor,
+                links=links, fingerprint=hashlib.sha256(api_der).digest())
     top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
 
     # Started in this order (stopped in reverse): media and tunnel before the API.
