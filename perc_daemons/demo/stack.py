@@ -27,6 +27,13 @@ does not set itself (daemon -> section -> key -> value, e.g.
 :meth:`LocalStack.start_kd_copy` runs a second perc-kd with the KD's
 certificate, key and KMF client (a replacement KD, or someone holding a copy
 of the KD's key).
+``extra_mds=N`` adds N more perc-md processes, "md2" ... (``etc/md2.toml``,
+its own ports in :attr:`LocalStack.md_ports`, its own certificate
+``etc/tls/md2.crt`` from the site CA so that a cascade link between two MDs
+pins one of them, not any; the MD's provider token is shared: one provider),
+started after "md" and before the KD; :meth:`LocalStack.md_api_url` names
+their conference APIs.  ``settings`` of "md" apply to "md" only: give
+"md2" its own.
 
 Nothing here is fit for production: the CA key sits beside the certificates.
 """
@@ -56,7 +63,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from perc_daemons.devpki import Issued
+from perc_daemons.devpki import DevPki, Issued
 from perc_daemons.kmf.auth.file import add_user
 from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls.crypto import certificate_fingerprint, format_fingerprint
@@ -152,6 +159,16 @@ class Ports:
     md_media: int = 0
 
 
+@dataclass
+class MdPorts:
+    """An extra MD's ports (``LocalStack(extra_mds=...)``), as :class:`Ports` has the first's."""
+
+    admin: int = 0
+    api: int = 0
+    tunnel: int = 0
+    media: int = 0
+
+
 #: Per daemon: Ports field -> the log line announcing it (the port is group 1).
 _PORT_LINES = {
     "kmf": {"kmf_admin": r"perc-kmf admin HTTP listening on http://[^/]+:(\d+)/",
@@ -171,13 +188,17 @@ class LocalStack:
                  users: Iterable[str] = ("alice", "bob", "carol", "dave"),
                  password: str | None = None, tap: bool = False, static_mds: bool = True,
                  python: str = sys.executable, consent_timeout: int = 30,
-                 settings: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
+                 settings: dict[str, dict[str, dict[str, Any]]] | None = None,
+                 extra_mds: int = 0) -> None:
         self.dir = os.path.abspath(directory)
         self.reactor = reactor
         self.python = python
         self.users = list(users)
         self.password = password or secrets.token_urlsafe(12)
         self.ports = Ports()
+        #: The extra MDs ("md2", "md3", ...) and their ports, in start order.
+        self.md_ports: dict[str, MdPorts] = {f"md{i}": MdPorts()
+                                             for i in range(2, 2 + extra_mds)}
         self.consent_timeout = consent_timeout
         self.settings = settings or {}
         self.copies: dict[str, int] = {}  # start_kd_copy label -> its admin port
@@ -200,6 +221,21 @@ class LocalStack:
     def md_url(self) -> str:
         return f"https://localhost:{self.ports.md_api}"
 
+    @property
+    def md_names(self) -> tuple[str, ...]:
+        """Every MD of the stack: "md", then the extra ones ("md2", ...)."""
+        return ("md", *self.md_ports)
+
+    def md_api_url(self, name: str = "md") -> str:
+        """The conference API of MD ``name`` ("md", "md2", ...)."""
+        if name == "md":
+            return self.md_url
+        return f"https://localhost:{self.md_ports[name].api}"
+
+    def md_tunnel_port(self, name: str = "md") -> int:
+        """The KD tunnel port of MD ``name``."""
+        return self.ports.md_tunnel if name == "md" else self.md_ports[name].tunnel
+
     def identity(self, user: str) -> str:
         return f"{user}@{DOMAIN}"
 
@@ -219,6 +255,14 @@ class LocalStack:
         self.kmf_cert, self.md_cert, self.kd_cert = (
             Issued(tls_dir / f"{name}.crt", tls_dir / f"{name}.key")
             for name in ("kmf", "md", "kd"))
+        # Each extra MD its own certificate from the site CA (as perc-admin setup
+        # would make on its own host): a cascade link pins one MD, not any of them.
+        self.md_certs = {"md": self.md_cert}
+        for name in self.md_ports:
+            issued = Issued(tls_dir / f"{name}.crt", tls_dir / f"{name}.key")
+            if not issued.certificate.exists() or not issued.private_key.exists():
+                issued = DevPki(tls_dir).issue(name, ["localhost"], ["127.0.0.1", "::1"])
+            self.md_certs[name] = issued
         kd_der = ssl.Certificate.loadPEM(self.kd_cert.certificate.read_bytes()).dump()
         self.kd_fingerprint = certificate_fingerprint(kd_der)
         self.kd_secret = _first_line(os.path.join(etc, "kd-client.secret"))
@@ -235,7 +279,7 @@ class LocalStack:
                        "provider_token": os.path.join(etc, "md-provider.token"),
                        "kd_secret": os.path.join(etc, "kd-client.secret")}
         self.configs = {name: os.path.join(etc, f"{name}.toml")
-                        for name in ("kmf", "md", "kd")}
+                        for name in ("kmf", "md", "kd", *self.md_ports)}
 
     def _render(self, name: str) -> str:
         """``<name>.toml`` with the ports known so far (0: the daemon picks one)."""
@@ -252,15 +296,10 @@ class LocalStack:
                     f'[oauth]\nclients_file = "{f["clients"]}"\n'
                     f'[auth]\nusers_file = "{f["users"]}"\n')
         if name == "md":
-            return (f'[admin]\nbind = "127.0.0.1"\nport = {p.md_admin}\n'
-                    f'[api]\nbind = "127.0.0.1"\nport = {p.md_api}\n'
-                    f'certificate = "{self.md_cert.certificate}"\n'
-                    f'private_key = "{self.md_cert.private_key}"\n'
-                    f'provider_token_file = "{f["provider_token"]}"\n'
-                    f'[media]\nbind = "127.0.0.1"\nport = {p.md_media}\n'
-                    f'consent_timeout = {self.consent_timeout}\n'
-                    f'[tunnel]\nbind = "127.0.0.1"\nport = {p.md_tunnel}\n'
-                    f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n')
+            return self._render_md(MdPorts(p.md_admin, p.md_api, p.md_tunnel, p.md_media),
+                                   self.md_cert)
+        if name in self.md_ports:
+            return self._render_md(self.md_ports[name], self.md_certs[name])
         if not p.md_tunnel or not p.kmf_https:
             raise StackError("perc-kd is started after perc-kmf and perc-md")
         md_tunnel = self.tap.port if self.tap is not None else p.md_tunnel
@@ -275,6 +314,18 @@ class LocalStack:
                 f'client_id = "{KD_CLIENT}"\n'
                 f'client_secret_file = "{f["kd_secret"]}"\n'
                 f'[idp]\ndomain = "{DOMAIN}"\n')
+
+    def _render_md(self, p: MdPorts, cert: Issued) -> str:
+        """An MD's ``.toml``: ports ``p``, ``cert`` for its API, tunnel and links."""
+        return (f'[admin]\nbind = "127.0.0.1"\nport = {p.admin}\n'
+                f'[api]\nbind = "127.0.0.1"\nport = {p.api}\n'
+                f'certificate = "{cert.certificate}"\n'
+                f'private_key = "{cert.private_key}"\n'
+                f'provider_token_file = "{self._files["provider_token"]}"\n'
+                f'[media]\nbind = "127.0.0.1"\nport = {p.media}\n'
+                f'consent_timeout = {self.consent_timeout}\n'
+                f'[tunnel]\nbind = "127.0.0.1"\nport = {p.tunnel}\n'
+                f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n')
 
     def _with_settings(self, name: str, text: str) -> str:
         """``text`` with the :attr:`settings` of daemon ``name`` added to their sections."""
@@ -292,14 +343,22 @@ class LocalStack:
             f.write(self._with_settings(name, self._render(name)))
 
     def _learn_ports(self, name: str, child: Child) -> bool:
-        """Read the ports ``child`` logged into :attr:`ports`; True once all are known."""
+        """Read the ports ``child`` logged into :attr:`ports` (an extra MD's into
+        :attr:`md_ports`); True once all are known."""
         text = child.text()
-        for field_name, pattern in _PORT_LINES[name].items():
-            if not getattr(self.ports, field_name):
+        ports: Any = self.ports
+        lines = _PORT_LINES.get(name)
+        if name in self.md_ports:
+            ports = self.md_ports[name]
+            lines = {key.removeprefix("md_"): pattern
+                     for key, pattern in _PORT_LINES["md"].items()}
+        assert lines is not None, name
+        for field_name, pattern in lines.items():
+            if not getattr(ports, field_name):
                 match = re.search(pattern, text)
                 if match is None:
                     return False
-                setattr(self.ports, field_name, int(match.group(1)))
+                setattr(ports, field_name, int(match.group(1)))
         return True
 
     # --- processes ------------------------------------------------------------------
@@ -307,13 +366,16 @@ class LocalStack:
     def admin_port(self, name: str) -> int:
         if name in self.copies:
             return self.copies[name]
+        if name in self.md_ports:
+            return self.md_ports[name].admin
         return {"kmf": self.ports.kmf_admin, "kd": self.ports.kd_admin,
                 "md": self.ports.md_admin}[name]
 
     def start(self, name: str) -> defer.Deferred:
         """Spawn ``perc-<name>`` and wait until its /healthz answers 200."""
         self._write_config(name)  # ports learnt at the first start are kept for restarts
-        d = self._spawn(name, name, self.configs[name], lambda child: self._learn_ports(
+        daemon = "md" if name in self.md_ports else name
+        d = self._spawn(name, daemon, self.configs[name], lambda child: self._learn_ports(
             name, child))
 
         def written(child: Child) -> Child:
@@ -385,9 +447,12 @@ class LocalStack:
 
     @defer.inlineCallbacks
     def start_all(self):
-        """KMF, MD (and the tap), then KD; fires when the KD's tunnel to the MD is up."""
+        """KMF, MD (and the tap), the extra MDs, then KD; fires when the KD's tunnel
+        to the MD is up."""
         yield self.start("kmf")
         yield self.start("md")
+        for name in self.md_ports:
+            yield self.start(name)
         if self.tap_enabled and self.tap is None:
             from perc_daemons.demo.tap import TunnelTap
 
@@ -434,7 +499,7 @@ class LocalStack:
     @defer.inlineCallbacks
     def stop_all(self):
         """Stop every daemon (KDs first) and the tap; close HTTP connections."""
-        for name in ("kd", *self.copies, "md", "kmf"):
+        for name in ("kd", *self.copies, *reversed(self.md_ports), "md", "kmf"):
             yield self.stop(name)
         if self.tap is not None:
             yield self.tap.close()
