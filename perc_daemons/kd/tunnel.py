@@ -155,7 +155,9 @@ class KdTunnelClient(Service):
         self.peer: ITunnelPeer | None = None
         self._links: set[TunnelLink] = set()
         self._up_waiters: list[defer.Deferred[ITunnelPeer]] = []
-        self.setName(f"kd-tunnel-{name}")
+        # host and port: several MDs on one host (cascaded MD processes) are siblings
+        # in the KD's MultiService, which refuses two children of the same name
+        self.setName(f"kd-tunnel-{host}:{port}")
 
     def when_up(self) -> defer.Deferred[ITunnelPeer]:
         """Fires with the peer once a tunnel is up (at once if one is)."""

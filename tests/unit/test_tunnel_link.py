@@ -354,6 +354,31 @@ class RefusalTests(TunnelTestBase):
         self.assertEqual(raw.data, b"")
         self.assertEqual(self.md_handler.up_count, 0)
 
+    @defer.inlineCallbacks
+    def test_two_mds_on_one_host(self):
+        """Tunnels to two MD processes on one host side by side in one parent service,
+        as the KD's (cascaded MDs, issue 12): their service names differ."""
+        from twisted.application.service import MultiService
+
+        mds = [self.start_md(), self.start_md()]
+        parent = MultiService()
+        clients = []
+        for md in mds:
+            client = KdTunnelClient(
+                reactor, host="localhost", port=md.port, name="localhost",
+                ca_certificate=str(self.pki.ca_certificate_path),
+                certificate=str(self.kd_cert.certificate),
+                private_key=str(self.kd_cert.private_key),
+                handler=self.kd_handler, metrics=None, min_delay=0.05, max_delay=1.0)
+            client.setServiceParent(parent)
+            clients.append(client)
+        parent.startService()
+        self.addCleanup(parent.stopService)
+        self.assertEqual(len({client.name for client in clients}), 2)
+        peers = yield defer.gatherResults([client.when_up() for client in clients])
+        self.assertEqual([md.peers() != [] for md in mds], [True, True])
+        self.assertEqual(len(set(map(id, peers))), 2)
+
     def test_open_key_file_refused(self):
         self.md_cert.private_key.chmod(0o644)
         with self.assertRaises(TlsFileError):
