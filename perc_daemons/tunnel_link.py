@@ -164,7 +164,9 @@ class TunnelLink(Protocol):
 
     ``peer_fingerprint`` is None until the TLS handshake completes, then the
     SHA-256 (32 bytes) of the peer certificate's DER.  ``peer_name`` is the
-    MD name the KD verified (KD end) or None (MD end).  ``up`` is set by the
+    MD's tunnel address ``host:port`` (KD end: how the KD tells MDs apart; the
+    certificate name it verified may be shared by several MDs of one host) or
+    None (MD end).  ``up`` is set by the
     side when the tunnel is usable (MD: pinned; KD: version agreed).
     """
 

@@ -239,6 +239,7 @@ class KdHandler:
         self.idp_domain = idp_domain
         self.credentials = credentials
         self.metrics = KdMetrics(metrics, core) if metrics is not None else None
+        # MDs by their tunnels' peer_name (the tunnel address "host:port")
         self._peers: dict[str, ITunnelPeer] = {}  # MD name -> its up tunnel
         self._owner: dict[bytes, str] = {}  # association -> MD name
         self._signing: set[bytes] = set()

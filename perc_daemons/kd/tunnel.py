@@ -139,6 +139,10 @@ class KdTunnelClient(Service):
         self.port = port
         #: The MD's name checked in its certificate (``.name`` is the Service's name).
         self.md_name = name
+        #: How the KD tells its MDs apart (the tunnel links' ``peer_name``): the tunnel
+        #: address, as the KMF names MDs; not the certificate name, which several MD
+        #: processes on one host share (cascaded MDs, issue 12).
+        self.md_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.handler = handler
         self._metrics: TunnelMetrics | None = (
             tunnel_metrics(metrics) if metrics is not None else None)
@@ -155,9 +159,9 @@ class KdTunnelClient(Service):
         self.peer: ITunnelPeer | None = None
         self._links: set[TunnelLink] = set()
         self._up_waiters: list[defer.Deferred[ITunnelPeer]] = []
-        # host and port: several MDs on one host (cascaded MD processes) are siblings
+        # the address: several MDs on one host (cascaded MD processes) are siblings
         # in the KD's MultiService, which refuses two children of the same name
-        self.setName(f"kd-tunnel-{host}:{port}")
+        self.setName(f"kd-tunnel-{self.md_address}")
 
     def when_up(self) -> defer.Deferred[ITunnelPeer]:
         """Fires with the peer once a tunnel is up (at once if one is)."""
@@ -197,7 +201,7 @@ class KdTunnelClient(Service):
 
     def _build_link(self) -> TunnelLink:
         link = TunnelLink(self, clock=self._clock, errors_log=self._errors_log,
-                          metrics=self._metrics, peer_name=self.md_name,
+                          metrics=self._metrics, peer_name=self.md_address,
                           max_body_length=self._max_body_length,
                           setup_timeout=tunnel_link.HANDSHAKE_TIMEOUT)
         self._links.add(link)

@@ -204,7 +204,7 @@ class TunnelUpTests(TunnelTestBase):
         self.assertEqual(md_peer.peer_fingerprint, fingerprint_of(self.kd_cert))
         self.assertIsNone(md_peer.peer_name)
         self.assertEqual(kd_peer.peer_fingerprint, fingerprint_of(self.md_cert))
-        self.assertEqual(kd_peer.peer_name, "localhost")
+        self.assertEqual(kd_peer.peer_name, f"127.0.0.1:{md.port}")  # the KD's key for it
         self.assertEqual(md.peers(), [md_peer])
         self.assertIs(md.peer_for(fingerprint_of(self.kd_cert)), md_peer)
         self.assertIsNone(md.peer_for(fingerprint_of(self.kd2_cert)))
@@ -356,8 +356,9 @@ class RefusalTests(TunnelTestBase):
 
     @defer.inlineCallbacks
     def test_two_mds_on_one_host(self):
-        """Tunnels to two MD processes on one host side by side in one parent service,
-        as the KD's (cascaded MDs, issue 12): their service names differ."""
+        """Tunnels to two MD processes on one host (one certificate name) side by side in
+        one parent service, as the KD's (cascaded MDs, issue 12): their service names
+        differ, and so do their peers' names (the KD's handler keeps MDs by them)."""
         from twisted.application.service import MultiService
 
         mds = [self.start_md(), self.start_md()]
@@ -377,7 +378,8 @@ class RefusalTests(TunnelTestBase):
         self.assertEqual(len({client.name for client in clients}), 2)
         peers = yield defer.gatherResults([client.when_up() for client in clients])
         self.assertEqual([md.peers() != [] for md in mds], [True, True])
-        self.assertEqual(len(set(map(id, peers))), 2)
+        self.assertEqual([peer.peer_name for peer in peers],
+                         [f"localhost:{md.port}" for md in mds])
 
     def test_open_key_file_refused(self):
         self.md_cert.private_key.chmod(0o644)
