@@ -11,19 +11,25 @@
   Class attributes to override: ``users``, ``invited``, ``conference``,
   ``late_joiners_get_earlier_epochs``, ``tap``, ``static_mds``, ``create_conference``
   (False: no conference is created), ``settings`` (extra configuration keys,
-  see :class:`~perc_daemons.demo.stack.LocalStack`), ``timeout``.
+  see :class:`~perc_daemons.demo.stack.LocalStack`), ``extra_mds`` (more perc-md
+  processes, "md2"...: ``endpoint(..., md=)`` and ``join(..., md=)`` pick one),
+  ``timeout``.
 * :class:`RecordingEndpoint`: the reference endpoint, recording every
   datagram it wrote to the MD with its send time (:attr:`~RecordingEndpoint.sent`),
   every session event with its time (:attr:`~RecordingEndpoint.events`) and
   every offer it POSTed (:attr:`~RecordingEndpoint.offers`).
   :meth:`~RecordingEndpoint.inject` hands datagrams to its session as if the
-  MD had sent them and returns the events they produced.
+  MD had sent them and returns the events they produced;
+  :attr:`~RecordingEndpoint.media_keys` is the MediaKeys the KD sent the MD
+  for it (the outer halves of its DTLS-SRTP keys, RFC 9185), as the
+  endpoint derived them.
 * :class:`RecordingSource`: wraps a media source and records the frames it
   produced (RTP timestamp -> payload).  :class:`NoiseSource`: PCMU-sized
   random payloads (every payload distinct, so comparisons are meaningful).
 * :class:`ColludingMd`: what an MD that kept the hop-by-hop keys could do
-  with them: the outer keys the tap saw in MediaKeys, by association (the
-  UUID string of the MD's join response), remove a sender's outer layer and
+  with them: the outer keys the tap saw in MediaKeys (or, where no tap sees
+  the tunnel, the endpoints' own :attr:`~RecordingEndpoint.media_keys`), by
+  association (the UUID string of the MD's join response), remove a sender's outer layer and
   re-apply a receiver's, optionally editing or tampering in between.
 * :func:`rtp_header`, :func:`is_rtp`, :func:`full_ekt_spi`,
   :func:`wait_for`, :func:`secret_forms`, :func:`leaks`: small tools.
@@ -45,7 +51,12 @@ from twisted.trial import unittest
 from perc_daemons.demo.stack import KD_NAME, LocalStack, sleep
 from perc_daemons.endpoint.client import Endpoint
 from perc_daemons.endpoint.media import MediaFrame, MediaSource
-from perc_daemons.protocol.double import Relay
+from perc_daemons.protocol.double import (
+    DOUBLE_PROFILES,
+    Profile,
+    Relay,
+    split_keying_material,
+)
 from perc_daemons.protocol.ekt import FULL_EKT_TYPE, FullEktField, ekt_field_length
 from perc_daemons.protocol.participant import (
     DecryptFailed,
@@ -221,6 +232,7 @@ class RecordingEndpoint(Endpoint):
         self.sent: list[tuple[float, bytes]] = []
         self.events: list[tuple[float, Any]] = []
         self.offers: list[str] = []
+        self.media_keys: MediaKeys | None = None
         self._md_client: Any = None
         kwargs.setdefault("audit_secrets", True)
         super().__init__(*args, **kwargs)
@@ -241,6 +253,27 @@ class RecordingEndpoint(Endpoint):
 
             client.join = join
         self._md_client = client
+
+    async def _connect(self, session: Any) -> None:
+        # What the KD sends the MD for this association (RFC 9185 MediaKeys): the
+        # outer halves of the keys the handshake exported, taken as it completes.
+        complete = session._handshake_complete
+
+        def handshake_complete(event: Any) -> None:
+            if event.srtp_profile in DOUBLE_PROFILES and self.joined is not None:
+                keys = split_keying_material(Profile(event.srtp_profile),
+                                             event.keying_material)
+                self.media_keys = MediaKeys(
+                    association_id=uuid.UUID(self.joined.association).bytes,
+                    protection_profile=event.srtp_profile, mki=b"",
+                    client_write_key=keys.client_outer.key,
+                    server_write_key=keys.server_outer.key,
+                    client_write_salt=keys.client_outer.salt,
+                    server_write_salt=keys.server_outer.salt)
+            complete(event)
+
+        session._handshake_complete = handshake_complete
+        await super()._connect(session)
 
     def _send(self, datagrams: Sequence[bytes]) -> None:
         if self._port is not None and self.session is not None:
@@ -320,14 +353,22 @@ class ColludingMd:
     it (or renumber with ``seq=``).
     """
 
-    def __init__(self, tap: Any) -> None:
+    def __init__(self, tap: Any = None, *,
+                 endpoints: Iterable[RecordingEndpoint] = ()) -> None:
         self.tap = tap
+        self.endpoints = list(endpoints)
         self._inbound: dict[str, Any] = {}
         self._outbound: dict[str, Any] = {}
 
     def media_keys(self, association: str) -> MediaKeys:
         """The (last) MediaKeys the MD was sent for ``association``."""
         wanted = uuid.UUID(association).bytes
+        for endpoint in self.endpoints:
+            if endpoint.media_keys is not None and (
+                    endpoint.media_keys.association_id == wanted):
+                return endpoint.media_keys
+        if self.tap is None:
+            raise KeyError(f"no endpoint with association {association} has MediaKeys")
         found = [m for m in self.tap.messages_to_md()
                  if isinstance(m, MediaKeys) and m.association_id == wanted]
         if not found:
@@ -390,12 +431,14 @@ class StackTestCase(unittest.TestCase):
     static_mds = True
     create_conference = True
     settings: dict[str, dict[str, dict[str, Any]]] = {}
+    extra_mds = 0
 
     async def setUp(self) -> None:
         self.endpoints: list[RecordingEndpoint] = []
         for attempt in range(1, START_ATTEMPTS + 1):
             self.stack = LocalStack(self.mktemp(), reactor, users=self.users, tap=self.tap,
-                                    static_mds=self.static_mds, settings=self.settings)
+                                    static_mds=self.static_mds, settings=self.settings,
+                                    extra_mds=self.extra_mds)
             try:
                 self.stack.prepare()
                 await self.stack.start_all()
@@ -447,26 +490,28 @@ class StackTestCase(unittest.TestCase):
 
     # --- endpoints ----------------------------------------------------------------------
 
-    def endpoint(self, user: str, source: MediaSource | None = None,
+    def endpoint(self, user: str, source: MediaSource | None = None, *, md: str = "md",
                  **kwargs: Any) -> RecordingEndpoint:
-        """A RecordingEndpoint for ``user`` in the conference, left in tearDown."""
+        """A RecordingEndpoint for ``user`` in the conference, joining through MD ``md``
+        ("md", or an extra one: "md2", ...), left in tearDown."""
         stack = self.stack
         endpoint = RecordingEndpoint(
-            reactor, kmf_url=stack.kmf_url, md_url=stack.md_url, ca=stack.ca_path,
+            reactor, kmf_url=stack.kmf_url, md_url=stack.md_api_url(md), ca=stack.ca_path,
             conference_id=kwargs.pop("conference_id", self.conference), user=user,
             password=stack.password, kd_names=[KD_NAME], source=source,
             label=kwargs.pop("label", user), **kwargs)
         self.endpoints.append(endpoint)
         return endpoint
 
-    async def join(self, *users: str, recording: bool = True
+    async def join(self, *users: str, recording: bool = True, md: str = "md"
                    ) -> dict[str, RecordingEndpoint]:
-        """Join ``users`` one after the other, each with a recorded :class:`NoiseSource`
-        (``endpoint.source``); then wait until all hold the same newest EKT key."""
+        """Join ``users`` through MD ``md`` one after the other, each with a recorded
+        :class:`NoiseSource` (``endpoint.source``); then wait until all hold the same
+        newest EKT key."""
         joined = {}
         for user in users:
             source = RecordingSource(NoiseSource()) if recording else None
-            endpoint = self.endpoint(user, source)
+            endpoint = self.endpoint(user, source, md=md)
             await endpoint.join()
             joined[user] = endpoint
         await self.same_epoch(*joined.values())

@@ -1,0 +1,242 @@
+"""One conference across three cascaded perc-md processes (issue 12), real twistd children.
+
+The chain ``md - md2 - md3``: ``perc-admin conferences create --start --md``
+once per MD (the KD, with no ``[tunnel] mds``, connects to every MD the KMF
+names), then ``perc-provider links create`` md -> md2 and md2 -> md3 (each
+MD pins the other's certificate; RFC 8871 s4.5.1: the KD does not
+facilitate), alice on md, bob on md2 (the middle), carol and erin on md3.
+
+One stack for every scenario (each start costs seconds): media among all
+four byte-identical after decryption (only the outer layer is replaced per
+hop, RFC 8723 s5.2), a second link to the same peer refused as a cycle,
+carol leaving at md3 rekeys every member on every MD and cannot decrypt
+what alice sends after it even re-sealed for her by an MD that kept the
+hop-by-hop keys, and the end at the KMF reaches all three MDs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from twisted.internet import defer, reactor
+
+from perc_daemons.demo.stack import sleep
+from perc_daemons.kmf.admin_cli import run as admin_run
+from perc_daemons.md.provider_cli import run as provider_run
+from perc_daemons.protocol.participant import DecryptFailed, MediaReceived
+from tests.e2e.conference_support import (
+    ColludingMd,
+    RecordingEndpoint,
+    StackTestCase,
+    full_ekt_spi,
+    is_rtp,
+    rtp_header,
+    wait_for,
+)
+from tests.e2e.test_conference import MIN_DELIVERY, NO_KEY_REASONS
+
+#: Who joins through which MD.
+PLACES = {"alice": "md", "bob": "md2", "carol": "md3", "erin": "md3"}
+
+
+class CascadeTests(StackTestCase):
+    static_mds = False
+    create_conference = False
+    tap = False
+    extra_mds = 2
+    conference = "chain"
+    timeout = 120
+
+    async def cli(self, run: Any, *argv: str, config: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = await run([*argv, "--config", os.path.join(self.stack.dir, "etc", config)],
+                         reactor, stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    async def link(self, opener: str, acceptor: str) -> tuple[int, str, str]:
+        """``perc-provider links create`` at ``opener`` (the DTLS client) to ``acceptor``."""
+        return await self.cli(provider_run, "links", "create", self.conference,
+                              "--url", self.stack.md_api_url(opener),
+                              "--to", self.stack.md_api_url(acceptor),
+                              config="provider.toml")
+
+    async def links(self, md: str) -> list[dict[str, Any]]:
+        status, body = await self.stack.request(
+            "GET", self.stack.md_api_url(md) + f"/v1/conferences/{self.conference}/links",
+            token=self.stack.provider_token)
+        self.assertEqual(status, 200, body)
+        return list(body["links"])
+
+    async def test_chain_of_three(self) -> None:
+        stack, cid = self.stack, self.conference
+        started = reactor.seconds()
+        # --- the conference on three MDs, one command ------------------------------
+        code, out, err = await self.cli(
+            admin_run, "conferences", "create", cid, "--title", "Chain",
+            *(a for user in PLACES for a in ("--invite", f"{user}@localhost")),
+            "--start", *(a for md in stack.md_names for a in ("--md", stack.md_api_url(md))),
+            "--url", stack.kmf_url, config="admin.toml")
+        self.assertEqual((code, err), (0, ""), out)
+        for md in stack.md_names:
+            self.assertIn(f"localhost:{stack.md_tunnel_port(md)}", out)
+        self.assertEqual(out.count("kd connected to md"), 3, out)
+
+        # --- links md -> md2 -> md3 --------------------------------------------------
+        for opener, acceptor in (("md", "md2"), ("md2", "md3")):
+            code, out, err = await self.link(opener, acceptor)
+            self.assertEqual((code, err), (0, ""), out)
+        # a second link md -> md2 would close a cycle: refused, nothing left behind
+        code, out, err = await self.link("md", "md2")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("cycle", err)
+        expected = {"md": 1, "md2": 2, "md3": 1}
+        states: dict[str, list[str]] = {}
+
+        async def all_up() -> bool:
+            for md in stack.md_names:
+                states[md] = [link["state"] for link in await self.links(md)]
+            return all(states[md] == ["up"] * n for md, n in expected.items())
+
+        deadline = reactor.seconds() + 20
+        while not await all_up():
+            self.assertLess(reactor.seconds(), deadline, f"links not up: {states}")
+            await sleep(reactor, 0.1)
+        # each MD pins its neighbour's own certificate (one each from the site CA)
+        fingerprints = {}
+        for md in stack.md_names:
+            _, body = await stack.request("GET", stack.md_api_url(md) + "/v1/md",
+                                          token=stack.provider_token)
+            fingerprints[md] = body["fingerprint"]
+        self.assertEqual(len(set(fingerprints.values())), 3)
+        self.assertEqual({link["peer_fingerprint"] for link in await self.links("md2")},
+                         {fingerprints["md"], fingerprints["md3"]})
+
+        # --- endpoints at both ends and in the middle -----------------------------------
+        eps: dict[str, RecordingEndpoint] = {}
+        for user, md in PLACES.items():
+            eps.update(await self.join(user, md=md))
+        await self.same_epoch(*eps.values())
+        for md in stack.md_names:
+            _, body = await stack.request("GET", stack.md_api_url(md) + f"/v1/conferences/{cid}",
+                                          token=stack.provider_token)
+            here = {ep.joined.association for u, ep in eps.items() if PLACES[u] == md}
+            self.assertEqual({p["association"] for p in body["participants"]}, here, md)
+
+        # --- media among all four, byte-identical after decryption ---------------------
+        await defer.gatherResults([ep.run_media(2.0) for ep in eps.values()],
+                                  consumeErrors=True)
+        sent = {user: ep.sent_payloads(ep.source) for user, ep in eps.items()}
+        for user, ep in eps.items():
+            self.assertGreater(len(sent[user]), 50, f"{user} sent too little")
+            self.assertEqual(len(sent[user]), len(ep.rtp_sent()))
+
+        def delivered() -> bool:
+            return all(len({e.sequence for e in ep.received(other.ssrc)})
+                       >= MIN_DELIVERY * len(sent[o])
+                       for ep in eps.values() for o, other in eps.items() if other is not ep)
+
+        await wait_for(delivered, f"every receiver decrypted {MIN_DELIVERY:.0%} of each "
+                                  "sender's packets across the links")
+        await sleep(reactor, 0.3)  # whatever is still in flight
+        self.figures = {}
+        for user, ep in eps.items():
+            self.assertEqual(ep.decrypt_failures(), [], f"{user}: decrypt failures")
+            self.assertEqual(ep.unattributed_decrypt_failures, 0, user)
+            senders = {other.ssrc: o for o, other in eps.items() if o != user}
+            for event in ep.received():
+                self.assertIn(event.ssrc, senders, f"{user} decrypted an unknown SSRC")
+                expected_payload = sent[senders[event.ssrc]].get((event.ssrc, event.sequence))
+                self.assertIsNotNone(expected_payload, f"{user}: {senders[event.ssrc]} "
+                                                       f"never sent {event.sequence}")
+                self.assertEqual(event.payload, expected_payload,
+                                 f"{user}: payload of {senders[event.ssrc]} "
+                                 f"#{event.sequence} differs")
+            got = {}
+            for ssrc, other in senders.items():
+                got[other] = len({e.sequence for e in ep.received(ssrc)})
+                self.assertGreaterEqual(got[other], MIN_DELIVERY * len(sent[other]),
+                                        f"{user} got {got[other]} of {len(sent[other])} "
+                                        f"from {other}")
+                self.assertLessEqual(got[other], len(sent[other]))
+            self.figures[user] = (len(sent[user]), got)
+
+        # --- carol (far end) leaves; what alice sends after is not hers ---------------
+        alice, bob, carol, erin = (eps[u] for u in ("alice", "bob", "carol", "erin"))
+        sending = alice.run_media(30.0)
+        await wait_for(lambda: len(carol.received(alice.ssrc)) >= len(sent["alice"]) + 20,
+                       "carol decrypts alice's media again")
+        carol_spis = set(carol.epochs_installed)
+        left_at = reactor.seconds()
+        await carol.md.leave(cid, carol.joined)  # at md3 only: her session is kept
+        others = (alice, bob, erin)
+        await wait_for(lambda: all(ep.installed(since=left_at) for ep in others),
+                       "every remaining member, on every MD, gets a new epoch")
+        new_spi = await self.same_epoch(*others)
+        self.assertNotIn(new_spi, carol_spis)
+        rekeyed_at = alice.installed(since=left_at)[0][0]
+        cut = rekeyed_at + 0.5  # past the old-key hold of RFC 8870 s4.3.1 (250 ms)
+        await wait_for(lambda: len(alice.rtp_sent(after=cut)) >= 25,
+                       "alice sends under the new epoch")
+        alice.stop_media()
+        await sending
+        await sleep(reactor, 0.3)
+        self.assertTrue(carol.session.ready, "carol's session was ended")
+        self.assertEqual(set(carol.epochs_installed), carol_spis)
+        later_seqs = {rtp_header(d).sequence for d in alice.rtp_sent(after=cut)}
+        self.assertFalse({e.sequence for e in carol.received(alice.ssrc)} & later_seqs,
+                         "md3 still delivered alice's later media to carol")
+        for ep in (bob, erin):  # the middle and carol's own MD still get it
+            got = {e.sequence for e in ep.received(alice.ssrc)} & later_seqs
+            self.assertGreaterEqual(len(got), MIN_DELIVERY * len(later_seqs), ep.label)
+            self.assertEqual(ep.decrypt_failures(since=cut), [], ep.label)
+            # alice uses the new key as soon as it reaches her (RFC 8870 s4.5); a
+            # receiver the KD reaches a moment later drops those few packets
+            during = ep.decrypt_failures(since=left_at)
+            self.assertEqual({(e.ssrc, e.reason) for e in during} - {
+                (alice.ssrc, "ekt_unknown_spi")}, set(), ep.label)
+            self.assertLess(len(during), 10, ep.label)
+            self.figures[f"{ep.label} drops at the rekey"] = len(during)
+        # an MD that kept the hop keys (md3 holds carol's) re-seals alice's later
+        # packets for carol: the outer layer verifies, the inner does not
+        md = ColludingMd(endpoints=eps.values())
+        later = []
+        for when, datagram in ((t, d) for t, d in alice.sent if is_rtp(d)):
+            resealed = md.forward(datagram, alice.joined.association, carol.joined.association)
+            if when > cut:
+                later.append((datagram, resealed))
+        self.assertGreaterEqual(len(later), 25)
+        spis = {full_ekt_spi(d) for d, _ in later} - {None}
+        self.assertTrue(spis, "no FullEKTField among alice's later packets")
+        self.assertFalse(spis & set(carol.session.epochs_seen))
+        events = carol.inject([r for _, r in later])
+        self.assertEqual([e for e in events if isinstance(e, MediaReceived)], [],
+                         "carol decrypted alice's media after leaving")
+        failures = [e for e in events if isinstance(e, DecryptFailed)]
+        self.assertEqual(len(failures), len(later), events)
+        self.assertEqual({e.ssrc for e in failures}, {alice.ssrc},
+                         "a failure not attributed to alice: the outer layer did not verify")
+        reasons = {e.reason for e in failures}
+        self.assertLessEqual(reasons, NO_KEY_REASONS, reasons)
+        self.assertIn("ekt_unknown_spi", reasons)
+
+        # --- the end at the KMF reaches every MD ---------------------------------------
+        code, out, err = await self.cli(admin_run, "conferences", "end", cid,
+                                        "--url", stack.kmf_url, config="admin.toml")
+        self.assertEqual((code, err), (0, ""), out)
+        gone: dict[str, int] = {}
+
+        async def ended() -> bool:
+            for md in stack.md_names:
+                gone[md], _ = await stack.request(
+                    "GET", stack.md_api_url(md) + f"/v1/conferences/{cid}",
+                    token=stack.provider_token)
+            return set(gone.values()) == {404}
+
+        deadline = reactor.seconds() + 20
+        while not await ended():
+            self.assertLess(reactor.seconds(), deadline, f"not ended at every MD: {gone}")
+            await sleep(reactor, 0.1)
+        self.figures["elapsed"] = round(reactor.seconds() - started, 1)
+        print(f"\ncascade figures (sent, received per sender): {self.figures}")
