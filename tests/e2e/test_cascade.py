@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.logger import Logger
 
 from perc_daemons.demo.stack import sleep
 from perc_daemons.kmf.admin_cli import run as admin_run
@@ -140,7 +141,7 @@ class CascadeTests(StackTestCase):
         await wait_for(delivered, f"every receiver decrypted {MIN_DELIVERY:.0%} of each "
                                   "sender's packets across the links")
         await sleep(reactor, 0.3)  # whatever is still in flight
-        self.figures = {}
+        self.figures: dict[str, Any] = {}
         for user, ep in eps.items():
             self.assertEqual(ep.decrypt_failures(), [], f"{user}: decrypt failures")
             self.assertEqual(ep.unattributed_decrypt_failures, 0, user)
@@ -239,4 +240,5 @@ class CascadeTests(StackTestCase):
             self.assertLess(reactor.seconds(), deadline, f"not ended at every MD: {gone}")
             await sleep(reactor, 0.1)
         self.figures["elapsed"] = round(reactor.seconds() - started, 1)
-        print(f"\ncascade figures (sent, received per sender): {self.figures}")
+        Logger().info("cascade figures (sent, decrypted per sender): {figures}",
+                      figures=self.figures)  # in _trial_temp/test.log
