@@ -257,6 +257,11 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
                                    "for every conference.", _sha256_fingerprints),
         **_liveness_settings(),
     },
+    "state": {
+        "file": Setting(str, "/var/lib/perc/md-state.json",
+                        "JSON file keeping the conferences and cascade links across a "
+                        "restart (no keys, no participants).", _absolute_path),
+    },
 }
 
 

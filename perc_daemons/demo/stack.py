@@ -296,10 +296,10 @@ class LocalStack:
                     f'[oauth]\nclients_file = "{f["clients"]}"\n'
                     f'[auth]\nusers_file = "{f["users"]}"\n')
         if name == "md":
-            return self._render_md(MdPorts(p.md_admin, p.md_api, p.md_tunnel, p.md_media),
-                                   self.md_cert)
+            return self._render_md(name, MdPorts(p.md_admin, p.md_api, p.md_tunnel,
+                                                 p.md_media), self.md_cert)
         if name in self.md_ports:
-            return self._render_md(self.md_ports[name], self.md_certs[name])
+            return self._render_md(name, self.md_ports[name], self.md_certs[name])
         if not p.md_tunnel or not p.kmf_https:
             raise StackError("perc-kd is started after perc-kmf and perc-md")
         md_tunnel = self.tap.port if self.tap is not None else p.md_tunnel
@@ -315,8 +315,9 @@ class LocalStack:
                 f'client_secret_file = "{f["kd_secret"]}"\n'
                 f'[idp]\ndomain = "{DOMAIN}"\n')
 
-    def _render_md(self, p: MdPorts, cert: Issued) -> str:
-        """An MD's ``.toml``: ports ``p``, ``cert`` for its API, tunnel and links."""
+    def _render_md(self, name: str, p: MdPorts, cert: Issued) -> str:
+        """MD ``name``'s ``.toml``: ports ``p``, ``cert`` for its API, tunnel and links,
+        its state file (conferences and links kept across a restart) in the stack dir."""
         return (f'[admin]\nbind = "127.0.0.1"\nport = {p.admin}\n'
                 f'[api]\nbind = "127.0.0.1"\nport = {p.api}\n'
                 f'certificate = "{cert.certificate}"\n'
@@ -325,7 +326,8 @@ class LocalStack:
                 f'[media]\nbind = "127.0.0.1"\nport = {p.media}\n'
                 f'consent_timeout = {self.consent_timeout}\n'
                 f'[tunnel]\nbind = "127.0.0.1"\nport = {p.tunnel}\n'
-                f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n')
+                f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n'
+                f'[state]\nfile = "{os.path.join(self.dir, name + "-state.json")}"\n')
 
     def _with_settings(self, name: str, text: str) -> str:
         """``text`` with the :attr:`settings` of daemon ``name`` added to their sections."""

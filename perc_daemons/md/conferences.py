@@ -278,6 +278,8 @@ class MdConferences:
         self._refusals_log = RateLimitedLog(self.log, clock)
         #: Called with the id of each conference deleted (by the provider or its KD).
         self.on_deleted: Callable[[str], None] | None = None
+        #: Called after a conference was created or deleted (md/state.py saves then).
+        self.on_changed: Callable[[], None] | None = None
 
     # -- queries ----------------------------------------------------------------------
 
@@ -310,11 +312,13 @@ class MdConferences:
 
     # -- conferences ------------------------------------------------------------------
 
-    def create(self, conference_id: str, kd_fingerprint: bytes) -> tuple[Conference, bool]:
+    def create(self, conference_id: str, kd_fingerprint: bytes, *,
+               created_at: float | None = None) -> tuple[Conference, bool]:
         """Add a conference; ``(conference, created)``.  Idempotent for the same KD.
 
-        Raises ValueError for a bad id or fingerprint, :class:`ConferenceConflict`
-        when the id exists with another KD.
+        ``created_at`` is given when a restarted MD restores the conference
+        (md/state.py).  Raises ValueError for a bad id or fingerprint,
+        :class:`ConferenceConflict` when the id exists with another KD.
         """
         check_conference_id(conference_id)
         if not isinstance(kd_fingerprint, bytes) or len(kd_fingerprint) != 32:
@@ -325,11 +329,16 @@ class MdConferences:
                 raise ConferenceConflict(
                     f"conference {conference_id!r} exists with another KD fingerprint")
             return existing, False
-        conference = Conference(conference_id, kd_fingerprint, self.clock.seconds())
+        restored = created_at is not None
+        conference = Conference(conference_id, kd_fingerprint,
+                                created_at if restored else self.clock.seconds())
         self._conferences[conference_id] = conference
         self._kd_use[kd_fingerprint] = self._kd_use.get(kd_fingerprint, 0) + 1
-        self.log.info("perc-md: conference {conference} created, KD {kd}",
-                      conference=conference_id, kd=format_fingerprint(kd_fingerprint))
+        self.log.info("perc-md: conference {conference} {how}, KD {kd}",
+                      conference=conference_id, kd=format_fingerprint(kd_fingerprint),
+                      how="restored" if restored else "created")
+        if self.on_changed is not None:
+            self.on_changed()
         return conference, True
 
     def delete(self, conference_id: str, *, by: str = "the provider") -> int:
@@ -356,6 +365,8 @@ class MdConferences:
             del self._kd_use[fp]
         self.log.info("perc-md: conference {conference} deleted by {by} ({count} "
                       "participants ended)", conference=conference_id, by=by, count=count)
+        if self.on_changed is not None:
+            self.on_changed()
         if not self.is_trusted_kd(fp):
             # It may not connect any more: its queued disconnects would wait forever (a
             # later conference naming it again gets them through Associations instead).

@@ -112,7 +112,37 @@ class MdLinks:
         self._links: dict[str, Link] = {}
         self._started: set[str] = set()  # link ids handed to the plane
         self.events = {"up": 0, "down": 0}
+        #: Called after a link was added, started or removed (md/state.py saves then).
+        self.on_changed: Callable[[], None] | None = None
         plane.on_link = self._on_link
+
+    def _changed(self) -> None:
+        if self.on_changed is not None:
+            self.on_changed()
+
+    def all_links(self) -> list[Link]:
+        return list(self._links.values())
+
+    def started(self, link: Link) -> bool:
+        """Whether the link runs on the plane (an accepting link: once :meth:`complete`)."""
+        return link.link_id in self._started
+
+    def restore(self, link: Link, *, started: bool) -> None:
+        """Add a link a restarted MD saved (md/state.py), running again if it ran.
+
+        The same id and ICE credentials as before the restart: the peer MD's
+        link, which kept them, re-establishes the association with this one.
+        """
+        if link.link_id in self._links:
+            raise LinkConflict(f"link {link.link_id} exists already")
+        self._check(link.conference_id, link.profile)
+        self._links[link.link_id] = link
+        if started:
+            try:
+                self._start(link)
+            except (LinkError, ValueError) as e:
+                del self._links[link.link_id]
+                raise LinkError(str(e)) from None
 
     def links(self, conference_id: str) -> list[Link]:
         return [link for link in self._links.values() if link.conference_id == conference_id]
@@ -176,6 +206,7 @@ class MdLinks:
                     self.clock.seconds(), local_ufrag=_credential(6),
                     local_pwd=_credential(18))
         self._links[link.link_id] = link
+        self._changed()
         return link
 
     def open(self, conference_id: str, peer_fingerprint: bytes, peer_host: object,
@@ -201,6 +232,7 @@ class MdLinks:
         except (LinkError, ValueError) as e:
             del self._links[link.link_id]
             raise LinkError(str(e)) from None
+        self._changed()
         return link
 
     def complete(self, conference_id: str, link_id: str, peer_ufrag: object,
@@ -214,6 +246,7 @@ class MdLinks:
             self._start(link)
         except ValueError as e:
             raise LinkError(str(e)) from None
+        self._changed()
         return link
 
     def remove(self, conference_id: str, link_id: str) -> None:
@@ -226,6 +259,7 @@ class MdLinks:
                 media.remove_link(link_id)
         self.log.info("perc-md: conference {conference}: link {link} removed",
                       conference=conference_id, link=link_id)
+        self._changed()
 
     def conference_deleted(self, conference_id: str) -> int:
         """Remove every link of a deleted (or ended) conference; how many."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IListeningPort
 
 from perc_daemons import config as config_module
@@ -53,6 +53,7 @@ from perc_daemons.md.plane import (
     PLANE_DROP_REASONS,
     MediaPlane,
 )
+from perc_daemons.md.state import MdStateKeeper, StateError, StateFile
 from perc_daemons.md.tunnel import MdTunnelServer
 from perc_daemons.protocol.dtls import parse_fingerprint
 from perc_daemons.protocol.srtp import MAX_DATAGRAM
@@ -159,6 +160,26 @@ class MediaService(ListeningService):
         return super().stopService()
 
 
+class RestoreService(Service):
+    """Restores the saved conferences and links (md/state.py) once the media port listens;
+    an unusable state file stops start-up with its path and reason (exit status 2)."""
+
+    def __init__(self, keeper: MdStateKeeper, cfg: config_module.Config) -> None:
+        self.keeper = keeper
+        self.cfg = cfg
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.keeper.restore()
+        except StateError as e:
+            sys.stderr.write(f"perc-md: configuration error: {self.cfg.path}: state.file: "
+                             f"{self.keeper.file.path}: {e} (move it away to start without "
+                             "the saved conferences)\n")
+            sys.stderr.flush()
+            raise SystemExit(EXIT_CONFIG) from None
+
+
 def tls_files(cfg: config_module.Config) -> tls.ServerContextFactory:
     """The API's TLS context; the certificate and key must be usable (ConfigError)."""
     cert, key = cfg.api.certificate, cfg.api.private_key
@@ -244,6 +265,10 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
         if link_key is not None else None
     if links is not None:
         conferences.on_deleted = links.conference_deleted
+    keeper = MdStateKeeper(StateFile(cfg.state.file), conferences, links)
+    conferences.on_changed = keeper.changed
+    if links is not None:
+        links.on_changed = keeper.changed
     api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor,
                 links=links, fingerprint=hashlib.sha256(api_der).digest())
     top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
@@ -252,6 +277,7 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     MediaService(reactor, cfg.media.bind, cfg.media.port, protocol,
                  conferences).setServiceParent(top)
     tunnel.setServiceParent(top)
+    RestoreService(keeper, cfg).setServiceParent(top)
     HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,
                  cfg.api.port, md_site(api), context,
                  limits=top.limits, metrics=top.metrics,  # type: ignore[attr-defined]
@@ -260,6 +286,7 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     top.api = api  # type: ignore[attr-defined]
     top.media = protocol  # type: ignore[attr-defined]
     top.tunnel = tunnel  # type: ignore[attr-defined]
+    top.state = keeper  # type: ignore[attr-defined]
     return top
 
 

@@ -134,7 +134,8 @@ class DaemonTestBase(unittest.TestCase):
                     f'certificate = "{state}/md.crt"\nprivate_key = "{state}/md.key"\n'
                     f'provider_token_file = "{state}/md-provider.token"\n'
                     f'[media]\nbind = "127.0.0.1"\nport = 0\n'
-                    f'[tunnel]\nbind = "127.0.0.1"\nport = 0\n')
+                    f'[tunnel]\nbind = "127.0.0.1"\nport = 0\n'
+                    f'[state]\nfile = "{state}/md-state.json"\n')
         if daemon != "kmf":
             return ""
         state = os.path.abspath(self.mktemp())

@@ -216,13 +216,13 @@ class LoadTests(unittest.TestCase):
         path = self.write("[nope]\nx = 1\n")
         self.assertConfigError(path, "nope",
                                "unknown section (known: admin, api, connections, logging, "
-                               "media, tunnel)")
+                               "media, state, tunnel)")
 
     def test_top_level_key_is_unknown_section(self) -> None:
         path = self.write("port = 1\n")
         self.assertConfigError(path, "port",
                                "unknown section (known: admin, api, connections, logging, "
-                               "media, tunnel)")
+                               "media, state, tunnel)")
 
     def test_section_not_a_table(self) -> None:
         path = self.write("admin = 1\n")

@@ -237,6 +237,7 @@ class MdServiceTests(unittest.TestCase):
                     "provider_token_file": self.token_path},
             "media": {"bind": "127.0.0.1", "port": 0},
             "tunnel": {"bind": "127.0.0.1", "port": 0},
+            "state": {"file": os.path.join(self.dir, "md-state.json")},
         })
         self.md = md_service(cfg, reactor)
         self.md.startService()

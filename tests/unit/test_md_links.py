@@ -35,25 +35,45 @@ class MdLinkApiTests(unittest.TestCase):
         pki = DevPki(os.path.join(self.dir, "pki"))
         self.ca = str(pki.ca_certificate_path)
         token = write_private(os.path.join(self.dir, "md-provider.token"), TOKEN + "\n")
+        self.pki, self.token = pki, token
         self.mds = []
         for name in ("md-a", "md-b"):
             leaf = pki.issue(name, ["localhost"], ["127.0.0.1"])
-            cfg = config.validate("md", os.path.join(self.dir, f"{name}.toml"), {
-                "admin": {"bind": "127.0.0.1", "port": 0},
-                "api": {"bind": "127.0.0.1", "port": 0, "certificate": str(leaf.certificate),
-                        "private_key": str(leaf.private_key), "provider_token_file": token},
-                "media": {"bind": "127.0.0.1", "port": 0},
-                "tunnel": {"bind": "127.0.0.1", "port": 0},
-            })
-            md = md_service(cfg, reactor)
-            md.startService()
-            self.addCleanup(md.stopService)
-            md.url = f"https://localhost:{md.getServiceNamed('md-api').port.getHost().port}"
+            md = self.start_md(name, leaf)
             md.conferences.create("weekly", bytes.fromhex(KD_FP.replace(":", "")))
             self.mds.append(md)
         self.config = os.path.join(self.dir, "provider.toml")
         with open(self.config, "w") as f:
             f.write(f'ca_file = "{self.ca}"\ntoken_file = "{token}"\n')
+
+    def start_md(self, name: str, leaf, *, api_port: int = 0, media_port: int = 0):
+        """A perc-md service named ``name`` (its state file in the test dir), started."""
+        cfg = config.validate("md", os.path.join(self.dir, f"{name}.toml"), {
+            "admin": {"bind": "127.0.0.1", "port": 0},
+            "api": {"bind": "127.0.0.1", "port": api_port,
+                    "certificate": str(leaf.certificate),
+                    "private_key": str(leaf.private_key), "provider_token_file": self.token},
+            "media": {"bind": "127.0.0.1", "port": media_port},
+            "tunnel": {"bind": "127.0.0.1", "port": 0},
+            "state": {"file": os.path.join(self.dir, f"{name}-state.json")},
+        })
+        md = md_service(cfg, reactor)
+        md.startService()
+        self.addCleanup(lambda: md.running and md.stopService())
+        md.url = f"https://localhost:{md.getServiceNamed('md-api').port.getHost().port}"
+        md.leaf, md.name = leaf, name
+        return md
+
+    @defer.inlineCallbacks
+    def restart(self, index: int):
+        """Stop MD ``index`` and start it again on the same ports with the same state
+        file, as systemd restarts perc-md; the new service replaces it in ``self.mds``."""
+        old = self.mds[index]
+        api_port = old.getServiceNamed("md-api").port.getHost().port
+        media_port = old.conferences.media_port
+        yield old.stopService()
+        self.mds[index] = self.start_md(old.name, old.leaf, api_port=api_port,
+                                        media_port=media_port)
 
     @defer.inlineCallbacks
     def provider(self, url: str, *argv: str):
@@ -115,6 +135,40 @@ class MdLinkApiTests(unittest.TestCase):
         # deleting the conference removes its links
         b.conferences.delete("weekly")
         self.assertEqual(b.conferences.plane.groups().get("weekly", []), [])
+
+    @defer.inlineCallbacks
+    def test_restart_restores_conference_and_link(self):
+        """A restarted MD (either end) has its conference and link again, with the same id,
+        and the link comes up with no provider call: the saved state (md/state.py)."""
+        a, b = self.mds
+        code, body, err = yield self.provider(a.url, "links", "create", "weekly", "--to", b.url)
+        self.assertEqual(code, 0, err)
+        ids = [body["opened"]["id"], body["accepted"]["id"]]
+        yield self.wait_states(["up"])
+        for index in (1, 0):  # the accepting MD, then the opening one
+            yield self.restart(index)
+            restarted = self.mds[index]
+            self.assertEqual([c.conference_id for c in restarted.conferences.conferences()],
+                             ["weekly"])
+            self.assertEqual(restarted.conferences.conference("weekly").kd_fingerprint,
+                             bytes.fromhex(KD_FP.replace(":", "")))
+            yield self.wait_states(["up"])
+            for md, link_id in zip(self.mds, ids, strict=True):
+                code, listed, err = yield self.provider(md.url, "links", "list", "weekly")
+                self.assertEqual([link["id"] for link in listed["links"]], [link_id])
+        # the state file holds no participant and is the MD's own (0600)
+        path = os.path.join(self.dir, "md-b-state.json")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as f:
+            saved = json.load(f)
+        self.assertEqual(sorted(saved), ["conferences", "links", "version"])
+        # a deleted conference is not restored, nor its links
+        self.mds[1].conferences.delete("weekly")
+        yield self.restart(1)
+        self.assertEqual(self.mds[1].conferences.conferences(), [])
+        code, _, err = yield self.provider(self.mds[1].url, "links", "list", "weekly")
+        self.assertEqual(code, 1)
+        self.assertIn("(404)", err)
 
     @defer.inlineCallbacks
     def test_refusals(self):

@@ -43,6 +43,7 @@ class ProviderCliTests(unittest.TestCase):
                     "private_key": str(md.private_key), "provider_token_file": self.token},
             "media": {"bind": "127.0.0.1", "port": 0},
             "tunnel": {"bind": "127.0.0.1", "port": 0},
+            "state": {"file": os.path.join(self.dir, "md-state.json")},
         })
         self.md = md_service(cfg, reactor)
         self.md.startService()
