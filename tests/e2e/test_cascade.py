@@ -16,8 +16,6 @@ hop-by-hop keys, and the end at the KMF reaches all three MDs.
 
 from __future__ import annotations
 
-import io
-import os
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -25,11 +23,10 @@ from twisted.logger import Logger
 
 from perc_daemons.demo.stack import sleep
 from perc_daemons.kmf.admin_cli import run as admin_run
-from perc_daemons.md.provider_cli import run as provider_run
 from perc_daemons.protocol.participant import DecryptFailed, MediaReceived
+from tests.e2e.cascade_support import CHAIN, CascadeChainMixin
 from tests.e2e.conference_support import (
     ColludingMd,
-    RecordingEndpoint,
     StackTestCase,
     full_ekt_spi,
     is_rtp,
@@ -42,33 +39,8 @@ from tests.e2e.test_conference import MIN_DELIVERY, NO_KEY_REASONS
 PLACES = {"alice": "md", "bob": "md2", "carol": "md3", "erin": "md3"}
 
 
-class CascadeTests(StackTestCase):
-    static_mds = False
-    create_conference = False
-    tap = False
-    extra_mds = 2
-    conference = "chain"
+class CascadeTests(CascadeChainMixin, StackTestCase):
     timeout = 120
-
-    async def cli(self, run: Any, *argv: str, config: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        code = await run([*argv, "--config", os.path.join(self.stack.dir, "etc", config)],
-                         reactor, stdout=out, stderr=err)
-        return code, out.getvalue(), err.getvalue()
-
-    async def link(self, opener: str, acceptor: str) -> tuple[int, str, str]:
-        """``perc-provider links create`` at ``opener`` (the DTLS client) to ``acceptor``."""
-        return await self.cli(provider_run, "links", "create", self.conference,
-                              "--url", self.stack.md_api_url(opener),
-                              "--to", self.stack.md_api_url(acceptor),
-                              config="provider.toml")
-
-    async def links(self, md: str) -> list[dict[str, Any]]:
-        status, body = await self.stack.request(
-            "GET", self.stack.md_api_url(md) + f"/v1/conferences/{self.conference}/links",
-            token=self.stack.provider_token)
-        self.assertEqual(status, 200, body)
-        return list(body["links"])
 
     async def test_chain_of_three(self) -> None:
         stack, cid = self.stack, self.conference
@@ -85,25 +57,14 @@ class CascadeTests(StackTestCase):
         self.assertEqual(out.count("kd connected to md"), 3, out)
 
         # --- links md -> md2 -> md3 --------------------------------------------------
-        for opener, acceptor in (("md", "md2"), ("md2", "md3")):
+        for opener, acceptor in CHAIN:
             code, out, err = await self.link(opener, acceptor)
             self.assertEqual((code, err), (0, ""), out)
         # a second link md -> md2 would close a cycle: refused, nothing left behind
         code, out, err = await self.link("md", "md2")
         self.assertEqual(code, 1, out + err)
         self.assertIn("cycle", err)
-        expected = {"md": 1, "md2": 2, "md3": 1}
-        states: dict[str, list[str]] = {}
-
-        async def all_up() -> bool:
-            for md in stack.md_names:
-                states[md] = [link["state"] for link in await self.links(md)]
-            return all(states[md] == ["up"] * n for md, n in expected.items())
-
-        deadline = reactor.seconds() + 20
-        while not await all_up():
-            self.assertLess(reactor.seconds(), deadline, f"links not up: {states}")
-            await sleep(reactor, 0.1)
+        await self.wait_links_up()
         # each MD pins its neighbour's own certificate (one each from the site CA)
         fingerprints = {}
         for md in stack.md_names:
@@ -115,15 +76,8 @@ class CascadeTests(StackTestCase):
                          {fingerprints["md"], fingerprints["md3"]})
 
         # --- endpoints at both ends and in the middle -----------------------------------
-        eps: dict[str, RecordingEndpoint] = {}
-        for user, md in PLACES.items():
-            eps.update(await self.join(user, md=md))
+        eps = await self.join_places(PLACES)
         await self.same_epoch(*eps.values())
-        for md in stack.md_names:
-            _, body = await stack.request("GET", stack.md_api_url(md) + f"/v1/conferences/{cid}",
-                                          token=stack.provider_token)
-            here = {ep.joined.association for u, ep in eps.items() if PLACES[u] == md}
-            self.assertEqual({p["association"] for p in body["participants"]}, here, md)
 
         # --- media among all four, byte-identical after decryption ---------------------
         await defer.gatherResults([ep.run_media(2.0) for ep in eps.values()],
