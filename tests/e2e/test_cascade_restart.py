@@ -26,22 +26,40 @@ recovers as it does for one MD (tests.e2e.test_conference_faults
 The time from the KD's start to media flowing again among all three (every
 receiver decrypting, on its new association, what every sender sent on its
 new one) goes to the test log with the other figures; no time is asserted.
+
+:class:`MiddleMdRestartTests`: the middle MD killed (SIGKILL) and started
+again, alice on md, bob on md2, carol and erin on md3:
+
+* while it is down, carol and erin (both on md3) keep hearing each other;
+* the restarted md2 has the conference and both links again from its state
+  file (md/state.py), same ids, with no provider call; the links come up
+  (md2 opens the one to md3; md re-opens the one to md2 when its consent
+  check finds md2's association gone);
+* alice, carol and erin then hear each other across md2 again **without
+  rejoining** (same association, no rejoin recorded);
+* bob, whose hop-by-hop keys died with md2, joins again by himself (the KD
+  forgets his association when md2's listing lacks it, rekeys the others,
+  and the next roster omits him), and is heard by all and hears all.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
+from perc_daemons.demo.stack import sleep
 from tests.e2e.cascade_support import CascadeChainMixin, flowing_at, wait_hearing
-from tests.e2e.conference_support import StackTestCase, wait_for
+from tests.e2e.conference_support import RecordingEndpoint, StackTestCase, wait_for
 from tests.e2e.test_conference_faults import rejoined, stop_gracefully
 
 #: Who joins through which MD before the restart.
 PLACES = {"alice": "md", "bob": "md2", "carol": "md3"}
+#: Where everyone is for the middle-MD restart: two on md3, to hear each other meanwhile.
+MD_RESTART_PLACES = {"alice": "md", "bob": "md2", "carol": "md3", "erin": "md3"}
 #: The member who joins after the restart, and where.
 LATE, LATE_MD = "erin", "md2"
 MEDIA_SECONDS = 300.0  # "until stopped": stop_media() / leave() end it
@@ -168,3 +186,89 @@ class KdRestartCascadeTests(CascadeChainMixin, StackTestCase):
                                          for user, ep in everyone.items() if ep.rejoins}
         figures["elapsed (s)"] = round(reactor.seconds() - started, 1)
         Logger().info("cascade KD restart figures: {figures}", figures=figures)
+
+
+class MiddleMdRestartTests(CascadeChainMixin, StackTestCase):
+    """perc-md2, the middle of the chain, killed with SIGKILL and started again."""
+
+    conference = "chainrestart"
+    timeout = 150
+
+    async def link_ids(self) -> dict[str, list[str]]:
+        return {md: [link["id"] for link in await self.links(md)]
+                for md in self.stack.md_names}
+
+    async def test_middle_md_killed_and_restarted(self) -> None:
+        """perc-md2 killed and started again (module docstring, last part)."""
+        stack, cid = self.stack, self.conference
+        await self.create_chain(MD_RESTART_PLACES, title="Chain restart")
+        before = await self.link_ids()
+        eps = await self.join_places(MD_RESTART_PLACES)
+        await self.same_epoch(*eps.values())
+        associations = {user: ep.joined.association for user, ep in eps.items()}
+        sending = [ep.run_media(MEDIA_SECONDS) for ep in eps.values()]
+        alice, bob, carol, erin = (eps[u] for u in ("alice", "bob", "carol", "erin"))
+
+        def hearing(since: float, pairs: list[tuple[RecordingEndpoint, RecordingEndpoint]],
+                    at_least: int = 25) -> bool:
+            return all(len(receiver.received(sender.ssrc, since=since)) >= at_least
+                       for receiver, sender in pairs)
+
+        everyone = [(r, s) for r in eps.values() for s in eps.values() if r is not s]
+        start = reactor.seconds()
+        await wait_for(lambda: hearing(start, everyone), "everyone hears everyone")
+
+        # --- md2 killed ---------------------------------------------------------------
+        killed_at = reactor.seconds()
+        await stack.stop("md2", signal.SIGKILL)
+        await sleep(reactor, 2.0)
+        down = reactor.seconds()
+        await wait_for(lambda: hearing(down, [(carol, erin), (erin, carol)]),
+                       "carol and erin, both on md3, hear each other while md2 is down")
+        self.assertEqual(len(carol.received(alice.ssrc, since=down + 0.5)), 0,
+                         "alice reached carol with md2 down")
+
+        # --- md2 started again: conference and links from its state file -----------------
+        await stack.start("md2")
+        started_at = reactor.seconds()
+        status, body = await stack.request("GET", stack.md_api_url("md2")
+                                           + f"/v1/conferences/{cid}",
+                                           token=stack.provider_token)
+        self.assertEqual((status, body.get("participants")), (200, []), body)
+        await self.wait_links_up(timeout=40.0)
+        self.assertEqual(await self.link_ids(), before, "the links came back with other ids")
+        links_up_at = reactor.seconds()
+        across = [(r, s) for r in (alice, carol, erin) for s in (alice, carol, erin)
+                  if r is not s]
+        await wait_for(lambda: hearing(links_up_at, across),
+                       "alice, carol and erin hear each other across md2 again", timeout=30)
+        flowing_at = reactor.seconds()
+        for user in ("alice", "carol", "erin"):
+            self.assertEqual(eps[user].joined.association, associations[user], user)
+            self.assertEqual(eps[user].rejoins, [], f"{user} rejoined")
+
+        # --- bob, whose keys died with md2, joins again by himself --------------------
+        await wait_for(lambda: bob.joined is not None  # None while the rejoin runs
+                       and bob.joined.association != associations["bob"]
+                       and any(r["outcome"] == "ok" for r in bob.rejoins),
+                       "bob rejoined through the restarted md2", timeout=40)
+        rejoined_at = reactor.seconds()
+        bob_pairs = [(bob, s) for s in (alice, carol, erin)] + [
+            (r, bob) for r in (alice, carol, erin)]
+        await wait_for(lambda: hearing(rejoined_at, bob_pairs),
+                       "bob hears and is heard again", timeout=30)
+        settled = reactor.seconds()
+        await wait_for(lambda: hearing(settled, everyone, at_least=10),
+                       "everyone hears everyone again")
+        for ep in eps.values():
+            self.assertIsNone(ep.closed_reason, ep.label)
+            self.assertEqual(ep.decrypt_failures(since=settled + 0.5), [], ep.label)
+        for ep in eps.values():
+            ep.stop_media()
+        await defer.gatherResults(sending, consumeErrors=True)
+        Logger().info(
+            "md2 restart figures: links up {links:.1f} s after the start, media across md2 "
+            "{media:.1f} s after the start, bob rejoined {bob:.1f} s after the start; "
+            "outage {outage:.1f} s (kill to media across)",
+            links=links_up_at - started_at, media=flowing_at - started_at,
+            bob=rejoined_at - started_at, outage=flowing_at - killed_at)
