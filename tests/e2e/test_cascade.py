@@ -42,13 +42,13 @@ from tests.e2e.test_conference import MIN_DELIVERY, NO_KEY_REASONS
 PLACES = {"alice": "md", "bob": "md2", "carol": "md3", "erin": "md3"}
 
 
-class CascadeTests(StackTestCase):
-    static_mds = False
-    create_conference = False
-    tap = False
-    extra_mds = 2
-    conference = "chain"
-    timeout = 120
+class CascadeCli:
+    """The provider's and the admin's commands against the stack (a mixin for a
+    :class:`StackTestCase` with :attr:`conference`): ``perc-admin`` / ``perc-provider``
+    runs, ``links create`` between two MDs, a conference's links at one MD."""
+
+    stack: Any
+    conference: str
 
     async def cli(self, run: Any, *argv: str, config: str) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
@@ -67,8 +67,18 @@ class CascadeTests(StackTestCase):
         status, body = await self.stack.request(
             "GET", self.stack.md_api_url(md) + f"/v1/conferences/{self.conference}/links",
             token=self.stack.provider_token)
-        self.assertEqual(status, 200, body)
+        if status != 200:
+            raise AssertionError(f"GET links at {md}: {status} {body!r:.300}")
         return list(body["links"])
+
+
+class CascadeTests(CascadeCli, StackTestCase):
+    static_mds = False
+    create_conference = False
+    tap = False
+    extra_mds = 2
+    conference = "chain"
+    timeout = 120
 
     async def test_chain_of_three(self) -> None:
         stack, cid = self.stack, self.conference
