@@ -192,7 +192,8 @@ class Demo:
             await stack.wait_for_kd(CONFERENCE, md=md)
         self.say("  the KD's tunnel is up to md and to md2")
 
-        self.say("\n== 3. A cascade link md -> md2 for the conference (RFC 8871 s4.5.1) ==")
+        self.say("\n== 3. A cascade link md -> md2 for the conference (RFC 8871 s4.5.1; "
+                 "no KD in it) ==")
         await self.cli(provider_run, "links", "create", CONFERENCE, "--url", stack.md_api_url("md"),
                        "--to", stack.md_api_url("md2"), config="provider.toml")
         await self.link_up()
@@ -276,8 +277,9 @@ class Demo:
         (md_half,), (md2_half,) = halves["md"], halves["md2"]
         self.say(f"  up at both ends: md opened it (DTLS client, {md_half['srtp_profile']}), "
                  "md2 accepted it")
-        self.say(f"  md  is {own['md'][:23]}..., pins md2 as {md_half['peer_fingerprint'][:23]}...")
-        self.say(f"  md2 is {own['md2'][:23]}..., pins md  as "
+        self.say(f"  md  (certificate {own['md'][:23]}...) pins md2 as "
+                 f"{md_half['peer_fingerprint'][:23]}...")
+        self.say(f"  md2 (certificate {own['md2'][:23]}...) pins md  as "
                  f"{md2_half['peer_fingerprint'][:23]}...")
         self.check("each MD pins the other's own certificate (not any from the CA)",
                    md_half["peer_fingerprint"] == own["md2"]
@@ -310,8 +312,9 @@ class Demo:
             senders = [u for u, ep in self.endpoints.items() if ep.md_name == src]
             self.say(f"  {src:3s} -> {dst:3s}: {src} sent {out_packets} packets, {out_bytes} "
                      f"bytes; {dst} took in {in_packets}, {in_bytes} bytes")
+            took = "all" if in_packets == out_packets else f"{in_packets} of the {out_packets}"
             self.check(f"{src} -> {dst}: {' and '.join(senders)}'s media crossed "
-                       f"({sent_rtp[src]} packets sent); {dst} took in all {src} sent",
+                       f"({sent_rtp[src]} packets sent); {dst} took in {took} {src} sent",
                        0 < in_packets <= out_packets <= sent_rtp[src]
                        and in_packets >= 0.95 * out_packets and 0 < in_bytes <= out_bytes)
         for md in MDS:
@@ -326,7 +329,7 @@ class Demo:
         self.say("\n== 8. Who received what from whom ==")
         names = {ep.ssrc: user for user, ep in self.endpoints.items()}
         self.say(f"  {'receiver':11s} {'sender':11s} {'path':9s} {'packets':>7s} "
-                 f"{'identical':>9s} {'lost':>4s} {'failed':>6s}  epochs (SPIs)")
+                 f"{'identical':>9s} {'lost':>4s} {'no key':>6s} {'failed':>6s}  epochs (SPIs)")
         for user, ep in self.endpoints.items():
             for sender in ep.stats()["senders"]:
                 name = names.get(sender["ssrc"])
@@ -340,8 +343,11 @@ class Demo:
                 same = sum(1 for e in got if other.sent_payloads.get(e.sequence) == e.payload)
                 self.say(f"  {user + ' (' + ep.md_name + ')':11s} "
                          f"{name + ' (' + other.md_name + ')':11s} {via:9s} "
-                         f"{len(got):7d} {same:9d} {sender['losses']:4d} "
+                         f"{len(got):7d} {same:9d} {sender['losses']:4d} {sender['no_key']:6d} "
                          f"{sender['decrypt_failures']:6d}  {sender['epochs_seen']}")
+        self.say("  (packets: decrypted; identical: equal to what the sender sent with that "
+                 "sequence\n   number; no key: sent under an epoch the receiver did not have "
+                 "yet, at the rekey)")
         for user, ep in self.endpoints.items():
             others = {u for u, _, _ in MEMBERS if u != user}
             heard = {names.get(e.ssrc) for e in ep.decrypted} & others

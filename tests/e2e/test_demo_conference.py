@@ -58,10 +58,10 @@ class ConferenceDemoTests(unittest.TestCase):
         # every receiver, every sender: all decrypted payloads byte-identical, and
         # media went both ways across the link
         rows = re.findall(r"^  (\w+) \((md2?)\) +(\w+) \((md2?)\) +(md2?(?: -> md2?)?) +"
-                          r"(\d+) +(\d+) +(\d+) +(\d+)  \[", text, re.M)
+                          r"(\d+) +(\d+) +(\d+) +(\d+) +(\d+)  \[", text, re.M)
         self.assertEqual(len(rows), 6, text)
         paths = set()
-        for receiver, _, sender, _, path, packets, identical, _, failed in rows:
+        for receiver, _, sender, _, path, packets, identical, _, _, failed in rows:
             self.assertGreater(int(packets), 0, (receiver, sender))
             self.assertEqual(identical, packets, (receiver, sender))
             self.assertEqual(failed, "0", (receiver, sender))
