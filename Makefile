@@ -58,8 +58,9 @@ stack-down: venv
 stack-status: venv
 	$(PY) -m perc_daemons.kmf.admin_cli devstack status --dir .devstack
 
-# A whole conference: KMF, MD and KD as real twistd processes on loopback,
-# three endpoints, a leave, the end; nothing is left running.
+# A whole conference over two cascaded MDs: KMF, md, md2 and KD as real twistd
+# processes on loopback, a link md - md2, three endpoints, a leave, the end, the
+# key search over both MDs; nothing is left running.
 demo: venv
 	$(PY) -m perc_daemons.demo.conference
 

@@ -21,7 +21,8 @@ ports each daemon logs are read back into :attr:`LocalStack.ports` and
 written into its configuration, so a restart comes back on the same ones.
 With ``tap=True`` the KD reaches the MD through a
 :class:`~perc_daemons.demo.tap.TunnelTap`, which records every byte the MD
-was sent over the tunnel.  ``settings`` adds configuration keys the stack
+was sent over the tunnel (:attr:`LocalStack.tap`; every MD's, extra ones
+too, in :attr:`LocalStack.taps`).  ``settings`` adds configuration keys the stack
 does not set itself (daemon -> section -> key -> value, e.g.
 ``{"kd": {"tunnel": {"liveness_interval": 0.5}}}``).
 :meth:`LocalStack.start_kd_copy` runs a second perc-kd with the KD's
@@ -32,8 +33,10 @@ its own ports in :attr:`LocalStack.md_ports`, its own certificate
 ``etc/tls/md2.crt`` from the site CA so that a cascade link between two MDs
 pins one of them, not any; the MD's provider token is shared: one provider),
 started after "md" and before the KD; :meth:`LocalStack.md_api_url` names
-their conference APIs.  ``settings`` of "md" apply to "md" only: give
-"md2" its own.
+their conference APIs.  With ``static_mds`` the KD's ``[tunnel] mds`` lists
+every MD (through its tap with ``tap=True``); without, the KD connects to
+the MDs the KMF names for each conference, and no tap sees those tunnels.
+``settings`` of "md" apply to "md" only: give "md2" its own.
 
 Nothing here is fit for production: the CA key sits beside the certificates.
 """
@@ -205,6 +208,8 @@ class LocalStack:
         self.tap_enabled = tap
         self.static_mds = static_mds
         self.tap: Any = None
+        #: MD name -> its TunnelTap (``tap=True``); ``tap`` is ``taps["md"]``.
+        self.taps: dict[str, Any] = {}
         self.children: dict[str, Child] = {}
         self.earlier: list[Child] = []  # daemons that were restarted: their earlier runs
         self.kd_secret = self.admin_secret = self.provider_token = ""  # prepare() reads them
@@ -302,9 +307,10 @@ class LocalStack:
             return self._render_md(name, self.md_ports[name], self.md_certs[name])
         if not p.md_tunnel or not p.kmf_https:
             raise StackError("perc-kd is started after perc-kmf and perc-md")
-        md_tunnel = self.tap.port if self.tap is not None else p.md_tunnel
         # static_mds=False: the KD learns its MDs from the KMF, per conference
-        mds = f'["localhost:{md_tunnel}"]' if self.static_mds else "[]"
+        tunnels = [self.taps[md].port if md in self.taps else self.md_tunnel_port(md)
+                   for md in self.md_names]
+        mds = json.dumps([f"localhost:{port}" for port in tunnels] if self.static_mds else [])
         return (f'[admin]\nbind = "127.0.0.1"\nport = {p.kd_admin}\n'
                 f'[tunnel]\nmds = {mds}\n'
                 f'certificate = "{self.kd_cert.certificate}"\n'
@@ -395,7 +401,7 @@ class LocalStack:
         config = os.path.join(self.dir, f"{label}.toml")
         text = self._with_settings("kd", self._render("kd"))
         text = re.sub(r"(\[admin\]\nbind = \S+\nport = )\d+", r"\g<1>0", text, count=1)
-        text = re.sub(r'mds = \["localhost:\d+"\]',
+        text = re.sub(r'mds = \[[^\]\n]*\]',
                       f'mds = ["localhost:{self.ports.md_tunnel}"]', text, count=1)
         with open(config, "w", encoding="utf-8") as f:
             f.write(text)
@@ -455,16 +461,18 @@ class LocalStack:
         yield self.start("md")
         for name in self.md_ports:
             yield self.start(name)
-        if self.tap_enabled and self.tap is None:
+        if self.tap_enabled and not self.taps:
             from perc_daemons.demo.tap import TunnelTap
 
-            self.tap = TunnelTap(self.reactor, upstream_port=self.ports.md_tunnel,
-                                 ca_pem=self.ca_pem,
-                                 server_pem=(self.md_cert.certificate.read_bytes()
-                                             + self.md_cert.private_key.read_bytes()),
-                                 client_pem=(self.kd_cert.certificate.read_bytes()
-                                             + self.kd_cert.private_key.read_bytes()))
-            self.tap.listen()
+            for name in self.md_names:  # each tap shows the KD its MD's certificate
+                cert = self.md_certs[name]
+                tap = self.taps[name] = TunnelTap(
+                    self.reactor, upstream_port=self.md_tunnel_port(name), ca_pem=self.ca_pem,
+                    server_pem=cert.certificate.read_bytes() + cert.private_key.read_bytes(),
+                    client_pem=(self.kd_cert.certificate.read_bytes()
+                                + self.kd_cert.private_key.read_bytes()))
+                tap.listen()
+            self.tap = self.taps["md"]
         yield self.start("kd")
 
     @defer.inlineCallbacks
@@ -503,8 +511,8 @@ class LocalStack:
         """Stop every daemon (KDs first) and the tap; close HTTP connections."""
         for name in ("kd", *self.copies, *reversed(self.md_ports), "md", "kmf"):
             yield self.stop(name)
-        if self.tap is not None:
-            yield self.tap.close()
+        for tap in self.taps.values():
+            yield tap.close()
         yield self.pool.closeCachedConnections()
 
     # --- HTTPS ----------------------------------------------------------------------
@@ -571,13 +579,14 @@ class LocalStack:
         return md
 
     @defer.inlineCallbacks
-    def create_md_conference(self, conference_id: str):
-        """The MD part of :meth:`create_conference` alone (e.g. after an MD restart)."""
-        md = yield self._expect(201, "POST", self.md_url + "/v1/conferences",
+    def create_md_conference(self, conference_id: str, md: str = "md"):
+        """The MD part of :meth:`create_conference` alone (e.g. after an MD restart), at
+        MD ``md``."""
+        body = yield self._expect(201, "POST", self.md_api_url(md) + "/v1/conferences",
                                 token=self.provider_token,
                                 body={"id": conference_id,
                                       "kd_fingerprint": format_fingerprint(self.kd_fingerprint)})
-        return md
+        return body
 
     @defer.inlineCallbacks
     def end_conference(self, conference_id: str):
@@ -586,21 +595,38 @@ class LocalStack:
                            token=token)
 
     @defer.inlineCallbacks
-    def md_conference(self, conference_id: str):
-        body = yield self._expect(200, "GET", self.md_url + f"/v1/conferences/{conference_id}",
+    def md_conference(self, conference_id: str, md: str = "md"):
+        """The conference at MD ``md`` (its participants, whether the KD is connected)."""
+        body = yield self._expect(200, "GET",
+                                  self.md_api_url(md) + f"/v1/conferences/{conference_id}",
                                   token=self.provider_token)
         return body
 
     @defer.inlineCallbacks
-    def wait_for_kd(self, conference_id: str, timeout: float = 20.0):
-        """Until the MD reports the conference's KD tunnel connected."""
+    def md_links(self, conference_id: str, md: str = "md"):
+        """The conference's cascade links at MD ``md`` (state, counters)."""
+        body = yield self._expect(200, "GET",
+                                  self.md_api_url(md) + f"/v1/conferences/{conference_id}/links",
+                                  token=self.provider_token)
+        return list(body["links"])
+
+    @defer.inlineCallbacks
+    def md_info(self, md: str = "md"):
+        """``GET /v1/md`` of MD ``md``: its fingerprint, media and tunnel addresses."""
+        body = yield self._expect(200, "GET", self.md_api_url(md) + "/v1/md",
+                                  token=self.provider_token)
+        return body
+
+    @defer.inlineCallbacks
+    def wait_for_kd(self, conference_id: str, timeout: float = 20.0, md: str = "md"):
+        """Until MD ``md`` reports the conference's KD tunnel connected."""
         deadline = self.reactor.seconds() + timeout
         while True:
-            body = yield self.md_conference(conference_id)
+            body = yield self.md_conference(conference_id, md)
             if body.get("kd_connected"):
                 return body
             if self.reactor.seconds() > deadline:
-                raise StackError(f"the KD did not connect to the MD within {timeout:.0f} s:\n"
+                raise StackError(f"the KD did not connect to {md} within {timeout:.0f} s:\n"
                                  + self.logs())
             yield sleep(self.reactor, 0.05)
 

@@ -328,6 +328,10 @@ class MdApi(JsonApi):
         }
         # what the other MD's half needs (RFC 8445 section 5.3 credentials)
         body["ice_ufrag"], body["ice_pwd"] = link.local_ufrag, link.local_pwd
+        # what crossed it: "*_in" from the peer MD, "*_out" to it (LINK_COUNTERS)
+        counters, drops = self._links().counters(link)
+        body.update(counters)
+        body["drops"] = drops
         return body
 
     def _links(self) -> MdLinks:

@@ -28,7 +28,8 @@ other only by fingerprint and address; a link to the same peer address twice
 in one conference (a cycle of two) is refused (:class:`LinkConflict`).
 
 A conference's links go when the conference is deleted or ended.  Nothing
-here is per packet.
+here is per packet: :meth:`MdLinks.counters` reads what the media plane
+counted for a link (packets and bytes each way, drops).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from perc_daemons.md.plane import LEG_DROP_REASONS, LINK_COUNTERS
 from perc_daemons.protocol.dtls import format_fingerprint
 
 __all__ = ["Link", "LinkConflict", "LinkError", "MdLinks", "UnknownLink"]
@@ -157,6 +159,17 @@ class MdLinks:
         if link.link_id not in self._started:
             return "awaiting_peer"  # an accepting link before the opener's credentials
         return self.plane.link_state(link.link_id)
+
+    def counters(self, link: Link) -> tuple[dict[str, int], dict[str, int]]:
+        """What crossed the link so far: its counters
+        (:data:`~perc_daemons.md.plane.LINK_COUNTERS`: datagrams, and the media's bytes,
+        each way) and its drops by reason (:data:`~perc_daemons.md.plane.LEG_DROP_REASONS`);
+        zeros while it awaits its peer.  They run on across the link going down and
+        up again."""
+        if link.link_id not in self._started:
+            return dict.fromkeys(LINK_COUNTERS, 0), dict.fromkeys(LEG_DROP_REASONS, 0)
+        leg = self.plane.leg(link.link_id)
+        return dict(leg.counters), dict(leg.drops)
 
     def _on_link(self, link_id: str, event: Any) -> None:
         link = self._links.get(link_id)

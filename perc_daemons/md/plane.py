@@ -80,8 +80,11 @@ until consent expiry).
 Anything malformed, unauthenticated, replayed, from an unknown address or of
 an unknown kind is dropped and counted: per leg in ``Leg.drops`` (reasons in
 :data:`LEG_DROP_REASONS`), or in ``MediaPlane.drops`` when no leg can be
-named (:data:`PLANE_DROP_REASONS`).  Counter dicts are built when a leg is
-created; the per-packet path only increments existing keys and never logs.
+named (:data:`PLANE_DROP_REASONS`).  Every leg counts its datagrams
+(:data:`LEG_COUNTERS`); a link also the bytes of the media it took in and
+sent out (:data:`LINK_COUNTERS`: what crossed it each way).  Counter dicts
+are built when a leg is created; the per-packet path only increments
+existing keys and never logs.
 
 The keys come from the KD (RFC 9185 MediaKeys): ``client_write`` (what the
 endpoint protects with) keys the leg's inbound libsrtp session,
@@ -131,6 +134,7 @@ __all__ = [
     "DEFAULT_CONSENT_TIMEOUT",
     "LEG_COUNTERS",
     "LEG_DROP_REASONS",
+    "LINK_COUNTERS",
     "PLANE_DROP_REASONS",
     "Leg",
     "MediaPlane",
@@ -144,6 +148,13 @@ DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675 section 5.1
 
 #: Per-leg traffic counters (received / sent datagrams).
 LEG_COUNTERS = ("stun_in", "dtls_in", "dtls_out", "rtp_in", "rtp_out", "rtcp_in", "rtcp_out")
+
+#: A cascade link's counters: :data:`LEG_COUNTERS` and the bytes of the SRTP and
+#: SRTCP packets it took in (authenticated) and sent out, without the 4-byte
+#: ChannelData header (so one MD's ``*_out_bytes`` is its peer's ``*_in_bytes``
+#: when nothing is lost on the way).
+LINK_COUNTERS = (*LEG_COUNTERS, "rtp_in_bytes", "rtp_out_bytes", "rtcp_in_bytes",
+                 "rtcp_out_bytes")
 
 #: Per-leg drop reasons.
 LEG_DROP_REASONS = (
@@ -464,6 +475,7 @@ class MediaPlane:
             timing=self.link_timing, rng=self._rng)
         leg = Leg(link_id, local_ufrag, "", None, group)
         leg.link = link
+        leg.counters = dict.fromkeys(LINK_COUNTERS, 0)
         leg.address = peer_address
         self._enter(leg)
         self._links[link_id] = leg
@@ -653,9 +665,17 @@ class MediaPlane:
         inner = data[4:4 + length]
         b = inner[0]
         if 128 <= b <= 191:
+            # bytes counted here, not in _rtp/_rtcp: nothing more per endpoint packet
+            counters = leg.counters
             if length > 1 and 192 <= inner[1] <= 223:
-                return self._rtcp(leg, inner)
-            return self._rtp(leg, inner)
+                kind, size, handle = "rtcp_in", "rtcp_in_bytes", self._rtcp
+            else:
+                kind, size, handle = "rtp_in", "rtp_in_bytes", self._rtp
+            accepted = counters[kind]
+            out = handle(leg, inner)
+            if counters[kind] != accepted:
+                counters[size] += length
+            return out
         if 20 <= b <= 63:
             leg.counters["dtls_in"] += 1
             return self._link_input(leg, inner, address, now)
@@ -758,6 +778,7 @@ class MediaPlane:
                 continue
             frame = dst.frame
             if frame is not None:  # a link: TURN ChannelData
+                dst.counters["rtp_out_bytes"] += len(datagram)
                 datagram = b"".join((frame, len(datagram).to_bytes(2, "big"), datagram))
             out.append((datagram, dst.address))  # type: ignore[arg-type]
             dst.counters["rtp_out"] += 1
@@ -821,6 +842,7 @@ class MediaPlane:
                 continue
             frame = dst.frame
             if frame is not None:
+                dst.counters["rtcp_out_bytes"] += len(datagram)
                 datagram = b"".join((frame, len(datagram).to_bytes(2, "big"), datagram))
             out.append((datagram, dst.address))  # type: ignore[arg-type]
             dst.counters["rtcp_out"] += 1

@@ -8,7 +8,7 @@ token::
     perc-provider conferences show ID
     perc-provider conferences end ID
     perc-provider links create ID --to URL     (cascade: this MD opens, URL's accepts)
-    perc-provider links list ID
+    perc-provider links list ID                (state; media packets and bytes each way)
     perc-provider links delete ID LINK
 
 ``create`` is steps 7-9 of draft-roach-perc-webrtc's conference
@@ -242,10 +242,19 @@ def _md_api_url(value: str) -> str:
 def links_text(links: list[dict[str, Any]]) -> str:
     if not links:
         return "no links\n"
+    def media(link: dict[str, Any], way: str) -> str:
+        """SRTP + SRTCP packets (bytes) that crossed the link one way."""
+        packets = link.get(f"rtp_{way}", 0) + link.get(f"rtcp_{way}", 0)
+        size = link.get(f"rtp_{way}_bytes", 0) + link.get(f"rtcp_{way}_bytes", 0)
+        return f"{packets} ({size} B)"
+
     rows = [(link.get("id"), link.get("role"), link.get("state"),
              (f"{link['peer']['host']}:{link['peer']['port']}" if link.get("peer") else "-"),
-             link.get("peer_fingerprint", "")[:23] + "...") for link in links]
-    return table(("LINK", "ROLE", "STATE", "PEER", "PEER FINGERPRINT"), rows)
+             link.get("peer_fingerprint", "")[:23] + "...", media(link, "in"),
+             media(link, "out"), sum((link.get("drops") or {}).values()))
+            for link in links]
+    return table(("LINK", "ROLE", "STATE", "PEER", "PEER FINGERPRINT", "MEDIA IN", "MEDIA OUT",
+                  "DROPPED"), rows)
 
 
 async def create_link(opener: ApiClient, acceptor: ApiClient, conference_id: str,

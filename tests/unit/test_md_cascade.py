@@ -25,7 +25,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from perc_daemons.md.media import MediaPlaneProtocol
-from perc_daemons.md.plane import MediaPlane
+from perc_daemons.md.plane import LEG_COUNTERS, LINK_COUNTERS, MediaPlane
 from perc_daemons.protocol import double
 from perc_daemons.protocol.cascade import (
     CONNECTING,
@@ -243,6 +243,67 @@ class RelayAcrossLinkTests(CascadeTestCase):
         self.assertEqual((link_b.counters["rtp_out"], link_b.counters["rtp_in"]), (6, 6))
         for plane in net.planes.values():
             self.assertEqual(sum(sum(leg.drops.values()) for leg in plane.legs()), 0)
+
+    def test_link_counts_what_crossed_it_each_way(self) -> None:
+        """A link's packets and bytes each way are what went over the wire between the
+        two MDs (the SRTP/SRTCP inside the ChannelData frames); a packet the receiving
+        MD refuses is a drop there, not media in; endpoint legs count no bytes."""
+        net = self.two_mds()
+        first = len(net.wire)
+        for i in range(5):
+            net.media("a1", 100 + i, size=120 + i)
+            net.media("b2", 500 + i, size=900)
+        a2 = net.eps["a2"]
+        net.send("a2", a2.rtcp_out.protect_rtcp(rtcp_rr(a2.ssrc, 3)))
+        frames: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+        for source, destination, data in net.wire[first:]:
+            if source in net.md_at and destination in net.md_at:
+                inner = data[4:]  # ChannelData: channel, length (no padding between MDs)
+                self.assertEqual(int.from_bytes(data[2:4], "big"), len(inner))
+                kind = "rtcp" if 192 <= inner[1] <= 223 else "rtp"
+                frames[(net.md_at[source], net.md_at[destination], kind)].append(len(inner))
+        self.assertEqual({k: len(v) for k, v in frames.items()},
+                         {("A", "B", "rtp"): 5, ("B", "A", "rtp"): 5, ("A", "B", "rtcp"): 1})
+        link_a, link_b = net.planes["A"].leg("L"), net.planes["B"].leg("L")
+        for leg, out, into in ((link_a, "AB", "BA"), (link_b, "BA", "AB")):
+            for kind in ("rtp", "rtcp"):
+                sent = frames.get((out[0], out[1], kind), [])
+                received = frames.get((into[0], into[1], kind), [])
+                self.assertEqual((leg.counters[f"{kind}_out"], leg.counters[f"{kind}_out_bytes"]),
+                                 (len(sent), sum(sent)), (out, kind))
+                self.assertEqual((leg.counters[f"{kind}_in"], leg.counters[f"{kind}_in_bytes"]),
+                                 (len(received), sum(received)), (into, kind))
+        self.assertGreater(link_b.counters["rtp_out_bytes"], 5 * 900)
+        # one of A's packets altered on the way: B drops it (outer tag), counts no media
+        held: list[bytes] = []
+
+        def hold(source: tuple, destination: tuple, data: bytes) -> bool:
+            if (source, destination) == (ADDRESSES["A"], ADDRESSES["B"]):
+                held.append(data)
+                return False
+            return True
+
+        net.filter = hold
+        net.media("a1", 200)
+        net.filter = None
+        [frame] = held
+        before = dict(link_b.counters)
+        net.put(frame[:30] + bytes([frame[30] ^ 1]) + frame[31:], ADDRESSES["A"],
+                ADDRESSES["B"])
+        net.flush()
+        self.assertEqual(link_b.drops["srtp_auth"], 1)
+        self.assertEqual(link_b.counters, before)
+        net.put(frame, ADDRESSES["A"], ADDRESSES["B"])  # the genuine one after all
+        net.flush()
+        self.assertEqual(link_b.counters["rtp_in"], before["rtp_in"] + 1)
+        self.assertEqual(link_b.counters["rtp_in_bytes"],
+                         before["rtp_in_bytes"] + len(frame) - 4)
+        for plane in net.planes.values():
+            for leg in plane.legs():
+                if leg.link is None:
+                    self.assertEqual(tuple(leg.counters), LEG_COUNTERS, leg)
+                else:
+                    self.assertEqual(tuple(leg.counters), LINK_COUNTERS, leg)
 
     def test_rtcp_crosses_hop_by_hop(self) -> None:
         net = self.two_mds()

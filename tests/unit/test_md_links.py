@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from perc_daemons import config
 from perc_daemons.devpki import DevPki
+from perc_daemons.md.plane import LEG_DROP_REASONS, LINK_COUNTERS
 from perc_daemons.md.provider_cli import run
 from perc_daemons.md.service import md_service
 
@@ -115,6 +116,33 @@ class MdLinkApiTests(unittest.TestCase):
                                           "port": b.conferences.media_port})
         yield self.wait_states(["up"])
         self.assertEqual(len(a.conferences.plane.groups()["weekly"]), 1)  # the link leg
+        # what crossed it so far, each MD's view: the checks and the DTLS handshake
+        # (over real UDP), no media yet, nothing dropped
+        listed = {}
+        for name, md in (("a", a), ("b", b)):
+            code, body, err = yield self.provider(md.url, "links", "list", "weekly")
+            self.assertEqual(code, 0, err)
+            [listed[name]] = body["links"]
+            leg = md.conferences.plane.leg(listed[name]["id"])
+            self.assertEqual({k: listed[name][k] for k in LINK_COUNTERS},
+                             dict(leg.counters), name)
+            self.assertEqual(listed[name]["drops"], dict.fromkeys(LEG_DROP_REASONS, 0), name)
+            self.assertGreater(listed[name]["stun_in"], 0, name)
+            self.assertGreater(listed[name]["dtls_in"], 0, name)
+            self.assertGreater(listed[name]["dtls_out"], 0, name)
+            for kind in ("rtp", "rtcp"):
+                for way in ("in", "out"):
+                    self.assertEqual(listed[name][f"{kind}_{way}"], 0)
+                    self.assertEqual(listed[name][f"{kind}_{way}_bytes"], 0)
+        out, err = io.StringIO(), io.StringIO()
+        code = yield defer.ensureDeferred(run(
+            ["links", "list", "weekly", "--config", self.config, "--url", a.url], reactor,
+            stdout=out, stderr=err))
+        self.assertEqual(code, 0, err.getvalue())
+        header, _, row = out.getvalue().splitlines()
+        self.assertEqual(header.split()[-5:], ["MEDIA", "IN", "MEDIA", "OUT", "DROPPED"])
+        self.assertTrue(row.startswith(listed["a"]["id"]), row)
+        self.assertEqual(row.split()[-7:], ["0", "(0", "B)", "0", "(0", "B)", "0"], row)
 
         # a second link to the same MD in this conference would close a cycle
         code, _, err = yield self.provider(a.url, "links", "create", "weekly", "--to", b.url)
