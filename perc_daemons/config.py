@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -512,11 +512,24 @@ class Section(Mapping[str, Any]):
 
 
 class Config(Section):
-    """A daemon's validated configuration: ``config.admin.port``, and its ``path``."""
+    """A daemon's validated configuration: ``config.admin.port``, and its ``path``.
 
-    def __init__(self, path: str, sections: dict[str, Section]) -> None:
+    Loaded from several files (:func:`load_layers`: a shared file, then one
+    per process), ``paths`` lists them in order, ``path`` is the first, and
+    :meth:`origin` names the file that set a key.
+    """
+
+    def __init__(self, path: str, sections: dict[str, Section], *,
+                 paths: tuple[str, ...] = (), origins: Mapping[str, str] | None = None
+                 ) -> None:
         super().__init__(sections)
         self.path = path
+        self.paths = paths or (path,)
+        self._origins = dict(origins or {})
+
+    def origin(self, key: str) -> str:
+        """The file that set ``key`` ("section.key"); the first file for a default."""
+        return self._origins.get(key, self.path)
 
 
 def _type_name(kind: type) -> str:
@@ -562,8 +575,18 @@ def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
     A nested table such as ``[auth.ldap]`` is the section ``"auth.ldap"``
     (``config["auth.ldap"].host``); its keys are named ``auth.ldap.host`` in errors.
     """
+    return _validate_flat(daemon, path, _flatten(SCHEMAS[daemon], path, raw))
+
+
+def _validate_flat(daemon: str, path: str, flat: Mapping[str, Mapping[str, Any]], *,
+                   paths: tuple[str, ...] = (), origins: Mapping[str, str] | None = None
+                   ) -> Config:
+    origins = origins or {}
+
+    def error(key: str, reason: str) -> ConfigError:
+        return ConfigError(origins.get(key, path), key, reason)
+
     schema = SCHEMAS[daemon]
-    flat = _flatten(schema, path, raw)
     sections: dict[str, Section] = {}
     for section_name, settings in schema.items():
         given = flat.get(section_name, {})
@@ -577,29 +600,49 @@ def validate(daemon: str, path: str, raw: Mapping[str, Any]) -> Config:
             if not isinstance(value, setting.kind) or (
                 setting.kind is not bool and isinstance(value, bool)
             ):
-                raise ConfigError(
-                    path, f"{section_name}.{key}",
+                raise error(
+                    f"{section_name}.{key}",
                     f"must be {_type_name(setting.kind)}, not {type(value).__name__}",
                 )
             if setting.check is not None:
                 reason = setting.check(value)
                 if reason is not None:
-                    raise ConfigError(path, f"{section_name}.{key}", f"{reason} (got {value!r})")
+                    raise error(f"{section_name}.{key}", f"{reason} (got {value!r})")
             values[key] = value
         sections[section_name] = Section(values)
     cross = CROSS_CHECKS.get(daemon)
     if cross is not None:
         problem = cross(sections)
         if problem is not None:
-            raise ConfigError(path, *problem)
-    return Config(path, sections)
+            raise error(*problem)
+    return Config(path, sections, paths=paths, origins=origins)
 
 
-def load(daemon: str, path: str) -> Config:
-    """Read and validate ``path`` for ``daemon`` ("md", "kd" or "kmf")."""
+def load_layers(daemon: str, paths: Sequence[str]) -> Config:
+    """Read ``paths`` in order, a key in a later file replacing the same key in an earlier
+    one, then validate the result; an error names the file that set the key.
+
+    How several processes of one daemon share a file (``/etc/perc/md.toml``)
+    and each adds its own (``/etc/perc/md@2.toml``: its ports and state file;
+    the ``perc-md@.service`` template unit passes both).
+    """
+    if len(paths) == 1:
+        return load(daemon, paths[0])
+    schema = SCHEMAS[daemon]
+    merged: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
+    for path in paths:
+        for section, values in _flatten(schema, path, _read(path)).items():
+            merged.setdefault(section, {}).update(values)
+            for key in values:
+                origins[f"{section}.{key}"] = path
+    return _validate_flat(daemon, paths[0], merged, paths=tuple(paths), origins=origins)
+
+
+def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found") from None
     except PermissionError:
@@ -610,4 +653,8 @@ def load(daemon: str, path: str) -> Config:
         raise ConfigError(path, "", f"invalid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not UTF-8 text") from None
-    return validate(daemon, path, raw)
+
+
+def load(daemon: str, path: str) -> Config:
+    """Read and validate ``path`` for ``daemon`` ("md", "kd" or "kmf")."""
+    return validate(daemon, path, _read(path))

@@ -32,10 +32,14 @@ EXIT_CANNOT_LISTEN = 3
 
 
 class DaemonOptions(usage.Options):
-    """``--config PATH``; the file is loaded and validated while options are parsed.
+    """``--config PATH`` (repeatable); the files are loaded and validated while options
+    are parsed.
 
-    On a bad file the daemon prints one line naming the file, key and reason
-    and exits with status 2, before twistd daemonises or opens logs.
+    Given twice or more, a key of a later file replaces the same key of an
+    earlier one (:func:`~perc_daemons.config.load_layers`): the shared
+    ``/etc/perc/md.toml`` and one process's ``/etc/perc/md@2.toml``.  On a
+    bad file the daemon prints one line naming the file, key and reason and
+    exits with status 2, before twistd daemonises or opens logs.
     """
 
     daemon = ""  # "md", "kd" or "kmf": set by subclasses
@@ -43,16 +47,20 @@ class DaemonOptions(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["config"] = f"/etc/perc/{self.daemon}.toml"
+        self["configs"] = []
 
     def opt_config(self, path: str) -> None:
-        """Configuration file (TOML) [default: /etc/perc/<daemon>.toml]."""
-        self["config"] = path
+        """Configuration file (TOML) [default: /etc/perc/<daemon>.toml]; repeatable, later
+        files override keys of earlier ones."""
+        self["configs"].append(path)
+        self["config"] = self["configs"][0]
 
     opt_c = opt_config
 
     def postOptions(self) -> None:
         try:
-            self.loaded = config_module.load(self.daemon, self["config"])
+            self.loaded = config_module.load_layers(self.daemon,
+                                                    self["configs"] or [self["config"]])
         except config_module.ConfigError as e:
             sys.stderr.write(f"perc-{self.daemon}: configuration error: {e}\n")
             sys.stderr.flush()
@@ -119,9 +127,9 @@ class ConfigReloader(Service):
         return changed
 
     def _check_config(self) -> list[str]:
-        path = self._running_config.path
+        path = ", ".join(self._running_config.paths)
         try:
-            new = config_module.load(self._daemon, path)
+            new = config_module.load_layers(self._daemon, self._running_config.paths)
         except config_module.ConfigError as e:
             self.log.error("perc-{daemon}: reload refused, keeping the running "
                            "configuration: {error}", daemon=self._daemon, error=str(e))
@@ -138,14 +146,17 @@ class ConfigReloader(Service):
         return changed
 
 
-def listener_setting(cfg: config_module.Config, error: CannotListenError) -> str:
-    """The ``[section] bind/port`` of ``cfg`` that ``error`` is about ("" if none matches)."""
+def listener_setting(cfg: config_module.Config, error: CannotListenError
+                     ) -> tuple[str, str]:
+    """The ``[section] bind/port`` of ``cfg`` that ``error`` is about, and its port key
+    ("section.port"); ``("", "")`` if none matches."""
     for section in cfg:
         values = cfg[section]
         if "bind" in values and "port" in values and values["port"] == error.port \
                 and values["bind"] == (error.interface or values["bind"]):
-            return f"[{section}] bind = {values['bind']!r}, port = {values['port']}"
-    return ""
+            return (f"[{section}] bind = {values['bind']!r}, port = {values['port']}",
+                    f"{section}.port")
+    return "", ""
 
 
 def cannot_listen_message(daemon: str, cfg: config_module.Config,
@@ -160,8 +171,9 @@ def cannot_listen_message(daemon: str, cfg: config_module.Config,
             errno.EADDRNOTAVAIL: "no interface of this host has that address",
             errno.EACCES: "ports below 1024 need privileges the units do not grant"
             }.get(number, "")
-    setting = listener_setting(cfg, error)
-    where = f" ({setting} in {cfg.path})" if setting else f" (see {cfg.path})"
+    setting, key = listener_setting(cfg, error)
+    where = f" ({setting} in {cfg.origin(key)})" if setting else \
+        f" (see {', '.join(cfg.paths)})"
     host = f"[{error.interface}]" if ":" in (error.interface or "") else error.interface
     return (f"perc-{daemon}: cannot listen on {host or '*'}:{error.port}{where}: {reason}"
             + (f"; {hint}" if hint else "") + f"; exiting with status {EXIT_CANNOT_LISTEN}")

@@ -69,7 +69,7 @@ class Options(DaemonOptions):
 
 
 def _error(cfg: config_module.Config, key: str, reason: str) -> config_module.ConfigError:
-    return config_module.ConfigError(cfg.path, key, reason)
+    return config_module.ConfigError(cfg.origin(key), key, reason)
 
 
 def load_kek(cfg: config_module.Config) -> KeyEncryptionKey:

@@ -67,7 +67,7 @@ class Options(DaemonOptions):
 
 
 def _error(cfg: config_module.Config, key: str, reason: str) -> config_module.ConfigError:
-    return config_module.ConfigError(cfg.path, key, reason)
+    return config_module.ConfigError(cfg.origin(key), key, reason)
 
 
 def advertised_host(bind: str, advertise: str) -> str:
@@ -173,7 +173,8 @@ class RestoreService(Service):
         try:
             self.keeper.restore()
         except StateError as e:
-            sys.stderr.write(f"perc-md: configuration error: {self.cfg.path}: state.file: "
+            origin = self.cfg.origin("state.file")
+            sys.stderr.write(f"perc-md: configuration error: {origin}: state.file: "
                              f"{self.keeper.file.path}: {e} (move it away to start without "
                              "the saved conferences)\n")
             sys.stderr.flush()

@@ -304,3 +304,53 @@ class LoadTests(unittest.TestCase):
                                "must be an IPv4 or IPv6 address (got 'md.example')")
         self.assertConfigError(self.write("[api]\njoin_timeout = 0\n"),
                                "api.join_timeout", "must be positive (got 0)")
+
+
+class LayerTests(unittest.TestCase):
+    """``--config A --config B``: B's keys replace A's; errors name the file that set the key."""
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.base = self.write("md.toml", '[api]\nport = 9443\njoin_timeout = 7\n'
+                                          '[media]\nport = 9470\n')
+
+    def test_later_file_wins_key_by_key(self) -> None:
+        instance = self.write("md@2.toml", '[api]\nport = 9444\n[media]\nport = 9471\n'
+                                           '[state]\nfile = "/var/lib/perc/md@2-state.json"\n')
+        cfg = config.load_layers("md", [self.base, instance])
+        self.assertEqual((cfg.api.port, cfg.api.join_timeout, cfg.media.port),
+                         (9444, 7, 9471))
+        self.assertEqual(cfg.state.file, "/var/lib/perc/md@2-state.json")
+        self.assertEqual(cfg.paths, (self.base, instance))
+        self.assertEqual((cfg.origin("api.port"), cfg.origin("api.join_timeout"),
+                          cfg.origin("tunnel.port")), (instance, self.base, self.base))
+
+    def test_error_names_the_file_that_set_the_key(self) -> None:
+        instance = self.write("md@2.toml", '[media]\nport = 70000\n')
+        with self.assertRaises(config.ConfigError) as raised:
+            config.load_layers("md", [self.base, instance])
+        self.assertEqual((raised.exception.path, raised.exception.key),
+                         (instance, "media.port"))
+        broken = self.write("md@3.toml", '[media]\nnope = 1\n')
+        with self.assertRaises(config.ConfigError) as raised:
+            config.load_layers("md", [self.base, broken])
+        self.assertEqual((raised.exception.path, raised.exception.key), (broken, "media.nope"))
+        with self.assertRaises(config.ConfigError) as raised:
+            config.load_layers("md", [self.base, os.path.join(self.dir, "missing.toml")])
+        self.assertEqual(raised.exception.reason, "file not found")
+
+    def test_options_take_config_twice(self) -> None:
+        from perc_daemons.md.service import Options
+
+        instance = self.write("md@2.toml", '[api]\nport = 9444\n')
+        options = Options()
+        options.parseOptions(["--config", self.base, "--config", instance])
+        self.assertEqual((options.loaded.api.port, options.loaded.media.port), (9444, 9470))
+        self.assertEqual(options.loaded.paths, (self.base, instance))
