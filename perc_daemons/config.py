@@ -188,6 +188,29 @@ def _jwks_url(value: str) -> str | None:
     return 'must be "" or an https:// URL (http:// only on loopback) without fragment'
 
 
+def _process_urls(value: list) -> str | None:
+    """``[cluster] processes``: https://host:port URLs (distinct ports), none or two or more."""
+    from urllib.parse import urlsplit
+
+    ports = set()
+    for item in value:
+        if not isinstance(item, str) or _url_or_empty(item) is not None or item == "":
+            return 'must be a list of https://host:port URLs (the processes\' [api])'
+        parts = urlsplit(item)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if port is None or parts.path not in ("", "/"):
+            return f"{item!r}: must be https://host:port with the port and no path"
+        if port in ports:
+            return f"port {port} twice: each process has its own [api] port"
+        ports.add(port)
+    if len(value) == 1:
+        return "must name every process, this one included (two or more), or none"
+    return None
+
+
 def _sha256_fingerprints(value: list) -> str | None:
     for item in value:
         if not isinstance(item, str) or not re.fullmatch(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}",
@@ -256,6 +279,13 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
         "kd_fingerprints": Setting(list, [], "SHA-256 fingerprints of KD certificates trusted "
                                    "for every conference.", _sha256_fingerprints),
         **_liveness_settings(),
+    },
+    "cluster": {
+        "processes": Setting(list, [], "API URLs of every perc-md process of this host that "
+                             "shares conferences, this one included (the one on its [api] "
+                             "port); the same list in every process.", _process_urls),
+        "ca_file": Setting(str, "/etc/perc/tls/ca.crt", "CA certificate(s) the processes' "
+                           "API certificates chain to.", _absolute_path),
     },
     "state": {
         "file": Setting(str, "/var/lib/perc/md-state.json",
@@ -483,9 +513,21 @@ SCHEMAS: dict[str, dict[str, dict[str, Setting]]] = {
     "kmf": _KMF_SCHEMA,
 }
 
+def _md_cross_checks(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, str] | None:
+    from urllib.parse import urlsplit
+
+    processes = sections["cluster"]["processes"]
+    port = sections["api"]["port"]
+    if processes and not any(urlsplit(url).port == port for url in processes):
+        return ("cluster.processes", f"no URL is this process's (none on its [api] port "
+                                     f"{port}): list every process, this one included")
+    return None
+
+
 #: Per daemon: checks spanning several keys, run after every key is valid.
 CROSS_CHECKS: dict[str, Callable[[Mapping[str, Mapping[str, Any]]], tuple[str, str] | None]] = {
     "kmf": _kmf_cross_checks,
+    "md": _md_cross_checks,
 }
 
 

@@ -37,6 +37,10 @@ their conference APIs.  With ``static_mds`` the KD's ``[tunnel] mds`` lists
 every MD (through its tap with ``tap=True``); without, the KD connects to
 the MDs the KMF names for each conference, and no tap sees those tunnels.
 ``settings`` of "md" apply to "md" only: give "md2" its own.
+``cluster=True`` makes the MDs one host's processes (md.toml ``[cluster]
+processes``, md/cluster.py): their API ports are chosen before they start,
+every MD lists all of them, and a join at any one is placed on the least
+loaded.
 
 Nothing here is fit for production: the CA key sits beside the certificates.
 """
@@ -192,7 +196,7 @@ class LocalStack:
                  password: str | None = None, tap: bool = False, static_mds: bool = True,
                  python: str = sys.executable, consent_timeout: int = 30,
                  settings: dict[str, dict[str, dict[str, Any]]] | None = None,
-                 extra_mds: int = 0) -> None:
+                 extra_mds: int = 0, cluster: bool = False) -> None:
         self.dir = os.path.abspath(directory)
         self.reactor = reactor
         self.python = python
@@ -202,6 +206,11 @@ class LocalStack:
         #: The extra MDs ("md2", "md3", ...) and their ports, in start order.
         self.md_ports: dict[str, MdPorts] = {f"md{i}": MdPorts()
                                              for i in range(2, 2 + extra_mds)}
+        self.cluster = cluster
+        if cluster:  # each process lists every one's API URL: fixed before they start
+            self.ports.md_api = free_port()
+            for extra in self.md_ports.values():
+                extra.api = free_port()
         self.consent_timeout = consent_timeout
         self.settings = settings or {}
         self.copies: dict[str, int] = {}  # start_kd_copy label -> its admin port
@@ -333,7 +342,13 @@ class LocalStack:
                 f'consent_timeout = {self.consent_timeout}\n'
                 f'[tunnel]\nbind = "127.0.0.1"\nport = {p.tunnel}\n'
                 f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n'
-                f'[state]\nfile = "{os.path.join(self.dir, name + "-state.json")}"\n')
+                f'[state]\nfile = "{os.path.join(self.dir, name + "-state.json")}"\n'
+                + (f'[cluster]\nprocesses = {json.dumps(self._process_urls())}\n'
+                   f'ca_file = "{self.ca_path}"\n' if self.cluster else ""))
+
+    def _process_urls(self) -> list[str]:
+        return [f"https://localhost:{self.ports.md_api}"] + [
+            f"https://localhost:{extra.api}" for extra in self.md_ports.values()]
 
     def _with_settings(self, name: str, text: str) -> str:
         """``text`` with the :attr:`settings` of daemon ``name`` added to their sections."""

@@ -18,11 +18,12 @@ answer).  The leave token is never logged nor shown in ``repr``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from cryptography import x509
 
@@ -32,6 +33,7 @@ from perc_daemons.endpoint.https import (
     HttpsClient,
     problem_text,
 )
+from perc_daemons.protocol import jsontext
 
 __all__ = ["JoinRefused", "JoinResponse", "LeaveFailed", "MdClient", "MdError"]
 
@@ -66,6 +68,8 @@ class JoinResponse:
     association_id: bytes  # its 16 bytes
     signed_answer: str
     leave_token: str = field(repr=False)
+    #: The MD process holding the participant (another of the host's after a 307).
+    md_url: str = ""
 
 
 class MdClient:
@@ -81,9 +85,22 @@ class MdClient:
         await self.http.close()
 
     async def join(self, conference_id: str, offer: str) -> JoinResponse:
-        """POST the offer; the association, signed answer and leave token."""
+        """POST the offer; the association, signed answer and leave token.
+
+        An MD of several processes may place the participant on another one
+        of the same host (docs/API.md, "Placement"): a ``307`` whose
+        ``Location`` is that process's join URL, on the same host name and
+        checked with the same CA.  The offer is sent there once more (no
+        further redirect followed), and the leave goes there too
+        (:attr:`JoinResponse.md_url`).
+        """
         path = f"/v1/conferences/{quote(conference_id, safe='')}/participants"
-        code, body, content = await self.http.json("POST", path, {"offer": offer})
+        code, body, content, where = await self._post_offer(path, offer)
+        if code == 307:
+            code, body, content, where = await self._post_offer(
+                self._placed_at(body, where), offer)
+            if code == 307:
+                raise MdError("the MD's process redirected the join again")
         if code != 201:
             raise JoinRefused(code, *problem_text(code, content))
         if not isinstance(body, dict) or not all(
@@ -95,11 +112,41 @@ class MdClient:
         except ValueError:
             raise MdError("the MD's association is not a UUID") from None
         return JoinResponse(str(association), association.bytes, body["answer"],
-                            body["leave_token"])
+                            body["leave_token"], md_url=where)
+
+    async def _post_offer(self, path: str, offer: str) -> tuple[int, Any, bytes, str]:
+        """(status, JSON body, raw body, base URL) of the offer POSTed to ``path`` (a path
+        on the MD, or an absolute URL of one of its processes)."""
+        data = json.dumps({"offer": offer}).encode("utf-8")
+        code, headers, content = await self.http.request(
+            "POST", path, headers={"Accept": "application/json",
+                                   "Content-Type": "application/json"}, data=data)
+        where = self.http.base
+        if path.startswith("https://"):
+            parts = urlsplit(path)
+            where = f"https://{parts.netloc}"
+        if code == 307:
+            location = headers.getRawHeaders(b"location", [b""])[0].decode("ascii", "replace")
+            return code, location, content, where
+        try:
+            parsed = jsontext.loads(content) if content.strip() else None
+        except jsontext.JsonError:
+            parsed = None
+        return code, parsed, content, where
+
+    def _placed_at(self, location: str, where: str) -> str:
+        """The absolute join URL of a 307; MdError unless https on the MD's own host name."""
+        target = urlsplit(urljoin(where + "/", location))
+        ours = urlsplit(self.http.base)
+        if target.scheme != "https" or target.hostname != ours.hostname or not target.port:
+            raise MdError(f"the MD redirected the join to {location!r}, not to another "
+                          f"process on {ours.hostname}")
+        return urlunsplit(target)
 
     async def leave(self, conference_id: str, joined: JoinResponse) -> None:
         """DELETE our participant (204, also when already gone; an older MD's 404 accepted)."""
-        path = (f"/v1/conferences/{quote(conference_id, safe='')}/participants/"
+        path = (f"{joined.md_url if joined.md_url != self.http.base else ''}"
+                f"/v1/conferences/{quote(conference_id, safe='')}/participants/"
                 f"{joined.association}")
         code, _, content = await self.http.request(
             "DELETE", path, headers={"Authorization": f"Bearer {joined.leave_token}",

@@ -437,10 +437,37 @@ async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: A
     if args.start:
         created = await client.call("POST", f"/v1/conferences/{cid}/start")
     extra: list[tuple[str, Any]] = []
-    for md_url in args.md:
+    for md_url in await _md_processes(client, config, args.md):
         created, more = await _establish_at_md(client, args, config, md_url)
         extra += more
     io.emit(created, conference_text(created, extra))
+
+
+async def _md_processes(client: ApiClient, config: AdminConfig, md_urls: list[str]
+                        ) -> list[str]:
+    """``--md`` URLs, each followed by the other perc-md processes of its host that share
+    its conferences (its ``GET /v1/md`` ``cluster``, md.toml ``[cluster] processes``):
+    the conference is made on every one, and the KD told of each one's tunnel."""
+    from perc_daemons.md import provider_cli
+
+    if not md_urls:
+        return []
+    provider = provider_cli.load_provider_config(
+        config.provider_config or provider_cli.DEFAULT_CONFIG,
+        required=bool(config.provider_config))
+    seen: dict[str, None] = {}
+    for md_url in md_urls:
+        seen.setdefault(md_url.rstrip("/"), None)
+        md = await provider_cli.md_client(provider, client.reactor, url=md_url)
+        try:
+            info = await md.call("GET", "/v1/md")
+        finally:
+            await md.close()
+        cluster = info.get("cluster") if isinstance(info, dict) else None
+        for process in cluster or []:
+            if isinstance(process, str):
+                seen.setdefault(process.rstrip("/"), None)
+    return list(seen)
 
 
 async def _establish_at_md(client: ApiClient, args: argparse.Namespace, config: AdminConfig,

@@ -53,6 +53,7 @@ from twisted.web import server
 
 from perc_daemons import tls
 from perc_daemons.logs import AccessLogSite
+from perc_daemons.md.cluster import MdCluster
 from perc_daemons.md.conferences import (
     BadOffer,
     Conference,
@@ -190,13 +191,15 @@ class MdApi(JsonApi):
 
     def __init__(self, conferences: MdConferences, provider_token: ProviderToken, *,
                  tunnel_port: Callable[[], int], clock: IReactorTime,
-                 links: MdLinks | None = None, fingerprint: bytes = b"") -> None:
+                 links: MdLinks | None = None, fingerprint: bytes = b"",
+                 cluster: MdCluster | None = None) -> None:
         super().__init__()
         self.conferences = conferences
         self.provider_token = provider_token
         self.tunnel_port = tunnel_port
         self.clock = clock
         self.links = links
+        self.cluster = cluster
         self.fingerprint = fingerprint
         cid = r"(?P<cid>[^/]+)"
         self._routes: Routes = [
@@ -313,9 +316,14 @@ class MdApi(JsonApi):
         """What another MD (and the provider linking them) needs to know of this one."""
         self._provider(request)
         host = request.getRequestHostname().decode("ascii", "replace")
+        c = self.conferences
         return Response(200, {"fingerprint": format_fingerprint(self.fingerprint),
                               "media": self._media(),
-                              "tunnel": {"host": host, "port": self.tunnel_port()}})
+                              "tunnel": {"host": host, "port": self.tunnel_port()},
+                              "load": {"participants": len(c.participants()) + c.pending_joins,
+                                       "conferences": len(c.conferences())},
+                              "cluster": list(self.cluster.processes)
+                              if self.cluster is not None else []})
 
     def _link_json(self, link: Link) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -403,6 +411,11 @@ class MdApi(JsonApi):
         if not isinstance(offer, str) or not offer:
             raise Problem(400, "invalid-request", "Invalid request",
                           '"offer" must be the SDP offer text')
+        if self.cluster is not None and request.args.get(b"placed") != [b"1"]:
+            placement = await self.cluster.place(cid)
+            if placement.url is not None:  # another process of this host takes it
+                return Response(307, {"placed": placement.process},
+                                {b"location": placement.url.encode()})
         aid, answer, leave_token = await self.conferences.join(cid, offer)
         association = str(uuid.UUID(bytes=aid))
         return Response(201, {"association": association, "answer": answer,

@@ -44,6 +44,7 @@ from perc_daemons import tls
 from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
 from perc_daemons.listening import HttpsService, ListeningService, url_host
 from perc_daemons.md.api import MdApi, ProviderToken, md_site
+from perc_daemons.md.cluster import MdCluster
 from perc_daemons.md.conferences import EVENTS, MdConferences
 from perc_daemons.md.links import MdLinks
 from perc_daemons.md.media import MediaPlaneProtocol
@@ -217,6 +218,31 @@ def link_credentials(cfg: config_module.Config) -> tuple[bytes, Any]:
     return der, key
 
 
+def md_cluster(cfg: config_module.Config, reactor: Any, conferences: MdConferences,
+               token: ProviderToken) -> MdCluster | None:
+    """The host's perc-md processes (``[cluster]``, md/cluster.py), None when alone."""
+    if not cfg.cluster.processes:
+        return None
+    from perc_daemons.cli import ApiClient, trust_root
+
+    try:
+        trust = trust_root(cfg.cluster.ca_file, cfg.origin("cluster.ca_file"))
+    except config_module.ConfigError as e:
+        raise _error(cfg, "cluster.ca_file", e.reason) from None
+
+    def client_for(url: str) -> ApiClient | None:
+        secret = token.current()
+        if secret is None:
+            return None
+        client = ApiClient(reactor, url, trust)
+        client.token = secret.decode("utf-8")
+        return client
+
+    return MdCluster(cfg.cluster.processes, cfg.api.port, reactor, client_for=client_for,
+                     local_load=lambda: len(conferences.participants()) +
+                     conferences.pending_joins, hold=float(cfg.api.join_timeout))
+
+
 def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     """The whole daemon; raises ConfigError for unusable files.
 
@@ -270,8 +296,9 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     conferences.on_changed = keeper.changed
     if links is not None:
         links.on_changed = keeper.changed
+    cluster = md_cluster(cfg, reactor, conferences, token)
     api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor,
-                links=links, fingerprint=hashlib.sha256(api_der).digest())
+                links=links, fingerprint=hashlib.sha256(api_der).digest(), cluster=cluster)
     top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
 
     # Started in this order (stopped in reverse): media and tunnel before the API.
@@ -288,6 +315,7 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     top.media = protocol  # type: ignore[attr-defined]
     top.tunnel = tunnel  # type: ignore[attr-defined]
     top.state = keeper  # type: ignore[attr-defined]
+    top.cluster = cluster  # type: ignore[attr-defined]
     return top
 
 

@@ -13,6 +13,7 @@
   (False: no conference is created), ``settings`` (extra configuration keys,
   see :class:`~perc_daemons.demo.stack.LocalStack`), ``extra_mds`` (more perc-md
   processes, "md2"...: ``endpoint(..., md=)`` and ``join(..., md=)`` pick one),
+  ``cluster`` (the MDs are one host's processes: joins placed on the least loaded),
   ``timeout``.
 * :class:`RecordingEndpoint`: the reference endpoint, recording every
   datagram it wrote to the MD with its send time (:attr:`~RecordingEndpoint.sent`),
@@ -432,13 +433,14 @@ class StackTestCase(unittest.TestCase):
     create_conference = True
     settings: dict[str, dict[str, dict[str, Any]]] = {}
     extra_mds = 0
+    cluster = False
 
     async def setUp(self) -> None:
         self.endpoints: list[RecordingEndpoint] = []
         for attempt in range(1, START_ATTEMPTS + 1):
             self.stack = LocalStack(self.mktemp(), reactor, users=self.users, tap=self.tap,
                                     static_mds=self.static_mds, settings=self.settings,
-                                    extra_mds=self.extra_mds)
+                                    extra_mds=self.extra_mds, cluster=self.cluster)
             try:
                 self.stack.prepare()
                 await self.stack.start_all()

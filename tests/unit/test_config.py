@@ -215,13 +215,13 @@ class LoadTests(unittest.TestCase):
     def test_unknown_section(self) -> None:
         path = self.write("[nope]\nx = 1\n")
         self.assertConfigError(path, "nope",
-                               "unknown section (known: admin, api, connections, logging, "
+                               "unknown section (known: admin, api, cluster, connections, logging, "
                                "media, state, tunnel)")
 
     def test_top_level_key_is_unknown_section(self) -> None:
         path = self.write("port = 1\n")
         self.assertConfigError(path, "port",
-                               "unknown section (known: admin, api, connections, logging, "
+                               "unknown section (known: admin, api, cluster, connections, logging, "
                                "media, state, tunnel)")
 
     def test_section_not_a_table(self) -> None:
