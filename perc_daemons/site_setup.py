@@ -96,6 +96,41 @@ class SetupOptions:
     #: The daemons this host runs: its files only.  An MD run by a conference
     #: provider gets no KD key, no KMF client secrets (other trust domain).
     roles: frozenset[str] = frozenset({"kmf", "kd", "md"})
+    #: perc-md processes on this host (one per core): above 1, ``md@1.toml`` ...
+    #: ``md@N.toml`` for ``perc-md@1.service`` ... (:func:`md_process_toml`).
+    md_processes: int = 1
+
+
+#: Process k of several perc-md processes adds (k - 1) * this to every default port.
+MD_PROCESS_PORT_STEP = 100
+MAX_MD_PROCESSES = 64
+
+
+def md_process_ports(k: int) -> dict[str, int]:
+    """The ports of perc-md process ``k`` (1, 2, ...): the defaults plus 100 per process."""
+    step = (k - 1) * MD_PROCESS_PORT_STEP
+    return {"admin": 9461 + step, "api": 9443 + step, "tunnel": 9450 + step,
+            "media": 9470 + step}
+
+
+def md_process_toml(k: int, processes: int, host: str) -> str:
+    """``/etc/perc/md@k.toml``: what process ``k`` of ``processes`` sets beside md.toml."""
+    ports = md_process_ports(k)
+    urls = ", ".join(f'"https://{host}:{md_process_ports(i)["api"]}"'
+                     for i in range(1, processes + 1))
+    return (
+        f"# /etc/perc/md@{k}.toml: perc-md process {k} of {processes} on this host (made by\n"
+        "# perc-admin setup --md-processes). perc-md@%i.service reads /etc/perc/md.toml,\n"
+        "# then this file: its keys replace md.toml's. Every process has its own ports\n"
+        "# (the defaults plus 100 per process) and state file; [cluster] lists all of\n"
+        "# them, the same in every file (docs/DEPLOYMENT.md, \"Several processes on one\n"
+        "# host\").\n"
+        f"[admin]\nport = {ports['admin']}\n"
+        f"[api]\nport = {ports['api']}\n"
+        f"[tunnel]\nport = {ports['tunnel']}\n"
+        f"[media]\nport = {ports['media']}\n"
+        f'[state]\nfile = "/var/lib/perc/md@{k}-state.json"\n'
+        f"[cluster]\nprocesses = [{urls}]\n")
 
 
 @dataclass(frozen=True)
@@ -426,6 +461,12 @@ def setup(options: SetupOptions) -> list[Step]:
     if "md" in roles:
         _secret_file(site, "md-provider.token", "daemon")
         _config_file(site, "provider.toml", _provider_toml(etc))
+        if not 1 <= options.md_processes <= MAX_MD_PROCESSES:
+            raise SetupError(f"--md-processes must be 1-{MAX_MD_PROCESSES}")
+        if options.md_processes > 1:
+            for k in range(1, options.md_processes + 1):
+                _config_file(site, f"md@{k}.toml",
+                             md_process_toml(k, options.md_processes, hosts[0]))
     if "kmf" in roles:
         _config_file(site, "admin.toml", _admin_toml(etc, options.domain))
     site.save_manifest()

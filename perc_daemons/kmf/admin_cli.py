@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roles", default="kmf,kd,md", type=_roles, metavar="ROLES",
                    help="the daemons this host runs, e.g. md on a provider's MD host "
                         "(default kmf,kd,md)")
+    p.add_argument("--md-processes", type=int, default=1, metavar="N",
+                   help="perc-md processes on this host, one per core (default 1): above "
+                        "1, md@1.toml ... md@N.toml for perc-md@1 ... perc-md@N, each with "
+                        "its own ports (+100 per process), all listed in [cluster] by the "
+                        "first --host-name (the name endpoints reach the MD by)")
 
     p = command(groups, "doctor", "check this host's configuration, certificates, "
                 "permissions, ports and the daemons' reachability, and print what to fix")
@@ -709,13 +714,21 @@ Endpoints trust {etc}/tls/ca.crt (copy it to them); docs/OPERATIONS.md has the r
 """
 
 
+_MD_PROCESSES_NEXT = """
+{n} perc-md processes: run them instead of perc-md:
+  systemctl disable --now perc-md
+  systemctl enable --now $(printf 'perc-md@%s ' $(seq 1 {n}))
+Open UDP 9470, 9570, ... (one media port per process) to endpoints and other MDs.
+"""
+
+
 def _setup(args: argparse.Namespace, io: Io) -> None:
     from perc_daemons.site_setup import SetupError, SetupOptions, setup
 
     options = SetupOptions(etc_dir=args.etc_dir, user=args.user, domain=args.domain,
                            host_names=tuple(args.host_names),
                            ca_certificate=args.ca_certificate, ca_key=args.ca_key,
-                           roles=args.roles)
+                           roles=args.roles, md_processes=args.md_processes)
     try:
         steps = setup(options)
     except SetupError as e:
@@ -726,7 +739,9 @@ def _setup(args: argparse.Namespace, io: Io) -> None:
     lines = [f"{step.action:<9}{step.path:<{width}}  {step.detail}".rstrip() for step in steps]
     io.emit({"steps": [{"action": s.action, "path": s.path, "detail": s.detail}
                        for s in steps]},
-            "\n".join(lines) + "\n" + _NEXT_STEPS.format(domain=args.domain, etc=args.etc_dir))
+            "\n".join(lines) + "\n" + _NEXT_STEPS.format(domain=args.domain, etc=args.etc_dir)
+            + (_MD_PROCESSES_NEXT.format(n=args.md_processes) if args.md_processes > 1
+               else ""))
 
 
 def _doctor(args: argparse.Namespace, io: Io) -> None:

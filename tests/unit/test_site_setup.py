@@ -211,6 +211,28 @@ class SetupTests(unittest.TestCase):
         with self.assertRaisesRegex(SetupError, "roles are kmf, kd and md"):
             self.run_setup(roles=frozenset({"sfu"}))
 
+    def test_md_processes_get_their_own_ports_state_and_one_cluster(self):
+        from perc_daemons import config
+
+        steps = self.run_setup(roles=frozenset({"md"}), md_processes=3,
+                               host_names=["md.example.net"])
+        self.assertEqual([f for f in sorted(steps) if f.startswith("md@")],
+                         ["md@1.toml", "md@2.toml", "md@3.toml"])
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), "etc", "perc", "md.toml")
+        loaded = [config.load_layers("md", [shipped, os.path.join(self.etc, f"md@{k}.toml")])
+                  for k in (1, 2, 3)]
+        self.assertEqual([c.api.port for c in loaded], [9443, 9543, 9643])
+        self.assertEqual([c.media.port for c in loaded], [9470, 9570, 9670])
+        self.assertEqual(len({(c.admin.port, c.tunnel.port, c.state.file) for c in loaded}), 3)
+        self.assertEqual({tuple(c.cluster.processes) for c in loaded},
+                         {("https://md.example.net:9443", "https://md.example.net:9543",
+                           "https://md.example.net:9643")})
+        self.assertIn("md.example.net", names(self.read("tls/md.crt")))
+        self.assertEqual(mode(os.path.join(self.etc, "md@2.toml")), 0o640)
+        with self.assertRaisesRegex(SetupError, "--md-processes must be 1-64"):
+            self.run_setup(roles=frozenset({"md"}), md_processes=0)
+
     def test_refuses_an_unknown_user(self):
         with self.assertRaisesRegex(SetupError, "no user 'no-such-perc-user'"):
             self.run_setup(user="no-such-perc-user")
