@@ -3,7 +3,9 @@
 Run as root on the host (it reads what the daemons read).  Each check is a
 :class:`Finding`, ``ok``, ``warn`` or ``fail`` with what to do:
 
-* the three configuration files load (the daemons' own validation);
+* the three configuration files load (the daemons' own validation), and
+  so does each perc-md process's ``md@N.toml`` over ``md.toml``
+  (``perc-md@N.service``), all of them naming the same ``[cluster]``;
 * every file they name exists and the daemons' user can read it (owner,
   group, mode and every directory on the way), private ones (keys, secrets,
   tokens) no more open than the daemons accept;
@@ -14,7 +16,8 @@ Run as root on the host (it reads what the daemons read).  Each check is a
 * the KD's and perc-admin's client secrets match their ``secret_hash`` in
   the KMF's client registry; the KD and the KMF agree on the identity
   domain;
-* the network (unless ``network=False``): each daemon's ``/healthz``, and
+* the network (unless ``network=False``): each daemon's ``/healthz`` (each
+  perc-md process's where there are several), and
   when one is not running whether another process holds its ports; the
   KMF's HTTPS as the KD checks it (CA and host name), the MD's API as the
   endpoints do, and the MD's tunnel certificate as the KD checks it.
@@ -98,6 +101,8 @@ class _Doctor:
         self.user_name = user
         self.findings: list[Finding] = []
         self.configs: dict[str, config_module.Config] = {}
+        #: perc-md@N -> its configuration (md.toml, then md@N.toml), when there are any
+        self.md_processes: dict[str, config_module.Config] = {}
 
     def ca_file(self) -> str:
         """The CA the daemons' certificates are checked against: the KD's, else the site's."""
@@ -121,6 +126,36 @@ class _Doctor:
                 self.add("fail", path, str(e), "fix the key named; etc/perc/ documents each")
             else:
                 self.add("ok", path, "valid")
+        if "md" in self.roles and "md" in self.configs:
+            self._load_md_processes()
+
+    def _load_md_processes(self) -> None:
+        """Each ``md@N.toml`` over md.toml, as ``perc-md@N.service`` reads them."""
+        base = os.path.join(self.etc, "md.toml")
+        try:
+            names = sorted((n for n in os.listdir(self.etc)
+                            if n.startswith("md@") and n.endswith(".toml")),
+                           key=lambda n: (len(n), n))
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.etc, name)
+            unit = f"perc-{name[:-len('.toml')]}"
+            try:
+                self.md_processes[unit] = config_module.load_layers("md", [base, path])
+            except config_module.ConfigError as e:
+                self.add("fail", path, str(e), "fix the key named; etc/perc/md.toml "
+                         "documents each")
+            else:
+                self.add("ok", path, f"valid ({unit}, over md.toml)")
+        clusters = {unit: tuple(c.cluster.processes) for unit, c in self.md_processes.items()}
+        if len(set(clusters.values())) > 1:
+            first = next(iter(clusters))
+            for unit, processes in clusters.items():
+                if processes != clusters[first]:
+                    self.add("fail", os.path.join(self.etc, unit[len("perc-"):] + ".toml"),
+                             f"[cluster] processes differs from {first}'s",
+                             "every process must list the same processes, in the same order")
 
     # --- files ---------------------------------------------------------------------------
 
@@ -307,33 +342,42 @@ class _Doctor:
 
     def network(self, timeout: float) -> None:
         kmf, kd, md = (self.configs.get(d) for d in DAEMONS)
-        for daemon, cfg in (("kmf", kmf), ("kd", kd), ("md", md)):
+        # several perc-md processes (perc-md@N) run instead of perc-md
+        mds = list(self.md_processes.items()) or [("perc-md", md)]
+        units = [("perc-kmf", "kmf", kmf), ("perc-kd", "kd", kd)] + [
+            (unit, "md", cfg) for unit, cfg in mds]
+        for unit, daemon, cfg in units:
             if cfg is None:
                 continue
             running = _healthz(cfg.admin.bind, cfg.admin.port, timeout)
             if running:
-                self.add("ok", f"perc-{daemon}", f"running (/healthz on port {cfg.admin.port})")
+                self.add("ok", unit, f"running (/healthz on port {cfg.admin.port})")
                 continue
-            self.add("warn", f"perc-{daemon}", "not running (no /healthz on "
+            self.add("warn", unit, "not running (no /healthz on "
                      f"{cfg.admin.bind}:{cfg.admin.port})",
-                     f"systemctl start perc-{daemon}; journalctl -u perc-{daemon} says why "
-                     "it stopped")
+                     f"systemctl start {unit}; journalctl -u {unit} says why it stopped")
             for section, kind in _listeners(daemon):
                 values = cfg[section]
                 if values.port and _taken(values.bind, values.port, kind):
-                    self.add("fail", f"perc-{daemon}", f"[{section}] port {values.port} on "
+                    self.add("fail", unit, f"[{section}] port {values.port} on "
                              f"{values.bind} is held by another process",
                              "ss -ltnup shows which; stop it or change the port")
         if kd is not None and kmf is not None and os.path.exists(kd.kmf.ca_file):
             self.tls_check("the KD's view of the KMF", kd.kmf.url, kd.kmf.ca_file, timeout)
-        if md is not None and os.path.exists(self.ca_file()):
-            self.tls_check("an endpoint's view of the MD", f"https://localhost:{md.api.port}",
-                           self.ca_file(), timeout)
-        if md is not None and kd is not None and os.path.exists(kd.tunnel.ca_file):
-            # the MD's half of the tunnel handshake, as the KD checks it (the MD then
-            # checks the KD's certificate against the conference's fingerprint)
-            self.tls_check("the KD's view of this MD's tunnel port",
-                           f"https://localhost:{md.tunnel.port}", kd.tunnel.ca_file, timeout)
+        for unit, cfg in mds:
+            if cfg is None:
+                continue
+            who = "the MD" if unit == "perc-md" else unit
+            tunnel_of = "this MD's " if unit == "perc-md" else f"{unit}'s "
+            if os.path.exists(self.ca_file()):
+                self.tls_check(f"an endpoint's view of {who}",
+                               f"https://localhost:{cfg.api.port}", self.ca_file(), timeout)
+            if kd is not None and os.path.exists(kd.tunnel.ca_file):
+                # the MD's half of the tunnel handshake, as the KD checks it (the MD
+                # then checks the KD's certificate against the conference's fingerprint)
+                self.tls_check(f"the KD's view of {tunnel_of}tunnel port",
+                               f"https://localhost:{cfg.tunnel.port}", kd.tunnel.ca_file,
+                               timeout)
 
     def tls_check(self, what: str, url: str, ca_file: str, timeout: float) -> None:
         parts = urlsplit(url)
