@@ -41,6 +41,16 @@ the MDs the KMF names for each conference, and no tap sees those tunnels.
 processes``, md/cluster.py): their API ports are chosen before they start,
 every MD lists all of them, and a join at any one is placed on the least
 loaded.
+``md_hosts`` puts MDs on hosts of their own (the e2e test of the three-host
+layout, tests/e2e/test_cascade_hosts.py, runs them in network namespaces):
+per MD name an :class:`MdHost`, the address it binds every listener to
+(``[admin]``, ``[api]``, ``[tunnel]``, ``[media]`` bind and ``[media]
+advertise``: the stack checks its /healthz from where it runs) and names in
+its URLs and tunnel address (:meth:`LocalStack.md_api_url`,
+:meth:`LocalStack.md_tunnel_address`), a certificate from the site CA naming
+that address (``etc/tls/<name>-<address>.crt``), and the command its
+``twistd`` is run under (e.g. ``ip netns exec NAME``).  Without it every MD
+is on loopback and named ``localhost``.
 
 Nothing here is fit for production: the CA key sits beside the certificates.
 """
@@ -57,7 +67,7 @@ import signal
 import socket
 import sys
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +186,25 @@ class MdPorts:
     media: int = 0
 
 
+@dataclass(frozen=True)
+class MdHost:
+    """Where an MD runs off the stack's loopback (``LocalStack(md_hosts=...)``).
+
+    ``address``: an IP address of that host, which the MD binds and
+    advertises, its certificate names, and the stack and the KD reach it at;
+    ``command``: what its ``twistd`` command line is prefixed with to run
+    there (e.g. ``("ip", "netns", "exec", "perc-1-a")``; empty: run as is).
+    """
+
+    address: str
+    command: tuple[str, ...] = ()
+
+    @property
+    def url_host(self) -> str:
+        """The address as a URL's or ``host:port``'s host (an IPv6 one bracketed)."""
+        return f"[{self.address}]" if ":" in self.address else self.address
+
+
 #: Per daemon: Ports field -> the log line announcing it (the port is group 1).
 _PORT_LINES = {
     "kmf": {"kmf_admin": r"perc-kmf admin HTTP listening on http://[^/]+:(\d+)/",
@@ -196,7 +225,8 @@ class LocalStack:
                  password: str | None = None, tap: bool = False, static_mds: bool = True,
                  python: str = sys.executable, consent_timeout: int = 30,
                  settings: dict[str, dict[str, dict[str, Any]]] | None = None,
-                 extra_mds: int = 0, cluster: bool = False) -> None:
+                 extra_mds: int = 0, cluster: bool = False,
+                 md_hosts: Mapping[str, MdHost] | None = None) -> None:
         self.dir = os.path.abspath(directory)
         self.reactor = reactor
         self.python = python
@@ -211,6 +241,13 @@ class LocalStack:
             self.ports.md_api = free_port()
             for extra in self.md_ports.values():
                 extra.api = free_port()
+        #: MDs on hosts of their own (module docstring); the others are on loopback.
+        self.md_hosts = dict(md_hosts or {})
+        unknown = set(self.md_hosts) - {"md", *self.md_ports}
+        if unknown:
+            raise StackError(f"md_hosts names no MD of the stack: {sorted(unknown)}")
+        if tap and "md" in self.md_hosts:
+            raise StackError("the tunnel tap listens on loopback: no tap with md_hosts['md']")
         self.consent_timeout = consent_timeout
         self.settings = settings or {}
         self.copies: dict[str, int] = {}  # start_kd_copy label -> its admin port
@@ -233,22 +270,32 @@ class LocalStack:
 
     @property
     def md_url(self) -> str:
-        return f"https://localhost:{self.ports.md_api}"
+        return self.md_api_url("md")
 
     @property
     def md_names(self) -> tuple[str, ...]:
         """Every MD of the stack: "md", then the extra ones ("md2", ...)."""
         return ("md", *self.md_ports)
 
+    def md_host(self, name: str = "md") -> str:
+        """How URLs and tunnel addresses name MD ``name``'s host: its :class:`MdHost`
+        address, else ``localhost``."""
+        host = self.md_hosts.get(name)
+        return host.url_host if host is not None else "localhost"
+
     def md_api_url(self, name: str = "md") -> str:
         """The conference API of MD ``name`` ("md", "md2", ...)."""
-        if name == "md":
-            return self.md_url
-        return f"https://localhost:{self.md_ports[name].api}"
+        port = self.ports.md_api if name == "md" else self.md_ports[name].api
+        return f"https://{self.md_host(name)}:{port}"
 
     def md_tunnel_port(self, name: str = "md") -> int:
         """The KD tunnel port of MD ``name``."""
         return self.ports.md_tunnel if name == "md" else self.md_ports[name].tunnel
+
+    def md_tunnel_address(self, name: str = "md") -> str:
+        """MD ``name``'s KD tunnel as ``host:port`` (what the KMF records, what the KD
+        connects to)."""
+        return f"{self.md_host(name)}:{self.md_tunnel_port(name)}"
 
     def identity(self, user: str) -> str:
         return f"{user}@{DOMAIN}"
@@ -276,6 +323,14 @@ class LocalStack:
             issued = Issued(tls_dir / f"{name}.crt", tls_dir / f"{name}.key")
             if not issued.certificate.exists() or not issued.private_key.exists():
                 issued = DevPki(tls_dir).issue(name, ["localhost"], ["127.0.0.1", "::1"])
+            self.md_certs[name] = issued
+        # An MD on a host of its own: a certificate naming that host's address (the
+        # KD, the endpoints and the provider reach it by that address).
+        for name, host in self.md_hosts.items():
+            label = f"{name}-{host.address}"
+            issued = Issued(tls_dir / f"{label}.crt", tls_dir / f"{label}.key")
+            if not issued.certificate.exists() or not issued.private_key.exists():
+                issued = DevPki(tls_dir).issue(label, [], [host.address])
             self.md_certs[name] = issued
         kd_der = ssl.Certificate.loadPEM(self.kd_cert.certificate.read_bytes()).dump()
         self.kd_fingerprint = certificate_fingerprint(kd_der)
@@ -311,15 +366,15 @@ class LocalStack:
                     f'[auth]\nusers_file = "{f["users"]}"\n')
         if name == "md":
             return self._render_md(name, MdPorts(p.md_admin, p.md_api, p.md_tunnel,
-                                                 p.md_media), self.md_cert)
+                                                 p.md_media), self.md_certs["md"])
         if name in self.md_ports:
             return self._render_md(name, self.md_ports[name], self.md_certs[name])
         if not p.md_tunnel or not p.kmf_https:
             raise StackError("perc-kd is started after perc-kmf and perc-md")
         # static_mds=False: the KD learns its MDs from the KMF, per conference
-        tunnels = [self.taps[md].port if md in self.taps else self.md_tunnel_port(md)
-                   for md in self.md_names]
-        mds = json.dumps([f"localhost:{port}" for port in tunnels] if self.static_mds else [])
+        tunnels = [f"localhost:{self.taps[md].port}" if md in self.taps
+                   else self.md_tunnel_address(md) for md in self.md_names]
+        mds = json.dumps(tunnels if self.static_mds else [])
         return (f'[admin]\nbind = "127.0.0.1"\nport = {p.kd_admin}\n'
                 f'[tunnel]\nmds = {mds}\n'
                 f'certificate = "{self.kd_cert.certificate}"\n'
@@ -332,23 +387,26 @@ class LocalStack:
 
     def _render_md(self, name: str, p: MdPorts, cert: Issued) -> str:
         """MD ``name``'s ``.toml``: ports ``p``, ``cert`` for its API, tunnel and links,
-        its state file (conferences and links kept across a restart) in the stack dir."""
-        return (f'[admin]\nbind = "127.0.0.1"\nport = {p.admin}\n'
-                f'[api]\nbind = "127.0.0.1"\nport = {p.api}\n'
+        its state file (conferences and links kept across a restart) in the stack dir;
+        on a host of its own (:class:`MdHost`) every listener on that address."""
+        host = self.md_hosts.get(name)
+        bind = host.address if host is not None else "127.0.0.1"
+        advertise = f'advertise = "{host.address}"\n' if host is not None else ""
+        return (f'[admin]\nbind = "{bind}"\nport = {p.admin}\n'
+                f'[api]\nbind = "{bind}"\nport = {p.api}\n'
                 f'certificate = "{cert.certificate}"\n'
                 f'private_key = "{cert.private_key}"\n'
                 f'provider_token_file = "{self._files["provider_token"]}"\n'
-                f'[media]\nbind = "127.0.0.1"\nport = {p.media}\n'
+                f'[media]\nbind = "{bind}"\nport = {p.media}\n{advertise}'
                 f'consent_timeout = {self.consent_timeout}\n'
-                f'[tunnel]\nbind = "127.0.0.1"\nport = {p.tunnel}\n'
+                f'[tunnel]\nbind = "{bind}"\nport = {p.tunnel}\n'
                 f'kd_fingerprints = ["{format_fingerprint(self.kd_fingerprint)}"]\n'
                 f'[state]\nfile = "{os.path.join(self.dir, name + "-state.json")}"\n'
                 + (f'[cluster]\nprocesses = {json.dumps(self._process_urls())}\n'
                    f'ca_file = "{self.ca_path}"\n' if self.cluster else ""))
 
     def _process_urls(self) -> list[str]:
-        return [f"https://localhost:{self.ports.md_api}"] + [
-            f"https://localhost:{extra.api}" for extra in self.md_ports.values()]
+        return [self.md_api_url(md) for md in self.md_names]
 
     def _with_settings(self, name: str, text: str) -> str:
         """``text`` with the :attr:`settings` of daemon ``name`` added to their sections."""
@@ -386,6 +444,11 @@ class LocalStack:
 
     # --- processes ------------------------------------------------------------------
 
+    def admin_host(self, name: str) -> str:
+        """The address daemon ``name``'s admin listener is bound to."""
+        host = self.md_hosts.get(name)
+        return host.url_host if host is not None else "127.0.0.1"
+
     def admin_port(self, name: str) -> int:
         if name in self.copies:
             return self.copies[name]
@@ -417,7 +480,7 @@ class LocalStack:
         text = self._with_settings("kd", self._render("kd"))
         text = re.sub(r"(\[admin\]\nbind = \S+\nport = )\d+", r"\g<1>0", text, count=1)
         text = re.sub(r'mds = \[[^\]\n]*\]',
-                      f'mds = ["localhost:{self.ports.md_tunnel}"]', text, count=1)
+                      f'mds = ["{self.md_tunnel_address("md")}"]', text, count=1)
         with open(config, "w", encoding="utf-8") as f:
             f.write(text)
         self.copies[label] = 0
@@ -445,16 +508,16 @@ class LocalStack:
         repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
-        self.reactor.spawnProcess(
-            child, self.python,
-            [self.python, "-c", TWISTD, "--nodaemon", "--pidfile=", f"perc-{daemon}",
-             "--config", config], env=env, path=rundir)
+        host = self.md_hosts.get(name)
+        argv = [*(host.command if host is not None else ()), self.python, "-c", TWISTD,
+                "--nodaemon", "--pidfile=", f"perc-{daemon}", "--config", config]
+        self.reactor.spawnProcess(child, argv[0], argv, env=env, path=rundir)
         deadline = self.reactor.seconds() + START_TIMEOUT
         while True:
             if not child.running:
                 raise StackError(f"perc-{name} exited during start-up:\n{child.text()}")
             if learn(child):
-                url = f"http://127.0.0.1:{self.admin_port(name)}/healthz"
+                url = f"http://{self.admin_host(name)}:{self.admin_port(name)}/healthz"
                 try:
                     response = yield treq.get(url, pool=self.pool, timeout=2)
                     yield treq.content(response)

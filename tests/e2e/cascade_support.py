@@ -164,7 +164,7 @@ class CascadeChainMixin:
             "--url", stack.kmf_url, config="admin.toml")
         self.assertEqual((code, err), (0, ""), out)
         for md in stack.md_names:
-            self.assertIn(f"localhost:{stack.md_tunnel_port(md)}", out)
+            self.assertIn(stack.md_tunnel_address(md), out)
         self.assertEqual(out.count("kd connected to md"), len(stack.md_names), out)
         for opener, acceptor in CHAIN:
             code, link_out, err = await self.link(opener, acceptor)

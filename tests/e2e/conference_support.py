@@ -14,7 +14,8 @@
   see :class:`~perc_daemons.demo.stack.LocalStack`), ``extra_mds`` (more perc-md
   processes, "md2"...: ``endpoint(..., md=)`` and ``join(..., md=)`` pick one),
   ``cluster`` (the MDs are one host's processes: joins placed on the least loaded),
-  ``timeout``.
+  ``timeout``; :meth:`StackTestCase.stack_options` gives the stack more
+  keyword arguments (``md_hosts``).
 * :class:`RecordingEndpoint`: the reference endpoint, recording every
   datagram it wrote to the MD with its send time (:attr:`~RecordingEndpoint.sent`),
   every session event with its time (:attr:`~RecordingEndpoint.events`) and
@@ -440,7 +441,8 @@ class StackTestCase(unittest.TestCase):
         for attempt in range(1, START_ATTEMPTS + 1):
             self.stack = LocalStack(self.mktemp(), reactor, users=self.users, tap=self.tap,
                                     static_mds=self.static_mds, settings=self.settings,
-                                    extra_mds=self.extra_mds, cluster=self.cluster)
+                                    extra_mds=self.extra_mds, cluster=self.cluster,
+                                    **self.stack_options())
             try:
                 self.stack.prepare()
                 await self.stack.start_all()
@@ -465,6 +467,10 @@ class StackTestCase(unittest.TestCase):
             self._dump_logs("setUp failed")
             await self.stack.stop_all()
             raise
+
+    def stack_options(self) -> dict[str, Any]:
+        """More keyword arguments of the :class:`LocalStack` (e.g. ``md_hosts``)."""
+        return {}
 
     async def tearDown(self) -> None:
         try:

@@ -53,7 +53,7 @@ class CascadeTests(CascadeChainMixin, StackTestCase):
             "--url", stack.kmf_url, config="admin.toml")
         self.assertEqual((code, err), (0, ""), out)
         for md in stack.md_names:
-            self.assertIn(f"localhost:{stack.md_tunnel_port(md)}", out)
+            self.assertIn(stack.md_tunnel_address(md), out)
         self.assertEqual(out.count("kd connected to md"), 3, out)
 
         # --- links md -> md2 -> md3 --------------------------------------------------
