@@ -177,6 +177,12 @@ class MdLinks:
             return
         up = type(event).__name__ == "LinkUp"
         self.events["up" if up else "down"] += 1
+        if up and link.role == "server":
+            # learnt from the peer's authenticated check: listed, and refused as the
+            # peer of a second link (a cycle of two, whichever MD opened the first)
+            address = self.plane.link(link_id).peer_address
+            if address is not None:
+                link.peer_address = (str(address[0]), int(address[1]))
         if up:
             self.log.info("perc-md: conference {conference}: link {link} up", link=link_id,
                           conference=link.conference_id)

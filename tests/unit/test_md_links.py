@@ -165,6 +165,22 @@ class MdLinkApiTests(unittest.TestCase):
         self.assertEqual(b.conferences.plane.groups().get("weekly", []), [])
 
     @defer.inlineCallbacks
+    def test_accepting_half_learns_its_peer_and_refuses_the_way_back(self):
+        """Once up, B's accepting half lists A's media address (learnt from A's checks),
+        and a link B -> A in the same conference would close a cycle of two: refused."""
+        a, b = self.mds
+        code, _, err = yield self.provider(a.url, "links", "create", "weekly", "--to", b.url)
+        self.assertEqual(code, 0, err)
+        yield self.wait_states(["up"])
+        code, listed, err = yield self.provider(b.url, "links", "list", "weekly")
+        self.assertEqual([link["peer"] for link in listed["links"]],
+                         [{"host": "127.0.0.1", "port": a.conferences.media_port}])
+        code, _, err = yield self.provider(b.url, "links", "create", "weekly", "--to", a.url)
+        self.assertEqual(code, 1)
+        self.assertIn("would close a cycle", err)
+        self.assertEqual((yield self.states(a)), ["up"])  # the half made at A went again
+
+    @defer.inlineCallbacks
     def test_restart_restores_conference_and_link(self):
         """A restarted MD (either end) has its conference and link again, with the same id,
         and the link comes up with no provider call: the saved state (md/state.py)."""
