@@ -36,6 +36,7 @@ them (:mod:`tests.e2e.test_conference` searches the tunnel of one MD).
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import secrets
@@ -446,16 +447,31 @@ class CascadeAttackTests(CascadeChainMixin, StackTestCase):
         from_alice, to_carol = alice.joined.association, carol.joined.association
         for datagram in alice.rtp_sent():  # in order: the outer ROC
             colluding.open(from_alice, datagram)
-        outer_seq = [rtp_header(alice.rtp_sent()[-1]).sequence + 1000]
-
-        def next_seq() -> int:
-            outer_seq[0] = (outer_seq[0] + 1) & 0xFFFF
-            return outer_seq[0]
 
         def fresh(keyframe: bool = False) -> tuple[bytes, bytes]:
             payload = os.urandom(160)
             return payload, alice.session.send_media(payload, timestamp=0x2000, marker=False,
                                                      keyframe=keyframe, now=reactor.seconds())
+
+        # md2 renumbers alice's SEQ for carol, 1000 past what carol has seen.  Carol's
+        # outer receiver counts SEQ wraps (the ROC, RFC 3711 s3.3.1) from alice's first
+        # packet; the colluding sender must too: it seals throw-away packets along the
+        # way (steps under 2^15) so its ROC is carol's wherever alice's SEQ started.
+        seqs = [rtp_header(d).sequence for d in alice.rtp_sent()]
+        index = seqs[0]
+        for previous, current in itertools.pairwise(seqs):
+            step = (current - previous) & 0xFFFF
+            index += step - 0x10000 if step >= 0x8000 else step
+        target = index + 1000
+        for point in [*range(seqs[0], target, 0x4000), target]:
+            relay = colluding.open(from_alice, fresh()[1])
+            relay.edit(seq=point & 0xFFFF)
+            colluding.seal(relay, to_carol)
+        outer_seq = [target & 0xFFFF]
+
+        def next_seq() -> int:
+            outer_seq[0] = (outer_seq[0] + 1) & 0xFFFF
+            return outer_seq[0]
 
         def flip_inner(relay: Relay) -> None:
             packet = bytearray(relay.packet)
