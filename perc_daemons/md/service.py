@@ -19,7 +19,10 @@ the provider routes answer 503 until it appears, and the log says so.
 ``/metrics`` gains, computed at scrape time from the counters the media
 plane keeps anyway (no per-packet metric work): per participant
 ``perc_md_participant_datagrams_total{conference,association,kind}`` and
-``perc_md_participant_dropped_total{conference,association,reason}``;
+``perc_md_participant_dropped_total{conference,association,reason}``; per
+cascade link the same two, ``perc_md_link_datagrams_total{conference,link,kind}``
+and ``perc_md_link_dropped_total{conference,link,reason}`` (``rtp_out``: copies
+sent over the link, ``rtp_in``: packets received from it);
 ``perc_md_plane_dropped_total{reason}``, ``perc_md_tunnel_events_total{event}``
 and the gauges ``perc_md_conferences``, ``perc_md_participants``,
 ``perc_md_pending_joins``, ``perc_md_kd_tunnels``.
@@ -89,7 +92,8 @@ class MdCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         families = self._families()
-        datagrams, dropped, plane, events, confs, parts, pending, tunnels = families
+        (datagrams, dropped, link_datagrams, link_dropped, plane, events, confs, parts,
+         pending, tunnels) = families
         c = self.conferences
         for participant in c.participants():
             labels = [participant.conference_id, participant.association]
@@ -98,6 +102,14 @@ class MdCollector(Collector):
                 datagrams.add_metric([*labels, kind], leg.counters[kind])
             for reason in LEG_DROP_REASONS:
                 dropped.add_metric([*labels, reason], leg.drops[reason])
+        for leg in c.plane.legs():
+            if leg.link is None:
+                continue
+            labels = [str(leg.group), str(leg.leg_id)]
+            for kind in LEG_COUNTERS:
+                link_datagrams.add_metric([*labels, kind], leg.counters[kind])
+            for reason in LEG_DROP_REASONS:
+                link_dropped.add_metric([*labels, reason], leg.drops[reason])
         for reason in PLANE_DROP_REASONS:
             plane.add_metric([reason], c.plane.drops[reason])
         for event in EVENTS:
@@ -117,6 +129,12 @@ class MdCollector(Collector):
             CounterMetricFamily("perc_md_participant_dropped",
                                 "Datagrams of a participant's leg dropped, by reason",
                                 labels=["conference", "association", "reason"]),
+            CounterMetricFamily("perc_md_link_datagrams",
+                                "Datagrams of a cascade link, by kind (in/out)",
+                                labels=["conference", "link", "kind"]),
+            CounterMetricFamily("perc_md_link_dropped",
+                                "Datagrams of a cascade link dropped, by reason",
+                                labels=["conference", "link", "reason"]),
             CounterMetricFamily("perc_md_plane_dropped",
                                 "Media datagrams dropped before a participant is known",
                                 labels=["reason"]),
