@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -152,25 +153,40 @@ class MediaService(ListeningService):
     """The shared UDP media port; tells the conferences its actual port."""
 
     def __init__(self, reactor: Any, bind: str, port: int, protocol: MediaPlaneProtocol,
-                 conferences: MdConferences) -> None:
+                 conferences: MdConferences, receive_buffer: int = 0) -> None:
         super().__init__("md-media")
         self._reactor = reactor
         self._bind = bind
         self._port_number = port
         self.protocol = protocol
         self._conferences = conferences
+        self._receive_buffer = receive_buffer
 
     def listen(self) -> IListeningPort:
         # Any datagram whole (Twisted's default of 8192 would cut jumbo-frame media).
-        return self._reactor.listenUDP(self._port_number, self.protocol,
+        port = self._reactor.listenUDP(self._port_number, self.protocol,
                                        interface=self._bind, maxPacketSize=MAX_DATAGRAM)
+        if self._receive_buffer:
+            # Room for the datagrams that arrive while the MD is off its core: the
+            # kernel's default (rmem_default) holds some 90 video packets.
+            port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+        return port
 
     def listening(self, address: Any) -> None:
         self._conferences.media_port = address.port
         self._conferences.media = self.protocol
+        got = self.port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # type: ignore
+        if self._receive_buffer:  # Linux reports twice what was set (its overhead), capped
+            got //= 2
         self.log.info("perc-md media (UDP) listening on {host}:{port}, advertised as "
-                      "{advertised}:{port}", host=url_host(address.host), port=address.port,
-                      advertised=url_host(self._conferences.media_host))
+                      "{advertised}:{port}, receive buffer {got} bytes",
+                      host=url_host(address.host), port=address.port,
+                      advertised=url_host(self._conferences.media_host), got=got)
+        if self._receive_buffer and got < self._receive_buffer:
+            self.log.warn("perc-md: [media] receive_buffer is {wanted} bytes but the kernel "
+                          "gave {got} (net.core.rmem_max): media arriving while the MD is "
+                          "busy may be dropped; raise net.core.rmem_max to at least {wanted}",
+                          wanted=self._receive_buffer, got=got)
 
     def stopService(self) -> Any:
         self._conferences.media = None
@@ -267,8 +283,8 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
 
     # Started in this order (stopped in reverse): media and tunnel before the API.
-    MediaService(reactor, cfg.media.bind, cfg.media.port, protocol,
-                 conferences).setServiceParent(top)
+    MediaService(reactor, cfg.media.bind, cfg.media.port, protocol, conferences,
+                 receive_buffer=cfg.media.receive_buffer).setServiceParent(top)
     tunnel.setServiceParent(top)
     HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,
                  cfg.api.port, md_site(api), context,
