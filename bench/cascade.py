@@ -63,9 +63,13 @@ second, so 100 % is one core and the machine has 200 %) show it, including
 ``other``: CPU used on the machine during the window by processes that are
 not part of the bench (not md, md2, the generator, nor the stack's perc-kmf and
 perc-kd: other jobs; the figures are noisy when it is high).
-``rcvbuf drops`` are datagrams the kernel dropped for a full socket buffer,
-at the MDs' media ports (an MD not keeping up) or at the receivers (the
-generator not keeping up), from /proc/net/udp.  The estimate "with a core
+``drops`` are datagrams the kernel dropped for a full socket buffer, at the
+MDs' media ports (an MD not keeping up) or at the receivers (the generator
+not keeping up), and ``queue`` what waited in those sockets at the end of
+the window (kernel bytes, some 2.3 kB per datagram), from /proc/net/udp: a
+step's loss is what did not arrive *within* the window, so a backlog that
+grows (an MD, or the generator, held off its core) counts as loss, and the
+queue columns say where it was.  The estimate "with a core
 per MD" assumes CPU per forwarded packet stays as measured: forwarded/s
 divided by the busiest MD's core share.  The MDs' media ports have
 ``[media] receive_buffer`` (4 MiB by default, capped by net.core.rmem_max;
@@ -73,8 +77,8 @@ the size each got is printed): with the kernel's default of 208 KiB (some
 90 datagrams of this size) an MD held off its core for a few tens of
 milliseconds, by the generator, the other MD or other jobs, drops at its
 socket while its core share is well below 100 %, and the cascade, with
-three busy processes on two cores, suffers most.  The ``md`` rcvbuf drops
-show when the loss comes from there.
+three busy processes on two cores, suffers most.  The ``md`` drops show
+when the loss comes from there.
 
 How to read it: compare the two configs row by row (same rate: same
 offered load), then the summary's ratio; look at the core columns to see
@@ -139,16 +143,18 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
 
 
-def udp_drops(ports: set[int]) -> int:
-    """Datagrams dropped for a full receive buffer, summed over the UDP sockets on ``ports``."""
-    total = 0
+def udp_drops(ports: set[int]) -> tuple[int, int]:
+    """(datagrams dropped for a full receive buffer, bytes queued now), summed over the UDP
+    sockets on ``ports`` (/proc/net/udp: ``drops``, and ``rx_queue``, in kernel bytes)."""
+    drops = queued = 0
     with open("/proc/net/udp", encoding="ascii") as f:
         next(f)
         for line in f:
             parts = line.split()
             if int(parts[1].rsplit(":", 1)[1], 16) in ports:
-                total += int(parts[-1])
-    return total
+                drops += int(parts[-1])
+                queued += int(parts[4].split(":")[1], 16)
+    return drops, queued
 
 
 def cpu(pid: int) -> float:
@@ -248,6 +254,8 @@ class Step:
     cpu: dict[str, float] = field(default_factory=dict)  # md, md2, gen, other
     md_drops: int = 0
     rx_drops: int = 0
+    md_queue: int = 0  # bytes waiting in the MDs' media sockets at the window's end
+    rx_queue: int = 0  # and in the receivers' sockets
     failures: int = 0
     senders: int = 1
     loss_limit: float = 0.01
@@ -432,12 +440,14 @@ class Bench:
             cpu0, t0, s0 = self.cpu_snapshot(), self.reactor.seconds(), pacer.sent
             q0, r0, d0 = self.sample_sent[cid], sum(s.rtp for s in sinks), sum(
                 s.decrypted for s in sinks)
-            m0, x0, f0 = udp_drops(md_ports), udp_drops(rx_ports), decrypt_failures(endpoints)
+            (m0, _), (x0, _), f0 = udp_drops(md_ports), udp_drops(rx_ports), decrypt_failures(
+                endpoints)
             await sleep(self.reactor, args.seconds)
             cpu1, t1, s1 = self.cpu_snapshot(), self.reactor.seconds(), pacer.sent
             q1, r1, d1 = self.sample_sent[cid], sum(s.rtp for s in sinks), sum(
                 s.decrypted for s in sinks)
-            m1, x1, f1 = udp_drops(md_ports), udp_drops(rx_ports), decrypt_failures(endpoints)
+            (m1, mq), (x1, xq), f1 = udp_drops(md_ports), udp_drops(rx_ports), decrypt_failures(
+                endpoints)
             c1 = await self.counters(cid)
         finally:
             pacer.stop()
@@ -452,7 +462,8 @@ class Bench:
                     decrypted=d1 - d0, endpoints=diff["md.endpoints"] + diff["md2.endpoints"],
                     link=diff["md.link_out"] + diff["md2.link_out"],
                     cpu={k: used[k] for k in ("md", "md2", "gen", "other")},
-                    md_drops=m1 - m0, rx_drops=x1 - x0, failures=f1 - f0,
+                    md_drops=m1 - m0, rx_drops=x1 - x0, md_queue=mq, rx_queue=xq,
+                    failures=f1 - f0,
                     senders=args.senders, loss_limit=args.loss, retry=retry)
 
     async def capacity(self, out: Any) -> list[Step]:
@@ -594,7 +605,7 @@ NAMES = {"one": "one MD", "cascade": "cascade"}
 def print_header(out: Any) -> None:
     out.write(f"{'config':8s} {'rate/snd':>8s} {'offered/s':>9s} {'forwarded/s':>11s} "
               f"{'link/s':>7s} {'loss':>6s} {'dec loss':>8s} {'md':>5s} {'md2':>5s} "
-              f"{'gen':>5s} {'other':>5s} {'rcvbuf drops md/rx':>18s} {'':4s}\n")
+              f"{'gen':>5s} {'other':>5s} {'drops md/rx':>13s} {'queue kB md/rx':>14s}\n")
     out.flush()
 
 
@@ -606,7 +617,8 @@ def print_step(step: Step, out: Any) -> None:
               f"{step.forwarded_pps:11.0f} {step.link / step.seconds:7.0f} "
               f"{step.loss:6.2%} {step.sample_loss:8.2%} {step.share('md'):5.0%} "
               f"{step.share('md2'):5.0%} {step.share('gen'):5.0%} {step.share('other'):5.0%} "
-              f"{step.md_drops:>9d}/{step.rx_drops:<8d} {verdict}"
+              f"{step.md_drops:>6d}/{step.rx_drops:<6d} {step.md_queue // 1024:>6d}/"
+              f"{step.rx_queue // 1024:<7d} {verdict}"
               f"{' (again)' if step.retry else ''}\n")
     out.flush()
 
