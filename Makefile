@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # trial needs the project on the path; twisted/plugins/ is found through it too.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv check lint test bench fuzz demo demo-protocol stack stack-down stack-status deb clean
+.PHONY: all venv check lint test bench bench-cascade fuzz demo demo-protocol stack stack-down stack-status deb clean
 
 all: check
 
@@ -36,6 +36,11 @@ bench: venv
 	$(PY) bench/relay.py
 	$(PY) bench/dtls_handshake.py
 	$(PY) bench/conference.py --senders 2 --receivers 10 --rate 2500 --seconds 4
+
+# One conference on one perc-md process against the same load on two cascaded
+# ones (issue 12), and the cost of one hop; a few minutes, not in make check.
+bench-cascade: venv
+	$(PY) bench/cascade.py
 
 # Mutation fuzzing of every sans-I/O parser (tests/fuzz): FUZZ_N inputs per
 # target, FUZZ_JOBS processes; reproducing inputs go to fuzz-crashes/.  make

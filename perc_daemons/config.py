@@ -270,6 +270,9 @@ _MD_SCHEMA: dict[str, dict[str, Setting]] = {
                                    "participant is dropped (RFC 7675).", _positive),
         "replay_window": Setting(int, 128, "SRTP replay window of the hop-by-hop sessions, "
                                  "packets.", _replay_window),
+        "receive_buffer": Setting(int, 4 << 20, "SO_RCVBUF of the media port, bytes (0: the "
+                                  "kernel's default; the kernel caps it at "
+                                  "net.core.rmem_max).", _non_negative),
     },
     "tunnel": {
         "bind": Setting(str, "0.0.0.0", "Address of the KD tunnel listener (TLS 1.3).",

@@ -19,7 +19,10 @@ the provider routes answer 503 until it appears, and the log says so.
 ``/metrics`` gains, computed at scrape time from the counters the media
 plane keeps anyway (no per-packet metric work): per participant
 ``perc_md_participant_datagrams_total{conference,association,kind}`` and
-``perc_md_participant_dropped_total{conference,association,reason}``;
+``perc_md_participant_dropped_total{conference,association,reason}``; per
+cascade link the same two, ``perc_md_link_datagrams_total{conference,link,kind}``
+and ``perc_md_link_dropped_total{conference,link,reason}`` (``rtp_out``: copies
+sent over the link, ``rtp_in``: packets received from it);
 ``perc_md_plane_dropped_total{reason}``, ``perc_md_tunnel_events_total{event}``
 and the gauges ``perc_md_conferences``, ``perc_md_participants``,
 ``perc_md_pending_joins``, ``perc_md_kd_tunnels``.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -91,7 +95,8 @@ class MdCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         families = self._families()
-        datagrams, dropped, plane, events, confs, parts, pending, tunnels = families
+        (datagrams, dropped, link_datagrams, link_dropped, plane, events, confs, parts,
+         pending, tunnels) = families
         c = self.conferences
         for participant in c.participants():
             labels = [participant.conference_id, participant.association]
@@ -100,6 +105,14 @@ class MdCollector(Collector):
                 datagrams.add_metric([*labels, kind], leg.counters[kind])
             for reason in LEG_DROP_REASONS:
                 dropped.add_metric([*labels, reason], leg.drops[reason])
+        for leg in c.plane.legs():
+            if leg.link is None:
+                continue
+            labels = [str(leg.group), str(leg.leg_id)]
+            for kind in LEG_COUNTERS:
+                link_datagrams.add_metric([*labels, kind], leg.counters[kind])
+            for reason in LEG_DROP_REASONS:
+                link_dropped.add_metric([*labels, reason], leg.drops[reason])
         for reason in PLANE_DROP_REASONS:
             plane.add_metric([reason], c.plane.drops[reason])
         for event in EVENTS:
@@ -119,6 +132,12 @@ class MdCollector(Collector):
             CounterMetricFamily("perc_md_participant_dropped",
                                 "Datagrams of a participant's leg dropped, by reason",
                                 labels=["conference", "association", "reason"]),
+            CounterMetricFamily("perc_md_link_datagrams",
+                                "Datagrams of a cascade link, by kind (in/out)",
+                                labels=["conference", "link", "kind"]),
+            CounterMetricFamily("perc_md_link_dropped",
+                                "Datagrams of a cascade link dropped, by reason",
+                                labels=["conference", "link", "reason"]),
             CounterMetricFamily("perc_md_plane_dropped",
                                 "Media datagrams dropped before a participant is known",
                                 labels=["reason"]),
@@ -136,25 +155,40 @@ class MediaService(ListeningService):
     """The shared UDP media port; tells the conferences its actual port."""
 
     def __init__(self, reactor: Any, bind: str, port: int, protocol: MediaPlaneProtocol,
-                 conferences: MdConferences) -> None:
+                 conferences: MdConferences, receive_buffer: int = 0) -> None:
         super().__init__("md-media")
         self._reactor = reactor
         self._bind = bind
         self._port_number = port
         self.protocol = protocol
         self._conferences = conferences
+        self._receive_buffer = receive_buffer
 
     def listen(self) -> IListeningPort:
         # Any datagram whole (Twisted's default of 8192 would cut jumbo-frame media).
-        return self._reactor.listenUDP(self._port_number, self.protocol,
+        port = self._reactor.listenUDP(self._port_number, self.protocol,
                                        interface=self._bind, maxPacketSize=MAX_DATAGRAM)
+        if self._receive_buffer:
+            # Room for the datagrams that arrive while the MD is off its core: the
+            # kernel's default (rmem_default) holds some 90 video packets.
+            port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+        return port
 
     def listening(self, address: Any) -> None:
         self._conferences.media_port = address.port
         self._conferences.media = self.protocol
+        got = self.port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # type: ignore
+        if self._receive_buffer:  # Linux reports twice what was set (its overhead), capped
+            got //= 2
         self.log.info("perc-md media (UDP) listening on {host}:{port}, advertised as "
-                      "{advertised}:{port}", host=url_host(address.host), port=address.port,
-                      advertised=url_host(self._conferences.media_host))
+                      "{advertised}:{port}, receive buffer {got} bytes",
+                      host=url_host(address.host), port=address.port,
+                      advertised=url_host(self._conferences.media_host), got=got)
+        if self._receive_buffer and got < self._receive_buffer:
+            self.log.warn("perc-md: [media] receive_buffer is {wanted} bytes but the kernel "
+                          "gave {got} (net.core.rmem_max): media arriving while the MD is "
+                          "busy may be dropped; raise net.core.rmem_max to at least {wanted}",
+                          wanted=self._receive_buffer, got=got)
 
     def stopService(self) -> Any:
         self._conferences.media = None
@@ -302,8 +336,8 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
 
     # Started in this order (stopped in reverse): media and tunnel before the API.
-    MediaService(reactor, cfg.media.bind, cfg.media.port, protocol,
-                 conferences).setServiceParent(top)
+    MediaService(reactor, cfg.media.bind, cfg.media.port, protocol, conferences,
+                 receive_buffer=cfg.media.receive_buffer).setServiceParent(top)
     tunnel.setServiceParent(top)
     RestoreService(keeper, cfg).setServiceParent(top)
     HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,

@@ -6,9 +6,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
+import treq
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
 
 from perc_daemons import config
 from perc_daemons.devpki import DevPki
@@ -143,6 +146,22 @@ class MdLinkApiTests(unittest.TestCase):
         self.assertEqual(header.split()[-5:], ["MEDIA", "IN", "MEDIA", "OUT", "DROPPED"])
         self.assertTrue(row.startswith(listed["a"]["id"]), row)
         self.assertEqual(row.split()[-7:], ["0", "(0", "B)", "0", "(0", "B)", "0"], row)
+
+        # each end's counters of the link in /metrics, labelled by conference and link id
+        for md, link in ((a, opened), (b, accepted)):
+            admin = md.getServiceNamed("admin").port.getHost().port
+            response = yield treq.get(f"http://127.0.0.1:{admin}/metrics",
+                                      pool=HTTPConnectionPool(reactor, persistent=False))
+            text = yield response.text()
+            counters = {m["kind"]: float(m["value"]) for m in re.finditer(
+                r'^perc_md_link_datagrams_total\{conference="weekly",kind="(?P<kind>\w+)",'
+                rf'link="{link["id"]}"\}} (?P<value>\S+)$', text, re.M)}
+            self.assertEqual(set(counters), {"stun_in", "dtls_in", "dtls_out", "rtp_in",
+                                             "rtp_out", "rtcp_in", "rtcp_out"}, text)
+            self.assertGreater(counters["dtls_in"], 0)  # the handshake went over it
+            self.assertGreater(counters["dtls_out"], 0)
+            self.assertIn(f'perc_md_link_dropped_total{{conference="weekly",'
+                          f'link="{link["id"]}",reason="srtp_auth"}} 0.0', text)
 
         # a second link to the same MD in this conference would close a cycle
         code, _, err = yield self.provider(a.url, "links", "create", "weekly", "--to", b.url)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import struct
 import uuid
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from perc_daemons.md.conferences import MdConferences
@@ -637,3 +639,32 @@ class LargePacketTests(unittest.TestCase):
         self.assertEqual(c.receiver.unprotect(data, 0.06).packet, original)
         self.assertEqual(plane.leg("b").drops["send_failed"], 1)
         self.assertEqual(plane.leg("b").counters["rtp_out"], 2)
+
+    def test_media_port_receive_buffer(self) -> None:
+        """[media] receive_buffer sizes the port's SO_RCVBUF (0: the kernel's default); a
+        size the kernel caps (net.core.rmem_max) is logged as a warning."""
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+        with open("/proc/sys/net/core/rmem_default") as f:
+            rmem_default = int(f.read())
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for wanted in (0, min(1 << 20, rmem_max), rmem_max + 4096):
+            del events[:]
+            plane = MediaPlane()
+            service = MediaService(reactor, "127.0.0.1", 0, MediaPlaneProtocol(plane, reactor),
+                                   MdConferences(plane, reactor, media_host="127.0.0.1"),
+                                   receive_buffer=wanted)
+            service.startService()
+            try:
+                got = service.port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            finally:
+                service.stopService()
+            # Linux keeps twice the size set (its bookkeeping), capped at rmem_max
+            self.assertEqual(got, rmem_default if not wanted else 2 * min(wanted, rmem_max))
+            warned = [e for e in events if e.get("log_level") == LogLevel.warn
+                      and "receive_buffer" in e.get("log_format", "")]
+            self.assertEqual(len(warned), int(wanted > rmem_max), wanted)
+            listening = [e for e in events if "media (UDP) listening" in e.get("log_format", "")]
+            self.assertEqual([e["got"] for e in listening], [got // 2 if wanted else got])
