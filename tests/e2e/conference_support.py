@@ -69,12 +69,14 @@ from perc_daemons.protocol.srtp import libsrtp_session
 from perc_daemons.protocol.tunnel import MediaKeys
 
 __all__ = [
+    "NO_KEY_REASONS",
     "ColludingMd",
     "NoiseSource",
     "RecordingEndpoint",
     "RecordingSource",
     "RtpHeader",
     "StackTestCase",
+    "assert_undecryptable",
     "full_ekt_spi",
     "is_rtp",
     "leaks",
@@ -82,6 +84,12 @@ __all__ = [
     "secret_forms",
     "wait_for",
 ]
+
+#: Why a receiver cannot open a packet an MD re-sealed for it from an epoch it was not
+#: admitted to: the EKT SPI unknown, or the inner layer refused.  Not
+#: :data:`perc_daemons.protocol.participant.NO_KEY_REASONS` (a member's expected
+#: misses: held-back and expired keys), which it overlaps.
+NO_KEY_REASONS = {"ekt_unknown_spi", "e2e_auth", "e2e_key_unknown"}
 
 #: How long the helpers wait for something that should happen (not a timing assertion).
 DEADLINE = 20.0
@@ -130,6 +138,26 @@ async def wait_for(predicate: Callable[[], object], what: str,
         if reactor.seconds() > deadline:
             raise AssertionError(f"not within {timeout:.0f} s: {what}")
         await sleep(reactor, interval)
+
+
+def assert_undecryptable(case: unittest.TestCase, receiver: RecordingEndpoint,
+                         datagrams: Sequence[bytes], sender: RecordingEndpoint,
+                         what: str) -> list[DecryptFailed]:
+    """Hand ``datagrams`` (``sender``'s packets re-sealed for ``receiver`` with its hop
+    keys) to ``receiver``: none decrypts, each fails attributed to ``sender`` (so the
+    outer layer verified) for want of the key (:data:`NO_KEY_REASONS`, among them
+    ``ekt_unknown_spi``: an epoch it never got).  The failures."""
+    events = receiver.inject(datagrams)
+    case.assertEqual([e for e in events if isinstance(e, MediaReceived)], [], what)
+    failures = [e for e in events if isinstance(e, DecryptFailed)]
+    case.assertEqual(len(failures), len(datagrams), events)
+    case.assertEqual({e.ssrc for e in failures}, {sender.ssrc},
+                     f"a failure not attributed to {sender.label}: the outer layer did "
+                     "not verify")
+    reasons = {e.reason for e in failures}
+    case.assertLessEqual(reasons, NO_KEY_REASONS, reasons)
+    case.assertIn("ekt_unknown_spi", reasons)
+    return failures
 
 
 def _b64_windows(secret: bytes, alphabet: str) -> list[bytes]:
