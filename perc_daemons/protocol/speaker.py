@@ -418,13 +418,10 @@ class DominantSpeaker:
     def _decide(self) -> None:
         if not self._sources:
             return
-        if len(self._sources) == 1:
-            self._make_dominant(next(iter(self._sources)))
-            return
         incumbent = self._dominant
         if incumbent is None:
-            # No dominant (start, or it left): nominate the most recent one,
-            # and let the others challenge the nominee.
+            # No dominant (start, or it left): nominate the first of recent(),
+            # and let the others challenge the nominee (a lone source wins).
             incumbent = self.recent(1)[0]
         base = self._sources[incumbent].scores()
         winner, best = incumbent, self.c2
