@@ -96,6 +96,7 @@ are the MDs' own.
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -112,6 +113,9 @@ from perc_daemons.protocol.cascade import (
 )
 from perc_daemons.protocol.double import DOUBLE_PROFILES, Relay
 from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.feedback import parse_feedback, strip_report_blocks
+from perc_daemons.protocol.rtp import APP, PSFB, RR, RTPFB, SR, build_compound, parse_compound
+from perc_daemons.protocol.selection import Retransmit, Selection, StreamPlan
 from perc_daemons.protocol.srtp import (
     Session,
     hop_protect_rtcp,
@@ -132,12 +136,15 @@ from perc_daemons.protocol.tunnel import MediaKeys
 
 __all__ = [
     "DEFAULT_CONSENT_TIMEOUT",
+    "LEG_BYTES",
     "LEG_COUNTERS",
     "LEG_DROP_REASONS",
+    "LINK_BYTES",
     "LINK_COUNTERS",
     "PLANE_DROP_REASONS",
     "Leg",
     "MediaPlane",
+    "leg_label",
 ]
 
 Address = tuple[Any, ...]
@@ -149,12 +156,17 @@ DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675 section 5.1
 #: Per-leg traffic counters (received / sent datagrams).
 LEG_COUNTERS = ("stun_in", "dtls_in", "dtls_out", "rtp_in", "rtp_out", "rtcp_in", "rtcp_out")
 
-#: A cascade link's counters: :data:`LEG_COUNTERS` and the bytes of the SRTP and
-#: SRTCP packets it took in (authenticated) and sent out, without the 4-byte
-#: ChannelData header (so one MD's ``*_out_bytes`` is its peer's ``*_in_bytes``
-#: when nothing is lost on the way).
-LINK_COUNTERS = (*LEG_COUNTERS, "rtp_in_bytes", "rtp_out_bytes", "rtcp_in_bytes",
-                 "rtcp_out_bytes")
+#: Per-leg byte counters: the SRTP and SRTCP bytes sent to the leg (what its receiver
+#: was given; a link's without the 4-byte ChannelData header).
+LEG_BYTES = ("rtp_out_bytes", "rtcp_out_bytes")
+
+#: A cascade link's byte counters: :data:`LEG_BYTES` and the bytes of the SRTP and
+#: SRTCP packets it took in (authenticated), so one MD's ``*_out_bytes`` is its
+#: peer's ``*_in_bytes`` when nothing is lost on the way.
+LINK_BYTES = (*LEG_BYTES, "rtp_in_bytes", "rtcp_in_bytes")
+
+#: Every counter of a link.
+LINK_COUNTERS = (*LEG_COUNTERS, *LINK_BYTES)
 
 #: Per-leg drop reasons.
 LEG_DROP_REASONS = (
@@ -191,6 +203,13 @@ _SUCCESS_PREFIX = BINDING_SUCCESS.to_bytes(2, "big")
 _RESPONSES = (BINDING_SUCCESS, BINDING_ERROR)
 
 
+def leg_label(leg_id: LegId) -> str:
+    """A leg id as text: an endpoint's (its association's 16 bytes) as the UUID."""
+    if isinstance(leg_id, bytes) and len(leg_id) == 16:
+        return str(uuid.UUID(bytes=leg_id))
+    return str(leg_id)
+
+
 def _drop_reason(error: ProtocolError) -> str:
     return _REASON.get(error.reason, "malformed")
 
@@ -214,9 +233,9 @@ class Leg:
     """
 
     __slots__ = ("_pwd", "address", "channel", "counters", "drops", "frame", "group",
-                 "inbound", "last_consent", "leg_id", "link", "next_outbound", "outbound",
-                 "owned", "owners", "peers", "previous_inbound", "retire_at", "skipped",
-                 "switch_at", "ufrag", "withheld")
+                 "inbound", "last_consent", "leg_id", "link", "muted", "next_outbound",
+                 "outbound", "owned", "owners", "peers", "plan", "previous_inbound",
+                 "retire_at", "selection", "skipped", "switch_at", "ufrag", "withheld")
 
     def __init__(self, leg_id: LegId, ufrag: str, pwd: str, now: float | None,
                  group: Hashable = None) -> None:
@@ -233,6 +252,13 @@ class Leg:
         #: SSRCs of this leg's packets the hook kept from some receiver: their entries
         #: in the receivers' ``skipped`` go when this leg does.
         self.withheld: set[int] = set()
+        #: SSRCs not forwarded to this leg: its group's
+        #: :class:`~perc_daemons.protocol.selection.Selection` changes it.
+        self.muted: set[int] = set()
+        #: The group's selection (None: every packet to every peer, RTCP relayed).
+        self.selection: Selection | None = None
+        #: What the endpoint's offer said of its streams (for the selection).
+        self.plan: StreamPlan | None = None
         #: The group's SSRC -> the leg that brought it first (one dict per group).
         self.owners: dict[int, Leg] = {}
         #: The SSRCs this leg owns in ``owners``.
@@ -242,7 +268,7 @@ class Leg:
         self.outbound: Session | None = None
         #: Time of the last valid STUN check (or of creation / first expire() pass).
         self.last_consent = now
-        self.counters = dict.fromkeys(LEG_COUNTERS, 0)
+        self.counters = dict.fromkeys((*LEG_COUNTERS, *LEG_BYTES), 0)
         self.drops = dict.fromkeys(LEG_DROP_REASONS, 0)
         # cascade links only (None for endpoint legs)
         #: The link's :class:`~perc_daemons.protocol.cascade.CascadeLink`.
@@ -313,11 +339,13 @@ class MediaPlane:
         self._next_timer: float | None = None
         self._timers_dirty = False
         self._relay = Relay()
+        self._selections: dict[Hashable, Selection] = {}
 
     # -- legs ----------------------------------------------------------------------------
 
     def add_leg(self, leg_id: LegId, ice_ufrag: str, ice_pwd: str, *,
-                group: Hashable = None, now: float | None = None) -> Leg:
+                group: Hashable = None, now: float | None = None,
+                plan: StreamPlan | None = None) -> Leg:
         """Expect an endpoint: its checks carry ``ice_ufrag`` (ours) and ``ice_pwd``.
 
         The leg exchanges media only with keyed legs of the same ``group``
@@ -328,6 +356,7 @@ class MediaPlane:
             raise ValueError("ice-pwd must be non-empty")
         self._check_new(leg_id, ice_ufrag)
         leg = Leg(leg_id, ice_ufrag, ice_pwd, now, group)
+        leg.plan = plan
         self._enter(leg)
         # Not keyed yet: no other leg's peers change until install_keys / _bind.
         return leg
@@ -345,6 +374,36 @@ class MediaPlane:
         self._by_ufrag[leg.ufrag] = leg
         self._groups.setdefault(leg.group, []).append(leg)
         leg.owners = self._owners.setdefault(leg.group, {})
+        selection = self._selections.get(leg.group)
+        if selection is not None:
+            self._select(leg, selection)
+
+    def _select(self, leg: Leg, selection: Selection) -> None:
+        leg.selection = selection
+        selection.add_source(leg.leg_id, leg.plan)
+        selection.add_receiver(leg.leg_id, leg.muted, leg.skipped, link=leg.link is not None)
+        self._timers_dirty = True
+
+    def set_selection(self, group: Hashable, selection: Selection | None) -> None:
+        """Make ``group`` selective (:mod:`~perc_daemons.protocol.selection`), or not (None).
+
+        Legs already in the group are handed to it.  Without one a group
+        forwards every packet to every peer and relays RTCP as it came.
+        """
+        old = self._selections.pop(group, None)
+        for leg in self._groups.get(group, ()):
+            if old is not None:
+                old.remove(leg.leg_id)
+            leg.selection = None
+            leg.muted.clear()
+        if selection is not None:
+            self._selections[group] = selection
+            for leg in self._groups.get(group, ()):
+                self._select(leg, selection)
+        self._timers_dirty = True
+
+    def selection(self, group: Hashable) -> Selection | None:
+        return self._selections.get(group)
 
     def leg(self, leg_id: LegId) -> Leg:
         return self._legs[leg_id]
@@ -400,6 +459,10 @@ class MediaPlane:
         self._by_ufrag.pop(leg.ufrag, None)
         leg.inbound = leg.outbound = leg.previous_inbound = leg.next_outbound = None
         self._disown(leg)
+        if leg.selection is not None:
+            leg.selection.remove(leg.leg_id)
+            leg.selection = None
+            self._timers_dirty = True
         members = self._groups.get(leg.group, [])
         if leg in members:
             members.remove(leg)
@@ -519,8 +582,12 @@ class MediaPlane:
         return self.link(link_id).state
 
     def poll(self, now: float) -> Output:
-        """Run the links' timers that are due; returns the datagrams to send."""
+        """Run the links' and selections' timers that are due; returns the datagrams to send."""
         out: Output = []
+        for selection in list(self._selections.values()):
+            timer = selection.next_timer()
+            if timer is not None and now >= timer:
+                out += self._selected(selection.poll(now))
         for leg in list(self._links.values()):
             link = leg.link
             assert link is not None
@@ -536,9 +603,14 @@ class MediaPlane:
         return out
 
     def next_timer(self) -> float | None:
-        """When :meth:`poll` should next run (None: no link has a timer)."""
+        """When :meth:`poll` should next run (None: no link or selection has a timer)."""
+        for selection in self._selections.values():
+            if selection.timers_changed:
+                selection.timers_changed = False
+                self._timers_dirty = True
         if self._timers_dirty:
-            times = []
+            times = [t for t in (s.next_timer() for s in self._selections.values())
+                     if t is not None]
             for leg in self._links.values():
                 timer = leg.link.next_timer()  # type: ignore[union-attr]
                 times += [t for t in (timer, leg.switch_at, leg.retire_at) if t is not None]
@@ -635,8 +707,8 @@ class MediaPlane:
             return []
         if 128 <= b <= 191:
             if len(data) > 1 and 192 <= data[1] <= 223:
-                return self._rtcp(leg, data)
-            return self._rtp(leg, data)
+                return self._rtcp(leg, data, now)
+            return self._rtp(leg, data, now)
         if 20 <= b <= 63:
             leg.counters["dtls_in"] += 1
             self.on_dtls(leg.leg_id, data)
@@ -672,7 +744,7 @@ class MediaPlane:
             else:
                 kind, size, handle = "rtp_in", "rtp_in_bytes", self._rtp
             accepted = counters[kind]
-            out = handle(leg, inner)
+            out = handle(leg, inner, now)
             if counters[kind] != accepted:
                 counters[size] += length
             return out
@@ -727,7 +799,7 @@ class MediaPlane:
             leg.drops["stun_rejected"] += 1
         return [(answer, address)]
 
-    def _rtp(self, src: Leg, data: bytes) -> Output:
+    def _rtp(self, src: Leg, data: bytes, now: float) -> Output:
         inbound = src.inbound
         if inbound is None:
             src.drops["not_keyed"] += 1
@@ -752,12 +824,17 @@ class MediaPlane:
                 src.drops["ssrc_from_other_leg"] += 1
                 return []
         src.counters["rtp_in"] += 1
+        selection = src.selection
+        chosen = (selection.rtp(src.leg_id, ssrc, packet, relay.ekt_field, now)
+                  if selection is not None else None)
         should_forward = self.should_forward
         selective = should_forward is not _forward_all  # no call per receiver otherwise
         out: Output = []
         src_id = src.leg_id
         for dst in src.peers:
-            if selective and not should_forward(src_id, dst.leg_id, ssrc):
+            muted = dst.muted
+            if ((muted and ssrc in muted)
+                    or (selective and not should_forward(src_id, dst.leg_id, ssrc))):
                 skipped = dst.skipped
                 skipped[ssrc] = skipped.get(ssrc, 0) + 1
                 src.withheld.add(ssrc)
@@ -776,12 +853,44 @@ class MediaPlane:
             except ProtocolError:
                 dst.drops["seal_failed"] += 1
                 continue
+            counters = dst.counters
+            counters["rtp_out"] += 1
+            counters["rtp_out_bytes"] += len(datagram)
             frame = dst.frame
             if frame is not None:  # a link: TURN ChannelData
-                dst.counters["rtp_out_bytes"] += len(datagram)
                 datagram = b"".join((frame, len(datagram).to_bytes(2, "big"), datagram))
             out.append((datagram, dst.address))  # type: ignore[arg-type]
-            dst.counters["rtp_out"] += 1
+        if chosen:
+            out += self._selected(chosen)
+        return out
+
+    def _selected(self, items: list[Any]) -> Output:
+        """A selection's RTCP and retransmissions, sealed for their legs (off the hot path)."""
+        out: Output = []
+        relay = self._relay
+        for item in items:
+            dst = self._legs.get(item.leg_id)
+            if dst is None or dst.outbound is None or dst.address is None:
+                continue
+            try:
+                if type(item) is Retransmit:
+                    relay.packet, relay.ekt_field = item.packet, item.ekt_field
+                    if item.seq != (item.packet[2] << 8) | item.packet[3]:
+                        relay.edit(seq=item.seq)
+                    datagram = relay.seal(dst.outbound)
+                    kind = "rtp"
+                else:
+                    datagram = hop_protect_rtcp(dst.outbound, item.plain)
+                    kind = "rtcp"
+            except ProtocolError:
+                dst.drops["seal_failed"] += 1
+                continue
+            counters = dst.counters
+            counters[kind + "_out"] += 1
+            counters[kind + "_out_bytes"] += len(datagram)
+            if dst.frame is not None:
+                datagram = b"".join((dst.frame, len(datagram).to_bytes(2, "big"), datagram))
+            out.append((datagram, dst.address))
         return out
 
     def _open_previous(self, src: Leg, data: bytes, error: ProtocolError) -> bool:
@@ -796,7 +905,7 @@ class MediaPlane:
         src.drops[_drop_reason(error)] += 1
         return False
 
-    def _rtcp(self, src: Leg, data: bytes) -> Output:
+    def _rtcp(self, src: Leg, data: bytes, now: float) -> Output:
         inbound = src.inbound
         if inbound is None:
             src.drops["not_keyed"] += 1
@@ -829,6 +938,12 @@ class MediaPlane:
                 src.drops["ssrc_from_other_leg"] += 1
                 return []
         src.counters["rtcp_in"] += 1
+        selection = src.selection
+        chosen = None
+        if selection is not None:
+            plain, chosen = self._terminate_rtcp(src, selection, plain, now)
+            if not plain:
+                return self._selected(chosen) if chosen else []
         should_forward = self.should_forward
         out: Output = []
         src_id = src.leg_id
@@ -840,13 +955,53 @@ class MediaPlane:
             except ProtocolError:
                 dst.drops["seal_failed"] += 1
                 continue
+            dst.counters["rtcp_out"] += 1
+            dst.counters["rtcp_out_bytes"] += len(datagram)
             frame = dst.frame
             if frame is not None:
-                dst.counters["rtcp_out_bytes"] += len(datagram)
                 datagram = b"".join((frame, len(datagram).to_bytes(2, "big"), datagram))
             out.append((datagram, dst.address))  # type: ignore[arg-type]
-            dst.counters["rtcp_out"] += 1
+        if chosen:
+            out += self._selected(chosen)
         return out
+
+    @staticmethod
+    def _terminate_rtcp(src: Leg, selection: Selection, plain: bytes,
+                        now: float) -> tuple[bytes, list[Any]]:
+        """RTCP terminated per hop (RFC 8723 s6; :mod:`~perc_daemons.protocol.selection`).
+
+        Receiver reports and feedback (NACK, PLI, FIR, REMB) are consumed
+        (feedback by the selection), our own APP speaker hints are not taken
+        from anyone; SR (without its report blocks), SDES, BYE and other APP
+        go on to the peers.  Returns the compound to pass on (b"" for
+        nothing) and the selection's output.
+        """
+        try:
+            packets = parse_compound(plain, strict_first=False)
+        except ProtocolError:
+            src.drops["malformed"] += 1
+            return b"", []
+        onward = []
+        chosen: list[Any] = []
+        for packet in packets:
+            kind = packet.packet_type
+            if kind == RR:
+                continue
+            if kind == SR:
+                onward.append(strip_report_blocks(packet) if packet.count else packet)
+            elif kind in (RTPFB, PSFB):
+                try:
+                    item = parse_feedback(packet)
+                except ProtocolError:
+                    src.drops["malformed"] += 1
+                    continue
+                if item is not None:
+                    chosen += selection.feedback(src.leg_id, item, now)
+            elif kind == APP and packet.body[4:8] == b"PERC":
+                continue
+            else:
+                onward.append(packet)
+        return (build_compound(onward) if onward else b""), chosen
 
     def send_failed(self, address: Address) -> None:
         """The socket refused a datagram for ``address``: counted on its leg.

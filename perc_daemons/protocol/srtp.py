@@ -490,6 +490,10 @@ def libsrtp_session(master_key: bytes, master_salt: bytes, *, inbound: bool,
                     ssrc_type=Policy.SSRC_ANY_INBOUND if inbound else Policy.SSRC_ANY_OUTBOUND,
                     srtp_profile=_LIBSRTP_PROFILES[len(master_key)])
     policy.window_size = replay_window
+    # An MD answering a NACK re-seals, for a receiver, a packet it sent that receiver
+    # under the same index (perc_daemons.protocol.selection): the very same plaintext
+    # again, so the same ciphertext under the same GCM nonce, not a nonce reuse.
+    policy.allow_repeat_tx = not inbound
     return Session(policy)
 
 
