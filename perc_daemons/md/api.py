@@ -55,6 +55,7 @@ from perc_daemons import tls
 from perc_daemons.logs import AccessLogSite
 from perc_daemons.md.cluster import MdCluster
 from perc_daemons.md.conferences import (
+    FORWARDING,
     BadOffer,
     Conference,
     ConferenceConflict,
@@ -66,6 +67,7 @@ from perc_daemons.md.conferences import (
     MdConferences,
     Participant,
     UnknownConference,
+    UnknownParticipant,
 )
 from perc_daemons.md.links import (
     DEFAULT_PROFILE,
@@ -75,9 +77,10 @@ from perc_daemons.md.links import (
     MdLinks,
     UnknownLink,
 )
-from perc_daemons.md.plane import LEG_COUNTERS
+from perc_daemons.md.plane import LEG_BYTES, LEG_COUNTERS, Leg, leg_label
 from perc_daemons.problems import JsonApi, LimitedRequest, Problem, Response, Routes, read_json
 from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
+from perc_daemons.protocol.selection import SelectionPolicy
 from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH
 
 __all__ = ["MAX_BODY", "MdApi", "Problem", "ProviderToken", "md_site"]
@@ -165,6 +168,38 @@ def _conference_id(value: str) -> str:
     return value
 
 
+#: What a receiver may ask for (join body and PATCH), each an integer or null.
+RECEIVE_KEYS = ("last_n", "max_height", "max_bitrate")
+
+
+def _receive(value: Any, *, every_key: bool = False) -> dict[str, int | None]:
+    """The ``receive`` object of a join or PATCH body, checked (400 otherwise).
+
+    In a PATCH a key left out means "no limit" (every key is set)."""
+    if not isinstance(value, dict):
+        raise Problem(400, "invalid-request", "Invalid request",
+                      '"receive" must be an object')
+    unknown = sorted(set(value) - set(RECEIVE_KEYS))
+    if unknown:
+        raise Problem(400, "invalid-request", "Invalid request",
+                      f'"receive" has unknown keys: {", ".join(unknown)} '
+                      f'(known: {", ".join(RECEIVE_KEYS)})')
+    out: dict[str, int | None] = {}
+    for key in RECEIVE_KEYS:
+        item = value.get(key)
+        if item is None:
+            if every_key:
+                out[key] = None
+            continue
+        if isinstance(item, bool) or not isinstance(item, int) or not (
+                item >= -1 if key == "last_n" else item > 0):
+            raise Problem(400, "invalid-request", "Invalid request",
+                          f'"receive.{key}" must be '
+                          + ("-1 (all) or a count" if key == "last_n" else "a positive integer"))
+        out[key] = item
+    return out
+
+
 def _association(value: str) -> bytes:
     try:
         parsed = uuid.UUID(value)
@@ -177,10 +212,40 @@ def participant_json(participant: Participant) -> dict[str, Any]:
     leg = participant.leg
     body: dict[str, Any] = {"association": participant.association,
                             "state": participant.state, "joined_at": participant.joined_at}
-    for name in LEG_COUNTERS:
+    for name in (*LEG_COUNTERS, *LEG_BYTES):
         body[name] = leg.counters[name]
     body["drops"] = dict(leg.drops)
+    if leg.selection is not None:
+        body["receive"] = receive_json(leg)
     return body
+
+
+def receive_json(leg: Leg) -> dict[str, Any]:
+    """What the selection forwards to this participant (docs/API.md)."""
+    view = leg.selection.receiver_view(leg.leg_id)  # type: ignore[union-attr]
+    view["layers"] = [{**layer, "source": leg_label(layer["source"])}
+                      for layer in view["layers"]]  # type: ignore[attr-defined]
+    return view
+
+
+def _forwarding(body: dict[str, Any]) -> tuple[str, SelectionPolicy]:
+    """``forwarding`` and the selection policy of a conference creation body (400 if bad)."""
+    forwarding = body.get("forwarding", "sfu")
+    if forwarding not in FORWARDING:
+        raise Problem(400, "invalid-request", "Invalid request",
+                      f'"forwarding" must be one of {", ".join(FORWARDING)}')
+    last_n, levels, top_k = (body.get("last_n", -1), body.get("audio_levels", True),
+                             body.get("audio_top_k", 0))
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < -1:
+        raise Problem(400, "invalid-request", "Invalid request",
+                      '"last_n" must be -1 (every source) or a count of video sources')
+    if not isinstance(levels, bool):
+        raise Problem(400, "invalid-request", "Invalid request",
+                      '"audio_levels" must be true or false')
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise Problem(400, "invalid-request", "Invalid request",
+                      '"audio_top_k" must be 0 (every sender) or a count')
+    return forwarding, SelectionPolicy(last_n=last_n, audio_levels=levels, audio_top_k=top_k)
 
 
 class MdApi(JsonApi):
@@ -213,7 +278,7 @@ class MdApi(JsonApi):
              {b"GET": self.get_conference, b"DELETE": self.delete_conference}),
             (re.compile(rf"/v1/conferences/{cid}/participants"), {b"POST": self.join}),
             (re.compile(rf"/v1/conferences/{cid}/participants/(?P<association>[^/]+)"),
-             {b"DELETE": self.leave}),
+             {b"DELETE": self.leave, b"PATCH": self.change_receive}),
         ]
 
     # -- plumbing ---------------------------------------------------------------------
@@ -222,6 +287,8 @@ class MdApi(JsonApi):
         error = failure.value
         if isinstance(error, UnknownConference):
             problem = Problem(404, "not-found", "Not found", "no such conference")
+        elif isinstance(error, UnknownParticipant):
+            problem = Problem(404, "not-found", "Not found", "no such participant")
         elif isinstance(error, ConferenceConflict):
             problem = Problem(409, "conference-exists", "Conference exists", str(error))
         elif isinstance(error, LeaveRefused):
@@ -269,6 +336,11 @@ class MdApi(JsonApi):
             "tunnel": {"host": host, "port": self.tunnel_port()},
             "media": {"host": self.conferences.media_host,
                       "port": self.conferences.media_port},
+            "forwarding": conference.forwarding,
+            **({"last_n": conference.policy.last_n,
+                "audio_levels": conference.policy.audio_levels,
+                "audio_top_k": conference.policy.audio_top_k}
+               if conference.forwarding == "sfu" else {}),
         }
 
     # -- routes -----------------------------------------------------------------------
@@ -288,7 +360,9 @@ class MdApi(JsonApi):
             raise Problem(400, "invalid-request", "Invalid request",
                           '"kd_fingerprint" must be a SHA-256 fingerprint "AA:BB:..."'
                           ) from None
-        conference, created = self.conferences.create(cid, fingerprint)
+        forwarding, policy = _forwarding(body)
+        conference, created = self.conferences.create(cid, fingerprint, forwarding=forwarding,
+                                                      policy=policy)
         location = f"/v1/conferences/{cid}".encode()
         return Response(201 if created else 200, self._conference_json(conference, request),
                         {b"location": location})
@@ -416,12 +490,26 @@ class MdApi(JsonApi):
             if placement.url is not None:  # another process of this host takes it
                 return Response(307, {"placed": placement.process},
                                 {b"location": placement.url.encode()})
-        aid, answer, leave_token = await self.conferences.join(cid, offer)
+        receive = _receive(body.get("receive", {}))
+        aid, answer, leave_token = await self.conferences.join(cid, offer, receive or None)
         association = str(uuid.UUID(bytes=aid))
         return Response(201, {"association": association, "answer": answer,
                               "leave_token": leave_token},
                         {b"location": f"/v1/conferences/{cid}/participants/{association}"
                          .encode()})
+
+    async def change_receive(self, request: server.Request, cid: str,
+                             association: str) -> Response:
+        """PATCH {"receive": {...}}: what the participant receives from now on."""
+        token = _bearer(request)
+        body = read_json(request)
+        receive = _receive(body.get("receive"), every_key=True)
+        try:
+            leg = self.conferences.set_receive(_conference_id(cid), _association(association),
+                                               token, receive)
+        except ValueError as e:
+            raise Problem(400, "invalid-request", "Invalid request", str(e)) from None
+        return Response(200, {"receive": receive_json(leg)})
 
     async def leave(self, request: server.Request, cid: str, association: str) -> Response:
         token = _bearer(request)

@@ -70,6 +70,7 @@ most once per :data:`~perc_daemons.listening.LOG_INTERVAL`.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import secrets
 import uuid
@@ -89,6 +90,8 @@ from perc_daemons.protocol import sdp
 from perc_daemons.protocol.answer import AnswerError, verify_pinned_answer
 from perc_daemons.protocol.double import DOUBLE_PROFILES
 from perc_daemons.protocol.dtls import format_fingerprint
+from perc_daemons.protocol.extensions import AUDIO_LEVEL_URI
+from perc_daemons.protocol.selection import Selection, SelectionPolicy, StreamPlan
 from perc_daemons.protocol.tunnel import (
     MAX_ASSOCIATIONS,
     SIGN_STATUS_BAD_OFFER,
@@ -122,6 +125,7 @@ __all__ = [
     "Participant",
     "TooManyJoins",
     "UnknownConference",
+    "UnknownParticipant",
 ]
 
 #: Counted tunnel and plane events (``MdConferences.events``).
@@ -155,6 +159,10 @@ class ConferenceError(Exception):
 
 class UnknownConference(ConferenceError):
     """No conference with that id (404)."""
+
+
+class UnknownParticipant(ConferenceError):
+    pass
 
 
 class ConferenceConflict(ConferenceError):
@@ -219,12 +227,20 @@ class Participant:
         return "connected" if self.leg.address is not None else "checking"
 
 
+#: How a conference forwards: ``sfu`` (a :class:`~perc_daemons.protocol.selection.Selection`:
+#: last-N, simulcast layers, NACK/PLI at the MD, RTCP terminated per hop) or ``all``
+#: (every packet to every receiver, RTCP relayed as it came).
+FORWARDING = ("sfu", "all")
+
+
 @dataclass(eq=False)
 class Conference:
     conference_id: str
     kd_fingerprint: bytes
     created_at: float
     participants: dict[bytes, Participant] = field(default_factory=dict)
+    forwarding: str = "sfu"
+    policy: SelectionPolicy = field(default_factory=SelectionPolicy)
 
 
 @dataclass(eq=False)
@@ -237,6 +253,18 @@ class _PendingJoin:
     offer: str = field(repr=False)
     kd_fingerprint: bytes = field(repr=False)
     timer: IDelayedCall | None = None
+    plan: StreamPlan | None = None
+    receive: dict[str, int] | None = None
+
+
+def _without_extension(answer: sdp.SessionDescription, uri: str) -> sdp.SessionDescription:
+    """``answer`` without the ``a=extmap`` of ``uri`` (RFC 8285 s6: not negotiated, so
+    the endpoint does not send it)."""
+    media = tuple(dataclasses.replace(m, attributes=tuple(
+        a for a in m.attributes
+        if not (a.name == "extmap" and a.value is not None and uri in a.value.split()[1:2])))
+        for m in answer.media)
+    return dataclasses.replace(answer, media=media)
 
 
 def _random_token(nbytes: int) -> str:
@@ -313,16 +341,21 @@ class MdConferences:
     # -- conferences ------------------------------------------------------------------
 
     def create(self, conference_id: str, kd_fingerprint: bytes, *,
-               created_at: float | None = None) -> tuple[Conference, bool]:
+               created_at: float | None = None, forwarding: str = "sfu",
+               policy: SelectionPolicy | None = None) -> tuple[Conference, bool]:
         """Add a conference; ``(conference, created)``.  Idempotent for the same KD.
 
         ``created_at`` is given when a restarted MD restores the conference
-        (md/state.py).  Raises ValueError for a bad id or fingerprint,
+        (md/state.py).  ``forwarding`` (:data:`FORWARDING`) and ``policy``
+        say how it forwards; an existing conference keeps its own.  Raises
+        ValueError for a bad id, fingerprint or forwarding,
         :class:`ConferenceConflict` when the id exists with another KD.
         """
         check_conference_id(conference_id)
         if not isinstance(kd_fingerprint, bytes) or len(kd_fingerprint) != 32:
             raise ValueError("kd_fingerprint must be a SHA-256 digest")
+        if forwarding not in FORWARDING:
+            raise ValueError(f"forwarding must be one of {', '.join(FORWARDING)}")
         existing = self._conferences.get(conference_id)
         if existing is not None:
             if existing.kd_fingerprint != kd_fingerprint:
@@ -331,8 +364,11 @@ class MdConferences:
             return existing, False
         restored = created_at is not None
         conference = Conference(conference_id, kd_fingerprint,
-                                created_at if restored else self.clock.seconds())
+                                created_at if restored else self.clock.seconds(),
+                                forwarding=forwarding, policy=policy or SelectionPolicy())
         self._conferences[conference_id] = conference
+        if forwarding == "sfu":
+            self.plane.set_selection(conference_id, Selection(conference.policy))
         self._kd_use[kd_fingerprint] = self._kd_use.get(kd_fingerprint, 0) + 1
         self.log.info("perc-md: conference {conference} {how}, KD {kd}",
                       conference=conference_id, kd=format_fingerprint(kd_fingerprint),
@@ -357,6 +393,7 @@ class MdConferences:
             self._end(aid, tell_kd=True)
             count += 1
         del self._conferences[conference_id]
+        self.plane.set_selection(conference_id, None)
         if self.on_deleted is not None:  # its cascade links (md/links.py)
             self.on_deleted(conference_id)
         fp = conference.kd_fingerprint
@@ -378,14 +415,20 @@ class MdConferences:
 
     # -- participants -----------------------------------------------------------------
 
-    def join(self, conference_id: str, offer_text: str) -> defer.Deferred:
-        """Fires with ``(aid, signed answer text, leave token)``; fails with a ConferenceError."""
+    def join(self, conference_id: str, offer_text: str,
+             receive: dict[str, int] | None = None) -> defer.Deferred:
+        """Fires with ``(aid, signed answer text, leave token)``; fails with a ConferenceError.
+
+        ``receive`` holds the receiver's wishes (``last_n``, ``max_height``,
+        ``max_bitrate``: :meth:`~perc_daemons.protocol.selection.Selection.set_receive`).
+        """
         try:
-            return self._join(conference_id, offer_text)
+            return self._join(conference_id, offer_text, receive)
         except ConferenceError as e:
             return defer.fail(e)
 
-    def _join(self, conference_id: str, offer_text: str) -> defer.Deferred:
+    def _join(self, conference_id: str, offer_text: str,
+              receive: dict[str, int] | None) -> defer.Deferred:
         conference = self.conference(conference_id)
         try:
             offer = sdp.parse(offer_text)
@@ -399,6 +442,11 @@ class MdConferences:
                                     ice_ufrag=ufrag, ice_pwd=pwd, candidates=[candidate])
         except sdp.SdpError as e:
             raise BadOffer(f"the offer cannot be answered: {e}") from None
+        if not conference.policy.audio_levels:
+            draft = _without_extension(draft, AUDIO_LEVEL_URI)
+        plan = StreamPlan.from_offer(offer)
+        if not conference.policy.audio_levels:
+            plan = dataclasses.replace(plan, audio_level_id=None)
         peer = self._peers.get(conference.kd_fingerprint)
         if peer is None:
             raise KdUnavailable("the conference's KD is not connected")
@@ -411,7 +459,7 @@ class MdConferences:
             raise BadOffer(f"the offer is too large: {e}") from None
         waiter: defer.Deferred = defer.Deferred()
         pending = _PendingJoin(conference_id, peer, ufrag, pwd, waiter, offer_text,
-                               conference.kd_fingerprint)
+                               conference.kd_fingerprint, plan=plan, receive=receive)
         self._pending[aid] = pending
         pending.timer = self.clock.callLater(self.join_timeout, self._fail_pending, aid,
                                              KdTimeout("the KD did not answer in time"))
@@ -454,7 +502,10 @@ class MdConferences:
                 return
             conference = self._conferences[pending.conference_id]
             leg = self.plane.add_leg(aid, pending.ufrag, pending.pwd,
-                                     group=pending.conference_id, now=self.clock.seconds())
+                                     group=pending.conference_id, now=self.clock.seconds(),
+                                     plan=pending.plan)
+            if pending.receive and leg.selection is not None:
+                leg.selection.set_receive(aid, **pending.receive)
             participant = Participant(aid, pending.conference_id, secrets.token_urlsafe(32),
                                       leg, self.clock.seconds())
             conference.participants[aid] = participant
@@ -505,6 +556,27 @@ class MdConferences:
         self.log.info("perc-md: {association} left conference {conference}",
                       association=participant.association, conference=conference_id)
         return True
+
+    def set_receive(self, conference_id: str, aid: bytes, leave_token: str,
+                    receive: dict[str, int | None]) -> Leg:
+        """The participant changes what it receives (its leave token authenticates it).
+
+        Returns its leg.  Raises :class:`UnknownParticipant` (gone, or
+        never here), :class:`LeaveRefused` for another token, ValueError for a
+        bad value, :class:`ConferenceConflict` in a conference forwarding everything.
+        """
+        conference = self._conferences.get(conference_id)
+        participant = conference.participants.get(aid) if conference is not None else None
+        if participant is None:
+            raise UnknownParticipant("no such participant")
+        if not hmac.compare_digest(leave_token.encode("utf-8", "replace"),
+                                   participant.leave_token.encode("ascii")):
+            raise LeaveRefused("the participant's token does not match")
+        selection = participant.leg.selection
+        if selection is None:
+            raise ConferenceConflict("the conference forwards everything to everyone")
+        selection.set_receive(aid, **receive)  # type: ignore[arg-type]
+        return participant.leg
 
     def _end(self, aid: bytes, *, tell_kd: bool) -> Participant | None:
         participant = self._participants.pop(aid, None)

@@ -53,14 +53,18 @@ from perc_daemons.md.conferences import EVENTS, MdConferences
 from perc_daemons.md.links import MdLinks
 from perc_daemons.md.media import MediaPlaneProtocol
 from perc_daemons.md.plane import (
+    LEG_BYTES,
     LEG_COUNTERS,
     LEG_DROP_REASONS,
+    LINK_BYTES,
     PLANE_DROP_REASONS,
     MediaPlane,
+    leg_label,
 )
 from perc_daemons.md.state import MdStateKeeper, StateError, StateFile
 from perc_daemons.md.tunnel import MdTunnelServer
 from perc_daemons.protocol.dtls import parse_fingerprint
+from perc_daemons.protocol.selection import RECEIVER_COUNTERS
 from perc_daemons.protocol.srtp import MAX_DATAGRAM
 
 __all__ = ["MdCollector", "Options", "advertised_host", "makeService", "md_service"]
@@ -96,21 +100,34 @@ class MdCollector(Collector):
     def collect(self) -> Iterator[Any]:
         families = self._families()
         (datagrams, dropped, link_datagrams, link_dropped, plane, events, confs, parts,
-         pending, tunnels) = families
+         pending, tunnels, sent_bytes, link_bytes, selection, remb, layer) = families
         c = self.conferences
         for participant in c.participants():
             labels = [participant.conference_id, participant.association]
             leg = participant.leg
             for kind in LEG_COUNTERS:
                 datagrams.add_metric([*labels, kind], leg.counters[kind])
+            for kind in LEG_BYTES:
+                sent_bytes.add_metric([*labels, kind], leg.counters[kind])
             for reason in LEG_DROP_REASONS:
                 dropped.add_metric([*labels, reason], leg.drops[reason])
+            if leg.selection is not None:
+                view = leg.selection.receiver_view(leg.leg_id)
+                for kind in RECEIVER_COUNTERS:
+                    if kind != "remb_bitrate":
+                        selection.add_metric([*labels, kind], view[kind])
+                remb.add_metric(labels, view["remb_bitrate"])
+                for forwarded in view["layers"]:  # type: ignore[attr-defined]
+                    layer.add_metric([*labels, leg_label(forwarded["source"]),
+                                      str(forwarded["rid"])], forwarded["height"] or 0)
         for leg in c.plane.legs():
             if leg.link is None:
                 continue
             labels = [str(leg.group), str(leg.leg_id)]
             for kind in LEG_COUNTERS:
                 link_datagrams.add_metric([*labels, kind], leg.counters[kind])
+            for kind in LINK_BYTES:
+                link_bytes.add_metric([*labels, kind], leg.counters[kind])
             for reason in LEG_DROP_REASONS:
                 link_dropped.add_metric([*labels, reason], leg.drops[reason])
         for reason in PLANE_DROP_REASONS:
@@ -148,6 +165,24 @@ class MdCollector(Collector):
             GaugeMetricFamily("perc_md_participants", "Admitted participants"),
             GaugeMetricFamily("perc_md_pending_joins", "Joins waiting for the KD"),
             GaugeMetricFamily("perc_md_kd_tunnels", "Connected KD tunnels"),
+            CounterMetricFamily("perc_md_participant_bytes",
+                                "SRTP/SRTCP bytes sent to a participant's leg, by kind",
+                                labels=["conference", "association", "kind"]),
+            CounterMetricFamily("perc_md_link_bytes",
+                                "SRTP/SRTCP bytes over a cascade link, by kind (in/out)",
+                                labels=["conference", "link", "kind"]),
+            CounterMetricFamily("perc_md_receiver_feedback",
+                                "Selective forwarding for a receiver: NACKs received, "
+                                "packets retransmitted, NACKs forwarded upstream, PLIs "
+                                "received and requested for it, layer switches",
+                                labels=["conference", "association", "kind"]),
+            GaugeMetricFamily("perc_md_receiver_remb_bits_per_second",
+                              "A receiver's last REMB estimate (0: none yet)",
+                              labels=["conference", "association"]),
+            GaugeMetricFamily("perc_md_receiver_layer_height",
+                              "Height (a=rid max-height; 0 unknown) of the simulcast layer "
+                              "forwarded to a receiver, per source",
+                              labels=["conference", "association", "source", "rid"]),
         ]
 
 

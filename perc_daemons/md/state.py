@@ -37,9 +37,13 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from perc_daemons.protocol.selection import SelectionPolicy
+
 __all__ = ["MdStateKeeper", "SavedConference", "SavedLink", "SavedState", "StateError", "StateFile"]
 
 VERSION = 1
+#: The conference policy kept (SelectionPolicy fields set by the provider).
+_POLICY_KEYS = ("last_n", "audio_levels", "audio_top_k")
 
 
 class StateError(Exception):
@@ -51,6 +55,9 @@ class SavedConference:
     conference_id: str
     kd_fingerprint: bytes
     created_at: float
+    forwarding: str = "sfu"
+    #: SelectionPolicy's fields (last_n, audio_levels, audio_top_k)
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,14 @@ class SavedState:
 
 
 def _conference(item: Any) -> SavedConference:
+    if not isinstance(item, dict):
+        raise TypeError("a conference entry is not an object")
+    policy = item.get("policy", {})
+    if not isinstance(policy, dict):
+        raise TypeError("policy is not an object")
     return SavedConference(str(item["conference_id"]), bytes.fromhex(item["kd_fingerprint"]),
-                           float(item["created_at"]))
+                           float(item["created_at"]), str(item.get("forwarding", "sfu")),
+                           {k: policy[k] for k in _POLICY_KEYS if k in policy})
 
 
 def _link(item: Any) -> SavedLink:
@@ -98,7 +111,8 @@ def encode(state: SavedState) -> bytes:
         "version": VERSION,
         "conferences": [{"conference_id": c.conference_id,
                          "kd_fingerprint": c.kd_fingerprint.hex(),
-                         "created_at": c.created_at} for c in state.conferences],
+                         "created_at": c.created_at, "forwarding": c.forwarding,
+                         "policy": c.policy} for c in state.conferences],
         "links": [{"link_id": k.link_id, "conference_id": k.conference_id, "role": k.role,
                    "peer_fingerprint": k.peer_fingerprint.hex(), "profile": k.profile,
                    "created_at": k.created_at,
@@ -191,7 +205,9 @@ class MdStateKeeper:
         self._restoring = False
 
     def snapshot(self) -> SavedState:
-        conferences = tuple(SavedConference(c.conference_id, c.kd_fingerprint, c.created_at)
+        conferences = tuple(SavedConference(c.conference_id, c.kd_fingerprint, c.created_at,
+                                            c.forwarding,
+                                            {k: getattr(c.policy, k) for k in _POLICY_KEYS})
                             for c in self.conferences.conferences())
         known = {c.conference_id for c in conferences}
         links = () if self.links is None else tuple(
@@ -226,7 +242,9 @@ class MdStateKeeper:
             for saved in state.conferences:
                 try:
                     self.conferences.create(saved.conference_id, saved.kd_fingerprint,
-                                            created_at=saved.created_at)
+                                            created_at=saved.created_at,
+                                            forwarding=saved.forwarding,
+                                            policy=SelectionPolicy(**saved.policy))
                 except Exception as e:  # ValueError, ConferenceConflict
                     raise StateError(f"conference {saved.conference_id!r}: {e}") from None
             for k in state.links:

@@ -376,7 +376,9 @@ class MdServiceTests(unittest.TestCase):
         self.assertEqual(body, {"id": "c1", "kd_fingerprint": self.kd_fp,
                                 "tunnel": {"host": "127.0.0.1", "port": self.md.tunnel.port},
                                 "media": {"host": "127.0.0.1",
-                                          "port": self.conferences.media_port}})
+                                          "port": self.conferences.media_port},
+                                "forwarding": "sfu", "last_n": -1, "audio_levels": True,
+                                "audio_top_k": 0})
         code, again = yield self.create()
         self.assertEqual((code, again), (200, body))
         code, _ = yield self.create(fp=":".join(["AB"] * 32))

@@ -722,7 +722,7 @@ class OpenApiMdServedTests(MdChecks, unittest.TestCase):
             else:
                 self.assertNotEqual(response.code, 401, f"{where}: documented as public")
             count += 1
-        self.assertEqual(count, 7)
+        self.assertEqual(count, 8)
 
     @defer.inlineCallbacks
     def test_md_documented_operations_with_credentials_and_example_bodies(self):
@@ -744,7 +744,9 @@ class OpenApiMdServedTests(MdChecks, unittest.TestCase):
             statuses[where] = response.code
         # the examples work: a link accepted, a participant joined (the KD signed its
         # answer); the example link is not this MD's (404), the example participant gone
+        # (a receive change for it is 404, its leave 204: idempotent)
         self.assertEqual(statuses, {
+            "PATCH /v1/conferences/{cid}/participants/{association}": 404,
             "GET /v1/md": 200, "GET /v1/conferences/{cid}/links": 200,
             "POST /v1/conferences/{cid}/links": 201,
             "PATCH /v1/conferences/{cid}/links/{link}": 404,
