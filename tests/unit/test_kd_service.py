@@ -952,6 +952,35 @@ class OfferTests(unittest.TestCase):
         self.assertEqual(self.rejected(only_data).reason,
                          "offer has no m= section the MD can relay")
 
+    def simulcast_offer(self) -> str:
+        """Audio (mid 0) and a simulcast video section (mid 1, three SSRCs), BUNDLEd."""
+        video = ["m=video 9 UDP/TLS/RTP/SAVPF 96", "c=IN IP4 0.0.0.0",
+                 "a=ice-ufrag:EsAw", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
+                 f"a=fingerprint:sha-256 {format_fingerprint(self.ep.fingerprint)}",
+                 "a=setup:actpass", f"a=tls-id:{self.ep.tls_id}", "a=mid:1", "a=sendrecv",
+                 "a=rtcp-mux", "a=rtpmap:96 VP8/90000", "a=rtcp-fb:96 nack pli",
+                 "a=extmap:3 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+                 "a=rid:h send max-height=720", "a=rid:m send max-height=360",
+                 "a=rid:l send max-height=180", "a=simulcast:send h;m;l",
+                 *(f"a=ssrc:{s} cname:alice" for s in (2001, 2002, 2003))]
+        offer = self.ep.offer(self.assertion).replace("a=group:BUNDLE 0", "a=group:BUNDLE 0 1")
+        return offer + "".join(line + "\r\n" for line in video)
+
+    def test_simulcast_offer_rosters_every_ssrc(self) -> None:
+        offer = self.simulcast_offer()
+        facts = inspect_offer(offer)
+        self.assertEqual(facts.ssrcs, (1111, 2001, 2002, 2003))
+        kd_fp = b"\x09" * 32
+        answer = finish_answer(draft_answer(offer, kd_fp), offer, kd_fingerprint=kd_fp,
+                               kd_tls_id=KD_TLS_ID)
+        self.assertEqual([(m.mid, m.media, m.tls_id) for m in answer.media],
+                         [("0", "audio", KD_TLS_ID), ("1", "video", KD_TLS_ID)])
+        self.assertEqual(answer.bundle, ("0", "1"))
+        self.assertEqual([(r.id, r.direction) for r in answer.media[1].rids()],
+                         [("h", "recv"), ("m", "recv"), ("l", "recv")])
+        self.assertEqual(answer.media[1].simulcast(),
+                         sdp.Simulcast(recv=(("h",), ("m",), ("l",))))
+
     def test_finish_answer(self) -> None:
         offer = self.ep.offer(self.assertion)
         kd_fp = b"\x09" * 32
