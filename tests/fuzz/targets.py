@@ -41,6 +41,8 @@ from perc_daemons.protocol import (
     double,
     ekt,
     encryption_key,
+    extensions,
+    feedback,
     identity,
     jose,
     jsontext,
@@ -221,6 +223,123 @@ def _build_rtp() -> Bench:
             _attempt(typed, rtp.replace_extensions, data, [(1, b"\x07")])
             rtp.replace_extensions(data, None)
         return accepted
+
+    return Bench(seeds, parse, max_size=2048)
+
+
+# -- RTP header extension values and RTCP feedback (the SFU's reads) ----------------------
+
+def _extension_packets() -> list[bytes]:
+    rng = random.Random(8285)
+    marks = extensions.encode_frame_marks(start=True, end=False, independent=True)
+    scalable = extensions.encode_frame_marks(start=False, end=True, independent=False,
+                                             base_layer=True, tid=2, lid=1, tl0picidx=200)
+    level = extensions.encode_audio_level(30, True)
+    packets = [
+        rtp.RtpPacket(payload_type=111, sequence_number=1, ssrc=SSRC,
+                      extensions=[(1, level), (2, extensions.encode_stream_id("0"))],
+                      payload=rng.randbytes(20)).serialize(),
+        rtp.RtpPacket(payload_type=96, sequence_number=2, ssrc=SSRC, marker=True,
+                      extensions=[(2, b"1"), (3, extensions.encode_stream_id("h")), (5, marks)],
+                      payload=rng.randbytes(40)).serialize(),
+        rtp.RtpPacket(payload_type=96, sequence_number=3, ssrc=SSRC, csrcs=[7],
+                      extensions=[(5, scalable), (3, b"m" * 20), (1, level + b"\x00")],
+                      payload=rng.randbytes(30), padding_length=4).serialize(),
+        rtp.RtpPacket(payload_type=0, sequence_number=4, ssrc=SSRC, extension_profile=0x1234,
+                      extension_data=rng.randbytes(8), payload=b"x").serialize(),
+    ]
+    return [*packets, *_rtp_packets()[:2]]
+
+
+_RTP_EXTENSION_DECODERS: dict[int, Callable[[bytes], Any]] = {
+    1: extensions.audio_level, 2: extensions.media_id, 3: extensions.stream_id,
+    4: extensions.stream_id, 5: extensions.frame_marks}
+
+
+def _build_extensions() -> Bench:
+    seeds = [Seed(p, _rtp_fields(p)) for p in _extension_packets()]
+    typed = (extensions.ExtensionError,)
+
+    def parse(data: bytes) -> bool:
+        """find_extension for each id the reference endpoint offers (and some it does
+        not), each value through its decoder, then add_extensions and a re-read."""
+        found = {}
+        for ident in (1, 2, 3, 4, 5, 14, 15, 200):
+            value = _attempt(typed, extensions.find_extension, data, ident)
+            if value is _FAILED:
+                return False
+            if value is not None:
+                found[ident] = value
+                decode = _RTP_EXTENSION_DECODERS.get(ident)
+                if decode is not None:
+                    _attempt(typed, decode, value)
+                if ident == 5:
+                    _attempt(typed, extensions.is_keyframe_start, value)
+        edit = [(2, b"9"), (7, bytes((len(data) & 0xFF,)))]
+        out = _attempt(typed, extensions.add_extensions, data, edit)
+        if out is not _FAILED:
+            for ident, value in edit:
+                assert extensions.find_extension(out, ident) == value, "add_extensions lost"
+            assert out[len(out) - (len(data) - rtp.header_length(data)):] == \
+                data[rtp.header_length(data):], "add_extensions changed the payload"
+        return True
+
+    return Bench(seeds, parse, max_size=2048)
+
+
+def _feedback_packets() -> list[bytes]:
+    sr = rtp.sender_report(SSRC, rtp.SenderInfo(0x83AA7E80_00000000, 3000, 10, 12000),
+                           [rtp.ReportBlock(SSRC + 1, 12, -3, 70000, 33, 0x12345678, 6553)])
+    nack = feedback.build_nack(SSRC, SSRC + 1, [0xFFFE, 0xFFFF, 0, 1, 20, 21, 40])
+    pli = feedback.build_pli(SSRC, SSRC + 1)
+    fir = feedback.build_fir(SSRC, [(SSRC + 1, 3), (SSRC + 2, 255)])
+    remb = feedback.build_remb(SSRC, 522022, [SSRC + 1, SSRC + 2])
+    hint = feedback.build_speaker_hint(SSRC, feedback.SpeakerHint(9, (SSRC + 1, SSRC + 2)))
+    padded = rtp.RtcpPacket(rtp.PSFB, pli.body + b"\x00\x00\x00\x04", count=rtp.PSFB_PLI,
+                            padding=True)
+    return [
+        rtp.build_compound([sr, nack, pli]),
+        rtp.build_compound([rtp.receiver_report(SSRC), fir, remb]),
+        rtp.build_compound([hint]),
+        rtp.build_compound([remb, padded]),
+    ]
+
+
+def _build_feedback() -> Bench:
+    seeds = [Seed(c, _rtcp_fields(c)) for c in _feedback_packets()]
+    typed = (feedback.FeedbackError, rtp.RtcpError)
+
+    def parse(data: bytes) -> bool:
+        """Reduced-size compounds split, then each packet through parse_feedback,
+        parse_speaker_hint and strip_report_blocks; what parses is rebuilt and must
+        parse to the same thing."""
+        packets = _attempt(typed, rtp.parse_compound, data, False)
+        if packets is _FAILED:
+            return False
+        for packet in packets:
+            fb = _attempt(typed, feedback.parse_feedback, packet)
+            if isinstance(fb, feedback.Feedback):
+                if fb.kind == "nack":
+                    again = feedback.build_nack(fb.sender_ssrc, fb.media_ssrcs[0], fb.seqs)
+                    assert set(feedback.parse_feedback(again).seqs) == set(fb.seqs), "nack"
+                elif fb.kind == "pli":
+                    again = feedback.build_pli(fb.sender_ssrc, fb.media_ssrcs[0])
+                    assert feedback.parse_feedback(again) == fb, "pli"
+                elif fb.kind == "fir":
+                    again = feedback.build_fir(fb.sender_ssrc, list(zip(fb.media_ssrcs,
+                                                                        fb.seqs, strict=True)))
+                    assert feedback.parse_feedback(again) == fb, "fir"
+                else:
+                    again = feedback.build_remb(fb.sender_ssrc, fb.bitrate, fb.media_ssrcs)
+                    assert feedback.parse_feedback(again) == fb, "remb"
+            hint = _attempt(typed, feedback.parse_speaker_hint, packet)
+            if isinstance(hint, feedback.SpeakerHint):
+                rebuilt = feedback.build_speaker_hint(packet.ssrc or 0, hint)
+                assert feedback.parse_speaker_hint(rebuilt) == hint, "speaker hint"
+            if packet.packet_type in (rtp.SR, rtp.RR):
+                stripped = feedback.strip_report_blocks(packet)
+                assert rtp.parse_compound(stripped.serialize(), False)[0].count == 0
+        return True
 
     return Bench(seeds, parse, max_size=2048)
 
@@ -1529,6 +1648,10 @@ _PROTOCOL = (ProtocolError,)
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("rtp", (rtp.RtpError, rtp.RtcpError), _build_rtp,
            "RTP packets, header fast path, RTCP compounds, SR/RR blocks"),
+    Target("extensions", (extensions.ExtensionError,), _build_extensions,
+           "RFC 8285 find_extension, audio level, frame marks, stream ids, add_extensions"),
+    Target("feedback", (feedback.FeedbackError, rtp.RtcpError), _build_feedback,
+           "RTCP NACK/PLI/FIR/REMB, the speaker hint, SR/RR report block removal"),
     Target("srtp", (srtp.SrtpError, rtp.RtpError), _build_srtp,
            "SrtpContext.unprotect / unprotect_rtcp of SRTP and SRTCP"),
     Target("double", _PROTOCOL, _build_double,
