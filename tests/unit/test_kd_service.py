@@ -59,6 +59,7 @@ from perc_daemons.protocol.dtls import (
 )
 from perc_daemons.protocol.ekt import EktCipher, derive_master_salt
 from perc_daemons.protocol.identity import create_assertion, encode_sdp_identity
+from perc_daemons.protocol.participant import build_offer
 from perc_daemons.protocol.roster import verify_roster
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.tunnel import (
@@ -953,18 +954,11 @@ class OfferTests(unittest.TestCase):
                          "offer has no m= section the MD can relay")
 
     def simulcast_offer(self) -> str:
-        """Audio (mid 0) and a simulcast video section (mid 1, three SSRCs), BUNDLEd."""
-        video = ["m=video 9 UDP/TLS/RTP/SAVPF 96", "c=IN IP4 0.0.0.0",
-                 "a=ice-ufrag:EsAw", "a=ice-pwd:bP+XJMM09aR8AiX1jdukzR6Y",
-                 f"a=fingerprint:sha-256 {format_fingerprint(self.ep.fingerprint)}",
-                 "a=setup:actpass", f"a=tls-id:{self.ep.tls_id}", "a=mid:1", "a=sendrecv",
-                 "a=rtcp-mux", "a=rtpmap:96 VP8/90000", "a=rtcp-fb:96 nack pli",
-                 "a=extmap:3 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
-                 "a=rid:h send max-height=720", "a=rid:m send max-height=360",
-                 "a=rid:l send max-height=180", "a=simulcast:send h;m;l",
-                 *(f"a=ssrc:{s} cname:alice" for s in (2001, 2002, 2003))]
-        offer = self.ep.offer(self.assertion).replace("a=group:BUNDLE 0", "a=group:BUNDLE 0 1")
-        return offer + "".join(line + "\r\n" for line in video)
+        """The reference endpoint's offer: audio (mid 0) and simulcast video (mid 1), BUNDLEd."""
+        return build_offer(assertion_json=self.assertion, fingerprint=self.ep.fingerprint,
+                           tls_id=self.ep.tls_id, ice_ufrag="EsAw",
+                           ice_pwd="bP+XJMM09aR8AiX1jdukzR6Y", ssrc=1111, cname="alice",
+                           video_ssrcs=[2001, 2002, 2003])
 
     def test_simulcast_offer_rosters_every_ssrc(self) -> None:
         offer = self.simulcast_offer()
