@@ -560,7 +560,10 @@ class Endpoint:
         self.offer = offer
         if self.offer_at is None:  # the first offer: connect and join times count from here
             self.offer_at = self.now()
-        self.joined = await self.md.join(self.conference_id, offer, receive=self.receive)
+        if self.receive is None:
+            self.joined = await self.md.join(self.conference_id, offer)
+        else:
+            self.joined = await self.md.join(self.conference_id, offer, receive=self.receive)
         try:
             self.answer = self._verify_answer(self.joined, offer, self._ca)
         except AnswerRejected:
