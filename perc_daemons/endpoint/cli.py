@@ -6,6 +6,7 @@
         --conference ID --user alice@localhost --password-file F \\
         [--kd-name kd.localhost] [--duration 10] \\
         [--audio-wav in.wav | --tone 440 | --video [--rate 50] [--keyframe-every 30]] \\
+        [--simulcast] [--no-audio-level] [--last-n N] [--max-height H] [--bandwidth BPS] \\
         [--record-dir DIR] [--stats-json out.json] [--load N ...]
 
 The password comes from the first line of ``--password-file`` or from the
@@ -19,6 +20,14 @@ line without password uses the shared one; the first N lines are used) or a
 user1@localhost ... userN@localhost, all with the shared password).  Each
 endpoint sends a different tone (``--tone`` + 20 Hz per index) or the same
 WAV/video; ``--record-dir`` gets one subdirectory per endpoint.
+
+For an MD that forwards selectively (an SFU, issue 13): ``--simulcast``
+sends, beside the audio, three simulcast video encodings (RFC 8853: h, m, l
+at 30, 15 and 7.5 packets/s, ``--keyframe-every`` a multiple of 4 there);
+``--no-audio-level`` leaves the RFC 6464 audio level out of the offer;
+``--last-n``, ``--max-height`` and ``--bandwidth`` go into the join's
+``receive`` preferences (``last_n``, ``max_height``, ``max_bitrate``), and
+``--bandwidth`` is also the REMB sent with each receiver report.
 
 Exit status: 0 every endpoint joined, sent and verified its roster; 1 a
 failure (login or join refused, answer not verified, no connection, decrypt
@@ -139,8 +148,19 @@ def build_parser(output: IO[str] | None = None) -> argparse.ArgumentParser:
                         help="send 1200-byte VP8-like packets instead of audio")
     p.add_argument("--rate", type=_positive(float), default=50.0,
                    help="video packets per second")
-    p.add_argument("--keyframe-every", type=_positive(int), default=30,
-                   help="a video key frame every N packets")
+    p.add_argument("--keyframe-every", type=_positive(int), default=None,
+                   help="a video key frame every N packets (default 30; with --simulcast "
+                        "every N frames, a multiple of 4, default 60)")
+    p.add_argument("--simulcast", action="store_true",
+                   help="also send three simulcast video encodings (h, m, l; RFC 8853)")
+    p.add_argument("--no-audio-level", dest="audio_level", action="store_false",
+                   help="do not offer the RFC 6464 audio level header extension")
+    p.add_argument("--last-n", type=_positive(int), metavar="N",
+                   help="receive preference: video of the N most recent speakers")
+    p.add_argument("--max-height", type=_positive(int), metavar="H",
+                   help="receive preference: video at most H pixels high")
+    p.add_argument("--bandwidth", type=_positive(int), metavar="BPS",
+                   help="receive bandwidth (bits/s): the REMB sent and the join's max_bitrate")
     p.add_argument("--record-dir", help="write each audio sender to DIR/ssrc-XXXXXXXX.wav")
     p.add_argument("--stats-json", metavar="FILE", help="write statistics JSON here ('-': "
                                                         "stdout)")
@@ -177,7 +197,23 @@ def parse_args(argv: Sequence[str], output: IO[str] | None = None) -> argparse.N
                              "(or use --users-file)")
     if args.kd_names is None:
         args.kd_names = ["kd.localhost"]
+    if args.simulcast and args.video:
+        raise UsageError("perc-endpoint: --simulcast sends audio plus video; not with --video")
+    if args.keyframe_every is None:
+        args.keyframe_every = 60 if args.simulcast else 30
+    if args.simulcast and args.keyframe_every % 4:
+        raise UsageError("perc-endpoint: with --simulcast, --keyframe-every must be a "
+                         "multiple of 4 (all three encodings send on those frames)")
     return args
+
+
+def receive_preferences(args: argparse.Namespace) -> dict[str, int] | None:
+    """The join body's ``receive`` of ``--last-n``/``--max-height``/``--bandwidth``, or None."""
+    receive = {name: value for name, value in (("last_n", args.last_n),
+                                               ("max_height", args.max_height),
+                                               ("max_bitrate", args.bandwidth))
+               if value is not None}
+    return receive or None
 
 
 def _first_line(path: str, what: str) -> str:
@@ -278,6 +314,7 @@ async def run(args: argparse.Namespace, users: list[tuple[str, str]], reactor: A
 
     from perc_daemons.endpoint.client import Endpoint, record_subdir
     from perc_daemons.endpoint.load import run_endpoints, summary
+    from perc_daemons.endpoint.media import SimulcastVideo
 
     endpoints = [
         Endpoint(reactor, kmf_url=args.kmf, md_url=args.md, ca=args.ca,
@@ -288,7 +325,12 @@ async def run(args: argparse.Namespace, users: list[tuple[str, str]], reactor: A
                  redirect_uri=args.redirect_uri, issuer=args.issuer,
                  max_decrypt_failure_ratio=args.max_decrypt_failures,
                  expect_senders=args.expect_senders,
-                 label=user if len(users) == 1 else f"{i + 1}:{user}")
+                 label=user if len(users) == 1 else f"{i + 1}:{user}",
+                 video="simulcast" if args.simulcast else None,
+                 video_source=(SimulcastVideo(keyframe_every=args.keyframe_every)
+                               if args.simulcast else None),
+                 audio_level=args.audio_level, bandwidth=args.bandwidth,
+                 receive=receive_preferences(args))
         for i, (user, password) in enumerate(users)]
 
     def interrupted() -> Any:  # Ctrl-C: still say goodbye to the MD and the KD

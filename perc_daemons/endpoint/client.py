@@ -27,7 +27,17 @@
    recorded as a failure (an unknown sender in the conference);
 8. leave: close_notify to the KD (DTLS), then DELETE at the MD with the
    leave token;
-9. rejoin when orphaned (:class:`OrphanWatch`): a verified roster of a newer
+9. as an SFU's participant (issue 13): ``video="simulcast"`` adds three
+   simulcast video encodings (:class:`~perc_daemons.endpoint.media.SimulcastVideo`
+   on :attr:`Endpoint.video_ssrcs`, frame marking on every packet, a PLI
+   or FIR for one of them makes its next frame a key frame); every audio
+   packet carries its RFC 6464 level (:func:`~perc_daemons.endpoint.media.audio_level`;
+   :attr:`Endpoint.talking` False sends digital silence, level 127); an
+   RR, with ``bandwidth`` a REMB, goes out every ``rtcp_interval``; the
+   join body carries ``receive`` (``last_n``, ``max_height``,
+   ``max_bitrate``); the MD's speaker hints are kept in
+   :attr:`Endpoint.speaker_hints`;
+10. rejoin when orphaned (:class:`OrphanWatch`): a verified roster of a newer
    epoch than the one that last listed us omits our SSRC, and no EKTKey
    explains it (a restarted perc-kd forgot our association: it rekeys and
    reports rosters without us).  The old session is dropped (its later
@@ -56,7 +66,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer, task
@@ -74,15 +84,19 @@ from perc_daemons.endpoint.kmf import (
 )
 from perc_daemons.endpoint.md import JoinRefused, JoinResponse, MdClient
 from perc_daemons.endpoint.media import (
+    SILENCE_FRAME,
     MediaFrame,
     MediaSource,
+    SimulcastVideo,
     ToneSource,
     VideoSource,
     WavSinks,
+    audio_level,
 )
 from perc_daemons.protocol.answer import AnswerError, VerifiedAnswer, verify_signed_answer
 from perc_daemons.protocol.dtls import certificate_fingerprint, generate_certificate
 from perc_daemons.protocol.ekt import FULL_EKT_TYPE
+from perc_daemons.protocol.extensions import FrameMarks
 from perc_daemons.protocol.identity import normalize_identity
 from perc_daemons.protocol.participant import (
     NO_KEY_REASONS,
@@ -90,11 +104,13 @@ from perc_daemons.protocol.participant import (
     Connected,
     DecryptFailed,
     EktKeyInstalled,
+    KeyframeRequested,
     MediaReceived,
     NotReady,
     ParticipantSession,
     Refused,
     SenderStats,
+    SpeakerHintReceived,
     build_offer,
     new_ice_credentials,
     new_tls_id,
@@ -181,7 +197,14 @@ def sender_json(stats: SenderStats, identity: str | None,
     return {"ssrc": stats.ssrc, "identity": identity, "packets": stats.packets,
             "bytes": stats.bytes, "losses": max(0, stats.lost),
             "decrypt_failures": stats.decrypt_failures, "no_key": stats.no_key,
+            "nacked": stats.nacked, "recovered": stats.recovered,
             "epochs_seen": sorted(stats.epochs_seen), "recording": recording}
+
+
+def frame_marks(frame: MediaFrame) -> FrameMarks:
+    """The frame marking of a one-packet frame (draft-ietf-avtext-framemarking-16 s3.1):
+    start and end of the frame, independent for a key frame."""
+    return FrameMarks(True, True, frame.keyframe, False, False, 0, None, None)
 
 
 class OrphanWatch:
@@ -281,6 +304,14 @@ class Endpoint:
     ``receive_buffer`` sets SO_RCVBUF of the media socket (bytes; the kernel
     caps it at net.core.rmem_max).
 
+    SFU participation (module docstring, step 9): ``video="simulcast"``
+    (with ``kind="audio"``) also sends ``video_source`` (default
+    :class:`SimulcastVideo`) on three more SSRCs; ``audio_level`` False
+    leaves the RFC 6464 extension out of the offer; ``bandwidth`` (bits/s)
+    is the REMB sent with every RR (each ``rtcp_interval`` seconds);
+    ``receive`` goes into the join body (``{"last_n", "max_height",
+    "max_bitrate"}``, all optional).
+
     ``rejoin`` (default True) joins again when orphaned (see the module
     docstring, step 9): ``orphan_grace`` is :class:`OrphanWatch`'s grace,
     ``rejoin_attempts`` the attempts per rejoin, ``rejoin_delay`` the first
@@ -302,9 +333,21 @@ class Endpoint:
                  on_media: Callable[[MediaReceived, float], object] | None = None,
                  receive_buffer: int | None = None, rejoin: bool = True,
                  orphan_grace: float = 1.0, rejoin_attempts: int = 4,
-                 rejoin_delay: float = 1.0, audit_secrets: bool = False) -> None:
+                 rejoin_delay: float = 1.0, audit_secrets: bool = False,
+                 video: str | None = None, video_source: SimulcastVideo | None = None,
+                 audio_level: bool = True, bandwidth: int | None = None,
+                 receive: Mapping[str, int] | None = None,
+                 rtcp_interval: float = 1.0) -> None:
         if kind not in ("audio", "video"):
             raise ValueError("kind must be audio or video")
+        if video not in (None, "simulcast"):
+            raise ValueError("video must be None or 'simulcast'")
+        if video is not None and kind != "audio":
+            raise ValueError("video='simulcast' goes with kind='audio' (audio plus video)")
+        if bandwidth is not None and bandwidth < 0:
+            raise ValueError("bandwidth must be a non-negative bitrate (bits/s)")
+        if not rtcp_interval > 0:
+            raise ValueError("rtcp_interval must be positive")
         if decrypt_every < 1:
             raise ValueError("decrypt_every must be at least 1")
         self.reactor = reactor
@@ -334,11 +377,35 @@ class Endpoint:
         self.rejoin = rejoin
         self.rejoin_attempts = rejoin_attempts
         self.rejoin_delay = rejoin_delay
+        self.video = video
+        self.video_source = (video_source or SimulcastVideo()) if video is not None else None
+        self.audio_level = audio_level
+        self.bandwidth = bandwidth
+        self.receive = dict(receive) if receive is not None else None
+        self.rtcp_interval = rtcp_interval
+        #: False: audio frames are sent as digital silence (RFC 6464 level 127).
+        self.talking = True
+        #: The MD's speaker hints: {"at", "sequence", "speakers"} (at: seconds from offer).
+        self.speaker_hints: list[dict[str, Any]] = []
+        #: PLI/FIR received per our SSRC.
+        self.keyframe_requests: dict[int, int] = {}
+        self._video_sending: task.LoopingCall | None = None
+        self._rtcp_loop: task.LoopingCall | None = None
         # state
         self.kmf: KmfClient | None = None
         self.md: MdClient | None = None
         self.identity: str | None = None
         self.ssrc = secrets.randbits(32) or 1
+        ssrcs = {self.ssrc}
+        #: The simulcast video SSRCs (h, m, l), or none.
+        self.video_ssrcs: list[int] = []
+        while video is not None and len(self.video_ssrcs) < 3:
+            candidate = secrets.randbits(32)
+            if candidate and candidate not in ssrcs:
+                ssrcs.add(candidate)
+                self.video_ssrcs.append(candidate)
+        #: Per sending SSRC: packets, bytes, retransmitted, summed over every session.
+        self._sent_before: dict[int, dict[str, int]] = {}
         self.session: ParticipantSession | None = None
         self.answer: VerifiedAnswer | None = None
         self.joined: JoinResponse | None = None
@@ -424,6 +491,9 @@ class Endpoint:
                       label=self.label, profile=self.profile, cipher=self.ekt_cipher,
                       seconds=self.ready_at - self.offer_at)
         self.orphans.associated(None)
+        self._rtcp_loop = task.LoopingCall(self._rtcp_tick)
+        self._rtcp_loop.clock = self.reactor
+        self._rtcp_loop.start(self.rtcp_interval, now=False)
         await self._refresh_roster()
         self._roster_loop = task.LoopingCall(self._roster_tick)
         self._roster_loop.clock = self.reactor
@@ -470,7 +540,8 @@ class Endpoint:
         self._assertion = (self.now(), assertion)
         return assertion
 
-    async def _associate(self, initial_sequence: int | None = None) -> ParticipantSession:
+    async def _associate(self, initial_sequence: Mapping[int, int] | None = None
+                         ) -> ParticipantSession:
         """Offer (our certificate and SSRC, fresh ICE credentials and tls-id), join at the
         MD, verify the signed answer: the session to connect (not started yet).
 
@@ -484,11 +555,15 @@ class Endpoint:
         tls_id = new_tls_id()
         offer = build_offer(assertion_json=assertion, fingerprint=certificate_fingerprint(der),
                             tls_id=tls_id, ice_ufrag=ufrag, ice_pwd=pwd, ssrc=self.ssrc,
-                            cname=self._cname, kind=self.kind)
+                            cname=self._cname, kind=self.kind, video_ssrcs=self.video_ssrcs,
+                            audio_level=self.audio_level)
         self.offer = offer
         if self.offer_at is None:  # the first offer: connect and join times count from here
             self.offer_at = self.now()
-        self.joined = await self.md.join(self.conference_id, offer)
+        if self.receive is None:
+            self.joined = await self.md.join(self.conference_id, offer)
+        else:
+            self.joined = await self.md.join(self.conference_id, offer, receive=self.receive)
         try:
             self.answer = self._verify_answer(self.joined, offer, self._ca)
         except AnswerRejected:
@@ -501,7 +576,8 @@ class Endpoint:
             return ParticipantSession(certificate=der, private_key=key, ssrc=self.ssrc,
                                       ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
                                       answer=self.answer, initial_sequence=initial_sequence,
-                                      keep_audit_secrets=self.audit_secrets)
+                                      keep_audit_secrets=self.audit_secrets,
+                                      video_ssrcs=self.video_ssrcs)
         except ValueError as e:  # a signed answer we cannot use (no candidate, ...)
             await self._forget_at_md()
             raise AnswerRejected(f"unusable answer: {e}") from None
@@ -613,7 +689,7 @@ class Endpoint:
             try:
                 # same SSRC: continue its sequence numbers (receivers' replay lists)
                 session = await self._associate(
-                    old.next_sequence if old is not None else None)
+                    old.sequences if old is not None else None)
                 if self._leaving:  # leave() deletes self.joined
                     record["outcome"] = "abandoned (left)"
                     return
@@ -662,6 +738,10 @@ class Endpoint:
         self._stop_timer()
         if session is not None:
             self._send(session.close(self.now()))
+            for ssrc, counts in session.sent_counts().items():
+                total = self._sent_before.setdefault(ssrc, dict.fromkeys(counts, 0))
+                for name, value in counts.items():
+                    total[name] += value
         self.session = None
         if self._ready is not None and not self._ready.called:
             self._ready.cancel()
@@ -737,7 +817,9 @@ class Endpoint:
             stats = self.senders.get(event.ssrc)
             if stats is None:
                 stats = self.senders[event.ssrc] = SenderStats(event.ssrc)
-            stats.record(event.sequence, len(event.payload), now, event.spi)
+            # RFC 8723 s5.3: loss on what the MD delivered (it may withhold and renumber)
+            sequence = event.sequence if event.outer_sequence is None else event.outer_sequence
+            stats.record(sequence, len(event.payload), now, event.spi)
             if self.first_media_at is None:
                 self.first_media_at = now
             if self.on_media is not None:
@@ -755,6 +837,14 @@ class Endpoint:
                     stats.no_key += 1
                 else:
                     stats.decrypt_failures += 1
+        elif isinstance(event, KeyframeRequested):
+            self.keyframe_requests[event.ssrc] = self.keyframe_requests.get(event.ssrc, 0) + 1
+            if self.video_source is not None and event.ssrc in self.video_ssrcs:
+                self.video_source.request_keyframe(self.video_ssrcs.index(event.ssrc))
+        elif isinstance(event, SpeakerHintReceived):
+            self.speaker_hints.append({"at": self._elapsed(now), "sequence": event.sequence,
+                                       "speakers": list(event.speakers)})
+            del self.speaker_hints[:-1000]  # the newest thousand
         elif isinstance(event, EktKeyInstalled):
             self.epochs_installed.append(event.spi)
             self.orphans.key_installed(now)
@@ -816,6 +906,19 @@ class Endpoint:
                 self.send_frame(frame)
             self._after_input()
 
+        video = self.video_source
+        if video is not None:
+            def video_tick(count: int) -> None:
+                for _ in range(min(count, _MAX_CATCH_UP)):
+                    for encoding, frame in video.next_frames():
+                        self.send_frame(frame, ssrc=self.video_ssrcs[encoding])
+                self._after_input()
+
+            self._video_sending = task.LoopingCall.withCount(video_tick)
+            self._video_sending.clock = self.reactor
+            self._video_sending.start(video.interval, now=True).addErrback(
+                lambda failure: self.failures.append(
+                    f"video sending failed: {failure.getErrorMessage()}"))
         sending = self._sending = task.LoopingCall.withCount(tick)
         sending.clock = self.reactor
         stop = self.reactor.callLater(duration, self._stop_sending)
@@ -825,12 +928,17 @@ class Endpoint:
             if stop.active():
                 stop.cancel()
             self._sending = None
+            self._stop_sending()
+            self._video_sending = None
 
-    def send_frame(self, frame: MediaFrame) -> bytes | None:
+    def send_frame(self, frame: MediaFrame, *, ssrc: int | None = None) -> bytes | None:
         """Protect and send one frame now; the datagram sent, or None if not ready.
 
-        For callers that pace media themselves (``bench/conference.py``);
-        :meth:`run_media` uses it too.
+        ``ssrc`` is one of :attr:`video_ssrcs` for a simulcast video frame
+        (default: our audio, or kind video, SSRC).  Audio frames carry their
+        RFC 6464 level, and are digital silence while :attr:`talking` is
+        False; video frames their frame marking.  For callers that pace media
+        themselves (``bench/conference.py``); :meth:`run_media` uses it too.
         """
         session = self.session
         if session is None:
@@ -838,21 +946,43 @@ class Endpoint:
                 raise EndpointError("not joined")
             self.send_not_ready += 1  # between two associations
             return None
+        if ssrc is not None and ssrc not in session.sending_ssrcs:
+            self.send_not_ready += 1  # a video SSRC the answer did not accept
+            return None
+        payload = frame.payload
+        if ssrc is None and self.kind == "audio":
+            if not self.talking:
+                payload = SILENCE_FRAME
+            extras: dict[str, Any] = {"audio_level": audio_level(payload)}
+        else:
+            extras = {"frame_marks": frame_marks(frame)}
         try:
-            datagram = session.send_media(frame.payload, timestamp=frame.timestamp,
-                                               marker=frame.marker, keyframe=frame.keyframe,
-                                               now=self.now())
+            datagram = session.send_media(payload, timestamp=frame.timestamp,
+                                          marker=frame.marker, keyframe=frame.keyframe,
+                                          now=self.now(), ssrc=ssrc, **extras)
         except NotReady:
             self.send_not_ready += 1
             return None
         self._send([datagram])
         self.sent_packets += 1
-        self.sent_bytes += len(frame.payload)
+        self.sent_bytes += len(payload)
         return datagram
+
+    def _rtcp_tick(self) -> None:
+        """An RR (RFC 3550 s6.4.2), with ``bandwidth`` a REMB, every ``rtcp_interval``."""
+        session = self.session
+        if session is None or not session.ready:
+            return
+        try:
+            self._send([session.send_rtcp(now=self.now(), remb=self.bandwidth)])
+        except NotReady:
+            return
 
     def _stop_sending(self) -> None:
         if self._sending is not None and self._sending.running:
             self._sending.stop()
+        if self._video_sending is not None and self._video_sending.running:
+            self._video_sending.stop()
 
     # --- roster ----------------------------------------------------------------------------
 
@@ -949,6 +1079,8 @@ class Endpoint:
         self._stop_sending()
         if self._roster_loop is not None and self._roster_loop.running:
             self._roster_loop.stop()
+        if self._rtcp_loop is not None and self._rtcp_loop.running:
+            self._rtcp_loop.stop()
         if self._roster_refresh is not None and self._roster_refresh.active():
             self._roster_refresh.cancel()
         rejoining = self._rejoining
@@ -972,6 +1104,8 @@ class Endpoint:
 
     async def _release(self) -> None:
         self._stop_timer()
+        if self._rtcp_loop is not None and self._rtcp_loop.running:
+            self._rtcp_loop.stop()
         if self._port is not None:
             port, self._port = self._port, None
             await defer.maybeDeferred(port.stopListening)
@@ -1009,6 +1143,16 @@ class Endpoint:
             problems.append(f"heard {heard} senders, expected {self.expect_senders}")
         return problems
 
+    def sent_ssrcs(self) -> list[dict[str, int]]:
+        """Per sending SSRC: packets, bytes and NACK retransmissions, over every session."""
+        totals = {ssrc: dict(counts) for ssrc, counts in self._sent_before.items()}
+        if self.session is not None:
+            for ssrc, counts in self.session.sent_counts().items():
+                total = totals.setdefault(ssrc, dict.fromkeys(counts, 0))
+                for name, value in counts.items():
+                    total[name] += value
+        return [{"ssrc": ssrc, **counts} for ssrc, counts in sorted(totals.items())]
+
     def stats(self) -> dict[str, Any]:
         """The statistics as a JSON-ready dict."""
         recordings = self._sinks.paths() if self._sinks is not None else {}
@@ -1028,6 +1172,13 @@ class Endpoint:
             "join_time": elapsed(self.first_media_at),
             "sent": {"packets": self.sent_packets, "bytes": self.sent_bytes,
                      "not_ready": self.send_not_ready},
+            "video": self.video,
+            "video_ssrcs": list(self.video_ssrcs),
+            "sent_ssrcs": self.sent_ssrcs(),
+            "keyframe_requests": [{"ssrc": ssrc, "count": n}
+                                  for ssrc, n in sorted(self.keyframe_requests.items())],
+            "speaker_hints": len(self.speaker_hints),
+            "last_speaker_hint": self.speaker_hints[-1] if self.speaker_hints else None,
             "epochs_installed": list(self.epochs_installed),
             "senders": [sender_json(s, self.identities.get(ssrc), recordings.get(ssrc))
                         for ssrc, s in sorted(self.senders.items())],

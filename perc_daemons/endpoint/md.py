@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
@@ -84,8 +84,12 @@ class MdClient:
     async def close(self) -> None:
         await self.http.close()
 
-    async def join(self, conference_id: str, offer: str) -> JoinResponse:
+    async def join(self, conference_id: str, offer: str,
+                   receive: Mapping[str, Any] | None = None) -> JoinResponse:
         """POST the offer; the association, signed answer and leave token.
+
+        ``receive`` (an SFU's receive preferences: ``last_n``, ``max_height``,
+        ``max_bitrate``) goes into the join body beside the offer when given.
 
         An MD of several processes may place the participant on another one
         of the same host (docs/API.md, "Placement"): a ``307`` whose
@@ -95,10 +99,10 @@ class MdClient:
         (:attr:`JoinResponse.md_url`).
         """
         path = f"/v1/conferences/{quote(conference_id, safe='')}/participants"
-        code, body, content, where = await self._post_offer(path, offer)
+        code, body, content, where = await self._post_offer(path, offer, receive)
         if code == 307:
             code, body, content, where = await self._post_offer(
-                self._placed_at(body, where), offer)
+                self._placed_at(body, where), offer, receive)
             if code == 307:
                 raise MdError("the MD's process redirected the join again")
         if code != 201:
@@ -114,10 +118,15 @@ class MdClient:
         return JoinResponse(str(association), association.bytes, body["answer"],
                             body["leave_token"], md_url=where)
 
-    async def _post_offer(self, path: str, offer: str) -> tuple[int, Any, bytes, str]:
+    async def _post_offer(self, path: str, offer: str,
+                          receive: Mapping[str, Any] | None = None
+                          ) -> tuple[int, Any, bytes, str]:
         """(status, JSON body, raw body, base URL) of the offer POSTed to ``path`` (a path
         on the MD, or an absolute URL of one of its processes)."""
-        data = json.dumps({"offer": offer}).encode("utf-8")
+        body: dict[str, Any] = {"offer": offer}
+        if receive is not None:
+            body["receive"] = dict(receive)
+        data = json.dumps(body).encode("utf-8")
         code, headers, content = await self.http.request(
             "POST", path, headers={"Accept": "application/json",
                                    "Content-Type": "application/json"}, data=data)

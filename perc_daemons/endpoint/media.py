@@ -13,7 +13,13 @@
   s4.5.14 and s4.2), the first one with the marker bit (start of a talkspurt,
   RFC 3551 s4.1); :class:`VideoSource` gives 1200-byte VP8-like packets (RFC
   7741 payload descriptor and frame tag, the key frame flag set every
-  ``keyframe_every`` packets) at a configurable rate on a 90 kHz clock.
+  ``keyframe_every`` packets) at a configurable rate on a 90 kHz clock;
+  :class:`SimulcastVideo` three such encodings at once (h, m, l: 30, 15 and
+  7.5 packets per second by default, RFC 8853 simulcast), key frames at the
+  same frame index on all three and on request for one.
+* :func:`audio_level`: the RFC 6464 level (-dBov of the RMS, 127 for digital
+  silence) of a PCMU frame, for the client-to-mixer header extension;
+  :data:`SILENCE_FRAME` the frame an endpoint that is not talking sends.
 * :class:`PcmuWavWriter` decodes one sender's PCMU payloads into a 8 kHz mono
   16-bit WAV file (timestamp gaps filled with silence); :class:`WavSinks`
   keeps one writer per sender SSRC in a directory.
@@ -36,13 +42,16 @@ from typing import Protocol
 __all__ = [
     "FRAME_SAMPLES",
     "PCMU_RATE",
+    "SILENCE_FRAME",
     "MediaFrame",
     "MediaSource",
     "PcmuWavWriter",
+    "SimulcastVideo",
     "ToneSource",
     "VideoSource",
     "WavSinks",
     "WavSource",
+    "audio_level",
     "read_wav_8k_mono",
     "ulaw_decode",
     "ulaw_decode_sample",
@@ -56,6 +65,8 @@ PCMU_SILENCE = 0xFF
 _BIAS = 0x21  # 14-bit bias (0x84 in 16-bit terms)
 _CLIP = 8159
 _MAX_GAP_SAMPLES = PCMU_RATE  # fill at most one second of silence for a timestamp gap
+#: One 20 ms PCMU frame of digital silence (every sample 0).
+SILENCE_FRAME = bytes([PCMU_SILENCE]) * FRAME_SAMPLES
 
 
 # --- G.711 mu-law ----------------------------------------------------------------------------
@@ -103,6 +114,23 @@ def ulaw_decode(data: bytes) -> array.array:
     """16-bit signed samples (``array('h')``) of PCMU bytes."""
     table = _DECODE
     return array.array("h", (table[b] for b in data))
+
+
+def audio_level(payload: bytes) -> int:
+    """The RFC 6464 s3 level of a PCMU frame: -dBov of its RMS, 0 (loudest) to 127.
+
+    dBov is relative to the overload point, a full-scale square wave (RMS
+    32767); digital silence (every sample 0) and anything quieter than
+    -127 dBov are 127.
+    """
+    if not payload:
+        return 127
+    table = _DECODE
+    power = sum(table[b] * table[b] for b in payload) / len(payload)
+    if power <= 0:
+        return 127
+    level = -10 * math.log10(power / (32767 * 32767))
+    return max(0, min(127, round(level)))
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -307,6 +335,87 @@ class VideoSource:
         timestamp = (self._start + round(index * self.CLOCK_RATE / self.rate)) & 0xFFFFFFFF
         self.packets += 1
         return MediaFrame(header + filler, timestamp, marker=True, keyframe=keyframe)
+
+
+class SimulcastVideo:
+    """Three simulcast encodings (RFC 8853) of one video-like source: h, m and l.
+
+    Every :attr:`interval` (1 / ``rate``) :meth:`next_frames` returns the
+    frames due at that frame index, as ``(encoding, frame)`` with encoding 0
+    (h), 1 (m) or 2 (l): h every frame, m every second, l every fourth (30,
+    15 and 7.5 packets per second at the default rate), each a VP8-like
+    packet of ``size`` bytes as :class:`VideoSource` makes.  A frame index
+    that is a multiple of ``keyframe_every`` (itself a multiple of 4, so all
+    three send then) is a key frame on all three; :meth:`request_keyframe`
+    makes the next frame of one encoding a key frame (a PLI or FIR for its
+    SSRC).  Timestamps are on a 90 kHz clock from one random start per
+    encoding (RFC 3550 s5.1).
+    """
+
+    kind = "video"
+    CLOCK_RATE = 90000
+    #: Frame index divisors of the encodings: h every frame, m every 2nd, l every 4th.
+    DIVISORS = (1, 2, 4)
+    NAMES = ("h", "m", "l")
+
+    def __init__(self, *, rate: float = 30.0, keyframe_every: int = 60, size: int = 1200,
+                 encodings: int = 3) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        if keyframe_every < 4 or keyframe_every % 4:
+            raise ValueError("keyframe_every must be a positive multiple of 4")
+        if size < 16:
+            raise ValueError("size must be at least 16 bytes")
+        if not 1 <= encodings <= 3:
+            raise ValueError("encodings must be 1, 2 or 3")
+        self.rate = rate
+        self.interval = 1.0 / rate
+        self.keyframe_every = keyframe_every
+        self.size = size
+        self.encodings = encodings
+        self._starts = [_initial_timestamp(None) for _ in range(encodings)]
+        self._requested: set[int] = set()
+        self.index = 0
+        #: Frames sent per encoding, and key frames among them.
+        self.frames = [0] * encodings
+        self.keyframes = [0] * encodings
+
+    def request_keyframe(self, encoding: int) -> None:
+        """Make the next frame of ``encoding`` (0 h, 1 m, 2 l) a key frame."""
+        if not 0 <= encoding < self.encodings:
+            raise ValueError(f"no encoding {encoding}")
+        self._requested.add(encoding)
+
+    def next_frames(self) -> list[tuple[int, MediaFrame]]:
+        """The frames of this frame index, then moves to the next."""
+        index = self.index
+        self.index += 1
+        out = []
+        for encoding in range(self.encodings):
+            if index % self.DIVISORS[encoding]:
+                continue
+            keyframe = index % self.keyframe_every == 0 or encoding in self._requested
+            self._requested.discard(encoding)
+            count = self.frames[encoding]
+            header = bytes([0x10])  # X=0 R=0 N=0 S=1 PID=0 (RFC 7741 s4.2)
+            if keyframe:
+                header += bytes([0x00, 0x00, 0x00, 0x9D, 0x01, 0x2A, 0x80, 0x02, 0xE0, 0x01])
+            else:
+                header += bytes([0x01, 0x00, 0x00])
+            header += bytes([encoding]) + count.to_bytes(4, "big")
+            filler = bytes((count + i) & 0xFF for i in range(self.size - len(header)))
+            timestamp = (self._starts[encoding]
+                         + round(index * self.CLOCK_RATE / self.rate)) & 0xFFFFFFFF
+            self.frames[encoding] += 1
+            self.keyframes[encoding] += keyframe
+            out.append((encoding, MediaFrame(header + filler, timestamp, marker=True,
+                                             keyframe=keyframe)))
+        return out
+
+    def next_frame(self) -> MediaFrame | None:
+        """:class:`MediaSource` compatibility: the h encoding's frame (one per index)."""
+        frames = self.next_frames()
+        return frames[0][1] if frames else None
 
 
 # --- sinks ---------------------------------------------------------------------------------

@@ -33,7 +33,24 @@ What it does, in order:
    receiving until its ttl runs out (section 4.3.2, 5.2.2).  RTP goes out
    through :class:`DoubleSender` and comes in through
    :class:`DoubleReceiver`; RTCP is hop-by-hop only (RFC 8723 section 6).
-4. A close_notify from the KD (keys revoked), our own :meth:`close`, a DTLS
+   Several sending SSRCs: the audio one (``ssrc``) and up to three video
+   ones (``video_ssrcs``, simulcast encodings h/m/l, RFC 8853), each with
+   its own :class:`EktSender` and :class:`DoubleSender`, all rekeyed on
+   every new EKTKey.  The header extensions written (RFC 8285: MID,
+   RtpStreamId, RFC 6464 audio level, frame marking) are the ones the
+   verified *answer* kept, with its ids; they stay outside the inner layer
+   (RFC 8723 s5.1), so the MD can read them.
+4. Repair and feedback (RFC 4585, :mod:`perc_daemons.protocol.repair`):
+   the last 512 datagrams per sending SSRC are kept and sent again, as
+   they are, for a generic NACK; a PLI or FIR for one of our SSRCs is a
+   :class:`KeyframeRequested` event.  Receiving, loss is counted on the
+   *outer* sequence number (RFC 8723 s5.3: what the MD delivered; an MD
+   that withholds and renumbers shows no loss), gaps become NACKs after a
+   10 ms reorder wait, retried twice 50 ms apart, given up after 500 ms
+   (:meth:`ParticipantSession.handle_timer`).  :meth:`~ParticipantSession.send_rtcp`
+   adds REMB (draft-alvestrand-rmcat-remb-03) when asked; speaker hints
+   (RTCP APP "PERC") are :class:`SpeakerHintReceived` events.
+5. A close_notify from the KD (keys revoked), our own :meth:`close`, a DTLS
    failure after the handshake or lost consent end the session: every key
    is dropped (contexts closed), no media goes in or out afterwards.
 
@@ -54,13 +71,13 @@ import hmac
 import os
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from perc_daemons.protocol import sdp
+from perc_daemons.protocol import extensions, sdp
 from perc_daemons.protocol.answer import VerifiedAnswer
 from perc_daemons.protocol.double import (
     DOUBLE_PROFILES,
@@ -91,10 +108,23 @@ from perc_daemons.protocol.ekt import (
     ekt_field_length,
 )
 from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.extensions import FrameMarks
+from perc_daemons.protocol.feedback import (
+    Feedback,
+    FeedbackError,
+    build_fir,
+    build_nack,
+    build_remb,
+    parse_feedback,
+    parse_speaker_hint,
+)
 from perc_daemons.protocol.identity import encode_sdp_identity
+from perc_daemons.protocol.repair import NackTracker, SendHistory
 from perc_daemons.protocol.rtp import (
+    APP,
     PSFB,
     PSFB_PLI,
+    RTPFB,
     ReportBlock,
     RtcpPacket,
     RtpPacket,
@@ -135,12 +165,14 @@ __all__ = [
     "DecryptFailed",
     "EktKeyInstalled",
     "Event",
+    "KeyframeRequested",
     "MediaReceived",
     "NotReady",
     "ParticipantSession",
     "Refused",
     "RtcpReceived",
     "SenderStats",
+    "SpeakerHintReceived",
     "build_offer",
     "new_ice_credentials",
     "new_tls_id",
@@ -156,6 +188,18 @@ _KINDS = {
     "video": ("video", 96, "96 VP8/90000"),
 }
 _PROTO = "UDP/TLS/RTP/SAVPF"
+#: The header extension ids we offer (SFU_SPEC; the MD reads them from the offer).
+EXTMAP_IDS = {
+    extensions.AUDIO_LEVEL_URI: 1,
+    extensions.MID_URI: 2,
+    extensions.RID_URI: 3,
+    extensions.REPAIRED_RID_URI: 4,
+    extensions.FRAME_MARKING_URI: 5,
+}
+#: Simulcast encodings, highest first: (rid-id, max-width, max-height) (RFC 8851 s5).
+SIMULCAST_LAYERS = (("h", 1280, 720), ("m", 640, 360), ("l", 320, 180))
+#: RFC 4585 s4.2 / RFC 5104 s7.1 feedback we offer for video (goog-remb: REMB draft s2).
+_VIDEO_FEEDBACK = ("nack", "nack pli", "ccm fir", "goog-remb")
 
 # STUN client timing (RFC 8489 section 6.2.1: RTO, Rc = 7, Rm = 16).
 _STUN_RTO = 0.5
@@ -219,8 +263,11 @@ class MediaReceived:
     """One RTP packet that passed both layers (RFC 8723 s5.3).
 
     ``sequence``, ``timestamp``, ``marker`` and ``payload_type`` are the
-    sender's originals (the OHB restored); ``spi`` is the SPI of the EKTKey
-    under which this sender's newest end-to-end key arrived.
+    sender's originals (the OHB restored); ``outer_sequence`` is the number
+    the MD delivered it with (RFC 8723 s5.3: for playout order and loss;
+    it differs when the MD withheld packets and renumbered); ``spi`` is the
+    SPI of the EKTKey under which this sender's newest end-to-end key
+    arrived.
     """
 
     ssrc: int
@@ -230,6 +277,7 @@ class MediaReceived:
     payload: bytes = field(repr=False)
     spi: int | None
     payload_type: int
+    outer_sequence: int | None = None
 
 
 @dataclass(frozen=True)
@@ -271,8 +319,28 @@ class RtcpReceived:
     packets: tuple[RtcpPacket, ...]
 
 
+@dataclass(frozen=True)
+class KeyframeRequested:
+    """A PLI (RFC 4585 s6.3.1) or FIR (RFC 5104 s4.3.1) asked for a key frame on our ``ssrc``.
+
+    ``kind`` is "pli" or "fir".  A FIR repeating the last command sequence
+    number for the SSRC is not reported again (RFC 5104 s4.3.1.2).
+    """
+
+    ssrc: int
+    kind: str = "pli"
+
+
+@dataclass(frozen=True)
+class SpeakerHintReceived:
+    """The MD's speaker hint (RTCP APP "PERC" subtype 1): audio SSRCs, dominant first."""
+
+    sequence: int
+    speakers: tuple[int, ...]
+
+
 Event = (Connected | EktKeyInstalled | MediaReceived | DecryptFailed | Refused | Closed
-         | RtcpReceived)
+         | RtcpReceived | KeyframeRequested | SpeakerHintReceived)
 
 
 # -- statistics ------------------------------------------------------------------------
@@ -283,11 +351,13 @@ class SenderStats:
     """Reception statistics of one remote SSRC.
 
     ``packets``/``bytes`` count delivered packets and payload octets;
-    ``lost`` is expected minus received from the sender's (end-to-end
-    authenticated) sequence numbers, extended as in RFC 3550 appendix A.1 and
-    A.3; ``decrypt_failures`` the failures attributable to this SSRC (see
-    :class:`DecryptFailed`); ``epochs_seen`` the SPIs of the FullEKTFields of
-    its delivered packets; ``first_time``/``last_time`` the ``now`` of the
+    ``lost`` is expected minus received from the sequence numbers recorded
+    (a session records the outer ones, what the MD delivered, RFC 8723
+    s5.3), extended as in RFC 3550 appendix A.1 and A.3; ``nacked`` the
+    numbers requested by NACK, ``recovered`` those of them that came;
+    ``decrypt_failures`` the failures attributable to this SSRC (see
+    :class:`DecryptFailed`); ``epochs_seen`` the SPIs of the FullEKTFields
+    of its delivered packets; ``first_time``/``last_time`` the ``now`` of the
     first and last delivered packet.
     """
 
@@ -298,6 +368,8 @@ class SenderStats:
     #: Packets under a key we were never given (:data:`NO_KEY_REASONS`): sent before we
     #: joined or after we left; expected around membership changes, not an integrity failure.
     no_key: int = 0
+    nacked: int = 0
+    recovered: int = 0
     epochs_seen: set[int] = field(default_factory=set)
     first_time: float | None = None
     last_time: float | None = None
@@ -385,7 +457,7 @@ class SenderStats:
         """JSON-friendly copy."""
         return {"ssrc": self.ssrc, "packets": self.packets, "bytes": self.bytes,
                 "lost": self.lost, "decrypt_failures": self.decrypt_failures,
-                "no_key": self.no_key,
+                "no_key": self.no_key, "nacked": self.nacked, "recovered": self.recovered,
                 "epochs_seen": sorted(self.epochs_seen), "first_time": self.first_time,
                 "last_time": self.last_time}
 
@@ -400,48 +472,100 @@ def new_ice_credentials() -> tuple[str, str]:
     return ufrag, pwd
 
 
+def _check_ssrc(ssrc: int, what: str = "ssrc") -> None:
+    if not isinstance(ssrc, int) or not 0 <= ssrc <= _RTP_MAX:
+        raise ValueError(f"{what} must be a 32-bit unsigned integer")
+
+
 def build_offer(*, assertion_json: str, fingerprint: bytes, tls_id: str, ice_ufrag: str,
-                ice_pwd: str, ssrc: int, cname: str, kind: str = "audio") -> str:
-    """The endpoint's SDP offer (canonical, CRLF), one BUNDLEd m= section.
+                ice_pwd: str, ssrc: int, cname: str, kind: str = "audio",
+                video_ssrcs: Sequence[int] = (), audio_level: bool = True) -> str:
+    """The endpoint's SDP offer (canonical, CRLF), BUNDLEd m= sections.
 
     Session level: ``a=identity`` (RFC 8827 s5, the base64 assertion JSON),
-    ``a=group:BUNDLE 0``.  The m= section (``audio``: PCMU, PT 0; ``video``:
-    VP8, PT 96) carries ``c=IN IP4 0.0.0.0``, ``a=mid:0``, ``a=sendrecv``, the
-    ICE credentials (RFC 8839), ``a=fingerprint:sha-256`` of our DTLS
-    certificate (RFC 8122), ``a=setup:actpass`` (RFC 5763: the answerer makes
-    us the DTLS client), ``a=tls-id`` (RFC 8842), ``a=rtcp-mux`` (RFC 5761),
-    the rtpmap and ``a=ssrc:<ssrc> cname:<cname>`` (RFC 5576).  Raises
-    ValueError for a parameter that would not make a valid offer.
+    ``a=group:BUNDLE``.  The first m= section, ``a=mid:0``, sends ``ssrc``
+    (``audio``: PCMU, PT 0, ``a=extmap`` 1 audio level (RFC 6464, unless
+    ``audio_level`` is False) and 2 MID (RFC 8843); ``video``: VP8, PT 96,
+    extmap 2 MID and 5 frame marking).  With ``video_ssrcs`` (audio only)
+    a second section, ``a=mid:1``, VP8 PT 96, extmap 2 MID, 3 RtpStreamId,
+    4 RepairedRtpStreamId (declared only), 5 frame marking, one
+    ``a=ssrc`` per SSRC and, for two or three SSRCs, simulcast: ``a=rid:h``,
+    ``m``, ``l`` ``send`` with max-width/max-height 1280x720, 640x360,
+    320x180 (RFC 8851), in that order, and ``a=simulcast:send h;m;l`` (RFC
+    8853 s5.1).  Video sections offer ``a=rtcp-fb`` nack, nack pli, ccm fir
+    and goog-remb, audio nack (RFC 4585 s4.2).  Every section carries
+    ``c=IN IP4 0.0.0.0``, ``a=sendrecv``, the ICE credentials (RFC 8839),
+    ``a=fingerprint:sha-256`` of our DTLS certificate (RFC 8122),
+    ``a=setup:actpass`` (RFC 5763: the answerer makes us the DTLS client),
+    ``a=tls-id`` (RFC 8842), ``a=rtcp-mux`` (RFC 5761), the rtpmap and
+    ``a=ssrc:<ssrc> cname:<cname>`` (RFC 5576).  Raises ValueError for a
+    parameter that would not make a valid offer.
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {sorted(_KINDS)}")
     if len(fingerprint) != 32:
         raise ValueError("fingerprint must be a SHA-256 digest (32 bytes)")
-    if not 0 <= ssrc <= _RTP_MAX:
-        raise ValueError("ssrc must be a 32-bit unsigned integer")
+    _check_ssrc(ssrc)
+    video_ssrcs = tuple(video_ssrcs)
+    for v in video_ssrcs:
+        _check_ssrc(v, "video_ssrcs")
+    if len(video_ssrcs) > len(SIMULCAST_LAYERS):
+        raise ValueError(f"at most {len(SIMULCAST_LAYERS)} video SSRCs (simulcast h, m, l)")
+    if len(set(video_ssrcs) | {ssrc}) != len(video_ssrcs) + 1:
+        raise ValueError("every SSRC must be different")
+    if video_ssrcs and kind != "audio":
+        raise ValueError("video_ssrcs go with an audio first section (kind='audio')")
     if not cname or any(c.isspace() for c in cname) or not cname.isprintable():
         raise ValueError("cname must be non-empty printable text without whitespace")
-    media, pt, rtpmap = _KINDS[kind]
     session_id = int.from_bytes(os.urandom(7), "big")
-    attributes = (
-        sdp.Attribute("mid", "0"),
-        sdp.Attribute("sendrecv"),
+    transport = (
         sdp.Attribute("ice-ufrag", ice_ufrag),
         sdp.Attribute("ice-pwd", ice_pwd),
         sdp.Attribute("fingerprint", "sha-256 " + format_fingerprint(fingerprint)),
         sdp.Attribute("setup", "actpass"),
         sdp.Attribute("tls-id", tls_id),
         sdp.Attribute("rtcp-mux"),
-        sdp.Attribute("rtpmap", rtpmap),
-        sdp.Attribute("ssrc", f"{ssrc} cname:{cname}"),
     )
+
+    def extmaps(uris: Sequence[str]) -> list[sdp.Attribute]:
+        return [sdp.Attribute("extmap", f"{EXTMAP_IDS[uri]} {uri}") for uri in uris]
+
+    def section(media_kind: str, mid: str, uris: Sequence[str], ssrcs: Sequence[int],
+                extra: Sequence[sdp.Attribute] = ()) -> sdp.MediaDescription:
+        media, pt, rtpmap = _KINDS[media_kind]
+        feedback = _VIDEO_FEEDBACK if media_kind == "video" else ("nack",)
+        attributes = (
+            sdp.Attribute("mid", mid), sdp.Attribute("sendrecv"), *transport,
+            *extmaps(uris), sdp.Attribute("rtpmap", rtpmap),
+            *(sdp.Attribute("rtcp-fb", f"{pt} {f}") for f in feedback), *extra,
+            *(sdp.Attribute("ssrc", f"{s} cname:{cname}") for s in ssrcs),
+        )
+        return sdp.MediaDescription(media, 9, _PROTO, (str(pt),),
+                                    fields=(sdp.Field("c", "IN IP4 0.0.0.0"),),
+                                    attributes=attributes)
+
+    if kind == "audio":
+        first_uris = ([extensions.AUDIO_LEVEL_URI] if audio_level else []) + [
+            extensions.MID_URI]
+    else:
+        first_uris = [extensions.MID_URI, extensions.FRAME_MARKING_URI]
+    sections = [section(kind, "0", first_uris, [ssrc])]
+    if video_ssrcs:
+        video = section("video", "1", [extensions.MID_URI, extensions.RID_URI,
+                                       extensions.REPAIRED_RID_URI,
+                                       extensions.FRAME_MARKING_URI], video_ssrcs)
+        if len(video_ssrcs) > 1:
+            layers = SIMULCAST_LAYERS[:len(video_ssrcs)]
+            video = video.with_simulcast(
+                [sdp.Rid(rid, "send", (), {"max-width": str(w), "max-height": str(h)})
+                 for rid, w, h in layers],
+                sdp.Simulcast(send=tuple((rid,) for rid, _w, _h in layers)))
+        sections.append(video)
     description = sdp.SessionDescription(
         sdp.Origin(session_id=str(session_id), session_version="1"),
         attributes=(sdp.Attribute("identity", encode_sdp_identity(assertion_json)),
-                    sdp.Attribute("group", "BUNDLE 0")),
-        media=(sdp.MediaDescription(media, 9, _PROTO, (str(pt),),
-                                    fields=(sdp.Field("c", "IN IP4 0.0.0.0"),),
-                                    attributes=attributes),),
+                    sdp.Attribute("group", " ".join(["BUNDLE", *(m.mid or "" for m in sections)]))),
+        media=tuple(sections),
     )
     text = description.serialize()
     try:
@@ -482,6 +606,43 @@ class _AuditingEktReceiver(EktReceiver):
         return learned
 
 
+class _Stream:
+    """One sending SSRC: its payload type, header extensions, keys, sequence and history."""
+
+    __slots__ = ("audio_level_id", "bytes", "ekt", "elements", "frame_marking_id", "history",
+                 "kind", "last_fir", "packets", "payload_type", "retransmitted", "sender",
+                 "sequence", "ssrc")
+
+    def __init__(self, ssrc: int, kind: str, payload_type: int, sequence: int,
+                 ids: Mapping[str, int], mid: str | None, rid: str | None) -> None:
+        self.ssrc = ssrc
+        self.kind = kind
+        self.payload_type = payload_type
+        self.sequence = sequence
+        #: (id, value) of the elements on every packet: MID, RtpStreamId (RFC 8843, 8852)
+        elements = []
+        if mid is not None and (ident := ids.get(extensions.MID_URI)) is not None:
+            elements.append((ident, extensions.encode_stream_id(mid)))
+        if rid is not None and (ident := ids.get(extensions.RID_URI)) is not None:
+            elements.append((ident, extensions.encode_stream_id(rid)))
+        self.elements: tuple[tuple[int, bytes], ...] = tuple(elements)
+        self.audio_level_id = ids.get(extensions.AUDIO_LEVEL_URI) if kind == "audio" else None
+        self.frame_marking_id = (ids.get(extensions.FRAME_MARKING_URI) if kind == "video"
+                                 else None)
+        self.history = SendHistory()
+        self.ekt: EktSender | None = None
+        self.sender: DoubleSender | None = None
+        self.last_fir: int | None = None
+        self.packets = 0
+        self.bytes = 0
+        self.retransmitted = 0
+
+
+def _negotiated_ids(media: sdp.MediaDescription) -> dict[str, int]:
+    """URI -> id of the answer's ``a=extmap`` lines (RFC 8285 s5; inactive ones left out)."""
+    return {e.uri: e.id for e in media.extmaps() if e.direction != "inactive"}
+
+
 def _first_host_candidate(candidates: Sequence[str]) -> tuple[str, int] | None:
     for candidate in candidates:
         fields = candidate.split(" ")
@@ -505,8 +666,15 @@ class ParticipantSession:
     secret for :meth:`audit_secrets`, also after the session ended: for
     proofs only (the demo, tests), never in a real client.
     ``initial_sequence`` continues the RTP sequence numbers of an earlier
-    session of the same SSRC (:attr:`next_sequence`), so receivers' replay
-    lists and loss counts go on (RFC 3550 s5.1, RFC 3711 s3.3.2).
+    session of the same SSRC (:attr:`next_sequence`; a mapping SSRC ->
+    number, :attr:`sequences`, for several), so receivers' replay lists and
+    loss counts go on (RFC 3550 s5.1, RFC 3711 s3.3.2).
+
+    ``video_ssrcs`` are the SSRCs of the offer's video section (mid 1, the
+    simulcast encodings h, m, l in that order; :func:`build_offer`): they
+    send when the answer accepted that section (:attr:`sending_ssrcs`).
+    ``ssrc`` sends with the payload type and extensions of the answer's
+    section ``mid 0`` (or its first accepted one).
     """
 
     def __init__(self, *, certificate: bytes, private_key: ec.EllipticCurvePrivateKey,
@@ -516,11 +684,17 @@ class ParticipantSession:
                  consent_interval: float = 5.0,
                  consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
                  replay_window: int = 128, keep_audit_secrets: bool = False,
-                 initial_sequence: int | None = None) -> None:
+                 initial_sequence: int | Mapping[int, int] | None = None,
+                 video_ssrcs: Sequence[int] = ()) -> None:
         if not isinstance(answer, VerifiedAnswer):
             raise TypeError("answer must be a VerifiedAnswer (verify_signed_answer)")
-        if not 0 <= ssrc <= _RTP_MAX:
-            raise ValueError("ssrc must be a 32-bit unsigned integer")
+        _check_ssrc(ssrc)
+        for v in video_ssrcs:
+            _check_ssrc(v, "video_ssrcs")
+        if len(set(video_ssrcs) | {ssrc}) != len(video_ssrcs) + 1:
+            raise ValueError("every SSRC must be different")
+        if len(video_ssrcs) > len(SIMULCAST_LAYERS):
+            raise ValueError(f"at most {len(SIMULCAST_LAYERS)} video SSRCs")
         if not consent_interval > 0 or not consent_timeout > consent_interval:
             raise ValueError("need 0 < consent_interval < consent_timeout")
         if not profiles:
@@ -547,7 +721,39 @@ class ParticipantSession:
         self.ssrc = ssrc
         #: The MD's ICE-lite address: every datagram the session returns goes there.
         self.md_address: tuple[str, int] = address
-        self.payload_type = int(media.formats[0])
+        accepted = {m.mid: m for m in description.media if m.port != 0}
+        main = accepted.get("0", media)
+        if not main.formats or not main.formats[0].isdigit() or int(main.formats[0]) > 127:
+            raise ValueError("the answer's m= section has no RTP payload type")
+        self.payload_type = int(main.formats[0])
+        if isinstance(initial_sequence, Mapping):
+            sequences = dict(initial_sequence)
+        else:
+            sequences = {} if initial_sequence is None else {ssrc: initial_sequence}
+
+        def first_sequence(of: int) -> int:
+            # Random unless continuing an earlier session of the same SSRC (RFC 3550 s5.1).
+            given = sequences.get(of)
+            return (int.from_bytes(os.urandom(2), "big") if given is None
+                    else given % _SEQ_MOD)
+
+        self._streams: dict[int, _Stream] = {ssrc: _Stream(
+            ssrc, main.media, self.payload_type, first_sequence(ssrc), _negotiated_ids(main),
+            main.mid, None)}
+        video = accepted.get("1")
+        if video_ssrcs and video is not None and video.media == "video" and video.formats \
+                and video.formats[0].isdigit() and int(video.formats[0]) <= 127:
+            ids = _negotiated_ids(video)
+            kept_rids = {r.id for r in video.rids()}
+            for index, v in enumerate(video_ssrcs):
+                rid = SIMULCAST_LAYERS[index][0] if len(video_ssrcs) > 1 else None
+                self._streams[v] = _Stream(v, "video", int(video.formats[0]),
+                                           first_sequence(v), ids, video.mid,
+                                           rid if rid in kept_rids else None)
+        #: Our SSRCs that send: ``ssrc`` first, then the video ones the answer accepted.
+        self.sending_ssrcs: tuple[int, ...] = tuple(self._streams)
+        #: The video SSRCs that send (empty when the answer rejected the video section).
+        self.video_ssrcs: tuple[int, ...] = self.sending_ssrcs[1:]
         self._answer = answer
         self._ice_ufrag = ice_ufrag
         self._md_username = f"{md_ufrag}:{ice_ufrag}".encode()
@@ -580,18 +786,12 @@ class ParticipantSession:
         self._recv_outer: SrtpContext | None = None
         self._receiver: DoubleReceiver | None = None
         self._ekt_receiver: EktReceiver | None = None
-        self._ekt_sender: EktSender | None = None
-        self._sender: DoubleSender | None = None
         self._ekt_params: dict[int, EktParameterSet] = {}
         self._ekt_expiry: dict[int, float] = {}
         self._sender_spi: dict[int, int] = {}
         self._first_key_at: dict[int, float] = {}  # SSRC -> when we learnt its first key
         self._keep_audit = keep_audit_secrets
         self._audit: dict[bytes, None] = {}
-        # RTP
-        # Random unless continuing an earlier session of the same SSRC (RFC 3550 s5.1).
-        self._sequence = (int.from_bytes(os.urandom(2), "big") if initial_sequence is None
-                          else initial_sequence % _SEQ_MOD)
         #: SPIs of the EKTKeys received, in order.
         self.epochs_seen: list[int] = []
         #: Per remote SSRC reception statistics.
@@ -600,6 +800,14 @@ class ParticipantSession:
         self.drops: dict[str, int] = {}
         self.packets_sent = 0
         self.bytes_sent = 0
+        #: Datagrams sent again for a NACK (RFC 4585 s6.2.1), over all our SSRCs.
+        self.retransmitted = 0
+        #: SRTCP compounds carrying a generic NACK sent.
+        self.nacks_sent = 0
+        #: The bitrate of the newest REMB received from the MD (bits/s), or None.
+        self.remb_received: int | None = None
+        self._nacks: dict[int, NackTracker] = {}  # remote SSRC -> receive-side repair
+        self._fir_commands: dict[int, int] = {}  # remote SSRC -> last FIR seq nr sent
 
     def __repr__(self) -> str:
         return (f"<ParticipantSession ssrc={self.ssrc:#010x} state={self._state.name} "
@@ -632,12 +840,25 @@ class ParticipantSession:
         if self._dtls is not None and (t := self._dtls.get_timer()) is not None:
             timers.append(t)
         timers.extend(self._ekt_expiry.values())
+        if self._send_outer is not None:
+            timers.extend(t for n in self._nacks.values() if (t := n.next_timer()) is not None)
         return min(timers) if timers else None
 
     @property
     def next_sequence(self) -> int:
-        """The RTP sequence number of the next packet :meth:`send_media` makes."""
-        return self._sequence
+        """The RTP sequence number of the next packet :meth:`send_media` makes for ``ssrc``."""
+        return self._streams[self.ssrc].sequence
+
+    @property
+    def sequences(self) -> dict[int, int]:
+        """The next RTP sequence number of each sending SSRC (for ``initial_sequence``)."""
+        return {ssrc: stream.sequence for ssrc, stream in self._streams.items()}
+
+    def sent_counts(self) -> dict[int, dict[str, int]]:
+        """Per sending SSRC: packets and payload bytes sent, datagrams retransmitted."""
+        return {ssrc: {"packets": st.packets, "bytes": st.bytes,
+                       "retransmitted": st.retransmitted}
+                for ssrc, st in self._streams.items()}
 
     def audit_secrets(self) -> list[bytes]:
         """Every inner (end-to-end) key and salt this session derived, drew or learned,
@@ -729,7 +950,7 @@ class ParticipantSession:
             return self._drain_dtls(now)
         if 128 <= b <= 191:
             if len(data) > 1 and 192 <= data[1] <= 223:
-                self._rtcp(bytes(data))
+                return self._rtcp(bytes(data))
             else:
                 self._rtp(bytes(data), now)
             return []
@@ -743,7 +964,14 @@ class ParticipantSession:
         stats = self.stats.get(ssrc)
         if stats is None:
             stats = self.stats[ssrc] = SenderStats(ssrc)
+            self._nacks[ssrc] = NackTracker()
         return stats
+
+    def _arrived(self, ssrc: int, outer_seq: int, now: float) -> None:
+        """The MD delivered outer ``outer_seq`` of ``ssrc``: gaps and recoveries (RFC 4585)."""
+        stats = self._stats(ssrc)
+        if self._nacks[ssrc].received(outer_seq, now):
+            stats.recovered += 1
 
     def _rtp(self, data: bytes, now: float) -> None:
         receiver = self._receiver
@@ -773,6 +1001,7 @@ class ParticipantSession:
                 # Nothing from this sender decrypted yet, and we learnt its key just now:
                 # it still protects with the previous epoch's key we were never given.
                 reason = "e2e_key_held_back"
+            self._arrived(ssrc, seq, now)  # it came: no NACK for it
             self._media_failure(ssrc, reason)
             return
         marker, pt, original_seq, timestamp, _ssrc = parse_fixed_header(received.packet)
@@ -783,10 +1012,13 @@ class ParticipantSession:
                 spi = FullEktField.decode(data[len(data) - ekt_length:]).spi
             except EktError:  # pragma: no cover - processed above already
                 pass
-        self._stats(ssrc).record(original_seq, len(payload), now, spi)
+        outer_seq = received.outer_seq
+        self._arrived(ssrc, outer_seq, now)
+        self._stats(ssrc).record(outer_seq, len(payload), now, spi)
         self._events.append(MediaReceived(
             ssrc=ssrc, sequence=original_seq, timestamp=timestamp, marker=bool(marker),
-            payload=payload, spi=self._sender_spi.get(ssrc), payload_type=pt))
+            payload=payload, spi=self._sender_spi.get(ssrc), payload_type=pt,
+            outer_sequence=outer_seq))
 
     def _media_failure(self, ssrc: int | None, reason: str) -> None:
         self._drop(reason)
@@ -798,21 +1030,58 @@ class ParticipantSession:
                 stats.decrypt_failures += 1
         self._events.append(DecryptFailed(ssrc, reason))
 
-    def _rtcp(self, data: bytes) -> None:
+    def _rtcp(self, data: bytes) -> list[bytes]:
         if self._recv_outer is None:
-            self._drop("not_keyed")
-            return
+            return self._drop("not_keyed")
         try:
             plain = self._recv_outer.unprotect_rtcp(data)
             packets = parse_compound(plain, strict_first=False)
         except ProtocolError as e:
-            self._drop("rtcp_" + e.reason)
-            return
+            return self._drop("rtcp_" + e.reason)
         ssrc = packets[0].ssrc
         if ssrc is None:
-            self._drop("rtcp_no_ssrc")
-            return
+            return self._drop("rtcp_no_ssrc")
         self._events.append(RtcpReceived(ssrc, tuple(packets)))
+        out: list[bytes] = []
+        for packet in packets:
+            try:
+                if packet.packet_type in (RTPFB, PSFB):
+                    feedback = parse_feedback(packet)
+                    if feedback is not None:
+                        out += self._feedback(feedback)
+                elif packet.packet_type == APP:
+                    hint = parse_speaker_hint(packet)
+                    if hint is not None:
+                        self._events.append(SpeakerHintReceived(hint.sequence,
+                                                                tuple(hint.speakers)))
+            except FeedbackError as e:
+                self._drop("rtcp_" + e.reason)
+        return out
+
+    def _feedback(self, feedback: Feedback) -> list[bytes]:
+        """A NACK resends from the history; PLI/FIR ask for a key frame (RFC 4585, 5104)."""
+        if feedback.kind == "nack":
+            stream = self._streams.get(feedback.media_ssrcs[0]) if feedback.media_ssrcs \
+                else None
+            if stream is None or self._state is not _State.READY:
+                return []
+            out = [d for seq in feedback.seqs if (d := stream.history.get(seq)) is not None]
+            stream.retransmitted += len(out)
+            self.retransmitted += len(out)
+            return out
+        if feedback.kind == "pli":
+            for ssrc in feedback.media_ssrcs[:1]:
+                if ssrc in self._streams:
+                    self._events.append(KeyframeRequested(ssrc, "pli"))
+        elif feedback.kind == "fir":
+            for ssrc, command in zip(feedback.media_ssrcs, feedback.seqs, strict=False):
+                stream = self._streams.get(ssrc)
+                if stream is not None and stream.last_fir != command:
+                    stream.last_fir = command
+                    self._events.append(KeyframeRequested(ssrc, "fir"))
+        elif feedback.kind == "remb":
+            self.remb_received = feedback.bitrate
+        return []
 
     def _learned(self, learned: LearnedKey, now: float) -> None:
         """A sender's new end-to-end key arrived in a FullEKTField (RFC 8870 s4.3.2)."""
@@ -909,15 +1178,17 @@ class ParticipantSession:
         if known is not None:
             return  # the same key again: only its expiry is refreshed
         self._ekt_params[params.spi] = params
-        if self._ekt_sender is None:
-            assert self._send_outer is not None
-            self._ekt_sender = EktSender(self.ssrc, LAYER_KEY_LENGTH[self._profile], params, now)
-            self._sender = DoubleSender(self._send_outer, self._ekt_sender,
-                                        replay_window=self._replay_window)
-        else:
-            self._ekt_sender.rekey(params, now)
-        self._remember(params.key, params.master_salt, self._ekt_sender.current_key,
-                       self._ekt_sender.master_salt)
+        self._remember(params.key, params.master_salt)
+        for stream in self._streams.values():
+            if stream.ekt is None:
+                assert self._send_outer is not None
+                stream.ekt = EktSender(stream.ssrc, LAYER_KEY_LENGTH[self._profile], params,
+                                       now)
+                stream.sender = DoubleSender(self._send_outer, stream.ekt,
+                                             replay_window=self._replay_window)
+            else:
+                stream.ekt.rekey(params, now)
+            self._remember(stream.ekt.current_key, stream.ekt.master_salt)
         self.epochs_seen.append(params.spi)
         self._state = _State.READY
         self._events.append(EktKeyInstalled(params.spi, len(self.epochs_seen) - 1))
@@ -964,7 +1235,10 @@ class ParticipantSession:
                 context.close()
         self._send_outer = self._recv_outer = None
         self._receiver = self._ekt_receiver = None
-        self._sender = self._ekt_sender = None
+        for stream in self._streams.values():
+            stream.sender = stream.ekt = None
+            stream.history.clear()
+        self._nacks.clear()
         self._ekt_params.clear()
         self._ekt_expiry.clear()
         self._sender_spi.clear()
@@ -995,7 +1269,27 @@ class ParticipantSession:
         if dtls is not None and (timer := dtls.get_timer()) is not None and now >= timer:
             dtls.handle_timer(now)
             out += self._drain_dtls(now)
-        return out
+        if self._state in _TERMINAL:
+            return out
+        return out + self._send_nacks(now)
+
+    def _send_nacks(self, now: float) -> list[bytes]:
+        """One SRTCP compound with the generic NACKs now due (RFC 4585 s6.2.1), if any."""
+        context = self._send_outer
+        if context is None:
+            return []
+        nacks = []
+        for ssrc, tracker in self._nacks.items():
+            seqs = tracker.due(now)
+            self.stats[ssrc].nacked = tracker.nacked
+            if seqs:
+                nacks.append(build_nack(self.ssrc, ssrc, seqs))
+        if not nacks:
+            return []
+        self.nacks_sent += 1
+        # RFC 4585 s3.1: a compound starts with a report; an empty RR (our counters
+        # for the interval reports of send_rtcp are left alone)
+        return [context.protect_rtcp(build_compound([receiver_report(self.ssrc, []), *nacks]))]
 
     def _retransmit_check(self, now: float) -> list[bytes]:
         tid = self._check_tid
@@ -1015,35 +1309,66 @@ class ParticipantSession:
     # -- output ----------------------------------------------------------------------------
 
     def send_media(self, payload: bytes, *, timestamp: int, marker: bool = False,
-                   keyframe: bool = False, now: float) -> bytes:
+                   keyframe: bool = False, now: float, ssrc: int | None = None,
+                   audio_level: int | None = None, voice: bool | None = None,
+                   frame_marks: FrameMarks | None = None) -> bytes:
         """One double-protected RTP datagram for the MD (RFC 8723 s5.1, RFC 8870 s4.3.1).
 
-        Our SSRC, the payload type of the answered m= section, the next
-        sequence number (random start, RFC 3550 s5.1).  ``keyframe`` sends a
-        FullEKTField (RFC 8870 s4.6).  Raises :class:`NotReady` unless
-        :attr:`ready`, or when the EKTKey in use has expired.
+        ``ssrc`` (default :attr:`ssrc`) is one of :attr:`sending_ssrcs`; the
+        payload type is its answered m= section's, the sequence number its
+        next (random start, RFC 3550 s5.1).  Header extensions, where the
+        answer kept their ``a=extmap``: MID on every packet, RtpStreamId on
+        simulcast video, ``audio_level`` (RFC 6464 -dBov, 0-127; ``voice``
+        defaults to level < 127) on audio, ``frame_marks`` on video (an
+        extension the answer dropped, or the other kind's, is not written).
+        ``keyframe`` sends a FullEKTField (RFC 8870 s4.6).  The datagram is
+        kept for NACKs (:mod:`~perc_daemons.protocol.repair`).  Raises
+        :class:`NotReady` unless :attr:`ready`, or when the EKTKey in use has
+        expired; ValueError for an SSRC not ours or bad values.
         """
-        sender = self._sender
+        stream = self._streams.get(self.ssrc if ssrc is None else ssrc)
+        if stream is None:
+            raise ValueError(f"SSRC {ssrc!r} is not one of ours that sends")
+        sender = stream.sender
         if self._state is not _State.READY or sender is None:
             raise NotReady(f"no media in state {self._state.name.lower()}")
         if not 0 <= timestamp <= _RTP_MAX:
             raise ValueError("timestamp must be a 32-bit unsigned integer")
-        packet = RtpPacket(payload_type=self.payload_type, sequence_number=self._sequence,
-                           timestamp=timestamp, ssrc=self.ssrc, marker=marker,
+        packet = RtpPacket(payload_type=stream.payload_type, sequence_number=stream.sequence,
+                           timestamp=timestamp, ssrc=stream.ssrc, marker=marker,
                            payload=bytes(payload)).serialize()
+        elements = list(stream.elements)
+        try:
+            if audio_level is not None and stream.audio_level_id is not None:
+                elements.append((stream.audio_level_id, extensions.encode_audio_level(
+                    audio_level, audio_level < 127 if voice is None else voice)))
+            if frame_marks is not None and stream.frame_marking_id is not None:
+                elements.append((stream.frame_marking_id,
+                                 extensions.encode_frame_marks(**frame_marks._asdict())))
+            if elements:
+                packet = extensions.add_extensions(packet, elements)
+        except extensions.ExtensionError as e:
+            raise ValueError(f"bad header extension value: {e}") from None
         try:
             wire = sender.protect(packet, now, keyframe=keyframe)
         except ExpiredEktKey:
             raise NotReady("the EKTKey in use has expired (RFC 8870 s5.2.2)") from None
-        self._sequence = (self._sequence + 1) % _SEQ_MOD
+        stream.history.add(stream.sequence, wire)
+        stream.sequence = (stream.sequence + 1) % _SEQ_MOD
+        stream.packets += 1
+        stream.bytes += len(payload)
         self.packets_sent += 1
         self.bytes_sent += len(payload)
         return wire
 
-    def send_rtcp(self, *, now: float, pli_ssrc: int | None = None) -> bytes:
+    def send_rtcp(self, *, now: float, pli_ssrc: int | None = None,
+                  remb: int | None = None, fir_ssrc: int | None = None) -> bytes:
         """One SRTCP datagram: a receiver report of every remote SSRC (RFC 3550 s6.4.2,
-        at most 31) and, with ``pli_ssrc``, a Picture Loss Indication for it (RFC 4585
-        s6.3.1).  Hop-by-hop only (RFC 8723 s6).  Jitter, LSR and DLSR are 0."""
+        at most 31), with ``pli_ssrc`` a Picture Loss Indication for it (RFC 4585
+        s6.3.1), with ``fir_ssrc`` a Full Intra Request for it (RFC 5104 s4.3.1, a
+        new command sequence number each time), with ``remb`` (bits/s) a REMB for
+        the SSRCs we receive (draft-alvestrand-rmcat-remb-03 s2.2).  Hop-by-hop
+        only (RFC 8723 s6).  Jitter, LSR and DLSR are 0."""
         context = self._send_outer
         if self._state not in (_State.CONNECTED, _State.READY) or context is None:
             raise NotReady(f"no RTCP in state {self._state.name.lower()}")
@@ -1053,10 +1378,18 @@ class ParticipantSession:
             blocks.append(ReportBlock(ssrc, fraction, cumulative, highest, 0, 0, 0))
         packets = [receiver_report(self.ssrc, blocks)]
         if pli_ssrc is not None:
-            if not 0 <= pli_ssrc <= _RTP_MAX:
-                raise ValueError("pli_ssrc must be a 32-bit unsigned integer")
+            _check_ssrc(pli_ssrc, "pli_ssrc")
             packets.append(RtcpPacket(PSFB, struct.pack("!II", self.ssrc, pli_ssrc),
                                       count=PSFB_PLI))
+        if fir_ssrc is not None:
+            _check_ssrc(fir_ssrc, "fir_ssrc")
+            command = self._fir_commands[fir_ssrc] = (self._fir_commands.get(fir_ssrc, -1)
+                                                      + 1) % 256
+            packets.append(build_fir(self.ssrc, [(fir_ssrc, command)]))
+        if remb is not None:
+            if not isinstance(remb, int) or remb < 0:
+                raise ValueError("remb must be a non-negative bitrate in bits/s")
+            packets.append(build_remb(self.ssrc, remb, list(self.stats)[:255]))
         return context.protect_rtcp(build_compound(packets))
 
     def close(self, now: float) -> list[bytes]:

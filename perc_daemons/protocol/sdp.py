@@ -12,8 +12,8 @@ What is here:
   line syntax (``<letter>=<value>``), sizes, and the attributes PERC relies
   on (``fingerprint``, ``setup``, ``tls-id``, ``ice-ufrag``, ``ice-pwd``,
   ``ice-lite``, ``candidate``, ``rtpmap``, ``ssrc``, ``extmap``, ``mid``,
-  ``group``, ``rtcp-mux``, ``identity``).  Every failure is a typed
-  :class:`SdpError` carrying the 1-based line number;
+  ``group``, ``rtcp-mux``, ``identity``, ``rid``, ``simulcast``).  Every
+  failure is a typed :class:`SdpError` carrying the 1-based line number;
 * typed accessors and ``with_*`` setters (descriptions are immutable, setters
   return a copy);
 * :func:`make_answer`: the MD/KD side answer to an endpoint offer, leaving the
@@ -22,14 +22,16 @@ What is here:
   m= section the MD cannot relay (:func:`unrelayable`: a data channel, plain
   RTP, RTCP on its own port...) is rejected with port 0 and left out of the
   BUNDLE group (RFC 3264 s6, RFC 8843 s7.3.3); an offer with nothing the MD
-  can relay is refused.
+  can relay is refused.  Simulcast (``a=rid``, RFC 8851 s10; ``a=simulcast``,
+  RFC 8853 s5.1) is mirrored: what the offerer sends the answerer receives.
 
 Project decisions: unknown line types are rejected (RFC 8866 §5 allows
 "ignore or reject"); ``a=identity`` (RFC 8827) is session-level only;
 ``a=ice-lite`` session-level only (RFC 8839); ``a=tls-id`` (RFC 8842),
-``a=mid``, ``a=rtpmap`` and ``a=ssrc`` media-level only; ``a=group``
-session-level only.  Input may be ``str`` or UTF-8 ``bytes``, with CRLF or LF
-line ends; :meth:`SessionDescription.serialize` always writes CRLF.
+``a=mid``, ``a=rtpmap``, ``a=ssrc``, ``a=rid`` and ``a=simulcast`` media-level
+only; ``a=group`` session-level only.  A ``rid-id`` is at most 255 characters
+(the RtpStreamId SDES item limit, RFC 8852 s3.1).  Input may be ``str`` or
+UTF-8 ``bytes``, with CRLF or LF line ends; :meth:`SessionDescription.serialize` always writes CRLF.
 """
 
 from __future__ import annotations
@@ -129,6 +131,18 @@ class BadIdentity(SdpAttributeError):
     reason = "sdp_bad_identity"
 
 
+class BadRid(SdpAttributeError):
+    """An ``a=rid`` (RFC 8851 s10) that does not parse or does not fit its m= section."""
+
+    reason = "sdp_bad_rid"
+
+
+class BadSimulcast(SdpAttributeError):
+    """An ``a=simulcast`` (RFC 8853 s5.1) that does not parse or names an undeclared rid."""
+
+    reason = "sdp_bad_simulcast"
+
+
 class OfferRefused(SdpError):
     """An offer :func:`make_answer` cannot answer (e.g. ``a=setup:passive``)."""
 
@@ -156,6 +170,17 @@ _MEDIA_RE = re.compile(
     r"((?: \S+)+)"
 )
 _NON_WS = re.compile(r"[^\s]+")
+#: RFC 8851 s10 ``rid-id`` (alpha-numeric / "-" / "_"), at most an SDES item long.
+_RID_ID = r"[A-Za-z0-9_\-]{1,255}"
+_RID_ID_RE = re.compile(_RID_ID)
+_RID_PARAM_NAME_RE = re.compile(r"[A-Za-z0-9\-]+")
+#: RFC 8851 s10 ``param-val``: printable characters but ";".
+_RID_PARAM_VALUE_RE = re.compile(r"[\x20-\x3a\x3c-\x7e]*")
+_RID_INT_PARAMS = frozenset({"max-width", "max-height", "max-fps", "max-fs", "max-br", "max-pps"})
+_RID_RE = re.compile(r"(" + _RID_ID + r") (send|recv)(?: (.+))?", re.DOTALL)
+_SIMULCAST_LIST_RE = re.compile(
+    r"~?" + _RID_ID + r"(?:,~?" + _RID_ID + r")*(?:;~?" + _RID_ID + r"(?:,~?" + _RID_ID + r")*)*"
+)
 
 
 @dataclass(frozen=True)
@@ -232,6 +257,67 @@ class ExtMap:
     uri: str
     direction: str | None = None
     attributes: str | None = None
+
+
+@dataclass(frozen=True)
+class Rid:
+    """``a=rid:<rid-id> <send|recv> [pt=<fmt>,...;][<param>[=<value>];...]`` (RFC 8851 s10).
+
+    ``formats`` is the ``pt=`` list (empty: every format of the m= line);
+    ``params`` the restrictions in order, e.g. ``{"max-height": "720"}``
+    (a parameter written without ``=`` has the value "").
+    """
+
+    id: str
+    direction: str
+    formats: tuple[str, ...] = ()
+    params: dict[str, str] = field(default_factory=dict)
+
+    def render(self) -> str:
+        """The attribute value (after ``a=rid:``)."""
+        parts = [f"pt={','.join(self.formats)}"] if self.formats else []
+        parts.extend(k if v == "" else f"{k}={v}" for k, v in self.params.items())
+        return f"{self.id} {self.direction}" + (" " + ";".join(parts) if parts else "")
+
+    def reversed(self) -> Rid:
+        """The same restriction seen from the answerer (send <-> recv)."""
+        return dataclasses.replace(self, direction="recv" if self.direction == "send" else "send")
+
+
+@dataclass(frozen=True)
+class Simulcast:
+    """``a=simulcast`` (RFC 8853 s5.1): per direction, streams of alternative rid-ids.
+
+    ``send``/``recv`` hold one tuple of alternatives per simulcast stream,
+    rid-ids without their ``~`` prefix; ``paused`` the rid-ids written with
+    it (RFC 8853 s5.1: proposed but paused).
+    """
+
+    send: tuple[tuple[str, ...], ...] = ()
+    recv: tuple[tuple[str, ...], ...] = ()
+    paused: frozenset[str] = frozenset()
+
+    def rid_ids(self, direction: str) -> list[str]:
+        """Every rid-id of ``direction`` ("send" or "recv"), in order."""
+        streams = self.send if direction == "send" else self.recv
+        return [rid for alternatives in streams for rid in alternatives]
+
+    def render(self) -> str:
+        """The attribute value (after ``a=simulcast:``)."""
+
+        def stream_list(streams: tuple[tuple[str, ...], ...]) -> str:
+            return ";".join(
+                ",".join(("~" if r in self.paused else "") + r for r in alternatives)
+                for alternatives in streams
+            )
+
+        parts = [f"{d} {stream_list(v)}" for d, v in (("send", self.send), ("recv", self.recv))
+                 if v]
+        return " ".join(parts)
+
+    def reversed(self) -> Simulcast:
+        """The answer's view (RFC 8853 s5.3): what the offerer sends we receive."""
+        return Simulcast(send=self.recv, recv=self.send, paused=self.paused)
 
 
 # --------------------------------------------------------------------------- validators
@@ -348,6 +434,87 @@ def _identity(a: Attribute) -> str:
     return assertion
 
 
+def _rid(a: Attribute) -> Rid:
+    m = _RID_RE.fullmatch(a.value or "")
+    if m is None:
+        raise BadRid("a=rid is not '<rid-id> <send|recv> [<params>]'", a.line)
+    formats: tuple[str, ...] = ()
+    params: dict[str, str] = {}
+    pieces = m[3].split(";") if m[3] is not None else []
+    if pieces and pieces[0].startswith("pt="):
+        formats = tuple(pieces.pop(0)[3:].split(","))
+        if not all(_TOKEN_RE.fullmatch(f) for f in formats):
+            raise BadRid("a=rid pt= is not a comma-separated list of formats", a.line)
+    for piece in pieces:
+        name, sep, value = piece.partition("=")
+        if not _RID_PARAM_NAME_RE.fullmatch(name) or not _RID_PARAM_VALUE_RE.fullmatch(value):
+            raise BadRid(f"a=rid parameter {piece[:40]!r} is not '<name>[=<value>]'", a.line)
+        if name in params or name == "pt":
+            raise BadRid(f"a=rid parameter {name} repeated or out of place", a.line)
+        if name in _RID_INT_PARAMS and sep and not _DIGITS_RE.fullmatch(value):
+            raise BadRid(f"a=rid {name} must be a decimal integer", a.line)
+        if name == "max-bpp" and sep and not re.fullmatch(r"[0-9]+\.[0-9]+", value):
+            raise BadRid("a=rid max-bpp must be '<digits>.<digits>'", a.line)
+        if name == "depend" and not all(_RID_ID_RE.fullmatch(r) for r in value.split(",")):
+            raise BadRid("a=rid depend= is not a list of rid-ids", a.line)
+        params[name] = value
+    return Rid(m[1], m[2], formats, params)
+
+
+def _simulcast(a: Attribute) -> Simulcast:
+    words = (a.value or "").split(" ")
+    if len(words) not in (2, 4):
+        raise BadSimulcast("a=simulcast is not '<send|recv> <streams> [<recv|send> ...]'",
+                           a.line)
+    found: dict[str, tuple[tuple[str, ...], ...]] = {}
+    paused: set[str] = set()
+    seen: set[str] = set()
+    for direction, streams in zip(words[::2], words[1::2], strict=True):
+        if direction not in ("send", "recv") or direction in found:
+            raise BadSimulcast("a=simulcast directions are 'send' and 'recv', once each",
+                               a.line)
+        if not _SIMULCAST_LIST_RE.fullmatch(streams):
+            raise BadSimulcast(f"a=simulcast {direction} list is not 'rid,...;rid,...'", a.line)
+        parsed = []
+        for alternatives in streams.split(";"):
+            ids = []
+            for item in alternatives.split(","):
+                rid = item.removeprefix("~")
+                if rid in seen:
+                    raise BadSimulcast(f"a=simulcast names rid {rid} twice", a.line)
+                seen.add(rid)
+                if item.startswith("~"):
+                    paused.add(rid)
+                ids.append(rid)
+            parsed.append(tuple(ids))
+        found[direction] = tuple(parsed)
+    return Simulcast(found.get("send", ()), found.get("recv", ()), frozenset(paused))
+
+
+def _check_simulcast(media: MediaDescription) -> None:
+    """The cross-line rules of RFC 8851 s4 / RFC 8853 s5.1 for one m= section."""
+    rids: dict[str, Rid] = {}
+    for a in media.get_all("rid"):
+        rid = _rid(a)
+        if rid.id in rids:
+            raise BadRid(f"a=rid {rid.id} declared twice", a.line)
+        unknown = [f for f in rid.formats if f not in media.formats]
+        if unknown:
+            raise BadRid(f"a=rid {rid.id} pt {unknown[0]} is not a format of the m= line",
+                         a.line)
+        rids[rid.id] = rid
+    attribute = media.get("simulcast")
+    if attribute is None:
+        return
+    simulcast = _simulcast(attribute)
+    for direction in ("send", "recv"):
+        for rid_id in simulcast.rid_ids(direction):
+            declared = rids.get(rid_id)
+            if declared is None or declared.direction != direction:
+                raise BadSimulcast(f"a=simulcast {direction} {rid_id} has no "
+                                   f"'a=rid:{rid_id} {direction}'", attribute.line)
+
+
 _VALIDATORS = {
     "fingerprint": _fingerprint,
     "setup": _setup,
@@ -363,12 +530,15 @@ _VALIDATORS = {
     "mid": _mid,
     "group": _group,
     "identity": _identity,
+    "rid": _rid,
+    "simulcast": _simulcast,
 }
 _SINGLE = frozenset(
-    {"setup", "tls-id", "ice-ufrag", "ice-pwd", "ice-lite", "rtcp-mux", "mid", "identity"}
+    {"setup", "tls-id", "ice-ufrag", "ice-pwd", "ice-lite", "rtcp-mux", "mid", "identity",
+     "simulcast"}
 )
 _SESSION_ONLY = frozenset({"ice-lite", "group", "identity"})
-_MEDIA_ONLY = frozenset({"tls-id", "mid", "rtpmap", "ssrc"})
+_MEDIA_ONLY = frozenset({"tls-id", "mid", "rtpmap", "ssrc", "rid", "simulcast"})
 
 
 def _check_attributes(attributes: Iterable[Attribute], media: bool) -> None:
@@ -524,6 +694,29 @@ class MediaDescription(_AttributeList):
     def ssrcs(self) -> list[int]:
         """Distinct SSRC ids of the ``a=ssrc`` lines, in order of appearance."""
         return list(dict.fromkeys(s.ssrc for s in self.ssrc_attributes()))
+
+    def rids(self) -> list[Rid]:
+        """The ``a=rid`` lines (RFC 8851), in order."""
+        return [_rid(a) for a in self.get_all("rid")]
+
+    def simulcast(self) -> Simulcast | None:
+        """The ``a=simulcast`` line (RFC 8853), or None."""
+        return self._single("simulcast", _simulcast)
+
+    def with_simulcast(self, rids: Iterable[Rid], simulcast: Simulcast | None) -> MediaDescription:
+        """A copy with these ``a=rid`` lines and ``a=simulcast`` (None: none).
+
+        Raises :class:`BadRid` / :class:`BadSimulcast` if they do not fit.
+        """
+        values = [r.render() for r in rids]
+        for v in values:
+            _rid(Attribute("rid", v))
+        out = self.with_attributes("rid", values).with_attributes(
+            "simulcast", [] if simulcast is None else [simulcast.render()])
+        if simulcast is not None:
+            _simulcast(Attribute("simulcast", simulcast.render()))
+        _check_simulcast(out)
+        return out
 
     def with_tls_id(self, tls_id: str) -> MediaDescription:
         return self.with_attributes("tls-id", [_tls_id(Attribute("tls-id", tls_id))])
@@ -758,6 +951,7 @@ def parse(text: str | bytes) -> SessionDescription:
     _check_attributes(attributes, media=False)
     for m in media:
         _check_attributes(m.attributes, media=True)
+        _check_simulcast(m)
     return SessionDescription(origin, session_name, tuple(fields), tuple(attributes), tuple(media))
 
 
@@ -819,6 +1013,34 @@ def _local(validator, name: str, value: str) -> None:  # type: ignore[no-untyped
         raise ValueError(f"bad local {name}: {e.message}") from None
 
 
+def _mirrored_simulcast(offered: MediaDescription, kept: Collection[str]) -> list[Attribute]:
+    """The answer's ``a=rid`` and ``a=simulcast`` lines: the offer's, reversed.
+
+    RFC 8851 s6 / RFC 8853 s5.3: a rid the offerer sends the answerer
+    receives, with the same restrictions.  A rid whose ``pt=`` formats were
+    all refused is left out, and so are simulcast streams left with no rid.
+    """
+    rids = [r for r in offered.rids() if not r.formats or any(f in kept for f in r.formats)]
+    out = [
+        Attribute("rid", dataclasses.replace(
+            r.reversed(), formats=tuple(f for f in r.formats if f in kept)).render())
+        for r in rids
+    ]
+    simulcast = offered.simulcast()
+    if simulcast is not None:
+        ids = {r.id for r in rids}
+
+        def keep(streams: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+            narrowed = (tuple(r for r in alternatives if r in ids) for alternatives in streams)
+            return tuple(a for a in narrowed if a)
+
+        mirrored = Simulcast(send=keep(simulcast.recv), recv=keep(simulcast.send),
+                             paused=simulcast.paused & ids)
+        if mirrored.send or mirrored.recv:
+            out.append(Attribute("simulcast", mirrored.render()))
+    return out
+
+
 def make_answer(
     offer: SessionDescription,
     *,
@@ -842,10 +1064,12 @@ def make_answer(
     types kept; a section left without any is rejected too.  Accepted
     sections carry our ``ice-ufrag``/``ice-pwd``, SHA-256 ``fingerprint``,
     ``setup``, ``tls-id`` and ``candidates``, ``rtcp-mux``, the mirrored
-    direction, extmaps and the kept payload types' ``rtpmap``, ``fmtp``,
-    ``rtcp-fb``.  The BUNDLE group keeps the accepted mids only, in the
-    offer's order: a rejected section leaves it (RFC 8843 s7.3.3), and the
-    first accepted one is the answerer-tagged section (s7.3.1).
+    direction, extmaps, the kept payload types' ``rtpmap``, ``fmtp``,
+    ``rtcp-fb``, and the mirrored ``a=rid`` / ``a=simulcast``
+    (:func:`_mirrored_simulcast`: ``send`` becomes ``recv``).  The BUNDLE
+    group keeps the accepted mids only, in the offer's order: a rejected
+    section leaves it (RFC 8843 s7.3.3), and the first accepted one is the
+    answerer-tagged section (s7.3.1).
 
     Raises :class:`OfferRefused` if no section can be accepted (the message
     says why for each), if an accepted section's offer ``a=setup`` is
@@ -912,6 +1136,7 @@ def make_answer(
                 pt = a.value.split(" ", 1)[0]
                 if pt in kept or (a.name == "rtcp-fb" and pt == "*"):
                     attrs.append(Attribute(a.name, a.value))
+        attrs.extend(_mirrored_simulcast(offered, kept))
         attrs.extend(Attribute("candidate", c) for c in candidates)
         answers.append(
             MediaDescription(
@@ -942,6 +1167,7 @@ def make_answer(
     _check_attributes(answer.attributes, media=False)
     for m in answer.media:
         _check_attributes(m.attributes, media=True)
+        _check_simulcast(m)
     return answer
 
 

@@ -277,9 +277,9 @@ class RecordingEndpoint(Endpoint):
         if client is not None:
             original = client.join
 
-            async def join(conference_id: str, offer: str) -> Any:
+            async def join(conference_id: str, offer: str, **options: Any) -> Any:
                 self.offers.append(offer)
-                return await original(conference_id, offer)
+                return await original(conference_id, offer, **options)
 
             client.join = join
         self._md_client = client

@@ -333,10 +333,13 @@ class FakeMd(resource.Resource):
         self.media_port = media_port
         self.refuse = refuse
         self.offers: list[str] = []
+        self.bodies: list[dict] = []
         self.deletes: list[tuple[bytes, bytes | None]] = []
 
     def render_POST(self, request):
-        offer = json.loads(request.content.read())["offer"]
+        body = json.loads(request.content.read())
+        self.bodies.append(body)
+        offer = body["offer"]
         self.offers.append(offer)
         request.setHeader(b"content-type", b"application/json")
         if self.refuse:
@@ -373,7 +376,8 @@ class Sink(DatagramProtocol):
 class EndpointJoinTests(KmfFixture, unittest.TestCase):
     """Endpoint.join() through login, assertion, offer and answer verification."""
 
-    def start_md(self, kd_name: str, *, refuse: bool = False, pki_dir: str = "pki"):
+    def start_md(self, kd_name: str, *, refuse: bool = False, pki_dir: str = "pki",
+                 **options):
         pki = DevPki(os.path.join(self.dir, pki_dir))
         kd = pki.issue("kd", [kd_name])
         der = x509.load_pem_x509_certificate(kd.certificate.read_bytes()).public_bytes(
@@ -391,7 +395,7 @@ class EndpointJoinTests(KmfFixture, unittest.TestCase):
                         md_url=f"https://127.0.0.1:{port.getHost().port}",
                         ca=os.path.join(self.dir, "pki", "ca.crt"), conference_id=CONFERENCE,
                         user=ALICE, password=PASSWORD, kd_names=["kd.localhost"],
-                        connect_timeout=1.0)
+                        connect_timeout=1.0, **options)
 
     @defer.inlineCallbacks
     def test_answer_from_unexpected_kd_is_rejected(self):
@@ -441,6 +445,26 @@ class EndpointJoinTests(KmfFixture, unittest.TestCase):
         yield endpoint.leave()
 
     @defer.inlineCallbacks
+    def test_simulcast_offer_and_receive_preferences_in_the_join(self):
+        receive = {"last_n": 2, "max_height": 360, "max_bitrate": 500_000}
+        endpoint = self.start_md("kd.localhost", video="simulcast", receive=receive)
+        with self.assertRaises(ConnectTimeout):
+            yield endpoint.join()
+        [body] = self.md.bodies
+        self.assertEqual(body["receive"], receive)
+        audio, video = sdp.parse(body["offer"]).media
+        self.assertEqual((audio.ssrcs(), video.ssrcs()), ([endpoint.ssrc], endpoint.video_ssrcs))
+        self.assertEqual(len(set(endpoint.video_ssrcs) | {endpoint.ssrc}), 4)
+        yield endpoint.leave()
+        plain = self.start_md("kd.localhost", audio_level=False)
+        with self.assertRaises(ConnectTimeout):
+            yield plain.join()
+        self.assertNotIn("receive", self.md.bodies[-1])
+        [audio] = sdp.parse(self.md.bodies[-1]["offer"]).media
+        self.assertEqual([e.id for e in audio.extmaps()], [2])
+        yield plain.leave()
+
+    @defer.inlineCallbacks
     def test_cli_run_reports_a_refused_join(self):
         endpoint = self.start_md("kd.localhost", refuse=True)
         stats_path = os.path.join(self.dir, "stats.json")
@@ -475,7 +499,8 @@ class CliUsageTests(unittest.TestCase):
         self.assertEqual(status, 0)
         for option in ("--kmf", "--md", "--ca", "--conference", "--password-file", "--load",
                        "--users-file", "--kd-name", "--tone", "--audio-wav", "--video",
-                       "--record-dir", "--stats-json"):
+                       "--record-dir", "--stats-json", "--simulcast", "--no-audio-level",
+                       "--last-n", "--max-height", "--bandwidth"):
             self.assertIn(option, out)
 
     def test_usage_errors_exit_2(self):

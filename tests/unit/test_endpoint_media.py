@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import itertools
 import math
 import os
 import wave
@@ -205,3 +206,58 @@ class WavWriterTests(unittest.TestCase):
         for path in sinks.paths().values():
             with wave.open(path, "rb") as w:
                 self.assertEqual(w.getnframes(), 480)
+
+
+class AudioLevelTests(unittest.TestCase):
+    """RFC 6464 s3: -dBov of the frame's RMS, 127 for digital silence."""
+
+    def test_silence_full_scale_and_a_tone(self):
+        from perc_daemons.endpoint.media import SILENCE_FRAME, audio_level
+        self.assertEqual(audio_level(SILENCE_FRAME), 127)
+        self.assertEqual(audio_level(bytes([0x7F]) * 160), 127)  # the other zero code
+        self.assertEqual(audio_level(b""), 127)
+        # a full-scale square wave (codes 0x80 / 0x00: +-32124) is the overload point
+        self.assertEqual(audio_level(bytes([0x80, 0x00]) * 80), 0)
+        # a sine of amplitude A has RMS A/sqrt(2): 20*log10(0.3/sqrt(2)) = -13.5 dBov
+        frame = ToneSource(440, amplitude=0.3).next_frame().payload
+        self.assertIn(audio_level(frame), (13, 14))
+        quiet = ToneSource(440, amplitude=0.001).next_frame().payload
+        self.assertIn(audio_level(quiet), range(60, 66))
+        self.assertEqual(audio_level(ulaw_encode([1] * 160)), 127)  # encodes to 0xFF: zero
+
+
+class SimulcastVideoTests(unittest.TestCase):
+    def test_rates_sizes_and_common_key_frames(self):
+        from perc_daemons.endpoint.media import SimulcastVideo
+        video = SimulcastVideo(rate=30.0, keyframe_every=8)
+        self.assertEqual(video.interval, 1 / 30)
+        ticks = [video.next_frames() for _ in range(16)]
+        sent = [[encoding for encoding, _ in tick] for tick in ticks]
+        self.assertEqual(sent[:4], [[0, 1, 2], [0], [0, 1], [0]])
+        self.assertEqual(video.frames, [16, 8, 4])  # 30, 15 and 7.5 packets per second
+        keys = [(i, e) for i, tick in enumerate(ticks) for e, f in tick if f.keyframe]
+        self.assertEqual(keys, [(0, 0), (0, 1), (0, 2), (8, 0), (8, 1), (8, 2)])
+        for tick in ticks:
+            for _encoding, frame in tick:
+                self.assertEqual(len(frame.payload), 1200)
+                self.assertTrue(frame.marker)
+                # the VP8 frame tag's P bit is 0 on key frames (RFC 6386 s9.1)
+                self.assertEqual(frame.payload[1] & 1, 0 if frame.keyframe else 1)
+        h = [f.timestamp for tick in ticks for e, f in tick if e == 0]
+        m = [f.timestamp for tick in ticks for e, f in tick if e == 1]
+        self.assertEqual({(b - a) % 2**32 for a, b in itertools.pairwise(h)}, {3000})
+        self.assertEqual({(b - a) % 2**32 for a, b in itertools.pairwise(m)}, {6000})
+
+    def test_a_requested_key_frame_is_the_next_frame_of_that_encoding(self):
+        from perc_daemons.endpoint.media import SimulcastVideo
+        video = SimulcastVideo(keyframe_every=60)
+        video.next_frames()
+        video.request_keyframe(2)  # l: next sends at index 4
+        video.request_keyframe(0)
+        frames = [video.next_frames() for _ in range(4)]
+        keys = [(i + 1, e) for i, tick in enumerate(frames) for e, f in tick if f.keyframe]
+        self.assertEqual(keys, [(1, 0), (4, 2)])
+        self.assertEqual(video.keyframes, [2, 1, 2])
+        self.assertRaises(ValueError, video.request_keyframe, 3)
+        for bad in ({"keyframe_every": 30}, {"rate": 0}, {"size": 8}, {"encodings": 4}):
+            self.assertRaises(ValueError, SimulcastVideo, **bad)

@@ -59,6 +59,7 @@ from perc_daemons.protocol.dtls import (
 )
 from perc_daemons.protocol.ekt import EktCipher, derive_master_salt
 from perc_daemons.protocol.identity import create_assertion, encode_sdp_identity
+from perc_daemons.protocol.participant import build_offer
 from perc_daemons.protocol.roster import verify_roster
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.tunnel import (
@@ -951,6 +952,28 @@ class OfferTests(unittest.TestCase):
         only_data = offer.replace("m=audio 9", "m=audio 0")
         self.assertEqual(self.rejected(only_data).reason,
                          "offer has no m= section the MD can relay")
+
+    def simulcast_offer(self) -> str:
+        """The reference endpoint's offer: audio (mid 0) and simulcast video (mid 1), BUNDLEd."""
+        return build_offer(assertion_json=self.assertion, fingerprint=self.ep.fingerprint,
+                           tls_id=self.ep.tls_id, ice_ufrag="EsAw",
+                           ice_pwd="bP+XJMM09aR8AiX1jdukzR6Y", ssrc=1111, cname="alice",
+                           video_ssrcs=[2001, 2002, 2003])
+
+    def test_simulcast_offer_rosters_every_ssrc(self) -> None:
+        offer = self.simulcast_offer()
+        facts = inspect_offer(offer)
+        self.assertEqual(facts.ssrcs, (1111, 2001, 2002, 2003))
+        kd_fp = b"\x09" * 32
+        answer = finish_answer(draft_answer(offer, kd_fp), offer, kd_fingerprint=kd_fp,
+                               kd_tls_id=KD_TLS_ID)
+        self.assertEqual([(m.mid, m.media, m.tls_id) for m in answer.media],
+                         [("0", "audio", KD_TLS_ID), ("1", "video", KD_TLS_ID)])
+        self.assertEqual(answer.bundle, ("0", "1"))
+        self.assertEqual([(r.id, r.direction) for r in answer.media[1].rids()],
+                         [("h", "recv"), ("m", "recv"), ("l", "recv")])
+        self.assertEqual(answer.media[1].simulcast(),
+                         sdp.Simulcast(recv=(("h",), ("m",), ("l",))))
 
     def test_finish_answer(self) -> None:
         offer = self.ep.offer(self.assertion)

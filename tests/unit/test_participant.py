@@ -241,8 +241,16 @@ class Net:
 
     # -- endpoints -------------------------------------------------------------------------
 
-    def make(self, name: str, *, kind: str = "audio", **options: Any) -> Participant:
-        """Offer, MD draft answer, KD signature, endpoint verification: a new session."""
+    def make(self, name: str, *, kind: str = "audio", video_ssrcs: Any = (),
+             audio_level: bool = True,
+             edit_answer: Callable[[sdp.SessionDescription], sdp.SessionDescription]
+             | None = None, **options: Any) -> Participant:
+        """Offer, MD draft answer, KD signature, endpoint verification: a new session.
+
+        ``video_ssrcs`` and ``audio_level`` go to :func:`build_offer` (and the
+        former to the session); ``edit_answer`` changes the MD's draft answer
+        (e.g. an MD that drops an ``a=extmap``) before the KD signs it.
+        """
         options.setdefault("keep_audit_secrets", True)
         certificate, key = generate_certificate(name)
         fingerprint = certificate_fingerprint(certificate)
@@ -252,7 +260,8 @@ class Net:
         identity = f"{name}@example.org"
         offer = build_offer(assertion_json=json.dumps({"idp": "test", "name": identity}),
                             fingerprint=fingerprint, tls_id=tls_id, ice_ufrag=ufrag,
-                            ice_pwd=pwd, ssrc=ssrc, cname=name, kind=kind)
+                            ice_pwd=pwd, ssrc=ssrc, cname=name, kind=kind,
+                            video_ssrcs=video_ssrcs, audio_level=audio_level)
         # MD: the draft answer, with a placeholder tls-id
         md_ufrag, md_pwd = new_ice_credentials()
         aid = new_association_id()
@@ -260,12 +269,14 @@ class Net:
             sdp.parse(offer), fingerprint=self.kd_fingerprint, tls_id=new_tls_id(),
             ice_ufrag=md_ufrag, ice_pwd=md_pwd,
             candidates=[f"1 1 udp 2130706431 {MD_ADDR[0]} {MD_ADDR[1]} typ host"])
+        if edit_answer is not None:
+            draft = edit_answer(draft)
         # KD: its own tls-id for this association in every accepted section, admit, sign
         kd_tls_id = new_tls_id()
         answer = sdp.SessionDescription(
             draft.origin, draft.session_name, draft.fields, draft.attributes,
             tuple(m.with_tls_id(kd_tls_id) if m.port else m for m in draft.media))
-        self.kd.expect(aid, CONF, identity, fingerprint, tls_id.encode(), [ssrc],
+        self.kd.expect(aid, CONF, identity, fingerprint, tls_id.encode(), [ssrc, *video_ssrcs],
                        kd_tls_id=kd_tls_id.encode())
         signed = sign_answer(answer, offer, association_id=aid, conference_id=CONF,
                              identity=identity, certificate_chain=[self.kd_der],
@@ -276,7 +287,7 @@ class Net:
                                         kd_names=[KD_NAME], now=self.now)
         session = ParticipantSession(certificate=certificate, private_key=key, ssrc=ssrc,
                                      ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
-                                     answer=verified, **options)
+                                     answer=verified, video_ssrcs=video_ssrcs, **options)
         n = len(self.participants) + 1
         p = Participant(name, aid, (f"192.0.2.{n}", 40000 + n), session, offer,
                         md_ufrag, md_pwd)
