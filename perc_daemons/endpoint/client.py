@@ -32,7 +32,7 @@
    on :attr:`Endpoint.video_ssrcs`, frame marking on every packet, a PLI
    or FIR for one of them makes its next frame a key frame); every audio
    packet carries its RFC 6464 level (:func:`~perc_daemons.endpoint.media.audio_level`;
-   :attr:`Endpoint.talking` False sends digital silence, level 127); an
+   :attr:`Endpoint.talking` False sends quiet-room noise, level about 60); an
    RR, with ``bandwidth`` a REMB, goes out every ``rtcp_interval``; the
    join body carries ``receive`` (``last_n``, ``max_height``,
    ``max_bitrate``); the MD's speaker hints are kept in
@@ -84,7 +84,7 @@ from perc_daemons.endpoint.kmf import (
 )
 from perc_daemons.endpoint.md import JoinRefused, JoinResponse, MdClient
 from perc_daemons.endpoint.media import (
-    SILENCE_FRAME,
+    QUIET_FRAMES,
     MediaFrame,
     MediaSource,
     SimulcastVideo,
@@ -385,6 +385,7 @@ class Endpoint:
         self.rtcp_interval = rtcp_interval
         #: False: audio frames are sent as digital silence (RFC 6464 level 127).
         self.talking = True
+        self._quiet = 0
         #: The MD's speaker hints: {"at", "sequence", "speakers"} (at: seconds from offer).
         self.speaker_hints: list[dict[str, Any]] = []
         #: PLI/FIR received per our SSRC.
@@ -936,9 +937,10 @@ class Endpoint:
 
         ``ssrc`` is one of :attr:`video_ssrcs` for a simulcast video frame
         (default: our audio, or kind video, SSRC).  Audio frames carry their
-        RFC 6464 level, and are digital silence while :attr:`talking` is
-        False; video frames their frame marking.  For callers that pace media
-        themselves (``bench/conference.py``); :meth:`run_media` uses it too.
+        RFC 6464 level, and are quiet-room noise (level about 60, :data:`~perc_daemons.
+        endpoint.media.QUIET_FRAMES`) while :attr:`talking` is False; video frames
+        their frame marking.  For callers that pace media themselves
+        (``bench/conference.py``); :meth:`run_media` uses it too.
         """
         session = self.session
         if session is None:
@@ -952,8 +954,10 @@ class Endpoint:
         payload = frame.payload
         if ssrc is None and self.kind == "audio":
             if not self.talking:
-                payload = SILENCE_FRAME
-            extras: dict[str, Any] = {"audio_level": audio_level(payload)}
+                self._quiet = (self._quiet + 1) % len(QUIET_FRAMES)
+                payload = QUIET_FRAMES[self._quiet]
+            extras: dict[str, Any] = {"audio_level": audio_level(payload),
+                                      "voice": self.talking}
         else:
             extras = {"frame_marks": frame_marks(frame)}
         try:

@@ -19,7 +19,10 @@
   same frame index on all three and on request for one.
 * :func:`audio_level`: the RFC 6464 level (-dBov of the RMS, 127 for digital
   silence) of a PCMU frame, for the client-to-mixer header extension;
-  :data:`SILENCE_FRAME` the frame an endpoint that is not talking sends.
+  :data:`QUIET_FRAMES` what an endpoint that is not talking sends: the noise
+  of a microphone in a quiet room (about -60 dBov, level 60), as a real
+  unmuted client does, never digital silence, so that a dominant speaker
+  detector (Jitsi's, ours) learns each source's noise floor from it.
 * :class:`PcmuWavWriter` decodes one sender's PCMU payloads into a 8 kHz mono
   16-bit WAV file (timestamp gaps filled with silence); :class:`WavSinks`
   keeps one writer per sender SSRC in a directory.
@@ -42,6 +45,7 @@ from typing import Protocol
 __all__ = [
     "FRAME_SAMPLES",
     "PCMU_RATE",
+    "QUIET_FRAMES",
     "SILENCE_FRAME",
     "MediaFrame",
     "MediaSource",
@@ -67,6 +71,8 @@ _CLIP = 8159
 _MAX_GAP_SAMPLES = PCMU_RATE  # fill at most one second of silence for a timestamp gap
 #: One 20 ms PCMU frame of digital silence (every sample 0).
 SILENCE_FRAME = bytes([PCMU_SILENCE]) * FRAME_SAMPLES
+#: RMS of :data:`QUIET_FRAMES`, in 16-bit units: some -60 dBov.
+_ROOM_NOISE_RMS = 33
 
 
 # --- G.711 mu-law ----------------------------------------------------------------------------
@@ -482,3 +488,18 @@ class WavSinks:
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+
+
+def _quiet_frames(count: int = 50, seed: int = 6464) -> tuple[bytes, ...]:
+    """``count`` frames of white noise at about -60 dBov (fixed seed: pinned input)."""
+    import random
+
+    rng = random.Random(seed)
+    scale = _ROOM_NOISE_RMS * math.sqrt(3)  # uniform noise: RMS = peak / sqrt(3)
+    return tuple(ulaw_encode(round(rng.uniform(-scale, scale)) for _ in range(FRAME_SAMPLES))
+                 for _ in range(count))
+
+
+#: What a silent (not talking) endpoint sends, cycled: one second of quiet-room noise.
+QUIET_FRAMES = _quiet_frames()
+
