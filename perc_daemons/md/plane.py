@@ -115,7 +115,12 @@ from perc_daemons.protocol.double import DOUBLE_PROFILES, Relay
 from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.feedback import parse_feedback, strip_report_blocks
 from perc_daemons.protocol.rtp import APP, PSFB, RR, RTPFB, SR, build_compound, parse_compound
-from perc_daemons.protocol.selection import Retransmit, Selection, StreamPlan
+from perc_daemons.protocol.selection import (
+    Retransmit,
+    Selection,
+    StreamPlan,
+    parse_announcement,
+)
 from perc_daemons.protocol.srtp import (
     Session,
     hop_protect_rtcp,
@@ -380,7 +385,8 @@ class MediaPlane:
 
     def _select(self, leg: Leg, selection: Selection) -> None:
         leg.selection = selection
-        selection.add_source(leg.leg_id, leg.plan)
+        if leg.link is None:  # a link's senders are announced by its peer
+            selection.add_source(leg.leg_id, leg.plan)
         selection.add_receiver(leg.leg_id, leg.muted, leg.skipped, link=leg.link is not None)
         self._timers_dirty = True
 
@@ -663,6 +669,8 @@ class MediaPlane:
             leg.inbound, leg.outbound = inbound, outbound
             leg.previous_inbound = leg.next_outbound = leg.retire_at = leg.switch_at = None
             self._rebuild(leg.group)
+            if leg.selection is not None:  # the peer learns our senders now
+                leg.selection.link_up(leg.leg_id)
             return
         # A rekey, or the peer came back faster than the link could notice it left.
         leg.previous_inbound, leg.inbound = leg.inbound, inbound
@@ -998,7 +1006,17 @@ class MediaPlane:
                 if item is not None:
                     chosen += selection.feedback(src.leg_id, item, now)
             elif kind == APP and packet.body[4:8] == b"PERC":
-                continue
+                # ours: speaker hints go to endpoints only, stream announcements come
+                # from a peer MD over a link (never from an endpoint)
+                if src.link is None:
+                    continue
+                try:
+                    announcement = parse_announcement(packet)
+                except ProtocolError:
+                    src.drops["malformed"] += 1
+                    continue
+                if announcement is not None:
+                    selection.announced(src.leg_id, announcement, now)
             else:
                 onward.append(packet)
         return (build_compound(onward) if onward else b""), chosen

@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable
+import re
+import struct
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -79,22 +81,29 @@ from perc_daemons.protocol.extensions import (
     stream_id,
 )
 from perc_daemons.protocol.feedback import (
+    SPEAKER_HINT_NAME,
     Feedback,
     SpeakerHint,
     build_nack,
     build_pli,
     build_speaker_hint,
 )
-from perc_daemons.protocol.rtp import build_compound
+from perc_daemons.protocol.rtp import APP, RtcpPacket, build_compound
 from perc_daemons.protocol.speaker import DominantSpeaker
 
 __all__ = [
+    "ANNOUNCE_INTERVAL",
     "HISTORY",
+    "Announcement",
     "Retransmit",
     "Selection",
+    "SelectionError",
     "SelectionPolicy",
     "SendRtcp",
+    "StreamEntry",
     "StreamPlan",
+    "build_announcements",
+    "parse_announcement",
 ]
 
 LegId = Hashable
@@ -109,6 +118,8 @@ _SEGMENTS_KEPT = 4
 RATE_INTERVAL = 1.0
 #: A REMB that moves the estimate by less than this fraction changes nothing.
 _REMB_HYSTERESIS = 0.1
+#: How long an SSRC from a link waits for its announcement before it is forwarded as is.
+UNANNOUNCED_GRACE = 2 * 2.0
 #: How long a source's announced layers are waited for before choosing among those seen.
 LAYERS_WAIT = 0.5
 #: Unknown layer rate (no packet yet): counted as this in the budget (bits/s).
@@ -132,6 +143,124 @@ class Retransmit(NamedTuple):
 
 
 Output = list[SendRtcp | Retransmit]
+
+
+# -- stream announcements between MDs (RTCP APP "PERC", subtype 2) ------------------------
+
+#: The APP subtype of a stream announcement (the speaker hint is 1).
+ANNOUNCE_SUBTYPE = 2
+#: Seconds between two announcements of the whole state over each link.
+ANNOUNCE_INTERVAL = 2.0
+#: Entries per APP packet (some 20 bytes each: one datagram well under any MTU).
+_ENTRIES_PER_PART = 48
+_ANNOUNCE_HEADER = struct.Struct("!IBBH")  # generation, part, parts, count
+_ENTRY = struct.Struct("!IIBBBBH2x")  # tag, ssrc, kind, level id, marks id, rid length, height
+_KINDS = ("audio", "video")
+_RID = re.compile(rb"[A-Za-z0-9_-]+")  # RFC 8851 s10 rid-id
+
+
+class SelectionError(ProtocolError):
+    """A malformed stream announcement from a peer MD."""
+
+    reason = "announcement_malformed"
+
+
+class StreamEntry(NamedTuple):
+    """One stream a peer MD forwards over a link: whose (``tag``), what, how to read it."""
+
+    tag: int
+    ssrc: int
+    kind: str
+    audio_level_id: int | None
+    frame_marking_id: int | None
+    height: int | None
+    rid: str | None
+
+
+class Announcement(NamedTuple):
+    generation: int
+    part: int
+    parts: int
+    entries: tuple[StreamEntry, ...]
+
+
+def build_announcements(sender_ssrc: int, generation: int,
+                        entries: Sequence[StreamEntry]) -> list[RtcpPacket]:
+    """The APP packets (RFC 3550 s6.7, name "PERC", subtype 2) announcing ``entries``.
+
+    Data: 32-bit generation, 8-bit part (from 0), 8-bit parts, 16-bit count,
+    then per entry: tag, SSRC (32 bits each), kind (0 audio, 1 video), the
+    audio level and frame marking extension ids (0: none), the RID's length,
+    the layer height (16 bits, 0: unknown), 2 reserved bytes, the RID padded
+    to 32 bits.  Nothing here is secret: it is what the header extensions
+    tell the MD anyway (docs/PROTOCOL.md, "Selective forwarding").
+    """
+    chunks = [entries[i:i + _ENTRIES_PER_PART]
+              for i in range(0, len(entries), _ENTRIES_PER_PART)] or [()]
+    if len(chunks) > 255:
+        raise ValueError("too many streams for one announcement")
+    packets = []
+    for part, chunk in enumerate(chunks):
+        data = [struct.pack("!I", sender_ssrc), SPEAKER_HINT_NAME,
+                _ANNOUNCE_HEADER.pack(generation & 0xFFFFFFFF, part, len(chunks), len(chunk))]
+        for e in chunk:
+            rid = (e.rid or "").encode("ascii")
+            data.append(_ENTRY.pack(e.tag, e.ssrc, _KINDS.index(e.kind), e.audio_level_id or 0,
+                                    e.frame_marking_id or 0, len(rid), e.height or 0))
+            data.append(rid + b"\x00" * (-len(rid) % 4))
+        packets.append(RtcpPacket(APP, b"".join(data), count=ANNOUNCE_SUBTYPE))
+    return packets
+
+
+def parse_announcement(packet: RtcpPacket) -> Announcement | None:
+    """The announcement of an APP "PERC" subtype 2 packet; None for any other packet.
+
+    Raises :class:`SelectionError` when it is one but malformed.
+    """
+    if packet.packet_type != APP or packet.count != ANNOUNCE_SUBTYPE:
+        return None
+    body = bytes(packet.body)
+    if packet.padding and body:
+        body = body[:len(body) - body[-1]]
+    if body[4:8] != SPEAKER_HINT_NAME:
+        return None
+    if len(body) < 8 + _ANNOUNCE_HEADER.size:
+        raise SelectionError("stream announcement too short for its header")
+    generation, part, parts, count = _ANNOUNCE_HEADER.unpack_from(body, 8)
+    if not part < parts:
+        raise SelectionError(f"stream announcement part {part} of {parts}")
+    offset = 8 + _ANNOUNCE_HEADER.size
+    entries = []
+    for _ in range(count):
+        if offset + _ENTRY.size > len(body):
+            raise SelectionError("stream announcement entry runs past the packet")
+        tag, ssrc, kind, level, marks, rid_length, height = _ENTRY.unpack_from(body, offset)
+        offset += _ENTRY.size
+        end = offset + rid_length
+        if kind > 1 or end > len(body):
+            raise SelectionError("stream announcement entry of an unknown kind or cut short")
+        rid = None
+        if rid_length:
+            raw = body[offset:end]
+            if _RID.fullmatch(raw) is None:
+                raise SelectionError("stream announcement RID is not an RFC 8851 rid-id")
+            rid = raw.decode("ascii")
+        offset = end + (-rid_length % 4)
+        entries.append(StreamEntry(tag, ssrc, _KINDS[kind], level or None, marks or None,
+                                   height or None, rid))
+    if offset != len(body):
+        raise SelectionError("stream announcement has bytes after its entries")
+    return Announcement(generation, part, parts, tuple(entries))
+
+
+class _Assembly:
+    """The parts of the latest announcement generation from one link."""
+
+    __slots__ = ("generation", "parts")
+
+    def __init__(self) -> None:
+        self.generation: int | None = None
+        self.parts: dict[int, Announcement] = {}
 
 
 @dataclass(frozen=True)
@@ -232,12 +361,17 @@ class _Stream:
 
 
 class _Source:
-    """One sending leg (an endpoint, or a link for the sources behind it)."""
+    """One sender: a local endpoint (``key`` = ``via`` = its leg id), or an endpoint
+    behind a cascade link (``key`` = (link id, tag), ``via`` = the link's leg id)."""
 
-    __slots__ = ("audio", "first_video", "joined", "leg_id", "plan", "video")
+    __slots__ = ("audio", "first_video", "joined", "key", "plan", "tag", "via", "video")
 
-    def __init__(self, leg_id: LegId, plan: StreamPlan, joined: int) -> None:
-        self.leg_id = leg_id
+    def __init__(self, key: Hashable, via: LegId, tag: int, plan: StreamPlan,
+                 joined: int) -> None:
+        self.key = key
+        self.via = via
+        #: Its name in announcements over links (random for a local one).
+        self.tag = tag
         self.plan = plan
         self.joined = joined
         self.audio: list[_Stream] = []
@@ -311,6 +445,7 @@ class Selection:
                  speaker: DominantSpeaker | None = None) -> None:
         self.policy = policy or SelectionPolicy()
         rng = rng or random.SystemRandom()
+        self._rng = rng
         #: The MD's own SSRC in this conference's RTCP (PLI, NACK, speaker hints).
         self.ssrc = rng.getrandbits(32)
         self.speaker = speaker if speaker is not None else DominantSpeaker()
@@ -322,6 +457,13 @@ class Selection:
         self._joins = 0
         self._next_rate = None  # type: float | None
         self._hint_sequence = 0
+        #: link leg id -> the announcement being assembled from it
+        self._links: dict[LegId, _Assembly] = {}
+        self._announce_due = False
+        self._next_announce: float | None = None
+        #: SSRC from a link, not announced (yet) -> when first seen (inf: given up, forwarded)
+        self._unannounced: dict[int, float] = {}
+        self._generation = 0
         #: Set when :meth:`next_timer` may have changed (the plane reads and clears it).
         self.timers_changed = True
         self._dirty = False
@@ -329,9 +471,12 @@ class Selection:
     # -- legs ----------------------------------------------------------------------------
 
     def add_source(self, leg_id: LegId, plan: StreamPlan | None = None) -> None:
+        """An endpoint leg that sends (its offer's plan).  A link's senders are
+        announced by the MD on the other side (:meth:`announced`)."""
         if leg_id not in self._sources:
             self._joins += 1
-            self._sources[leg_id] = _Source(leg_id, plan or StreamPlan(), self._joins)
+            self._sources[leg_id] = _Source(leg_id, leg_id, self._rng.getrandbits(32),
+                                            plan or StreamPlan(), self._joins)
 
     def add_receiver(self, leg_id: LegId, muted: set[int], skipped: dict[int, int], *,
                      link: bool = False) -> None:
@@ -340,31 +485,43 @@ class Selection:
             return
         receiver = _Receiver(leg_id, muted, skipped, link)
         self._receivers[leg_id] = receiver
+        if link:
+            self._links[leg_id] = _Assembly()
+            self._announce_due = True
         if not link:  # video from the next decision on (poll, at once)
             muted.update(s for s, stream in self._streams.items()
-                         if stream.kind == "video" and stream.source.leg_id != leg_id)
+                         if stream.kind == "video" and stream.source.via != leg_id)
         self._dirty = self.timers_changed = True
 
     def remove(self, leg_id: LegId) -> None:
-        """The leg went: as a source (its SSRCs forgotten) and as a receiver."""
+        """The leg went: as a receiver, and every source it brought (an endpoint's
+        own; a link's, the senders behind it)."""
         receiver = self._receivers.pop(leg_id, None)
         if receiver is not None:
             for waiting in self._pending.values():
                 waiting.pop(receiver, None)
-        source = self._sources.pop(leg_id, None)
-        if source is None:
-            return
-        self.speaker.remove(leg_id)
+        if self._links.pop(leg_id, None) is not None:
+            self._unannounced.clear()  # their links' packets come again if still linked
+        for source in [s for s in self._sources.values() if s.via == leg_id]:
+            self._drop_source(source)
+        self._dirty = self.timers_changed = self._announce_due = True
+
+    def _drop_source(self, source: _Source) -> None:
+        del self._sources[source.key]
+        self.speaker.remove(source.key)
         for stream in (*source.audio, *source.video):
-            del self._streams[stream.ssrc]
-            self._pending.pop(stream.ssrc, None)
-            for other in self._receivers.values():
-                other.muted.discard(stream.ssrc)
-                other.segments.pop(stream.ssrc, None)
+            self._forget_stream(stream)
         for other in self._receivers.values():
-            other.current.pop(leg_id, None)
-            other.target.pop(leg_id, None)
-        self._dirty = self.timers_changed = True
+            other.current.pop(source.key, None)
+            other.target.pop(source.key, None)
+
+    def _forget_stream(self, stream: _Stream) -> None:
+        if self._streams.get(stream.ssrc) is stream:
+            del self._streams[stream.ssrc]
+        self._pending.pop(stream.ssrc, None)
+        for other in self._receivers.values():
+            other.muted.discard(stream.ssrc)
+            other.segments.pop(stream.ssrc, None)
 
     def set_receive(self, leg_id: LegId, *, last_n: int | None = None,
                     max_height: int | None = None, max_bitrate: int | None = None) -> None:
@@ -407,6 +564,9 @@ class Selection:
         stream = self._streams.get(ssrc)
         out: Output = []
         if stream is None:
+            if leg_id in self._links:
+                self._unannounced_from(ssrc, now)
+                return out
             stream = self._learn(leg_id, ssrc, packet)
             if stream is None:
                 return out
@@ -435,9 +595,21 @@ class Selection:
         try:
             value = find_extension(packet, stream.source.plan.audio_level_id)  # type: ignore[arg-type]
             if value is not None:
-                self.speaker.level(stream.source.leg_id, audio_level(value)[0], now)
+                self.speaker.level(stream.source.key, audio_level(value)[0], now)
         except (ProtocolError, ValueError):
             return
+
+    def _unannounced_from(self, ssrc: int, now: float) -> None:
+        """An SSRC from a link before its announcement: held back from the endpoints
+        (all its layers would reach them) for :data:`UNANNOUNCED_GRACE` seconds, then
+        forwarded unselected (a peer that announces nothing: an MD forwarding all)."""
+        if ssrc in self._unannounced:
+            return
+        self._unannounced[ssrc] = now
+        for receiver in self._receivers.values():
+            if not receiver.link:
+                receiver.muted.add(ssrc)
+        self.timers_changed = True
 
     def _learn(self, leg_id: LegId, ssrc: int, packet: bytes) -> _Stream | None:
         source = self._sources.get(leg_id)
@@ -463,6 +635,8 @@ class Selection:
         stream = _Stream(ssrc, source, kind, rid,
                          plan.rid_heights.get(rid) if rid is not None else None)
         self._streams[ssrc] = stream
+        if self._links:
+            self._announce_due = self.timers_changed = True
         if kind == "audio":
             source.audio.append(stream)
             if self.policy.audio_top_k:
@@ -486,7 +660,7 @@ class Selection:
                 return
         waiting = self._pending.pop(stream.ssrc)
         self.timers_changed = True
-        source_id = stream.source.leg_id
+        source_id = stream.source.key
         ssrc = stream.ssrc
         for receiver in waiting:
             if receiver.target.get(source_id) != ssrc:
@@ -511,8 +685,8 @@ class Selection:
         if not self.policy.audio_levels:
             return sources
         order = self.speaker.recent(len(sources))
-        rank = {leg_id: i for i, leg_id in enumerate(order)}
-        return sorted(sources, key=lambda s: (rank.get(s.leg_id, len(rank)), s.joined))
+        rank = {key: i for i, key in enumerate(order)}
+        return sorted(sources, key=lambda s: (rank.get(s.key, len(rank)), s.joined))
 
     def _decide(self, receiver: _Receiver, now: float,
                 ranked: list[_Source] | None = None) -> Output:
@@ -520,7 +694,7 @@ class Selection:
         if receiver.link:
             return []
         ranked = self._ranked() if ranked is None else ranked
-        others = [s for s in ranked if s.leg_id != receiver.leg_id]
+        others = [s for s in ranked if s.via != receiver.leg_id]
         policy = self.policy
         top_k = policy.audio_top_k
         if top_k:
@@ -563,7 +737,7 @@ class Selection:
 
     def _aim(self, receiver: _Receiver, source: _Source, pick: _Stream | None,
              now: float) -> Output:
-        source_id = source.leg_id
+        source_id = source.key
         current = receiver.current.get(source_id)
         waited = receiver.target.pop(source_id, None)
         if waited is not None:
@@ -587,7 +761,7 @@ class Selection:
         self._pending.get(stream.ssrc, {}).pop(receiver, None)
         if not self._pending.get(stream.ssrc, True):
             del self._pending[stream.ssrc]
-        source_id = stream.source.leg_id
+        source_id = stream.source.key
         receiver.target.pop(source_id, None)
         old = receiver.current.get(source_id)
         if old is not None:
@@ -606,7 +780,7 @@ class Selection:
             return []
         stream.last_pli = now
         pli = build_pli(self.ssrc, stream.ssrc)
-        return [SendRtcp(stream.source.leg_id, build_compound([pli]))]
+        return [SendRtcp(stream.source.via, build_compound([pli]))]
 
     # -- feedback ------------------------------------------------------------------------
 
@@ -623,7 +797,7 @@ class Selection:
             out: Output = []
             for ssrc in item.media_ssrcs:
                 stream = self._streams.get(ssrc)
-                if stream is not None and stream.source.leg_id != leg_id:
+                if stream is not None and stream.source.via != leg_id:
                     out += self._keyframe(stream, receiver, now)
             return out
         if kind == "remb" and not receiver.link:
@@ -660,7 +834,7 @@ class Selection:
         out: Output = []
         for ssrc in item.media_ssrcs:
             stream = self._streams.get(ssrc)
-            if stream is None or stream.source.leg_id == receiver.leg_id:
+            if stream is None or stream.source.via == receiver.leg_id:
                 continue
             missing: list[int] = []
             for seq in item.seqs:
@@ -677,20 +851,119 @@ class Selection:
             if missing:
                 receiver.counters["nacks_forwarded"] += 1
                 nack = build_nack(self.ssrc, ssrc, missing)
-                out.append(SendRtcp(stream.source.leg_id, build_compound([nack])))
+                out.append(SendRtcp(stream.source.via, build_compound([nack])))
+        return out
+
+    # -- cascade links -------------------------------------------------------------------
+
+    def announced(self, link_id: LegId, announcement: Announcement, now: float) -> None:
+        """A part of a peer MD's announcement over ``link_id``: once every part of its
+        generation is in, the link's senders are exactly those it lists."""
+        assembly = self._links.get(link_id)
+        if assembly is None:
+            return
+        if assembly.generation != announcement.generation:
+            assembly.generation, assembly.parts = announcement.generation, {}
+        assembly.parts[announcement.part] = announcement
+        if len(assembly.parts) < announcement.parts:
+            return
+        entries = [e for i in range(announcement.parts) for e in assembly.parts[i].entries]
+        assembly.parts = {}
+        self._apply(link_id, entries)
+
+    def link_up(self, link_id: LegId) -> None:
+        """A link (re)keyed: it gets the announcement at once, not at the next interval."""
+        if link_id in self._links:
+            self._announce_due = self.timers_changed = True
+
+    def _apply(self, link_id: LegId, entries: list[StreamEntry]) -> None:
+        changed = False
+        listed: dict[Hashable, list[StreamEntry]] = {}
+        for entry in entries:
+            listed.setdefault((link_id, entry.tag), []).append(entry)
+        for source in [s for s in self._sources.values() if s.via == link_id]:
+            if source.key not in listed:
+                self._drop_source(source)
+                changed = True
+        for key, items in listed.items():
+            source = self._sources.get(key)
+            plan = StreamPlan(
+                audio_level_id=next((e.audio_level_id for e in items if e.kind == "audio"),
+                                    None),
+                frame_marking_id=next((e.frame_marking_id for e in items
+                                       if e.kind == "video"), None))
+            if source is None:
+                self._joins += 1
+                source = self._sources[key] = _Source(key, link_id, key[1], plan,  # type: ignore[index]
+                                                      self._joins)
+                changed = True
+            elif source.plan != plan:
+                source.plan = plan
+            ssrcs = {e.ssrc for e in items}
+            for stream in [*source.audio, *source.video]:
+                if stream.ssrc not in ssrcs:
+                    (source.audio if stream.kind == "audio" else source.video).remove(stream)
+                    self._forget_stream(stream)
+                    changed = True
+            for entry in items:
+                if self._unannounced.pop(entry.ssrc, None) is not None:
+                    for receiver in self._receivers.values():
+                        receiver.muted.discard(entry.ssrc)  # video: muted again below
+                known = self._streams.get(entry.ssrc)
+                if known is not None:
+                    if known.source is source:
+                        known.rid, known.height = entry.rid, entry.height
+                    continue  # another neighbour's (a loop): the plane drops its packets
+                stream = _Stream(entry.ssrc, source, entry.kind, entry.rid, entry.height)
+                self._streams[entry.ssrc] = stream
+                changed = True
+                if entry.kind == "audio":
+                    source.audio.append(stream)
+                    continue
+                source.video.append(stream)
+                if source.first_video is None:
+                    source.first_video = -math.inf  # its layers come announced together
+                for receiver in self._receivers.values():
+                    if not receiver.link:
+                        receiver.muted.add(entry.ssrc)
+            source.sort_layers()
+        if changed:
+            self._dirty = self.timers_changed = self._announce_due = True
+
+    def _announcements(self, now: float) -> Output:
+        """Every link gets the streams of every sender not behind it (a tree: each MD
+        passes on what it learnt from its other links)."""
+        self._announce_due = False
+        self._next_announce = now + ANNOUNCE_INTERVAL
+        self._generation += 1
+        out: Output = []
+        for link_id in self._links:
+            entries = [
+                StreamEntry(s.tag, stream.ssrc, stream.kind,
+                            s.plan.audio_level_id if stream.kind == "audio" else None,
+                            s.plan.frame_marking_id if stream.kind == "video" else None,
+                            stream.height, stream.rid)
+                for s in self._sources.values() if s.via != link_id
+                for stream in (*s.audio, *s.video)]
+            packets = build_announcements(self.ssrc, self._generation, entries)
+            out += [SendRtcp(link_id, build_compound([p])) for p in packets]
         return out
 
     # -- time ----------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
         """When :meth:`poll` should run next (0.0: at once; None: nothing to do)."""
-        if self._dirty:
+        if self._dirty or (self._announce_due and self._links):
             return 0.0
         times = [t for t in (self.speaker.next_timer(), self._next_rate) if t is not None]
+        if self._links and self._next_announce is not None:
+            times.append(self._next_announce)
         times += [s.first_video + LAYERS_WAIT for s in self._sources.values()
                   if s.first_video is not None and len(s.video) < len(s.plan.rid_heights)]
         wait = self.policy.keyframe_wait
         times += [min(waiting.values()) + wait for waiting in self._pending.values() if waiting]
+        times += [seen + UNANNOUNCED_GRACE for seen in self._unannounced.values()
+                  if seen != math.inf]
         return min(times) if times else None
 
     def poll(self, now: float) -> Output:
@@ -717,6 +990,14 @@ class Selection:
             ranked = self._ranked()
             for receiver in self._receivers.values():
                 out += self._decide(receiver, now, ranked)
+        if self._links and (self._announce_due or self._next_announce is None
+                            or now >= self._next_announce):
+            out += self._announcements(now)
+        for ssrc, seen in self._unannounced.items():
+            if now - seen >= UNANNOUNCED_GRACE:
+                self._unannounced[ssrc] = math.inf
+                for receiver in self._receivers.values():
+                    receiver.muted.discard(ssrc)
         for ssrc, waiting in list(self._pending.items()):
             if not waiting:
                 del self._pending[ssrc]
