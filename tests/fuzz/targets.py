@@ -49,6 +49,7 @@ from perc_daemons.protocol import (
     roster,
     rtp,
     sdp,
+    selection,
     srtp,
     stun,
     tunnel,
@@ -339,6 +340,32 @@ def _build_feedback() -> Bench:
             if packet.packet_type in (rtp.SR, rtp.RR):
                 stripped = feedback.strip_report_blocks(packet)
                 assert rtp.parse_compound(stripped.serialize(), False)[0].count == 0
+        return True
+
+    return Bench(seeds, parse, max_size=2048)
+
+
+def _build_announcement() -> Bench:
+    entries = [selection.StreamEntry(1, SSRC, "audio", 1, None, None, None),
+               selection.StreamEntry(1, SSRC + 1, "video", None, 5, 720, "h"),
+               selection.StreamEntry(2, SSRC + 2, "video", None, 5, None, "low-1_x")]
+    seeds = [Seed(rtp.build_compound([p]), _rtcp_fields(rtp.build_compound([p])))
+             for p in (*selection.build_announcements(SSRC, 3, entries),
+                       *selection.build_announcements(SSRC, 4, []))]
+    typed = (selection.SelectionError, rtp.RtcpError)
+
+    def parse(data: bytes) -> bool:
+        """A peer MD's stream announcement (APP "PERC" subtype 2): what parses is
+        rebuilt and parses to the same entries."""
+        packets = _attempt(typed, rtp.parse_compound, data, False)
+        if packets is _FAILED:
+            return False
+        for packet in packets:
+            found = _attempt(typed, selection.parse_announcement, packet)
+            if isinstance(found, selection.Announcement):
+                [again] = selection.build_announcements(0, found.generation,
+                                                        list(found.entries))
+                assert selection.parse_announcement(again).entries == found.entries
         return True
 
     return Bench(seeds, parse, max_size=2048)
@@ -1652,6 +1679,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "RFC 8285 find_extension, audio level, frame marks, stream ids, add_extensions"),
     Target("feedback", (feedback.FeedbackError, rtp.RtcpError), _build_feedback,
            "RTCP NACK/PLI/FIR/REMB, the speaker hint, SR/RR report block removal"),
+    Target("announcement", (selection.SelectionError, rtp.RtcpError), _build_announcement,
+           "the MDs' stream announcements over cascade links (APP PERC subtype 2)"),
     Target("srtp", (srtp.SrtpError, rtp.RtpError), _build_srtp,
            "SrtpContext.unprotect / unprotect_rtcp of SRTP and SRTCP"),
     Target("double", _PROTOCOL, _build_double,
