@@ -997,6 +997,9 @@ class MediaPlane:
                 continue
             if kind == SR:
                 onward.append(strip_report_blocks(packet) if packet.count else packet)
+                if len(packet.body) >= 12:
+                    selection.sender_report(int.from_bytes(packet.body[:4], "big"),
+                                            int.from_bytes(packet.body[4:12], "big"), now)
             elif kind in (RTPFB, PSFB):
                 try:
                     item = parse_feedback(packet)

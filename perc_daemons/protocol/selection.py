@@ -42,8 +42,9 @@ Videobridge, mediasoup and LiveKit do for their users:
   goes upstream, in the sender's numbering.
 * **RTCP terminated per hop.**  Receiver reports, REMB, NACK, PLI and FIR are
   consumed here; SR (without report blocks), SDES and BYE are passed on so
-  that lip sync works; the MD originates its own PLI/NACK upstream (sender
-  SSRC :attr:`Selection.ssrc`, random per conference).
+  that lip sync works; the MD originates its own PLI/NACK upstream and,
+  every second, its own receiver report to each sending leg on what this
+  hop received (sender SSRC :attr:`Selection.ssrc`, random per conference).
 
 Cascade links (RFC 8871 s4.5.1) are receivers that get everything: each MD
 selects for its own endpoints, from the same audio levels (every audio
@@ -88,7 +89,13 @@ from perc_daemons.protocol.feedback import (
     build_pli,
     build_speaker_hint,
 )
-from perc_daemons.protocol.rtp import APP, RtcpPacket, build_compound
+from perc_daemons.protocol.rtp import (
+    APP,
+    ReportBlock,
+    RtcpPacket,
+    build_compound,
+    receiver_report,
+)
 from perc_daemons.protocol.speaker import DominantSpeaker
 
 __all__ = [
@@ -339,8 +346,10 @@ class SelectionPolicy:
 class _Stream:
     """One SSRC of a source: audio, or one video layer with its history."""
 
-    __slots__ = ("bits", "height", "index", "kind", "last_pli", "packets", "rate", "rid",
-                 "ring_ekt", "ring_packet", "ring_seq", "source", "ssrc")
+    __slots__ = ("base_seq", "bits", "cycles", "height", "index", "kind", "last_pli",
+                 "last_sr", "last_sr_at", "max_seq", "packets", "prior_expected",
+                 "prior_received", "rate", "received", "rid", "ring_ekt", "ring_packet",
+                 "ring_seq", "source", "ssrc")
 
     def __init__(self, ssrc: int, source: _Source, kind: str, rid: str | None,
                  height: int | None) -> None:
@@ -354,6 +363,12 @@ class _Stream:
         self.packets = 0
         self.rate = _UNMEASURED  # bits/s over the last RATE_INTERVAL
         self.last_pli = -math.inf
+        # reception statistics of this hop, for the MD's own receiver reports (RFC 3550
+        # s6.4.1, A.3): first and highest SEQ, wraps, packets, at the last report
+        self.base_seq = self.max_seq = -1
+        self.cycles = self.received = self.prior_expected = self.prior_received = 0
+        self.last_sr = 0  # middle 32 bits of the NTP time of its last SR
+        self.last_sr_at = 0.0
         if kind == "video":
             self.ring_packet: list[bytes | None] = [None] * HISTORY
             self.ring_ekt: list[bytes] = [b""] * HISTORY
@@ -578,11 +593,18 @@ class Selection:
                     out += self._decide(receiver, now, ranked)
         stream.bits += len(packet) << 3
         stream.packets += 1
+        seq = (packet[2] << 8) | packet[3]
+        top = stream.max_seq
+        if top < 0:
+            stream.base_seq = stream.max_seq = seq
+        elif ((seq - top) & 0xFFFF) < 0x8000:  # ahead (RFC 3550 A.1, without probation)
+            if seq < top:
+                stream.cycles += 0x10000
+            stream.max_seq = seq
         if stream.kind == "audio":
             if stream.source.plan.audio_level_id is not None and self.policy.audio_levels:
                 self._audio_level(stream, packet, now)
             return out
-        seq = (packet[2] << 8) | packet[3]
         i = seq & _MASK
         stream.ring_packet[i] = packet
         stream.ring_ekt[i] = ekt_field
@@ -854,6 +876,41 @@ class Selection:
                 out.append(SendRtcp(stream.source.via, build_compound([nack])))
         return out
 
+    def sender_report(self, ssrc: int, ntp: int, now: float) -> None:
+        """An SR of ``ssrc`` passed on: its NTP time for our reports' LSR/DLSR."""
+        stream = self._streams.get(ssrc)
+        if stream is not None:
+            stream.last_sr = (ntp >> 16) & 0xFFFFFFFF
+            stream.last_sr_at = now
+
+    def _receiver_reports(self, now: float) -> Output:
+        """The MD's own RR to each sending leg (RTCP terminated per hop, RFC 3550
+        s6.4.2): what this hop received of each of its SSRCs, as an SFU reports it."""
+        blocks: dict[LegId, list[ReportBlock]] = {}
+        for source in self._sources.values():
+            for stream in (*source.audio, *source.video):
+                if stream.max_seq < 0:
+                    continue
+                highest = stream.cycles + stream.max_seq
+                expected = highest - stream.base_seq + 1
+                lost = expected - stream.packets
+                interval = expected - stream.prior_expected
+                got = stream.packets - stream.prior_received
+                stream.prior_expected, stream.prior_received = expected, stream.packets
+                fraction = (((interval - got) << 8) // interval
+                            if interval > 0 and interval > got else 0)
+                dlsr = (int((now - stream.last_sr_at) * 65536) & 0xFFFFFFFF
+                        if stream.last_sr else 0)
+                blocks.setdefault(source.via, []).append(ReportBlock(
+                    stream.ssrc, min(fraction, 255), max(-0x800000, min(lost, 0x7FFFFF)),
+                    highest & 0xFFFFFFFF, 0, stream.last_sr, dlsr))
+        out: Output = []
+        for via, items in blocks.items():
+            for i in range(0, len(items), 31):
+                report = receiver_report(self.ssrc, items[i:i + 31])
+                out.append(SendRtcp(via, build_compound([report])))
+        return out
+
     # -- cascade links -------------------------------------------------------------------
 
     def announced(self, link_id: LegId, announcement: Announcement, now: float) -> None:
@@ -986,6 +1043,7 @@ class Selection:
                 source.sort_layers()
             self._next_rate = now + RATE_INTERVAL
             changed = True
+            out += self._receiver_reports(now)
         if changed:
             ranked = self._ranked()
             for receiver in self._receivers.values():

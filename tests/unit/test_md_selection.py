@@ -45,6 +45,7 @@ from perc_daemons.protocol.rtp import (
     SenderInfo,
     build_compound,
     parse_compound,
+    parse_report_blocks,
     receiver_report,
     sender_report,
 )
@@ -311,6 +312,30 @@ class RtcpTests(unittest.TestCase):
             self.assertEqual([p.packet_type for p in got], [SR])  # type: ignore[attr-defined]
             self.assertEqual(got[0].count, 0)  # type: ignore[attr-defined]
             self.assertEqual(got[0].body[:24], sr.body[:24])  # type: ignore[attr-defined]
+
+    def test_the_md_reports_what_it_received_per_hop(self) -> None:
+        """The MD's own RR to a sender (its receivers' RRs end at the MD): this hop's
+        loss per SSRC, and LSR/DLSR from the sender's last SR."""
+        c = Conference("ab")
+        a = c.eps["a"]
+        c.frame()
+        sr = sender_report(a.audio.ssrc, SenderInfo(0x1122334455667788, 1234, 10, 2000))
+        c.rtcp("a", [sr])
+        for i in range(40):
+            if i % 10 == 5:
+                a.audio.seq = (a.audio.seq + 1) & 0xFFFF  # lost before the MD
+            c.frame()
+        c.tick(1.0)
+        reports = [p for p in a.rtcp if getattr(p, "packet_type", 0) == RR]
+        self.assertTrue(reports)
+        self.assertEqual(reports[-1].ssrc, c.selection.ssrc)  # type: ignore[attr-defined]
+        blocks = {b.ssrc: b for b in parse_report_blocks(reports[-1])}  # type: ignore[arg-type]
+        audio = blocks[a.audio.ssrc]
+        self.assertEqual(audio.cumulative_lost, 4)
+        self.assertEqual(audio.highest_sequence & 0xFFFF, (a.audio.seq - 1) & 0xFFFF)
+        self.assertEqual(audio.last_sr, 0x33445566)
+        self.assertGreater(audio.delay_since_last_sr, 0)
+        self.assertEqual(blocks[a.video["h"].ssrc].cumulative_lost, 0)
 
     def test_rtcp_of_a_forward_all_group_relayed_as_before(self) -> None:
         c = Conference()
