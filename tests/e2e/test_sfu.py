@@ -43,8 +43,8 @@ from twisted.internet.protocol import DatagramProtocol
 
 from perc_daemons.demo.stack import sleep
 from perc_daemons.md.provider_cli import run as provider_run
-from perc_daemons.protocol.extensions import AUDIO_LEVEL_URI, find_extension
-from perc_daemons.protocol.participant import MediaReceived
+from perc_daemons.protocol.extensions import AUDIO_LEVEL_URI, MID_URI, find_extension
+from perc_daemons.protocol.participant import EXTMAP_IDS, MediaReceived
 from tests.e2e.conference_support import (
     RecordingEndpoint,
     StackTestCase,
@@ -55,9 +55,8 @@ from tests.e2e.conference_support import (
 
 #: The simulcast layers, in the order of Endpoint.video_ssrcs.
 LAYERS = ("h", "m", "l")
-#: RTP extension ids the reference endpoint offers (docs/SFU: the MD reads them from
-#: the offer; these are what build_offer writes).
-AUDIO_LEVEL_ID, MID_ID = 1, 2
+#: RTP extension ids the reference endpoint offers (the MD reads them from the offer).
+AUDIO_LEVEL_ID, MID_ID = EXTMAP_IDS[AUDIO_LEVEL_URI], EXTMAP_IDS[MID_URI]
 #: A REMB well above two "h" layers (some 300 kbit/s each): the budget never binds.
 BANDWIDTH = 5_000_000
 #: Seconds each talker talks.
