@@ -643,8 +643,11 @@ class LocalStack:
 
     @defer.inlineCallbacks
     def create_conference(self, conference_id: str, invited: Sequence[str], *,
-                          late_joiners_get_earlier_epochs: bool = False):
-        """At the KMF (create, invite, start) and at the MD (with the KD fingerprint)."""
+                          late_joiners_get_earlier_epochs: bool = False,
+                          md_settings: Mapping[str, Any] | None = None, at_md: bool = True):
+        """At the KMF (create, invite, start) and at the MD (with the KD fingerprint and
+        ``md_settings``, as :meth:`create_md_conference`); ``at_md`` False: the KMF part
+        alone (the MD part left to e.g. ``perc-provider conferences create``)."""
         token = yield self.admin_token()
         yield self._expect(201, "POST", self.kmf_url + "/v1/conferences", token=token, body={
             "id": conference_id, "title": f"demo {conference_id}",
@@ -653,17 +656,22 @@ class LocalStack:
             "late_joiners_get_earlier_epochs": late_joiners_get_earlier_epochs})
         yield self._expect(200, "POST", self.kmf_url + f"/v1/conferences/{conference_id}/start",
                            token=token)
-        md = yield self.create_md_conference(conference_id)
+        if not at_md:
+            return None
+        md = yield self.create_md_conference(conference_id, settings=md_settings)
         return md
 
     @defer.inlineCallbacks
-    def create_md_conference(self, conference_id: str, md: str = "md"):
+    def create_md_conference(self, conference_id: str, md: str = "md", *,
+                             settings: Mapping[str, Any] | None = None):
         """The MD part of :meth:`create_conference` alone (e.g. after an MD restart), at
-        MD ``md``."""
+        MD ``md``; ``settings`` are the conference's forwarding members (``forwarding``,
+        ``last_n``, ``audio_levels``, ``audio_top_k``: docs/API.md)."""
         body = yield self._expect(201, "POST", self.md_api_url(md) + "/v1/conferences",
                                 token=self.provider_token,
                                 body={"id": conference_id,
-                                      "kd_fingerprint": format_fingerprint(self.kd_fingerprint)})
+                                      "kd_fingerprint": format_fingerprint(self.kd_fingerprint),
+                                      **(settings or {})})
         return body
 
     @defer.inlineCallbacks

@@ -310,7 +310,15 @@ class Endpoint:
     leaves the RFC 6464 extension out of the offer; ``bandwidth`` (bits/s)
     is the REMB sent with every RR (each ``rtcp_interval`` seconds);
     ``receive`` goes into the join body (``{"last_n", "max_height",
-    "max_bitrate"}``, all optional).
+    "max_bitrate"}``, all optional); :meth:`set_receive` changes it later.
+
+    ``via`` (host, port): a relay on the media path (a test's loss or delay
+    proxy, a port forward).  Every media datagram (STUN, DTLS, SRTP, SRTCP)
+    is sent there rather than to the answer's candidate, and datagrams from
+    there are taken as the MD's (from nowhere else); the relay forwards them
+    to and from the MD, which learns the relay's address from our checks
+    (it is ICE-lite, RFC 8445 s7.3).  Nothing about the keys changes: the
+    relay sees what any network hop sees.
 
     ``rejoin`` (default True) joins again when orphaned (see the module
     docstring, step 9): ``orphan_grace`` is :class:`OrphanWatch`'s grace,
@@ -337,7 +345,7 @@ class Endpoint:
                  video: str | None = None, video_source: SimulcastVideo | None = None,
                  audio_level: bool = True, bandwidth: int | None = None,
                  receive: Mapping[str, int] | None = None,
-                 rtcp_interval: float = 1.0) -> None:
+                 rtcp_interval: float = 1.0, via: tuple[str, int] | None = None) -> None:
         if kind not in ("audio", "video"):
             raise ValueError("kind must be audio or video")
         if video not in (None, "simulcast"):
@@ -383,6 +391,8 @@ class Endpoint:
         self.bandwidth = bandwidth
         self.receive = dict(receive) if receive is not None else None
         self.rtcp_interval = rtcp_interval
+        #: The relay media goes through (None: straight to the MD's candidate).
+        self.via = (via[0], int(via[1])) if via is not None else None
         #: False: audio frames are sent as digital silence (RFC 6464 level 127).
         self.talking = True
         self._quiet = 0
@@ -750,18 +760,26 @@ class Endpoint:
 
     # --- datagrams and timers ---------------------------------------------------------------
 
+    @property
+    def media_peer(self) -> tuple[str, int] | None:
+        """Where media goes and comes from: :attr:`via`, else the MD's candidate."""
+        if self.via is not None:
+            return self.via
+        return tuple(self.session.md_address) if self.session is not None else None  # type: ignore[return-value]
+
     def _send(self, datagrams: Sequence[bytes]) -> None:
         if self._port is None or self.session is None:
             return
+        peer = self.via or self.session.md_address
         for datagram in datagrams:
-            self._port.write(datagram, self.session.md_address)
+            self._port.write(datagram, peer)
 
     def _datagram(self, datagram: bytes, addr: Any) -> None:
         session = self.session
         if session is None:
             return
         host, port = addr[0], addr[1]
-        if (host, port) != tuple(session.md_address):
+        if (host, port) != (self.via or tuple(session.md_address)):
             self.foreign_datagrams += 1
             return
         if (self.decrypt_every > 1 and len(datagram) >= 12 and 128 <= datagram[0] <= 191
@@ -1073,6 +1091,19 @@ class Endpoint:
         return problems
 
     # --- leave -----------------------------------------------------------------------------
+
+    def set_receive(self, receive: Mapping[str, int]) -> defer.Deferred[dict[str, Any]]:
+        """What we receive from now on (``last_n``, ``max_height``, ``max_bitrate``; a key
+        left out: no limit), PATCHed at the MD and kept for a rejoin; fires with the
+        MD's receive view (:meth:`~perc_daemons.endpoint.md.MdClient.set_receive`)."""
+        return defer.ensureDeferred(self._set_receive(dict(receive)))
+
+    async def _set_receive(self, receive: dict[str, int]) -> dict[str, Any]:
+        if self.md is None or self.joined is None:
+            raise EndpointError("not joined")
+        view = await self.md.set_receive(self.conference_id, self.joined, receive)
+        self.receive = receive
+        return view
 
     def leave(self) -> defer.Deferred[None]:
         """close_notify to the KD, DELETE at the MD; releases sockets and connections."""

@@ -35,7 +35,8 @@ from perc_daemons.endpoint.https import (
 )
 from perc_daemons.protocol import jsontext
 
-__all__ = ["JoinRefused", "JoinResponse", "LeaveFailed", "MdClient", "MdError"]
+__all__ = ["JoinRefused", "JoinResponse", "LeaveFailed", "MdClient", "MdError",
+           "ReceiveRefused"]
 
 
 class MdError(EndpointHttpError):
@@ -58,6 +59,17 @@ class LeaveFailed(MdError):
     def __init__(self, status: int, title: str, detail: str = "") -> None:
         super().__init__(f"leave refused: {title} ({status})" + (f": {detail}" if detail else ""))
         self.status = status
+
+
+class ReceiveRefused(MdError):
+    """The MD refused the PATCH of what we receive (e.g. 409: it forwards everything)."""
+
+    def __init__(self, status: int, title: str, detail: str = "") -> None:
+        super().__init__(f"receive change refused: {title} ({status})"
+                         + (f": {detail}" if detail else ""))
+        self.status = status
+        self.title = title
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,30 @@ class MdClient:
             raise MdError(f"the MD redirected the join to {location!r}, not to another "
                           f"process on {ours.hostname}")
         return urlunsplit(target)
+
+    async def set_receive(self, conference_id: str, joined: JoinResponse,
+                          receive: Mapping[str, Any]) -> dict[str, Any]:
+        """PATCH what our participant receives from now on (docs/API.md: ``last_n``,
+        ``max_height``, ``max_bitrate``; a key left out is no limit), authenticated by
+        the leave token; the MD's receive view (forwarded layers, counters).
+        :class:`ReceiveRefused` if the MD says no."""
+        path = (f"{joined.md_url if joined.md_url != self.http.base else ''}"
+                f"/v1/conferences/{quote(conference_id, safe='')}/participants/"
+                f"{joined.association}")
+        code, _, content = await self.http.request(
+            "PATCH", path, headers={"Authorization": f"Bearer {joined.leave_token}",
+                                    "Accept": "application/json",
+                                    "Content-Type": "application/json"},
+            data=json.dumps({"receive": dict(receive)}).encode("utf-8"))
+        if code != 200:
+            raise ReceiveRefused(code, *problem_text(code, content))
+        try:
+            body = jsontext.loads(content)
+        except jsontext.JsonError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("receive"), dict):
+            raise MdError("the MD's receive answer lacks 'receive'")
+        return dict(body["receive"])
 
     async def leave(self, conference_id: str, joined: JoinResponse) -> None:
         """DELETE our participant (204, also when already gone; an older MD's 404 accepted)."""

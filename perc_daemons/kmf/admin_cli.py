@@ -6,6 +6,8 @@ Remote commands talk to the KMF's HTTPS API (``[https]`` of kmf.toml) with an
     perc-admin conferences create ID --title T [--initiator user@domain]
                                      [--invite user@domain ...] [--group G ...]
                                      [--late-joiners-get-earlier-epochs]
+                                     [--start] [--md URL ...] [--forwarding sfu|all]
+                                     [--last-n N] [--no-audio-levels] [--audio-top-k K]
     perc-admin conferences list [--state scheduled|running|ended]
     perc-admin conferences show|start|end ID
     perc-admin conferences invite|uninvite ID IDENTITY...
@@ -52,6 +54,9 @@ command: it creates the conference at the KMF (and starts it with
 records the MD's tunnel address at the KMF, which tells the KD (steps 10-11),
 and waits until the MD reports the KD's tunnel up (``--wait`` seconds, 0 not
 to wait).  A conference ended at the KMF is then ended at the MD by the KD.
+``--forwarding``, ``--last-n``, ``--no-audio-levels`` and ``--audio-top-k``
+are the conference's forwarding settings at each ``--md`` (as
+``perc-provider conferences create`` takes them).
 
 ``roster show`` verifies the roster with the KMF's JWKS and refuses to print
 one that does not verify.  ``--json`` (anywhere on the line) prints JSON
@@ -293,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of a cascaded conference")
     p.add_argument("--wait", type=float, default=20.0, metavar="SECONDS",
                    help="with --md: how long to wait for the KD's tunnel (0: do not wait)")
+    from perc_daemons.md.provider_cli import add_forwarding_arguments
+
+    add_forwarding_arguments(p)  # with --md: the conference's settings at each MD
     p = command(conf, "list", "list conferences")
     p.add_argument("--state", choices=_STATES)
     for name, help_ in (("show", "show a conference"), ("start", "start a conference"),
@@ -433,7 +441,13 @@ def _owner_and_invited(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
                   ) -> None:
+    from perc_daemons.md.provider_cli import forwarding_settings
+
     owner, invited = _owner_and_invited(args)
+    settings = forwarding_settings(args)
+    if settings and not args.md:
+        raise UsageError("conferences create: --forwarding, --last-n, --no-audio-levels and "
+                         "--audio-top-k are settings at the MD: give --md")
     body = {"id": args.id, "title": args.title, "initiator": owner, "invited": invited,
             "invited_groups": args.group,
             "late_joiners_get_earlier_epochs": args.late_joiners_get_earlier_epochs}
@@ -486,7 +500,8 @@ async def _establish_at_md(client: ApiClient, args: argparse.Namespace, config: 
     fingerprint = provider_cli.kd_fingerprint(config.kd_certificate or DEFAULT_KD_CERTIFICATE)
     md = await provider_cli.md_client(provider, client.reactor, url=md_url)
     try:
-        md_conference = await provider_cli.create_md_conference(md, args.id, fingerprint)
+        md_conference = await provider_cli.create_md_conference(
+            md, args.id, fingerprint, provider_cli.forwarding_settings(args))
         tunnel = provider_cli.tunnel_address(md_conference)
         created = await client.call("POST", f"/v1/conferences/{_cid(args.id)}/"
                                     "media-distributors", {"tunnel": tunnel})

@@ -5,6 +5,7 @@ conference API (docs/API.md, :mod:`perc_daemons.md.api`) with the provider
 token::
 
     perc-provider conferences create ID (--kd-fingerprint FP | --kd-certificate FILE)
+                  [--forwarding sfu|all] [--last-n N] [--no-audio-levels] [--audio-top-k K]
     perc-provider conferences show ID
     perc-provider conferences end ID
     perc-provider links create ID --to URL     (cascade: this MD opens, URL's accepts)
@@ -17,6 +18,13 @@ will connect for this conference (the SHA-256 of its certificate, given as
 ``AA:BB:...`` or read from the KD's certificate file) and answers with the
 host and port of its KD tunnel listener, which the KD must be told (step
 11: ``perc-admin conferences create --md`` does all of it in one command).
+The forwarding options are the conference's settings at the MD (docs/API.md,
+"POST /v1/conferences (MD)"): ``--forwarding all`` relays every packet to
+every receiver; with ``sfu`` (the default) ``--last-n`` bounds the video
+sources per receiver (the most recent speakers), ``--no-audio-levels``
+leaves the RFC 6464 audio level out of the MD's answers (video then
+follows join order) and ``--audio-top-k`` forwards the audio of only the K
+most recent speakers.  Left out, the MD's defaults apply.
 ``show`` adds whether the KD's tunnel is up and the participants; ``end``
 ends the conference at the MD (every participant dropped, the KD told).
 
@@ -66,7 +74,8 @@ from perc_daemons.protocol.dtls.crypto import (
     parse_fingerprint,
 )
 
-__all__ = ["ProviderConfig", "kd_fingerprint", "load_provider_config", "main", "run"]
+__all__ = ["ProviderConfig", "add_forwarding_arguments", "forwarding_settings",
+           "kd_fingerprint", "load_provider_config", "main", "run"]
 
 PROG = "perc-provider"
 DEFAULT_CONFIG = "/etc/perc/provider.toml"
@@ -144,11 +153,61 @@ async def md_client(config: ProviderConfig, reactor: Any, *, url: str | None = N
     return client
 
 
-async def create_md_conference(client: ApiClient, conference_id: str,
-                               fingerprint: str) -> dict[str, Any]:
-    """``POST /v1/conferences`` (steps 7-9): the MD's answer, with its tunnel address."""
+def _count(minimum: int, meaning: str) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(meaning)
+        return number
+    return parse
+
+
+def add_forwarding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The conference's forwarding settings at the MD (``perc-provider`` and ``perc-admin``
+    ``conferences create``); :func:`forwarding_settings` reads them back."""
+    parser.add_argument("--forwarding", choices=("sfu", "all"),
+                        help="sfu (the MD's default): the MD selects per receiver (last-N "
+                             "speakers, simulcast layers, repair); all: every packet to "
+                             "every receiver")
+    parser.add_argument("--last-n", type=_count(-1, "must be -1 (every source) or a count"),
+                        metavar="N",
+                        help="sfu: video of at most N sources per receiver, the most recent "
+                             "speakers first (-1, the default: every source)")
+    parser.add_argument("--no-audio-levels", dest="audio_levels", action="store_false",
+                        default=None,
+                        help="sfu: leave the RFC 6464 audio level out of the MD's answers "
+                             "(no speaker detection: video follows join order)")
+    parser.add_argument("--audio-top-k", type=_count(0, "must be 0 (every sender) or a count"),
+                        metavar="K",
+                        help="sfu: audio of only the K most recent speakers (0, the default: "
+                             "every sender's)")
+
+
+def forwarding_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``POST /v1/conferences`` members the options of :func:`add_forwarding_arguments`
+    give (only those given); UsageError for sfu options with ``--forwarding all``."""
+    settings: dict[str, Any] = {}
+    for name in ("forwarding", "last_n", "audio_levels", "audio_top_k"):
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    if settings.get("forwarding") == "all" and len(settings) > 1:
+        raise UsageError("--last-n, --no-audio-levels and --audio-top-k go with "
+                         "--forwarding sfu")
+    return settings
+
+
+async def create_md_conference(client: ApiClient, conference_id: str, fingerprint: str,
+                               settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``POST /v1/conferences`` (steps 7-9): the MD's answer, with its tunnel address.
+
+    ``settings``: the conference's forwarding members (:func:`forwarding_settings`)."""
     body = await client.call("POST", "/v1/conferences",
-                             {"id": conference_id, "kd_fingerprint": fingerprint})
+                             {"id": conference_id, "kd_fingerprint": fingerprint,
+                              **(settings or {})})
     if not isinstance(body, dict) or not isinstance(body.get("tunnel"), dict):
         raise OperationError("bad response from the MD", "no tunnel address")
     return body
@@ -168,6 +227,13 @@ def md_conference_text(c: dict[str, Any]) -> str:
     pairs = [("id", c.get("id")), ("kd fingerprint", c.get("kd_fingerprint")),
              ("kd tunnel", tunnel_address(c) if c.get("tunnel") else "-"),
              ("media", f"{media.get('host')}:{media.get('port')}" if media else "-")]
+    if c.get("forwarding"):
+        forwarding = c["forwarding"]
+        if forwarding == "sfu":
+            forwarding += (f" (last-n {c.get('last_n')}, audio levels "
+                           f"{'on' if c.get('audio_levels') else 'off'}, audio top-k "
+                           f"{c.get('audio_top_k')})")
+        pairs.append(("forwarding", forwarding))
     if "kd_connected" in c:
         pairs.append(("kd connected", "yes" if c.get("kd_connected") else "no"))
     text = fields(pairs)
@@ -207,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SHA-256 fingerprint of the KD's certificate (AA:BB:...)")
     kd.add_argument("--kd-certificate", metavar="FILE",
                     help="the KD's certificate (PEM), to take its fingerprint")
+    add_forwarding_arguments(p)
     for name, help_ in (("show", "show a conference, its KD tunnel and participants"),
                         ("end", "end a conference at the MD")):
         conf.add_parser(name, parents=[common], help=help_, description=help_).add_argument("id")
@@ -312,8 +379,9 @@ async def _command(args: argparse.Namespace, io: Io, reactor: Any) -> None:
         if args.category == "links":
             await _links(client, args, io, config, reactor)
         elif args.action == "create":
+            settings = forwarding_settings(args)
             fingerprint = args.kd_fingerprint or kd_fingerprint(args.kd_certificate)
-            body = await create_md_conference(client, args.id, fingerprint)
+            body = await create_md_conference(client, args.id, fingerprint, settings)
             io.emit(body, md_conference_text(body)
                     + f"\nTell the KD: the conference's MD tunnel is {tunnel_address(body)}\n")
         elif args.action == "show":

@@ -358,7 +358,7 @@ class RecordingEndpoint(Endpoint):
         assert self.session is not None, "not joined"
         first = len(self.events)
         for datagram in datagrams:
-            self._datagram(datagram, self.session.md_address)
+            self._datagram(datagram, self.media_peer)
         return [e for _, e in self.events[first:]]
 
     def stop_media(self) -> None:

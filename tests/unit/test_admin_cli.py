@@ -33,7 +33,7 @@ from perc_daemons.kmf.signing import SigningKeys
 from perc_daemons.kmf.tokens import issue_access_token
 from perc_daemons.protocol.jose import b64url_decode, b64url_encode
 from perc_daemons.protocol.roster import sign_roster
-from perc_daemons.store import ConferenceState
+from perc_daemons.store import ConferenceNotFound, ConferenceState
 from perc_daemons.store.sqlite import SqliteConferenceStore
 
 DOMAIN = "example.com"
@@ -231,6 +231,17 @@ class AdminCliTests(unittest.TestCase):
                                         "--initiator", "perc-admin")
         self.assertEqual((code, out), (1, ""))
         self.assertIn("Invalid request (400)", err)
+
+    @defer.inlineCallbacks
+    def test_forwarding_settings_need_an_md(self):
+        """--last-n and the other forwarding settings are the MD's: refused without --md,
+        before anything is created at the KMF."""
+        for extra in (["--last-n", "2"], ["--no-audio-levels"], ["--forwarding", "all"]):
+            code, out, err = yield self.cli("conferences", "create", "conf-1", "--title", "t",
+                                            "--invite", ALICE, *extra)
+            self.assertEqual((code, out), (2, ""), extra)
+            self.assertIn("settings at the MD: give --md", err)
+        yield self.assertFailure(self.store.get("conf-1"), ConferenceNotFound)
 
     @defer.inlineCallbacks
     def test_kmf_refuses_a_client_token_as_owner(self):

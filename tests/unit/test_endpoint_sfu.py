@@ -9,8 +9,9 @@ invented one) and handed to the Net's MD.
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from perc_daemons.endpoint import cli
@@ -118,6 +119,33 @@ class EndpointSfuTests(unittest.TestCase):
                          [{"at": 0.0, "sequence": 3, "speakers": [self.b.ssrc]}])
         self.assertEqual(self.endpoint.stats()["speaker_hints"], 1)
 
+    def test_via_a_relay(self) -> None:
+        """With ``via`` every datagram goes to the relay, and only the relay's come in."""
+        relay = ("127.0.0.1", 40000)
+        self.endpoint.via = relay
+        self.assertEqual(self.endpoint.media_peer, relay)
+        self.endpoint.send_frame(ToneSource(440).next_frame())
+        self.assertEqual(self.port.to, [relay])
+        caught: list[bytes] = []  # what the MD sends alice, before her session sees it
+
+        def catch(data: bytes, src: object, dst: object) -> bytes | None:
+            if dst == self.a.address:
+                caught.append(data)
+                return None
+            return data
+
+        self.net.filter = catch
+        self.net.send(self.b, b"\x01" * 160)
+        self.net.filter = None
+        [datagram] = caught
+        self.endpoint._datagram(datagram, tuple(self.a.session.md_address))
+        self.assertEqual(self.endpoint.foreign_datagrams, 1)  # the MD itself: not our path
+        self.endpoint._datagram(datagram, relay)
+        self.assertEqual(self.endpoint.foreign_datagrams, 1)
+        self.assertEqual(self.endpoint.senders[self.b.ssrc].packets, 1)
+        self.endpoint.via = None
+        self.assertEqual(self.endpoint.media_peer, tuple(self.a.session.md_address))
+
     def test_bad_parameters(self) -> None:
         for bad in ({"video": "svc"}, {"video": "simulcast", "kind": "video"},
                     {"bandwidth": -1}, {"rtcp_interval": 0}):
@@ -130,9 +158,11 @@ class _Port:
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.to: list[tuple[str, int]] = []
 
     def write(self, datagram: bytes, address: tuple[str, int]) -> None:
         self.written.append(datagram)
+        self.to.append(tuple(address))
 
 
 class _At:
@@ -140,9 +170,13 @@ class _At:
 
     def __init__(self, net: Net) -> None:
         self.net = net
+        self.timers = task.Clock()  # the session's timers: scheduled, never run here
 
     def seconds(self) -> float:
         return self.net.now
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> Any:
+        return self.timers.callLater(delay, f, *args)
 
 
 class CliTests(unittest.TestCase):

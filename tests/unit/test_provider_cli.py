@@ -98,6 +98,46 @@ class ProviderCliTests(unittest.TestCase):
         self.assertIn("(404)", err)
 
     @defer.inlineCallbacks
+    def test_create_with_forwarding_settings(self):
+        """--last-n, --no-audio-levels, --audio-top-k and --forwarding become the
+        conference's settings at the MD; left out, the MD's defaults."""
+        code, out, err = yield self.cli("conferences", "create", "sfu", "--kd-certificate",
+                                        self.kd_cert, "--last-n", "2", "--no-audio-levels",
+                                        "--audio-top-k", "3")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"(?m)^forwarding: +sfu \(last-n 2, audio levels off, "
+                              r"audio top-k 3\)$")
+        conference = self.md.conferences.conference("sfu")
+        self.assertEqual(conference.forwarding, "sfu")
+        self.assertEqual((conference.policy.last_n, conference.policy.audio_levels,
+                          conference.policy.audio_top_k), (2, False, 3))
+        code, out, err = yield self.cli("conferences", "create", "all", "--kd-certificate",
+                                        self.kd_cert, "--forwarding", "all", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out)["forwarding"], "all")
+        self.assertEqual(self.md.conferences.conference("all").forwarding, "all")
+        code, out, err = yield self.cli("conferences", "create", "plain", "--kd-certificate",
+                                        self.kd_cert, "--json")
+        self.assertEqual((code, err), (0, ""))
+        body = json.loads(out)
+        self.assertEqual((body["forwarding"], body["last_n"], body["audio_levels"],
+                          body["audio_top_k"]), ("sfu", -1, True, 0))
+
+    @defer.inlineCallbacks
+    def test_forwarding_usage_errors(self):
+        for extra, message in ((["--last-n", "-2"], "must be -1 (every source) or a count"),
+                               (["--last-n", "two"], "must be -1 (every source) or a count"),
+                               (["--audio-top-k", "-1"], "must be 0 (every sender) or a count"),
+                               (["--forwarding", "some"], "invalid choice"),
+                               (["--forwarding", "all", "--last-n", "2"],
+                                "go with --forwarding sfu")):
+            code, out, err = yield self.cli("conferences", "create", "x", "--kd-certificate",
+                                            self.kd_cert, *extra)
+            self.assertEqual((code, out), (2, ""), extra)
+            self.assertIn(message, err, extra)
+        self.assertEqual(self.md.conferences.conferences(), [])
+
+    @defer.inlineCallbacks
     def test_refusals(self):
         wrong = write_private(os.path.join(self.dir, "wrong.token"), "not-the-token\n")
         code, out, err = yield self.cli("conferences", "show", "x", "--token-file", wrong)
