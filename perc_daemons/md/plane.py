@@ -209,9 +209,12 @@ _RESPONSES = (BINDING_SUCCESS, BINDING_ERROR)
 
 
 def leg_label(leg_id: LegId) -> str:
-    """A leg id as text: an endpoint's (its association's 16 bytes) as the UUID."""
+    """A leg id as text: an endpoint's (its association's 16 bytes) as the UUID; a
+    sender behind a cascade link (link id, tag) as ``<link>/<tag in hex>``."""
     if isinstance(leg_id, bytes) and len(leg_id) == 16:
         return str(uuid.UUID(bytes=leg_id))
+    if isinstance(leg_id, tuple) and len(leg_id) == 2 and isinstance(leg_id[1], int):
+        return f"{leg_label(leg_id[0])}/{leg_id[1]:08x}"
     return str(leg_id)
 
 

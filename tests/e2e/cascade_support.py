@@ -153,13 +153,15 @@ class CascadeChainMixin:
         self.assertEqual(status, 200, body)
         return list(body["links"])
 
-    async def create_chain(self, invited: Iterable[str], title: str = "Chain") -> str:
+    async def create_chain(self, invited: Iterable[str], title: str = "Chain",
+                           options: Sequence[str] = ()) -> str:
         """The conference on all three MDs (one ``perc-admin`` command: the KD connects
-        to each), linked md -> md2 -> md3, every link up; perc-admin's output."""
+        to each; ``options`` more of its options, e.g. ``--last-n``), linked md -> md2
+        -> md3, every link up; perc-admin's output."""
         stack = self.stack
         code, out, err = await self.cli(
             admin_run, "conferences", "create", self.conference, "--title", title,
-            *(a for user in invited for a in ("--invite", f"{user}@localhost")),
+            *(a for user in invited for a in ("--invite", f"{user}@localhost")), *options,
             "--start", *(a for md in stack.md_names for a in ("--md", stack.md_api_url(md))),
             "--url", stack.kmf_url, config="admin.toml")
         self.assertEqual((code, err), (0, ""), out)

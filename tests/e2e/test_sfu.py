@@ -45,6 +45,7 @@ from perc_daemons.demo.stack import sleep
 from perc_daemons.md.provider_cli import run as provider_run
 from perc_daemons.protocol.extensions import AUDIO_LEVEL_URI, MID_URI, find_extension
 from perc_daemons.protocol.participant import EXTMAP_IDS, MediaReceived
+from tests.e2e.cascade_support import CascadeChainMixin
 from tests.e2e.conference_support import (
     RecordingEndpoint,
     StackTestCase,
@@ -115,14 +116,18 @@ class SfuCase(StackTestCase):
 
     # --- endpoints ----------------------------------------------------------------------
 
+    #: user -> the MD it joins through (default "md")
+    places: Mapping[str, str] = {}
+
     async def join_all(self, users: Iterable[str], **options: Any
                        ) -> dict[str, RecordingEndpoint]:
-        """Each user joins (audio + simulcast video), one after the other; then all hold
-        the same newest EKT key.  ``options[user]`` are that user's Endpoint options."""
+        """Each user joins (audio + simulcast video) through its MD (:attr:`places`), one
+        after the other; then all hold the same newest EKT key.  ``options[user]`` are
+        that user's Endpoint options."""
         eps = {}
         for user in users:
             ep = self.endpoint(user, video="simulcast", bandwidth=BANDWIDTH,
-                               **options.get(user, {}))
+                               md=self.places.get(user, "md"), **options.get(user, {}))
             ep.talking = False
             await ep.join()
             eps[user] = ep
@@ -163,18 +168,27 @@ class SfuCase(StackTestCase):
     # --- the MD's view ------------------------------------------------------------------
 
     async def md_views(self, eps: Mapping[str, RecordingEndpoint]) -> dict[str, Any]:
-        """Per user, the MD's receive view of its participant (GET conference), with
-        each forwarded layer's source as the sending user."""
-        body = await self.stack.md_conference(self.conference)
+        """Per user, its MD's receive view of its participant (GET conference at every
+        MD), with each forwarded layer's source as the sending user (a sender behind a
+        cascade link is named by the link and its tag: matched by its SSRC)."""
+        participants = []
+        for md in self.stack.md_names:
+            status, body = await self.stack.request(
+                "GET", self.stack.md_api_url(md) + f"/v1/conferences/{self.conference}",
+                token=self.stack.provider_token)
+            self.assertEqual(status, 200, body)
+            participants += body["participants"]
         users = {ep.joined.association: user for user, ep in eps.items()}
+        users.update({str(ssrc): user for user, ep in eps.items()
+                      for ssrc in ep.video_ssrcs})
         views = {}
-        for participant in body["participants"]:
+        for participant in participants:
             user = users.get(participant["association"])
             if user is None or "receive" not in participant:
                 continue
             view = dict(participant["receive"])
-            view["layers"] = {users.get(layer["source"], layer["source"]): layer["rid"]
-                              for layer in view["layers"]}
+            view["layers"] = {users.get(layer["source"], users.get(str(layer["ssrc"]))):
+                              layer["rid"] for layer in view["layers"]}
             views[user] = view
         return views
 
@@ -243,6 +257,10 @@ class LastNTests(SfuCase):
         moves one to "l" at a key frame; no decrypt failure, no gap, hints name the talker."""
         self.assertRegex(self.created_out, r"(?m)^forwarding: +sfu \(last-n 2, audio levels "
                                            r"on, audio top-k 0\)$")
+        await self.last_two_speakers("last_n 2, talkers frank -> alice -> carol")
+
+    async def last_two_speakers(self, title: str) -> None:
+        """The body of the last-N check (one MD, or a cascade: :attr:`places`)."""
         eps = await self.join_all(self.users, bob={"receive": {"max_height": 360}})
         for user, ep in eps.items():
             uris = {ext.uri for m in ep.answer.answer.media for ext in m.extmaps()}
@@ -339,7 +357,7 @@ class LastNTests(SfuCase):
                           f"frame(s), the l senders got "
                         + ", ".join(f"{s} {switch[s][1]}" for s in sorted(switch))
                         + " PLI/FIR")
-        self.summary("last_n 2, talkers frank -> alice -> carol", eps, rows)
+        self.summary(title, eps, rows)
 
 
 class LossProxy(DatagramProtocol):
@@ -495,3 +513,37 @@ class JoinOrderTests(SfuCase):
                                            in sorted(got[user].items())) + f" in {WINDOW} s"
                 for user in eps}
         self.summary("audio levels off, dave talking", eps, rows)
+
+
+class CascadeLastNTests(CascadeChainMixin, LastNTests):
+    """The same six endpoints and checks over the chain md - md2 - md3 (RFC 8871
+    s4.5.1): two endpoints on each MD, the talkers on the two ends, the receiver of
+    "m" (then "l") in the middle.  Each MD selects for its own endpoints; the senders
+    behind a link are told by the peer MD's stream announcements, so a receiver on
+    md2 gets the layer it asked for of a sender on md3, from a key frame that the
+    PLI crossing the link asked for."""
+
+    conference = "sfu-chain"
+    places = {"alice": "md", "dave": "md", "bob": "md2", "erin": "md2",
+              "carol": "md3", "frank": "md3"}
+    timeout = 150
+
+    async def setUp(self) -> None:
+        await StackTestCase.setUp(self)
+        try:
+            self.created_out = await self.create_chain(self.invited,
+                                                       options=("--last-n", "2"))
+        except BaseException:
+            self._dump_logs("setUp failed")
+            await self.stack.stop_all()
+            raise
+
+    async def test_last_two_speakers_at_each_receivers_layer(self) -> None:
+        """As over one MD, each receiver on whichever MD; every MD forwards per its own
+        endpoints' choices, and every link carries each sender's layers once."""
+        await self.last_two_speakers("last_n 2 over md - md2 - md3, talkers frank (md3) "
+                                     "-> alice (md) -> carol (md3)")
+        for md in self.stack.md_names:
+            for link in await self.links(md):
+                self.assertEqual(link["drops"].get("ssrc_from_other_leg", 0), 0, link)
+
