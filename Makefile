@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # trial needs the project on the path; twisted/plugins/ is found through it too.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv check lint test bench bench-cascade fuzz demo demo-protocol stack stack-down stack-status deb clean
+.PHONY: all venv check lint test bench bench-cascade bench-sfu fuzz demo demo-protocol stack stack-down stack-status deb clean
 
 all: check
 
@@ -41,6 +41,11 @@ bench: venv
 # ones (issue 12), and the cost of one hop; a few minutes, not in make check.
 bench-cascade: venv
 	$(PY) bench/cascade.py
+
+# perc-md selecting (last-N, simulcast layers) against forwarding everything, 10
+# participants with audio and simulcast video (issue 13); about two minutes.
+bench-sfu: venv
+	$(PY) bench/sfu.py
 
 # Mutation fuzzing of every sans-I/O parser (tests/fuzz): FUZZ_N inputs per
 # target, FUZZ_JOBS processes; reproducing inputs go to fuzz-crashes/.  make
