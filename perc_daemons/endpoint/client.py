@@ -588,7 +588,8 @@ class Endpoint:
                                       ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
                                       answer=self.answer, initial_sequence=initial_sequence,
                                       keep_audit_secrets=self.audit_secrets,
-                                      video_ssrcs=self.video_ssrcs)
+                                      video_ssrcs=self.video_ssrcs,
+                                      nack=self.decrypt_every == 1)
         except ValueError as e:  # a signed answer we cannot use (no candidate, ...)
             await self._forget_at_md()
             raise AnswerRejected(f"unusable answer: {e}") from None

@@ -77,8 +77,10 @@ class MediaPlaneProtocol(DatagramProtocol):
             return
         call = self._link_call
         if call is not None and call.active():
-            if call.getTime() <= when:
-                return  # an earlier poll is due anyway (a spurious one costs nothing)
+            # an earlier (or overdue: not run yet) poll is due anyway; a spurious one costs
+            # nothing, a DelayedCall made again per datagram does
+            if call.getTime() <= max(when, self.clock.seconds()):
+                return
             call.cancel()
         self._link_call = self.clock.callLater(max(0.0, when - self.clock.seconds()),
                                                self._poll)

@@ -844,14 +844,29 @@ class MediaPlane:
         src_id = src.leg_id
         for dst in src.peers:
             muted = dst.muted
-            if ((muted and ssrc in muted)
-                    or (selective and not should_forward(src_id, dst.leg_id, ssrc))):
+            if muted and ssrc in muted:
+                # A stream may start at any SEQ: what a selection withholds is a gap to
+                # hide only after the receiver's first packet of the SSRC (``skipped``
+                # holds it from then on), so a layer first given late is not renumbered.
+                skipped = dst.skipped
+                if ssrc in skipped:
+                    skipped[ssrc] += 1
+                continue
+            if selective and not should_forward(src_id, dst.leg_id, ssrc):
                 skipped = dst.skipped
                 skipped[ssrc] = skipped.get(ssrc, 0) + 1
                 src.withheld.add(ssrc)
                 continue
+            skipped = dst.skipped
+            if selection is not None:
+                gap = skipped.get(ssrc)
+                if gap is None:
+                    skipped[ssrc] = 0
+                    src.withheld.add(ssrc)
+            else:
+                gap = skipped.get(ssrc) if skipped else None
             try:
-                if dst.skipped and (gap := dst.skipped.get(ssrc)):
+                if gap:
                     # Hide the packets this receiver did not get: renumber, recording
                     # the original SEQ in the OHB (RFC 8723 section 5.2).
                     try:

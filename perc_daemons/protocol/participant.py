@@ -685,7 +685,7 @@ class ParticipantSession:
                  consent_timeout: float = DEFAULT_CONSENT_TIMEOUT,
                  replay_window: int = 128, keep_audit_secrets: bool = False,
                  initial_sequence: int | Mapping[int, int] | None = None,
-                 video_ssrcs: Sequence[int] = ()) -> None:
+                 video_ssrcs: Sequence[int] = (), nack: bool = True) -> None:
         if not isinstance(answer, VerifiedAnswer):
             raise TypeError("answer must be a VerifiedAnswer (verify_signed_answer)")
         _check_ssrc(ssrc)
@@ -807,6 +807,9 @@ class ParticipantSession:
         #: The bitrate of the newest REMB received from the MD (bits/s), or None.
         self.remb_received: int | None = None
         self._nacks: dict[int, NackTracker] = {}  # remote SSRC -> receive-side repair
+        #: Whether gaps are NACKed (off for a receiver that decrypts only some packets:
+        #: the others are gaps to it, not losses).
+        self.nack = nack
         self._fir_commands: dict[int, int] = {}  # remote SSRC -> last FIR seq nr sent
 
     def __repr__(self) -> str:
@@ -970,7 +973,7 @@ class ParticipantSession:
     def _arrived(self, ssrc: int, outer_seq: int, now: float) -> None:
         """The MD delivered outer ``outer_seq`` of ``ssrc``: gaps and recoveries (RFC 4585)."""
         stats = self._stats(ssrc)
-        if self._nacks[ssrc].received(outer_seq, now):
+        if self.nack and self._nacks[ssrc].received(outer_seq, now):
             stats.recovered += 1
 
     def _rtp(self, data: bytes, now: float) -> None:
