@@ -301,8 +301,9 @@ class Demo:
             (self.links[md],) = await self.stack.md_links(CONFERENCE, md)
 
         def media(link: dict[str, Any], way: str) -> tuple[int, int]:
-            return (link[f"rtp_{way}"] + link[f"rtcp_{way}"],
-                    link[f"rtp_{way}_bytes"] + link[f"rtcp_{way}_bytes"])
+            # RTP only: the RTCP over a link is hop by hop (SR passed on, and each MD's
+            # own receiver reports and stream announcements), shown apart
+            return link[f"rtp_{way}"], link[f"rtp_{way}_bytes"]
 
         sent_rtp = {md: sum(ep.sent_packets for ep in self.endpoints.values()
                             if ep.md_name == md) for md in MDS}
@@ -310,8 +311,10 @@ class Demo:
             out_packets, out_bytes = media(self.links[src], "out")
             in_packets, in_bytes = media(self.links[dst], "in")
             senders = [u for u, ep in self.endpoints.items() if ep.md_name == src]
-            self.say(f"  {src:3s} -> {dst:3s}: {src} sent {out_packets} packets, {out_bytes} "
-                     f"bytes; {dst} took in {in_packets}, {in_bytes} bytes")
+            self.say(f"  {src:3s} -> {dst:3s}: {src} sent {out_packets} RTP packets, "
+                     f"{out_bytes} bytes; {dst} took in {in_packets}, {in_bytes} bytes "
+                     f"(and {self.links[src]['rtcp_out']} RTCP packets: SR, receiver "
+                     f"reports, stream announcements)")
             took = "all" if in_packets == out_packets else f"{in_packets} of the {out_packets}"
             self.check(f"{src} -> {dst}: {' and '.join(senders)}'s media crossed "
                        f"({sent_rtp[src]} packets sent); {dst} took in {took} {src} sent",

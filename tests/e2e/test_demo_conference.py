@@ -45,8 +45,9 @@ class ConferenceDemoTests(unittest.TestCase):
 
         # what crossed the link, each way, as both ends counted it
         crossed = {(m[0], m[1]): tuple(int(n) for n in m[2:]) for m in re.findall(
-            r"^  (md2?) +-> (md2?) *: \1 sent (\d+) packets, (\d+) bytes; \2 took in (\d+), "
-            r"(\d+) bytes$", text, re.M)}
+            r"^  (md2?) +-> (md2?) *: \1 sent (\d+) RTP packets, (\d+) bytes; \2 took in "
+            r"(\d+), (\d+) bytes \(and \d+ RTCP packets: SR, receiver reports, stream "
+            r"announcements\)$", text, re.M)}
         self.assertEqual(set(crossed), {("md", "md2"), ("md2", "md")}, text)
         for way, (sent, sent_bytes, got, got_bytes) in crossed.items():
             self.assertGreater(got, 0, way)
