@@ -713,8 +713,26 @@ def report(windows: dict[str, list[Window]], heights: dict[float, int], idle: fl
         r1 = per(one, "rtp_out") / per(every, "rtp_out")
         out.write(f"  selection at a comparable fan-out: sfu-1 (last_n -1, no max_height: one "
                   f"layer of every source, {copies(one):.2f} copies) {per(one, 'rtp_out'):.2f} "
-                  f"us per forwarded packet, ratio sfu-1/all {r1:.2f}; per received packet "
+                  f"us per forwarded packet, ratio sfu-1/all {r1:.2f} (target <= "
+                  f"{TARGET_RATIO:.2f}, like for like: "
+                  f"{'PASS' if r1 <= TARGET_RATIO else 'MISS'}); per received packet "
                   f"{per(one, 'rtp_in'):.1f} us against {per(every, 'rtp_in'):.1f}\n")
+        # CPU = a * received + b * forwarded, fitted over the three configs' totals: what
+        # a received packet costs whatever its fan-out, and what one more copy costs
+        rows = [(totals[c].md["rtp_in"], totals[c].md["rtp_out"], totals[c].cpu.get("md", 0.0))
+                for c in CONFIGS]
+        sxx = sum(x * x for x, _, _ in rows)
+        sxy = sum(x * y for x, y, _ in rows)
+        syy = sum(y * y for _, y, _ in rows)
+        sxc = sum(x * c for x, _, c in rows)
+        syc = sum(y * c for _, y, c in rows)
+        det = sxx * syy - sxy * sxy
+        if det:
+            a = (sxc * syy - syc * sxy) / det
+            b = (syc * sxx - sxc * sxy) / det
+            out.write(f"  fitted over the three configs: {a * 1e6:.1f} us per received packet "
+                      f"(reactor wake-up, recvfrom, outer layer opened, selection) + "
+                      f"{b * 1e6:.2f} us per copy forwarded (sealed and sent)\n")
     out.write(f"  net of the MD's idle CPU ({idle:.1%} of a core with no media: RTCP, "
               f"consent, timers): per forwarded packet sfu {per(sfu, 'rtp_out', True):.2f}, "
               + (f"sfu-1 {per(totals['sfu-1'], 'rtp_out', True):.2f}, " if "sfu-1" in totals
