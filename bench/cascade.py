@@ -275,6 +275,8 @@ class Sink:
         port.stopReading()  # this socket is read by drain() now, not by the reactor
         md = tuple(self.ep.session.md_address)
         receive, every = self.ep._datagram, self.every
+        # what is not decrypted is a gap to the session, not a loss: no NACKs for it
+        self.ep.session.nack = every == 1
         if self.batch is None:
             recvfrom = port.socket.recvfrom
             self._read = lambda: read_recvfrom(recvfrom, md, every, receive)

@@ -302,6 +302,8 @@ async def md_run(reactor: Any, args: argparse.Namespace, directory: str, out: An
         connects = [ep.stats()["connect_time"] for ep in timed]
         for ep in endpoints:  # the lighter receive mode, for the measured window only
             ep.decrypt_every = args.decrypt_every
+            if ep.session is not None:  # what it does not decrypt is no loss to NACK
+                ep.session.nack = args.decrypt_every == 1
         pacer.set_rate(args.rate)
         await sleep(reactor, SETTLE)
         metrics_url = f"http://127.0.0.1:{stack.ports.md_admin}/metrics"
