@@ -467,6 +467,7 @@ class MediaPlane:
         del self._legs[leg.leg_id]
         self._by_ufrag.pop(leg.ufrag, None)
         leg.inbound = leg.outbound = leg.previous_inbound = leg.next_outbound = None
+        gone = leg.withheld | leg.owned
         self._disown(leg)
         if leg.selection is not None:
             leg.selection.remove(leg.leg_id)
@@ -479,7 +480,7 @@ class MediaPlane:
             self._groups.pop(leg.group, None)
             self._owners.pop(leg.group, None)
         for other in members:  # its SSRCs' gaps: a later packet of them is just newer
-            for ssrc in leg.withheld:
+            for ssrc in gone:
                 other.skipped.pop(ssrc, None)
         leg.peers = ()
         self._rebuild(leg.group)
@@ -860,9 +861,8 @@ class MediaPlane:
             skipped = dst.skipped
             if selection is not None:
                 gap = skipped.get(ssrc)
-                if gap is None:
+                if gap is None:  # goes when src does (_forget: its owned SSRCs)
                     skipped[ssrc] = 0
-                    src.withheld.add(ssrc)
             else:
                 gap = skipped.get(ssrc) if skipped else None
             try:
