@@ -499,7 +499,8 @@ class KdHandler:
         ended = False  # the KMF says the conference has ended: end it at the MDs after
         try:
             if self.core.knows(aid) or aid in self._signing:
-                raise OfferRejected(SIGN_STATUS_BAD_OFFER, "association id already in use")
+                raise OfferRejected(SIGN_STATUS_BAD_OFFER, "association id already in use",
+                                    "association_in_use")
             self._signing.add(aid)
             facts = inspect_offer(message.offer_sdp)
             conference = facts.conference_id
@@ -508,26 +509,45 @@ class KdHandler:
                 # the one the identity assertion is for (issue 10: cross-conference).
                 raise OfferRejected(SIGN_STATUS_REFUSED,
                                     f"the identity assertion is for conference "
-                                    f"{conference!r}, not {message.conference_id!r}")
+                                    f"{conference!r}, not {message.conference_id!r}",
+                                    "wrong_conference")
             verifier = await self._verifier_for(facts.kid)
             identity = verify_identity(verifier, facts, self.reactor.seconds())
             try:
                 invitation = await self.kmf.invitation(conference, identity)
             except KmfRefused as e:
                 if e.status == 404:
-                    raise OfferRejected(SIGN_STATUS_REFUSED, "unknown conference") from None
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "unknown conference",
+                                        "unknown_conference") from None
                 raise
             if not invitation["invited"]:
-                raise OfferRejected(SIGN_STATUS_REFUSED, "not invited")
+                raise OfferRejected(SIGN_STATUS_REFUSED, "not invited", "not_invited")
             if invitation["state"] != "running":
                 ended = invitation["state"] == "ended"
-                raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running")
+                raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running",
+                                    "conference_ended" if ended else "not_running")
+            schedule = invitation.get("schedule", "open")
+            if schedule == "not_started":
+                opens = invitation.get("admission_opens_at")
+                raise OfferRejected(SIGN_STATUS_REFUSED, "the conference admits endpoints "
+                                    + (f"from {opens:.0f} (POSIX time)"
+                                       if isinstance(opens, int | float) else "later"),
+                                    "not_started")
+            if schedule == "over":
+                ended = True  # the KMF ends it at its next key request, or by its timer
+                raise OfferRejected(SIGN_STATUS_REFUSED, "the conference's end time has "
+                                    "passed", "conference_ended")
             try:
                 await self._ensure_epoch(conference)
             except KmfRefused as e:
                 if e.status in (409, 410):
                     ended = e.status == 410
-                    raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running") from None
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running",
+                                        "conference_ended" if ended else "not_running"
+                                        ) from None
+                if e.slug == "not-started":
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "the conference has not "
+                                        "started", "not_started") from None
                 raise
             kd_tls_id = new_tls_id()  # one per association (RFC 8842 s5.3)
             answer = finish_answer(message.answer_sdp, message.offer_sdp,
@@ -554,7 +574,7 @@ class KdHandler:
             log.info("SignAnswer {association}: {identity} admitted to {conference}",
                      association=_aid(aid), identity=identity, conference=conference)
         except OfferRejected as e:
-            ack = SignAnswerAck(aid, e.status, e.reason)
+            ack = SignAnswerAck(aid, e.status, e.text)
             log.warn("SignAnswer {association}: {outcome} ({reason}); identity {identity}, "
                      "conference {conference}", association=_aid(aid),
                      outcome=STATUS_NAMES[e.status], reason=e.reason, identity=identity,
@@ -563,12 +583,12 @@ class KdHandler:
             if self.metrics is not None:
                 self.metrics.kmf_errors.labels("sign_answer").inc()
             ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR,
-                                "key management service unavailable")
+                                "kmf_unavailable: key management service unavailable")
             log.warn("SignAnswer {association}: KMF problem: {error}; identity {identity}, "
                      "conference {conference}", association=_aid(aid), error=str(e),
                      identity=identity, conference=conference)
         except Exception:
-            ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR, "internal error")
+            ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR, "internal_error: internal error")
             log.failure("SignAnswer {association}: internal error", association=_aid(aid))
         finally:
             self._signing.discard(aid)

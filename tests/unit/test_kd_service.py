@@ -74,6 +74,7 @@ from perc_daemons.protocol.tunnel import (
     SignAnswer,
     SignAnswerAck,
     TunneledDtls,
+    refusal_code,
 )
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
 from perc_daemons.store.sqlite import SqliteConferenceStore
@@ -351,8 +352,16 @@ class KdHandlerTests(unittest.TestCase):
         yield wait_for(arrived, f"EKTKey #{count} at {ep.name}")
         return ep.of(EktKeyReceived)[count - 1].params
 
-    def assertRefused(self, ack: SignAnswerAck, status: int, reason: str, aid: bytes) -> None:
-        self.assertEqual((ack.status, ack.text), (status, reason))
+    def assertRefused(self, ack: SignAnswerAck, status: int, reason: str, aid: bytes,
+                      code: str | None = None) -> None:
+        """Refused with ``status``, the text ``"<code>: <reason>"`` (issue 14: every
+        refusal carries a machine-readable code), nothing kept for ``aid``."""
+        self.assertIsNotNone(refusal_code(ack.text), ack.text)
+        got_code, _, got_reason = ack.text.partition(": ")
+        self.assertEqual((ack.status, got_reason), (status, reason.partition(": ")[2]
+                                                    if refusal_code(reason) else reason))
+        if code is not None:
+            self.assertEqual(got_code, code)
         self.assertFalse(self.core.knows(aid))
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -389,7 +398,7 @@ class KdHandlerTests(unittest.TestCase):
         yield self.kmf.conference(invited=(ALICE,))
         bob = Endpoint("bob", BOB, 2222)
         _, ack = yield self.sign(bob)
-        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not invited", bob.aid)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not_invited: not invited", bob.aid)
         self.assertEqual(self.sample("perc_kd_sign_answers_total", {"status": "refused"}), 1)
 
     @defer.inlineCallbacks
@@ -416,10 +425,11 @@ class KdHandlerTests(unittest.TestCase):
         yield self.kmf.conference("conf-2", invited=(BOB,))
         alice = Endpoint("alice", ALICE, 1111)
         _, ack = yield self.sign(alice, self.kmf.assertion(ALICE, alice.fingerprint, "conf-2"))
-        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not invited", alice.aid)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not_invited: not invited", alice.aid)
         carol = Endpoint("carol", CAROL, 3333)
         _, ack = yield self.sign(carol, self.kmf.assertion(CAROL, carol.fingerprint, "nope"))
-        self.assertRefused(ack, SIGN_STATUS_REFUSED, "unknown conference", carol.aid)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "unknown_conference: unknown conference",
+                           carol.aid)
 
     @defer.inlineCallbacks
     def test_offer_for_another_conference_than_the_mds_is_refused(self):
@@ -462,7 +472,7 @@ class KdHandlerTests(unittest.TestCase):
         os.remove(self.secret_file)
         alice = Endpoint("alice", ALICE, 1111)
         _, ack = yield self.sign(alice)
-        self.assertRefused(ack, 3, "key management service unavailable", alice.aid)
+        self.assertRefused(ack, 3, "kmf_unavailable: key management service unavailable", alice.aid)
         self.assertEqual(
             self.sample("perc_kd_kmf_errors_total", {"operation": "sign_answer"}), 1)
 
