@@ -225,10 +225,10 @@ class KmfFixture:
 
     @defer.inlineCallbacks
     def conference(self, cid: str = CONF, *, invited=(ALICE, BOB, CAROL), start: bool = True,
-                   late_joiners: bool = True):
+                   late_joiners: bool = True, **policy):
         yield self.call("POST", "/v1/conferences", status=201, body={
             "id": cid, "invited": list(invited),
-            "late_joiners_get_earlier_epochs": late_joiners})
+            "late_joiners_get_earlier_epochs": late_joiners, **policy})
         if start:
             yield self.call("POST", f"/v1/conferences/{cid}/start")
 
@@ -524,6 +524,51 @@ class KdHandlerTests(unittest.TestCase):
         self.assertNotIn(BOB, json.dumps(claims))
         self.assertIn("1111", json.dumps(claims))
         self.assertEqual(self.sample("perc_kd_epochs_started_total"), 1)
+
+    @defer.inlineCallbacks
+    def test_rekey_interval_starts_epochs_with_nobody_joining_or_leaving(self):
+        """Issue 14: rekey_interval 0.3 s: epochs 2 and 3 reach both members although the
+        membership never changes (cause "timer", with the invitation re-check); a policy
+        event turning it off stops the timer."""
+        yield self.kmf.conference(rekey_interval=0.3)
+        started: list[tuple[int, frozenset[str]]] = []
+        epoch_started = self.handler.epoch_started
+        self.handler.epoch_started = lambda c, e, causes, n: (
+            started.append((e, causes)), epoch_started(c, e, causes, n))
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        self.assertIsNotNone(self.handler.rekey_due_at(CONF))
+        for ep in (alice, bob):
+            params = yield self.wait_key(ep, 3)
+        epoch, key = yield self.kmf.current_key()
+        self.assertGreaterEqual(epoch, 3)
+        self.assertIn(key, [e.params.key for e in alice.of(EktKeyReceived)])
+        self.assertEqual(started[:2], [(2, frozenset({"timer"})), (3, frozenset({"timer"}))])
+        self.assertIsNotNone(params)
+        # Bob's invitation is withdrawn without the event: the next timed round drops him
+        yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())
+        count = len(bob.of(EktKeyReceived))
+        yield wait_for(lambda: not self.core.identities(CONF).count(BOB), "bob removed")
+        yield wait_for(lambda: self.handler._jobs == {}, "rekey done")
+        self.assertLessEqual(len(bob.of(EktKeyReceived)), count + 1)
+        self.handler.kmf_event("policy", {"conference": CONF, "rekey_interval": 0,
+                                          "late_join": "current"})
+        self.assertIsNone(self.handler.rekey_due_at(CONF))
+
+    @defer.inlineCallbacks
+    def test_early_joiner_refused_not_started(self):
+        """Before starts_at - early_start the KD refuses with the code not_started, and
+        keeps nothing."""
+        yield self.kmf.conference(starts_at=reactor.seconds() + 3600, early_start=60)
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, ack.text.partition(": ")[2], alice.aid,
+                           code="not_started")
+        self.assertRegex(ack.text, r"^not_started: the conference admits endpoints from "
+                                   r"\d+ \(POSIX time\)$")
+        self.assertEqual(self.core.epoch(CONF), 0)
 
     @defer.inlineCallbacks
     def test_joiner_without_earlier_epochs_gets_only_a_new_one(self):
