@@ -128,6 +128,10 @@ def _positive(value: int) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def _policy_seconds(value: float) -> str | None:
+    return None if 0 <= value <= 86400 else "must be 0-86400 seconds"
+
+
 def _non_negative(value: int) -> str | None:
     return None if value >= 0 else "must not be negative"
 
@@ -345,6 +349,18 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
                                _absolute_path),
         "ekt_cipher": Setting(str, "AESKW_256", "EKT cipher of new epoch keys.",
                               _one_of("AESKW_128", "AESKW_256")),
+    },
+    "conferences": {
+        "early_start": Setting(float, 300.0, "Seconds before starts_at from which endpoints "
+                               "are admitted and keys served (new conferences' default).",
+                               _policy_seconds),
+        "grace": Setting(float, 0.0, "Seconds after ends_at at which a conference ends by "
+                         "itself (new conferences' default).", _policy_seconds),
+        "rekey_interval": Setting(float, 0.0, "Seconds between timed epochs, 0 = off (new "
+                                  "conferences' default).", _policy_seconds),
+        "late_join": Setting(str, "none", "What a late joiner may decrypt: none, current or "
+                             "history (new conferences' default).",
+                             _one_of("none", "current", "history")),
     },
     "oauth": {
         "clients_file": Setting(str, "/etc/perc/kmf-clients.toml",

@@ -37,6 +37,15 @@ class IConferenceStore(Interface):
         Ending a conference wipes its keys as :meth:`end` does.
         """
 
+    def update(conference_id, changes, now):
+        """Change the policy fields of a conference not ended (``changes``: a mapping of
+        :data:`~perc_daemons.store.POLICY_FIELDS`); returns the Conference.
+
+        The result is checked as a new Conference would be (ValueError); one
+        "policy" audit event lists the fields that changed, if any.  Fails
+        with ConferenceEnded once the conference has ended.
+        """
+
     def invite(conference_id, identity, now):
         """Add ``identity`` ("user@domain") to the invited set (idempotent)."""
 

@@ -48,13 +48,16 @@ class Problem(Exception):
     """An HTTP error response (RFC 9457)."""
 
     def __init__(self, status: int, slug: str, title: str, detail: str = "",
-                 headers: dict[bytes, bytes] | None = None) -> None:
+                 headers: dict[bytes, bytes] | None = None,
+                 extensions: dict[str, Any] | None = None) -> None:
         super().__init__(f"{status} {slug}: {detail or title}")
         self.status = status
         self.slug = slug
         self.title = title
         self.detail = detail
         self.headers = dict(headers or {})
+        #: RFC 9457 s3.2 extension members, e.g. ``{"reason": "not_started"}``.
+        self.extensions = dict(extensions or {})
 
     @property
     def type(self) -> str:
@@ -66,6 +69,8 @@ def problem_body(problem: Problem) -> dict[str, Any]:
                             "status": problem.status}
     if problem.detail:
         body["detail"] = problem.detail
+    for name, value in problem.extensions.items():
+        body.setdefault(name, value)
     return body
 
 

@@ -644,16 +644,19 @@ class LocalStack:
     @defer.inlineCallbacks
     def create_conference(self, conference_id: str, invited: Sequence[str], *,
                           late_joiners_get_earlier_epochs: bool = False,
-                          md_settings: Mapping[str, Any] | None = None, at_md: bool = True):
+                          md_settings: Mapping[str, Any] | None = None, at_md: bool = True,
+                          policy: Mapping[str, Any] | None = None):
         """At the KMF (create, invite, start) and at the MD (with the KD fingerprint and
         ``md_settings``, as :meth:`create_md_conference`); ``at_md`` False: the KMF part
-        alone (the MD part left to e.g. ``perc-provider conferences create``)."""
+        alone (the MD part left to e.g. ``perc-provider conferences create``); ``policy``:
+        more members of the KMF's create body (``starts_at``, ``rekey_interval``, ...)."""
         token = yield self.admin_token()
         yield self._expect(201, "POST", self.kmf_url + "/v1/conferences", token=token, body={
             "id": conference_id, "title": f"demo {conference_id}",
             "initiator": self.identity(invited[0]),
             "invited": [self.identity(u) for u in invited],
-            "late_joiners_get_earlier_epochs": late_joiners_get_earlier_epochs})
+            "late_joiners_get_earlier_epochs": late_joiners_get_earlier_epochs,
+            **(policy or {})})
         yield self._expect(200, "POST", self.kmf_url + f"/v1/conferences/{conference_id}/start",
                            token=token)
         if not at_md:

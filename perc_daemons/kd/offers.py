@@ -48,7 +48,7 @@ from perc_daemons.protocol.identity import (
     WrongAudience,
     decode_sdp_identity,
 )
-from perc_daemons.protocol.tunnel import SIGN_STATUS_BAD_OFFER, SIGN_STATUS_REFUSED
+from perc_daemons.protocol.tunnel import REFUSAL_CODE, SIGN_STATUS_BAD_OFFER, SIGN_STATUS_REFUSED
 
 __all__ = [
     "OfferFacts",
@@ -60,20 +60,32 @@ __all__ = [
 
 
 class OfferRejected(Exception):
-    """A SignAnswer the KD refuses: ``status`` (SIGN_STATUS_*) and a short ``reason``."""
+    """A SignAnswer the KD refuses: ``status`` (SIGN_STATUS_*), a machine-readable
+    ``code`` (:data:`REFUSAL_CODE`: ``not_invited``, ``not_started``, ...) and a short
+    ``reason`` sentence; :attr:`text` -- what the SignAnswerAck carries -- is
+    ``"<code>: <reason>"``."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, code: str | None = None) -> None:
+        if code is None:
+            code = "bad_offer" if status == SIGN_STATUS_BAD_OFFER else "refused"
+        if not REFUSAL_CODE.fullmatch(code):
+            raise ValueError(f"not a refusal code: {code!r}")
         self.status = status
+        self.code = code
         self.reason = reason
         super().__init__(reason)
+
+    @property
+    def text(self) -> str:
+        return f"{self.code}: {self.reason}"
 
 
 def _bad(reason: str) -> OfferRejected:
     return OfferRejected(SIGN_STATUS_BAD_OFFER, reason)
 
 
-def _refused(reason: str) -> OfferRejected:
-    return OfferRejected(SIGN_STATUS_REFUSED, reason)
+def _refused(reason: str, code: str) -> OfferRejected:
+    return OfferRejected(SIGN_STATUS_REFUSED, reason, code)
 
 
 @dataclass(frozen=True)
@@ -154,8 +166,8 @@ def inspect_offer(offer_sdp: str) -> OfferFacts:
                if absent]
     if missing:
         # A plain WebRTC offer: say what PERC needs, not only what is missing.
-        refuse = _refused if "a=identity" in missing else _bad
-        raise refuse(f"{PERC_REQUIRED}; this offer has no {' and no '.join(missing)}")
+        text = f"{PERC_REQUIRED}; this offer has no {' and no '.join(missing)}"
+        raise _refused(text, "not_perc") if "a=identity" in missing else _bad(text)
     digests: set[bytes] = set()
     for media in accepted:
         sha256 = {d for algorithm, d in offer.fingerprints_for(media) if algorithm == "sha-256"}
@@ -185,19 +197,20 @@ def verify_identity(verifier: JwksIdentityVerifier, facts: OfferFacts, now: floa
     try:
         return verifier.verify(facts.assertion, facts.conference_id, facts.fingerprint, now)
     except ExpiredAssertion:
-        raise _refused("identity assertion expired or not yet valid") from None
+        raise _refused("identity assertion expired or not yet valid", "assertion_expired") from None
     except FingerprintNotAsserted:
-        raise _refused("identity assertion is for another DTLS certificate") from None
+        raise _refused("identity assertion is for another DTLS certificate",
+                       "wrong_certificate") from None
     except UntrustedIdp:
-        raise _refused("identity assertion is from an untrusted IdP") from None
+        raise _refused("identity assertion is from an untrusted IdP", "untrusted_idp") from None
     except ForeignIdentity:
-        raise _refused("identity is not in the IdP's domain") from None
+        raise _refused("identity is not in the IdP's domain", "foreign_identity") from None
     except WrongAudience:
-        raise _refused("identity assertion is for another conference") from None
+        raise _refused("identity assertion is for another conference", "wrong_conference") from None
     except MalformedAssertion:
         raise _bad("identity assertion is malformed") from None
     except IdentityError:
-        raise _refused("identity assertion signature is not valid") from None
+        raise _refused("identity assertion signature is not valid", "bad_assertion") from None
 
 
 def finish_answer(draft_sdp: str, offer_sdp: str, *, kd_fingerprint: bytes,

@@ -22,6 +22,14 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
   to every member) and reported with ``PUT roster``.  Work is serialised per
   conference; requests arriving meanwhile coalesce into one more round.  A
   KMF that cannot be reached is retried with back-off.
+* Periodic rekey (issue 14): a conference whose KMF policy has a
+  ``rekey_interval`` (learnt from the invitation answer of each SignAnswer
+  and from the KMF's ``policy`` event) gets a new epoch that many seconds
+  after its last one although nobody joined or left -- the same round as a
+  membership rekey, with its re-check of every recipient's invitation --
+  unless nobody is keyed.  Every epoch this KD starts is reported to
+  :meth:`KdHandler.epoch_started` with its causes ("membership", "timer",
+  "recovery").
 * KMF events (SSE): ``conference-ended`` closes the conference's
   associations (EndpointDisconnect to the MD); ``epoch`` newer than ours (an
   epoch another KD started) is fetched and installed.  After a reconnection
@@ -72,7 +80,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -221,6 +229,7 @@ class _Job:
     roster: bool = False
     grant: bool = False
     running: bool = False
+    causes: set[str] = field(default_factory=set)  # why new_epoch is due
 
     def due(self) -> bool:
         return self.new_epoch or self.sync or self.roster or self.grant
@@ -250,6 +259,9 @@ class KdHandler:
         # unknown here, already answered with a new epoch.
         self._lost: dict[str, dict[bytes, str]] = {}
         self._jobs: dict[str, _Job] = {}
+        # conference -> rekey_interval (KMF policy, seconds) and its timer
+        self._rekey_intervals: dict[str, float] = {}
+        self._rekey_timers: dict[str, Any] = {}
         self._running: set[defer.Deferred[None]] = set()  # KMF work in progress
         self._sleeps: set[defer.Deferred[Any]] = set()
         self._timer: Any = None
@@ -284,6 +296,8 @@ class KdHandler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for conference in list(self._rekey_timers):
+            self._cancel_rekey(conference)
         for d in list(self._sleeps):
             d.cancel()
         running = defer.DeferredList(list(self._running), consumeErrors=True)
@@ -393,7 +407,7 @@ class KdHandler:
             if conference not in self.core.conferences():
                 # The KMF's policy comes with the next SignAnswer.
                 self.core.set_policy(conference, rekey_on_join=True)
-            self._schedule(conference, new_epoch=True)
+            self._schedule(conference, new_epoch=True, cause="recovery")
 
     def _send(self, out: Iterable[TunnelMessage], default: ITunnelPeer | None) -> None:
         for message in out:
@@ -416,7 +430,7 @@ class KdHandler:
             if self.metrics is not None:
                 self.metrics.dtls_refusals.labels(refusal.cause).inc()
         for conference in self.core.take_rekeys():
-            self._schedule(conference, new_epoch=True)
+            self._schedule(conference, new_epoch=True, cause="membership")
         for conference in self.core.take_roster_updates():
             self._schedule(conference, roster=True)
         for conference in self.core.take_grants():
@@ -490,7 +504,59 @@ class KdHandler:
                  "{members} member(s)", epoch=epoch, conference=conference, spi=params.spi,
                  members=len(self.core.roster(conference)))
         self._send(out, None)
+        self._arm_rekey(conference)  # the interval counts from the newest epoch
         self._after_core()
+
+    # -- periodic rekey (issue 14) -----------------------------------------------------
+
+    def set_rekey_interval(self, conference: str, interval: float) -> None:
+        """The conference's KMF ``rekey_interval`` (seconds, 0 = off): (re)arm its timer."""
+        interval = float(interval) if isinstance(interval, int | float) else 0.0
+        if interval <= 0:
+            self._rekey_intervals.pop(conference, None)
+            self._cancel_rekey(conference)
+            return
+        if self._rekey_intervals.get(conference) != interval:
+            self._rekey_intervals[conference] = interval
+            self._arm_rekey(conference)
+
+    def rekey_due_at(self, conference: str) -> float | None:
+        timer = self._rekey_timers.get(conference)
+        return None if timer is None or not timer.active() else timer.getTime()
+
+    def _cancel_rekey(self, conference: str) -> None:
+        timer = self._rekey_timers.pop(conference, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _arm_rekey(self, conference: str) -> None:
+        self._cancel_rekey(conference)
+        interval = self._rekey_intervals.get(conference)
+        if interval is None or self._stopped or conference not in self.core.conferences():
+            return
+        self._rekey_timers[conference] = self.reactor.callLater(
+            interval, self._rekey_timer_fired, conference)
+
+    def _rekey_timer_fired(self, conference: str) -> None:
+        self._rekey_timers.pop(conference, None)
+        if conference not in self.core.conferences():
+            return
+        if not self.core.roster(conference):
+            self._arm_rekey(conference)  # nobody holds the key: nothing to bound
+            return
+        log.info("timed rekey of {conference} (rekey_interval {interval:.0f} s)",
+                 conference=conference, interval=self._rekey_intervals.get(conference, 0.0))
+        self._schedule(conference, new_epoch=True, cause="timer")
+
+    def epoch_started(self, conference: str, epoch: int, causes: frozenset[str],
+                      members: int) -> None:
+        """Hook: this KD started ``epoch`` of ``conference`` at the KMF, for ``causes``
+        ("membership", "timer", "recovery"; empty: a first epoch or a withdrawn
+        invitation), ``members`` keyed members before it.  Logged; an audit report to
+        the KMF may be sent from here (never key material)."""
+        log.info("epoch {epoch} of {conference} started at the KMF (cause: {cause}; "
+                 "{members} member(s))", epoch=epoch, conference=conference,
+                 cause=",".join(sorted(causes)) or "other", members=members)
 
     async def _sign_answer(self, peer: ITunnelPeer, message: SignAnswer) -> None:
         aid = message.association_id
@@ -499,7 +565,8 @@ class KdHandler:
         ended = False  # the KMF says the conference has ended: end it at the MDs after
         try:
             if self.core.knows(aid) or aid in self._signing:
-                raise OfferRejected(SIGN_STATUS_BAD_OFFER, "association id already in use")
+                raise OfferRejected(SIGN_STATUS_BAD_OFFER, "association id already in use",
+                                    "association_in_use")
             self._signing.add(aid)
             facts = inspect_offer(message.offer_sdp)
             conference = facts.conference_id
@@ -508,26 +575,45 @@ class KdHandler:
                 # the one the identity assertion is for (issue 10: cross-conference).
                 raise OfferRejected(SIGN_STATUS_REFUSED,
                                     f"the identity assertion is for conference "
-                                    f"{conference!r}, not {message.conference_id!r}")
+                                    f"{conference!r}, not {message.conference_id!r}",
+                                    "wrong_conference")
             verifier = await self._verifier_for(facts.kid)
             identity = verify_identity(verifier, facts, self.reactor.seconds())
             try:
                 invitation = await self.kmf.invitation(conference, identity)
             except KmfRefused as e:
                 if e.status == 404:
-                    raise OfferRejected(SIGN_STATUS_REFUSED, "unknown conference") from None
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "unknown conference",
+                                        "unknown_conference") from None
                 raise
             if not invitation["invited"]:
-                raise OfferRejected(SIGN_STATUS_REFUSED, "not invited")
+                raise OfferRejected(SIGN_STATUS_REFUSED, "not invited", "not_invited")
             if invitation["state"] != "running":
                 ended = invitation["state"] == "ended"
-                raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running")
+                raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running",
+                                    "conference_ended" if ended else "not_running")
+            schedule = invitation.get("schedule", "open")
+            if schedule == "not_started":
+                opens = invitation.get("admission_opens_at")
+                raise OfferRejected(SIGN_STATUS_REFUSED, "the conference admits endpoints "
+                                    + (f"from {opens:.0f} (POSIX time)"
+                                       if isinstance(opens, int | float) else "later"),
+                                    "not_started")
+            if schedule == "over":
+                ended = True  # the KMF ends it at its next key request, or by its timer
+                raise OfferRejected(SIGN_STATUS_REFUSED, "the conference's end time has "
+                                    "passed", "conference_ended")
             try:
                 await self._ensure_epoch(conference)
             except KmfRefused as e:
                 if e.status in (409, 410):
                     ended = e.status == 410
-                    raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running") from None
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "conference not running",
+                                        "conference_ended" if ended else "not_running"
+                                        ) from None
+                if e.slug == "not-started":
+                    raise OfferRejected(SIGN_STATUS_REFUSED, "the conference has not "
+                                        "started", "not_started") from None
                 raise
             kd_tls_id = new_tls_id()  # one per association (RFC 8842 s5.3)
             answer = finish_answer(message.answer_sdp, message.offer_sdp,
@@ -542,19 +628,23 @@ class KdHandler:
                 log.info("SignAnswer {association}: the tunnel went down meanwhile",
                          association=_aid(aid))
                 return
-            self.core.set_policy(conference, rekey_on_join=not bool(
-                invitation.get("late_joiners_get_earlier_epochs", False)))
+            late_join = invitation.get("late_join")
+            if late_join not in ("none", "current", "history"):  # a KMF without issue 14
+                late_join = ("current" if invitation.get("late_joiners_get_earlier_epochs")
+                             else "none")
+            self.core.set_policy(conference, rekey_on_join=late_join == "none")
             self.core.expect(aid, conference, identity, facts.fingerprint,
                              facts.tls_id.encode("ascii"), facts.ssrcs,
                              kd_tls_id=kd_tls_id.encode("ascii"),
                              now=self.reactor.seconds())
             self._owner[aid] = str(peer.peer_name)
+            self.set_rekey_interval(conference, invitation.get("rekey_interval", 0.0))
             self._reschedule_timer()  # the expectation expires unless the endpoint connects
             ack = SignAnswerAck(aid, SIGN_STATUS_OK, signed)
             log.info("SignAnswer {association}: {identity} admitted to {conference}",
                      association=_aid(aid), identity=identity, conference=conference)
         except OfferRejected as e:
-            ack = SignAnswerAck(aid, e.status, e.reason)
+            ack = SignAnswerAck(aid, e.status, e.text)
             log.warn("SignAnswer {association}: {outcome} ({reason}); identity {identity}, "
                      "conference {conference}", association=_aid(aid),
                      outcome=STATUS_NAMES[e.status], reason=e.reason, identity=identity,
@@ -563,12 +653,12 @@ class KdHandler:
             if self.metrics is not None:
                 self.metrics.kmf_errors.labels("sign_answer").inc()
             ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR,
-                                "key management service unavailable")
+                                "kmf_unavailable: key management service unavailable")
             log.warn("SignAnswer {association}: KMF problem: {error}; identity {identity}, "
                      "conference {conference}", association=_aid(aid), error=str(e),
                      identity=identity, conference=conference)
         except Exception:
-            ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR, "internal error")
+            ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR, "internal_error: internal error")
             log.failure("SignAnswer {association}: internal error", association=_aid(aid))
         finally:
             self._signing.discard(aid)
@@ -586,11 +676,13 @@ class KdHandler:
     # -- KMF work per conference -------------------------------------------------------
 
     def _schedule(self, conference: str, *, new_epoch: bool = False, sync: bool = False,
-                  roster: bool = False, grant: bool = False) -> None:
+                  roster: bool = False, grant: bool = False, cause: str | None = None) -> None:
         if self._stopped:
             return
         job = self._jobs.setdefault(conference, _Job())
         job.new_epoch |= new_epoch
+        if new_epoch and cause is not None:
+            job.causes.add(cause)
         job.sync |= sync
         job.roster |= roster
         job.grant |= grant
@@ -661,10 +753,11 @@ class KdHandler:
             job.new_epoch = False
         if new:
             started = await self.kmf.new_epoch(conference)
+            causes, job.causes = frozenset(job.causes), set()
             if self.metrics is not None:
                 self.metrics.epochs.inc()
-            log.info("epoch {epoch} of {conference} started at the KMF",
-                     epoch=started.get("epoch"), conference=conference)
+            self.epoch_started(conference, started["epoch"], causes,
+                               len(self.core.roster(conference)))
         installed = False
         if new or sync:
             epoch, params = await self.kmf.current_key(conference)
@@ -747,6 +840,12 @@ class KdHandler:
             identity = data.get("identity")
             if isinstance(identity, str) and conference in self.core.conferences():
                 self.remove_identity(conference, identity, "invitation withdrawn")
+        elif kind == "policy":
+            if conference in self.core.conferences():
+                late_join = data.get("late_join")
+                if late_join in ("none", "current", "history"):
+                    self.core.set_policy(conference, rekey_on_join=late_join == "none")
+                self.set_rekey_interval(conference, data.get("rekey_interval", 0.0))
         elif kind == "epoch":
             epoch = data.get("epoch")
             if (conference in self.core.conferences() and isinstance(epoch, int)
@@ -785,6 +884,8 @@ class KdHandler:
         sent ConferenceEnded too, after those EndpointDisconnects.
         """
         self._jobs.pop(conference, None)
+        self._rekey_intervals.pop(conference, None)
+        self._cancel_rekey(conference)
         for lost in self._lost.values():
             for aid in [a for a, c in lost.items() if c == conference]:
                 del lost[aid]

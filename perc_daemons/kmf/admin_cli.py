@@ -6,10 +6,17 @@ Remote commands talk to the KMF's HTTPS API (``[https]`` of kmf.toml) with an
     perc-admin conferences create ID --title T [--initiator user@domain]
                                      [--invite user@domain ...] [--group G ...]
                                      [--late-joiners-get-earlier-epochs]
+                                     [POLICY OPTIONS]
                                      [--start] [--md URL ...] [--forwarding sfu|all]
                                      [--last-n N] [--no-audio-levels] [--audio-top-k K]
     perc-admin conferences list [--state scheduled|running|ended]
+    perc-admin conferences update ID [--title T] [POLICY OPTIONS]
     perc-admin conferences show|start|end ID
+
+POLICY OPTIONS (docs/API.md "Policy"; defaults from [conferences] of kmf.toml):
+``--starts-at``/``--ends-at`` TIME (ISO 8601 with a zone, or POSIX seconds;
+``none`` clears it with update), ``--early-start``/``--grace``/
+``--rekey-interval`` SECONDS, ``--late-join none|current|history``.
     perc-admin conferences invite|uninvite ID IDENTITY...
     perc-admin roster show ID
 
@@ -222,8 +229,13 @@ def conference_text(c: dict[str, Any], extra: Sequence[tuple[str, Any]] = ()) ->
         ("groups", ", ".join(c.get("invited_groups") or []) or "-"),
         ("late joiners get earlier epochs",
          "yes" if c.get("late_joiners_get_earlier_epochs") else "no"),
+        ("late join", c.get("late_join", "-")),
         ("starts at", time_text(c.get("starts_at"))),
         ("ends at", time_text(c.get("ends_at"))),
+        ("early start", _seconds_text(c.get("early_start"))),
+        ("grace", _seconds_text(c.get("grace"))),
+        ("rekey interval", "off" if c.get("rekey_interval") == 0
+         else _seconds_text(c.get("rekey_interval"))),
         ("created at", time_text(c.get("created_at"))),
     ]
     if "epoch" in c:
@@ -231,6 +243,51 @@ def conference_text(c: dict[str, Any], extra: Sequence[tuple[str, Any]] = ()) ->
     if c.get("media_distributors"):
         pairs.append(("media distributors", ", ".join(c["media_distributors"])))
     return fields([*pairs, *extra])
+
+
+def _seconds_text(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:g} s"
+
+
+def _time_argument(value: str) -> float | None:
+    """``--starts-at``/``--ends-at``: ISO 8601 with a zone, POSIX seconds, or none."""
+    import datetime
+
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time (ISO 8601 with a zone, or POSIX seconds): {value!r}") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give the time zone (e.g. Z or +02:00): {value!r}")
+    return when.timestamp()
+
+
+def _policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--starts-at", type=_time_argument, default=argparse.SUPPRESS,
+                   metavar="TIME", help="nobody is admitted before TIME - early start")
+    p.add_argument("--ends-at", type=_time_argument, default=argparse.SUPPRESS,
+                   metavar="TIME", help="the conference ends by itself at TIME + grace")
+    for name, help_ in (("early-start", "admission opens this long before --starts-at"),
+                        ("grace", "the conference ends this long after --ends-at"),
+                        ("rekey-interval", "a new epoch this often (0: off)")):
+        p.add_argument(f"--{name}", type=float, default=argparse.SUPPRESS,
+                       metavar="SECONDS", help=help_)
+    p.add_argument("--late-join", choices=("none", "current", "history"),
+                   default=argparse.SUPPRESS,
+                   help="what a late joiner may decrypt (history: earlier epochs too)")
+
+
+def _policy_body(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ("starts_at", "ends_at", "early_start",
+                                                   "grace", "rekey_interval", "late_join")
+            if hasattr(args, name)}
 
 
 def conferences_text(body: dict[str, Any]) -> str:
@@ -290,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "first --invite")
     p.add_argument("--invite", action="append", default=[], metavar="IDENTITY")
     p.add_argument("--group", action="append", default=[])
-    p.add_argument("--late-joiners-get-earlier-epochs", action="store_true")
+    p.add_argument("--late-joiners-get-earlier-epochs", action="store_true",
+                   help="the same as --late-join current")
+    _policy_arguments(p)
     p.add_argument("--start", action="store_true", help="start it too")
     p.add_argument("--md", metavar="URL", type=_md_url, action="append", default=[],
                    help="the MD's conference API: create it there for our KD and have the KD "
@@ -301,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     from perc_daemons.md.provider_cli import add_forwarding_arguments
 
     add_forwarding_arguments(p)  # with --md: the conference's settings at each MD
+    p = command(conf, "update", "change a conference's policy or title")
+    p.add_argument("id")
+    p.add_argument("--title", default=argparse.SUPPRESS)
+    _policy_arguments(p)
     p = command(conf, "list", "list conferences")
     p.add_argument("--state", choices=_STATES)
     for name, help_ in (("show", "show a conference"), ("start", "start a conference"),
@@ -449,8 +512,12 @@ async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: A
         raise UsageError("conferences create: --forwarding, --last-n, --no-audio-levels and "
                          "--audio-top-k are settings at the MD: give --md")
     body = {"id": args.id, "title": args.title, "initiator": owner, "invited": invited,
-            "invited_groups": args.group,
-            "late_joiners_get_earlier_epochs": args.late_joiners_get_earlier_epochs}
+            "invited_groups": args.group, **_policy_body(args)}
+    if args.late_joiners_get_earlier_epochs:
+        if body.get("late_join", "current") != "current":
+            raise UsageError("conferences create: --late-joiners-get-earlier-epochs is "
+                             "--late-join current")
+        body["late_join"] = "current"
     created = await client.call("POST", "/v1/conferences", body)
     cid = _cid(args.id)
     if args.start:
@@ -460,6 +527,18 @@ async def _create(client: ApiClient, args: argparse.Namespace, io: Io, config: A
         created, more = await _establish_at_md(client, args, config, md_url)
         extra += more
     io.emit(created, conference_text(created, extra))
+
+
+async def _update(client: ApiClient, args: argparse.Namespace, io: Io, config: AdminConfig
+                  ) -> None:
+    body = _policy_body(args)
+    if hasattr(args, "title"):
+        body["title"] = args.title
+    if not body:
+        raise UsageError("conferences update: nothing to change (give --title or a policy "
+                         "option)")
+    updated = await client.call("PATCH", f"/v1/conferences/{_cid(args.id)}", body)
+    io.emit(updated, conference_text(updated))
 
 
 async def _md_processes(client: ApiClient, config: AdminConfig, md_urls: list[str]
@@ -598,6 +677,7 @@ _REMOTE: dict[tuple[str, str], Callable[..., Any]] = {
     ("conferences", "create"): _create,
     ("conferences", "list"): _list,
     ("conferences", "show"): _simple("GET", ""),
+    ("conferences", "update"): _update,
     ("conferences", "start"): _simple("POST", "/start"),
     ("conferences", "end"): _simple("POST", "/end"),
     ("conferences", "invite"): _invite,

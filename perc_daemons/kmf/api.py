@@ -8,6 +8,7 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.problems`):
 ``GET    /v1/conferences`` (``?state=``)                     ``admin``
 ``POST   /v1/conferences``                                   ``admin``
 ``GET    /v1/conferences/{id}``                              ``admin``
+``PATCH  /v1/conferences/{id}``  (policy, title)             ``admin``
 ``POST   /v1/conferences/{id}/invitations``                  ``admin``
 ``GET    /v1/conferences/{id}/invitations/{identity}``       ``kd`` or ``admin``
 ``POST   /v1/conferences/{id}/invitation-check``             ``kd`` or ``admin``
@@ -18,7 +19,7 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.problems`):
 ``DELETE /v1/conferences/{id}/media-distributors/{tunnel}``  ``admin``
 ``GET    /v1/media-distributors``                            ``kd``
 ``POST   /v1/conferences/{id}/epochs``                       ``kd`` or ``admin``
-``POST   /v1/conferences/{id}/keys``                         ``keys`` bound + admitted, or ``kd``
+``POST   /v1/conferences/{id}/keys`` (``?epoch=``)           ``keys`` bound + admitted, or ``kd``
 ``GET    /v1/conferences/{id}/roster``                       ``keys`` (invited), ``kd``, ``admin``
 ``PUT    /v1/conferences/{id}/roster``                       ``kd``
 ``GET    /v1/events``  (text/event-stream)                   ``kd``
@@ -108,6 +109,22 @@ refused (401 ``invalid_token``): before the handler runs, :meth:`KmfApi.prepare`
 looks the bearer token's ``jti`` up on the grant store's revocation list (one
 key look-up per request; 503 if the store cannot answer).
 
+Policy (issue 14; :class:`~perc_daemons.store.Conference`): before
+``starts_at - early_start`` the key routes (``epochs``, ``keys``, ``roster``
+PUT) answer 403 ``not-started``, and the invitation answer says
+``"schedule": "not_started"`` so that the KD refuses the join with that
+reason; at ``ends_at + grace`` the conference ends by itself exactly as
+``POST .../end`` does (:meth:`KmfApi.end_conference`, cause "schedule": keys
+wiped, ``conference-ended`` to the KDs, which revoke the endpoints' keys and
+tell the MDs).  The timers are armed from the store at start-up
+(:mod:`perc_daemons.kmf.schedule`), and a key route reached after that
+moment ends the conference there and then (410).  ``?epoch=N`` on the key
+route asks for an earlier epoch's key: only under ``late_join = "history"``
+(else 403 ``history-not-allowed``), only for an epoch still stored (404
+``unknown-epoch``), only to an admitted member as for the current key; each
+such delivery is logged (:meth:`KmfApi.history_key_delivered`).  Every
+refusal is a problem whose ``type`` ends in a machine-readable slug.
+
 The key service answers 200 with an empty body and::
 
     Encryption-Key: keyid="<conference>/<epoch>"; aesgcm128=<base64url EKT key>; usage="EKT"
@@ -177,6 +194,8 @@ from perc_daemons.store import (
     StoreUnavailable,
     check_conference_id,
     check_identity,
+    policy_json,
+    schedule_status,
 )
 from perc_daemons.tls import peer_certificate_der
 
@@ -314,6 +333,7 @@ def conference_json(c: Conference) -> dict[str, Any]:
         "late_joiners_get_earlier_epochs": c.late_joiners_get_earlier_epochs,
         "created_at": c.created_at,
         "media_distributors": sorted(c.media_distributors),
+        **policy_json(c),
     }
 
 
@@ -333,8 +353,13 @@ class KmfApi(JsonApi):
                  events: EventBus | None = None, keepalive: float = 15.0,
                  oauth: Any = None, public_url: str | None = None,
                  form_secret: bytes | None = None, form_lifetime: int = 600,
-                 groups: GroupCache | None = None, oidc_login: Any = None) -> None:
+                 groups: GroupCache | None = None, oidc_login: Any = None,
+                 policy_defaults: dict[str, Any] | None = None) -> None:
         super().__init__()
+        #: New conferences' policy where the request names none ([conferences] config).
+        self.policy_defaults = dict(policy_defaults or {})
+        #: Called with each conference created, changed or ended (the schedule timers).
+        self.on_conference: Callable[[Conference], None] | None = None
         self.oidc_login = oidc_login
         self.groups = groups
         self.store = store
@@ -353,7 +378,8 @@ class KmfApi(JsonApi):
             (re.compile(r"/v1/identity/assertions"), {b"POST": self.identity_assertion}),
             (re.compile(r"/v1/conferences"), {b"GET": self.list_conferences,
                                                b"POST": self.create_conference}),
-            (re.compile(conf), {b"GET": self.show_conference}),
+            (re.compile(conf), {b"GET": self.show_conference,
+                                b"PATCH": self.update_conference}),
             (re.compile(conf + r"/invitations"), {b"POST": self.invite}),
             (re.compile(conf + r"/invitation-check"), {b"POST": self.invitation_check}),
             (re.compile(conf + r"/invitations/(?P<identity>[^/]+)"),
@@ -534,7 +560,8 @@ class KmfApi(JsonApi):
         token = self.authorize(request, ("admin",))
         body = read_json(request)
         allowed = {"id", "title", "initiator", "invited", "invited_groups", "starts_at",
-                   "ends_at", "late_joiners_get_earlier_epochs"}
+                   "ends_at", "late_joiners_get_earlier_epochs", "early_start", "grace",
+                   "rekey_interval", "late_join"}
         unknown = set(body) - allowed
         if unknown:
             raise _bad_request("unknown member(s): " + ", ".join(sorted(unknown)))
@@ -549,6 +576,12 @@ class KmfApi(JsonApi):
                 raise _bad_request(
                     f"initiator: name the conference's owner (user@domain); this token's "
                     f"subject {token.subject!r} is a client, not a user") from None
+        policy = {name: body.get(name, self.policy_defaults.get(name))
+                  for name in ("early_start", "grace", "rekey_interval")}
+        policy = {name: value for name, value in policy.items() if value is not None}
+        late_join = body.get("late_join")
+        if late_join is None and "late_joiners_get_earlier_epochs" not in body:
+            late_join = self.policy_defaults.get("late_join")
         try:
             conference = Conference(
                 conference_id=body.get("id"),
@@ -558,13 +591,15 @@ class KmfApi(JsonApi):
                 invited_groups=frozenset(body.get("invited_groups", [])),
                 starts_at=body.get("starts_at"),
                 ends_at=body.get("ends_at"),
-                late_joiners_get_earlier_epochs=body.get("late_joiners_get_earlier_epochs",
-                                                         False),
+                late_joiners_get_earlier_epochs=body.get("late_joiners_get_earlier_epochs"),
+                late_join=late_join,
                 created_at=self.now(),
+                **policy,
             )
         except (ValueError, TypeError) as e:
             raise _bad_request(str(e)) from None
         created = await self.store.create(conference)
+        self._changed(created)
         location = f"/v1/conferences/{created.conference_id}".encode()
         return Response(201, conference_json(created), {b"location": location})
 
@@ -575,6 +610,24 @@ class KmfApi(JsonApi):
         current = await self.store.current_epoch(conference.conference_id)
         body["epoch"] = current.epoch if current is not None else None
         return Response(200, body)
+
+    async def update_conference(self, request: server.Request, cid: str) -> Response:
+        """Change a conference's policy or title (members of POLICY_FIELDS; ``null``
+        clears ``starts_at``/``ends_at``); the KDs get the ``policy`` event."""
+        self.authorize(request, ("admin",))
+        cid = _path_conference_id(cid)
+        body = read_json(request)
+        try:
+            updated = await self.store.update(cid, body, self.now())
+        except (ValueError, TypeError) as e:
+            raise _bad_request(str(e)) from None
+        self._changed(updated)
+        self.events.publish("policy", {"conference": cid, **policy_json(updated)})
+        return Response(200, conference_json(updated))
+
+    def _changed(self, conference: Conference) -> None:
+        if self.on_conference is not None:
+            self.on_conference(conference)
 
     async def invite(self, request: server.Request, cid: str) -> Response:
         self.authorize(request, ("admin",))
@@ -608,6 +661,12 @@ class KmfApi(JsonApi):
             "invited": await self._invited(identity, conference),
             "state": str(conference.state),
             "late_joiners_get_earlier_epochs": conference.late_joiners_get_earlier_epochs,
+            "late_join": conference.late_join,
+            "rekey_interval": conference.rekey_interval,
+            "schedule": schedule_status(conference, self.now()),
+            "starts_at": conference.starts_at,
+            "admission_opens_at": (None if conference.starts_at is None
+                                   else conference.starts_at - conference.early_start),
         })
 
     async def uninvite(self, request: server.Request, cid: str, identity: str) -> Response:
@@ -701,11 +760,25 @@ class KmfApi(JsonApi):
     async def end(self, request: server.Request, cid: str) -> Response:
         self.authorize(request, ("admin",))
         cid = _path_conference_id(cid)
+        return Response(200, conference_json(await self.end_conference(cid, "admin")))
+
+    async def end_conference(self, cid: str, cause: str) -> Conference:
+        """End the conference (``perc-admin conferences end``, or its schedule): every
+        stored key wiped, ``conference-ended`` to the KDs (which revoke the endpoints'
+        keys and end it at the MDs).  ``cause``: "admin" or "schedule"."""
         before = await self.store.get(cid)
         await self.store.end(cid, self.now())
+        after = await self.store.get(cid)
         if before.state is not ConferenceState.ENDED:
-            self.events.publish("conference-ended", {"conference": cid})
-        return Response(200, conference_json(await self.store.get(cid)))
+            self.conference_ended(cid, cause)
+            self.events.publish("conference-ended", {"conference": cid, "cause": cause})
+            self._changed(after)
+        return after
+
+    def conference_ended(self, cid: str, cause: str) -> None:
+        """Hook: the conference ``cid`` has just ended (``cause`` "admin" or "schedule");
+        the store has audited "ended".  Logged here; an audit trail may record more."""
+        self.log.info("conference {conference} ended ({cause})", conference=cid, cause=cause)
 
     # --- Media Distributors (draft-roach-perc-webrtc slides 4.1.1 steps 9-11) ----
 
@@ -753,12 +826,25 @@ class KmfApi(JsonApi):
     # --- epochs and keys ------------------------------------------------------
 
     async def _running(self, cid: str) -> Conference:
+        """The conference, if it is running and within its schedule: else 410 (ended;
+        one past ``ends_at + grace`` is ended now), 409 ``conference-not-running`` or
+        403 ``not-started``."""
         conference = await self.store.get(cid)
         if conference.state is ConferenceState.ENDED:
+            raise ConferenceEnded(cid)
+        status = schedule_status(conference, self.now())
+        if status == "over":
+            await self.end_conference(cid, "schedule")
             raise ConferenceEnded(cid)
         if conference.state is not ConferenceState.RUNNING:
             raise Problem(409, "conference-not-running", "Conference not running",
                           f"the conference is {conference.state}")
+        if status == "not_started":
+            assert conference.starts_at is not None
+            raise _forbidden("not-started", "Conference not started",
+                             f"the conference admits endpoints and serves keys from "
+                             f"{conference.starts_at - conference.early_start:.0f} (POSIX "
+                             f"time), {conference.early_start:.0f} s before it starts")
         return conference
 
     async def _add_epoch(self, cid: str) -> EpochKey:
@@ -797,9 +883,22 @@ class KmfApi(JsonApi):
         return Response(201, {"conference": cid, "epoch": epoch.epoch, "spi": epoch.spi,
                               "ekt_cipher": self.ekt_cipher.name})
 
+    def _epoch_wanted(self, request: server.Request) -> int | None:
+        raw = request.args.get(b"epoch", [None])[0]
+        if raw is None:
+            return None
+        try:
+            epoch = int(raw.decode("ascii"), 10)
+        except (UnicodeDecodeError, ValueError):
+            epoch = 0
+        if epoch < 1 or not raw.isdigit():
+            raise _bad_request("epoch must be a positive integer")
+        return epoch
+
     async def conference_key(self, request: server.Request, cid: str) -> Response:
         token = self.authorize(request, ("keys", "kd"))
         cid = _path_conference_id(cid)
+        wanted = self._epoch_wanted(request)
         conference = await self._running(cid)
         if "kd" not in token.scopes:
             if token.thumbprint is None:
@@ -812,16 +911,46 @@ class KmfApi(JsonApi):
             raise Problem(409, "no-epoch", "No key yet", "the conference has no key epoch")
         if "kd" not in token.scopes:
             await self._check_admitted(cid, current.epoch, token)
+        if wanted is not None and wanted != current.epoch:
+            current = await self._earlier_epoch(conference, current, wanted, token)
         try:
             key = self.kek.unwrap(current.wrapped_key, conference_id=cid, epoch=current.epoch)
         except KeyUnwrapError:
             raise Problem(500, "internal-error", "Internal server error",
                           "the stored key cannot be unwrapped") from None
+        if wanted is not None and "kd" not in token.scopes:
+            self.history_key_delivered(cid, token.subject, token.thumbprint, current.epoch)
         header = format_encryption_key(cid, current.epoch, key).encode()
         return Response(200, {"conference": cid, "epoch": current.epoch, "spi": current.spi,
                               "ekt_cipher": EktCipher.AESKW_256.name if len(key) == 32
                               else EktCipher.AESKW_128.name},
                         {b"encryption-key": header})
+
+    async def _earlier_epoch(self, conference: Conference, current: EpochKey, wanted: int,
+                             token: Any) -> EpochKey:
+        """The stored epoch ``wanted`` (< current) if the conference's policy gives late
+        joiners its history (the caller is checked admitted already)."""
+        if wanted > current.epoch:
+            raise Problem(404, "unknown-epoch", "Unknown epoch",
+                          f"epoch {wanted} has not been started")
+        if conference.late_join != "history":
+            raise _forbidden("history-not-allowed", "Earlier epochs not given",
+                             f"the conference's late_join policy is {conference.late_join!r}: "
+                             f"only the current epoch's key is served")
+        for epoch in await self.store.epochs(conference.conference_id):
+            if epoch.epoch == wanted:
+                return epoch
+        raise Problem(404, "unknown-epoch", "Unknown epoch", f"epoch {wanted} is not stored")
+
+    def history_key_delivered(self, cid: str, identity: str, thumbprint: bytes | None,
+                              epoch: int) -> None:
+        """Hook: an earlier epoch's key (``late_join = "history"``) went to ``identity``
+        (admitted with the certificate of SHA-256 ``thumbprint``).  Logged; an audit
+        trail may record it too (never the key)."""
+        self.log.info("conference {conference}: key of earlier epoch {epoch} delivered to "
+                      "{identity} (late_join history)", conference=cid, epoch=epoch,
+                      identity=identity,
+                      fingerprint=thumbprint.hex() if thumbprint else None)
 
     async def _check_admitted(self, cid: str, epoch: int, token: Any) -> None:
         """403 unless the KD's report for ``epoch`` lists the token's subject with the

@@ -55,6 +55,7 @@ from perc_daemons.kmf.auth.oidc import OidcAuthenticator, OidcLogin
 from perc_daemons.kmf.clients import ClientAuthLimiter, ClientFileError, ClientRegistry
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyFileError
 from perc_daemons.kmf.oauth import AuthorizationServer
+from perc_daemons.kmf.schedule import ScheduleTimers
 from perc_daemons.kmf.signing import INDEX_NAME, SigningKeyError, SigningKeys
 from perc_daemons.listening import HttpsService
 from perc_daemons.protocol.ekt import EktCipher
@@ -451,8 +452,11 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
                  clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher], oauth=oauth,
                  public_url=cfg.oauth.public_url or None,
                  form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
-                 groups=groups, oidc_login=login)
+                 groups=groups, oidc_login=login,
+                 policy_defaults=dict(cfg["conferences"]))
     top.api = api  # type: ignore[attr-defined]
+    # conferences end by themselves at ends_at + grace (timers rebuilt from the store)
+    ScheduleTimers(api, reactor).setServiceParent(top)
     if groups is not None:
         # Removal from an invited LDAP group reaches the KD once the cache refreshes.
         sweeper = TimerService(groups.ttl, _sweep_invitations, api)

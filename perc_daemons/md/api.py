@@ -20,7 +20,9 @@ document with ``type`` ``urn:perc:problem:<slug>``, ``title``, ``status``,
 * ``DELETE`` -> 204; the KD gets EndpointDisconnect for each participant.
 * join -> 201 ``{"association", "answer", "leave_token"}`` (``answer`` is the
   KD's signed answer, verbatim); 404 unknown conference, 400 unusable offer
-  (or the KD's BAD_OFFER), 403 the KD refused (``detail`` = its reason), 503
+  (or the KD's BAD_OFFER), 403 the KD refused (``detail`` = its text,
+  ``reason`` = the machine-readable code it starts with, e.g. ``not_invited``,
+  ``not_started``, ``conference_ended``), 503
   no tunnel to the conference's KD (or too many joins waiting), 504 the KD
   did not answer within ``[api] join_timeout``, 502 another KD status.
 * leave -> 204, also when the participant is already gone (it left, the KD
@@ -81,7 +83,7 @@ from perc_daemons.md.plane import LEG_BYTES, LEG_COUNTERS, Leg, leg_label
 from perc_daemons.problems import JsonApi, LimitedRequest, Problem, Response, Routes, read_json
 from perc_daemons.protocol.dtls import format_fingerprint, parse_fingerprint
 from perc_daemons.protocol.selection import SelectionPolicy
-from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH
+from perc_daemons.protocol.tunnel import MAX_SDP_LENGTH, refusal_code
 
 __all__ = ["MAX_BODY", "MdApi", "Problem", "ProviderToken", "md_site"]
 
@@ -296,7 +298,10 @@ class MdApi(JsonApi):
         elif isinstance(error, BadOffer):
             problem = Problem(400, "bad-offer", "Unusable offer", str(error))
         elif isinstance(error, KdRefused):
-            problem = Problem(403, "kd-refused", "Refused by the key distributor", str(error))
+            # the KD's text starts with its machine-readable code ("not_started: ...")
+            code = refusal_code(str(error))
+            problem = Problem(403, "kd-refused", "Refused by the key distributor", str(error),
+                              extensions={"reason": code} if code else None)
         elif isinstance(error, KdUnavailable):
             problem = Problem(503, "kd-unavailable", "Key distributor unavailable", str(error),
                               headers={b"retry-after": b"5"})

@@ -74,6 +74,7 @@ clock.  Keys and salts never appear in a ``repr``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -91,6 +92,7 @@ __all__ = [
     "MAX_CONFERENCE_ID_LENGTH",
     "MAX_SDP_LENGTH",
     "PROTOCOL_VERSION",
+    "REFUSAL_CODE",
     "SIGN_STATUS_BAD_OFFER",
     "SIGN_STATUS_INTERNAL_ERROR",
     "SIGN_STATUS_OK",
@@ -125,6 +127,7 @@ __all__ = [
     "decode_message",
     "is_uuid4",
     "new_association_id",
+    "refusal_code",
 ]
 
 #: The tunnel protocol version of RFC 9185.
@@ -156,6 +159,15 @@ SIGN_STATUS_OK = 0
 SIGN_STATUS_REFUSED = 1  # identity, fingerprint or policy check failed
 SIGN_STATUS_BAD_OFFER = 2  # the offer or answer SDP could not be used
 SIGN_STATUS_INTERNAL_ERROR = 3
+#: A SignAnswerAck refusal's text starts with a machine-readable code and ": "
+#: ("not_invited: not invited", "not_started: ..."; docs/PROTOCOL.md).
+REFUSAL_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def refusal_code(text: str) -> str | None:
+    """The machine-readable code a SignAnswerAck refusal's text starts with, if any."""
+    code, sep, _ = text.partition(": ")
+    return code if sep and REFUSAL_CODE.fullmatch(code) else None
 
 
 class MessageType(IntEnum):

@@ -38,6 +38,13 @@ Rules both follow:
   identity argument goes through :func:`check_identity`, invited sets are
   normalised when read (data written before the rule matches too) and
   ``uninvite`` removes the identity in whatever case it was stored.
+- A conference's policy (issue 14) is part of its record: the schedule
+  (``starts_at``, ``ends_at``, ``early_start``, ``grace``), the periodic
+  rekey (``rekey_interval``) and what a late joiner gets (``late_join``, one of
+  :data:`LATE_JOIN_POLICIES`; ``late_joiners_get_earlier_epochs`` is its
+  older boolean spelling: true unless "none").  ``update`` changes the
+  policy or the title of a conference not ended and adds one "policy" audit
+  event with the changed fields (only when something changed).
 - Only keys wrapped with the key-encryption key
   (:mod:`perc_daemons.kmf.kek`) are stored, and audit details never carry key
   material.
@@ -48,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -57,6 +64,11 @@ from perc_daemons.protocol.tunnel_address import check_tunnel_address
 
 __all__ = [
     "AUDIT_KINDS",
+    "DEFAULT_EARLY_START",
+    "DEFAULT_GRACE",
+    "DEFAULT_REKEY_INTERVAL",
+    "LATE_JOIN_POLICIES",
+    "POLICY_FIELDS",
     "TRANSITIONS",
     "AuditEvent",
     "Conference",
@@ -71,6 +83,7 @@ __all__ = [
     "check_admitted",
     "check_conference_id",
     "check_identity",
+    "schedule_status",
 ]
 
 
@@ -89,7 +102,25 @@ TRANSITIONS: dict[ConferenceState, frozenset[ConferenceState]] = {
 
 #: The kinds of :class:`AuditEvent`.
 AUDIT_KINDS = frozenset({"created", "invited", "uninvited", "state", "epoch", "admitted", "ended",
-                         "media-distributor-added", "media-distributor-removed"})
+                         "media-distributor-added", "media-distributor-removed", "policy"})
+
+#: What an endpoint admitted after the conference's first epoch may decrypt
+#: (seed draft-westerlund section 4.8): "none" -- nothing from before it joined
+#: (its join starts a new epoch), "current" -- the epoch current when it joins
+#: (no new epoch on join), "history" -- also every earlier epoch of this
+#: conference, over the KMF's HTTPS key route (a recording becomes readable).
+LATE_JOIN_POLICIES = ("none", "current", "history")
+#: Seconds before ``starts_at`` from which endpoints are admitted and keys served.
+DEFAULT_EARLY_START = 300.0
+#: Seconds after ``ends_at`` at which the conference ends by itself.
+DEFAULT_GRACE = 0.0
+#: Seconds between two timed epochs (0: only membership changes start epochs).
+DEFAULT_REKEY_INTERVAL = 0.0
+#: The longest early start, grace or rekey interval: one day.
+MAX_POLICY_SECONDS = 86400.0
+#: The fields :meth:`IConferenceStore.update` may change.
+POLICY_FIELDS = ("title", "starts_at", "ends_at", "early_start", "grace", "rekey_interval",
+                 "late_join")
 
 CONFERENCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 IDENTITY = re.compile(
@@ -181,16 +212,39 @@ def _check_time(name: str, value: object, optional: bool = False) -> float | Non
     return float(value)
 
 
+def _check_seconds(name: str, value: object) -> float:
+    """A policy duration: a finite number of seconds, 0 to :data:`MAX_POLICY_SECONDS`."""
+    seconds = _check_time(name, value)
+    assert seconds is not None
+    if not 0 <= seconds <= MAX_POLICY_SECONDS:
+        raise ValueError(f"{name} must be 0-{MAX_POLICY_SECONDS:.0f} seconds: {value!r}")
+    return seconds
+
+
+def check_late_join(value: object) -> str:
+    """``value`` if it is one of :data:`LATE_JOIN_POLICIES`, else ValueError."""
+    if value not in LATE_JOIN_POLICIES:
+        raise ValueError(f"late_join must be one of {', '.join(LATE_JOIN_POLICIES)}: "
+                         f"{value!r}")
+    return value  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class Conference:
-    """A conference as the KMF knows it.
+    """A conference as the KMF knows it, with its policy (issue 14).
 
     ``invited`` holds identities ("user@domain"), ``invited_groups`` LDAP
-    groups whose members are invited too.  ``late_joiners_get_earlier_epochs``
-    is the policy of whether an endpoint admitted late may be given the keys
-    of epochs before its admission (default: no).  ``media_distributors``
-    holds the tunnel addresses ("host:port", canonical form) of the Media
-    Distributors serving it.
+    groups whose members are invited too.  ``media_distributors`` holds the
+    tunnel addresses ("host:port", canonical form) of the Media Distributors
+    serving it.
+
+    Policy: nobody is admitted and no key is served before ``starts_at -
+    early_start``; the conference ends by itself at ``ends_at + grace`` (no
+    ``starts_at``/``ends_at``: no such bound).  ``rekey_interval`` seconds
+    (0: off) is how often the KD starts an epoch although nobody joined or
+    left.  ``late_join`` is one of :data:`LATE_JOIN_POLICIES`;
+    ``late_joiners_get_earlier_epochs`` is its boolean spelling (true unless
+    "none"): give either, the other follows (both: they must agree).
     """
 
     conference_id: str
@@ -201,9 +255,13 @@ class Conference:
     invited_groups: frozenset[str] = frozenset()
     starts_at: float | None = None
     ends_at: float | None = None
-    late_joiners_get_earlier_epochs: bool = False
+    late_joiners_get_earlier_epochs: bool | None = None
     created_at: float = 0.0
     media_distributors: frozenset[str] = frozenset()
+    early_start: float = DEFAULT_EARLY_START
+    grace: float = DEFAULT_GRACE
+    rekey_interval: float = DEFAULT_REKEY_INTERVAL
+    late_join: str | None = None
 
     def __post_init__(self) -> None:
         check_conference_id(self.conference_id)
@@ -223,8 +281,20 @@ class Conference:
             raise ValueError("ends_at is before starts_at")
         object.__setattr__(self, "starts_at", starts)
         object.__setattr__(self, "ends_at", ends)
-        if not isinstance(self.late_joiners_get_earlier_epochs, bool):
+        flag = self.late_joiners_get_earlier_epochs
+        if flag is not None and not isinstance(flag, bool):
             raise ValueError("late_joiners_get_earlier_epochs must be a bool")
+        if self.late_join is None:
+            late_join = "current" if flag else "none"
+        else:
+            late_join = check_late_join(self.late_join)
+            if flag is not None and flag != (late_join != "none"):
+                raise ValueError(f"late_joiners_get_earlier_epochs={flag} contradicts "
+                                 f"late_join={late_join!r}")
+        object.__setattr__(self, "late_join", late_join)
+        object.__setattr__(self, "late_joiners_get_earlier_epochs", late_join != "none")
+        for name in ("early_start", "grace", "rekey_interval"):
+            object.__setattr__(self, name, _check_seconds(name, getattr(self, name)))
         object.__setattr__(self, "created_at", _check_time("created_at", self.created_at))
         if isinstance(self.media_distributors, str):
             raise ValueError("media_distributors must be a collection, not a string")
@@ -341,6 +411,40 @@ def check_media_distributor_args(conference_id: object, tunnel: object,
     return check_conference_id(conference_id), check_tunnel_address(tunnel), check_now(now)
 
 
+def policy_json(c: Conference) -> dict[str, Any]:
+    """The policy fields of ``c`` (:data:`POLICY_FIELDS`) as JSON data."""
+    return {name: getattr(c, name) for name in POLICY_FIELDS}
+
+
+def schedule_status(c: Conference, now: float) -> str:
+    """Where ``now`` falls in ``c``'s schedule: "not_started" (before ``starts_at -
+    early_start``), "over" (at or after ``ends_at + grace``) or "open"."""
+    if c.starts_at is not None and now < c.starts_at - c.early_start:
+        return "not_started"
+    if c.ends_at is not None and now >= c.ends_at + c.grace:
+        return "over"
+    return "open"
+
+
+def ends_by_schedule_at(c: Conference) -> float | None:
+    """When ``c`` ends by itself (``ends_at + grace``), None without ``ends_at``."""
+    return None if c.ends_at is None else c.ends_at + c.grace
+
+
+def check_update(current: Conference, changes: object) -> tuple[Conference, dict[str, Any]]:
+    """``current`` with ``changes`` (a mapping of :data:`POLICY_FIELDS`) applied, checked
+    as a new Conference, and the fields that actually changed.  ValueError otherwise."""
+    if not isinstance(changes, dict):
+        raise ValueError("changes must be a mapping of policy fields")
+    unknown = set(changes) - set(POLICY_FIELDS)
+    if unknown:
+        raise ValueError("not a policy field: " + ", ".join(sorted(unknown)))
+    updated = replace(current, late_joiners_get_earlier_epochs=None, **changes)
+    changed = {name: getattr(updated, name) for name in POLICY_FIELDS
+               if getattr(updated, name) != getattr(current, name)}
+    return updated, changed
+
+
 def created_detail(c: Conference) -> dict[str, Any]:
     """The detail of a conference's "created" audit event."""
     return {
@@ -352,4 +456,5 @@ def created_detail(c: Conference) -> dict[str, Any]:
         "ends_at": c.ends_at,
         "late_joiners_get_earlier_epochs": c.late_joiners_get_earlier_epochs,
         "media_distributors": sorted(c.media_distributors),
+        **policy_json(c),
     }

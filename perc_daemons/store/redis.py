@@ -5,7 +5,9 @@ Keys, all under a namespace (default ``perc``; conference ids cannot contain
 
     {ns}:conferences           sorted set (score 0) of conference ids
     {ns}:conf:{id}             hash: title initiator state starts_at ends_at
-                               late created_at last_epoch
+                               late created_at last_epoch early_start grace
+                               rekey_interval late_join (absent: the defaults,
+                               late_join from late)
     {ns}:conf:{id}:invited     set of identities
     {ns}:conf:{id}:groups      set of LDAP groups
     {ns}:conf:{id}:epochs      hash epoch -> {"spi", "key" (base64 of the
@@ -58,6 +60,9 @@ from zope.interface import implementer
 
 from perc_daemons.interfaces import IConferenceStore
 from perc_daemons.store import (
+    DEFAULT_EARLY_START,
+    DEFAULT_GRACE,
+    DEFAULT_REKEY_INTERVAL,
     TRANSITIONS,
     AuditEvent,
     Conference,
@@ -79,6 +84,7 @@ from perc_daemons.store import (
     check_media_distributor_args,
     check_now,
     check_roster_args,
+    check_update,
     created_detail,
 )
 
@@ -188,6 +194,15 @@ audit(ARGV[3], 'epoch', 'null', '{"epoch":' .. e .. ',"spi":' .. ARGV[1] .. '}')
 return e
 """
 
+# ARGV: audit entry, then field/value pairs (the conference's new policy)
+_UPDATE = _PRELUDE + _OPEN + """
+if #ARGV > 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2, #ARGV))
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+end
+return conference()
+"""
+
 _CURRENT_EPOCH = _PRELUDE + _NOT_FOUND + """
 local e = redis.call('HGET', KEYS[1], 'last_epoch')
 local v = redis.call('HGET', KEYS[4], e)
@@ -249,6 +264,20 @@ def _audit_entry(now: float, kind: str, identity: str | None, detail: dict[str, 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _policy_fields(c: Conference) -> list[str]:
+    """The hash fields/values of ``c``'s policy (and title)."""
+    return [
+        "title", c.title,
+        "starts_at", "" if c.starts_at is None else repr(c.starts_at),
+        "ends_at", "" if c.ends_at is None else repr(c.ends_at),
+        "late", "1" if c.late_joiners_get_earlier_epochs else "0",
+        "early_start", repr(c.early_start),
+        "grace", repr(c.grace),
+        "rekey_interval", repr(c.rekey_interval),
+        "late_join", str(c.late_join),
+    ]
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -522,9 +551,13 @@ class RedisConferenceStore:
             invited_groups=frozenset(reply[2]),
             starts_at=_opt_float(fields.get("starts_at")),
             ends_at=_opt_float(fields.get("ends_at")),
-            late_joiners_get_earlier_epochs=fields.get("late") == "1",
             created_at=float(fields["created_at"]),
             media_distributors=frozenset(reply[3]),
+            early_start=float(fields.get("early_start", DEFAULT_EARLY_START)),
+            grace=float(fields.get("grace", DEFAULT_GRACE)),
+            rekey_interval=float(fields.get("rekey_interval", DEFAULT_REKEY_INTERVAL)),
+            late_join=fields.get("late_join") or (
+                "current" if fields.get("late") == "1" else "none"),
         )
 
     def _epoch(self, conference_id: str, epoch: str, value: str) -> EpochKey:
@@ -543,14 +576,11 @@ class RedisConferenceStore:
             return defer.fail(TypeError("create() takes a Conference"))
         c = conference
         fields = [
-            "title", c.title,
             "initiator", c.initiator,
             "state", str(c.state),
-            "starts_at", "" if c.starts_at is None else repr(c.starts_at),
-            "ends_at", "" if c.ends_at is None else repr(c.ends_at),
-            "late", "1" if c.late_joiners_get_earlier_epochs else "0",
             "created_at", repr(c.created_at),
             "last_epoch", "0",
+            *_policy_fields(c),
         ]
         invited = sorted(c.invited)
         groups = sorted(c.invited_groups)
@@ -615,6 +645,28 @@ class RedisConferenceStore:
             entry = _audit_entry(when, "invited" if add else "uninvited", who, {})
             d = self._script(_INVITATION, cid, [who, entry, "1" if add else "0"])
             return d.addCallback(lambda _: None)
+
+        return self._validated(check, run)
+
+    def update(self, conference_id: str, changes: dict[str, Any],
+               now: float) -> defer.Deferred[Conference]:
+        """Read, check (:func:`check_update`), then write in one script that refuses an
+        ended conference; a concurrent update between the two is overwritten."""
+        def check() -> tuple[str, dict[str, Any], float]:
+            return check_conference_id(conference_id), dict(changes), check_now(now)
+
+        @defer.inlineCallbacks
+        def run(args: tuple[str, dict[str, Any], float]) -> Any:
+            cid, wanted, when = args
+            current = yield self.get(cid)
+            if current.state is ConferenceState.ENDED:
+                raise ConferenceEnded(cid)
+            updated, changed = check_update(current, wanted)
+            argv = [_audit_entry(when, "policy", None, changed)]
+            if changed:
+                argv += _policy_fields(updated)
+            reply = yield self._script(_UPDATE, cid, argv)
+            return self._conference(cid, reply)
 
         return self._validated(check, run)
 

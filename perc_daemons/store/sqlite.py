@@ -49,11 +49,12 @@ from perc_daemons.store import (
     check_media_distributor_args,
     check_now,
     check_roster_args,
+    check_update,
     created_detail,
 )
 
 DEFAULT_PATH = "/var/lib/perc/kmf.sqlite3"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE conference (
@@ -116,10 +117,22 @@ CREATE TABLE media_distributor (
 CREATE INDEX media_distributor_by_tunnel ON media_distributor (tunnel)
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# v4: each conference's policy (issue 14): schedule windows, periodic rekey, late-join
+# history ("current" for the conferences created with late_joiners_get_earlier_epochs)
+_SCHEMA_V4 = """
+ALTER TABLE conference ADD COLUMN early_start REAL NOT NULL DEFAULT 300.0;
+ALTER TABLE conference ADD COLUMN grace REAL NOT NULL DEFAULT 0.0;
+ALTER TABLE conference ADD COLUMN rekey_interval REAL NOT NULL DEFAULT 0.0;
+ALTER TABLE conference ADD COLUMN late_join TEXT NOT NULL DEFAULT 'none'
+    CHECK (late_join IN ('none', 'current', 'history'));
+UPDATE conference SET late_join = 'current' WHERE late_joiners_get_earlier_epochs != 0
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 _CONFERENCE_COLUMNS = (
-    "id, title, initiator, state, starts_at, ends_at, late_joiners_get_earlier_epochs, created_at"
+    "id, title, initiator, state, starts_at, ends_at, late_joiners_get_earlier_epochs, created_at,"
+    " early_start, grace, rekey_interval, late_join"
 )
 
 
@@ -204,9 +217,12 @@ def _conference(txn: Any, row: tuple[Any, ...]) -> Conference:
         invited_groups=groups,
         starts_at=row[4],
         ends_at=row[5],
-        late_joiners_get_earlier_epochs=bool(row[6]),
         created_at=row[7],
         media_distributors=frozenset(_media_distributors(txn, cid)),
+        early_start=row[8],
+        grace=row[9],
+        rekey_interval=row[10],
+        late_join=row[11],
     )
 
 
@@ -340,9 +356,11 @@ class SqliteConferenceStore:
             if txn.execute("SELECT 1 FROM conference WHERE id = ?", (c.conference_id,)).fetchone():
                 raise ConferenceExists(c.conference_id)
             txn.execute(
-                f"INSERT INTO conference ({_CONFERENCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO conference ({_CONFERENCE_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.conference_id, c.title, c.initiator, str(c.state), c.starts_at, c.ends_at,
-                 int(c.late_joiners_get_earlier_epochs), c.created_at),
+                 int(bool(c.late_joiners_get_earlier_epochs)), c.created_at, c.early_start,
+                 c.grace, c.rekey_interval, c.late_join),
             )
             txn.executemany(
                 "INSERT INTO invited (conference_id, identity) VALUES (?, ?)",
@@ -408,6 +426,30 @@ class SqliteConferenceStore:
             return _get(txn, cid)
 
         return self._checked(check, lambda args: self._run(txn_set_state, args))
+
+    def update(self, conference_id: str, changes: dict[str, Any],
+               now: float) -> defer.Deferred[Conference]:
+        def check() -> tuple[str, dict[str, Any], float]:
+            return check_conference_id(conference_id), dict(changes), check_now(now)
+
+        def txn_update(txn: Any, args: tuple[str, dict[str, Any], float]) -> Conference:
+            cid, wanted, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            _open_state(txn, cid)
+            updated, changed = check_update(_get(txn, cid), wanted)
+            if changed:
+                txn.execute(
+                    "UPDATE conference SET title = ?, starts_at = ?, ends_at = ?,"
+                    " early_start = ?, grace = ?, rekey_interval = ?, late_join = ?,"
+                    " late_joiners_get_earlier_epochs = ? WHERE id = ?",
+                    (updated.title, updated.starts_at, updated.ends_at, updated.early_start,
+                     updated.grace, updated.rekey_interval, updated.late_join,
+                     int(bool(updated.late_joiners_get_earlier_epochs)), cid),
+                )
+                _audit(txn, cid, when, "policy", None, changed)
+            return updated
+
+        return self._checked(check, lambda args: self._run(txn_update, args))
 
     def _invitation(self, conference_id: str, identity: str, now: float,
                     add: bool) -> defer.Deferred[None]:

@@ -489,12 +489,17 @@ class StackTestCase(unittest.TestCase):
             if self.create_conference:
                 await self.stack.create_conference(
                     self.conference, list(self.invited),
-                    late_joiners_get_earlier_epochs=self.late_joiners_get_earlier_epochs)
+                    late_joiners_get_earlier_epochs=self.late_joiners_get_earlier_epochs,
+                    policy=self.conference_policy())
                 await self.stack.wait_for_kd(self.conference)
         except BaseException:
             self._dump_logs("setUp failed")
             await self.stack.stop_all()
             raise
+
+    def conference_policy(self) -> dict[str, Any]:
+        """More members of the KMF conference (docs/API.md "Policy"), e.g. ``starts_at``."""
+        return {}
 
     def stack_options(self) -> dict[str, Any]:
         """More keyword arguments of the :class:`LocalStack` (e.g. ``md_hosts``)."""

@@ -219,6 +219,40 @@ class AdminCliTests(unittest.TestCase):
         self.assertEqual(stored.initiator, ALICE)  # the first --invite
 
     @defer.inlineCallbacks
+    def test_policy_options_create_update_and_show(self):
+        """Issue 14: the schedule, rekey interval and late-join policy are set at create,
+        changed with update, shown by show (table and JSON)."""
+        created = yield self.ok_json(
+            "conferences", "create", "conf-1", "--title", "t", "--invite", ALICE,
+            "--starts-at", "2030-01-01T10:00:00Z", "--ends-at", "1893495600",
+            "--early-start", "600", "--rekey-interval", "900", "--late-join", "history")
+        self.assertEqual((created["starts_at"], created["ends_at"], created["early_start"],
+                          created["rekey_interval"], created["late_join"], created["grace"]),
+                         (1893492000.0, 1893495600.0, 600.0, 900.0, "history", 0.0))
+        updated = yield self.ok_json("conferences", "update", "conf-1", "--grace", "30",
+                                     "--ends-at", "none", "--late-join", "none")
+        self.assertEqual((updated["grace"], updated["ends_at"], updated["late_join"],
+                          updated["rekey_interval"]), (30.0, None, "none", 900.0))
+        code, out, err = yield self.cli("conferences", "show", "conf-1")
+        lines = {k.strip(): v.strip() for k, v in
+                 (line.split(":", 1) for line in out.splitlines())}
+        self.assertEqual((lines["late join"], lines["grace"], lines["rekey interval"],
+                          lines["early start"]), ("none", "30 s", "900 s", "600 s"))
+        stored = yield self.store.get("conf-1")
+        self.assertEqual((stored.grace, stored.ends_at), (30.0, None))
+        for bad in (["--late-join", "all"], ["--starts-at", "2030-01-01T10:00:00"],
+                    ["--grace", "soon"]):
+            code, out, err = yield self.cli("conferences", "update", "conf-1", *bad)
+            self.assertEqual((code, out), (2, ""), err)
+        code, out, err = yield self.cli("conferences", "update", "conf-1")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("nothing to change", err)
+        code, out, err = yield self.cli("conferences", "update", "conf-1",
+                                        "--rekey-interval", "-1")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("Invalid request (400)", err)
+
+    @defer.inlineCallbacks
     def test_create_names_its_owner(self):
         """The admin client is not a user: the owner is --initiator (invited too)."""
         created = yield self.ok_json("conferences", "create", "conf-1", "--title", "t",

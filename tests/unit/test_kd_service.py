@@ -74,6 +74,7 @@ from perc_daemons.protocol.tunnel import (
     SignAnswer,
     SignAnswerAck,
     TunneledDtls,
+    refusal_code,
 )
 from perc_daemons.store.grants_sqlite import SqliteGrantStore
 from perc_daemons.store.sqlite import SqliteConferenceStore
@@ -224,10 +225,10 @@ class KmfFixture:
 
     @defer.inlineCallbacks
     def conference(self, cid: str = CONF, *, invited=(ALICE, BOB, CAROL), start: bool = True,
-                   late_joiners: bool = True):
+                   late_joiners: bool = True, **policy):
         yield self.call("POST", "/v1/conferences", status=201, body={
             "id": cid, "invited": list(invited),
-            "late_joiners_get_earlier_epochs": late_joiners})
+            "late_joiners_get_earlier_epochs": late_joiners, **policy})
         if start:
             yield self.call("POST", f"/v1/conferences/{cid}/start")
 
@@ -351,8 +352,16 @@ class KdHandlerTests(unittest.TestCase):
         yield wait_for(arrived, f"EKTKey #{count} at {ep.name}")
         return ep.of(EktKeyReceived)[count - 1].params
 
-    def assertRefused(self, ack: SignAnswerAck, status: int, reason: str, aid: bytes) -> None:
-        self.assertEqual((ack.status, ack.text), (status, reason))
+    def assertRefused(self, ack: SignAnswerAck, status: int, reason: str, aid: bytes,
+                      code: str | None = None) -> None:
+        """Refused with ``status``, the text ``"<code>: <reason>"`` (issue 14: every
+        refusal carries a machine-readable code), nothing kept for ``aid``."""
+        self.assertIsNotNone(refusal_code(ack.text), ack.text)
+        got_code, _, got_reason = ack.text.partition(": ")
+        self.assertEqual((ack.status, got_reason), (status, reason.partition(": ")[2]
+                                                    if refusal_code(reason) else reason))
+        if code is not None:
+            self.assertEqual(got_code, code)
         self.assertFalse(self.core.knows(aid))
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -389,7 +398,7 @@ class KdHandlerTests(unittest.TestCase):
         yield self.kmf.conference(invited=(ALICE,))
         bob = Endpoint("bob", BOB, 2222)
         _, ack = yield self.sign(bob)
-        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not invited", bob.aid)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not_invited: not invited", bob.aid)
         self.assertEqual(self.sample("perc_kd_sign_answers_total", {"status": "refused"}), 1)
 
     @defer.inlineCallbacks
@@ -416,10 +425,11 @@ class KdHandlerTests(unittest.TestCase):
         yield self.kmf.conference("conf-2", invited=(BOB,))
         alice = Endpoint("alice", ALICE, 1111)
         _, ack = yield self.sign(alice, self.kmf.assertion(ALICE, alice.fingerprint, "conf-2"))
-        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not invited", alice.aid)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "not_invited: not invited", alice.aid)
         carol = Endpoint("carol", CAROL, 3333)
         _, ack = yield self.sign(carol, self.kmf.assertion(CAROL, carol.fingerprint, "nope"))
-        self.assertRefused(ack, SIGN_STATUS_REFUSED, "unknown conference", carol.aid)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, "unknown_conference: unknown conference",
+                           carol.aid)
 
     @defer.inlineCallbacks
     def test_offer_for_another_conference_than_the_mds_is_refused(self):
@@ -462,7 +472,7 @@ class KdHandlerTests(unittest.TestCase):
         os.remove(self.secret_file)
         alice = Endpoint("alice", ALICE, 1111)
         _, ack = yield self.sign(alice)
-        self.assertRefused(ack, 3, "key management service unavailable", alice.aid)
+        self.assertRefused(ack, 3, "kmf_unavailable: key management service unavailable", alice.aid)
         self.assertEqual(
             self.sample("perc_kd_kmf_errors_total", {"operation": "sign_answer"}), 1)
 
@@ -514,6 +524,51 @@ class KdHandlerTests(unittest.TestCase):
         self.assertNotIn(BOB, json.dumps(claims))
         self.assertIn("1111", json.dumps(claims))
         self.assertEqual(self.sample("perc_kd_epochs_started_total"), 1)
+
+    @defer.inlineCallbacks
+    def test_rekey_interval_starts_epochs_with_nobody_joining_or_leaving(self):
+        """Issue 14: rekey_interval 0.3 s: epochs 2 and 3 reach both members although the
+        membership never changes (cause "timer", with the invitation re-check); a policy
+        event turning it off stops the timer."""
+        yield self.kmf.conference(rekey_interval=0.3)
+        started: list[tuple[int, frozenset[str]]] = []
+        epoch_started = self.handler.epoch_started
+        self.handler.epoch_started = lambda c, e, causes, n: (
+            started.append((e, causes)), epoch_started(c, e, causes, n))
+        alice, bob = Endpoint("alice", ALICE, 1111), Endpoint("bob", BOB, 2222)
+        for ep in (alice, bob):
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        self.assertIsNotNone(self.handler.rekey_due_at(CONF))
+        for ep in (alice, bob):
+            params = yield self.wait_key(ep, 3)
+        epoch, key = yield self.kmf.current_key()
+        self.assertGreaterEqual(epoch, 3)
+        self.assertIn(key, [e.params.key for e in alice.of(EktKeyReceived)])
+        self.assertEqual(started[:2], [(2, frozenset({"timer"})), (3, frozenset({"timer"}))])
+        self.assertIsNotNone(params)
+        # Bob's invitation is withdrawn without the event: the next timed round drops him
+        yield self.kmf.store.uninvite(CONF, BOB, reactor.seconds())
+        count = len(bob.of(EktKeyReceived))
+        yield wait_for(lambda: not self.core.identities(CONF).count(BOB), "bob removed")
+        yield wait_for(lambda: self.handler._jobs == {}, "rekey done")
+        self.assertLessEqual(len(bob.of(EktKeyReceived)), count + 1)
+        self.handler.kmf_event("policy", {"conference": CONF, "rekey_interval": 0,
+                                          "late_join": "current"})
+        self.assertIsNone(self.handler.rekey_due_at(CONF))
+
+    @defer.inlineCallbacks
+    def test_early_joiner_refused_not_started(self):
+        """Before starts_at - early_start the KD refuses with the code not_started, and
+        keeps nothing."""
+        yield self.kmf.conference(starts_at=reactor.seconds() + 3600, early_start=60)
+        alice = Endpoint("alice", ALICE, 1111)
+        _, ack = yield self.sign(alice)
+        self.assertRefused(ack, SIGN_STATUS_REFUSED, ack.text.partition(": ")[2], alice.aid,
+                           code="not_started")
+        self.assertRegex(ack.text, r"^not_started: the conference admits endpoints from "
+                                   r"\d+ \(POSIX time\)$")
+        self.assertEqual(self.core.epoch(CONF), 0)
 
     @defer.inlineCallbacks
     def test_joiner_without_earlier_epochs_gets_only_a_new_one(self):

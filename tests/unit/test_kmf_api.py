@@ -572,6 +572,128 @@ class KmfApiTests(unittest.TestCase):
         yield self.problem("POST", "/v1/conferences/conf-1/epochs", 410, "conference-ended",
                            token=self.kd())
 
+    # --- policy (issue 14) ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_policy_defaults_create_update_and_show(self):
+        """The policy is part of the record: defaults from [conferences], set at create,
+        changed with PATCH (the KDs get the ``policy`` event), shown by GET."""
+        self.api.policy_defaults = {"early_start": 120.0, "grace": 5.0, "rekey_interval": 900.0,
+                                    "late_join": "current"}
+        seen = self.events_seen()
+        _, body = yield self.ok("POST", "/v1/conferences", 201, token=self.admin(),
+                                body={"id": "conf-1", "invited": [ALICE]})
+        self.assertEqual({k: body[k] for k in ("early_start", "grace", "rekey_interval",
+                                               "late_join", "late_joiners_get_earlier_epochs")},
+                         {"early_start": 120.0, "grace": 5.0, "rekey_interval": 900.0,
+                          "late_join": "current", "late_joiners_get_earlier_epochs": True})
+        _, body = yield self.ok("POST", "/v1/conferences", 201, token=self.admin(),
+                                body={"id": "conf-2", "late_joiners_get_earlier_epochs": False,
+                                      "rekey_interval": 2})
+        self.assertEqual((body["late_join"], body["rekey_interval"]), ("none", 2.0))
+        _, body = yield self.ok("PATCH", "/v1/conferences/conf-1", token=self.admin(),
+                                body={"late_join": "history", "rekey_interval": 0,
+                                      "ends_at": self.now + 3600})
+        self.assertEqual((body["late_join"], body["rekey_interval"], body["grace"]),
+                         ("history", 0.0, 5.0))
+        _, shown = yield self.ok("GET", "/v1/conferences/conf-1", token=self.admin())
+        self.assertEqual((shown["late_join"], shown["ends_at"]), ("history", self.now + 3600))
+        self.assertEqual(seen[-1], ("policy", {
+            "conference": "conf-1", "title": "", "starts_at": None, "ends_at": self.now + 3600,
+            "early_start": 120.0, "grace": 5.0, "rekey_interval": 0.0, "late_join": "history"}))
+        for bad in ({"late_join": "everything"}, {"rekey_interval": -5}, {"state": "ended"},
+                    {"ends_at": "tomorrow"}):
+            yield self.problem("PATCH", "/v1/conferences/conf-1", 400, "invalid-request",
+                               token=self.admin(), body=bad)
+        yield self.problem("POST", "/v1/conferences", 400, "invalid-request", token=self.admin(),
+                           body={"id": "conf-3", "late_join": "none",
+                                 "late_joiners_get_earlier_epochs": True})
+        yield self.problem("PATCH", "/v1/conferences/conf-1", 403, "insufficient-scope",
+                           token=self.kd(), body={"grace": 1})
+        yield self.problem("PATCH", "/v1/conferences/nope", 404, "not-found",
+                           token=self.admin(), body={"grace": 1})
+        yield self.ok("POST", "/v1/conferences/conf-2/end", token=self.admin())
+        yield self.problem("PATCH", "/v1/conferences/conf-2", 410, "conference-ended",
+                           token=self.admin(), body={"grace": 1})
+
+    @defer.inlineCallbacks
+    def test_no_key_and_no_admission_before_the_early_start_window(self):
+        """Before starts_at - early_start: 403 not-started on every key route, and the
+        invitation answer tells the KD ``schedule: not_started``; in the window: served."""
+        yield self.ok("POST", "/v1/conferences", 201, token=self.admin(), body={
+            "id": "conf-1", "invited": [ALICE], "starts_at": self.now + 1000,
+            "early_start": 300})
+        yield self.ok("POST", "/v1/conferences/conf-1/start", token=self.admin())
+        for method, path, token in (("POST", "keys", self.kd()), ("POST", "epochs", self.kd()),
+                                    ("POST", "keys", self.alice())):
+            _, problem = yield self.problem(method, f"/v1/conferences/conf-1/{path}", 403,
+                                            "not-started", token=token)
+            self.assertIn("300 s before it starts", problem["detail"])
+        _, invitation = yield self.ok("GET", f"/v1/conferences/conf-1/invitations/{ALICE}",
+                                      token=self.kd())
+        self.assertEqual((invitation["schedule"], invitation["admission_opens_at"]),
+                         ("not_started", self.now + 700))
+        yield self.ok("PATCH", "/v1/conferences/conf-1", token=self.admin(),
+                      body={"early_start": 1200})
+        _, invitation = yield self.ok("GET", f"/v1/conferences/conf-1/invitations/{ALICE}",
+                                      token=self.kd())
+        self.assertEqual(invitation["schedule"], "open")
+        yield self.ok("POST", "/v1/conferences/conf-1/keys", token=self.kd(), cert=None)
+
+    @defer.inlineCallbacks
+    def test_a_key_route_after_the_end_time_ends_the_conference(self):
+        """Past ends_at + grace (the timer not fired yet, e.g. a KMF just restarted): the
+        key route ends the conference as perc-admin would, and answers 410."""
+        yield self.running_conference()
+        seen = self.events_seen()
+        yield self.ok("PATCH", "/v1/conferences/conf-1", token=self.admin(),
+                      body={"ends_at": self.now - 10, "grace": 5})
+        yield self.problem("POST", "/v1/conferences/conf-1/keys", 410, "conference-ended",
+                           token=self.kd())
+        self.assertEqual((yield self.store.epochs("conf-1")), [])
+        self.assertIn(("conference-ended", {"conference": "conf-1", "cause": "schedule"}), seen)
+
+    @defer.inlineCallbacks
+    def test_earlier_epochs_only_under_the_history_policy(self):
+        """?epoch=N: under late_join "history" an admitted member gets any earlier epoch's
+        key of this conference (logged through history_key_delivered); under "none" or
+        "current" 403 history-not-allowed; never to a non-member, never a future epoch."""
+        delivered = []
+        self.api.history_key_delivered = lambda *args: delivered.append(args)
+        yield self.running_conference(invited=(ALICE, BOB))
+        for _ in range(2):
+            yield self.ok("POST", "/v1/conferences/conf-1/epochs", 201, token=self.kd())
+        yield self.admit(3, [(ALICE, self.alice_cert)])
+        path = "/v1/conferences/conf-1/keys?epoch=1"
+        _, problem = yield self.problem("POST", path, 403, "history-not-allowed",
+                                        token=self.alice())
+        self.assertIn("'none'", problem["detail"])
+        yield self.ok("PATCH", "/v1/conferences/conf-1", token=self.admin(),
+                      body={"late_join": "current"})
+        yield self.problem("POST", path, 403, "history-not-allowed", token=self.alice())
+        yield self.ok("PATCH", "/v1/conferences/conf-1", token=self.admin(),
+                      body={"late_join": "history"})
+        stored = {e.epoch: e for e in (yield self.store.epochs("conf-1"))}
+        for epoch in (1, 2, 3):
+            response, body = yield self.ok("POST", f"/v1/conferences/conf-1/keys?epoch={epoch}",
+                                           token=self.alice())
+            keyid, key = self.parse_key(response)
+            self.assertEqual((keyid, body["epoch"], body["spi"]),
+                             (f"conf-1/{epoch}", epoch, stored[epoch].spi))
+            self.assertEqual(key, self.kek.unwrap(stored[epoch].wrapped_key,
+                                                  conference_id="conf-1", epoch=epoch))
+        self.assertEqual(delivered, [("conf-1", ALICE, self.alice_cert.digest, e)
+                                     for e in (1, 2, 3)])
+        yield self.problem("POST", "/v1/conferences/conf-1/keys?epoch=4", 404, "unknown-epoch",
+                           token=self.alice())
+        for bad in ("0", "-1", "x", "1.0"):
+            yield self.problem("POST", f"/v1/conferences/conf-1/keys?epoch={bad}", 400,
+                               "invalid-request", token=self.alice())
+        # Bob is invited but not admitted: nothing, history or not
+        bob = self.token(["keys"], subject=BOB, bound_to=self.other_cert)
+        yield self.problem("POST", path, 403, "not-admitted", token=bob, cert=self.other_cert)
+        self.assertEqual(len(delivered), 3)
+
     # --- Media Distributors (draft-roach-perc-webrtc slides 4.1.1 steps 9-11) ---------
 
     def events_seen(self) -> list[tuple[str, dict]]:
@@ -792,7 +914,7 @@ class KmfApiTests(unittest.TestCase):
         self.assertRegex(events[0], r'^id: \d+\nevent: epoch\n'
                          r'data: \{"conference": "conf-1", "epoch": 2, "spi": \d+\}$')
         self.assertRegex(events[1], r'^id: \d+\nevent: conference-ended\n'
-                         r'data: \{"conference": "conf-1"\}$')
+                         r'data: \{"conference": "conf-1", "cause": "admin"\}$')
         reader.transport.stopProducing()
         yield reader.done
         yield self.wait_for(lambda: len(self.api.events) == 0)

@@ -30,6 +30,9 @@ from zope.interface.verify import verifyObject
 from perc_daemons.interfaces import IConferenceStore
 from perc_daemons.kmf.kek import KeyEncryptionKey
 from perc_daemons.store import (
+    DEFAULT_EARLY_START,
+    DEFAULT_GRACE,
+    DEFAULT_REKEY_INTERVAL,
     AuditEvent,
     Conference,
     ConferenceEnded,
@@ -67,7 +70,6 @@ def conference(cid: str = "conf-1", **kw: object) -> Conference:
         "invited_groups": frozenset({"cn=staff,ou=groups,dc=example,dc=com"}),
         "starts_at": T0 + 60,
         "ends_at": T0 + 3660,
-        "late_joiners_get_earlier_epochs": False,
         "created_at": T0,
     }
     fields.update(kw)
@@ -256,7 +258,10 @@ class ModelTests(unittest.TestCase):
                    {"invited": frozenset({"bob"})}, {"invited": "bob@example.com"},
                    {"invited_groups": frozenset({""})}, {"state": "paused"},
                    {"starts_at": T0, "ends_at": T0 - 1}, {"created_at": float("nan")},
-                   {"late_joiners_get_earlier_epochs": 1}):
+                   {"late_joiners_get_earlier_epochs": 1}, {"late_join": "all"},
+                   {"late_join": "none", "late_joiners_get_earlier_epochs": True},
+                   {"rekey_interval": -1}, {"early_start": float("inf")},
+                   {"grace": 86401}, {"rekey_interval": True}):
             self.assertRaises(ValueError, conference, **kw)
         conference(title="t" * 200)
 
@@ -321,6 +326,35 @@ class StoreTestsMixin:
         self.fail(f"expected {exception.__name__}, got {result!r}")
 
     # conferences
+
+    @defer.inlineCallbacks
+    def test_policy_is_stored_and_updated_with_one_audit_event(self):
+        """Issue 14: the policy fields round-trip, update changes only what it names,
+        audits the changed fields once ("policy"), and refuses a bad or ended one."""
+        c = conference(early_start=60.0, grace=30.0, rekey_interval=2.0, late_join="history")
+        yield self.store.create(c)
+        got = yield self.store.get("conf-1")
+        self.assertEqual((got.early_start, got.grace, got.rekey_interval, got.late_join,
+                          got.late_joiners_get_earlier_epochs),
+                         (60.0, 30.0, 2.0, "history", True))
+        updated = yield self.store.update("conf-1", {"rekey_interval": 900, "late_join": "none",
+                                                     "ends_at": T0 + 7200}, T0 + 1)
+        self.assertEqual((updated.rekey_interval, updated.late_join, updated.ends_at,
+                          updated.late_joiners_get_earlier_epochs, updated.grace),
+                         (900.0, "none", T0 + 7200, False, 30.0))
+        self.assertEqual((yield self.store.get("conf-1")), updated)
+        yield self.store.update("conf-1", {"rekey_interval": 900}, T0 + 2)  # no change
+        policy = [e for e in (yield self.store.audit("conf-1")) if e.kind == "policy"]
+        self.assertEqual([e.detail for e in policy],
+                         [{"rekey_interval": 900.0, "late_join": "none", "ends_at": T0 + 7200}])
+        for bad in ({"late_join": "all"}, {"rekey_interval": -1}, {"grace": 86401},
+                    {"ends_at": T0}, {"state": "ended"}, {"invited": []}):
+            yield self.assertFails(self.store.update("conf-1", bad, T0 + 3), ValueError)
+        self.assertEqual((yield self.store.get("conf-1")), updated)
+        yield self.assertFails(self.store.update("nope", {"grace": 1}, T0), ConferenceNotFound)
+        yield self.store.end("conf-1", T0 + 4)
+        yield self.assertFails(self.store.update("conf-1", {"grace": 1}, T0 + 5),
+                               ConferenceEnded)
 
     def test_provides_interface(self):
         self.assertTrue(verifyObject(IConferenceStore, self.store))
@@ -721,7 +755,10 @@ class StoreTestsMixin:
             AuditEvent(cid, T0, "created", "alice@example.com", {
                 "title": "Weekly sync", "state": "scheduled", "invited": ["bob@example.com"],
                 "invited_groups": [], "starts_at": T0 + 60, "ends_at": T0 + 3660,
-                "late_joiners_get_earlier_epochs": False, "media_distributors": []}),
+                "late_joiners_get_earlier_epochs": False, "media_distributors": [],
+                "early_start": DEFAULT_EARLY_START,
+                "grace": DEFAULT_GRACE, "rekey_interval": DEFAULT_REKEY_INTERVAL,
+                "late_join": "none"}),
             AuditEvent(cid, T0 + 1, "invited", "carol@example.org", {}),
             AuditEvent(cid, T0 + 2, "state", None, {"state": "running"}),
             AuditEvent(cid, T0 + 3, "epoch", None, {"epoch": 1, "spi": 7}),
@@ -941,7 +978,7 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
         db.close()
         self.store = yield self.open_store()
         with sqlite3.connect(self.path) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
             self.assertIn("media_distributor", [r[0] for r in db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")])
         db.close()
@@ -951,6 +988,37 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
         self.assertEqual((yield self.store.roster("conf-1")), (2, "h.p.s"))
         self.assertIs((yield self.store.add_media_distributor("conf-1", MD1, T0)), True)
         self.assertEqual((yield self.store.active_media_distributors()), [MD1])
+
+    @defer.inlineCallbacks
+    def test_version_3_database_upgraded_with_policy(self):
+        """A schema-3 database gains the policy columns (issue 14): the documented
+        defaults, and late_join "current" where late_joiners_get_earlier_epochs was set."""
+        yield self.store.close()
+        os.remove(self.path)
+        for name in glob.glob(self.path + "-*"):
+            os.remove(name)
+        from perc_daemons.store.sqlite import _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3
+        with sqlite3.connect(self.path) as db:
+            for script in (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3):
+                db.executescript(script)
+            db.execute("INSERT INTO conference VALUES ('conf-1', 't', 'alice@example.com',"
+                       " 'running', NULL, NULL, 0, 1.0, 2)")
+            db.execute("INSERT INTO conference VALUES ('conf-2', 't', 'alice@example.com',"
+                       " 'running', 5.0, 9.0, 1, 1.0, 0)")
+            db.execute("PRAGMA user_version = 3")
+        db.close()
+        self.store = yield self.open_store()
+        one = yield self.store.get("conf-1")
+        two = yield self.store.get("conf-2")
+        self.assertEqual((one.late_join, one.early_start, one.grace, one.rekey_interval),
+                         ("none", DEFAULT_EARLY_START, DEFAULT_GRACE, DEFAULT_REKEY_INTERVAL))
+        self.assertEqual((two.late_join, two.late_joiners_get_earlier_epochs, two.starts_at),
+                         ("current", True, 5.0))
+        with sqlite3.connect(self.path) as db:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+            with self.assertRaises(sqlite3.IntegrityError):
+                db.execute("UPDATE conference SET late_join = 'all' WHERE id = 'conf-1'")
+        db.close()
 
     @defer.inlineCallbacks
     def test_media_distributor_rows_go_with_their_conference(self):
