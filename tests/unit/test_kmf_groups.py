@@ -141,8 +141,8 @@ class ConfigTests(LdapTestMixin, unittest.TestCase):
                                "client_secret_file, domain, issuer, jwks_url, name, "
                                "token_endpoint)")
         self.assertConfigError("[nope]\n", "nope",
-                               "unknown section (known: admin, auth, connections, https, "
-                               "idp, keys, logging, oauth, store)")
+                               "unknown section (known: admin, auth, conferences, "
+                               "connections, https, idp, keys, logging, oauth, store)")
 
     def test_ldap_settings_unused_without_the_backend(self):
         cfg = config.load("kmf", self.write('[auth.ldap]\nhost = "h"\n'))

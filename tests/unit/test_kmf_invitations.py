@@ -61,12 +61,15 @@ class InvitationTests(InvitationHelpers, unittest.TestCase):
 
     async def test_invited_and_not_invited(self):
         await self.conference(invited=(ALICE,))
+        policy = {"late_joiners_get_earlier_epochs": False, "late_join": "none",
+                  "rekey_interval": 0.0, "schedule": "open", "starts_at": None,
+                  "admission_opens_at": None}
         self.assertEqual(await self.status("conf-1", ALICE), {
             "conference": "conf-1", "identity": ALICE, "invited": True, "state": "running",
-            "late_joiners_get_earlier_epochs": False})
+            **policy})
         self.assertEqual(await self.status("conf-1", BOB), {
             "conference": "conf-1", "identity": BOB, "invited": False, "state": "running",
-            "late_joiners_get_earlier_epochs": False})
+            **policy})
         # admin may ask too; an invitation shows at once, a withdrawn one is gone
         await self.ok("POST", "/v1/conferences/conf-1/invitations", token=self.admin(),
                       body={"identity": BOB})
