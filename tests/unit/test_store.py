@@ -941,7 +941,7 @@ class SqliteStoreTests(StoreTestsMixin, unittest.TestCase):
         db.close()
         self.store = yield self.open_store()
         with sqlite3.connect(self.path) as db:
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
             self.assertIn("media_distributor", [r[0] for r in db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")])
         db.close()
@@ -1075,7 +1075,7 @@ class RedisStoreTestsBase(StoreTestsMixin):
         self.assertEqual(sorted(keys), sorted([
             f"{ns}:conferences", f"{ns}:conf:conf-1", f"{ns}:conf:conf-1:invited",
             f"{ns}:conf:conf-1:groups", f"{ns}:conf:conf-1:epochs", f"{ns}:conf:conf-1:audit",
-            f"{ns}:conf:conf-1:roster"]))
+            f"{ns}:conf:conf-1:roster", f"{ns}:audit-chained"]))
         # another namespace on the same server sees nothing
         other = yield self.open_store(namespace="elsewhere")
         listed = yield other.list()
