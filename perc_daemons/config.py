@@ -346,6 +346,15 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
         "ekt_cipher": Setting(str, "AESKW_256", "EKT cipher of new epoch keys.",
                               _one_of("AESKW_128", "AESKW_256")),
     },
+    "audit": {
+        "retention": Setting(int, 31_536_000, "Seconds an ended conference's audit trail "
+                             "is kept (then deleted, leaving a signed trail-deleted record); "
+                             "0 keeps trails forever.", _non_negative),
+        "checkpoint_every": Setting(int, 32, "Records between two signed checkpoints of a "
+                                    "trail (also signed at the end).", _positive),
+        "sweep_interval": Setting(int, 3600, "Seconds between two retention sweeps.",
+                                  _positive),
+    },
     "oauth": {
         "clients_file": Setting(str, "/etc/perc/kmf-clients.toml",
                                 "OAuth client registry (missing: no clients).", _absolute_path),
