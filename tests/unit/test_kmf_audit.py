@@ -29,7 +29,8 @@ from perc_daemons.protocol.audit import (
     parse_record,
     verify_trail,
 )
-from tests.unit.test_kmf_api import ALICE, BOB, KmfApiTests
+from tests.unit import test_kmf_api
+from tests.unit.test_kmf_api import ALICE, BOB
 
 CID = "conf-1"
 AID = "ab" * 16
@@ -55,14 +56,14 @@ def reports(first: int = 0) -> list[dict]:
 class KmfAuditTests(unittest.TestCase):
     timeout = 30
 
-    setUp = KmfApiTests.setUp
-    open_store = KmfApiTests.open_store
-    token = KmfApiTests.token
-    admin = KmfApiTests.admin
-    kd = KmfApiTests.kd
-    call = KmfApiTests.call
-    ok = KmfApiTests.ok
-    problem = KmfApiTests.problem
+    setUp = test_kmf_api.KmfApiTests.setUp
+    open_store = test_kmf_api.KmfApiTests.open_store
+    token = test_kmf_api.KmfApiTests.token
+    admin = test_kmf_api.KmfApiTests.admin
+    kd = test_kmf_api.KmfApiTests.kd
+    call = test_kmf_api.KmfApiTests.call
+    ok = test_kmf_api.KmfApiTests.ok
+    problem = test_kmf_api.KmfApiTests.problem
 
     def auditor(self) -> str:
         return self.token(["auditor"], subject="auditor@example.com")
