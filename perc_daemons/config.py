@@ -362,6 +362,15 @@ _KMF_SCHEMA: dict[str, dict[str, Setting]] = {
                              "history (new conferences' default).",
                              _one_of("none", "current", "history")),
     },
+    "audit": {
+        "retention": Setting(int, 31_536_000, "Seconds an ended conference's audit trail "
+                             "is kept (then deleted, leaving a signed trail-deleted record); "
+                             "0 keeps trails forever.", _non_negative),
+        "checkpoint_every": Setting(int, 32, "Records between two signed checkpoints of a "
+                                    "trail (also signed at the end).", _positive),
+        "sweep_interval": Setting(int, 3600, "Seconds between two retention sweeps.",
+                                  _positive),
+    },
     "oauth": {
         "clients_file": Setting(str, "/etc/perc/kmf-clients.toml",
                                 "OAuth client registry (missing: no clients).", _absolute_path),

@@ -71,6 +71,29 @@ class IConferenceStore(Interface):
     def audit(conference_id):
         """The conference's AuditEvents, oldest first."""
 
+    def append_audit(conference_id, kind, identity, detail, now):
+        """Chain one more record (kind of AUDIT_KINDS, detail JSON data without key
+        material) to the conference's trail, also once it has ended; fires with its
+        :class:`~perc_daemons.protocol.audit.AuditRecord`."""
+
+    def audit_trail(conference_id):
+        """``(records, checkpoints)``: the chained AuditRecords in stored order and the
+        signed Checkpoints, for :func:`perc_daemons.protocol.audit.verify_trail`."""
+
+    def audit_tail(conference_id):
+        """``(last AuditRecord or None, seq of the newest checkpoint or 0)``."""
+
+    def add_audit_checkpoint(checkpoint):
+        """Keep a signed Checkpoint beside the records (idempotent per seq)."""
+
+    def expired_trails(ended_before):
+        """Ids of the ended conferences whose "ended" record is older than
+        ``ended_before`` and whose trail has not been deleted."""
+
+    def delete_audit_trail(conference_id, retention, now):
+        """Replace an ended conference's trail by one ``trail-deleted`` record that
+        continues the chain; fires with it (None if nothing was deleted)."""
+
     def set_roster(conference_id, epoch, signed_roster, admitted=()):
         """Keep the signed roster (a JWS string) of ``epoch`` and whom the KD admitted:
         ``admitted`` is a collection of (identity, 32-byte SHA-256 fingerprint of the

@@ -32,6 +32,12 @@ and hands them in with :meth:`KeyDistributorCore.install_epoch`.
   epoch, as does a completed join with ``rekey_on_join``;
   :meth:`take_rekeys` reports the due conferences (coalesced), and
   :meth:`take_roster_updates` those whose keyed membership changed without one.
+* For the KMF's audit trail (issue 14), :meth:`take_audit_events` hands out
+  :class:`Admitted` (an association's first EKT key: identity, certificate
+  fingerprint, epoch) and :class:`Left` (a keyed member gone, and why:
+  ``close_notify``, ``md_disconnect``, ``uninvited``, ``conference_ended``,
+  or the DTLS failure's cause); :meth:`take_rekeys_with_causes` says why each
+  due epoch is due (``join``, ``leave``).  Refusals are :class:`DtlsRefusal`.
 """
 
 from __future__ import annotations
@@ -57,9 +63,11 @@ from perc_daemons.protocol.tunnel import EndpointDisconnect, MediaKeys, Tunneled
 __all__ = [
     "DEFAULT_EKT_CIPHERS",
     "DEFAULT_PROFILES",
+    "Admitted",
     "DtlsRefusal",
     "EpochError",
     "KeyDistributorCore",
+    "Left",
     "NoCurrentEpoch",
     "ReusedSpi",
     "StaleEpoch",
@@ -95,6 +103,28 @@ class DtlsRefusal:
     identity: str
     cause: str
     detail: str
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An association got its first EKT key (it is a keyed member from now on)."""
+
+    association_id: bytes
+    conference_id: str
+    identity: str
+    fingerprint: bytes
+    epoch: int
+    ssrcs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Left:
+    """A keyed member is gone; ``reason`` a slug (see the module doc)."""
+
+    association_id: bytes
+    conference_id: str
+    identity: str
+    reason: str
 
 
 class EpochError(ValueError):
@@ -173,10 +203,11 @@ class KeyDistributorCore:
         self._expect_timeout = expect_timeout
         self._associations: dict[bytes, _Association] = {}
         self._conferences: dict[str, _Conference] = {}
-        self._rekeys: dict[str, None] = {}  # ordered set
+        self._rekeys: dict[str, set[str]] = {}  # ordered: conference -> causes
         self._roster_updates: dict[str, None] = {}
         self._grants: dict[str, None] = {}
         self._refusals: list[DtlsRefusal] = []
+        self._audit: list[Admitted | Left] = []
 
     def __repr__(self) -> str:
         return (f"<KeyDistributorCore associations={len(self._associations)} "
@@ -259,8 +290,28 @@ class KeyDistributorCore:
         join does when the conference rekeys on join.  The caller gets a new
         epoch key (KMF) and hands it to :meth:`install_epoch`.
         """
-        due, self._rekeys = list(self._rekeys), {}
-        return due
+        return [conference for conference, _ in self.take_rekeys_with_causes()]
+
+    def take_rekeys_with_causes(self) -> list[tuple[str, frozenset[str]]]:
+        """As :meth:`take_rekeys`, with why each is due: ``join``, ``leave``."""
+        due, self._rekeys = self._rekeys, {}
+        return [(conference, frozenset(causes)) for conference, causes in due.items()]
+
+    def take_audit_events(self) -> list[Admitted | Left]:
+        """Admissions and leaves since the last call, in order (for the audit trail)."""
+        events, self._audit = self._audit, []
+        return events
+
+    def _rekey(self, conference_id: str, cause: str) -> None:
+        self._rekeys.setdefault(conference_id, set()).add(cause)
+
+    def _keyed(self, association: _Association, epoch: int) -> None:
+        if not association.keyed:
+            association.keyed = True
+            if len(self._audit) < 10_000:
+                self._audit.append(Admitted(association.association_id,
+                                            association.conference_id, association.identity,
+                                            association.fingerprint, epoch, association.ssrcs))
 
     def take_roster_updates(self) -> list[str]:
         """Conferences whose keyed membership grew without a new epoch, each once."""
@@ -320,9 +371,9 @@ class KeyDistributorCore:
             if self._associations.get(association.association_id) is not association:
                 continue
             if association.ekt_cipher != params.cipher:
-                out += self._drop(association, now)
+                out += self._drop(association, now, "ekt_cipher_mismatch")
                 continue
-            association.keyed = True
+            self._keyed(association, epoch)
             out += self._send_key(association, params, now)
         return out
 
@@ -343,7 +394,7 @@ class KeyDistributorCore:
                 continue
             if self._associations.get(association.association_id) is not association:
                 continue
-            association.keyed = True
+            self._keyed(association, conference.epoch)
             self._roster_updates[conference_id] = None
             out += self._send_key(association, conference.params, now)
         return out
@@ -358,7 +409,7 @@ class KeyDistributorCore:
             if (association.conference_id == conference_id
                     and association.identity == identity
                     and self._associations.get(association.association_id) is association):
-                out += self._drop(association, now)
+                out += self._drop(association, now, "uninvited")
         return out
 
     def expect(self, association_id: bytes, conference_id: str, identity: str,
@@ -425,7 +476,7 @@ class KeyDistributorCore:
             return []
         if association.connection is not None:
             association.connection.close()  # its close_notify has nowhere to go
-        self._left(association)
+        self._left(association, "md_disconnect")
         return [EndpointDisconnect(association_id)]
 
     def end_conference(self, conference_id: str, now: float) -> list[TunnelMessage]:
@@ -435,6 +486,9 @@ class KeyDistributorCore:
             if association.conference_id != conference_id:
                 continue
             del self._associations[association.association_id]
+            if association.keyed and len(self._audit) < 10_000:
+                self._audit.append(Left(association.association_id, conference_id,
+                                        association.identity, "conference_ended"))
             connection = association.connection
             if connection is not None:
                 connection.close()
@@ -470,18 +524,22 @@ class KeyDistributorCore:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _left(self, association: _Association) -> None:
+    def _left(self, association: _Association, reason: str) -> None:
         """A member left: if it knew a key, the rest need a new epoch, even with nobody
         left (a later joiner must not get a key the departed member knows)."""
         if association.keyed:
+            if len(self._audit) < 10_000:
+                self._audit.append(Left(association.association_id, association.conference_id,
+                                        association.identity, reason))
             association.keyed = association.member = False
             conference = self._conferences.get(association.conference_id)
             if conference is not None:
                 conference.stale = True
-            self._rekeys[association.conference_id] = None
+            self._rekey(association.conference_id, "leave")
             self._roster_updates.pop(association.conference_id, None)
 
-    def _drop(self, association: _Association, now: float) -> list[TunnelMessage]:
+    def _drop(self, association: _Association, now: float,
+              reason: str) -> list[TunnelMessage]:
         """Close an association the KD cannot keep, and tell the MD."""
         aid = association.association_id
         self._associations.pop(aid, None)
@@ -490,7 +548,7 @@ class KeyDistributorCore:
             association.connection.close()
             out += [TunneledDtls(aid, d) for d in association.connection.datagrams_to_send(now)]
         out.append(EndpointDisconnect(aid))
-        self._left(association)
+        self._left(association, reason)
         return out
 
     def _new_connection(self, association: _Association) -> DtlsConnection | None:
@@ -549,7 +607,7 @@ class KeyDistributorCore:
                               "the finished handshake failed the KD's own checks")
             elif not association.member:
                 self._refused(association, closed.cause or "dtls_error", closed.reason)
-            self._left(association)
+            self._left(association, closed.cause or "dtls_error")
         return out
 
     def _refused(self, association: _Association, cause: str, detail: str) -> None:
@@ -579,7 +637,7 @@ class KeyDistributorCore:
         association.ekt_cipher = EktCipher(event.ekt_cipher)
         if conference.rekey_on_join or conference.stale:
             # The first key this member gets is the next epoch's.
-            self._rekeys[association.conference_id] = None
+            self._rekey(association.conference_id, "join")
         else:
             # The current epoch's key, once the service re-checked the invitation.
             self._grants[association.conference_id] = None

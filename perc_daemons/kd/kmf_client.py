@@ -470,6 +470,14 @@ class KmfClient:
                 for identity, ssrcs in members]})
         return body if isinstance(body, dict) else {}
 
+    async def post_audit(self, conference_id: str,
+                         events: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """``POST .../audit``: a batch of the KD's audit reports (docs/API.md)."""
+        _, body = await self._call(
+            "POST", f"/v1/conferences/{self._cid(conference_id)}/audit",
+            body={"events": list(events)})
+        return body if isinstance(body, dict) else {}
+
     async def invitation_check(self, conference_id: str,
                                identities: Sequence[str]) -> tuple[str, frozenset[str]]:
         """``POST .../invitation-check``: the conference's state and which of

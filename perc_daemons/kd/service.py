@@ -28,8 +28,8 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
   after its last one although nobody joined or left -- the same round as a
   membership rekey, with its re-check of every recipient's invitation --
   unless nobody is keyed.  Every epoch this KD starts is reported to
-  :meth:`KdHandler.epoch_started` with its causes ("membership", "timer",
-  "recovery").
+  :meth:`KdHandler.epoch_started` and to the KMF's audit trail with its
+  causes ("join", "leave", "timer", "manual").
 * KMF events (SSE): ``conference-ended`` closes the conference's
   associations (EndpointDisconnect to the MD); ``epoch`` newer than ours (an
   epoch another KD started) is fetched and installed.  After a reconnection
@@ -68,6 +68,13 @@ is the glue between them and the KMF (:class:`~perc_daemons.kd.kmf_client.KmfCli
   once per MD (until it disconnects), so a flapping tunnel does not rekey
   again and again.
 
+* Audit (issue 14): admissions, refusals (SignAnswer and DTLS), leaves and the
+  epochs this KD installs (with their cause: ``join``, ``leave``, ``manual``
+  for an epoch it did not start, ``timer`` for whatever schedules
+  ``_schedule(conference, new_epoch=True, cause="timer")``) are reported to the
+  KMF's trail through :class:`~perc_daemons.kd.audit.AuditReporter`, which
+  queues and retries on its own: keying never waits for it.
+
 Start-up: a missing or unusable certificate/key means the KD cannot serve:
 it logs that and runs only the admin listener (so a fresh install starts).
 With no ``[tunnel] mds`` it waits for the KMF to name MDs.  A missing KMF
@@ -78,6 +85,7 @@ needed).
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -96,7 +104,14 @@ from perc_daemons import config as config_module
 from perc_daemons import tls
 from perc_daemons.daemon import DaemonOptions, base_service
 from perc_daemons.interfaces import ITunnelHandler, ITunnelPeer
-from perc_daemons.kd.associations import EpochError, KeyDistributorCore, TunnelMessage
+from perc_daemons.kd.associations import (
+    Admitted,
+    EpochError,
+    KeyDistributorCore,
+    Left,
+    TunnelMessage,
+)
+from perc_daemons.kd.audit import AuditReporter
 from perc_daemons.kd.kmf_client import KmfClient, KmfError, KmfEventStream, KmfRefused
 from perc_daemons.kd.offers import OfferRejected, finish_answer, inspect_offer, verify_identity
 from perc_daemons.metrics import Metrics
@@ -229,7 +244,8 @@ class _Job:
     roster: bool = False
     grant: bool = False
     running: bool = False
-    causes: set[str] = field(default_factory=set)  # why new_epoch is due
+    #: why the pending new epoch is due (audit: join, leave, timer, manual)
+    causes: set[str] = field(default_factory=set)
 
     def due(self) -> bool:
         return self.new_epoch or self.sync or self.roster or self.grant
@@ -241,8 +257,11 @@ class KdHandler:
 
     def __init__(self, reactor: Any, *, core: KeyDistributorCore, kmf: KmfClient,
                  idp_domain: str, credentials: KdCredentials,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, audit: AuditReporter | None = None) -> None:
         self.reactor = reactor
+        self.audit = audit if audit is not None else AuditReporter(reactor, kmf,
+                                                                   metrics=metrics)
+        self._md_of: dict[bytes, str] = {}  # keyed association -> its MD (for its leave)
         self.core = core
         self.kmf = kmf
         self.idp_domain = idp_domain
@@ -300,7 +319,7 @@ class KdHandler:
             self._cancel_rekey(conference)
         for d in list(self._sleeps):
             d.cancel()
-        running = defer.DeferredList(list(self._running), consumeErrors=True)
+        running = defer.DeferredList([*self._running, self.audit.stop()], consumeErrors=True)
         return running.addCallback(lambda _: None)
 
     @property
@@ -407,7 +426,7 @@ class KdHandler:
             if conference not in self.core.conferences():
                 # The KMF's policy comes with the next SignAnswer.
                 self.core.set_policy(conference, rekey_on_join=True)
-            self._schedule(conference, new_epoch=True, cause="recovery")
+            self._schedule(conference, new_epoch=True, cause="leave")
 
     def _send(self, out: Iterable[TunnelMessage], default: ITunnelPeer | None) -> None:
         for message in out:
@@ -429,13 +448,44 @@ class KdHandler:
                      detail=refusal.detail)
             if self.metrics is not None:
                 self.metrics.dtls_refusals.labels(refusal.cause).inc()
-        for conference in self.core.take_rekeys():
-            self._schedule(conference, new_epoch=True, cause="membership")
+            detail = {"reason": _slug(refusal.cause), "association": refusal.association_id.hex(),
+                      "text": refusal.detail[:200]}
+            md = self._owner.get(refusal.association_id)
+            if md is not None:
+                detail["md"] = md
+            self.audit.report(refusal.conference_id, "refused", refusal.identity, detail)
+        for event in self.core.take_audit_events():
+            self._report_membership(event)
+        for conference, causes in self.core.take_rekeys_with_causes():
+            self._schedule(conference, new_epoch=True, causes=causes)
         for conference in self.core.take_roster_updates():
             self._schedule(conference, roster=True)
         for conference in self.core.take_grants():
             self._schedule(conference, grant=True)
         self._reschedule_timer()
+
+    def _report_membership(self, event: Admitted | Left) -> None:
+        aid = event.association_id
+        if isinstance(event, Admitted):
+            md = self._owner.get(aid, "")
+            self._md_of[aid] = md
+            self.audit.report(event.conference_id, "admitted", event.identity, {
+                "association": aid.hex(), "fingerprint": event.fingerprint.hex(), "md": md,
+                "epoch": event.epoch, "ssrcs": list(event.ssrcs)})
+        else:
+            detail = {"reason": _slug(event.reason), "association": aid.hex()}
+            md = self._md_of.pop(aid, None)
+            if md:
+                detail["md"] = md
+            self.audit.report(event.conference_id, "left", event.identity, detail)
+
+    def _report_epoch(self, conference: str, epoch: int, causes: Iterable[str]) -> None:
+        order = ("leave", "join", "timer", "manual")
+        due = sorted(set(causes) or {"manual"}, key=order.index)
+        self.audit.report(conference, "epoch-started", None, {
+            "epoch": epoch, "cause": due[0], "causes": due,
+            "members": [{"identity": identity, "association": aid.hex()}
+                        for identity, aid in self.core.members(conference)]})
 
     def _reschedule_timer(self) -> None:
         when = None if self._stopped else self.core.next_timer()
@@ -491,9 +541,10 @@ class KdHandler:
                 self.metrics.epochs.inc()
             epoch, params = await self.kmf.current_key(conference)
         if epoch > self.core.epoch(conference):
-            self._install(conference, epoch, params)
+            self._install(conference, epoch, params, {"join"})
 
-    def _install(self, conference: str, epoch: int, params: Any) -> None:
+    def _install(self, conference: str, epoch: int, params: Any,
+                 causes: Iterable[str] = ()) -> None:
         try:
             out = self.core.install_epoch(conference, epoch, params, self.reactor.seconds())
         except EpochError as e:
@@ -505,6 +556,7 @@ class KdHandler:
                  members=len(self.core.roster(conference)))
         self._send(out, None)
         self._arm_rekey(conference)  # the interval counts from the newest epoch
+        self._report_epoch(conference, epoch, causes)
         self._after_core()
 
     # -- periodic rekey (issue 14) -----------------------------------------------------
@@ -551,9 +603,9 @@ class KdHandler:
     def epoch_started(self, conference: str, epoch: int, causes: frozenset[str],
                       members: int) -> None:
         """Hook: this KD started ``epoch`` of ``conference`` at the KMF, for ``causes``
-        ("membership", "timer", "recovery"; empty: a first epoch or a withdrawn
-        invitation), ``members`` keyed members before it.  Logged; an audit report to
-        the KMF may be sent from here (never key material)."""
+        ("join", "leave", "timer", "manual"; empty: a first epoch or a withdrawn
+        invitation), ``members`` keyed members before it.  Logged (the audit report goes
+        from :meth:`_report_epoch`)."""
         log.info("epoch {epoch} of {conference} started at the KMF (cause: {cause}; "
                  "{members} member(s))", epoch=epoch, conference=conference,
                  cause=",".join(sorted(causes)) or "other", members=members)
@@ -645,6 +697,7 @@ class KdHandler:
                      association=_aid(aid), identity=identity, conference=conference)
         except OfferRejected as e:
             ack = SignAnswerAck(aid, e.status, e.text)
+            self._report_refusal(message, peer, conference, identity, e.code, e.reason)
             log.warn("SignAnswer {association}: {outcome} ({reason}); identity {identity}, "
                      "conference {conference}", association=_aid(aid),
                      outcome=STATUS_NAMES[e.status], reason=e.reason, identity=identity,
@@ -654,6 +707,8 @@ class KdHandler:
                 self.metrics.kmf_errors.labels("sign_answer").inc()
             ack = SignAnswerAck(aid, SIGN_STATUS_INTERNAL_ERROR,
                                 "kmf_unavailable: key management service unavailable")
+            self._report_refusal(message, peer, conference, identity, "kmf_unavailable",
+                                 "key management service unavailable")
             log.warn("SignAnswer {association}: KMF problem: {error}; identity {identity}, "
                      "conference {conference}", association=_aid(aid), error=str(e),
                      identity=identity, conference=conference)
@@ -673,16 +728,31 @@ class KdHandler:
                      "KMF", association=_aid(aid), conference=conference)
             self.end_conference(conference)
 
+    def _report_refusal(self, message: SignAnswer, peer: ITunnelPeer, conference: str | None,
+                        identity: str | None, reason: str, text: str) -> None:
+        conference = conference or message.conference_id
+        try:
+            check_conference_id(conference)
+        except ValueError:
+            return  # no trail to put it in
+        self.audit.report(conference, "refused", identity, {
+            "reason": reason, "association": message.association_id.hex(),
+            "md": str(peer.peer_name), "text": text[:200]})
+
     # -- KMF work per conference -------------------------------------------------------
 
     def _schedule(self, conference: str, *, new_epoch: bool = False, sync: bool = False,
-                  roster: bool = False, grant: bool = False, cause: str | None = None) -> None:
+                  roster: bool = False, grant: bool = False, cause: str | None = None,
+                  causes: Iterable[str] = ()) -> None:
+        """Queue KMF work; ``cause``/``causes`` say why a new epoch is due (audit)."""
         if self._stopped:
             return
         job = self._jobs.setdefault(conference, _Job())
         job.new_epoch |= new_epoch
-        if new_epoch and cause is not None:
-            job.causes.add(cause)
+        if new_epoch:
+            job.causes.update(causes)
+            if cause is not None:
+                job.causes.add(cause)
         job.sync |= sync
         job.roster |= roster
         job.grant |= grant
@@ -751,7 +821,9 @@ class KdHandler:
                 return
             new |= job.new_epoch  # a withdrawn member made a rekey due: this one
             job.new_epoch = False
+        causes: set[str] = set()
         if new:
+            causes = set(job.causes)  # kept for a retry until the epoch is installed
             started = await self.kmf.new_epoch(conference)
             causes, job.causes = frozenset(job.causes), set()
             if self.metrics is not None:
@@ -764,8 +836,10 @@ class KdHandler:
             if conference not in self.core.conferences():
                 return
             if epoch > self.core.epoch(conference):
-                self._install(conference, epoch, params)
+                # an epoch this KD did not start (another KD's, an admin's): manual
+                self._install(conference, epoch, params, causes if new else {"manual"})
                 installed = True
+            job.causes -= causes
         if grant and not installed:
             self._send(self.core.grant(conference, self.reactor.seconds()), None)
             self._after_core()
@@ -908,6 +982,11 @@ class KdHandler:
             peer.send(message)
         log.info("conference {conference} ended: told {count} MD(s)",
                  conference=conference, count=len(peers))
+
+
+def _slug(text: str) -> str:
+    """A machine-readable reason from a cause or a refusal's sentence."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:64] or "unknown"
 
 
 def _aid(association_id: bytes) -> str:

@@ -19,6 +19,9 @@ POLICY OPTIONS (docs/API.md "Policy"; defaults from [conferences] of kmf.toml):
 ``--rekey-interval`` SECONDS, ``--late-join none|current|history``.
     perc-admin conferences invite|uninvite ID IDENTITY...
     perc-admin roster show ID
+    perc-admin audit show|verify ID
+    perc-admin audit export ID --jsonl [--output F]
+    perc-admin audit verify --file F --jwks URL-or-FILE   (offline, see kmf/audit_cli.py)
 
 Local commands change files on the KMF's host (run them as root or the daemon's user)::
 
@@ -104,6 +107,7 @@ from perc_daemons.cli import (
     unexpected,
 )
 from perc_daemons.config import ConfigError
+from perc_daemons.kmf import audit_cli
 from perc_daemons.protocol import jsontext
 
 __all__ = ["AdminConfig", "OperationError", "fetch_client_token", "load_admin_config", "main",
@@ -377,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     roster = groups.add_parser("roster", help="conference rosters").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=Parser)
     command(roster, "show", "fetch, verify and show the signed roster").add_argument("id")
+    audit_cli.add_parser(groups, command)
 
     users = groups.add_parser("users", help="local user file").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=Parser)
@@ -457,6 +462,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for name, default in _GLOBAL_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
+    if args.category == "audit":
+        audit_cli.check_args(args)
     return args
 
 
@@ -469,6 +476,11 @@ async def _remote(args: argparse.Namespace, io: Io, reactor: Any) -> None:
     if args.url is not None and check_https_url(url) is not None:
         raise UsageError(f"--url: {check_https_url(url)}")
     trust = trust_root(config.ca_file, config.path) if config.ca_file else None
+    if args.category == "audit" and args.action == "verify" and args.file is not None:
+        fetched = [await audit_cli.fetch_jwks(reactor, j, trust)
+                   for j in args.jwks if audit_cli.is_url(j)]
+        audit_cli.verify_file(args, io, fetched)
+        return
     token = None
     if args.token_file is not None:
         token = read_secret_file(args.token_file, args.token_file, "--token-file")
@@ -683,6 +695,12 @@ _REMOTE: dict[tuple[str, str], Callable[..., Any]] = {
     ("conferences", "invite"): _invite,
     ("conferences", "uninvite"): _uninvite,
     ("roster", "show"): _roster,
+    ("audit", "show"): lambda client, args, io, config: audit_cli.remote(
+        client, args, io, config.effective_issuer),
+    ("audit", "verify"): lambda client, args, io, config: audit_cli.remote(
+        client, args, io, config.effective_issuer),
+    ("audit", "export"): lambda client, args, io, config: audit_cli.remote(
+        client, args, io, config.effective_issuer),
 }
 
 
@@ -890,6 +908,8 @@ def _local(args: argparse.Namespace, io: Io) -> None:
         _users(args, io)
     elif args.category == "clients":
         _clients(args, io)
+    elif args.category == "audit":
+        audit_cli.verify_file(args, io, [])
     else:
         _keys_rotate(args, io)
 
@@ -913,6 +933,8 @@ def _prepare(argv: Sequence[str] | None, stdout: IO[str] | None, stderr: IO[str]
 
 
 def is_local(args: argparse.Namespace) -> bool:
+    if args.category == "audit":
+        return audit_cli.is_local(args)
     return args.category in ("users", "keys", "clients", "setup", "doctor", "devstack")
 
 

@@ -22,6 +22,8 @@ Routes (every error is an RFC 9457 problem, see :mod:`perc_daemons.problems`):
 ``POST   /v1/conferences/{id}/keys`` (``?epoch=``)           ``keys`` bound + admitted, or ``kd``
 ``GET    /v1/conferences/{id}/roster``                       ``keys`` (invited), ``kd``, ``admin``
 ``PUT    /v1/conferences/{id}/roster``                       ``kd``
+``GET    /v1/conferences/{id}/audit``                        ``auditor`` or ``admin``
+``POST   /v1/conferences/{id}/audit``                        ``kd``
 ``GET    /v1/events``  (text/event-stream)                   ``kd``
 ``GET    /.well-known/oauth-authorization-server``           public (RFC 8414)
 ``GET    /oauth/authorize``  (HTML login form)               public
@@ -155,6 +157,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import server
 
+from perc_daemons.kmf.audit import AuditLog, ReportError
 from perc_daemons.kmf.auth import AuthenticationFailed, BackendUnavailable, UnsupportedCredentials
 from perc_daemons.kmf.auth.oidc import TokenEndpointError
 from perc_daemons.kmf.kek import KeyEncryptionKey, KeyUnwrapError
@@ -205,7 +208,7 @@ __all__ = ["EventBus", "GroupCache", "KmfApi", "kmf_site"]
 AUTHORIZE_PARAMS = ("response_type", "client_id", "redirect_uri", "scope", "state",
                     "code_challenge", "code_challenge_method")
 #: The scopes the routes above understand (RFC 8414 ``scopes_supported``).
-API_SCOPES = ("admin", "identity", "kd", "keys")
+API_SCOPES = ("admin", "auditor", "identity", "kd", "keys")
 _FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 _CSP_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
 _LOGIN_COOKIE = b"__Host-perc-login"
@@ -354,12 +357,15 @@ class KmfApi(JsonApi):
                  oauth: Any = None, public_url: str | None = None,
                  form_secret: bytes | None = None, form_lifetime: int = 600,
                  groups: GroupCache | None = None, oidc_login: Any = None,
-                 policy_defaults: dict[str, Any] | None = None) -> None:
+                 policy_defaults: dict[str, Any] | None = None,
+                 audit: AuditLog | None = None) -> None:
         super().__init__()
         #: New conferences' policy where the request names none ([conferences] config).
         self.policy_defaults = dict(policy_defaults or {})
         #: Called with each conference created, changed or ended (the schedule timers).
         self.on_conference: Callable[[Conference], None] | None = None
+        self.audit = audit if audit is not None else AuditLog(store, keys, issuer=issuer,
+                                                              clock=clock)
         self.oidc_login = oidc_login
         self.groups = groups
         self.store = store
@@ -393,6 +399,7 @@ class KmfApi(JsonApi):
             (re.compile(conf + r"/epochs"), {b"POST": self.new_epoch}),
             (re.compile(conf + r"/keys"), {b"POST": self.conference_key}),
             (re.compile(conf + r"/roster"), {b"GET": self.get_roster, b"PUT": self.put_roster}),
+            (re.compile(conf + r"/audit"), {b"GET": self.get_audit, b"POST": self.report_audit}),
             (re.compile(r"/v1/events"), {b"GET": self.event_stream}),
         ]
         self.oauth = oauth
@@ -600,6 +607,7 @@ class KmfApi(JsonApi):
             raise _bad_request(str(e)) from None
         created = await self.store.create(conference)
         self._changed(created)
+        await self._checkpoint(created.conference_id)
         location = f"/v1/conferences/{created.conference_id}".encode()
         return Response(201, conference_json(created), {b"location": location})
 
@@ -638,6 +646,7 @@ class KmfApi(JsonApi):
         except ValueError as e:
             raise _bad_request(str(e)) from None
         await self.store.invite(cid, identity, self.now())
+        await self._checkpoint(cid)
         return Response(200, conference_json(await self.store.get(cid)))
 
     async def invitation(self, request: server.Request, cid: str, identity: str) -> Response:
@@ -677,6 +686,7 @@ class KmfApi(JsonApi):
         except ValueError as e:
             raise _bad_request(str(e)) from None
         await self.store.uninvite(cid, identity, self.now())
+        await self._checkpoint(cid)
         conference = await self.store.get(cid)
         await self._withdrawn(conference, identity)
         return Response(200, conference_json(conference))
@@ -753,6 +763,7 @@ class KmfApi(JsonApi):
         epoch = await self.store.current_epoch(cid)
         if epoch is None:
             epoch = await self._add_epoch(cid)
+        await self._checkpoint(cid)
         body = conference_json(conference)
         body["epoch"] = epoch.epoch
         return Response(200, body)
@@ -769,6 +780,7 @@ class KmfApi(JsonApi):
         before = await self.store.get(cid)
         await self.store.end(cid, self.now())
         after = await self.store.get(cid)
+        await self._checkpoint(cid, final=True)
         if before.state is not ConferenceState.ENDED:
             self.conference_ended(cid, cause)
             self.events.publish("conference-ended", {"conference": cid, "cause": cause})
@@ -800,6 +812,7 @@ class KmfApi(JsonApi):
             raise _bad_request("unknown member(s): " + ", ".join(sorted(unknown)))
         tunnel = self._tunnel(body.get("tunnel"))
         if await self.store.add_media_distributor(cid, tunnel, self.now()):
+            await self._checkpoint(cid)
             self.log.info("conference {conference}: media distributor {tunnel} added",
                           conference=cid, tunnel=tunnel)
         self.events.publish("media-distributor", {"conference": cid, "tunnel": tunnel})
@@ -812,6 +825,7 @@ class KmfApi(JsonApi):
         cid = _path_conference_id(cid)
         tunnel = self._tunnel(tunnel)
         if await self.store.remove_media_distributor(cid, tunnel, self.now()):
+            await self._checkpoint(cid)
             self.log.info("conference {conference}: media distributor {tunnel} removed",
                           conference=cid, tunnel=tunnel)
         return Response(200, conference_json(await self.store.get(cid)))
@@ -866,6 +880,7 @@ class KmfApi(JsonApi):
                 wrapped = self.kek.wrap(key, conference_id=cid, epoch=number)
                 added = await self.store.add_epoch(cid, spi, wrapped, self.now())
                 if added.epoch == number:
+                    await self._checkpoint(cid)
                     self.events.publish("epoch", {"conference": cid, "epoch": number,
                                                   "spi": spi})
                     return added
@@ -921,6 +936,11 @@ class KmfApi(JsonApi):
         if wanted is not None and "kd" not in token.scopes:
             self.history_key_delivered(cid, token.subject, token.thumbprint, current.epoch)
         header = format_encryption_key(cid, current.epoch, key).encode()
+        # no key leaves unaudited: a store that cannot record it fails the request
+        await self.audit.key_delivered(
+            cid, identity=token.subject, epoch=current.epoch, spi=current.spi,
+            recipient="kd" if "kd" in token.scopes else "endpoint",
+            certificate=None if token.thumbprint is None else token.thumbprint.hex())
         return Response(200, {"conference": cid, "epoch": current.epoch, "spi": current.spi,
                               "ekt_cipher": EktCipher.AESKW_256.name if len(key) == 32
                               else EktCipher.AESKW_128.name},
@@ -1018,6 +1038,41 @@ class KmfApi(JsonApi):
         except ValueError as e:
             raise _bad_request(str(e)) from None
         return Response(200, {"conference": cid, "epoch": epoch, "roster": signed})
+
+    # --- audit trail (issue 14; perc_daemons.kmf.audit) -----------------------
+
+    async def _checkpoint(self, cid: str, *, final: bool = False) -> None:
+        """Sign a checkpoint if one is due (or, ``final``, of whatever is unsigned)."""
+        try:
+            await self.audit.checkpoint(cid, force=final)
+        except (StoreUnavailable, ConferenceNotFound) as e:
+            self.log.warn("audit checkpoint of {conference} not signed: {error}",
+                          conference=cid, error=str(e))
+
+    async def get_audit(self, request: server.Request, cid: str) -> Response:
+        """The trail (records in stored order, checkpoints) for an operator or auditor;
+        verify it with the JWKS (``perc-admin audit verify``)."""
+        self.authorize(request, ("auditor", "admin"))
+        cid = _path_conference_id(cid)
+        records, checkpoints = await self.store.audit_trail(cid)
+        return Response(200, {"conference": cid,
+                              "records": [r.to_json() for r in records],
+                              "checkpoints": [c.to_json() for c in checkpoints]},
+                        {b"cache-control": b"no-store"})
+
+    async def report_audit(self, request: server.Request, cid: str) -> Response:
+        """What only the KD sees (admissions, refusals, leaves, epochs started)."""
+        self.authorize(request, ("kd",))
+        cid = _path_conference_id(cid)
+        body = read_json(request)
+        if set(body) != {"events"}:
+            raise _bad_request('the body is {"events": [...]}')
+        try:
+            recorded, duplicates = await self.audit.report(cid, body["events"])
+        except ReportError as e:
+            raise _bad_request(str(e)) from None
+        return Response(200, {"conference": cid, "recorded": recorded,
+                              "duplicates": duplicates})
 
     # --- events -----------------------------------------------------------------
 

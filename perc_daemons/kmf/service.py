@@ -48,6 +48,7 @@ from perc_daemons import config as config_module
 from perc_daemons import tls
 from perc_daemons.daemon import EXIT_CONFIG, DaemonOptions, base_service
 from perc_daemons.kmf.api import GroupCache, KmfApi, kmf_site
+from perc_daemons.kmf.audit import AuditLog
 from perc_daemons.kmf.auth import AuthenticatorChain, LoginRateLimiter
 from perc_daemons.kmf.auth.file import FileAuthenticator
 from perc_daemons.kmf.auth.ldap import LdapAuthenticator
@@ -416,6 +417,12 @@ def reload_clients(clients: ClientRegistry, path: str) -> bool:
     return True
 
 
+def _sweep_audit(audit: AuditLog) -> defer.Deferred[None]:
+    d = defer.ensureDeferred(audit.sweep())
+    d.addErrback(lambda f: Logger().failure("perc-kmf: audit retention sweep failed", f))
+    return d.addCallback(lambda _: None)
+
+
 def _sweep_invitations(api: KmfApi) -> defer.Deferred[None]:
     d = defer.ensureDeferred(api.sweep_invitations())
     d.addErrback(lambda f: Logger().failure("perc-kmf: invitation sweep failed", f))
@@ -448,15 +455,23 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     refresher.setServiceParent(top)
     # stopped in reverse order: the listener first, then the store
     StoreService(reactor, store, probe, grants).setServiceParent(top)
+    audit = AuditLog(store, keys, issuer=issuer, clock=reactor,
+                     checkpoint_every=cfg.audit.checkpoint_every,
+                     retention=cfg.audit.retention)
     api = KmfApi(store=store, kek=kek, keys=keys, idp_domain=cfg.idp.domain, issuer=issuer,
                  clock=reactor, ekt_cipher=EktCipher[cfg["keys"].ekt_cipher], oauth=oauth,
                  public_url=cfg.oauth.public_url or None,
                  form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
-                 groups=groups, oidc_login=login,
+                 groups=groups, oidc_login=login, audit=audit,
                  policy_defaults=dict(cfg["conferences"]))
     top.api = api  # type: ignore[attr-defined]
     # conferences end by themselves at ends_at + grace (timers rebuilt from the store)
     ScheduleTimers(api, reactor).setServiceParent(top)
+    if cfg.audit.retention > 0:
+        retention = TimerService(cfg.audit.sweep_interval, _sweep_audit, audit)
+        retention.clock = reactor
+        retention.setName("audit-retention")
+        retention.setServiceParent(top)
     if groups is not None:
         # Removal from an invited LDAP group reaches the KD once the cache refreshes.
         sweeper = TimerService(groups.ttl, _sweep_invitations, api)

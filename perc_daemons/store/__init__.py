@@ -43,11 +43,22 @@ Rules both follow:
   rekey (``rekey_interval``) and what a late joiner gets (``late_join``, one of
   :data:`LATE_JOIN_POLICIES`; ``late_joiners_get_earlier_epochs`` is its
   older boolean spelling: true unless "none").  ``update`` changes the
-  policy or the title of a conference not ended and adds one "policy" audit
+  policy or the title of a conference not ended and adds one "policy-changed" audit
   event with the changed fields (only when something changed).
 - Only keys wrapped with the key-encryption key
   (:mod:`perc_daemons.kmf.kek`) are stored, and audit details never carry key
-  material.
+  material (:func:`check_audit_args` refuses detail members named like keys).
+- The audit trail is hash-chained per conference
+  (:mod:`perc_daemons.protocol.audit`): every record a store adds, in the
+  same transaction as the change it records, continues the chain;
+  ``audit_trail`` reads the records and the KMF's signed checkpoints
+  (``add_audit_checkpoint``) in stored order.  ``append_audit`` adds what
+  the KMF itself records (KD reports, keys delivered, policy changes), also
+  after the conference has ended (the KD reports the leaves the end
+  caused).  ``delete_audit_trail`` (retention) replaces an ended
+  conference's trail by one ``trail-deleted`` record that continues the
+  chain; ``expired_trails`` lists the ended conferences whose "ended"
+  record is older than a time.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from perc_daemons.protocol.audit import canonical_json
 from perc_daemons.protocol.identity import normalize_identity
 from perc_daemons.protocol.tunnel_address import check_tunnel_address
 
@@ -78,9 +90,11 @@ __all__ = [
     "ConferenceState",
     "EpochKey",
     "InvalidTransition",
+    "ReportedAudit",
     "StoreError",
     "StoreUnavailable",
     "check_admitted",
+    "check_audit_args",
     "check_conference_id",
     "check_identity",
     "schedule_status",
@@ -101,8 +115,17 @@ TRANSITIONS: dict[ConferenceState, frozenset[ConferenceState]] = {
 }
 
 #: The kinds of :class:`AuditEvent`.
+#: The store's own: created, invited, uninvited, state, epoch, ended,
+#: media-distributor-*; the KMF's: key-delivered, policy-changed; the KD's reports:
+#: admitted, refused, left, epoch-started; retention: trail-deleted.
 AUDIT_KINDS = frozenset({"created", "invited", "uninvited", "state", "epoch", "admitted", "ended",
-                         "media-distributor-added", "media-distributor-removed", "policy"})
+                         "media-distributor-added", "media-distributor-removed",
+                         "key-delivered", "policy-changed", "refused", "left", "epoch-started",
+                         "trail-deleted"})
+#: Detail members that would hold key material: refused at any depth.
+KEY_LIKE = frozenset({"key", "keys", "ekt_key", "master_key", "master_salt", "salt", "secret",
+                      "wrapped_key", "keying_material", "private_key"})
+MAX_AUDIT_DETAIL = 16384
 
 #: What an endpoint admitted after the conference's first epoch may decrypt
 #: (seed draft-westerlund section 4.8): "none" -- nothing from before it joined
@@ -334,6 +357,63 @@ class AuditEvent:
     kind: str
     identity: str | None
     detail: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class ReportedAudit:
+    """Validated arguments of :meth:`IConferenceStore.append_audit`."""
+
+    conference_id: str
+    kind: str
+    identity: str | None
+    detail: dict[str, Any]
+    now: float
+
+
+def _key_like(value: Any, depth: int = 0) -> str | None:
+    if depth > 8:
+        return "(too deep)"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or k.lower() in KEY_LIKE:
+                return str(k)
+            found = _key_like(v, depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _key_like(v, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def check_audit_args(conference_id: object, kind: object, identity: object, detail: object,
+                     now: object) -> ReportedAudit:
+    """Validate :meth:`IConferenceStore.append_audit` arguments (ValueError otherwise)."""
+    cid = check_conference_id(conference_id)
+    if kind not in AUDIT_KINDS:
+        raise ValueError(f"unknown audit kind: {kind!r}")
+    who = None if identity is None else check_identity(identity)
+    if not isinstance(detail, dict):
+        raise ValueError("audit detail must be a JSON object")
+    found = _key_like(detail)
+    if found is not None:
+        raise ValueError(f"audit detail member {found!r} is not allowed (key material?)")
+    try:
+        text = canonical_json(detail)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"audit detail is not JSON data: {e}") from None
+    if len(text) > MAX_AUDIT_DETAIL:
+        raise ValueError(f"audit detail longer than {MAX_AUDIT_DETAIL} characters")
+    return ReportedAudit(cid, str(kind), who, json.loads(text), check_now(now))
+
+
+def trail_deleted_detail(first_seq: int, last_seq: int, last_hash: str, records: int,
+                         ended_at: float, retention: float) -> dict[str, Any]:
+    """The detail of the ``trail-deleted`` record that replaces a trail (retention)."""
+    return {"first_seq": first_seq, "last_seq": last_seq, "last_hash": last_hash,
+            "records": records, "ended_at": float(ended_at), "retention": float(retention)}
 
 
 def check_epoch_args(spi: object, wrapped_key: object, now: object) -> tuple[int, bytes, float]:

@@ -12,9 +12,14 @@ Keys, all under a namespace (default ``perc``; conference ids cannot contain
     {ns}:conf:{id}:groups      set of LDAP groups
     {ns}:conf:{id}:epochs      hash epoch -> {"spi", "key" (base64 of the
                                KEK-wrapped key), "created_at"}
-    {ns}:conf:{id}:audit       list of {"t", "k", "i", "d"} JSON entries
+    {ns}:conf:{id}:audit       list of hash-chained audit records (JSON, see
+                               perc_daemons.protocol.audit), oldest first
+    {ns}:conf:{id}:audit-checkpoints  hash seq -> {"hash", "jws"}: the KMF's
+                               signed checkpoints
     {ns}:conf:{id}:roster      hash: epoch, jws, admitted
     {ns}:conf:{id}:mds         set of tunnel addresses (its Media Distributors)
+    {ns}:audit-chained         "1" once the entries of the unchained layout are
+                               chained (chain_legacy_audit)
     {ns}:media-distributors    hash tunnel address -> how many conferences not
                                ended list it (active_media_distributors)
 
@@ -25,6 +30,13 @@ entry in one step and refuses an ended conference, end wipes the epochs, the
 roster and the conference's Media Distributors (taking them off the counts of
 ``{ns}:media-distributors``) and appends the audit entry in one step.  Reads that need several
 keys are scripts too, so they see one consistent state.
+
+The audit chain is continued inside the script that makes the change: each
+record's SHA-256 is computed in Lua (Redis has only SHA-1 built in, so
+:data:`_SHA256_LUA` implements FIPS 180-4 with the ``bit`` library) over
+the record's canonical JSON, built from pieces Python encoded canonically.
+Records written before the chain (``{"t", "k", "i", "d"}``) are chained
+when the store connects.
 
 Connections: a txredisapi pool that reconnects by itself (exponential
 back-off); ``convertNumbers=False`` so that strings stay strings; AUTH with
@@ -59,6 +71,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from perc_daemons.interfaces import IConferenceStore
+from perc_daemons.protocol.audit import (
+    GENESIS,
+    TRAIL_DELETED,
+    AuditError,
+    AuditRecord,
+    Checkpoint,
+    canonical_json,
+    parse_record,
+)
 from perc_daemons.store import (
     DEFAULT_EARLY_START,
     DEFAULT_GRACE,
@@ -72,12 +93,14 @@ from perc_daemons.store import (
     ConferenceState,
     EpochKey,
     InvalidTransition,
+    ReportedAudit,
     StoreError,
     StoreUnavailable,
     admitted_json,
     admitted_set,
     check_admission_args,
     check_admitted,
+    check_audit_args,
     check_conference_id,
     check_epoch_args,
     check_identity,
@@ -86,19 +109,105 @@ from perc_daemons.store import (
     check_roster_args,
     check_update,
     created_detail,
+    trail_deleted_detail,
 )
 
 NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _REFUSAL = re.compile(r"(?:ERR )?PERC_([A-Z]+)(?: (\w+))?$")
 
 # KEYS of every per-conference script, in this order.
-_K = ("conf", "invited", "groups", "epochs", "audit", "roster", "index", "mds", "active")
+_K = ("conf", "invited", "groups", "epochs", "audit", "roster", "index", "mds", "active",
+      "checkpoints")
 
-_PRELUDE = """
-local function audit(t, kind, ident, detail)
-  redis.call('RPUSH', KEYS[5],
-    '{"t":' .. t .. ',"k":"' .. kind .. '","i":' .. ident .. ',"d":' .. detail .. '}')
+
+def _isqrt_n(value: int, n: int) -> int:
+    """floor(value ** (1/n)) for integers."""
+    x = 1 << ((value.bit_length() + n - 1) // n)
+    while True:
+        y = ((n - 1) * x + value // x ** (n - 1)) // n
+        if y >= x:
+            return x
+        x = y
+
+
+def _sha256_constants() -> tuple[list[int], list[int]]:
+    primes = [p for p in range(2, 312) if all(p % d for d in range(2, int(p ** 0.5) + 1))]
+    k = [_isqrt_n(p << 96, 3) & 0xFFFFFFFF for p in primes[:64]]
+    h = [_isqrt_n(p << 64, 2) & 0xFFFFFFFF for p in primes[:8]]
+    return k, h
+
+
+_SHA_K, _SHA_H = _sha256_constants()
+
+#: SHA-256 (FIPS 180-4) in Redis's Lua 5.1 with the bit library; hex digest.
+_SHA256_LUA = """
+local SHA_K = {@K@}
+local function sha256(msg)
+  local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
+  local rshift, lshift, ror, tobit = bit.rshift, bit.lshift, bit.ror, bit.tobit
+  local ml = #msg * 8
+  msg = msg .. '\\128' .. string.rep('\\0', (55 - #msg) % 64) .. string.char(0, 0, 0, 0,
+    math.floor(ml / 16777216) % 256, math.floor(ml / 65536) % 256,
+    math.floor(ml / 256) % 256, ml % 256)
+  local H = {@H@}
+  local w = {}
+  for chunk = 1, #msg, 64 do
+    for i = 0, 15 do
+      local a, b, c, d = string.byte(msg, chunk + i * 4, chunk + i * 4 + 3)
+      w[i] = bor(lshift(a, 24), lshift(b, 16), lshift(c, 8), d)
+    end
+    for i = 16, 63 do
+      local x, y = w[i - 15], w[i - 2]
+      local s0 = bxor(ror(x, 7), ror(x, 18), rshift(x, 3))
+      local s1 = bxor(ror(y, 17), ror(y, 19), rshift(y, 10))
+      w[i] = tobit(w[i - 16] + s0 + w[i - 7] + s1)
+    end
+    local a, b, c, d, e, f, g, h = H[1], H[2], H[3], H[4], H[5], H[6], H[7], H[8]
+    for i = 0, 63 do
+      local S1 = bxor(ror(e, 6), ror(e, 11), ror(e, 25))
+      local ch = bxor(band(e, f), band(bnot(e), g))
+      local t1 = tobit(h + S1 + ch + SHA_K[i + 1] + w[i])
+      local S0 = bxor(ror(a, 2), ror(a, 13), ror(a, 22))
+      local maj = bxor(band(a, b), band(a, c), band(b, c))
+      local t2 = tobit(S0 + maj)
+      h, g, f, e, d, c, b, a = g, f, e, tobit(d + t1), c, b, a, tobit(t1 + t2)
+    end
+    H[1], H[2], H[3], H[4] = tobit(H[1] + a), tobit(H[2] + b), tobit(H[3] + c), tobit(H[4] + d)
+    H[5], H[6], H[7], H[8] = tobit(H[5] + e), tobit(H[6] + f), tobit(H[7] + g), tobit(H[8] + h)
+  end
+  local out = {}
+  for i = 1, 8 do out[i] = bit.tohex(H[i], 8) end
+  return table.concat(out)
 end
+""".replace("@K@", ",".join(map(str, _SHA_K))).replace("@H@", ",".join(map(str, _SHA_H)))
+
+_PRELUDE = _SHA256_LUA + """
+local CID = string.match(KEYS[1], ':conf:([^:]*)$')
+-- The next record of the chain: t (JSON number), kind, ident (JSON string or null)
+-- and detail (canonical JSON) as Python encoded them; seq and prev continue the list
+-- unless given.  The hashed text is the record's canonical JSON (sorted keys).
+local function audit(t, kind, ident, detail, seq, prev)
+  if not seq then
+    seq, prev = 1, '@GENESIS@'
+    local last = redis.call('LINDEX', KEYS[5], -1)
+    if last then
+      local e = cjson.decode(last)
+      seq, prev = e.seq + 1, e.hash
+    end
+  end
+  local body = '{"conference":"' .. CID .. '","detail":' .. detail .. ',"identity":' ..
+    ident .. ',"kind":"' .. kind .. '","prev":"' .. prev .. '","seq":' ..
+    string.format('%d', seq) .. ',"time":' .. t .. '}'
+  local h = sha256(body)
+  redis.call('RPUSH', KEYS[5], string.sub(body, 1, -2) .. ',"hash":"' .. h .. '"}')
+  return h
+end
+-- One audit argument: "time\\nkind\\nident\\ndetail" (see _audit_entry).
+local function audit_entry(a)
+  local t, kind, ident, detail = string.match(a, '^([^\\n]*)\\n([^\\n]*)\\n([^\\n]*)\\n(.*)$')
+  return audit(t, kind, ident, detail)
+end
+""".replace("@GENESIS@", GENESIS) + """
 local function conference()
   return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2]),
           redis.call('SMEMBERS', KEYS[3]), redis.call('SMEMBERS', KEYS[8])}
@@ -130,7 +239,7 @@ _OPEN = _NOT_FOUND + "if state == 'ended' then return redis.error_reply('PERC_EN
 _CREATE = _PRELUDE + """
 if state then return redis.error_reply('PERC_EXISTS') end
 drop_mds()
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[10])
 local n = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
 local i = 4 + n
@@ -143,7 +252,7 @@ for j = i + g + 1, #ARGV do
   if redis.call('SADD', KEYS[8], ARGV[j]) == 1 then count_md(ARGV[j], 1) end
 end
 redis.call('ZADD', KEYS[7], 0, ARGV[1])
-redis.call('RPUSH', KEYS[5], ARGV[2])
+audit_entry(ARGV[2])
 return 1
 """
 
@@ -181,7 +290,7 @@ if ARGV[3] == '1' then
 else
   changed = changed + redis.call('SREM', KEYS[2], ARGV[1])
 end
-if changed > 0 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
+if changed > 0 then audit_entry(ARGV[2]) end
 return changed
 """
 
@@ -198,7 +307,7 @@ return e
 _UPDATE = _PRELUDE + _OPEN + """
 if #ARGV > 1 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 2, #ARGV))
-  redis.call('RPUSH', KEYS[5], ARGV[1])
+  audit_entry(ARGV[1])
 end
 return conference()
 """
@@ -213,7 +322,52 @@ return {e, v}
 _EPOCHS = _PRELUDE + _NOT_FOUND + "return redis.call('HGETALL', KEYS[4])\n"
 
 # ARGV: audit entry
-_APPEND_AUDIT = _PRELUDE + _OPEN + "redis.call('RPUSH', KEYS[5], ARGV[1])\nreturn 1\n"
+_APPEND_AUDIT = _PRELUDE + _OPEN + "audit_entry(ARGV[1])\nreturn 1\n"
+
+# ARGV: audit entry; also once the conference has ended.  Returns the record.
+_REPORT_AUDIT = _PRELUDE + _NOT_FOUND + """
+audit_entry(ARGV[1])
+return redis.call('LINDEX', KEYS[5], -1)
+"""
+
+_AUDIT_TRAIL = _PRELUDE + _NOT_FOUND + """
+return {redis.call('LRANGE', KEYS[5], 0, -1), redis.call('HGETALL', KEYS[10])}
+"""
+
+_AUDIT_TAIL = _PRELUDE + _NOT_FOUND + """
+local last = redis.call('LINDEX', KEYS[5], -1)
+local mark = 0
+for _, seq in ipairs(redis.call('HKEYS', KEYS[10])) do
+  if tonumber(seq) > mark then mark = tonumber(seq) end
+end
+return {last or '', tostring(mark)}
+"""
+
+# ARGV: seq, hash, jws
+_ADD_CHECKPOINT = _PRELUDE + _NOT_FOUND + """
+redis.call('HSETNX', KEYS[10], ARGV[1], '{"hash":"' .. ARGV[2] .. '","jws":"' .. ARGV[3] .. '"}')
+return 1
+"""
+
+# ARGV: length and last entry read (unchanged since), then the deletion record's time,
+# detail, seq and prev.  Returns the new record, or '' if the trail changed meanwhile.
+_DELETE_TRAIL = _PRELUDE + _NOT_FOUND + """
+if state ~= 'ended' then return '' end
+if redis.call('LLEN', KEYS[5]) ~= tonumber(ARGV[1]) then return '' end
+if redis.call('LINDEX', KEYS[5], -1) ~= ARGV[2] then return '' end
+redis.call('DEL', KEYS[5], KEYS[10])
+audit(ARGV[3], 'trail-deleted', 'null', ARGV[4], tonumber(ARGV[5]), ARGV[6])
+return redis.call('LINDEX', KEYS[5], -1)
+"""
+
+# ARGV: length and first entry read (unchanged since), then the chained entries.
+_REWRITE_LEGACY = _PRELUDE + """
+if redis.call('LLEN', KEYS[5]) ~= tonumber(ARGV[1]) then return 0 end
+if redis.call('LINDEX', KEYS[5], 0) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[5])
+redis.call('RPUSH', KEYS[5], unpack(ARGV, 3))
+return 1
+"""
 
 _AUDIT = _PRELUDE + _NOT_FOUND + "return redis.call('LRANGE', KEYS[5], 0, -1)\n"
 
@@ -238,7 +392,7 @@ else
   if redis.call('SREM', KEYS[8], ARGV[1]) == 0 then return 0 end
   count_md(ARGV[1], -1)
 end
-redis.call('RPUSH', KEYS[5], ARGV[2])
+audit_entry(ARGV[2])
 return 1
 """
 
@@ -257,9 +411,16 @@ def _json_number(value: float) -> str:
 
 
 def _audit_entry(now: float, kind: str, identity: str | None, detail: dict[str, Any]) -> str:
-    return json.dumps(
-        {"t": float(now), "k": kind, "i": identity, "d": detail}, separators=(",", ":")
-    )
+    """The pieces of a record the Lua ``audit_entry`` chains, each canonical JSON."""
+    return "\n".join((_json_number(now), kind, canonical_json(identity), canonical_json(detail)))
+
+
+def _parse_record(conference_id: str, raw: str) -> AuditRecord:
+    obj = json.loads(raw)
+    try:
+        return parse_record(obj)
+    except AuditError as e:
+        raise StoreError(f"{conference_id}: corrupt audit record: {e}") from None
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
@@ -439,7 +600,9 @@ class RedisConferenceStore:
             def answered(reply: object) -> None:
                 if not result.called:
                     self._redis = handler
-                    result.callback(self)
+                    chained = self.chain_legacy_audit()
+                    chained.addCallbacks(lambda _: result.called or result.callback(self),
+                                         lambda f: result.called or result.errback(f))
 
             def refused(f: Failure) -> None:
                 if not result.called:
@@ -484,7 +647,7 @@ class RedisConferenceStore:
         base = f"{self.namespace}:conf:{conference_id}"
         return [base, f"{base}:invited", f"{base}:groups", f"{base}:epochs", f"{base}:audit",
                 f"{base}:roster", f"{self.namespace}:conferences", f"{base}:mds",
-                self._active_key]
+                self._active_key, f"{base}:audit-checkpoints"]
 
     @property
     def _active_key(self) -> str:
@@ -662,7 +825,7 @@ class RedisConferenceStore:
             if current.state is ConferenceState.ENDED:
                 raise ConferenceEnded(cid)
             updated, changed = check_update(current, wanted)
-            argv = [_audit_entry(when, "policy", None, changed)]
+            argv = [_audit_entry(when, "policy-changed", None, changed)]
             if changed:
                 argv += _policy_fields(updated)
             reply = yield self._script(_UPDATE, cid, argv)
@@ -721,11 +884,8 @@ class RedisConferenceStore:
 
     def audit(self, conference_id: str) -> defer.Deferred[list[AuditEvent]]:
         def parse(cid: str, entries: list[str]) -> list[AuditEvent]:
-            events = []
-            for raw in entries:
-                e = json.loads(raw)
-                events.append(AuditEvent(cid, float(e["t"]), e["k"], e["i"], e["d"]))
-            return events
+            records = [_parse_record(cid, raw) for raw in entries]
+            return [AuditEvent(cid, r.time, r.kind, r.identity, r.detail) for r in records]
 
         def run(cid: str) -> defer.Deferred[list[AuditEvent]]:
             return self._script(_AUDIT, cid).addCallback(lambda r: parse(cid, r))
@@ -798,3 +958,134 @@ class RedisConferenceStore:
             return self._script(_END, cid, [_json_number(when)]).addCallback(lambda _: None)
 
         return self._validated(check, run)
+
+    # -- the audit chain
+
+    def append_audit(self, conference_id: str, kind: str, identity: str | None,
+                     detail: dict[str, Any], now: float) -> defer.Deferred[AuditRecord]:
+        def run(a: ReportedAudit) -> defer.Deferred[AuditRecord]:
+            entry = _audit_entry(a.now, a.kind, a.identity, a.detail)
+            d = self._script(_REPORT_AUDIT, a.conference_id, [entry])
+            return d.addCallback(lambda raw: _parse_record(a.conference_id, raw))
+
+        return self._validated(
+            lambda: check_audit_args(conference_id, kind, identity, detail, now), run)
+
+    def audit_trail(self, conference_id: str
+                    ) -> defer.Deferred[tuple[list[AuditRecord], list[Checkpoint]]]:
+        def parse(cid: str, reply: list[Any]) -> tuple[list[AuditRecord], list[Checkpoint]]:
+            records = [_parse_record(cid, raw) for raw in reply[0]]
+            marks = []
+            for seq, value in _pairs(reply[1]).items():
+                data = json.loads(value)
+                marks.append(Checkpoint(cid, int(seq), data["hash"], data["jws"]))
+            return records, sorted(marks, key=lambda c: c.seq)
+
+        def run(cid: str) -> defer.Deferred[tuple[list[AuditRecord], list[Checkpoint]]]:
+            return self._script(_AUDIT_TRAIL, cid).addCallback(lambda r: parse(cid, r))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def audit_tail(self, conference_id: str
+                   ) -> defer.Deferred[tuple[AuditRecord | None, int]]:
+        def run(cid: str) -> defer.Deferred[tuple[AuditRecord | None, int]]:
+            d = self._script(_AUDIT_TAIL, cid)
+            return d.addCallback(
+                lambda r: (_parse_record(cid, r[0]) if r[0] else None, int(r[1])))
+
+        return self._validated(lambda: check_conference_id(conference_id), run)
+
+    def add_audit_checkpoint(self, checkpoint: Checkpoint) -> defer.Deferred[None]:
+        if not isinstance(checkpoint, Checkpoint):
+            return defer.fail(TypeError("add_audit_checkpoint() takes a Checkpoint"))
+        c = checkpoint
+
+        def run(cid: str) -> defer.Deferred[None]:
+            if not set(c.jws) <= _JWS_CHARS or not set(c.hash) <= _JWS_CHARS:
+                return defer.fail(ValueError("a checkpoint is a compact JWS and a hex hash"))
+            d = self._script(_ADD_CHECKPOINT, cid, [c.seq, c.hash, c.jws])
+            return d.addCallback(lambda _: None)
+
+        return self._validated(lambda: check_conference_id(c.conference), run)
+
+    def expired_trails(self, ended_before: float) -> defer.Deferred[list[str]]:
+        @defer.inlineCallbacks
+        def run(redis: Any) -> Any:
+            before = check_now(ended_before)
+            ids = yield redis.zrange(f"{self.namespace}:conferences", 0, -1)
+            expired = []
+            for cid in ids:
+                records, _ = yield self.audit_trail(cid)
+                conference = yield self.get(cid)
+                if conference.state is not ConferenceState.ENDED:
+                    continue
+                if any(r.kind == "ended" and r.time < before for r in records):
+                    expired.append(cid)
+            return sorted(expired)
+
+        try:
+            check_now(ended_before)
+        except ValueError:
+            return defer.fail()
+        return self._call(run)
+
+    def delete_audit_trail(self, conference_id: str, retention: float,
+                           now: float) -> defer.Deferred[AuditRecord | None]:
+        @defer.inlineCallbacks
+        def run(args: tuple[str, float, float]) -> Any:
+            cid, keep, when = args
+            for _ in range(5):
+                entries = yield self._script(_AUDIT_TRAIL, cid)
+                raw = entries[0]
+                records = [_parse_record(cid, r) for r in raw]
+                ended = [r.time for r in records if r.kind == "ended"]
+                if not ended or records[-1].kind == TRAIL_DELETED:
+                    return None
+                last = records[-1]
+                detail = trail_deleted_detail(records[0].seq, last.seq, last.hash,
+                                              len(records), ended[-1], keep)
+                new = yield self._script(_DELETE_TRAIL, cid, [
+                    len(raw), raw[-1], _json_number(when), canonical_json(detail),
+                    last.seq + 1, last.hash])
+                if new:
+                    return _parse_record(cid, new)
+            raise StoreUnavailable(f"{self._where}: the trail of {cid} kept changing")
+
+        return self._validated(
+            lambda: (check_conference_id(conference_id), check_now(retention), check_now(now)),
+            run)
+
+    @defer.inlineCallbacks
+    def chain_legacy_audit(self) -> Any:
+        """Chain the audit entries written before the trail was chained (on connect).
+
+        Returns how many conferences' lists were rewritten.
+        """
+        marker = f"{self.namespace}:audit-chained"
+        if (yield self._call(lambda r: r.get(marker))):
+            return 0
+        ids = yield self._call(lambda r: r.zrange(f"{self.namespace}:conferences", 0, -1))
+        rewritten = 0
+        for cid in ids:
+            keys = self._keys(cid)
+            raw = yield self._call(lambda r, k=keys: r.lrange(k[4], 0, -1))
+            if not raw or all('"hash"' in entry for entry in raw):
+                continue
+            prev, chained = GENESIS, []
+            for seq, entry in enumerate(raw, 1):
+                e = json.loads(entry)
+                if "hash" in e:
+                    record = parse_record(e)
+                else:
+                    record = AuditRecord.chained(cid, seq, float(e["t"]), e["k"], e["i"],
+                                                 e["d"], prev)
+                chained.append(canonical_json(record.to_json()))
+                prev = record.hash
+            args = [str(len(raw)), raw[0], *chained]
+            done = yield self._call(lambda r, k=keys, a=args: r.eval(_REWRITE_LEGACY, k, a))
+            rewritten += int(done)
+        yield self._call(lambda r: r.set(marker, "1"))
+        return rewritten
+
+
+_JWS_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")

@@ -27,6 +27,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from perc_daemons.interfaces import IConferenceStore
+from perc_daemons.protocol.audit import (
+    GENESIS,
+    TRAIL_DELETED,
+    AuditRecord,
+    Checkpoint,
+    canonical_json,
+)
 from perc_daemons.store import (
     TRANSITIONS,
     AuditEvent,
@@ -37,12 +44,14 @@ from perc_daemons.store import (
     ConferenceState,
     EpochKey,
     InvalidTransition,
+    ReportedAudit,
     StoreError,
     StoreUnavailable,
     admitted_json,
     admitted_set,
     check_admission_args,
     check_admitted,
+    check_audit_args,
     check_conference_id,
     check_epoch_args,
     check_identity,
@@ -51,10 +60,10 @@ from perc_daemons.store import (
     check_roster_args,
     check_update,
     created_detail,
+    trail_deleted_detail,
 )
 
 DEFAULT_PATH = "/var/lib/perc/kmf.sqlite3"
-SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE conference (
@@ -127,8 +136,27 @@ ALTER TABLE conference ADD COLUMN late_join TEXT NOT NULL DEFAULT 'none'
     CHECK (late_join IN ('none', 'current', 'history'));
 UPDATE conference SET late_join = 'current' WHERE late_joiners_get_earlier_epochs != 0
 """
+# v5: the audit trail is hash-chained per conference (number, prev, hash; see
+# perc_daemons.protocol.audit) with the KMF's signed checkpoints beside it.  Rows
+# written before are chained when the schema is upgraded (_chain_unchained).
+_SCHEMA_V5 = """
+ALTER TABLE audit ADD COLUMN number INTEGER;
+ALTER TABLE audit ADD COLUMN prev TEXT;
+ALTER TABLE audit ADD COLUMN hash TEXT;
+CREATE UNIQUE INDEX audit_chain ON audit (conference_id, number);
+CREATE TABLE audit_checkpoint (
+    conference_id TEXT NOT NULL REFERENCES conference (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    jws TEXT NOT NULL,
+    PRIMARY KEY (conference_id, seq)
+) WITHOUT ROWID
+"""
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+SCHEMA_VERSION = len(_MIGRATIONS)
+#: the schema version from which audit rows are chained
+_CHAINED_FROM = _MIGRATIONS.index(_SCHEMA_V5) + 1
 
 _CONFERENCE_COLUMNS = (
     "id, title, initiator, state, starts_at, ends_at, late_joiners_get_earlier_epochs, created_at,"
@@ -179,15 +207,60 @@ def _migrate(txn: Any, path: str) -> None:
         for statement in script.split(";"):
             if statement.strip():
                 txn.execute(statement)
+    if version < _CHAINED_FROM:
+        _chain_unchained(txn)
     txn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def _audit(txn: Any, conference_id: str, now: float, kind: str, identity: str | None,
-           detail: dict[str, Any]) -> None:
+def _chain_unchained(txn: Any) -> None:
+    """Chain the audit rows written before the trail was hash-chained, in their order."""
+    rows = txn.execute(
+        "SELECT seq, conference_id, time, kind, identity, detail FROM audit"
+        " WHERE hash IS NULL ORDER BY seq"
+    ).fetchall()
+    for seq, cid, when, kind, identity, detail in rows:
+        record = _chained(txn, cid, when, kind, identity, json.loads(detail))
+        txn.execute("UPDATE audit SET number = ?, prev = ?, hash = ?, detail = ? WHERE seq = ?",
+                    (record.seq, record.prev, record.hash, canonical_json(record.detail), seq))
+
+
+def _tail(txn: Any, conference_id: str) -> tuple[int, str]:
+    row = txn.execute(
+        "SELECT number, hash FROM audit WHERE conference_id = ? AND hash IS NOT NULL"
+        " ORDER BY number DESC LIMIT 1", (conference_id,)
+    ).fetchone()
+    return (0, GENESIS) if row is None else (row[0], row[1])
+
+
+def _chained(txn: Any, conference_id: str, now: float, kind: str, identity: str | None,
+             detail: dict[str, Any]) -> AuditRecord:
+    number, prev = _tail(txn, conference_id)
+    return AuditRecord.chained(conference_id, number + 1, now, kind, identity, detail, prev)
+
+
+def _insert(txn: Any, record: AuditRecord) -> AuditRecord:
     txn.execute(
-        "INSERT INTO audit (conference_id, time, kind, identity, detail) VALUES (?, ?, ?, ?, ?)",
-        (conference_id, now, kind, identity, json.dumps(detail, separators=(",", ":"))),
+        "INSERT INTO audit (conference_id, time, kind, identity, detail, number, prev, hash)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (record.conference, record.time, record.kind, record.identity,
+         canonical_json(record.detail), record.seq, record.prev, record.hash),
     )
+    return record
+
+
+def _audit(txn: Any, conference_id: str, now: float, kind: str, identity: str | None,
+           detail: dict[str, Any]) -> AuditRecord:
+    """Append the next record of the conference's chain (in the caller's transaction)."""
+    return _insert(txn, _chained(txn, conference_id, now, kind, identity, detail))
+
+
+def _record(row: tuple[Any, ...], conference_id: str) -> AuditRecord:
+    number, when, kind, identity, detail, prev, digest = row
+    return AuditRecord(conference_id, number, when, kind, identity, json.loads(detail), prev,
+                       digest)
+
+
+_RECORD_COLUMNS = "number, time, kind, identity, detail, prev, hash"
 
 
 def _state(txn: Any, conference_id: str) -> ConferenceState:
@@ -446,7 +519,7 @@ class SqliteConferenceStore:
                      updated.grace, updated.rekey_interval, updated.late_join,
                      int(bool(updated.late_joiners_get_earlier_epochs)), cid),
                 )
-                _audit(txn, cid, when, "policy", None, changed)
+                _audit(txn, cid, when, "policy-changed", None, changed)
             return updated
 
         return self._checked(check, lambda args: self._run(txn_update, args))
@@ -561,6 +634,102 @@ class SqliteConferenceStore:
 
         return self._checked(lambda: check_conference_id(conference_id),
                              lambda cid: self._run(txn_audit, cid))
+
+    def append_audit(self, conference_id: str, kind: str, identity: str | None,
+                     detail: dict[str, Any], now: float) -> defer.Deferred[AuditRecord]:
+        def txn_append(txn: Any, args: ReportedAudit) -> AuditRecord:
+            txn.execute("BEGIN IMMEDIATE")
+            _state(txn, args.conference_id)
+            return _audit(txn, args.conference_id, args.now, args.kind, args.identity,
+                          args.detail)
+
+        return self._checked(
+            lambda: check_audit_args(conference_id, kind, identity, detail, now),
+            lambda args: self._run(txn_append, args))
+
+    def audit_trail(self, conference_id: str
+                    ) -> defer.Deferred[tuple[list[AuditRecord], list[Checkpoint]]]:
+        def txn_trail(txn: Any, cid: str) -> tuple[list[AuditRecord], list[Checkpoint]]:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            rows = txn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM audit WHERE conference_id = ? ORDER BY seq",
+                (cid,)).fetchall()
+            marks = txn.execute(
+                "SELECT seq, hash, jws FROM audit_checkpoint WHERE conference_id = ?"
+                " ORDER BY seq", (cid,)).fetchall()
+            return ([_record(r, cid) for r in rows],
+                    [Checkpoint(cid, m[0], m[1], m[2]) for m in marks])
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_trail, cid))
+
+    def audit_tail(self, conference_id: str
+                   ) -> defer.Deferred[tuple[AuditRecord | None, int]]:
+        def txn_tail(txn: Any, cid: str) -> tuple[AuditRecord | None, int]:
+            txn.execute("BEGIN")
+            _state(txn, cid)
+            row = txn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM audit WHERE conference_id = ?"
+                " ORDER BY number DESC LIMIT 1", (cid,)).fetchone()
+            mark = txn.execute("SELECT max(seq) FROM audit_checkpoint WHERE conference_id = ?",
+                               (cid,)).fetchone()[0]
+            return (None if row is None else _record(row, cid)), mark or 0
+
+        return self._checked(lambda: check_conference_id(conference_id),
+                             lambda cid: self._run(txn_tail, cid))
+
+    def add_audit_checkpoint(self, checkpoint: Checkpoint) -> defer.Deferred[None]:
+        if not isinstance(checkpoint, Checkpoint):
+            return defer.fail(TypeError("add_audit_checkpoint() takes a Checkpoint"))
+
+        def txn_checkpoint(txn: Any, c: Checkpoint) -> None:
+            txn.execute("BEGIN IMMEDIATE")
+            _state(txn, c.conference)
+            txn.execute("INSERT INTO audit_checkpoint (conference_id, seq, hash, jws)"
+                        " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (c.conference, c.seq, c.hash, c.jws))
+
+        return self._checked(lambda: (check_conference_id(checkpoint.conference), checkpoint)[1],
+                             lambda c: self._run(txn_checkpoint, c))
+
+    def expired_trails(self, ended_before: float) -> defer.Deferred[list[str]]:
+        def txn_expired(txn: Any, before: float) -> list[str]:
+            txn.execute("BEGIN")
+            rows = txn.execute(
+                "SELECT DISTINCT c.id FROM conference AS c JOIN audit AS a"
+                " ON a.conference_id = c.id AND a.kind = 'ended'"
+                " WHERE c.state = 'ended' AND a.time < ? ORDER BY c.id", (before,)).fetchall()
+            return [r[0] for r in rows]
+
+        return self._checked(lambda: check_now(ended_before),
+                             lambda before: self._run(txn_expired, before))
+
+    def delete_audit_trail(self, conference_id: str, retention: float,
+                           now: float) -> defer.Deferred[AuditRecord | None]:
+        def txn_delete(txn: Any, args: tuple[str, float, float]) -> AuditRecord | None:
+            cid, keep, when = args
+            txn.execute("BEGIN IMMEDIATE")
+            if _state(txn, cid) is not ConferenceState.ENDED:
+                return None
+            rows = txn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM audit WHERE conference_id = ? ORDER BY number",
+                (cid,)).fetchall()
+            records = [_record(r, cid) for r in rows]
+            ended = [r.time for r in records if r.kind == "ended"]
+            if not ended or not records or records[-1].kind == TRAIL_DELETED:
+                return None
+            txn.execute("DELETE FROM audit WHERE conference_id = ?", (cid,))
+            txn.execute("DELETE FROM audit_checkpoint WHERE conference_id = ?", (cid,))
+            last = records[-1]
+            detail = trail_deleted_detail(records[0].seq, last.seq, last.hash, len(records),
+                                          ended[-1], keep)
+            return _insert(txn, AuditRecord.chained(cid, last.seq + 1, when, TRAIL_DELETED,
+                                                    None, detail, last.hash))
+
+        return self._checked(
+            lambda: (check_conference_id(conference_id), check_now(retention), check_now(now)),
+            lambda args: self._run(txn_delete, args))
 
     def set_roster(self, conference_id: str, epoch: int, signed_roster: str,
                    admitted: Any = ()) -> defer.Deferred[None]:

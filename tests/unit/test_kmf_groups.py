@@ -141,7 +141,7 @@ class ConfigTests(LdapTestMixin, unittest.TestCase):
                                "client_secret_file, domain, issuer, jwks_url, name, "
                                "token_endpoint)")
         self.assertConfigError("[nope]\n", "nope",
-                               "unknown section (known: admin, auth, conferences, "
+                               "unknown section (known: admin, audit, auth, conferences, "
                                "connections, https, idp, keys, logging, oauth, store)")
 
     def test_ldap_settings_unused_without_the_backend(self):

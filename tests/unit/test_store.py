@@ -344,7 +344,7 @@ class StoreTestsMixin:
                          (900.0, "none", T0 + 7200, False, 30.0))
         self.assertEqual((yield self.store.get("conf-1")), updated)
         yield self.store.update("conf-1", {"rekey_interval": 900}, T0 + 2)  # no change
-        policy = [e for e in (yield self.store.audit("conf-1")) if e.kind == "policy"]
+        policy = [e for e in (yield self.store.audit("conf-1")) if e.kind == "policy-changed"]
         self.assertEqual([e.detail for e in policy],
                          [{"rekey_interval": 900.0, "late_join": "none", "ends_at": T0 + 7200}])
         for bad in ({"late_join": "all"}, {"rekey_interval": -1}, {"grace": 86401},
@@ -1143,7 +1143,7 @@ class RedisStoreTestsBase(StoreTestsMixin):
         self.assertEqual(sorted(keys), sorted([
             f"{ns}:conferences", f"{ns}:conf:conf-1", f"{ns}:conf:conf-1:invited",
             f"{ns}:conf:conf-1:groups", f"{ns}:conf:conf-1:epochs", f"{ns}:conf:conf-1:audit",
-            f"{ns}:conf:conf-1:roster"]))
+            f"{ns}:conf:conf-1:roster", f"{ns}:audit-chained"]))
         # another namespace on the same server sees nothing
         other = yield self.open_store(namespace="elsewhere")
         listed = yield other.list()
