@@ -18,6 +18,7 @@ request (:func:`perc_daemons.store.schedule_status`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -32,6 +33,8 @@ __all__ = ["ScheduleTimers"]
 #: callLater takes any delay, but a wall-clock step is better met by checking again:
 #: a timer further away than this re-arms itself when it fires.
 MAX_TIMER = 3600.0
+#: Seconds between two attempts to load the timers while the store does not answer.
+LOAD_RETRY = 10.0
 
 
 class ScheduleTimers(Service):
@@ -39,9 +42,13 @@ class ScheduleTimers(Service):
 
     log = Logger()
 
-    def __init__(self, api: Any, clock: IReactorTime) -> None:
+    def __init__(self, api: Any, clock: IReactorTime,
+                 ready: Callable[[], defer.Deferred[None]] | None = None) -> None:
         self.api = api
         self.clock = clock
+        #: Fires once the store can be read (StoreService.when_ready); None: at once.
+        self._ready = ready
+        self._loading: IDelayedCall | None = None
         self._timers: dict[str, IDelayedCall] = {}
         self._ending: set[defer.Deferred[Any]] = set()
         self.setName("schedule")
@@ -56,12 +63,31 @@ class ScheduleTimers(Service):
     def startService(self) -> None:
         super().startService()
         self.api.on_conference = self.arm
+        ready = self._ready() if self._ready is not None else defer.succeed(None)
+        ready.addCallback(lambda _: self._load())
+
+    def _load(self) -> None:
+        """Arm the timers from the store; tried again every 10 s until it answers (the
+        store may be briefly unavailable at start: a conference must still end on time)."""
+        self._loading = None
+        if not self.running:
+            return
         d = defer.ensureDeferred(self.load())
-        d.addErrback(lambda f: self.log.failure("perc-kmf: schedule timers not loaded", f))
+
+        def failed(f: Any) -> None:
+            self.log.failure("perc-kmf: schedule timers not loaded (again in "
+                             f"{LOAD_RETRY:.0f} s)", f)
+            if self.running:
+                self._loading = self.clock.callLater(LOAD_RETRY, self._load)
+
+        d.addErrback(failed)
 
     def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().stopService()
         self.api.on_conference = None
+        if self._loading is not None and self._loading.active():
+            self._loading.cancel()
+        self._loading = None
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

@@ -354,13 +354,29 @@ class StoreService(Service):
         self.store = store
         self._probe = probe
         self.grants = grants
+        #: True once the store answered at start (a Redis store connects first).
+        self.ready = False
+        self._waiting: list[defer.Deferred[None]] = []
         self.setName("store")
+
+    def when_ready(self) -> defer.Deferred[None]:
+        """Fires once the store is usable (at once if it is): what reads it at start-up
+        (the schedule timers) waits for this."""
+        if self.ready:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
 
     def startService(self) -> None:
         super().startService()
 
         def ready(_: object) -> None:
             self.log.info("perc-kmf conference store ready: {store!r}", store=self.store)
+            self.ready = True
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
 
         def failed(f: Failure) -> None:
             self.log.critical("perc-kmf conference store unusable, stopping: {error}",
@@ -417,7 +433,9 @@ def reload_clients(clients: ClientRegistry, path: str) -> bool:
     return True
 
 
-def _sweep_audit(audit: AuditLog) -> defer.Deferred[None]:
+def _sweep_audit(audit: AuditLog, store: StoreService) -> defer.Deferred[None] | None:
+    if not store.ready:  # the first sweep at start-up, before a Redis store connected
+        return None
     d = defer.ensureDeferred(audit.sweep())
     d.addErrback(lambda f: Logger().failure("perc-kmf: audit retention sweep failed", f))
     return d.addCallback(lambda _: None)
@@ -454,7 +472,8 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     refresher.setName("signing-key-refresh")
     refresher.setServiceParent(top)
     # stopped in reverse order: the listener first, then the store
-    StoreService(reactor, store, probe, grants).setServiceParent(top)
+    store_service = StoreService(reactor, store, probe, grants)
+    store_service.setServiceParent(top)
     audit = AuditLog(store, keys, issuer=issuer, clock=reactor,
                      checkpoint_every=cfg.audit.checkpoint_every,
                      retention=cfg.audit.retention)
@@ -466,9 +485,10 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
                  policy_defaults=dict(cfg["conferences"]))
     top.api = api  # type: ignore[attr-defined]
     # conferences end by themselves at ends_at + grace (timers rebuilt from the store)
-    ScheduleTimers(api, reactor).setServiceParent(top)
+    ScheduleTimers(api, reactor, ready=store_service.when_ready).setServiceParent(top)
     if cfg.audit.retention > 0:
-        retention = TimerService(cfg.audit.sweep_interval, _sweep_audit, audit)
+        retention = TimerService(cfg.audit.sweep_interval, _sweep_audit, audit,
+                                 store_service)
         retention.clock = reactor
         retention.setName("audit-retention")
         retention.setServiceParent(top)

@@ -107,3 +107,35 @@ class ScheduleTimersTests(unittest.TestCase):
         yield self.settle()
         self.assertIs((yield self.store.get("conf-1")).state, ConferenceState.ENDED)
         self.assertIsNone(timers.due_at("conf-1"))
+
+    @defer.inlineCallbacks
+    def test_waits_for_the_store_and_retries(self):
+        """The timers wait for the store (a Redis store connects after start-up) and are
+        loaded again while it does not answer: a conference still ends on time."""
+        from perc_daemons.kmf.schedule import LOAD_RETRY
+        from perc_daemons.store import StoreUnavailable
+
+        yield self.running("conf-1", ends_at=T0 + 60)
+        ready: defer.Deferred[None] = defer.Deferred()
+        real_list = self.store.list
+        calls = []
+
+        def flaky_list(*args, **kwargs):
+            calls.append(self.clock.seconds())
+            if len(calls) == 1:
+                return defer.fail(StoreUnavailable("not yet"))
+            return real_list(*args, **kwargs)
+
+        self.store.list = flaky_list
+        timers = ScheduleTimers(self.api, self.clock, ready=lambda: ready)
+        timers.startService()
+        self.addCleanup(timers.stopService)
+        yield self.settle()
+        self.assertEqual((calls, len(timers)), ([], 0))  # not before the store is ready
+        ready.callback(None)
+        yield self.settle()
+        self.assertEqual((len(calls), len(timers)), (1, 0))  # refused: tried again later
+        self.flushLoggedErrors(StoreUnavailable)
+        self.clock.advance(LOAD_RETRY)
+        yield self.settle()
+        self.assertEqual((len(calls), timers.due_at("conf-1")), (2, T0 + 60))
