@@ -37,12 +37,14 @@ class IConferenceStore(Interface):
         Ending a conference wipes its keys as :meth:`end` does.
         """
 
-    def update(conference_id, changes, now):
+    def update(conference_id, changes, now, by=None):
         """Change the policy fields of a conference not ended (``changes``: a mapping of
         :data:`~perc_daemons.store.POLICY_FIELDS`); returns the Conference.
 
         The result is checked as a new Conference would be (ValueError); one
-        "policy" audit event lists the fields that changed, if any.  Fails
+        "policy-changed" audit record (:func:`~perc_daemons.store.policy_changed_detail`:
+        ``changes``, the fields that changed, and ``by``, who changed them: the
+        token's subject) is chained if any changed.  Fails
         with ConferenceEnded once the conference has ended.
         """
 

@@ -2,10 +2,11 @@
 
 Issue 14, "Audit trail".  The records and their hash chain are
 :mod:`perc_daemons.protocol.audit`'s; the stores chain every record they add
-(created, invited, uninvited, state, epoch, ended, media-distributor-*).
-:class:`AuditLog` adds what only the KMF's routes see (``key-delivered``:
-an EKT key served over HTTPS with the Encryption-Key header;
-``policy-changed``) and what the KD reports (:data:`KD_KINDS`), signs a
+(created, invited, uninvited, state, epoch, ended, media-distributor-*, and
+``policy-changed`` in the transaction of the change, with the token subject
+that made it).  :class:`AuditLog` adds what only the KMF's routes see
+(``key-delivered``: an EKT key served over HTTPS with the Encryption-Key
+header) and what the KD reports (:data:`KD_KINDS`), signs a
 checkpoint (JWS with the KMF's JWKS keys) every ``checkpoint_every``
 records and whenever a conference ends, and deletes the trails of
 conferences ended more than ``retention`` seconds ago, leaving a signed
@@ -212,7 +213,7 @@ class AuditLog:
 
     async def record(self, conference_id: str, kind: str, identity: str | None,
                      detail: dict[str, Any]) -> AuditRecord:
-        """Chain one record of the KMF's own (``key-delivered``, ``policy-changed``)."""
+        """Chain one record of the KMF's own (``key-delivered``)."""
         record = await self.store.append_audit(conference_id, kind, identity, detail,
                                                self.clock.seconds())
         if self.on_record is not None:
@@ -231,11 +232,6 @@ class AuditLog:
         except ValueError:
             who, detail["client"] = None, identity[:_TEXT]
         return await self.record(conference_id, "key-delivered", who, detail)
-
-    async def policy_changed(self, conference_id: str, by: str | None,
-                             changes: dict[str, Any]) -> AuditRecord:
-        """A conference policy changed: ``changes`` maps each setting to its new value."""
-        return await self.record(conference_id, "policy-changed", by, {"changes": changes})
 
     async def report(self, conference_id: str, events: list[Any]) -> tuple[int, int]:
         """Record a KD's batch; ``(recorded, duplicates)``.  ReportError for any bad

@@ -525,6 +525,25 @@ def check_update(current: Conference, changes: object) -> tuple[Conference, dict
     return updated, changed
 
 
+def policy_changed_detail(changed: dict[str, Any], by: str | None) -> tuple[str | None,
+                                                                           dict[str, Any]]:
+    """``(identity, detail)`` of a "policy-changed" record: ``changes`` (each field that
+    changed, its new value) and ``by`` (who changed it: the admin token's subject, a
+    user identity or an OAuth client id; absent if unknown).  The record's identity is
+    ``by`` when it is a user's identity."""
+    detail: dict[str, Any] = {"changes": dict(changed)}
+    identity = None
+    if by is not None:
+        if not isinstance(by, str) or not 0 < len(by) <= 255:
+            raise ValueError("by must be a token subject (1-255 characters)")
+        detail["by"] = by
+        try:
+            identity = check_identity(by)
+        except ValueError:
+            identity = None
+    return identity, detail
+
+
 def created_detail(c: Conference) -> dict[str, Any]:
     """The detail of a conference's "created" audit event."""
     return {

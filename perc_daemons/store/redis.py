@@ -109,6 +109,7 @@ from perc_daemons.store import (
     check_roster_args,
     check_update,
     created_detail,
+    policy_changed_detail,
     trail_deleted_detail,
 )
 
@@ -812,10 +813,11 @@ class RedisConferenceStore:
         return self._validated(check, run)
 
     def update(self, conference_id: str, changes: dict[str, Any],
-               now: float) -> defer.Deferred[Conference]:
+               now: float, by: str | None = None) -> defer.Deferred[Conference]:
         """Read, check (:func:`check_update`), then write in one script that refuses an
         ended conference; a concurrent update between the two is overwritten."""
         def check() -> tuple[str, dict[str, Any], float]:
+            policy_changed_detail({}, by)
             return check_conference_id(conference_id), dict(changes), check_now(now)
 
         @defer.inlineCallbacks
@@ -825,7 +827,7 @@ class RedisConferenceStore:
             if current.state is ConferenceState.ENDED:
                 raise ConferenceEnded(cid)
             updated, changed = check_update(current, wanted)
-            argv = [_audit_entry(when, "policy-changed", None, changed)]
+            argv = [_audit_entry(when, "policy-changed", *policy_changed_detail(changed, by))]
             if changed:
                 argv += _policy_fields(updated)
             reply = yield self._script(_UPDATE, cid, argv)

@@ -60,6 +60,7 @@ from perc_daemons.store import (
     check_roster_args,
     check_update,
     created_detail,
+    policy_changed_detail,
     trail_deleted_detail,
 )
 
@@ -501,8 +502,9 @@ class SqliteConferenceStore:
         return self._checked(check, lambda args: self._run(txn_set_state, args))
 
     def update(self, conference_id: str, changes: dict[str, Any],
-               now: float) -> defer.Deferred[Conference]:
+               now: float, by: str | None = None) -> defer.Deferred[Conference]:
         def check() -> tuple[str, dict[str, Any], float]:
+            policy_changed_detail({}, by)
             return check_conference_id(conference_id), dict(changes), check_now(now)
 
         def txn_update(txn: Any, args: tuple[str, dict[str, Any], float]) -> Conference:
@@ -519,7 +521,7 @@ class SqliteConferenceStore:
                      updated.grace, updated.rekey_interval, updated.late_join,
                      int(bool(updated.late_joiners_get_earlier_epochs)), cid),
                 )
-                _audit(txn, cid, when, "policy-changed", None, changed)
+                _audit(txn, cid, when, "policy-changed", *policy_changed_detail(changed, by))
             return updated
 
         return self._checked(check, lambda args: self._run(txn_update, args))
