@@ -122,6 +122,7 @@ from perc_daemons.protocol.jose import InvalidJwks, parse_jwks
 from perc_daemons.protocol.sdp import new_tls_id
 from perc_daemons.protocol.tunnel import (
     MAX_ASSOCIATIONS,
+    REASONS_ANNOUNCEMENT,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_INTERNAL_ERROR,
     SIGN_STATUS_OK,
@@ -331,6 +332,9 @@ class KdHandler:
     def tunnel_up(self, peer: ITunnelPeer) -> None:
         self._peers[str(peer.peer_name)] = peer
         self._listing.pop(str(peer.peer_name), None)  # its Associations listing starts over
+        # we read the reason of the MD's EndpointDisconnects (docs/PROTOCOL.md); an MD that
+        # predates it ignores this as an association it does not have
+        peer.send(EndpointDisconnect(REASONS_ANNOUNCEMENT))
         log.info("tunnel up: md {md}", md=peer.peer_name)
 
     def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
@@ -378,9 +382,10 @@ class KdHandler:
             return
         self._owner.pop(aid, None)
         conference = self.core.conference_of(aid)
-        self._send(self.core.endpoint_disconnect(aid, self.reactor.seconds()), peer)
-        log.info("association {association} of {conference} left",
-                 association=_aid(aid), conference=conference)
+        reason = message.reason_name or "md_disconnect"
+        self._send(self.core.endpoint_disconnect(aid, self.reactor.seconds(), reason), peer)
+        log.info("association {association} of {conference} left ({reason})",
+                 association=_aid(aid), conference=conference, reason=reason)
         self._after_core()
 
     def _associations(self, peer: ITunnelPeer, message: Associations) -> None:

@@ -49,8 +49,9 @@ KD_KINDS = frozenset({"admitted", "refused", "left", "epoch-started"})
 #: start, e.g. ``POST /epochs`` by an admin, installed from the KMF's event).
 CAUSES = ("join", "leave", "timer", "manual")
 #: Documented leave reasons (any slug is accepted, these are the KD's).
-LEAVE_REASONS = ("close_notify", "md_disconnect", "uninvited", "conference_ended",
-                 "peer_alert", "timeout", "dtls_error")
+LEAVE_REASONS = ("close_notify", "consent_timeout", "md_leave", "conference_deleted",
+                 "md_disconnect", "uninvited", "conference_ended", "peer_alert", "timeout",
+                 "dtls_error")
 MAX_REPORTS = 500
 REMEMBERED_REPORTS = 100_000
 DEFAULT_CHECKPOINT_EVERY = 32
