@@ -826,25 +826,31 @@ class KdHandler:
                 return
             new |= job.new_epoch  # a withdrawn member made a rekey due: this one
             job.new_epoch = False
+        # This epoch's causes, taken now: those that come while the KMF starts it are
+        # the next epoch's (job.new_epoch again); given back for a retry if it fails.
         causes: set[str] = set()
         if new:
-            causes = set(job.causes)  # kept for a retry until the epoch is installed
-            started = await self.kmf.new_epoch(conference)
-            causes, job.causes = frozenset(job.causes), set()
-            if self.metrics is not None:
-                self.metrics.epochs.inc()
-            self.epoch_started(conference, started["epoch"], causes,
-                               len(self.core.roster(conference)))
+            causes, job.causes = job.causes, set()
         installed = False
-        if new or sync:
-            epoch, params = await self.kmf.current_key(conference)
-            if conference not in self.core.conferences():
-                return
-            if epoch > self.core.epoch(conference):
-                # an epoch this KD did not start (another KD's, an admin's): manual
-                self._install(conference, epoch, params, causes if new else {"manual"})
-                installed = True
-            job.causes -= causes
+        try:
+            if new:
+                started = await self.kmf.new_epoch(conference)
+                if self.metrics is not None:
+                    self.metrics.epochs.inc()
+                self.epoch_started(conference, started["epoch"], frozenset(causes),
+                                   len(self.core.roster(conference)))
+            if new or sync:
+                epoch, params = await self.kmf.current_key(conference)
+                if conference not in self.core.conferences():
+                    return
+                if epoch > self.core.epoch(conference):
+                    # an epoch this KD did not start (another KD's, an admin's): manual
+                    self._install(conference, epoch, params, causes if new else {"manual"})
+                    installed = True
+        except BaseException:
+            if not installed:
+                job.causes |= causes
+            raise
         if grant and not installed:
             self._send(self.core.grant(conference, self.reactor.seconds()), None)
             self._after_core()

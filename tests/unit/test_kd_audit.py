@@ -138,6 +138,47 @@ class KdAuditTests(unittest.TestCase):
                           (ALICE, "conference_deleted")])
         self.assertNotIn(REASONS_ANNOUNCEMENT.hex(), str([r.detail for r in records]))
 
+    @defer.inlineCallbacks
+    def test_a_leave_while_the_kmf_starts_an_epoch_is_the_next_epochs_cause(self):
+        """bob leaves; while the KMF starts the epoch without him, carol leaves too: the
+        epoch after is hers, with its cause (leave), not an unexplained "manual"."""
+        users = [("alice", ALICE, 1111), ("bob", BOB, 2222), ("carol", CAROL, 3333)]
+        yield self.kmf.conference(invited=[u[1] for u in users], late_joiners=False)
+        alice, bob, carol = eps = [Endpoint(*u) for u in users]
+        for ep in eps:
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        real = self.handler.kmf.new_epoch
+        during: list[str] = []
+
+        async def new_epoch(conference: str):  # the real KMF; carol leaves meanwhile
+            if not during:
+                during.append(conference)
+                self.handler.tunnel_message(self.peer, EndpointDisconnect(carol.aid))
+            return await real(conference)
+
+        self.handler.kmf.new_epoch = new_epoch
+        self.handler.tunnel_message(self.peer, EndpointDisconnect(bob.aid))
+        yield wait_for(lambda: during, "bob's rekey started")
+
+        def reported() -> bool:
+            return (len(self.handler.audit) == 0 and not self.handler._jobs
+                    and not self.core.knows(carol.aid))
+
+        yield wait_for(reported, "reports sent")
+        records = yield self.trail()
+        after = [r for r in records if r.kind in ("left", "epoch-started")][-4:]
+        self.assertEqual([(r.kind, r.identity, r.detail.get("reason") or r.detail["causes"])
+                          for r in after],
+                         [("left", BOB, "md_disconnect"), ("left", CAROL, "md_disconnect"),
+                          ("epoch-started", None, ["leave"]),
+                          ("epoch-started", None, ["leave"])])
+        self.assertEqual([[m["identity"] for m in r.detail["members"]] for r in after[2:]],
+                         [[ALICE], [ALICE]])
+        self.assertNotIn("manual", [r.detail["cause"] for r in records
+                                    if r.kind == "epoch-started"])
+        del alice
+
 
 def free_port() -> int:
     with socket.socket() as s:
