@@ -368,6 +368,11 @@ class ReportedAudit:
     identity: str | None
     detail: dict[str, Any]
     now: float
+    report_id: str | None = None
+
+
+#: A KD's name of a reported event (``append_audit(report_id=)``, docs/API.md).
+REPORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 
 
 def _key_like(value: Any, depth: int = 0) -> str | None:
@@ -389,9 +394,12 @@ def _key_like(value: Any, depth: int = 0) -> str | None:
 
 
 def check_audit_args(conference_id: object, kind: object, identity: object, detail: object,
-                     now: object) -> ReportedAudit:
+                     now: object, report_id: object = None) -> ReportedAudit:
     """Validate :meth:`IConferenceStore.append_audit` arguments (ValueError otherwise)."""
     cid = check_conference_id(conference_id)
+    if report_id is not None and (not isinstance(report_id, str)
+                                  or not REPORT_ID.fullmatch(report_id)):
+        raise ValueError("report_id must be 1-80 characters of A-Z a-z 0-9 _ . : -")
     if kind not in AUDIT_KINDS:
         raise ValueError(f"unknown audit kind: {kind!r}")
     who = None if identity is None else check_identity(identity)
@@ -406,7 +414,8 @@ def check_audit_args(conference_id: object, kind: object, identity: object, deta
         raise ValueError(f"audit detail is not JSON data: {e}") from None
     if len(text) > MAX_AUDIT_DETAIL:
         raise ValueError(f"audit detail longer than {MAX_AUDIT_DETAIL} characters")
-    return ReportedAudit(cid, str(kind), who, json.loads(text), check_now(now))
+    return ReportedAudit(cid, str(kind), who, json.loads(text), check_now(now),
+                         None if report_id is None else str(report_id))
 
 
 def trail_deleted_detail(first_seq: int, last_seq: int, last_hash: str, records: int,

@@ -154,7 +154,15 @@ CREATE TABLE audit_checkpoint (
 ) WITHOUT ROWID
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+# v6: a KD's name of each event it reported, beside the record (not hashed): a report
+# sent again (its answer was lost, another KMF got it) is recorded once.
+_SCHEMA_V6 = """
+ALTER TABLE audit ADD COLUMN report_id TEXT;
+CREATE UNIQUE INDEX audit_report ON audit (conference_id, report_id)
+    WHERE report_id IS NOT NULL
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
 SCHEMA_VERSION = len(_MIGRATIONS)
 #: the schema version from which audit rows are chained
 _CHAINED_FROM = _MIGRATIONS.index(_SCHEMA_V5) + 1
@@ -239,12 +247,12 @@ def _chained(txn: Any, conference_id: str, now: float, kind: str, identity: str 
     return AuditRecord.chained(conference_id, number + 1, now, kind, identity, detail, prev)
 
 
-def _insert(txn: Any, record: AuditRecord) -> AuditRecord:
+def _insert(txn: Any, record: AuditRecord, report_id: str | None = None) -> AuditRecord:
     txn.execute(
-        "INSERT INTO audit (conference_id, time, kind, identity, detail, number, prev, hash)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit (conference_id, time, kind, identity, detail, number, prev, hash,"
+        " report_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.conference, record.time, record.kind, record.identity,
-         canonical_json(record.detail), record.seq, record.prev, record.hash),
+         canonical_json(record.detail), record.seq, record.prev, record.hash, report_id),
     )
     return record
 
@@ -638,15 +646,21 @@ class SqliteConferenceStore:
                              lambda cid: self._run(txn_audit, cid))
 
     def append_audit(self, conference_id: str, kind: str, identity: str | None,
-                     detail: dict[str, Any], now: float) -> defer.Deferred[AuditRecord]:
-        def txn_append(txn: Any, args: ReportedAudit) -> AuditRecord:
+                     detail: dict[str, Any], now: float, report_id: str | None = None
+                     ) -> defer.Deferred[AuditRecord | None]:
+        def txn_append(txn: Any, args: ReportedAudit) -> AuditRecord | None:
             txn.execute("BEGIN IMMEDIATE")
-            _state(txn, args.conference_id)
-            return _audit(txn, args.conference_id, args.now, args.kind, args.identity,
-                          args.detail)
+            cid = args.conference_id
+            _state(txn, cid)
+            if args.report_id is not None and txn.execute(
+                    "SELECT 1 FROM audit WHERE conference_id = ? AND report_id = ?",
+                    (cid, args.report_id)).fetchone() is not None:
+                return None  # recorded already
+            record = _chained(txn, cid, args.now, args.kind, args.identity, args.detail)
+            return _insert(txn, record, args.report_id)
 
         return self._checked(
-            lambda: check_audit_args(conference_id, kind, identity, detail, now),
+            lambda: check_audit_args(conference_id, kind, identity, detail, now, report_id),
             lambda args: self._run(txn_append, args))
 
     def audit_trail(self, conference_id: str
