@@ -37,12 +37,14 @@ class IConferenceStore(Interface):
         Ending a conference wipes its keys as :meth:`end` does.
         """
 
-    def update(conference_id, changes, now):
+    def update(conference_id, changes, now, by=None):
         """Change the policy fields of a conference not ended (``changes``: a mapping of
         :data:`~perc_daemons.store.POLICY_FIELDS`); returns the Conference.
 
         The result is checked as a new Conference would be (ValueError); one
-        "policy" audit event lists the fields that changed, if any.  Fails
+        "policy-changed" audit record (:func:`~perc_daemons.store.policy_changed_detail`:
+        ``changes``, the fields that changed, and ``by``, who changed them: the
+        token's subject) is chained if any changed.  Fails
         with ConferenceEnded once the conference has ended.
         """
 
@@ -71,10 +73,15 @@ class IConferenceStore(Interface):
     def audit(conference_id):
         """The conference's AuditEvents, oldest first."""
 
-    def append_audit(conference_id, kind, identity, detail, now):
+    def append_audit(conference_id, kind, identity, detail, now, report_id=None):
         """Chain one more record (kind of AUDIT_KINDS, detail JSON data without key
         material) to the conference's trail, also once it has ended; fires with its
-        :class:`~perc_daemons.protocol.audit.AuditRecord`."""
+        :class:`~perc_daemons.protocol.audit.AuditRecord`.
+
+        ``report_id`` (a KD's name of the event, :data:`~perc_daemons.store.REPORT_ID`)
+        is kept beside the record, not in it: a second record with the same id in
+        the conference is not added (fires with None), whichever KMF process of the
+        store gets it, and however the KD batched it."""
 
     def audit_trail(conference_id):
         """``(records, checkpoints)``: the chained AuditRecords in stored order and the

@@ -465,18 +465,21 @@ class KeyDistributorCore:
         association.connection.receive_datagram(data, now)
         return self._drain(association, now)
 
-    def endpoint_disconnect(self, association_id: bytes, now: float) -> list[TunnelMessage]:
+    def endpoint_disconnect(self, association_id: bytes, now: float,
+                            reason: str = "md_disconnect") -> list[TunnelMessage]:
         """The MD says the endpoint left: forget it; a keyed member makes a rekey due.
 
-        The KD answers with EndpointDisconnect: whoever ended the DTLS association,
-        the KD tells the MD (RFC 9185 section 5.4).
+        ``reason`` is the leave's (audit): what the MD said (its EndpointDisconnect's
+        private reason: ``consent_timeout``, ``md_leave``, ``conference_deleted``),
+        else ``md_disconnect``.  The KD answers with EndpointDisconnect: whoever
+        ended the DTLS association, the KD tells the MD (RFC 9185 section 5.4).
         """
         association = self._associations.pop(association_id, None)
         if association is None:
             return []
         if association.connection is not None:
             association.connection.close()  # its close_notify has nowhere to go
-        self._left(association, "md_disconnect")
+        self._left(association, reason)
         return [EndpointDisconnect(association_id)]
 
     def end_conference(self, conference_id: str, now: float) -> list[TunnelMessage]:

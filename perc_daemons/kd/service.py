@@ -122,6 +122,7 @@ from perc_daemons.protocol.jose import InvalidJwks, parse_jwks
 from perc_daemons.protocol.sdp import new_tls_id
 from perc_daemons.protocol.tunnel import (
     MAX_ASSOCIATIONS,
+    REASONS_ANNOUNCEMENT,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_INTERNAL_ERROR,
     SIGN_STATUS_OK,
@@ -331,6 +332,9 @@ class KdHandler:
     def tunnel_up(self, peer: ITunnelPeer) -> None:
         self._peers[str(peer.peer_name)] = peer
         self._listing.pop(str(peer.peer_name), None)  # its Associations listing starts over
+        # we read the reason of the MD's EndpointDisconnects (docs/PROTOCOL.md); an MD that
+        # predates it ignores this as an association it does not have
+        peer.send(EndpointDisconnect(REASONS_ANNOUNCEMENT))
         log.info("tunnel up: md {md}", md=peer.peer_name)
 
     def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
@@ -378,9 +382,10 @@ class KdHandler:
             return
         self._owner.pop(aid, None)
         conference = self.core.conference_of(aid)
-        self._send(self.core.endpoint_disconnect(aid, self.reactor.seconds()), peer)
-        log.info("association {association} of {conference} left",
-                 association=_aid(aid), conference=conference)
+        reason = message.reason_name or "md_disconnect"
+        self._send(self.core.endpoint_disconnect(aid, self.reactor.seconds(), reason), peer)
+        log.info("association {association} of {conference} left ({reason})",
+                 association=_aid(aid), conference=conference, reason=reason)
         self._after_core()
 
     def _associations(self, peer: ITunnelPeer, message: Associations) -> None:
@@ -821,25 +826,31 @@ class KdHandler:
                 return
             new |= job.new_epoch  # a withdrawn member made a rekey due: this one
             job.new_epoch = False
+        # This epoch's causes, taken now: those that come while the KMF starts it are
+        # the next epoch's (job.new_epoch again); given back for a retry if it fails.
         causes: set[str] = set()
         if new:
-            causes = set(job.causes)  # kept for a retry until the epoch is installed
-            started = await self.kmf.new_epoch(conference)
-            causes, job.causes = frozenset(job.causes), set()
-            if self.metrics is not None:
-                self.metrics.epochs.inc()
-            self.epoch_started(conference, started["epoch"], causes,
-                               len(self.core.roster(conference)))
+            causes, job.causes = job.causes, set()
         installed = False
-        if new or sync:
-            epoch, params = await self.kmf.current_key(conference)
-            if conference not in self.core.conferences():
-                return
-            if epoch > self.core.epoch(conference):
-                # an epoch this KD did not start (another KD's, an admin's): manual
-                self._install(conference, epoch, params, causes if new else {"manual"})
-                installed = True
-            job.causes -= causes
+        try:
+            if new:
+                started = await self.kmf.new_epoch(conference)
+                if self.metrics is not None:
+                    self.metrics.epochs.inc()
+                self.epoch_started(conference, started["epoch"], frozenset(causes),
+                                   len(self.core.roster(conference)))
+            if new or sync:
+                epoch, params = await self.kmf.current_key(conference)
+                if conference not in self.core.conferences():
+                    return
+                if epoch > self.core.epoch(conference):
+                    # an epoch this KD did not start (another KD's, an admin's): manual
+                    self._install(conference, epoch, params, causes if new else {"manual"})
+                    installed = True
+        except BaseException:
+            if not installed:
+                job.causes |= causes
+            raise
         if grant and not installed:
             self._send(self.core.grant(conference, self.reactor.seconds()), None)
             self._after_core()

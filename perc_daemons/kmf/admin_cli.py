@@ -213,11 +213,25 @@ def parse_token_response(code: int, content: bytes) -> str:
     return body["access_token"]
 
 
-async def fetch_client_token(client: ApiClient, client_id: str, client_secret: str) -> str:
-    """An ``admin`` access token from the KMF's token endpoint (client credentials)."""
-    headers, body = token_request(client_id, client_secret)
+async def fetch_client_token(client: ApiClient, client_id: str, client_secret: str,
+                             scope: str = "admin") -> str:
+    """An access token (``admin`` by default) from the KMF's token endpoint (client
+    credentials)."""
+    headers, body = token_request(client_id, client_secret, scope)
     code, content = await client.raw("POST", "/oauth/token", headers=headers, data=body)
     return parse_token_response(code, content)
+
+
+async def _audit_token(client: ApiClient, client_id: str, client_secret: str) -> str:
+    """``audit`` commands: an ``admin`` token, else (a client registered with the
+    ``auditor`` scope only, for an auditor who may read trails and nothing else) an
+    ``auditor`` one."""
+    try:
+        return await fetch_client_token(client, client_id, client_secret)
+    except OperationError as e:
+        if "invalid_scope" not in str(e):
+            raise
+        return await fetch_client_token(client, client_id, client_secret, "auditor")
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -492,7 +506,8 @@ async def _remote(args: argparse.Namespace, io: Io, reactor: Any) -> None:
     client = ApiClient(reactor, url, trust)
     try:
         if token is None:
-            token = await fetch_client_token(client, config.client_id, secret)
+            fetch = _audit_token if args.category == "audit" else fetch_client_token
+            token = await fetch(client, config.client_id, secret)
         client.token = token
         await _REMOTE[(args.category, args.action)](client, args, io, config)
     finally:

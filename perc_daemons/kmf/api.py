@@ -622,13 +622,14 @@ class KmfApi(JsonApi):
     async def update_conference(self, request: server.Request, cid: str) -> Response:
         """Change a conference's policy or title (members of POLICY_FIELDS; ``null``
         clears ``starts_at``/``ends_at``); the KDs get the ``policy`` event."""
-        self.authorize(request, ("admin",))
+        token = self.authorize(request, ("admin",))
         cid = _path_conference_id(cid)
         body = read_json(request)
         try:
-            updated = await self.store.update(cid, body, self.now())
+            updated = await self.store.update(cid, body, self.now(), by=token.subject)
         except (ValueError, TypeError) as e:
             raise _bad_request(str(e)) from None
+        await self._checkpoint(cid)
         self._changed(updated)
         self.events.publish("policy", {"conference": cid, **policy_json(updated)})
         return Response(200, conference_json(updated))

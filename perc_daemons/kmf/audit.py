@@ -2,10 +2,11 @@
 
 Issue 14, "Audit trail".  The records and their hash chain are
 :mod:`perc_daemons.protocol.audit`'s; the stores chain every record they add
-(created, invited, uninvited, state, epoch, ended, media-distributor-*).
-:class:`AuditLog` adds what only the KMF's routes see (``key-delivered``:
-an EKT key served over HTTPS with the Encryption-Key header;
-``policy-changed``) and what the KD reports (:data:`KD_KINDS`), signs a
+(created, invited, uninvited, state, epoch, ended, media-distributor-*, and
+``policy-changed`` in the transaction of the change, with the token subject
+that made it).  :class:`AuditLog` adds what only the KMF's routes see
+(``key-delivered``: an EKT key served over HTTPS with the Encryption-Key
+header) and what the KD reports (:data:`KD_KINDS`), signs a
 checkpoint (JWS with the KMF's JWKS keys) every ``checkpoint_every``
 records and whenever a conference ends, and deletes the trails of
 conferences ended more than ``retention`` seconds ago, leaving a signed
@@ -14,9 +15,9 @@ conferences ended more than ``retention`` seconds ago, leaving a signed
 KD reports (``POST /v1/conferences/{id}/audit``, scope ``kd``) are
 ``{"events": [{"id", "time", "kind", "identity", "detail"}, ...]}``; each
 kind's detail is checked by :func:`check_report`.  ``id`` is the KD's
-unique name of the event: a batch the KD sends again (its first answer was
-lost) is recorded once, as long as this process remembers the id (the last
-:data:`REMEMBERED_REPORTS`).  ``time`` is the KD's clock, kept as
+unique name of the event, kept by the store beside the record: an event
+the KD sends again (its answer was lost, the KMF restarted, another KMF of
+the same store got it, in another batch) is recorded once.  ``time`` is the KD's clock, kept as
 ``detail.reported_at``; the record's own time is the KMF's.
 
 Nothing here carries key material: details name epochs, SPIs, fingerprints
@@ -30,14 +31,13 @@ the verification (:func:`perc_daemons.protocol.audit.verify_trail`).
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
 
 from perc_daemons.protocol.audit import AuditRecord, sign_checkpoint
-from perc_daemons.store import ConferenceNotFound, check_identity
+from perc_daemons.store import REPORT_ID, ConferenceNotFound, check_identity
 
 __all__ = ["CAUSES", "KD_KINDS", "LEAVE_REASONS", "AuditLog", "ReportError", "check_report"]
 
@@ -48,15 +48,14 @@ KD_KINDS = frozenset({"admitted", "refused", "left", "epoch-started"})
 #: start, e.g. ``POST /epochs`` by an admin, installed from the KMF's event).
 CAUSES = ("join", "leave", "timer", "manual")
 #: Documented leave reasons (any slug is accepted, these are the KD's).
-LEAVE_REASONS = ("close_notify", "md_disconnect", "uninvited", "conference_ended",
-                 "peer_alert", "timeout", "dtls_error")
+LEAVE_REASONS = ("close_notify", "consent_timeout", "md_leave", "conference_deleted",
+                 "md_disconnect", "uninvited", "conference_ended", "peer_alert", "timeout",
+                 "dtls_error")
 MAX_REPORTS = 500
-REMEMBERED_REPORTS = 100_000
 DEFAULT_CHECKPOINT_EVERY = 32
 _SLUG = re.compile(r"[a-z0-9_]{1,64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_REPORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 _TEXT = 200
 
 log = Logger()
@@ -122,7 +121,7 @@ def check_report(event: object) -> tuple[str, str, str | None, dict[str, Any], f
         raise ReportError("each event is a JSON object")
     _only(event, {"id", "time", "kind", "identity", "detail"}, "event")
     report_id = event.get("id")
-    if not isinstance(report_id, str) or not _REPORT_ID.fullmatch(report_id):
+    if not isinstance(report_id, str) or not REPORT_ID.fullmatch(report_id):
         raise ReportError("id must be 1-80 characters of A-Z a-z 0-9 _ . : -")
     when = event.get("time")
     if isinstance(when, bool) or not isinstance(when, int | float) or not 0 <= when < 1e11:
@@ -208,13 +207,13 @@ class AuditLog:
         self.checkpoint_every = checkpoint_every
         self.retention = float(retention)
         self.on_record = on_record
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     async def record(self, conference_id: str, kind: str, identity: str | None,
                      detail: dict[str, Any]) -> AuditRecord:
-        """Chain one record of the KMF's own (``key-delivered``, ``policy-changed``)."""
+        """Chain one record of the KMF's own (``key-delivered``)."""
         record = await self.store.append_audit(conference_id, kind, identity, detail,
                                                self.clock.seconds())
+        assert record is not None  # no report id: always added
         if self.on_record is not None:
             self.on_record(record)
         await self.checkpoint(conference_id)
@@ -232,11 +231,6 @@ class AuditLog:
             who, detail["client"] = None, identity[:_TEXT]
         return await self.record(conference_id, "key-delivered", who, detail)
 
-    async def policy_changed(self, conference_id: str, by: str | None,
-                             changes: dict[str, Any]) -> AuditRecord:
-        """A conference policy changed: ``changes`` maps each setting to its new value."""
-        return await self.record(conference_id, "policy-changed", by, {"changes": changes})
-
     async def report(self, conference_id: str, events: list[Any]) -> tuple[int, int]:
         """Record a KD's batch; ``(recorded, duplicates)``.  ReportError for any bad
         event (nothing of the batch is recorded then)."""
@@ -245,13 +239,11 @@ class AuditLog:
         checked = [check_report(e) for e in events]
         recorded = duplicates = 0
         for report_id, kind, identity, detail, _ in checked:
-            key = (conference_id, report_id)
-            if key in self._seen:
+            record = await self.store.append_audit(conference_id, kind, identity, detail,
+                                                   self.clock.seconds(), report_id=report_id)
+            if record is None:  # the store has this event already
                 duplicates += 1
                 continue
-            record = await self.store.append_audit(conference_id, kind, identity, detail,
-                                                   self.clock.seconds())
-            self._remember(key)
             recorded += 1
             if self.on_record is not None:
                 self.on_record(record)
@@ -260,11 +252,6 @@ class AuditLog:
             conference = await self.store.get(conference_id)
             await self.checkpoint(conference_id, force=str(conference.state) == "ended")
         return recorded, duplicates
-
-    def _remember(self, key: tuple[str, str]) -> None:
-        self._seen[key] = None
-        while len(self._seen) > REMEMBERED_REPORTS:
-            self._seen.popitem(last=False)
 
     async def checkpoint(self, conference_id: str, *, force: bool = False) -> bool:
         """Sign the conference's newest record if ``checkpoint_every`` records (or, with

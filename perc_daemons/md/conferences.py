@@ -42,9 +42,11 @@ conference was created with, not any KD of ``[tunnel] kd_fingerprints``:
 those may connect at any time, but are no more the KD of another KD's
 conference than they are for its participants' messages.  DTLS from an
 endpoint goes to its KD; consent expiry (RFC 7675), a leave and a conference
-deletion send the KD ``EndpointDisconnect``.  A disconnect that cannot be
-sent while the KD's tunnel is down is kept (bounded) and sent when it comes
-back, so the KD learns of every departure and rekeys (RFC 8871 section 6);
+deletion send the KD ``EndpointDisconnect``, with the reason (our private
+extension: consent_timeout, md_leave, conference_deleted; docs/PROTOCOL.md)
+when that KD's tunnel announced it reads it.  A disconnect that cannot be
+sent while the KD's tunnel is down is kept (bounded, without its reason) and
+sent when it comes back, so the KD learns of every departure and rekeys (RFC 8871 section 6);
 once no conference names that KD (and it is not pinned) it can no longer
 connect, and its queue is dropped.  Nothing else of a participant outlives
 it (see :meth:`~perc_daemons.md.plane.MediaPlane.remove_leg` for the one
@@ -93,7 +95,11 @@ from perc_daemons.protocol.dtls import format_fingerprint
 from perc_daemons.protocol.extensions import AUDIO_LEVEL_URI
 from perc_daemons.protocol.selection import Selection, SelectionPolicy, StreamPlan
 from perc_daemons.protocol.tunnel import (
+    DISCONNECT_CONFERENCE_DELETED,
+    DISCONNECT_CONSENT_TIMEOUT,
+    DISCONNECT_LEAVE,
     MAX_ASSOCIATIONS,
+    REASONS_ANNOUNCEMENT,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
@@ -303,6 +309,8 @@ class MdConferences:
         self._peers: dict[bytes, Any] = {}  # kd fingerprint -> its registered ITunnelPeer
         self._pending: dict[bytes, _PendingJoin] = {}
         self._queued: dict[bytes, dict[bytes, None]] = {}  # kd fp -> aids to disconnect
+        # kd fp -> its registered tunnel, once that KD announced it reads disconnect reasons
+        self._reasons_read: dict[bytes, Any] = {}
         self._refusals_log = RateLimitedLog(self.log, clock)
         #: Called with the id of each conference deleted (by the provider or its KD).
         self.on_deleted: Callable[[str], None] | None = None
@@ -390,7 +398,7 @@ class MdConferences:
                     f"conference {conference_id!r} was deleted"))
         count = 0
         for aid in list(conference.participants):
-            self._end(aid, tell_kd=True)
+            self._end(aid, tell_kd=True, reason=DISCONNECT_CONFERENCE_DELETED)
             count += 1
         del self._conferences[conference_id]
         self.plane.set_selection(conference_id, None)
@@ -552,7 +560,7 @@ class MdConferences:
         if not hmac.compare_digest(leave_token.encode("utf-8", "replace"),
                                    participant.leave_token.encode("ascii")):
             raise LeaveRefused("the leave token does not match")
-        self._end(aid, tell_kd=True)
+        self._end(aid, tell_kd=True, reason=DISCONNECT_LEAVE)
         self.log.info("perc-md: {association} left conference {conference}",
                       association=participant.association, conference=conference_id)
         return True
@@ -578,7 +586,8 @@ class MdConferences:
         selection.set_receive(aid, **receive)  # type: ignore[arg-type]
         return participant.leg
 
-    def _end(self, aid: bytes, *, tell_kd: bool) -> Participant | None:
+    def _end(self, aid: bytes, *, tell_kd: bool,
+             reason: int | None = None) -> Participant | None:
         participant = self._participants.pop(aid, None)
         if participant is None:
             return None
@@ -587,13 +596,17 @@ class MdConferences:
         if conference is not None:
             conference.participants.pop(aid, None)
             if tell_kd:
-                self._disconnect(conference.kd_fingerprint, aid)
+                self._disconnect(conference.kd_fingerprint, aid, reason)
         return participant
 
-    def _disconnect(self, fingerprint: bytes, aid: bytes) -> None:
+    def _disconnect(self, fingerprint: bytes, aid: bytes, reason: int | None = None) -> None:
+        """EndpointDisconnect to the KD, with ``reason`` (our private extension) if that
+        KD's tunnel announced it reads it; queued (without reason) while it is down."""
         peer = self._peers.get(fingerprint)
         if peer is not None:
-            peer.send(EndpointDisconnect(aid))
+            if self._reasons_read.get(fingerprint) is not peer:
+                reason = None
+            peer.send(EndpointDisconnect(aid, reason))
             return
         queue = self._queued.setdefault(fingerprint, {})
         if len(queue) >= MAX_QUEUED_DISCONNECTS:
@@ -618,7 +631,7 @@ class MdConferences:
     def legs_expired(self, leg_ids: list[Any]) -> None:
         """Media protocol ``on_expired``: consent lapsed (RFC 7675); the KD is told."""
         for aid in leg_ids:
-            participant = self._end(aid, tell_kd=True)
+            participant = self._end(aid, tell_kd=True, reason=DISCONNECT_CONSENT_TIMEOUT)
             if participant is not None:
                 self.log.info("perc-md: {association} of conference {conference} lost "
                               "consent (no STUN check), disconnected",
@@ -650,6 +663,8 @@ class MdConferences:
 
     def tunnel_down(self, peer: ITunnelPeer, reason: str) -> None:
         fp = peer.peer_fingerprint
+        if self._reasons_read.get(fp) is peer:
+            del self._reasons_read[fp]
         if self._peers.get(fp) is peer:
             del self._peers[fp]
             self.log.warn("perc-md: KD {kd} disconnected: {reason}",
@@ -670,6 +685,11 @@ class MdConferences:
         elif isinstance(message, MediaKeys):
             self._media_keys(peer, message)
         elif isinstance(message, EndpointDisconnect):
+            if message.association_id == REASONS_ANNOUNCEMENT:
+                # the KD reads our disconnect reasons (docs/PROTOCOL.md), on this tunnel
+                if self._peers.get(peer.peer_fingerprint) is peer:
+                    self._reasons_read[peer.peer_fingerprint] = peer
+                return
             if message.association_id not in self._participants:
                 return  # the KD's answer to our own EndpointDisconnect (RFC 9185 s5.4)
             if self._from_kd(peer, message.association_id) is not None:

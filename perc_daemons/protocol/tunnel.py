@@ -22,8 +22,19 @@ type name               direction body
 0x03 MediaKeys          KD -> MD  uuid, profile (2), ``mki<0..255>``, client/server
                                   write keys and salts, each ``<1..255>``
 0x04 TunneledDtls       both      uuid, ``dtls_message<1..2^16-1>``
-0x05 EndpointDisconnect both      uuid
+0x05 EndpointDisconnect both      uuid [``uint8 reason``: our private extension]
 ==== ================== ========= ===============================================
+
+EndpointDisconnect's private extension (ours; docs/PROTOCOL.md): why the
+MD ended the association, one byte after the uuid
+(:data:`DISCONNECT_CONSENT_TIMEOUT` 1, :data:`DISCONNECT_LEAVE` 2,
+:data:`DISCONNECT_CONFERENCE_DELETED` 3; other values are passed through
+and read as "no reason").  RFC 9185 decoders refuse the extra byte, so the
+MD adds it only on a tunnel whose KD announced that it reads it: the KD
+sends, on every tunnel up, an EndpointDisconnect of the reserved
+association id :data:`REASONS_ANNOUNCEMENT` (a version-4 UUID no
+association uses), which an MD that predates the extension ignores as an
+association it does not have.
 
 Private messages (ours, not in RFC 9185; DESIGN.md "Decisions", documented
 in docs/PROTOCOL.md).  They carry the draft-roach-perc-webrtc answer signing
@@ -84,6 +95,10 @@ from perc_daemons.protocol.errors import ProtocolError
 
 __all__ = [
     "ASSOCIATION_ID_LENGTH",
+    "DISCONNECT_CONFERENCE_DELETED",
+    "DISCONNECT_CONSENT_TIMEOUT",
+    "DISCONNECT_LEAVE",
+    "DISCONNECT_REASONS",
     "DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM",
     "DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM",
     "HEADER_LENGTH",
@@ -92,6 +107,7 @@ __all__ = [
     "MAX_CONFERENCE_ID_LENGTH",
     "MAX_SDP_LENGTH",
     "PROTOCOL_VERSION",
+    "REASONS_ANNOUNCEMENT",
     "REFUSAL_CODE",
     "SIGN_STATUS_BAD_OFFER",
     "SIGN_STATUS_INTERNAL_ERROR",
@@ -147,6 +163,18 @@ MAX_CONFERENCE_ID_LENGTH = 255
 #: ``2 + n * (16 + 1 + 255)`` bytes fit one body (240 entries, 65282 bytes).
 MAX_ASSOCIATIONS = (MAX_BODY_LENGTH - 2) // (ASSOCIATION_ID_LENGTH + 1
                                              + MAX_CONFERENCE_ID_LENGTH)
+
+#: EndpointDisconnect's private reason byte (MD -> KD, to a KD that announced it reads it).
+DISCONNECT_CONSENT_TIMEOUT = 1  # no STUN consent check within the timeout (RFC 7675)
+DISCONNECT_LEAVE = 2  # the endpoint left over the MD's HTTPS API
+DISCONNECT_CONFERENCE_DELETED = 3  # the conference was deleted (provider DELETE, ConferenceEnded)
+#: The reasons' names, as the KD records them (audit ``left`` reasons).
+DISCONNECT_REASONS = {DISCONNECT_CONSENT_TIMEOUT: "consent_timeout",
+                      DISCONNECT_LEAVE: "md_leave",
+                      DISCONNECT_CONFERENCE_DELETED: "conference_deleted"}
+#: The reserved association id of the KD's announcement "I read disconnect reasons"
+#: (an EndpointDisconnect of it, KD -> MD, on every tunnel up).
+REASONS_ANNOUNCEMENT = uuid.UUID("50455243-d15c-4e45-8000-726561736f6e").bytes
 
 #: SRTP protection profile values (RFC 5764 registry, RFC 7714, RFC 8723).
 SRTP_AEAD_AES_128_GCM = 0x0007
@@ -362,6 +390,9 @@ class _Reader:
         except UnicodeDecodeError as exc:
             raise MalformedFrame("conference id is not UTF-8") from exc
 
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
     def end(self) -> None:
         if self._pos != len(self._data):
             raise MalformedFrame("trailing bytes after tunnel message body")
@@ -507,21 +538,38 @@ class TunneledDtls:
 
 @dataclass(frozen=True, slots=True)
 class EndpointDisconnect:
-    """Either way: the association has ended."""
+    """Either way: the association has ended (RFC 9185 s5.4).
+
+    ``reason`` is our private extension (module doc): one byte after the
+    uuid saying why the MD ended it (:data:`DISCONNECT_REASONS`; unknown
+    values are kept, for the receiver to read as none), None for the
+    RFC 9185 message.  Send it only to a KD that announced it reads it
+    (:data:`REASONS_ANNOUNCEMENT`).
+    """
 
     msg_type: ClassVar[int] = MessageType.ENDPOINT_DISCONNECT
 
     association_id: bytes
+    reason: int | None = None
 
     def __post_init__(self) -> None:
         _check_association_id(self.association_id)
+        if self.reason is not None:
+            _check_uint("reason", self.reason, 8)
 
     def encode(self) -> bytes:
-        return _frame(self.msg_type, self.association_id)
+        tail = b"" if self.reason is None else bytes((self.reason,))
+        return _frame(self.msg_type, self.association_id + tail)
+
+    @property
+    def reason_name(self) -> str | None:
+        """The reason as the KD records it, None without one (or an unknown one)."""
+        return None if self.reason is None else DISCONNECT_REASONS.get(self.reason)
 
     @classmethod
     def _decode(cls, r: _Reader) -> EndpointDisconnect:
-        return cls(r.association_id())
+        aid = r.association_id()
+        return cls(aid, r.uint(1) if r.remaining() else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -368,6 +368,11 @@ class ReportedAudit:
     identity: str | None
     detail: dict[str, Any]
     now: float
+    report_id: str | None = None
+
+
+#: A KD's name of a reported event (``append_audit(report_id=)``, docs/API.md).
+REPORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 
 
 def _key_like(value: Any, depth: int = 0) -> str | None:
@@ -389,9 +394,12 @@ def _key_like(value: Any, depth: int = 0) -> str | None:
 
 
 def check_audit_args(conference_id: object, kind: object, identity: object, detail: object,
-                     now: object) -> ReportedAudit:
+                     now: object, report_id: object = None) -> ReportedAudit:
     """Validate :meth:`IConferenceStore.append_audit` arguments (ValueError otherwise)."""
     cid = check_conference_id(conference_id)
+    if report_id is not None and (not isinstance(report_id, str)
+                                  or not REPORT_ID.fullmatch(report_id)):
+        raise ValueError("report_id must be 1-80 characters of A-Z a-z 0-9 _ . : -")
     if kind not in AUDIT_KINDS:
         raise ValueError(f"unknown audit kind: {kind!r}")
     who = None if identity is None else check_identity(identity)
@@ -406,7 +414,8 @@ def check_audit_args(conference_id: object, kind: object, identity: object, deta
         raise ValueError(f"audit detail is not JSON data: {e}") from None
     if len(text) > MAX_AUDIT_DETAIL:
         raise ValueError(f"audit detail longer than {MAX_AUDIT_DETAIL} characters")
-    return ReportedAudit(cid, str(kind), who, json.loads(text), check_now(now))
+    return ReportedAudit(cid, str(kind), who, json.loads(text), check_now(now),
+                         None if report_id is None else str(report_id))
 
 
 def trail_deleted_detail(first_seq: int, last_seq: int, last_hash: str, records: int,
@@ -523,6 +532,25 @@ def check_update(current: Conference, changes: object) -> tuple[Conference, dict
     changed = {name: getattr(updated, name) for name in POLICY_FIELDS
                if getattr(updated, name) != getattr(current, name)}
     return updated, changed
+
+
+def policy_changed_detail(changed: dict[str, Any], by: str | None) -> tuple[str | None,
+                                                                           dict[str, Any]]:
+    """``(identity, detail)`` of a "policy-changed" record: ``changes`` (each field that
+    changed, its new value) and ``by`` (who changed it: the admin token's subject, a
+    user identity or an OAuth client id; absent if unknown).  The record's identity is
+    ``by`` when it is a user's identity."""
+    detail: dict[str, Any] = {"changes": dict(changed)}
+    identity = None
+    if by is not None:
+        if not isinstance(by, str) or not 0 < len(by) <= 255:
+            raise ValueError("by must be a token subject (1-255 characters)")
+        detail["by"] = by
+        try:
+            identity = check_identity(by)
+        except ValueError:
+            identity = None
+    return identity, detail
 
 
 def created_detail(c: Conference) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Keys, all under a namespace (default ``perc``; conference ids cannot contain
                                perc_daemons.protocol.audit), oldest first
     {ns}:conf:{id}:audit-checkpoints  hash seq -> {"hash", "jws"}: the KMF's
                                signed checkpoints
+    {ns}:conf:{id}:audit-reports  hash: the KD report ids recorded (each once)
     {ns}:conf:{id}:roster      hash: epoch, jws, admitted
     {ns}:conf:{id}:mds         set of tunnel addresses (its Media Distributors)
     {ns}:audit-chained         "1" once the entries of the unchained layout are
@@ -109,6 +110,7 @@ from perc_daemons.store import (
     check_roster_args,
     check_update,
     created_detail,
+    policy_changed_detail,
     trail_deleted_detail,
 )
 
@@ -117,7 +119,7 @@ _REFUSAL = re.compile(r"(?:ERR )?PERC_([A-Z]+)(?: (\w+))?$")
 
 # KEYS of every per-conference script, in this order.
 _K = ("conf", "invited", "groups", "epochs", "audit", "roster", "index", "mds", "active",
-      "checkpoints")
+      "checkpoints", "reports")
 
 
 def _isqrt_n(value: int, n: int) -> int:
@@ -239,7 +241,7 @@ _OPEN = _NOT_FOUND + "if state == 'ended' then return redis.error_reply('PERC_EN
 _CREATE = _PRELUDE + """
 if state then return redis.error_reply('PERC_EXISTS') end
 drop_mds()
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[10])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[10], KEYS[11])
 local n = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + n))
 local i = 4 + n
@@ -324,8 +326,10 @@ _EPOCHS = _PRELUDE + _NOT_FOUND + "return redis.call('HGETALL', KEYS[4])\n"
 # ARGV: audit entry
 _APPEND_AUDIT = _PRELUDE + _OPEN + "audit_entry(ARGV[1])\nreturn 1\n"
 
-# ARGV: audit entry; also once the conference has ended.  Returns the record.
+# ARGV: audit entry, report id ('' for none); also once the conference has ended.
+# Returns the record, or '' if a record with that report id is there already.
 _REPORT_AUDIT = _PRELUDE + _NOT_FOUND + """
+if ARGV[2] ~= '' and redis.call('HSETNX', KEYS[11], ARGV[2], '1') == 0 then return '' end
 audit_entry(ARGV[1])
 return redis.call('LINDEX', KEYS[5], -1)
 """
@@ -355,7 +359,7 @@ _DELETE_TRAIL = _PRELUDE + _NOT_FOUND + """
 if state ~= 'ended' then return '' end
 if redis.call('LLEN', KEYS[5]) ~= tonumber(ARGV[1]) then return '' end
 if redis.call('LINDEX', KEYS[5], -1) ~= ARGV[2] then return '' end
-redis.call('DEL', KEYS[5], KEYS[10])
+redis.call('DEL', KEYS[5], KEYS[10], KEYS[11])
 audit(ARGV[3], 'trail-deleted', 'null', ARGV[4], tonumber(ARGV[5]), ARGV[6])
 return redis.call('LINDEX', KEYS[5], -1)
 """
@@ -647,7 +651,7 @@ class RedisConferenceStore:
         base = f"{self.namespace}:conf:{conference_id}"
         return [base, f"{base}:invited", f"{base}:groups", f"{base}:epochs", f"{base}:audit",
                 f"{base}:roster", f"{self.namespace}:conferences", f"{base}:mds",
-                self._active_key, f"{base}:audit-checkpoints"]
+                self._active_key, f"{base}:audit-checkpoints", f"{base}:audit-reports"]
 
     @property
     def _active_key(self) -> str:
@@ -812,10 +816,11 @@ class RedisConferenceStore:
         return self._validated(check, run)
 
     def update(self, conference_id: str, changes: dict[str, Any],
-               now: float) -> defer.Deferred[Conference]:
+               now: float, by: str | None = None) -> defer.Deferred[Conference]:
         """Read, check (:func:`check_update`), then write in one script that refuses an
         ended conference; a concurrent update between the two is overwritten."""
         def check() -> tuple[str, dict[str, Any], float]:
+            policy_changed_detail({}, by)
             return check_conference_id(conference_id), dict(changes), check_now(now)
 
         @defer.inlineCallbacks
@@ -825,7 +830,7 @@ class RedisConferenceStore:
             if current.state is ConferenceState.ENDED:
                 raise ConferenceEnded(cid)
             updated, changed = check_update(current, wanted)
-            argv = [_audit_entry(when, "policy-changed", None, changed)]
+            argv = [_audit_entry(when, "policy-changed", *policy_changed_detail(changed, by))]
             if changed:
                 argv += _policy_fields(updated)
             reply = yield self._script(_UPDATE, cid, argv)
@@ -962,14 +967,17 @@ class RedisConferenceStore:
     # -- the audit chain
 
     def append_audit(self, conference_id: str, kind: str, identity: str | None,
-                     detail: dict[str, Any], now: float) -> defer.Deferred[AuditRecord]:
-        def run(a: ReportedAudit) -> defer.Deferred[AuditRecord]:
+                     detail: dict[str, Any], now: float, report_id: str | None = None
+                     ) -> defer.Deferred[AuditRecord | None]:
+        def run(a: ReportedAudit) -> defer.Deferred[AuditRecord | None]:
             entry = _audit_entry(a.now, a.kind, a.identity, a.detail)
-            d = self._script(_REPORT_AUDIT, a.conference_id, [entry])
-            return d.addCallback(lambda raw: _parse_record(a.conference_id, raw))
+            d = self._script(_REPORT_AUDIT, a.conference_id, [entry, a.report_id or ""])
+            return d.addCallback(
+                lambda raw: _parse_record(a.conference_id, raw) if raw else None)
 
         return self._validated(
-            lambda: check_audit_args(conference_id, kind, identity, detail, now), run)
+            lambda: check_audit_args(conference_id, kind, identity, detail, now, report_id),
+            run)
 
     def audit_trail(self, conference_id: str
                     ) -> defer.Deferred[tuple[list[AuditRecord], list[Checkpoint]]]:

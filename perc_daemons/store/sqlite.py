@@ -60,6 +60,7 @@ from perc_daemons.store import (
     check_roster_args,
     check_update,
     created_detail,
+    policy_changed_detail,
     trail_deleted_detail,
 )
 
@@ -153,7 +154,15 @@ CREATE TABLE audit_checkpoint (
 ) WITHOUT ROWID
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+# v6: a KD's name of each event it reported, beside the record (not hashed): a report
+# sent again (its answer was lost, another KMF got it) is recorded once.
+_SCHEMA_V6 = """
+ALTER TABLE audit ADD COLUMN report_id TEXT;
+CREATE UNIQUE INDEX audit_report ON audit (conference_id, report_id)
+    WHERE report_id IS NOT NULL
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
 SCHEMA_VERSION = len(_MIGRATIONS)
 #: the schema version from which audit rows are chained
 _CHAINED_FROM = _MIGRATIONS.index(_SCHEMA_V5) + 1
@@ -238,12 +247,12 @@ def _chained(txn: Any, conference_id: str, now: float, kind: str, identity: str 
     return AuditRecord.chained(conference_id, number + 1, now, kind, identity, detail, prev)
 
 
-def _insert(txn: Any, record: AuditRecord) -> AuditRecord:
+def _insert(txn: Any, record: AuditRecord, report_id: str | None = None) -> AuditRecord:
     txn.execute(
-        "INSERT INTO audit (conference_id, time, kind, identity, detail, number, prev, hash)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit (conference_id, time, kind, identity, detail, number, prev, hash,"
+        " report_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.conference, record.time, record.kind, record.identity,
-         canonical_json(record.detail), record.seq, record.prev, record.hash),
+         canonical_json(record.detail), record.seq, record.prev, record.hash, report_id),
     )
     return record
 
@@ -501,8 +510,9 @@ class SqliteConferenceStore:
         return self._checked(check, lambda args: self._run(txn_set_state, args))
 
     def update(self, conference_id: str, changes: dict[str, Any],
-               now: float) -> defer.Deferred[Conference]:
+               now: float, by: str | None = None) -> defer.Deferred[Conference]:
         def check() -> tuple[str, dict[str, Any], float]:
+            policy_changed_detail({}, by)
             return check_conference_id(conference_id), dict(changes), check_now(now)
 
         def txn_update(txn: Any, args: tuple[str, dict[str, Any], float]) -> Conference:
@@ -519,7 +529,7 @@ class SqliteConferenceStore:
                      updated.grace, updated.rekey_interval, updated.late_join,
                      int(bool(updated.late_joiners_get_earlier_epochs)), cid),
                 )
-                _audit(txn, cid, when, "policy-changed", None, changed)
+                _audit(txn, cid, when, "policy-changed", *policy_changed_detail(changed, by))
             return updated
 
         return self._checked(check, lambda args: self._run(txn_update, args))
@@ -636,15 +646,21 @@ class SqliteConferenceStore:
                              lambda cid: self._run(txn_audit, cid))
 
     def append_audit(self, conference_id: str, kind: str, identity: str | None,
-                     detail: dict[str, Any], now: float) -> defer.Deferred[AuditRecord]:
-        def txn_append(txn: Any, args: ReportedAudit) -> AuditRecord:
+                     detail: dict[str, Any], now: float, report_id: str | None = None
+                     ) -> defer.Deferred[AuditRecord | None]:
+        def txn_append(txn: Any, args: ReportedAudit) -> AuditRecord | None:
             txn.execute("BEGIN IMMEDIATE")
-            _state(txn, args.conference_id)
-            return _audit(txn, args.conference_id, args.now, args.kind, args.identity,
-                          args.detail)
+            cid = args.conference_id
+            _state(txn, cid)
+            if args.report_id is not None and txn.execute(
+                    "SELECT 1 FROM audit WHERE conference_id = ? AND report_id = ?",
+                    (cid, args.report_id)).fetchone() is not None:
+                return None  # recorded already
+            record = _chained(txn, cid, args.now, args.kind, args.identity, args.detail)
+            return _insert(txn, record, args.report_id)
 
         return self._checked(
-            lambda: check_audit_args(conference_id, kind, identity, detail, now),
+            lambda: check_audit_args(conference_id, kind, identity, detail, now, report_id),
             lambda args: self._run(txn_append, args))
 
     def audit_trail(self, conference_id: str

@@ -62,6 +62,8 @@ class TokenEndpoint(resource.Resource):
         super().__init__()
         self.mint = mint
         self.requests: list[dict[str, Any]] = []
+        #: the scopes the client is registered with
+        self.scopes = {"admin"}
 
     def render_POST(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -83,10 +85,16 @@ class TokenEndpoint(resource.Resource):
             return json.dumps({"error": "invalid_client",
                                "error_description": "client authentication failed"}).encode()
         form = parse_qs(body, strict_parsing=True)
-        if form != {"grant_type": ["client_credentials"], "scope": ["admin"]}:
+        if form.get("grant_type") != ["client_credentials"] or len(form.get("scope", [])) != 1:
             request.setResponseCode(400)
             return json.dumps({"error": "invalid_request"}).encode()
-        return json.dumps({"access_token": self.mint(), "token_type": "Bearer",
+        scope = form["scope"][0]
+        if scope not in self.scopes:
+            request.setResponseCode(400)
+            return json.dumps({"error": "invalid_scope",
+                               "error_description": "scope not allowed for this client"}
+                              ).encode()
+        return json.dumps({"access_token": self.mint(scope), "token_type": "Bearer",
                            "expires_in": 300}).encode()
 
 
@@ -119,7 +127,7 @@ class AdminCliTests(unittest.TestCase):
         self.addCleanup(self.store.close)
         api = KmfApi(store=self.store, kek=kek, keys=self.keys, idp_domain=DOMAIN,
                      issuer=ISSUER, clock=reactor)
-        self.token_endpoint = TokenEndpoint(lambda: self.token(["admin"]))
+        self.token_endpoint = TokenEndpoint(lambda scope: self.token([scope]))
         site = kmf_site(api)
         site.resource = Root(api, self.token_endpoint)
         context = tls.server_context_factory(self.cert, os.path.join(self.dir, "kmf.key"))
@@ -459,6 +467,29 @@ class AdminCliTests(unittest.TestCase):
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(err, "perc-admin: token request refused: invalid_client (401): "
                               "client authentication failed\n")
+
+    @defer.inlineCallbacks
+    def test_an_auditor_only_client_reads_trails(self):
+        """A client registered with the ``auditor`` scope only: ``audit`` commands fall back
+        to an auditor token (the admin one is refused invalid_scope); others do not."""
+        secret = write_private(os.path.join(self.dir, "secret"), CLIENT_SECRET + "\n")
+        config = self.write_config("cc.toml", url=self.url, ca_file=self.cert,
+                                   client_id=CLIENT_ID, client_secret_file=secret,
+                                   issuer=ISSUER)
+        code, _, err = yield self.cli("conferences", "create", "c-1", "--title", "t",
+                                      "--initiator", ALICE, config=config, token=False)
+        self.assertEqual((code, err), (0, ""))
+        self.token_endpoint.scopes = {"auditor"}
+        self.token_endpoint.requests.clear()
+        code, out, err = yield self.cli("audit", "verify", "c-1", config=config, token=False)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("verified: 1 record(s)", out)
+        self.assertEqual([r["body"] for r in self.token_endpoint.requests],
+                         ["grant_type=client_credentials&scope=admin",
+                          "grant_type=client_credentials&scope=auditor"])
+        code, out, err = yield self.cli("conferences", "list", config=config, token=False)
+        self.assertEqual(code, 1)
+        self.assertIn("invalid_scope", err)
 
     # --- configuration errors --------------------------------------------------------------
 

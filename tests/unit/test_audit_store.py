@@ -158,6 +158,38 @@ class AuditStoreMixin:
             yield self.store.append_audit("conf-2", "refused", None, {}, T0)
 
     @defer.inlineCallbacks
+    def test_a_report_id_is_recorded_once(self):
+        """A KD's event id is kept beside its record: the same id again (sequentially or
+        at the same time, as from two KMFs of one store) adds nothing; the id is not
+        in the hashed record; another conference's id space is its own."""
+        s = self.store
+        yield s.create(conference("conf-1"))
+        yield s.create(conference("conf-2"))
+        detail = {"reason": "close_notify", "association": "00" * 16}
+        first = yield s.append_audit("conf-1", "left", "bob@example.com", detail, T0 + 1,
+                                     report_id="kd1-7")
+        self.assertIsNotNone(first)
+        again = yield s.append_audit("conf-1", "left", "bob@example.com", detail, T0 + 2,
+                                     report_id="kd1-7")
+        self.assertIsNone(again)
+        both = yield defer.gatherResults([
+            s.append_audit("conf-1", "refused", None, {"reason": "x"}, T0 + 3,
+                           report_id="kd1-8") for _ in range(2)])
+        self.assertEqual(sum(r is not None for r in both), 1)
+        other = yield s.append_audit("conf-2", "left", "bob@example.com", detail, T0 + 4,
+                                     report_id="kd1-7")
+        self.assertIsNotNone(other)
+        records, _ = yield self.trail()
+        self.assertEqual([r.kind for r in records], ["created", "left", "refused"])
+        self.assertEqual(records[1], first)
+        self.assertNotIn("kd1-7", json.dumps([r.to_json() for r in records]))
+        yield self.verify()
+        for bad in ("", "x" * 81, "a b", 7):
+            with self.assertRaises(ValueError):
+                yield s.append_audit("conf-1", "refused", None, {"reason": "x"}, T0 + 5,
+                                     report_id=bad)
+
+    @defer.inlineCallbacks
     def test_tail(self):
         yield self.populate()
         last, mark = yield self.store.audit_tail("conf-1")

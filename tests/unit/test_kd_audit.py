@@ -22,7 +22,14 @@ from perc_daemons.kd.kmf_client import KmfClient
 from perc_daemons.kmf.api import kmf_site
 from perc_daemons.metrics import Metrics
 from perc_daemons.protocol.audit import verify_trail
-from perc_daemons.protocol.tunnel import EndpointDisconnect, SignAnswerAck
+from perc_daemons.protocol.tunnel import (
+    DISCONNECT_CONFERENCE_DELETED,
+    DISCONNECT_CONSENT_TIMEOUT,
+    DISCONNECT_LEAVE,
+    REASONS_ANNOUNCEMENT,
+    EndpointDisconnect,
+    SignAnswerAck,
+)
 from tests.unit import test_kd_service as kds
 from tests.unit.test_kd_service import ALICE, BOB, CAROL, CONF, KD_SECRET, Endpoint, wait_for
 
@@ -55,7 +62,9 @@ class KdAuditTests(unittest.TestCase):
         carol = Endpoint("carol", CAROL, 3333)
         _, ack = yield self.sign(carol)  # not invited
         self.assertIsInstance(ack, SignAnswerAck)
-        self.handler.tunnel_message(self.peer, EndpointDisconnect(bob.aid))
+        # bob's consent lapsed at the MD, which says so (EndpointDisconnect's reason)
+        self.handler.tunnel_message(self.peer,
+                                    EndpointDisconnect(bob.aid, DISCONNECT_CONSENT_TIMEOUT))
         yield self.wait_key(alice, 3)
         self.handler.start_events(min_delay=0.05, max_delay=0.5)
         yield wait_for(lambda: self.handler.events_connected, "event stream")
@@ -77,7 +86,7 @@ class KdAuditTests(unittest.TestCase):
             ("epoch-started", None, "join"),   # bob joins
             ("admitted", BOB, None),
             ("refused", CAROL, "not_invited"),
-            ("left", BOB, "md_disconnect"),
+            ("left", BOB, "consent_timeout"),
             ("epoch-started", None, "leave"),
             ("left", ALICE, "uninvited"),
             ("epoch-started", None, "leave"),
@@ -95,6 +104,80 @@ class KdAuditTests(unittest.TestCase):
             self.assertEqual(admission["epoch"], e["epoch"])
         self.assertEqual(self.sample("perc_kd_audit_reports_total", {"outcome": "sent"}),
                          len(kd))
+
+    @defer.inlineCallbacks
+    def test_the_mds_disconnect_reason_is_the_leave_reason(self):
+        """The MD's EndpointDisconnect reason (our private byte) is the recorded leave
+        reason; none, or one this KD does not know, is ``md_disconnect``; the KD
+        announced on tunnel up that it reads them."""
+        self.assertEqual(self.peer.announced, 1)
+        users = [("alice", ALICE, 1111), ("bob", BOB, 2222), ("carol", CAROL, 3333)]
+        yield self.kmf.conference(invited=[u[1] for u in users], late_joiners=False)
+        eps = [Endpoint(*u) for u in users]
+        for ep in eps:
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        for ep, reason in zip(eps, (DISCONNECT_LEAVE, 200, None), strict=True):
+            self.handler.tunnel_message(self.peer, EndpointDisconnect(ep.aid, reason))
+        yield wait_for(lambda: not any(self.core.knows(ep.aid) for ep in eps), "all gone")
+        # the conference deleted at the MD: a member's leave says so
+        dave = Endpoint("dave", ALICE, 4444)
+        yield self.join(dave)
+        yield self.wait_key(dave, 1)
+        self.handler.tunnel_message(self.peer,
+                                    EndpointDisconnect(dave.aid, DISCONNECT_CONFERENCE_DELETED))
+
+        def reported() -> bool:
+            return len(self.handler.audit) == 0 and not self.handler._jobs
+
+        yield wait_for(reported, "reports sent")
+        records = yield self.trail()
+        self.assertEqual([(r.identity, r.detail["reason"]) for r in records
+                          if r.kind == "left"],
+                         [(ALICE, "md_leave"), (BOB, "md_disconnect"), (CAROL, "md_disconnect"),
+                          (ALICE, "conference_deleted")])
+        self.assertNotIn(REASONS_ANNOUNCEMENT.hex(), str([r.detail for r in records]))
+
+    @defer.inlineCallbacks
+    def test_a_leave_while_the_kmf_starts_an_epoch_is_the_next_epochs_cause(self):
+        """bob leaves; while the KMF starts the epoch without him, carol leaves too: the
+        epoch after is hers, with its cause (leave), not an unexplained "manual"."""
+        users = [("alice", ALICE, 1111), ("bob", BOB, 2222), ("carol", CAROL, 3333)]
+        yield self.kmf.conference(invited=[u[1] for u in users], late_joiners=False)
+        alice, bob, carol = eps = [Endpoint(*u) for u in users]
+        for ep in eps:
+            yield self.join(ep)
+            yield self.wait_key(ep, 1)
+        real = self.handler.kmf.new_epoch
+        during: list[str] = []
+
+        async def new_epoch(conference: str):  # the real KMF; carol leaves meanwhile
+            if not during:
+                during.append(conference)
+                self.handler.tunnel_message(self.peer, EndpointDisconnect(carol.aid))
+            return await real(conference)
+
+        self.handler.kmf.new_epoch = new_epoch
+        self.handler.tunnel_message(self.peer, EndpointDisconnect(bob.aid))
+        yield wait_for(lambda: during, "bob's rekey started")
+
+        def reported() -> bool:
+            return (len(self.handler.audit) == 0 and not self.handler._jobs
+                    and not self.core.knows(carol.aid))
+
+        yield wait_for(reported, "reports sent")
+        records = yield self.trail()
+        after = [r for r in records if r.kind in ("left", "epoch-started")][-4:]
+        self.assertEqual([(r.kind, r.identity, r.detail.get("reason") or r.detail["causes"])
+                          for r in after],
+                         [("left", BOB, "md_disconnect"), ("left", CAROL, "md_disconnect"),
+                          ("epoch-started", None, ["leave"]),
+                          ("epoch-started", None, ["leave"])])
+        self.assertEqual([[m["identity"] for m in r.detail["members"]] for r in after[2:]],
+                         [[ALICE], [ALICE]])
+        self.assertNotIn("manual", [r.detail["cause"] for r in records
+                                    if r.kind == "epoch-started"])
+        del alice
 
 
 def free_port() -> int:

@@ -64,6 +64,7 @@ from perc_daemons.protocol.roster import verify_roster
 from perc_daemons.protocol.srtp import Profile
 from perc_daemons.protocol.tunnel import (
     MAX_ASSOCIATIONS,
+    REASONS_ANNOUNCEMENT,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
@@ -101,8 +102,14 @@ class RecordingPeer:
         self.sent: list[Any] = []
         self.closed: str | None = None
         self.deliver: Any = None  # where TunneledDtls goes on (the endpoints)
+        #: the KD's "I read disconnect reasons" announcements (kept out of ``sent``)
+        self.announced = 0
 
     def send(self, message: Any) -> None:
+        if isinstance(message, EndpointDisconnect) and (
+                message.association_id == REASONS_ANNOUNCEMENT):
+            self.announced += 1
+            return
         self.sent.append(message)
         if self.deliver is not None and isinstance(message, TunneledDtls):
             self.deliver(message)
@@ -1207,8 +1214,10 @@ class KdServiceTunnelTests(unittest.TestCase):
         alice = Endpoint("alice", ALICE, 1111)
         offer = alice.offer(kmf.assertion(ALICE, alice.fingerprint))
         md_side.peer.send(SignAnswer(alice.aid, CONF, offer, draft_answer(offer, kd_fp)))
-        yield wait_for(lambda: md_side.received, "SignAnswerAck")
-        [ack] = md_side.received
+        yield wait_for(lambda: len(md_side.received) >= 2, "SignAnswerAck")
+        # first, on tunnel up: the KD reads the reasons of our EndpointDisconnects
+        announcement, ack = md_side.received
+        self.assertEqual(announcement, EndpointDisconnect(REASONS_ANNOUNCEMENT))
         self.assertEqual(ack.status, SIGN_STATUS_OK, ack.text)
         verified = verify_signed_answer(ack.signed_answer, offer,
                                         trust_roots=[pki.ca_certificate],

@@ -601,6 +601,14 @@ class KmfApiTests(unittest.TestCase):
         self.assertEqual(seen[-1], ("policy", {
             "conference": "conf-1", "title": "", "starts_at": None, "ends_at": self.now + 3600,
             "early_start": 120.0, "grace": 5.0, "rekey_interval": 0.0, "late_join": "history"}))
+        # the trail says what changed and who changed it (the token's subject)
+        records, _ = yield self.store.audit_trail("conf-1")
+        changed = [r for r in records if r.kind == "policy-changed"]
+        self.assertEqual([(r.identity, r.detail) for r in changed], [(
+            "admin@example.com",
+            {"changes": {"late_join": "history", "rekey_interval": 0.0,
+                         "ends_at": self.now + 3600},
+             "by": "admin@example.com"})])
         for bad in ({"late_join": "everything"}, {"rekey_interval": -5}, {"state": "ended"},
                     {"ends_at": "tomorrow"}):
             yield self.problem("PATCH", "/v1/conferences/conf-1", 400, "invalid-request",

@@ -119,6 +119,20 @@ class KmfAuditTests(unittest.TestCase):
         self.assertEqual(verify_trail(CID, records, checkpoints, jwks).unsigned, 0)
 
     @defer.inlineCallbacks
+    def test_events_sent_again_to_another_kmf_are_recorded_once(self):
+        """The ids are kept by the store: a KMF restarted, or another KMF of the same
+        store, records an event it gets again (in another batch, as the KD's queue
+        re-batches) once."""
+        yield self.conference_with_a_life()
+        other_kmf = AuditLog(self.store, self.keys, issuer="https://example.com",
+                             clock=reactor)
+        rebatched = [*reports()[2:], *reports(4)[:1]]
+        self.assertEqual((yield other_kmf.report(CID, rebatched)), (1, 2))
+        records, _, _ = yield self.trail()
+        self.assertEqual([r.kind for r in records].count("admitted"), 2)
+        self.assertEqual([r.kind for r in records].count("left"), 1)
+
+    @defer.inlineCallbacks
     def test_scopes(self):
         yield self.conference_with_a_life()
         yield self.trail(self.admin())  # admin reads too

@@ -38,8 +38,12 @@ from perc_daemons.protocol.answer import sign_answer
 from perc_daemons.protocol.ekt import EktCipher, EktParameterSet
 from perc_daemons.protocol.stun import BINDING_SUCCESS, StunMessage
 from perc_daemons.protocol.tunnel import (
+    DISCONNECT_CONFERENCE_DELETED,
+    DISCONNECT_CONSENT_TIMEOUT,
+    DISCONNECT_LEAVE,
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
     MAX_ASSOCIATIONS,
+    REASONS_ANNOUNCEMENT,
     SIGN_STATUS_BAD_OFFER,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
@@ -727,6 +731,53 @@ class MdServiceTests(unittest.TestCase):
         self.kd.peer.send(ConferenceEnded("c3"))
         yield back_to_baseline("after ConferenceEnded from the conference's KD")
         self.assertEqual(plane.leg(stayer.aid).counters["rtp_out"], 0)  # the hook held
+
+    @defer.inlineCallbacks
+    def test_disconnect_reasons_go_only_to_a_kd_that_announced_it_reads_them(self):
+        """EndpointDisconnect's private reason byte: none to a KD that did not announce
+        it (an RFC 9185 KD would refuse the byte); once it did (on this tunnel): a leave
+        over HTTPS (md_leave), consent expiry (consent_timeout), the conference deleted
+        (conference_deleted); a new tunnel of that KD starts without."""
+        yield self.create()
+        client = yield self.connect_kd()
+
+        @defer.inlineCallbacks
+        def leave(p: MediaParticipant):
+            code, _ = yield self.request(
+                "DELETE", f"/v1/conferences/c1/participants/{p.body['association']}",
+                token=p.body["leave_token"])
+            self.assertEqual(code, 204)
+            message = yield self.kd.wait_for(disconnect_of(p.aid))
+            return message.reason
+
+        p = yield self.media_participant()
+        self.assertIsNone((yield leave(p)))  # no announcement yet: RFC 9185 only
+        self.kd.peer.send(EndpointDisconnect(REASONS_ANNOUNCEMENT))
+        yield self.eventually(lambda: self.conferences._reasons_read, "announcement read")
+        self.assertEqual(self.conferences.events["unknown_association"], 0)
+        p = yield self.media_participant()
+        self.assertEqual((yield leave(p)), DISCONNECT_LEAVE)
+        # consent lapses (no STUN check within [media] consent_timeout)
+        stayer = yield self.media_participant()
+        lapsing = yield self.media_participant()
+        self.conferences.plane.leg(lapsing.aid).last_consent -= 3600.0
+        stayer.sock.write(stayer.endpoint.stun(), self.media_address)
+        message = yield self.kd.wait_for(disconnect_of(lapsing.aid))
+        self.assertEqual(message.reason, DISCONNECT_CONSENT_TIMEOUT)
+        # the tunnel goes and comes back: no reasons until the KD announces again
+        yield client.stopService()
+        yield self.eventually(lambda: self.kd.peer is None, "tunnel down")
+        self.assertEqual(self.conferences._reasons_read, {})
+        self.kd.messages.clear()
+        client = yield self.connect_kd()
+        p = yield self.media_participant()
+        self.assertIsNone((yield leave(p)))
+        self.kd.peer.send(EndpointDisconnect(REASONS_ANNOUNCEMENT))
+        yield self.eventually(lambda: self.conferences._reasons_read, "announced again")
+        code, _ = yield self.request("DELETE", "/v1/conferences/c1", token=PROVIDER_TOKEN)
+        self.assertEqual(code, 204)
+        message = yield self.kd.wait_for(disconnect_of(stayer.aid))
+        self.assertEqual(message.reason, DISCONNECT_CONFERENCE_DELETED)
 
     @defer.inlineCallbacks
     def test_delete_conference_disconnects_every_participant(self):

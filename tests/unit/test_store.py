@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import glob
+import itertools
 import os
 import secrets
 import socket
@@ -29,6 +30,7 @@ from zope.interface.verify import verifyObject
 
 from perc_daemons.interfaces import IConferenceStore
 from perc_daemons.kmf.kek import KeyEncryptionKey
+from perc_daemons.protocol.audit import record_hash
 from perc_daemons.store import (
     DEFAULT_EARLY_START,
     DEFAULT_GRACE,
@@ -344,9 +346,21 @@ class StoreTestsMixin:
                          (900.0, "none", T0 + 7200, False, 30.0))
         self.assertEqual((yield self.store.get("conf-1")), updated)
         yield self.store.update("conf-1", {"rekey_interval": 900}, T0 + 2)  # no change
+        yield self.store.update("conf-1", {"grace": 10}, T0 + 2, by="perc-admin")
+        yield self.store.update("conf-1", {"grace": 20}, T0 + 2, by="Bob@Example.com")
         policy = [e for e in (yield self.store.audit("conf-1")) if e.kind == "policy-changed"]
-        self.assertEqual([e.detail for e in policy],
-                         [{"rekey_interval": 900.0, "late_join": "none", "ends_at": T0 + 7200}])
+        self.assertEqual([(e.identity, e.detail) for e in policy], [
+            (None, {"changes": {"rekey_interval": 900.0, "late_join": "none",
+                                "ends_at": T0 + 7200}}),
+            (None, {"changes": {"grace": 10.0}, "by": "perc-admin"}),
+            ("bob@example.com", {"changes": {"grace": 20.0}, "by": "Bob@Example.com"})])
+        yield self.assertFails(self.store.update("conf-1", {"grace": 1}, T0 + 3, by=""),
+                               ValueError)
+        records, _ = yield self.store.audit_trail("conf-1")  # chained like any record
+        for before, record in itertools.pairwise(records):
+            self.assertEqual((record.prev, record.hash),
+                             (before.hash, record_hash(record.body())))
+        yield self.store.update("conf-1", {"grace": 30}, T0 + 3)
         for bad in ({"late_join": "all"}, {"rekey_interval": -1}, {"grace": 86401},
                     {"ends_at": T0}, {"state": "ended"}, {"invited": []}):
             yield self.assertFails(self.store.update("conf-1", bad, T0 + 3), ValueError)

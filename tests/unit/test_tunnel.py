@@ -11,6 +11,9 @@ from twisted.trial import unittest
 
 from perc_daemons.protocol.errors import ProtocolError
 from perc_daemons.protocol.tunnel import (
+    DISCONNECT_CONFERENCE_DELETED,
+    DISCONNECT_CONSENT_TIMEOUT,
+    DISCONNECT_LEAVE,
     DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM,
     DOUBLE_AEAD_AES_256_GCM_AEAD_AES_256_GCM,
     HEADER_LENGTH,
@@ -18,6 +21,7 @@ from perc_daemons.protocol.tunnel import (
     MAX_BODY_LENGTH,
     MAX_CONFERENCE_ID_LENGTH,
     MAX_SDP_LENGTH,
+    REASONS_ANNOUNCEMENT,
     SIGN_STATUS_OK,
     SIGN_STATUS_REFUSED,
     AssociationEntry,
@@ -288,9 +292,33 @@ class ValidationTests(unittest.TestCase):
     def test_trailing_bytes(self) -> None:
         for msg in samples():
             body = msg.encode()[3:]
-            self.assertRaises(MalformedFrame, decode_message, msg.msg_type, body + b"\x00")
+            # EndpointDisconnect's one private reason byte is not trailing (below)
+            extra = b"\x00\x00" if isinstance(msg, EndpointDisconnect) else b"\x00"
+            self.assertRaises(MalformedFrame, decode_message, msg.msg_type, body + extra)
             self.assertRaises(MalformedFrame, TunnelDecoder().feed,
-                              frame(msg.msg_type, body + b"\x00"))
+                              frame(msg.msg_type, body + extra))
+
+    def test_endpoint_disconnect_reason(self) -> None:
+        """Our private extension: one byte after the uuid, only when there is a reason."""
+        self.assertEqual(EndpointDisconnect(AID, DISCONNECT_CONSENT_TIMEOUT).encode(),
+                         b"\x05\x00\x11" + AID + b"\x01")
+        self.assertEqual(decode_message(0x05, AID), EndpointDisconnect(AID, None))
+        self.assertEqual(EndpointDisconnect(AID).encode(), b"\x05\x00\x10" + AID)
+        names = {code: EndpointDisconnect(AID, code).reason_name for code in range(256)}
+        self.assertEqual({c: n for c, n in names.items() if n is not None},
+                         {1: "consent_timeout", 2: "md_leave", 3: "conference_deleted"})
+        self.assertEqual((DISCONNECT_LEAVE, DISCONNECT_CONFERENCE_DELETED), (2, 3))
+        self.assertIsNone(EndpointDisconnect(AID).reason_name)
+        # an unknown reason is passed through (the KD reads it as none)
+        self.assertEqual(decode_message(0x05, AID + b"\xc8"), EndpointDisconnect(AID, 200))
+        for bad in (-1, 256):
+            self.assertRaises(MalformedFrame, EndpointDisconnect, AID, bad)
+        self.assertRaises(TypeError, EndpointDisconnect, AID, "1")
+        self.assertRaises(TypeError, EndpointDisconnect, AID, True)
+        # the KD's announcement is an RFC 9185 EndpointDisconnect of a reserved v4 UUID
+        self.assertTrue(is_uuid4(REASONS_ANNOUNCEMENT))
+        self.assertEqual(EndpointDisconnect(REASONS_ANNOUNCEMENT).encode(),
+                         b"\x05\x00\x10" + REASONS_ANNOUNCEMENT)
 
     def test_sign_messages_text(self) -> None:
         self.assertRaises(MalformedFrame, SignAnswer, AID, "c", "", "v=0")
@@ -539,6 +567,7 @@ messages = st.one_of(
               opaque, opaque, opaque, opaque),
     st.builds(TunneledDtls, uuid4s, st.binary(min_size=1, max_size=300)),
     st.builds(EndpointDisconnect, uuid4s),
+    st.builds(EndpointDisconnect, uuid4s, st.integers(0, 255)),
     st.builds(SignAnswer, uuid4s, st.text(min_size=1, max_size=60), sdp, sdp),
     st.builds(SignAnswerAck, uuid4s, st.just(SIGN_STATUS_OK), sdp),
     st.builds(SignAnswerAck, uuid4s, st.integers(1, 0xFFFF), st.text(max_size=40)),
@@ -580,6 +609,21 @@ class PropertyTests(unittest.TestCase):
             return
         self.assertIsInstance(message, ConferenceEnded)
         self.assertEqual(message.encode(), frame(0xF5, body))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.binary(max_size=40))
+    def test_endpoint_disconnect_garbage_decodes_or_is_refused(self, body) -> None:
+        """Any body under 0x05 is an EndpointDisconnect (uuid, optional reason byte) that
+        re-encodes to it, or a typed tunnel error; nothing else."""
+        try:
+            message = decode_message(0x05, body)
+        except (MalformedFrame, BadAssociationId):
+            self.assertFalse(len(body) in (16, 17) and is_uuid4(body[:16]))
+            return
+        self.assertIsInstance(message, EndpointDisconnect)
+        self.assertIn(len(body), (16, 17))
+        self.assertEqual(message.reason, body[16] if len(body) == 17 else None)
+        self.assertEqual(message.encode(), frame(0x05, body))
 
     @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(pieces, st.lists(st.integers(0, 10**6), max_size=10), st.integers(0, 400))
