@@ -267,7 +267,8 @@ class MediaReceived:
     the MD delivered it with (RFC 8723 s5.3: for playout order and loss;
     it differs when the MD withheld packets and renumbered); ``spi`` is the
     SPI of the EKTKey under which this sender's newest end-to-end key
-    arrived.
+    arrived, ``key_spi`` that of the key which decrypted this packet (they
+    differ during the sender's old-key hold, RFC 8870 s4.3.1).
     """
 
     ssrc: int
@@ -278,6 +279,7 @@ class MediaReceived:
     spi: int | None
     payload_type: int
     outer_sequence: int | None = None
+    key_spi: int | None = None
 
 
 @dataclass(frozen=True)
@@ -863,6 +865,13 @@ class ParticipantSession:
                        "retransmitted": st.retransmitted}
                 for ssrc, st in self._streams.items()}
 
+    def sending_spi(self, ssrc: int | None = None) -> int | None:
+        """The SPI of the EKTKey under which the key protecting ``ssrc``'s (default
+        :attr:`ssrc`) packets was announced, as of its last packet
+        (:attr:`EktSender.sending_spi`); None before the first EKTKey."""
+        stream = self._streams.get(self.ssrc if ssrc is None else ssrc)
+        return None if stream is None or stream.ekt is None else stream.ekt.sending_spi
+
     def audit_secrets(self) -> list[bytes]:
         """Every inner (end-to-end) key and salt this session derived, drew or learned,
         and every EKTKey and its salt: for the "the MD never saw a key" proof only."""
@@ -1021,7 +1030,7 @@ class ParticipantSession:
         self._events.append(MediaReceived(
             ssrc=ssrc, sequence=original_seq, timestamp=timestamp, marker=bool(marker),
             payload=payload, spi=self._sender_spi.get(ssrc), payload_type=pt,
-            outer_sequence=outer_seq))
+            outer_sequence=outer_seq, key_spi=received.key_spi))
 
     def _media_failure(self, ssrc: int | None, reason: str) -> None:
         self._drop(reason)
