@@ -522,7 +522,7 @@ class DoubleReceiver:
         self.outer = outer
         self.ekt = ekt
         #: Called with each packet whose outer layer verified, that layer off (a capture).
-        self.on_outer: Callable[[bytes], None] | None = None
+        self.on_outer: Callable[[bytes, float], None] | None = None
         self._replay_window = replay_window
         self._inner: dict[int, list[_InnerKey]] = {}
         self._last_good: dict[int, _InnerKey] = {}
@@ -570,7 +570,8 @@ class DoubleReceiver:
         """Both layers off a datagram from the MD (RFC 8723 s5.3, RFC 8870 s4.3.2).
 
         With :attr:`on_outer` set, it is called with the packet as it is once the
-        outer layer is off and verified (see :meth:`open_recorded`) before the rest.
+        outer layer is off and verified (see :meth:`open_recorded`) and ``now``,
+        before the rest.
         """
         if self.outer is None:
             raise ValueError("a DoubleReceiver without an outer context opens records only")
@@ -584,7 +585,7 @@ class DoubleReceiver:
         _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
         plaintext = self.outer.open(ssrc, seq, view[:h], view[h:end])
         if self.on_outer is not None:
-            self.on_outer(packet[:h] + plaintext + packet[end:])
+            self.on_outer(packet[:h] + plaintext + packet[end:], now)
         return self._end_to_end(packet, h, end, plaintext, now)
 
     def open_recorded(self, record: bytes, now: float) -> ReceivedPacket:

@@ -71,7 +71,7 @@ import hmac
 import os
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -791,6 +791,10 @@ class ParticipantSession:
         self._ekt_params: dict[int, EktParameterSet] = {}
         self._ekt_expiry: dict[int, float] = {}
         self._sender_spi: dict[int, int] = {}
+        #: Called with each RTP packet whose outer layer verified, that layer off (RTP
+        #: header, inner ciphertext, OHB, EKTField), and its arrival time: a capture
+        #: (:mod:`perc_daemons.protocol.recording`).  Set before the handshake ends.
+        self.capture: Callable[[bytes, float], None] | None = None
         self._first_key_at: dict[int, float] = {}  # SSRC -> when we learnt its first key
         self._keep_audit = keep_audit_secrets
         self._audit: dict[bytes, None] = {}
@@ -1165,6 +1169,7 @@ class ParticipantSession:
         self._ekt_receiver = _AuditingEktReceiver(LAYER_KEY_LENGTH[profile], self)
         self._receiver = DoubleReceiver(self._recv_outer, self._ekt_receiver,
                                         replay_window=window)
+        self._receiver.on_outer = self.capture
         # The inner halves of the DTLS keys are not used (EKT supplies the
         # end-to-end keys) but are secrets all the same.
         self._remember(keys.client_inner.key, keys.client_inner.salt,
