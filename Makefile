@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # trial needs the project on the path; twisted/plugins/ is found through it too.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv check lint test bench bench-cascade bench-sfu fuzz demo demo-protocol stack stack-down stack-status deb clean
+.PHONY: all venv check lint test bench bench-cascade bench-sfu bench-rekey fuzz demo demo-protocol stack stack-down stack-status deb clean
 
 all: check
 
@@ -46,6 +46,11 @@ bench-cascade: venv
 # participants with audio and simulcast video (issue 13); about two minutes.
 bench-sfu: venv
 	$(PY) bench/sfu.py
+
+# A periodic rekey reaching a 20-endpoint conference (issue 14): from the KD's timer
+# to every endpoint sending and receiving under the new epoch; about two minutes.
+bench-rekey: venv
+	$(PY) bench/rekey.py
 
 # Mutation fuzzing of every sans-I/O parser (tests/fuzz): FUZZ_N inputs per
 # target, FUZZ_JOBS processes; reproducing inputs go to fuzz-crashes/.  make

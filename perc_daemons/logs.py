@@ -15,7 +15,8 @@ log observer by :class:`~perc_daemons.daemon.DaemonOptions`) writes them:
   PERC_ADDRESS=192.0.2.7`` finds every event about that address, ``-o
   verbose`` shows the fields.  An entry the socket refuses (too large) goes
   out as text on stdout instead;
-* ``format = "json"``: one JSON object per line on stdout (``time``,
+* ``format = "json"``: one JSON object per line on stdout (``time``, ISO 8601
+  with microseconds so that events of several daemons can be ordered,
   ``level``, ``namespace``, ``message`` and the same fields), for collectors
   other than journald;
 * ``format = "text"``: one line per event on stdout, as twistd writes them;
@@ -154,7 +155,7 @@ def _text_observer(stream: IO[str]) -> Callable[[dict[str, Any]], None]:
 
 def _json_observer(stream: IO[str]) -> Callable[[dict[str, Any]], None]:
     def write(event: dict[str, Any]) -> None:
-        record = {"time": formatTime(event.get("log_time"), "%Y-%m-%dT%H:%M:%S%z"),
+        record = {"time": formatTime(event.get("log_time"), "%Y-%m-%dT%H:%M:%S.%f%z"),
                   "level": _level(event).name, "namespace": event.get("log_namespace"),
                   "message": _message(event), **event_fields(event)}
         stream.write(json.dumps(record, ensure_ascii=True, default=str) + "\n")

@@ -7,7 +7,8 @@
         [--kd-name kd.localhost] [--duration 10] \\
         [--audio-wav in.wav | --tone 440 | --video [--rate 50] [--keyframe-every 30]] \\
         [--simulcast] [--no-audio-level] [--last-n N] [--max-height H] [--bandwidth BPS] \\
-        [--record-dir DIR] [--stats-json out.json] [--load N ...]
+        [--record-dir DIR] [--capture FILE] [--history FILE] [--stats-json out.json]
+        [--load N ...]
 
 The password comes from the first line of ``--password-file`` or from the
 ``PERC_PASSWORD`` environment variable (never from the command line).
@@ -20,6 +21,16 @@ line without password uses the shared one; the first N lines are used) or a
 user1@localhost ... userN@localhost, all with the shared password).  Each
 endpoint sends a different tone (``--tone`` + 20 Hz per index) or the same
 WAV/video; ``--record-dir`` gets one subdirectory per endpoint.
+
+A recording kept as ciphertext (issue 14, seed draft-westerlund s4.8):
+``--capture FILE`` writes every packet received with the hop-by-hop layer
+off (inner ciphertext, OHB, EKTField: what the provider's side may hold);
+``--history FILE``, on an endpoint that joins later, decrypts it once
+admitted with the earlier epochs' EKT keys (``POST .../keys?epoch=N``),
+which the KMF gives only under the conference's ``late_join = "history"``
+policy, and writes its audio to ``--record-dir``/history; under another
+policy the KMF refuses them (403 history-not-allowed), nothing is
+decrypted, and the exit status is 1.
 
 For an MD that forwards selectively (an SFU, issue 13): ``--simulcast``
 sends, beside the audio, three simulcast video encodings (RFC 8853: h, m, l
@@ -162,6 +173,13 @@ def build_parser(output: IO[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", type=_positive(int), metavar="BPS",
                    help="receive bandwidth (bits/s): the REMB sent and the join's max_bitrate")
     p.add_argument("--record-dir", help="write each audio sender to DIR/ssrc-XXXXXXXX.wav")
+    p.add_argument("--capture", metavar="FILE",
+                   help="write every packet received, its hop-by-hop layer off, to FILE: a "
+                        "recording kept as ciphertext (readable only with the epochs' keys)")
+    p.add_argument("--history", metavar="FILE",
+                   help="once joined, decrypt the recording FILE (made with --capture) with "
+                        "the earlier epochs' keys, if the conference's late_join policy is "
+                        "history; audio to DIR/history/ with --record-dir")
     p.add_argument("--stats-json", metavar="FILE", help="write statistics JSON here ('-': "
                                                         "stdout)")
     p.add_argument("--load", type=_positive(int), default=1, metavar="N",
@@ -199,6 +217,9 @@ def parse_args(argv: Sequence[str], output: IO[str] | None = None) -> argparse.N
         args.kd_names = ["kd.localhost"]
     if args.simulcast and args.video:
         raise UsageError("perc-endpoint: --simulcast sends audio plus video; not with --video")
+    if args.load > 1 and (args.capture or args.history):
+        raise UsageError("perc-endpoint: --capture and --history are for one endpoint, not "
+                         "--load")
     if args.keyframe_every is None:
         args.keyframe_every = 60 if args.simulcast else 30
     if args.simulcast and args.keyframe_every % 4:
@@ -301,10 +322,15 @@ def _line(data: dict[str, Any]) -> str:
     received = sum(s["packets"] for s in senders)
     lost = sum(s["losses"] for s in senders)
     failed = sum(s["decrypt_failures"] for s in senders)
+    history = data.get("history")
+    history_text = "" if not history else (
+        f"; history: {sum(s['packets'] for s in history['decrypted'])} of "
+        f"{history['records']} recorded packets decrypted (earlier epochs "
+        f"{', '.join(map(str, sorted(history['epochs']))) or 'none'})")
     return (f"{who}: OK: join time {join_text}, sent {data['sent']['packets']} packets, "
             f"received {received} from {len(senders)} senders ({lost} lost, {failed} "
             f"decrypt failures), roster epoch "
-            f"{(data.get('roster') or {}).get('epoch')}")
+            f"{(data.get('roster') or {}).get('epoch')}{history_text}")
 
 
 async def run(args: argparse.Namespace, users: list[tuple[str, str]], reactor: Any,
@@ -330,7 +356,8 @@ async def run(args: argparse.Namespace, users: list[tuple[str, str]], reactor: A
                  video_source=(SimulcastVideo(keyframe_every=args.keyframe_every)
                                if args.simulcast else None),
                  audio_level=args.audio_level, bandwidth=args.bandwidth,
-                 receive=receive_preferences(args))
+                 receive=receive_preferences(args), capture=args.capture,
+                 history=args.history)
         for i, (user, password) in enumerate(users)]
 
     def interrupted() -> Any:  # Ctrl-C: still say goodbye to the MD and the KD

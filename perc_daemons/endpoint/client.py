@@ -74,6 +74,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from perc_daemons.endpoint.history import (
+    CaptureFile,
+    HistoryError,
+    HistoryResult,
+    decrypt_history,
+)
 from perc_daemons.endpoint.https import EndpointError, load_ca
 from perc_daemons.endpoint.kmf import (
     DEFAULT_CLIENT_ID,
@@ -116,6 +122,7 @@ from perc_daemons.protocol.participant import (
     new_tls_id,
 )
 from perc_daemons.protocol.roster import Roster, RosterError
+from perc_daemons.protocol.srtp import LAYER_KEY_LENGTH, Profile
 
 __all__ = [
     "DEFAULT_KD_NAMES",
@@ -291,6 +298,10 @@ class Endpoint:
     an answer-signing KD certificate may have.  ``kind`` is ``audio`` (PCMU)
     or ``video`` (VP8-like); ``source`` defaults to a 440 Hz tone or a 50 pps
     video source.  ``record_dir`` writes one WAV file per audio sender.
+    ``capture`` writes every packet received, outer layer off, to that file (a
+    recording kept as ciphertext); ``history`` decrypts such a file once joined,
+    with the earlier epochs' keys if the conference's policy gives them
+    (:mod:`.history`; WAVs under ``record_dir/history``, :attr:`history`).
 
     For load generation (``bench/conference.py``): ``decrypt_every=N`` (N > 1)
     is a lighter receive mode.  Every RTP datagram from the MD is counted per
@@ -345,7 +356,8 @@ class Endpoint:
                  video: str | None = None, video_source: SimulcastVideo | None = None,
                  audio_level: bool = True, bandwidth: int | None = None,
                  receive: Mapping[str, int] | None = None,
-                 rtcp_interval: float = 1.0, via: tuple[str, int] | None = None) -> None:
+                 rtcp_interval: float = 1.0, via: tuple[str, int] | None = None,
+                 capture: str | None = None, history: str | None = None) -> None:
         if kind not in ("audio", "video"):
             raise ValueError("kind must be audio or video")
         if video not in (None, "simulcast"):
@@ -367,6 +379,12 @@ class Endpoint:
         self.kind = kind
         self.source = source
         self.record_dir = record_dir
+        #: A capture file to write (:mod:`.history`), a recording to decrypt once joined.
+        self.capture_path = capture
+        self.history_path = history
+        self._capture: CaptureFile | None = None
+        #: What decrypting ``history`` gave (None before / without it).
+        self.history: HistoryResult | None = None
         self.bind = bind
         self.connect_timeout = connect_timeout
         self.client_id, self.redirect_uri, self.issuer = client_id, redirect_uri, issuer
@@ -484,6 +502,12 @@ class Endpoint:
                              issuer=self.issuer)
         self.md = MdClient(self.reactor, self.md_url, ca=ca)
         await self._login()
+        if self.capture_path is not None and self._capture is None:
+            try:
+                self._capture = CaptureFile(self.capture_path, self.conference_id)
+            except OSError as e:
+                raise JoinFailed("capture", f"--capture {self.capture_path}: "
+                                            f"{e.strerror or e}") from None
         session = await self._associate()
         if self.record_dir is not None:
             self._sinks = WavSinks(self.record_dir)
@@ -509,6 +533,26 @@ class Endpoint:
         self._roster_loop = task.LoopingCall(self._roster_tick)
         self._roster_loop.clock = self.reactor
         self._roster_loop.start(self.roster_interval, now=False)
+        if self.history_path is not None:
+            await self._decrypt_history(self.history_path)
+
+    async def _decrypt_history(self, path: str) -> None:
+        """The recording at ``path`` decrypted with the earlier epochs' keys (a
+        failure recorded if the KMF refuses them: the conference's policy)."""
+        assert self.kmf is not None and self.profile is not None
+        try:
+            self.history = await decrypt_history(
+                self.kmf, self.conference_id, LAYER_KEY_LENGTH[Profile[self.profile]], path,
+                self.record_dir)
+        except (HistoryError, EndpointError) as e:
+            self.failures.append(f"history not decrypted: {e}")
+            self.log.warn("{label}: history not decrypted: {error}", label=self.label,
+                          error=str(e))
+            return
+        self.log.info("{label}: history: {packets} of {records} recorded packets decrypted "
+                      "with the keys of epochs {epochs}", label=self.label,
+                      packets=sum(self.history.decrypted.values()),
+                      records=self.history.records, epochs=self.history.epochs)
 
     async def _login(self) -> None:
         """Sign in at the KMF (again: the identity must stay the same)."""
@@ -584,15 +628,17 @@ class Endpoint:
                       "{association}", label=self.label, kd=self.answer.kd_name,
                       identity=self.identity, association=self.joined.association)
         try:
-            return ParticipantSession(certificate=der, private_key=key, ssrc=self.ssrc,
-                                      ice_ufrag=ufrag, ice_pwd=pwd, tls_id=tls_id,
-                                      answer=self.answer, initial_sequence=initial_sequence,
-                                      keep_audit_secrets=self.audit_secrets,
-                                      video_ssrcs=self.video_ssrcs,
-                                      nack=self.decrypt_every == 1)
+            session = ParticipantSession(
+                certificate=der, private_key=key, ssrc=self.ssrc, ice_ufrag=ufrag,
+                ice_pwd=pwd, tls_id=tls_id, answer=self.answer,
+                initial_sequence=initial_sequence, keep_audit_secrets=self.audit_secrets,
+                video_ssrcs=self.video_ssrcs, nack=self.decrypt_every == 1)
         except ValueError as e:  # a signed answer we cannot use (no candidate, ...)
             await self._forget_at_md()
             raise AnswerRejected(f"unusable answer: {e}") from None
+        if self._capture is not None:
+            session.capture = self._capture.write
+        return session
 
     async def _connect(self, session: ParticipantSession) -> None:
         """Make ``session`` current, start it, wait for its first EKTKey.
@@ -1147,6 +1193,8 @@ class Endpoint:
             await defer.maybeDeferred(port.stopListening)
         if self._sinks is not None:
             self._sinks.close()
+        if self._capture is not None:
+            self._capture.close()
         for client in (self.kmf, self.md):
             if client is not None:
                 await client.close()
@@ -1229,6 +1277,9 @@ class Endpoint:
             "closed_reason": self.closed_reason,
             "left": self.left,
             "rejoins": [dict(r, errors=list(r["errors"])) for r in self.rejoins],
+            "capture": ({"path": self._capture.path, "records": self._capture.records}
+                        if self._capture is not None else None),
+            "history": self.history.as_json() if self.history is not None else None,
             "failures": self.all_failures(),
         }
 

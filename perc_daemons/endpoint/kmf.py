@@ -54,8 +54,10 @@ from perc_daemons.endpoint.https import (
     HttpsClient,
     problem_text,
 )
+from perc_daemons.problems import parse_problem
 from perc_daemons.protocol import jsontext
 from perc_daemons.protocol.dtls import certificate_fingerprint, format_fingerprint
+from perc_daemons.protocol.ekt import EktCipher, EktParameterSet, derive_master_salt
 from perc_daemons.protocol.encryption_key import parse_encryption_key
 from perc_daemons.protocol.roster import Roster, verify_roster
 
@@ -85,11 +87,13 @@ class KmfError(EndpointHttpError):
 class KmfRefused(KmfError):
     """The KMF refused a request: ``status``, ``title`` and ``detail`` say why."""
 
-    def __init__(self, status: int, title: str, detail: str = "") -> None:
+    def __init__(self, status: int, title: str, detail: str = "", slug: str = "") -> None:
         super().__init__(f"{title} ({status})" + (f": {detail}" if detail else ""))
         self.status = status
         self.title = title
         self.detail = detail
+        #: The problem type's machine-readable last part (e.g. ``history-not-allowed``).
+        self.slug = slug
 
 
 class LoginFailed(KmfError):
@@ -383,20 +387,50 @@ class KmfClient:
         KD with the certificate this client presents (403 ``not-admitted``
         otherwise, raised as :class:`KmfRefused`).
         """
+        epoch, _body, key = await self._key(conference_id, None)
+        return epoch, key
+
+    async def epoch_parameters(self, conference_id: str, epoch: int | None = None
+                               ) -> tuple[int, EktParameterSet]:
+        """(epoch, EKT parameter set) of the current epoch or of an earlier ``epoch``
+        (``?epoch=N``: only under the conference's ``late_join = "history"`` policy,
+        else :class:`KmfRefused` with slug ``history-not-allowed``; ``unknown-epoch``
+        for one not stored).  The set is the KD's (RFC 8870 s4.2): the key from the
+        ``Encryption-Key`` header, SPI and cipher from the body, the salt from
+        :func:`~perc_daemons.protocol.ekt.derive_master_salt`; its ttl the longest
+        (it opens a recording, not live media)."""
+        number, body, key = await self._key(conference_id, epoch)
+        try:
+            params = EktParameterSet(key=key, cipher=EktCipher[body["ekt_cipher"]],
+                                     master_salt=derive_master_salt(key, conference_id,
+                                                                    number),
+                                     spi=body["spi"], ttl=(1 << 24) - 1)
+        except (KeyError, TypeError, ValueError) as e:
+            raise KmfError(f"the key service's answer is unusable: {type(e).__name__}"
+                           ) from None
+        return number, params
+
+    async def _key(self, conference_id: str, epoch: int | None
+                   ) -> tuple[int, dict[str, Any], bytes]:
         token = self._require_token()
         path = f"/v1/conferences/{quote(conference_id, safe='')}/keys"
+        if epoch is not None:
+            path += f"?epoch={int(epoch)}"
         code, headers, content = await self.http.request(
             "POST", path, headers={"Accept": "application/json",
                                    "Authorization": _bearer(token)})
         if code != 200:
-            raise KmfRefused(code, *problem_text(code, content))
+            problem = parse_problem(code, content)
+            raise KmfRefused(code, problem.title, problem.detail, problem.slug)
         try:
             body = json.loads(content)
-            epoch = body["epoch"]
+            number = body["epoch"]
             [header] = headers.getRawHeaders("encryption-key") or [None]
-            if not isinstance(epoch, int) or header is None:
+            if not isinstance(number, int) or header is None:
                 raise ValueError("no epoch or no Encryption-Key header")
-            return epoch, parse_encryption_key(header, conference_id, epoch)
+            if epoch is not None and number != epoch:
+                raise ValueError(f"asked for epoch {epoch}, given {number}")
+            return number, body, parse_encryption_key(header, conference_id, number)
         except (ValueError, KeyError, TypeError) as e:
             raise KmfError(f"the key service's answer is unusable: {e}") from None
 

@@ -25,7 +25,7 @@ exporter output (RFC 5764 section 4.2) accordingly.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from perc_daemons.protocol.ekt import (
@@ -454,7 +454,9 @@ class ReceivedPacket:
     marker restored from the OHB, followed by the payload), with the header
     extensions as received (not end-to-end protected).  ``outer_pt`` and
     ``outer_seq`` are what the MD delivered: use them for codec matching and
-    playout order (RFC 8723 section 5.3).
+    playout order (RFC 8723 section 5.3).  ``key_spi`` is the SPI of the EKTKey
+    under which the end-to-end key that decrypted it was announced (during a
+    sender's old-key hold, RFC 8870 s4.3.1, the previous epoch's).
     """
 
     packet: bytes
@@ -463,6 +465,7 @@ class ReceivedPacket:
     outer_seq: int
     outer_marker: int
     header_length: int
+    key_spi: int | None = None
 
     @property
     def payload(self) -> bytes:
@@ -485,13 +488,14 @@ OLD_KEY_MAX = 10.0
 
 
 class _InnerKey:
-    """One learnt end-to-end key of a sender: its context, and until when it is
-    accepted (None: the newest, no limit)."""
+    """One learnt end-to-end key of a sender: its context, the SPI of the EKTKey it
+    came under, and until when it is accepted (None: the newest, no limit)."""
 
-    __slots__ = ("context", "retire_at")
+    __slots__ = ("context", "retire_at", "spi")
 
-    def __init__(self, context: SrtpContext) -> None:
+    def __init__(self, context: SrtpContext, spi: int) -> None:
         self.context = context
+        self.spi = spi
         self.retire_at: float | None = None
 
 
@@ -513,9 +517,12 @@ class DoubleReceiver:
     per packet.
     """
 
-    def __init__(self, outer: SrtpContext, ekt: EktReceiver, *, replay_window: int = 128) -> None:
+    def __init__(self, outer: SrtpContext | None, ekt: EktReceiver, *,
+                 replay_window: int = 128) -> None:
         self.outer = outer
         self.ekt = ekt
+        #: Called with each packet whose outer layer verified, that layer off (a capture).
+        self.on_outer: Callable[[bytes, float], None] | None = None
         self._replay_window = replay_window
         self._inner: dict[int, list[_InnerKey]] = {}
         self._last_good: dict[int, _InnerKey] = {}
@@ -532,14 +539,15 @@ class DoubleReceiver:
     def close(self) -> None:
         for ssrc in list(self._inner):
             self.forget(ssrc)
-        self.outer.close()
+        if self.outer is not None:
+            self.outer.close()
 
-    def _learn(self, ssrc: int, context: SrtpContext, now: float) -> None:
+    def _learn(self, ssrc: int, context: SrtpContext, now: float, spi: int) -> None:
         keys = self._inner.setdefault(ssrc, [])
         for older in keys:
             if older.retire_at is None:
                 older.retire_at = now + OLD_KEY_MAX
-        keys.insert(0, _InnerKey(context))
+        keys.insert(0, _InnerKey(context, spi))
         if len(keys) > KEPT_KEYS:
             # Drop the oldest key but the one in use: keys announced in between and
             # superseded before they protected anything are never used.
@@ -559,15 +567,51 @@ class DoubleReceiver:
             keys[:] = kept
 
     def unprotect(self, packet: bytes, now: float) -> ReceivedPacket:
+        """Both layers off a datagram from the MD (RFC 8723 s5.3, RFC 8870 s4.3.2).
+
+        With :attr:`on_outer` set, it is called with the packet as it is once the
+        outer layer is off and verified (see :meth:`open_recorded`) and ``now``,
+        before the rest.
+        """
+        if self.outer is None:
+            raise ValueError("a DoubleReceiver without an outer context opens records only")
         n = ekt_field_length(packet)
         end = len(packet) - n
         h = header_length(packet)
         if end - h < _MIN_DOUBLE_PAYLOAD:
             raise MalformedSrtp("too short for a double-protected payload")
-        b0, b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
         view = memoryview(packet)
         # 1. outer layer with our own hop-by-hop key
+        _b0, _b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
         plaintext = self.outer.open(ssrc, seq, view[:h], view[h:end])
+        if self.on_outer is not None:
+            self.on_outer(packet[:h] + plaintext + packet[end:], now)
+        return self._end_to_end(packet, h, end, plaintext, now)
+
+    def open_recorded(self, record: bytes, now: float) -> ReceivedPacket:
+        """The end-to-end layer off a packet whose outer layer is already off.
+
+        ``record`` is RTP header || inner ciphertext || inner tag || OHB ||
+        EKTField: what a Media Distributor holds between its two outer
+        operations (:attr:`Relay.packet` + :attr:`Relay.ekt_field`, RFC 8723
+        s5.2), which is what a recording of the conference keeps
+        (:mod:`perc_daemons.protocol.recording`).  The EKTField teaches the
+        sender's key as in :meth:`unprotect`; ``now`` is the time the packet
+        was received (old-key retirement counts from it).
+        """
+        n = ekt_field_length(record)
+        end = len(record) - n
+        h = header_length(record)
+        if end - h < TAG_LENGTH + 1:
+            raise MalformedSrtp("too short for an inner ciphertext and an OHB")
+        return self._end_to_end(record, h, end, record[h:end], now)
+
+    def _end_to_end(self, packet: bytes, h: int, end: int, plaintext: bytes,
+                    now: float) -> ReceivedPacket:
+        """Steps 2-4 of :meth:`unprotect`: ``plaintext`` is the outer plaintext of
+        ``packet`` (header ``packet[:h]``, EKTField ``packet[end:]``)."""
+        b0, b1, seq, _ts, ssrc = _FIXED.unpack_from(packet)
+        view = memoryview(packet)
         # 2. EKT (the field is not covered by either tag; see RFC 8870 s4.3.2).
         # Extension types (3-254) are framed by their length and skipped (s4.1).
         if packet[-1] == FULL_EKT_TYPE:
@@ -586,7 +630,7 @@ class DoubleReceiver:
                 context = SrtpContext(learned.master_key, learned.master_salt,
                                       replay_window=self._replay_window)
                 context.set_roc(ssrc, learned.roc)
-                self._learn(ssrc, context, now)
+                self._learn(ssrc, context, now, learned.spi)
         keys = self._inner.get(ssrc)
         if keys and any(k.retire_at is not None and now >= k.retire_at for k in keys):
             self._retire(ssrc, keys, now)
@@ -630,4 +674,4 @@ class DoubleReceiver:
                 if older.retire_at is None or older.retire_at > deadline:
                     older.retire_at = deadline
         original = (bytes((b0, orig_b1)) + _SEQ.pack(orig_seq) + packet[4:h] + payload)
-        return ReceivedPacket(original, ssrc, b1 & 0x7F, seq, b1 >> 7, h)
+        return ReceivedPacket(original, ssrc, b1 & 0x7F, seq, b1 >> 7, h, key.spi)

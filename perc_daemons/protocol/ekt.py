@@ -589,11 +589,13 @@ class EktSender:
         self._key_bytes = bytes(self._key)
         # A key goes with the salt of the EKTKey it is announced under (s4.3.2 step 4).
         self._key_salt = self.master_salt
+        self._key_spi = params.spi
         self._key_sent = False
         # The key still protecting packets while receivers learn the new one.
         self._old_key: bytearray | None = None
         self._old_key_bytes: bytes | None = None
         self._old_key_salt = b""
+        self._old_key_spi = params.spi
         self._hold_until: float | None = None
         self._full_remaining = full_repeats
         self._last_full_at: float | None = None
@@ -637,6 +639,13 @@ class EktSender:
         if self._old_key_bytes is not None and hmac.compare_digest(key, self._old_key_bytes):
             return self._old_key_salt
         return self._key_salt
+
+    @property
+    def sending_spi(self) -> int:
+        """The SPI of the EKTKey under which the key protecting packets now was announced:
+        the previous one while the old-key hold of RFC 8870 s4.3.1 runs (as of the last
+        :meth:`next_packet`: the hold ends at the first packet after it), else :attr:`spi`."""
+        return self._old_key_spi if self._old_key_bytes is not None else self._params.spi
 
     @property
     def expires_at(self) -> float:
@@ -690,6 +699,7 @@ class EktSender:
             self._old_key = self._key
             self._old_key_bytes = self._key_bytes
             self._old_key_salt = self._key_salt
+            self._old_key_spi = self._key_spi
             self._hold_until = None
         else:
             # The current key was never sent, or announced but never protected media
@@ -700,6 +710,7 @@ class EktSender:
         self._key = self._draw_key()
         self._key_bytes = bytes(self._key)
         self._key_salt = self.master_salt
+        self._key_spi = self._params.spi
         self._key_sent = False
         self._full_remaining = self._full_repeats
         self._cached_roc = None

@@ -71,7 +71,7 @@ import hmac
 import os
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -267,7 +267,8 @@ class MediaReceived:
     the MD delivered it with (RFC 8723 s5.3: for playout order and loss;
     it differs when the MD withheld packets and renumbered); ``spi`` is the
     SPI of the EKTKey under which this sender's newest end-to-end key
-    arrived.
+    arrived, ``key_spi`` that of the key which decrypted this packet (they
+    differ during the sender's old-key hold, RFC 8870 s4.3.1).
     """
 
     ssrc: int
@@ -278,6 +279,7 @@ class MediaReceived:
     spi: int | None
     payload_type: int
     outer_sequence: int | None = None
+    key_spi: int | None = None
 
 
 @dataclass(frozen=True)
@@ -789,6 +791,10 @@ class ParticipantSession:
         self._ekt_params: dict[int, EktParameterSet] = {}
         self._ekt_expiry: dict[int, float] = {}
         self._sender_spi: dict[int, int] = {}
+        #: Called with each RTP packet whose outer layer verified, that layer off (RTP
+        #: header, inner ciphertext, OHB, EKTField), and its arrival time: a capture
+        #: (:mod:`perc_daemons.protocol.recording`).  Set before the handshake ends.
+        self.capture: Callable[[bytes, float], None] | None = None
         self._first_key_at: dict[int, float] = {}  # SSRC -> when we learnt its first key
         self._keep_audit = keep_audit_secrets
         self._audit: dict[bytes, None] = {}
@@ -862,6 +868,13 @@ class ParticipantSession:
         return {ssrc: {"packets": st.packets, "bytes": st.bytes,
                        "retransmitted": st.retransmitted}
                 for ssrc, st in self._streams.items()}
+
+    def sending_spi(self, ssrc: int | None = None) -> int | None:
+        """The SPI of the EKTKey under which the key protecting ``ssrc``'s (default
+        :attr:`ssrc`) packets was announced, as of its last packet
+        (:attr:`EktSender.sending_spi`); None before the first EKTKey."""
+        stream = self._streams.get(self.ssrc if ssrc is None else ssrc)
+        return None if stream is None or stream.ekt is None else stream.ekt.sending_spi
 
     def audit_secrets(self) -> list[bytes]:
         """Every inner (end-to-end) key and salt this session derived, drew or learned,
@@ -1021,7 +1034,7 @@ class ParticipantSession:
         self._events.append(MediaReceived(
             ssrc=ssrc, sequence=original_seq, timestamp=timestamp, marker=bool(marker),
             payload=payload, spi=self._sender_spi.get(ssrc), payload_type=pt,
-            outer_sequence=outer_seq))
+            outer_sequence=outer_seq, key_spi=received.key_spi))
 
     def _media_failure(self, ssrc: int | None, reason: str) -> None:
         self._drop(reason)
@@ -1156,6 +1169,7 @@ class ParticipantSession:
         self._ekt_receiver = _AuditingEktReceiver(LAYER_KEY_LENGTH[profile], self)
         self._receiver = DoubleReceiver(self._recv_outer, self._ekt_receiver,
                                         replay_window=window)
+        self._receiver.on_outer = self.capture
         # The inner halves of the DTLS keys are not used (EKT supplies the
         # end-to-end keys) but are secrets all the same.
         self._remember(keys.client_inner.key, keys.client_inner.salt,

@@ -10,18 +10,41 @@ A real perc-kmf, perc-md and perc-kd (twistd) and reference endpoints:
   stored keys wiped, the conference gone from the MD;
 * ``rekey_interval`` 2 s: three epochs with nobody joining or leaving, each
   reaching every member and used by the senders; a member that leaves after
-  epoch k holds no key of the epochs after it.
+  epoch k holds no key of the epochs after it, and with the keys she holds
+  opens none of a sender's packets after it (fed to her with the outer layer
+  off, as an MD that kept the hop keys could);
+* late join (seed draft-westerlund s4.8): a member's capture of what it
+  received, outer layer off (``--capture``), is decrypted by an endpoint
+  that joins afterwards (``--history``) under ``late_join = "history"``,
+  byte for byte what the sender sent in those epochs, WAV included; under
+  the default the KMF refuses the earlier epochs' keys (403
+  ``history-not-allowed``) and nothing of the recording opens.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import wave
 from typing import Any
 
 from twisted.internet import defer, reactor
 
+from perc_daemons.endpoint.kmf import KmfRefused
 from perc_daemons.endpoint.md import JoinRefused
-from tests.e2e.conference_support import StackTestCase, full_ekt_spi, is_rtp, wait_for
+from perc_daemons.endpoint.media import ulaw_decode
+from perc_daemons.protocol.errors import ProtocolError
+from perc_daemons.protocol.recording import HistoryDecryptor, capture_spis, parse_capture
+from perc_daemons.protocol.rtp import parse_fixed_header
+from perc_daemons.protocol.srtp import LAYER_KEY_LENGTH, Profile
+from tests.e2e.conference_support import (
+    ColludingMd,
+    StackTestCase,
+    full_ekt_spi,
+    is_rtp,
+    rtp_header,
+    wait_for,
+)
 
 
 class _PolicyCase(StackTestCase):
@@ -134,3 +157,141 @@ class PeriodicRekeyTests(_PolicyCase):
         self.assertTrue(spis, "no FullEKTField among alice's later packets")
         self.assertFalse(spis & carol_spis, "alice's later packets are under a key carol has")
         self.assertEqual(bob.decrypt_failures(since=cut), [])
+
+
+# --- late-join history (seed draft-westerlund s4.8) ------------------------------------------
+
+
+class _RecordingCase(_PolicyCase):
+    """alice talks, bob captures what he receives (a recording kept as ciphertext, with
+    his hop-by-hop layer off) and leaves; carol joins afterwards with that recording."""
+
+    timeout = 90
+    TALK = 5.0
+
+    async def record_then_join_late(self) -> tuple[Any, Any, Any, str]:
+        alice = (await self.join("alice"))["alice"]
+        capture = os.path.join(self.stack.dir, "bob.perccap")
+        bob = self.endpoint("bob", capture=capture)
+        await bob.join()
+        await self.same_epoch(alice, bob)
+        await alice.run_media(self.TALK)
+        await wait_for(lambda: bob.received(alice.ssrc), "bob heard alice")
+        await bob.leave()  # the capture is closed: the recording is complete
+        carol = self.endpoint("carol", history=capture,
+                              record_dir=os.path.join(self.stack.dir, "carol"))
+        await carol.join()
+        return alice, bob, carol, capture
+
+
+class LateJoinHistoryTests(_RecordingCase):
+    late_joiners_get_earlier_epochs = True  # the flag's old name for "not none"
+
+    def conference_policy(self) -> dict[str, Any]:
+        return {"late_join": "history", "rekey_interval": 2}
+
+    async def test_a_late_joiner_decrypts_what_was_said_before_it_joined(self) -> None:
+        alice, bob, carol, capture = await self.record_then_join_late()
+        history = carol.history
+        self.assertIsNotNone(history, carol.failures)
+        self.assertEqual(carol.failures, [])
+        with open(capture, "rb") as f:
+            records = parse_capture(f.read()).records
+        spis = capture_spis(records)
+        self.assertGreaterEqual(len(spis), 2, "the recording spans one epoch only")
+        self.assertFalse(set(carol.epochs_installed) & spis,
+                         "carol was given a recorded epoch's key over DTLS")
+        self.assertEqual(history.missing_spis, [])
+        self.assertGreaterEqual(len(history.epochs), 2)
+        # everything bob decrypted live, carol decrypts from the recording, byte for byte
+        heard = {(e.ssrc, e.sequence): e.payload for e in bob.received(alice.ssrc)}
+        got = {(ssrc, seq): payload for ssrc, seq, payload in history.packets}
+        self.assertEqual({k: got.get(k) for k in heard}, heard)
+        sent = alice.sent_payloads(alice.source)
+        self.assertEqual({k: sent.get(k) for k in got}, got)
+        self.assertGreaterEqual(len(got), 0.9 * self.TALK / 0.02)
+        self.assertEqual(history.failures, {})
+        # and the WAV of what alice said: every payload, in order, decoded
+        path = history.recordings[alice.ssrc]
+        self.assertEqual(os.path.dirname(path), os.path.join(self.stack.dir, "carol",
+                                                             "history"))
+        with wave.open(path, "rb") as w:
+            frames = w.readframes(w.getnframes())
+        ordered = [payload for ssrc, _, payload in history.packets if ssrc == alice.ssrc]
+        self.assertEqual(frames[:len(ordered[0]) * 2], ulaw_decode(ordered[0]).tobytes())
+        self.assertGreaterEqual(len(frames), 2 * sum(map(len, ordered)))
+
+
+class LateJoinDefaultTests(_RecordingCase):
+    TALK = 2.0
+
+    async def test_under_the_default_a_late_joiner_decrypts_nothing(self) -> None:
+        alice, bob, carol, capture = await self.record_then_join_late()
+        self.assertIsNone(carol.history)
+        [failure] = carol.all_failures()
+        self.assertIn("history not decrypted", failure)
+        self.assertIn("403 history-not-allowed", failure)
+        self.assertFalse(os.path.exists(os.path.join(self.stack.dir, "carol", "history")))
+        # the KMF's answer itself, for each recorded epoch
+        assert carol.kmf is not None
+        current, params = await carol.kmf.epoch_parameters(self.conference)
+        with self.assertRaises(KmfRefused) as caught:
+            await carol.kmf.epoch_parameters(self.conference, current - 1)
+        self.assertEqual((caught.exception.status, caught.exception.slug),
+                         (403, "history-not-allowed"))
+        # with the one key carol has (the current epoch's), nothing recorded opens
+        with open(capture, "rb") as f:
+            records = parse_capture(f.read()).records
+        self.assertNotIn(params.spi, capture_spis(records))
+        assert carol.profile is not None
+        decryptor = HistoryDecryptor(LAYER_KEY_LENGTH[Profile[carol.profile]], [params])
+        self.assertEqual(list(decryptor.decrypt(records)), [])
+        self.assertEqual(sum(decryptor.failures.values()), len(records))
+        self.assertTrue(bob.received(alice.ssrc), "bob heard nothing: the test proves nothing")
+
+
+class DepartedMemberTests(_PolicyCase):
+    timeout = 90
+
+    def conference_policy(self) -> dict[str, Any]:
+        return {"rekey_interval": 2}
+
+    async def test_a_departed_member_with_epoch_k_cannot_open_epoch_k_plus_1(self) -> None:
+        """carol leaves holding epoch k's EKTKey (and every earlier one she was given);
+        alice's packets, fed to her with the outer layer off (by an MD that kept the hop
+        keys, or a recording), open under epoch k and not after it."""
+        eps = await self.join("alice", "bob", "carol")
+        alice, carol = eps["alice"], eps["carol"]
+        sending = alice.run_media(12.0)
+        await wait_for(lambda: len(carol.received(alice.ssrc)) >= 50, "carol hears alice")
+        assert carol.session is not None and carol.profile is not None
+        held = list(carol.session._ekt_params.values())  # what she takes with her
+        left_at = reactor.seconds()
+        await carol.leave()
+        await wait_for(lambda: len(alice.installed(since=left_at)) >= 2,
+                       "two epochs after carol left (leave, timer)", timeout=20)
+        cut = alice.installed(since=left_at)[0][0] + 0.5  # past RFC 8870's old-key hold
+        await wait_for(lambda: len(alice.rtp_sent(after=cut)) >= 50, "alice sends on")
+        alice.stop_media()
+        await sending
+        md = ColludingMd(endpoints=eps.values())
+        records, sent_at = [], {}
+        for when, datagram in alice.sent:
+            if not is_rtp(datagram):
+                continue
+            try:
+                relay = md.open(alice.joined.association, datagram)
+            except ProtocolError:  # a NACK retransmission: a replay to the outer layer
+                continue
+            records.append((when, relay.packet + relay.ekt_field))
+            sent_at[rtp_header(datagram).sequence] = when
+        decryptor = HistoryDecryptor(LAYER_KEY_LENGTH[Profile[carol.profile]], held)
+        opened = [(sent_at[parse_fixed_header(p.packet)[2]], p)
+                  for _, p in decryptor.decrypt(records)]
+        self.assertGreaterEqual(len([t for t, _ in opened if t < left_at]), 50,
+                                "carol's keys open nothing: the test proves nothing")
+        self.assertEqual([t for t, _ in opened if t > cut], [],
+                         "carol opened alice's packets of an epoch after she left")
+        later = [r for t, r in records if t > cut]
+        self.assertGreaterEqual(len(later), 50)
+        self.assertFalse(capture_spis([(0.0, r) for r in later]) & {p.spi for p in held})

@@ -368,6 +368,8 @@ class RekeyTests(unittest.TestCase):
         receiver.ekt.add_parameter_set(new_params, 0.0)
         first_key = conf.ekt_a.current_key
         delivered = []
+        key_spis = []
+        first_spi = conf.ekt_a.spi
         for i in range(40):
             now = i * 0.02
             if i == 10:
@@ -377,7 +379,11 @@ class RekeyTests(unittest.TestCase):
             relay.open(wire, conf.md1_from_a)
             got = receiver.unprotect(relay.seal(conf.md1_to_b), now)
             delivered.append(got.payload)
+            key_spis.append(got.key_spi)
         self.assertEqual(delivered, [b"m%d" % i for i in range(40)])
+        # the key that decrypted each packet: the old epoch's through the 250 ms hold
+        # (announced at 0.2, over at 0.45: packet 23 is the first under SPI 8)
+        self.assertEqual(key_spis, [first_spi] * 23 + [8] * 17)
         self.assertNotEqual(conf.ekt_a.current_key, first_key)
         self.assertEqual(conf.ekt_a.spi, 8)
 

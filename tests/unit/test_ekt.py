@@ -409,6 +409,19 @@ class EktSenderTests(unittest.TestCase):
         key, field = sender.next_packet(T0 + 1.261, roc=0)
         self.assertEqual((key, field), (new_key, SHORT_EKT_FIELD))
 
+    def test_sending_spi_is_the_old_ektkeys_until_the_hold_ends(self) -> None:
+        sender = self.make()
+        first_spi = sender.spi
+        sender.next_packet(T0, roc=0)
+        sender.rekey(make_params(spi=8, key_byte=0x99), T0 + 1.0)
+        self.assertEqual(sender.sending_spi, first_spi)  # nothing sent under 8 yet
+        sender.next_packet(T0 + 1.01, roc=0)  # announced: the hold runs to 1.26
+        self.assertEqual(sender.sending_spi, first_spi)
+        sender.next_packet(T0 + 1.259, roc=0)
+        self.assertEqual(sender.sending_spi, first_spi)
+        sender.next_packet(T0 + 1.261, roc=0)
+        self.assertEqual(sender.sending_spi, 8)
+
     def test_old_key_buffer_is_wiped(self) -> None:
         sender = self.make()
         sender.next_packet(T0, roc=0)

@@ -500,7 +500,7 @@ class CliUsageTests(unittest.TestCase):
         for option in ("--kmf", "--md", "--ca", "--conference", "--password-file", "--load",
                        "--users-file", "--kd-name", "--tone", "--audio-wav", "--video",
                        "--record-dir", "--stats-json", "--simulcast", "--no-audio-level",
-                       "--last-n", "--max-height", "--bandwidth"):
+                       "--last-n", "--max-height", "--bandwidth", "--capture", "--history"):
             self.assertIn(option, out)
 
     def test_usage_errors_exit_2(self):
@@ -518,7 +518,9 @@ class CliUsageTests(unittest.TestCase):
                 (["--ca", self.mktemp(), "--conference", CONFERENCE, "--user", ALICE],
                  {"PERC_PASSWORD": "x"}, "--ca"),
                 ([*base, "--user", ALICE, "--audio-wav", self.mktemp()], {"PERC_PASSWORD": "x"},
-                 "--audio-wav")):
+                 "--audio-wav"),
+                ([*base, "--user", "u{i}", "--load", "2", "--history", "f"],
+                 {"PERC_PASSWORD": "x"}, "not --load")):
             status, _, err = self.run_main(argv, environ)
             self.assertEqual(status, 2, (argv, err))
             self.assertIn(message, err)

@@ -3,6 +3,7 @@ levels, access lines at debug; and a real perc-kd under twistd with [logging].""
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -101,10 +102,14 @@ class LinesTests(unittest.TestCase):
     def test_json_lines_carry_the_fields(self):
         out = io.StringIO()
         observer = logs.observer("perc-md", format="json", level="info", stream=out)
-        observer(event(LogLevel.warn, "refused {association}", association="a-1"))
+        observer(event(LogLevel.warn, "refused {association}", association="a-1",
+                       log_time=1_800_000_000.25))
         record = json.loads(out.getvalue())
         self.assertEqual((record["level"], record["namespace"], record["message"],
                           record["association"]), ("warn", "perc.test", "refused a-1", "a-1"))
+        # to the microsecond (events of several daemons can be ordered)
+        when = datetime.datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%f%z")
+        self.assertEqual(when.timestamp(), 1_800_000_000.25)
 
     def test_level_filters(self):
         out = io.StringIO()
