@@ -3,8 +3,10 @@
 One :class:`~perc_daemons.demo.stack.LocalStack` (perc-kmf, perc-kd, perc-md
 as twistd children on loopback), one conference of ``--endpoints`` (20)
 reference :class:`~perc_daemons.endpoint.client.Endpoint` s that all send
-pinned PCMU-sized payloads every 20 ms (real double SRTP, RFC 8723) and
-receive one another.  Once every endpoint hears every other, the conference's
+pinned PCMU-sized payloads every 20 ms, each on its own clock at a pinned
+phase spread over the 20 ms (real endpoints are not synchronised; twenty
+sending at the same instant would queue 380 copies at once in this one
+process), real double SRTP (RFC 8723), and receive one another.  Once every endpoint hears every other, the conference's
 ``rekey_interval`` is set to ``--interval`` seconds (``PATCH``): the KD then
 starts an epoch on that timer, with nobody joining or leaving, and
 ``--epochs`` of them are measured.
@@ -318,15 +320,24 @@ async def run_conference(reactor: Any, stack: LocalStack, conference: str,
     batch = Batch(64)
     drain: task.LoopingCall | None = None
 
-    def tick(count: int) -> None:
-        for _ in range(min(count, 5)):
-            for ep in endpoints:
+    # Each endpoint sends on its own 20 ms clock, at a pinned phase spread over the
+    # period: real endpoints are not synchronised, and twenty sending in the same
+    # instant would queue 380 copies at once in this one process.
+    loops: list[task.LoopingCall] = []
+    starts: list[Any] = []
+
+    def sender(ep: TimedEndpoint) -> None:
+        def tick(count: int) -> None:
+            for _ in range(min(count, 5)):
                 if ep.ready_at is not None:
                     ep.send_pinned(frames[id(ep)].next())
 
-    loop = task.LoopingCall.withCount(tick)
-    loop.clock = reactor
-    loop.start(PTIME, now=False)
+        loop = task.LoopingCall.withCount(tick)
+        loop.clock = reactor
+        loops.append(loop)
+        phase = (len(loops) - 1) * PTIME / args.endpoints
+        starts.append(reactor.callLater(phase, loop.start, PTIME, False))
+
     try:
         for user in users:
             ep = TimedEndpoint(reactor, kmf_url=stack.kmf_url, md_url=stack.md_url,
@@ -337,6 +348,7 @@ async def run_conference(reactor: Any, stack: LocalStack, conference: str,
             frames[id(ep)] = Pinned(rng)
             await ep.join()
             endpoints.append(ep)
+            sender(ep)
         ssrcs = {ep.ssrc for ep in endpoints}
         for ep in endpoints:
             ep.others = ssrcs - {ep.ssrc}
@@ -372,7 +384,12 @@ async def run_conference(reactor: Any, stack: LocalStack, conference: str,
         await patch(stack, conference, token, {"rekey_interval": 0})
         cpu, wall = own_cpu() - cpu0, reactor.seconds() - wall0
     finally:
-        loop.stop()
+        for call in starts:
+            if call.active():
+                call.cancel()
+        for loop in loops:
+            if loop.running:
+                loop.stop()
         if drain is not None and drain.running:
             drain.stop()
         await defer.DeferredList([ep.leave() for ep in endpoints], consumeErrors=True)
