@@ -46,6 +46,7 @@ from perc_daemons.protocol import (
     identity,
     jose,
     jsontext,
+    recording,
     roster,
     rtp,
     sdp,
@@ -369,6 +370,28 @@ def _build_announcement() -> Bench:
         return True
 
     return Bench(seeds, parse, max_size=2048)
+
+
+def _build_capture() -> Bench:
+    writer = recording.CaptureWriter("weekly-sync")
+    packets = [bytes(range(40)), b"\x80" * 300, bytes(1200)]
+    data = writer.header() + b"".join(writer.record(1.5 + i, p) for i, p in enumerate(packets))
+    seeds = [Seed(data), Seed(writer.header())]
+    typed = (recording.CaptureError,)
+
+    def parse(data: bytes) -> bool:
+        """A capture file (the late joiner's --history): what parses is written again
+        byte for byte, and the SPIs of its records are read without error."""
+        capture = _attempt(typed, recording.parse_capture, data)
+        if not isinstance(capture, recording.Capture):
+            return False
+        again = recording.CaptureWriter(capture.conference_id)
+        rebuilt = again.header() + b"".join(again.record(t, r) for t, r in capture.records)
+        assert recording.parse_capture(rebuilt) == capture, "capture round trip"
+        recording.capture_spis(capture.records)
+        return True
+
+    return Bench(seeds, parse, max_size=4096)
 
 
 # -- SRTP -----------------------------------------------------------------------------------
@@ -1681,6 +1704,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "RTCP NACK/PLI/FIR/REMB, the speaker hint, SR/RR report block removal"),
     Target("announcement", (selection.SelectionError, rtp.RtcpError), _build_announcement,
            "the MDs' stream announcements over cascade links (APP PERC subtype 2)"),
+    Target("capture", (recording.CaptureError,), _build_capture,
+           "perc-endpoint capture files (the late joiner's --history)"),
     Target("srtp", (srtp.SrtpError, rtp.RtpError), _build_srtp,
            "SrtpContext.unprotect / unprotect_rtcp of SRTP and SRTCP"),
     Target("double", _PROTOCOL, _build_double,
