@@ -2,14 +2,13 @@
 
 One :class:`~perc_daemons.demo.stack.LocalStack` (perc-kmf, perc-kd, perc-md
 as twistd children on loopback), one conference of ``--endpoints`` (20)
-reference :class:`~perc_daemons.endpoint.client.Endpoint` s that all send
-pinned PCMU-sized payloads every 20 ms, each on its own clock at a pinned
-phase spread over the 20 ms (real endpoints are not synchronised; twenty
-sending at the same instant would queue 380 copies at once in this one
-process), real double SRTP (RFC 8723), and receive one another.  Once every endpoint hears every other, the conference's
-``rekey_interval`` is set to ``--interval`` seconds (``PATCH``): the KD then
-starts an epoch on that timer, with nobody joining or leaving, and
-``--epochs`` of them are measured.
+reference :class:`~perc_daemons.endpoint.client.Endpoint` s that all send pinned PCMU-
+sized payloads every 20 ms, each on its own clock at a pinned phase spread over the 20
+ms (real endpoints are not synchronised; twenty sending at the same instant would queue
+380 copies at once in this one process), real double SRTP (RFC 8723), and receive one
+another. Once every endpoint hears every other, the conference's ``rekey_interval`` is
+set to ``--interval`` seconds (``PATCH``): the KD then starts an epoch on that timer,
+with nobody joining or leaving, and ``--epochs`` of them are measured.
 
 Per timed epoch, every time on the machine's one wall clock (the KD's from
 its ``[logging] format = "json"`` lines, microsecond ``time``; the endpoints'
