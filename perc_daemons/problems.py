@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from prometheus_client import Counter, Histogram
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from perc_daemons.metrics import Metrics
 from perc_daemons.protocol import jsontext
 
 __all__ = [
@@ -150,6 +154,50 @@ Handler = Callable[..., Awaitable["Response | None"]]
 Routes = list[tuple[re.Pattern[str], dict[bytes, Handler]]]
 
 
+#: Methods counted by name; any other is ``method="other"`` (bounded label values).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_label(pattern: re.Pattern[str]) -> str:
+    """A route pattern as a metric label: named groups as ``{name}``.
+
+    ``/v1/conferences/(?P<conference_id>[^/]+)/keys`` -> ``/v1/conferences/{conference_id}/keys``
+    """
+    text = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern)
+    return text.replace("\\", "")
+
+
+class HttpMetrics:
+    """``perc_http_requests_total{api,route,method,status}`` and
+    ``perc_http_request_duration_seconds{api,route}`` (a histogram) of a :class:`JsonApi`.
+
+    ``route`` is the route's pattern (:func:`route_label`) or ``unmatched`` (404s),
+    ``status`` the HTTP status code or ``disconnected`` (the client went away
+    first); the duration runs from the request's dispatch to its last byte.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.requests = Counter(
+            "perc_http_requests", "HTTP API requests answered, by API, route, method and status",
+            ["api", "route", "method", "status"], registry=metrics.registry)
+        self.duration = Histogram(
+            "perc_http_request_duration_seconds",
+            "HTTP API request duration, from dispatch to the last byte, by API and route",
+            ["api", "route"], registry=metrics.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+
+_HTTP_METRICS: weakref.WeakKeyDictionary[Metrics, HttpMetrics] = weakref.WeakKeyDictionary()
+
+
+def http_metrics(metrics: Metrics) -> HttpMetrics:
+    """The :class:`HttpMetrics` of ``metrics``, registered once per registry."""
+    found = _HTTP_METRICS.get(metrics)
+    if found is None:
+        found = _HTTP_METRICS[metrics] = HttpMetrics(metrics)
+    return found
+
+
 class JsonApi(resource.Resource):
     """Dispatches ``_routes`` (pattern, {method: coroutine}); answers JSON or a problem.
 
@@ -163,8 +211,49 @@ class JsonApi(resource.Resource):
     isLeaf = True
     log = Logger()
     _routes: Routes = []
+    #: Set by :meth:`measure`: requests counted and timed per route.
+    _http_metrics: HttpMetrics | None = None
+    _api_name = ""
+    _clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def measure(self, metrics: Metrics, api: str,
+                clock: Callable[[], float] = time.monotonic) -> None:
+        """Count and time every request in ``metrics`` with label ``api="<api>"``
+        (:class:`HttpMetrics`)."""
+        self._http_metrics = http_metrics(metrics)
+        self._api_name = api
+        self._clock = clock  # type: ignore[assignment]
 
     def render(self, request: server.Request) -> int:
+        if self._http_metrics is not None:
+            started = self._clock()
+            route = self._route_of(request)
+            method = request.method.decode("latin-1")
+            request.notifyFinish().addBoth(
+                lambda result: self._observe(request, route, method, started, result))
+        return self._render(request)
+
+    def _route_of(self, request: server.Request) -> str:
+        path = request.path.decode("latin-1")
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        for pattern, _ in self._routes:
+            if pattern.fullmatch(path) is not None:
+                return route_label(pattern)
+        return "unmatched"
+
+    def _observe(self, request: server.Request, route: str, method: str, started: float,
+                 result: object) -> None:
+        metrics = self._http_metrics
+        assert metrics is not None
+        status = "disconnected" if isinstance(result, Failure) else str(request.code)
+        if method not in _METHODS:
+            method = "other"
+        metrics.requests.labels(self._api_name, route, method, status).inc()
+        metrics.duration.labels(self._api_name, route).observe(
+            max(0.0, self._clock() - started))
+
+    def _render(self, request: server.Request) -> int:
         path = request.path.decode("latin-1")
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]

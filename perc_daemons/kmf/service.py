@@ -483,6 +483,7 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
                  form_secret=secrets.token_bytes(32), form_lifetime=cfg.oauth.form_lifetime,
                  groups=groups, oidc_login=login, audit=audit,
                  policy_defaults=dict(cfg["conferences"]))
+    api.measure(top.metrics, "kmf")  # type: ignore[attr-defined]
     top.api = api  # type: ignore[attr-defined]
     # conferences end by themselves at ends_at + grace (timers rebuilt from the store)
     ScheduleTimers(api, reactor, ready=store_service.when_ready).setServiceParent(top)

@@ -369,6 +369,7 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     api = MdApi(conferences, token, tunnel_port=lambda: tunnel.port, clock=reactor,
                 links=links, fingerprint=hashlib.sha256(api_der).digest(), cluster=cluster)
     top.metrics.registry.register(MdCollector(conferences))  # type: ignore[attr-defined]
+    api.measure(top.metrics, "md")  # type: ignore[attr-defined]
 
     # Started in this order (stopped in reverse): media and tunnel before the API.
     MediaService(reactor, cfg.media.bind, cfg.media.port, protocol, conferences,
