@@ -186,6 +186,45 @@ class MdCollector(Collector):
         ]
 
 
+def udp_socket_drops(sock: socket.socket, proc_net: str = "/proc/self/net") -> int | None:
+    """The kernel's drop count of UDP socket ``sock`` (the ``drops`` column of
+    ``/proc/net/udp`` and ``udp6``, matched by the socket's inode): datagrams the
+    kernel discarded for it, mostly for a full receive buffer; None off Linux."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("udp", "udp6"):
+        try:
+            with open(os.path.join(proc_net, table), encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) >= 13 and fields[9] == inode:
+                return int(fields[12])
+    return None
+
+
+class UdpDropsCollector(Collector):
+    """``perc_md_udp_socket_drops_total{socket="media"}``: :func:`udp_socket_drops` of
+    the media port, read at scrape time (no sample before it listens or off Linux)."""
+
+    def __init__(self, media: MediaService) -> None:
+        self.media = media
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "perc_md_udp_socket_drops",
+            "Datagrams the kernel dropped for the MD's UDP socket (receive buffer full), "
+            "from /proc/net/udp", labels=["socket"])
+        port = self.media.port
+        sock = getattr(port, "socket", None)
+        if sock is not None:
+            drops = udp_socket_drops(sock)
+            if drops is not None:
+                family.add_metric(["media"], drops)
+        yield family
+
+
 class MediaService(ListeningService):
     """The shared UDP media port; tells the conferences its actual port."""
 
@@ -372,8 +411,10 @@ def md_service(cfg: config_module.Config, reactor: Any = None) -> MultiService:
     api.measure(top.metrics, "md")  # type: ignore[attr-defined]
 
     # Started in this order (stopped in reverse): media and tunnel before the API.
-    MediaService(reactor, cfg.media.bind, cfg.media.port, protocol, conferences,
-                 receive_buffer=cfg.media.receive_buffer).setServiceParent(top)
+    media = MediaService(reactor, cfg.media.bind, cfg.media.port, protocol, conferences,
+                         receive_buffer=cfg.media.receive_buffer)
+    media.setServiceParent(top)
+    top.metrics.registry.register(UdpDropsCollector(media))  # type: ignore[attr-defined]
     tunnel.setServiceParent(top)
     RestoreService(keeper, cfg).setServiceParent(top)
     HttpsService(reactor, "md-api", "perc-md HTTPS conference API", cfg.api.bind,
