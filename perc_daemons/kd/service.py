@@ -79,7 +79,9 @@ Start-up: a missing or unusable certificate/key means the KD cannot serve:
 it logs that and runs only the admin listener (so a fresh install starts).
 With no ``[tunnel] mds`` it waits for the KMF to name MDs.  A missing KMF
 client secret is logged and retried (the file is read whenever a token is
-needed).
+needed).  Under systemd (``Type=notify``) the KD is READY once its KMF event
+stream has connected (:meth:`KdHandler.when_kmf_reachable`); a KD that
+cannot serve is READY at once, saying so in its STATUS.
 """
 
 from __future__ import annotations
