@@ -22,6 +22,7 @@ from perc_daemons import config as config_module
 from perc_daemons.admin import AdminService
 from perc_daemons.listening import ConnectionLimits
 from perc_daemons.metrics import Metrics
+from perc_daemons.sdnotify import NotifyService
 
 #: Exit status for configuration errors (as documented in README and the units).
 EXIT_CONFIG = 2
@@ -186,6 +187,11 @@ class DaemonService(MultiService):
     1, which systemd restarts every RestartSec for ever; instead the daemon
     logs one line naming the address and the setting and exits with status
     :data:`EXIT_CANNOT_LISTEN`, which the units do not restart on.
+
+    ``notify`` (a :class:`~perc_daemons.sdnotify.NotifyService`, set by
+    :func:`base_service`) is started once every child started, i.e. once
+    every listener is bound (they bind in ``startService``), and stopped
+    before the children, so that STOPPING=1 is the first thing shutdown does.
     """
 
     log = Logger()
@@ -194,6 +200,7 @@ class DaemonService(MultiService):
         super().__init__()
         self._daemon = daemon
         self._cfg = cfg
+        self.notify: NotifyService | None = None
 
     def startService(self) -> None:
         try:
@@ -202,10 +209,19 @@ class DaemonService(MultiService):
             message = cannot_listen_message(self._daemon, self._cfg, e)
             self.log.critical("{message}", message=message, interface=e.interface, port=e.port)
             raise SystemExit(EXIT_CANNOT_LISTEN) from None
+        if self.notify is not None:
+            self.notify.startService()
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        if self.notify is not None and self.notify.running:
+            self.notify.stopService()
+        return super().stopService()
 
 
 def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiService:
-    """The MultiService every daemon starts from: metrics and the admin listener.
+    """The MultiService every daemon starts from: metrics, the admin listener and the
+    systemd notifications (``notify``; conditions READY waits for are added
+    with ``top.notify.require``).
 
     The returned service has ``metrics`` set, for the daemon's own parts,
     ``reloader`` (the :class:`ConfigReloader`, for reload hooks) and
@@ -217,6 +233,7 @@ def base_service(daemon: str, cfg: config_module.Config, reactor=None) -> MultiS
 
         reactor = global_reactor
     top = DaemonService(daemon, cfg)
+    top.notify = NotifyService.from_environ(daemon, reactor, top)
     top.metrics = Metrics(f"perc-{daemon}")  # type: ignore[attr-defined]
     top.limits = ConnectionLimits.from_config(cfg)  # type: ignore[attr-defined]
     AdminService(reactor, f"perc-{daemon}", cfg.admin.bind, cfg.admin.port,

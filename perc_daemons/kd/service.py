@@ -79,7 +79,9 @@ Start-up: a missing or unusable certificate/key means the KD cannot serve:
 it logs that and runs only the admin listener (so a fresh install starts).
 With no ``[tunnel] mds`` it waits for the KMF to name MDs.  A missing KMF
 client secret is logged and retried (the file is read whenever a token is
-needed).
+needed).  Under systemd (``Type=notify``) the KD is READY once its KMF event
+stream has connected (:meth:`KdHandler.when_kmf_reachable`); a KD that
+cannot serve is READY at once, saying so in its STATUS.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ class KdHandler:
         self._jwks_fetched_at: float | None = None
         self._events: KmfEventStream | None = None
         self._connections = 0
+        self._reachable: list[defer.Deferred[None]] = []
         self._stopped = False
         #: Called with the MD tunnel addresses the KMF names (a list and whether it
         #: is complete): a new conference's MD (event), or all of them (on connect).
@@ -322,6 +325,15 @@ class KdHandler:
             d.cancel()
         running = defer.DeferredList([*self._running, self.audit.stop()], consumeErrors=True)
         return running.addCallback(lambda _: None)
+
+    def when_kmf_reachable(self) -> defer.Deferred[None]:
+        """Fires once the KMF's event stream has connected (at once if it has): the KMF
+        answers this KD's credentials, which is what systemd's READY=1 waits for."""
+        if self._connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred(lambda d: self._reachable.remove(d))
+        self._reachable.append(d)
+        return d
 
     @property
     def events_connected(self) -> bool:
@@ -958,6 +970,9 @@ class KdHandler:
     def _events_connected(self) -> None:
         self._fetch_media_distributors()
         self._connections += 1
+        reachable, self._reachable = self._reachable, []
+        for d in reachable:
+            d.callback(None)
         if self._connections > 1:  # events may have been missed: check every conference
             for conference in self.core.conferences():
                 self._schedule(conference, sync=True)
@@ -1114,5 +1129,11 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     top = base_service("kd", options.loaded, reactor)
-    KdService(reactor, options.loaded, top.metrics).setServiceParent(top)  # type: ignore[attr-defined]
+    kd = KdService(reactor, options.loaded, top.metrics)  # type: ignore[attr-defined]
+    kd.setServiceParent(top)
+    notify = top.notify  # type: ignore[attr-defined]
+    if kd.handler is not None:  # READY=1 (Type=notify) once the KMF answers
+        notify.require(f"the KMF at {options.loaded.kmf.url}", kd.handler.when_kmf_reachable)
+    else:  # as the module docstring says: a fresh install starts, serving /healthz only
+        notify.note = f"cannot serve: {kd.problem}"
     return top

@@ -474,6 +474,8 @@ def kmf_service(cfg: config_module.Config, reactor=None) -> MultiService:
     # stopped in reverse order: the listener first, then the store
     store_service = StoreService(reactor, store, probe, grants)
     store_service.setServiceParent(top)
+    # systemd's READY=1 (Type=notify) once the listeners are bound and the store answers
+    top.notify.require("the conference store", store_service.when_ready)  # type: ignore[attr-defined]
     audit = AuditLog(store, keys, issuer=issuer, clock=reactor,
                      checkpoint_every=cfg.audit.checkpoint_every,
                      retention=cfg.audit.retention)
