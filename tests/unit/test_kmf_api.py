@@ -40,6 +40,7 @@ DOMAIN = "example.com"
 ISSUER = "https://example.com"
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
+CAROL = "carol@example.com"
 MAX_BODY = 4096
 PROBLEM = "application/problem+json"
 ENCRYPTION_KEY = re.compile(
@@ -701,6 +702,48 @@ class KmfApiTests(unittest.TestCase):
         bob = self.token(["keys"], subject=BOB, bound_to=self.other_cert)
         yield self.problem("POST", path, 403, "not-admitted", token=bob, cert=self.other_cert)
         self.assertEqual(len(delivered), 3)
+
+    @defer.inlineCallbacks
+    def test_earlier_epochs_refused_to_everyone_but_a_current_member(self):
+        """?epoch=N under "history" is checked as the current key is, at the moment it
+        leaves: an outsider, an uninvited user, a member of another conference, a
+        departed member, a token bound to another certificate and whatever the MD holds
+        (no KMF token at all, or one signed by another issuer) get nothing."""
+        yield self.running_conference(invited=(ALICE, BOB))
+        yield self.running_conference("conf-2", invited=(CAROL,))
+        for cid in ("conf-1", "conf-2"):
+            yield self.ok("PATCH", f"/v1/conferences/{cid}", token=self.admin(),
+                          body={"late_join": "history"})
+        yield self.ok("POST", "/v1/conferences/conf-1/epochs", 201, token=self.kd())
+        yield self.admit(2, [(ALICE, self.alice_cert), (BOB, self.other_cert)])
+        yield self.admit(1, [(CAROL, self.other_cert)], cid="conf-2")
+        path = "/v1/conferences/conf-1/keys?epoch=1"
+        yield self.ok("POST", path, token=self.alice())  # the member: yes
+        # outsider and colluding MD: no token, an unbound one, another issuer's
+        yield self.problem("POST", path, 401, "unauthorized")
+        yield self.problem("POST", path, 401, "unauthorized", token=self.token(["keys"]))
+        other_keys = SigningKeys.create(os.path.join(self.dir, "other-signing"), self.now)
+        yield self.problem("POST", path, 401, "unauthorized",
+                           token=self.token(["keys"], bound_to=self.alice_cert,
+                                            keys=other_keys))
+        # uninvited
+        dave = self.token(["keys"], subject="dave@example.com", bound_to=self.other_cert)
+        yield self.problem("POST", path, 403, "not-invited", token=dave, cert=self.other_cert)
+        # a member of another conference (admitted there, same certificate)
+        carol = self.token(["keys"], subject=CAROL, bound_to=self.other_cert)
+        yield self.ok("POST", "/v1/conferences/conf-2/keys?epoch=1", token=carol,
+                      cert=self.other_cert)
+        yield self.problem("POST", path, 403, "not-invited", token=carol, cert=self.other_cert)
+        # Alice's token bound to another certificate
+        yield self.problem("POST", path, 403, "not-admitted",
+                           token=self.token(["keys"], bound_to=self.other_cert),
+                           cert=self.other_cert)
+        # Alice departs: epoch 3 without her; epoch 1 is history she cannot have any more
+        yield self.ok("POST", "/v1/conferences/conf-1/epochs", 201, token=self.kd())
+        yield self.admit(3, [(BOB, self.other_cert)])
+        yield self.problem("POST", path, 403, "not-admitted", token=self.alice())
+        bob = self.token(["keys"], subject=BOB, bound_to=self.other_cert)
+        yield self.ok("POST", path, token=bob, cert=self.other_cert)
 
     # --- Media Distributors (draft-roach-perc-webrtc slides 4.1.1 steps 9-11) ---------
 
