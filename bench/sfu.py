@@ -163,24 +163,10 @@ class PinnedSimulcast(SimulcastVideo):
         filler = random.Random(seed).randbytes(self.size)
         self._payloads = [filler[:layer["size"]] for layer in self.layers]
 
-    def next_frames(self) -> list[tuple[int, MediaFrame]]:
-        index = self.index
-        self.index += 1
-        out = []
-        for encoding in range(self.encodings):
-            if index % self.DIVISORS[encoding]:
-                continue
-            keyframe = index % self.keyframe_every == 0 or encoding in self._requested
-            self._requested.discard(encoding)
-            timestamp = (self._starts[encoding]
-                         + round(index * self.CLOCK_RATE / self.rate)) & 0xFFFFFFFF
-            payload, packets = self._payloads[encoding], self.layers[encoding]["packets"]
-            for p in range(packets):
-                out.append((encoding, MediaFrame(payload, timestamp, marker=p == packets - 1,
-                                                 keyframe=keyframe)))
-            self.frames[encoding] += 1
-            self.keyframes[encoding] += keyframe
-        return out
+    def _packets(self, encoding: int, keyframe: bool, timestamp: int) -> list[MediaFrame]:
+        payload, packets = self._payloads[encoding], self.layers[encoding]["packets"]
+        return [MediaFrame(payload, timestamp, marker=p == packets - 1, keyframe=keyframe)
+                for p in range(packets)]
 
 
 #: The /metrics families read per participant (name, kind label) -> our key.

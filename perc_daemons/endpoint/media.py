@@ -402,21 +402,24 @@ class SimulcastVideo:
                 continue
             keyframe = index % self.keyframe_every == 0 or encoding in self._requested
             self._requested.discard(encoding)
-            count = self.frames[encoding]
-            header = bytes([0x10])  # X=0 R=0 N=0 S=1 PID=0 (RFC 7741 s4.2)
-            if keyframe:
-                header += bytes([0x00, 0x00, 0x00, 0x9D, 0x01, 0x2A, 0x80, 0x02, 0xE0, 0x01])
-            else:
-                header += bytes([0x01, 0x00, 0x00])
-            header += bytes([encoding]) + count.to_bytes(4, "big")
-            filler = bytes((count + i) & 0xFF for i in range(self.size - len(header)))
             timestamp = (self._starts[encoding]
                          + round(index * self.CLOCK_RATE / self.rate)) & 0xFFFFFFFF
+            out += ((encoding, frame) for frame in self._packets(encoding, keyframe, timestamp))
             self.frames[encoding] += 1
             self.keyframes[encoding] += keyframe
-            out.append((encoding, MediaFrame(header + filler, timestamp, marker=True,
-                                             keyframe=keyframe)))
         return out
+
+    def _packets(self, encoding: int, keyframe: bool, timestamp: int) -> list[MediaFrame]:
+        """One frame of ``encoding``: here one VP8-like packet (a subclass may make more)."""
+        count = self.frames[encoding]
+        header = bytes([0x10])  # X=0 R=0 N=0 S=1 PID=0 (RFC 7741 s4.2)
+        if keyframe:
+            header += bytes([0x00, 0x00, 0x00, 0x9D, 0x01, 0x2A, 0x80, 0x02, 0xE0, 0x01])
+        else:
+            header += bytes([0x01, 0x00, 0x00])
+        header += bytes([encoding]) + count.to_bytes(4, "big")
+        filler = bytes((count + i) & 0xFF for i in range(self.size - len(header)))
+        return [MediaFrame(header + filler, timestamp, marker=True, keyframe=keyframe)]
 
     def next_frame(self) -> MediaFrame | None:
         """:class:`MediaSource` compatibility: the h encoding's frame (one per index)."""
